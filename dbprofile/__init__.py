@@ -1,0 +1,18 @@
+"""dbprofile: measure whether DiffusionBlocks block-wise training saves memory that matters."""
+
+from dbprofile.results import BlockMeasurement, Measurement, RunResult, format_bytes
+from dbprofile.spec import ModelSpec, SpecError, load_spec, validate_spec
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "BlockMeasurement",
+    "Measurement",
+    "ModelSpec",
+    "RunResult",
+    "SpecError",
+    "format_bytes",
+    "load_spec",
+    "validate_spec",
+    "__version__",
+]

@@ -1,0 +1,101 @@
+"""The contract between a training technique and the measurement runner.
+
+A ``Trainer`` owns one model prepared for one technique and its optimizer, and runs one
+training step in named phases, calling ``mark(phase)`` at each phase boundary so the
+tracker can say when the peak happened. ``units`` lists what the runner must measure
+separately: ``[None]`` for end-to-end techniques, the block indices for DiffusionBlocks.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from typing import Callable, Iterable
+
+import torch
+from torch import nn
+
+from dbprofile.spec import Batch, ModelSpec, SpecError
+
+PHASES = ("forward", "backward", "optimizer", "transfer")
+OPTIMIZERS = ("adamw", "sgd", "adafactor")
+PRECISIONS = ("fp32", "bf16")
+
+# Every technique clips the gradient norm at 1.0: DiffusionBlocks needs it (METHOD.md), and
+# applying it everywhere keeps the per-step work (and its temporaries) comparable.
+GRAD_CLIP_NORM = 1.0
+
+Mark = Callable[[str], None]
+
+
+def _no_mark(_phase: str) -> None:
+    return None
+
+
+def make_optimizer(name: str, params: Iterable[nn.Parameter], lr: float = 1e-3) -> torch.optim.Optimizer:
+    """AdamW (default), SGD with momentum, or Adafactor; foreach kernels off for a stable peak."""
+    params = list(params)
+    if name == "adamw":
+        return torch.optim.AdamW(params, lr=lr, weight_decay=0.0, foreach=False)
+    if name == "sgd":
+        return torch.optim.SGD(params, lr=lr, momentum=0.9, foreach=False)
+    if name == "adafactor":
+        if not hasattr(torch.optim, "Adafactor"):
+            raise SpecError("The adafactor optimizer needs torch>=2.5; upgrade torch or use --optimizer adamw.")
+        return torch.optim.Adafactor(params, lr=lr, foreach=False)
+    raise SpecError(f"Unknown optimizer {name!r}; choose one of {', '.join(OPTIMIZERS)}.")
+
+
+def autocast_context(device: torch.device, precision: str):
+    """bf16 autocast on the forward pass, or nothing for fp32."""
+    if precision == "fp32":
+        return contextlib.nullcontext()
+    if precision == "bf16":
+        return torch.autocast(device_type=device.type, dtype=torch.bfloat16)
+    raise SpecError(f"Unknown precision {precision!r}; choose one of {', '.join(PRECISIONS)}.")
+
+
+class Trainer:
+    """One model under one technique. Subclasses define ``compute_loss``; the step is shared."""
+
+    technique: str
+    units: list[int | None] = [None]
+
+    def __init__(
+        self,
+        spec: ModelSpec,
+        model: nn.Module,
+        device: torch.device,
+        precision: str = "fp32",
+        optimizer: str = "adamw",
+        lr: float = 1e-3,
+    ) -> None:
+        self.spec = spec
+        self.model = model
+        self.device = device
+        self.precision = precision
+        self.optimizer_name = optimizer
+        self.optimizer = make_optimizer(optimizer, self.trainable_parameters(), lr=lr)
+
+    def trainable_parameters(self) -> list[nn.Parameter]:
+        return [p for p in self.model.parameters() if p.requires_grad]
+
+    def compute_loss(self, batch: Batch, unit: int | None) -> torch.Tensor:
+        raise NotImplementedError
+
+    def parameters_for_step(self, unit: int | None) -> list[nn.Parameter]:
+        """The parameters that receive gradients in a step on ``unit`` (clipped and stepped)."""
+        return self.trainable_parameters()
+
+    def step(self, batch: Batch, unit: int | None = None, mark: Mark = _no_mark) -> torch.Tensor:
+        """One training step: forward, backward, clip, optimizer step. Returns the detached loss."""
+        mark("forward")
+        with autocast_context(self.device, self.precision):
+            loss = self.compute_loss(batch, unit)
+        mark("backward")
+        loss.backward()
+        mark("optimizer")
+        params = [p for p in self.parameters_for_step(unit) if p.grad is not None]
+        torch.nn.utils.clip_grad_norm_(params, GRAD_CLIP_NORM, foreach=False)
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        return loss.detach()

@@ -1,0 +1,63 @@
+"""Activation checkpointing: non-reentrant ``torch.utils.checkpoint`` around every residual
+layer (``ckpt``) or around k contiguous segments of layers (``ckpt:k``)."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+from torch.utils.checkpoint import checkpoint
+
+from dbprofile.methods.base import Trainer
+from dbprofile.spec import Batch, ModelSpec, get_layers, set_layers
+
+
+def split_contiguous(n: int, parts: int) -> list[range]:
+    """n items in ``parts`` contiguous groups whose sizes differ by at most one (larger first)."""
+    base, extra = divmod(n, parts)
+    groups, start = [], 0
+    for i in range(parts):
+        size = base + (1 if i < extra else 0)
+        groups.append(range(start, start + size))
+        start += size
+    return groups
+
+
+class CheckpointedSegment(nn.Module):
+    """Runs a run of layers under one non-reentrant checkpoint; only its input is saved."""
+
+    def __init__(self, layers: list[nn.Module]) -> None:
+        super().__init__()
+        self.layers = nn.ModuleList(layers)
+
+    def _run(self, hidden, *args, **kwargs):
+        for layer in self.layers:
+            hidden = layer(hidden, *args, **kwargs)
+        return hidden
+
+    def forward(self, hidden, *args, **kwargs):
+        if not torch.is_grad_enabled():
+            return self._run(hidden, *args, **kwargs)
+        return checkpoint(self._run, hidden, *args, use_reentrant=False, **kwargs)
+
+
+def checkpoint_layers(model: nn.Module, path: str, segments: int | None) -> None:
+    """Replace the residual ModuleList by checkpointed segments (every layer when None)."""
+    layers = get_layers(model, path)
+    groups = split_contiguous(len(layers), segments or len(layers))
+    wrapped = nn.ModuleList(CheckpointedSegment([layers[i] for i in group]) for group in groups)
+    set_layers(model, path, wrapped)
+
+
+class CheckpointTrainer(Trainer):
+    technique = "ckpt"
+
+    @classmethod
+    def create(cls, tech, spec: ModelSpec, device: torch.device, **kwargs) -> "CheckpointTrainer":
+        model = spec.build().to(device)
+        checkpoint_layers(model, spec.layers, tech.segments)
+        trainer = cls(spec, model, device, **kwargs)
+        trainer.technique = tech.name
+        return trainer
+
+    def compute_loss(self, batch: Batch, unit: int | None) -> torch.Tensor:
+        return self.spec.loss(self.model, batch)

@@ -1,0 +1,23 @@
+"""End-to-end backprop: the model as given, one optimizer over all parameters."""
+
+from __future__ import annotations
+
+import torch
+
+from dbprofile.methods.base import Trainer
+from dbprofile.spec import Batch, ModelSpec, get_layers
+
+
+class EndToEndTrainer(Trainer):
+    technique = "e2e"
+
+    @classmethod
+    def create(cls, tech, spec: ModelSpec, device: torch.device, **kwargs) -> "EndToEndTrainer":
+        model = spec.build().to(device)
+        get_layers(model, spec.layers, spec.name)
+        trainer = cls(spec, model, device, **kwargs)
+        trainer.technique = tech.name
+        return trainer
+
+    def compute_loss(self, batch: Batch, unit: int | None) -> torch.Tensor:
+        return self.spec.loss(self.model, batch)

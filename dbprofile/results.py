@@ -1,0 +1,212 @@
+"""Result data: one ``Measurement`` per technique (and per block for DiffusionBlocks), a
+``RunResult`` holding a run's measurements and environment, their JSON form (with a schema
+version) and a pandas DataFrame view. Every memory figure is an integer number of bytes;
+units are applied only when presenting (``format_bytes``)."""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
+from typing import Any
+
+SCHEMA_VERSION = 1
+
+# The share categories of a peak, in display order. They sum to the peak exactly.
+CATEGORIES = (
+    "parameters",
+    "buffers",
+    "gradients",
+    "optimizer_state",
+    "activations",
+    "temporaries",
+    "inputs",
+)
+
+STATUSES = ("ok", "oom", "error", "nan")
+
+
+def format_bytes(n: int | float | None, unit: str | None = None, digits: int = 2) -> str:
+    """IEC (1024-based) units with correct labels: 1536 -> '1.50 KiB'."""
+    if n is None or (isinstance(n, float) and math.isnan(n)):
+        return "n/a"
+    units = ["B", "KiB", "MiB", "GiB", "TiB"]
+    if unit is not None:
+        power = units.index(unit)
+    else:
+        power = 0
+        while power < len(units) - 1 and abs(n) >= 1024 ** (power + 1):
+            power += 1
+    if power == 0:
+        return f"{int(n)} B"
+    return f"{n / 1024 ** power:.{digits}f} {units[power]}"
+
+
+@dataclass(kw_only=True)
+class BlockMeasurement:
+    """The peak of steps that train one DiffusionBlocks block."""
+
+    block: int
+    """Block index (0 = next to the input, the highest noise range)."""
+    layers: list[int]
+    """Indices of the residual layers in this block."""
+    peak_bytes: int
+    shares: dict[str, int]
+    peak_phase: str
+    step_time_s: float | None = None
+    transfer_time_s: float | None = None
+
+
+@dataclass(kw_only=True)
+class Measurement:
+    """One technique at one batch size: the peak of a training step split into shares."""
+
+    technique: str
+    batch_size: int
+    precision: str = "fp32"
+    optimizer: str = "adamw"
+    device: str = "cpu"
+    fake: bool = False
+    status: str = "ok"
+    """ok | oom | error | nan (the step ran but the loss was not finite)."""
+    error: str | None = None
+    """The failure's message for oom / error / nan."""
+    peak_bytes: int = 0
+    """Largest total of live tracked tensor bytes during a measured step."""
+    shares: dict[str, int] = field(default_factory=dict)
+    """Bytes by category at the instant of the peak; sums to peak_bytes exactly."""
+    peak_phase: str | None = None
+    """forward | backward | optimizer | transfer: the phase in which the peak happened."""
+    peak_block: int | None = None
+    """For DiffusionBlocks: the block whose step has the largest peak (the reported one)."""
+    blocks: list[BlockMeasurement] = field(default_factory=list)
+    timeline: dict[str, Any] = field(default_factory=dict)
+    """{'categories': [...], 'phases': [...], 'points': [[phase_index, bytes per category...], ...]}."""
+    step_time_s: float | None = None
+    """Median wall time of a measured step (synchronised on CUDA); worst block for DiffusionBlocks."""
+    step_time_spread_s: list[float] | None = None
+    """[min, max] of the measured step times."""
+    block_steps_time_s: float | None = None
+    """DiffusionBlocks: sum over blocks of their median step times (B block-steps)."""
+    transfer_time_s: float | None = None
+    """db:B+offload: median host<->device transfer time per step."""
+    num_parameters: int | None = None
+    extra_parameters: int | None = None
+    """Parameters the technique adds to the user's model (AdaLN-Zero, sigma embedder, ...)."""
+    losses: list[float] = field(default_factory=list)
+    cuda: dict[str, Any] | None = None
+    """On CUDA: max_memory_allocated, max_memory_reserved, nvml_used_bytes (or None when unavailable)."""
+    extra: dict[str, Any] = field(default_factory=dict)
+    """Technique-specific facts, e.g. activation ratios for DiffusionBlocks."""
+
+    @property
+    def ok(self) -> bool:
+        return self.status == "ok"
+
+    def share_fraction(self, category: str) -> float:
+        return self.shares.get(category, 0) / self.peak_bytes if self.peak_bytes else 0.0
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> "Measurement":
+        data = dict(data)
+        data["blocks"] = [BlockMeasurement(**b) for b in data.get("blocks", [])]
+        known = {f.name for f in fields(cls)}
+        return cls(**{k: v for k, v in data.items() if k in known})
+
+
+@dataclass(kw_only=True)
+class RunResult:
+    """A profiling run: the model, the environment, the command, and every measurement."""
+
+    model: str
+    schema_version: int = SCHEMA_VERSION
+    model_info: dict[str, Any] = field(default_factory=dict)
+    """family, task, num_layers, parameters, hidden_size."""
+    environment: dict[str, Any] = field(default_factory=dict)
+    """torch, python, dbprofile versions; device name and capacity; driver."""
+    command: str = ""
+    """The exact command line that reproduces the run."""
+    created: str = ""
+    measurements: list[Measurement] = field(default_factory=list)
+
+    def get(self, technique: str, batch_size: int | None = None) -> Measurement | None:
+        for m in self.measurements:
+            if m.technique == technique and (batch_size is None or m.batch_size == batch_size):
+                return m
+        return None
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    def to_json(self, indent: int | None = 1) -> str:
+        return json.dumps(self.to_dict(), indent=indent, allow_nan=True)
+
+    def save(self, path: str | Path) -> Path:
+        """Write atomically (temp file + rename) so an interrupted run never leaves half a file."""
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_suffix(path.suffix + ".tmp")
+        tmp.write_text(self.to_json())
+        tmp.replace(path)
+        return path
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> "RunResult":
+        version = data.get("schema_version")
+        if version != SCHEMA_VERSION:
+            raise ValueError(
+                f"Result file has schema_version {version!r}; this dbprofile reads version {SCHEMA_VERSION}. "
+                "Re-run the profile with this version."
+            )
+        data = dict(data)
+        data["measurements"] = [Measurement.from_dict(m) for m in data.get("measurements", [])]
+        known = {f.name for f in fields(cls)}
+        return cls(**{k: v for k, v in data.items() if k in known})
+
+    @classmethod
+    def load(cls, path: str | Path) -> "RunResult":
+        path = Path(path)
+        try:
+            data = json.loads(path.read_text())
+        except FileNotFoundError:
+            raise ValueError(f"Result file {str(path)!r} does not exist.") from None
+        except json.JSONDecodeError as err:
+            raise ValueError(f"Result file {str(path)!r} is not valid JSON ({err}).") from None
+        return cls.from_dict(data)
+
+    def to_dataframe(self):
+        """One row per measurement: technique, batch size, status, peak and each share in bytes."""
+        import pandas as pd
+
+        rows = []
+        for m in self.measurements:
+            row = {
+                "model": self.model,
+                "technique": m.technique,
+                "batch_size": m.batch_size,
+                "precision": m.precision,
+                "optimizer": m.optimizer,
+                "device": m.device,
+                "fake": m.fake,
+                "status": m.status,
+                "peak_bytes": m.peak_bytes,
+                "peak_phase": m.peak_phase,
+                "peak_block": m.peak_block,
+                "step_time_s": m.step_time_s,
+                "block_steps_time_s": m.block_steps_time_s,
+            }
+            for cat in CATEGORIES:
+                row[f"{cat}_bytes"] = m.shares.get(cat, 0)
+            if m.cuda:
+                for key, value in m.cuda.items():
+                    row[key] = value
+            rows.append(row)
+        return pd.DataFrame(rows)
+
+    def __repr__(self) -> str:
+        lines = [f"RunResult({self.model!r}, {len(self.measurements)} measurements)"]
+        for m in self.measurements:
+            peak = format_bytes(m.peak_bytes) if m.ok else m.status.upper()
+            lines.append(f"  {m.technique:<16} batch {m.batch_size:<5} peak {peak}")
+        return "\n".join(lines)

@@ -1,0 +1,281 @@
+"""What a model source is: the ModelSpec contract, loading it from a file or a preset name,
+and validating it early with one clear message per mistake.
+
+A ModelSpec tells dbprofile how to build the user's model, make a batch, compute the
+end-to-end loss, where the residual layers are (``layers``, a dotted path to an
+``nn.ModuleList``) and which task DiffusionBlocks must cast as denoising. The batch and
+call conventions per task (what DiffusionBlocks relies on) are in ``docs/protocol.md``.
+"""
+
+from __future__ import annotations
+
+import difflib
+import importlib.util
+import sys
+import traceback
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+from torch import nn
+
+TASKS = ("classification", "denoising", "causal-lm")
+
+Batch = dict[str, torch.Tensor]
+
+
+class SpecError(ValueError):
+    """A model source or configuration is wrong; the message says what and how to fix it."""
+
+
+@dataclass(kw_only=True)
+class ModelSpec:
+    """How to build, feed and train one residual model.
+
+    Batch conventions (``batch(batch_size, device)`` returns a dict):
+      classification: ``inputs`` (model input), ``targets`` (int64 class ids, shape (N,));
+        ``model(inputs)`` -> logits (N, num_classes), read from token 0 (a CLS token).
+      denoising: ``inputs`` (clean data x0), optional ``labels`` (int64);
+        ``model(x, noise_level, labels)`` -> a tensor shaped like x.
+      causal-lm: ``inputs`` (int64 tokens (N, T)), ``targets`` (int64 next tokens (N, T));
+        ``model(inputs)`` -> logits (N, T, num_classes).
+    """
+
+    name: str
+    """Short name used in reports and file names."""
+    build: Callable[[], nn.Module]
+    """Returns a fresh model on the CPU (or the current default device), deterministic seed."""
+    batch: Callable[[int, torch.device | str], Batch]
+    """Returns one training batch of the given size on the given device."""
+    loss: Callable[[nn.Module, Batch], torch.Tensor]
+    """The end-to-end training loss, a scalar."""
+    layers: str
+    """Dotted path from the model to the nn.ModuleList of residual layers, e.g. 'blocks'."""
+    task: str
+    """classification | denoising | causal-lm: how DiffusionBlocks casts the target."""
+    hidden_size: int | None = None
+    """Width of the residual stream; inferred from the layers' parameters when None."""
+    num_classes: int | None = None
+    """Classes (classification) or vocabulary size (causal-lm); None for denoising."""
+    family: str = "custom"
+    """Model family name (vit, dit, gpt, custom)."""
+    description: str = ""
+    """One line for listings."""
+    extra: dict[str, Any] = field(default_factory=dict)
+    """Free-form facts for reports (e.g. sequence length, image size)."""
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.name, str) or not self.name:
+            raise SpecError("ModelSpec.name must be a non-empty string.")
+        for attr in ("build", "batch", "loss"):
+            if not callable(getattr(self, attr)):
+                raise SpecError(f"ModelSpec.{attr} must be callable; got {getattr(self, attr)!r}.")
+        if self.task not in TASKS:
+            raise SpecError(
+                f"ModelSpec.task is {self.task!r}; it must be one of {', '.join(TASKS)}."
+            )
+        if not isinstance(self.layers, str) or not self.layers:
+            raise SpecError("ModelSpec.layers must be a dotted path such as 'blocks' or 'transformer.h'.")
+        if self.task in ("classification", "causal-lm") and self.num_classes is None:
+            raise SpecError(
+                f"ModelSpec.num_classes is required for task {self.task!r} "
+                "(the number of classes, or the vocabulary size for causal-lm)."
+            )
+
+
+def get_layers(model: nn.Module, path: str, spec_name: str = "model") -> nn.ModuleList:
+    """Follow the dotted ``layers`` path; raise SpecError naming the missing part."""
+    obj: Any = model
+    walked = []
+    for part in path.split("."):
+        if not hasattr(obj, part):
+            children = [n for n, _ in obj.named_children()] if isinstance(obj, nn.Module) else []
+            where = ".".join(walked) or type(model).__name__
+            hint = f" Its children are: {', '.join(children)}." if children else ""
+            raise SpecError(
+                f"layers path {path!r} not found in {spec_name}: {where} has no attribute "
+                f"{part!r}.{hint} Set ModelSpec.layers to the dotted path of the nn.ModuleList "
+                "that holds the residual layers."
+            )
+        obj = getattr(obj, part)
+        walked.append(part)
+    if not isinstance(obj, nn.ModuleList):
+        raise SpecError(
+            f"layers path {path!r} in {spec_name} is a {type(obj).__name__}, not an nn.ModuleList. "
+            "Point ModelSpec.layers at the nn.ModuleList of residual layers (for an nn.Sequential, "
+            "hold the layers in an nn.ModuleList and loop over it in forward)."
+        )
+    if len(obj) == 0:
+        raise SpecError(f"layers path {path!r} in {spec_name} is an empty nn.ModuleList.")
+    return obj
+
+
+def set_layers(model: nn.Module, path: str, layers: nn.ModuleList) -> None:
+    """Replace the ModuleList at the dotted path (used to run one DiffusionBlocks block)."""
+    *parents, last = path.split(".")
+    obj: Any = model
+    for part in parents:
+        obj = getattr(obj, part)
+    setattr(obj, last, layers)
+
+
+def infer_hidden_size(layers: nn.ModuleList) -> int | None:
+    """The residual width: the last dimension of the first LayerNorm/RMSNorm-like weight."""
+    for module in layers[0].modules():
+        weight = getattr(module, "weight", None)
+        if isinstance(weight, torch.Tensor) and weight.dim() == 1 and "norm" in type(module).__name__.lower():
+            return int(weight.shape[0])
+    return None
+
+
+# ---------------------------------------------------------------- loading model sources
+
+
+def load_spec(source: str | None) -> ModelSpec:
+    """Resolve a model source: None (the built-in default), a preset name, or ``file.py[:name]``."""
+    from dbprofile.models import DEFAULT_PRESET, PRESETS, get_preset
+
+    if source is None:
+        return get_preset(DEFAULT_PRESET)
+    if isinstance(source, ModelSpec):
+        return source
+    path_part, _, obj_name = source.partition(":")
+    if path_part.endswith(".py") or "/" in path_part or Path(path_part).suffix:
+        return _load_file(Path(path_part), obj_name or None)
+    if source in PRESETS:
+        return get_preset(source)
+    close = difflib.get_close_matches(source, list(PRESETS), n=3, cutoff=0.5)
+    hint = f" Did you mean {', '.join(close)}?" if close else ""
+    raise SpecError(
+        f"Unknown model {source!r}: it is neither a preset name nor a .py file.{hint} "
+        "Run `dbprofile models` for the presets, or pass a model file such as examples/custom_mlp.py."
+    )
+
+
+def _load_file(path: Path, obj_name: str | None) -> ModelSpec:
+    if not path.exists():
+        raise SpecError(
+            f"Model file {str(path)!r} does not exist (looked in {Path.cwd()}). "
+            "Pass the path of a Python file that defines `spec`, e.g. examples/custom_mlp.py."
+        )
+    module_name = f"dbprofile_user_{abs(hash(str(path.resolve())))}"
+    try:
+        module_spec = importlib.util.spec_from_file_location(module_name, path)
+        if module_spec is None or module_spec.loader is None:
+            raise SpecError(f"Cannot import {str(path)!r}: it is not a Python source file.")
+        module = importlib.util.module_from_spec(module_spec)
+        sys.modules[module_name] = module
+        module_spec.loader.exec_module(module)
+    except SpecError:
+        raise
+    except SyntaxError as err:
+        raise SpecError(
+            f"Model file {str(path)!r} has a syntax error at line {err.lineno}: {err.msg}. "
+            "Fix the file and run again."
+        ) from None
+    except Exception as err:  # the user's import-time code failed: point at their line
+        line = _user_line(err, path)
+        raise SpecError(
+            f"Importing model file {str(path)!r} failed{line}: {type(err).__name__}: {err}. "
+            "Fix the file (or install what it imports) and run again."
+        ) from None
+    name = obj_name or "spec"
+    if not hasattr(module, name):
+        found = [n for n, v in vars(module).items() if isinstance(v, ModelSpec)]
+        hint = f" It defines these ModelSpec objects: {', '.join(found)}; pick one with {path}:NAME." if found else ""
+        raise SpecError(
+            f"Model file {str(path)!r} defines no {name!r}.{hint} Define `{name} = ModelSpec(...)` "
+            "or a function returning one (see the protocol in the README)."
+        )
+    obj = getattr(module, name)
+    if callable(obj) and not isinstance(obj, ModelSpec):
+        try:
+            obj = obj()
+        except SpecError:
+            raise
+        except Exception as err:
+            line = _user_line(err, path)
+            raise SpecError(
+                f"Calling {name}() from {str(path)!r} failed{line}: {type(err).__name__}: {err}."
+            ) from None
+    if not isinstance(obj, ModelSpec):
+        raise SpecError(
+            f"{str(path)}:{name} is a {type(obj).__name__}, not a dbprofile.ModelSpec "
+            "(or a function returning one)."
+        )
+    return obj
+
+
+def _user_line(err: BaseException, path: Path) -> str:
+    """' at line N' for the deepest traceback frame inside the user's file, if any."""
+    resolved = str(path.resolve())
+    line = None
+    for frame in traceback.extract_tb(err.__traceback__):
+        if str(Path(frame.filename).resolve()) == resolved:
+            line = frame.lineno
+    return f" at line {line}" if line is not None else ""
+
+
+# ---------------------------------------------------------------- validation
+
+
+def validate_spec(spec: ModelSpec, max_blocks: int | None = None) -> dict[str, Any]:
+    """Build the model with fake tensors (no real memory) and check the layers are residual.
+
+    Returns facts for display: number of layers, parameters, hidden size. Raises SpecError.
+    """
+    from dbprofile.measure.fake import fake_mode
+
+    with fake_mode():
+        try:
+            model = spec.build()
+        except Exception as err:
+            raise SpecError(f"Building model {spec.name!r} failed: {type(err).__name__}: {err}.") from None
+        layers = get_layers(model, spec.layers, spec.name)
+        shapes: list[tuple[int, tuple, tuple]] = []
+
+        def check(index: int):
+            def hook(_module, args, output):
+                inp = next((a for a in args if isinstance(a, torch.Tensor)), None)
+                out = output[0] if isinstance(output, (tuple, list)) else output
+                if inp is not None and isinstance(out, torch.Tensor):
+                    shapes.append((index, tuple(inp.shape), tuple(out.shape)))
+            return hook
+
+        handles = [layer.register_forward_hook(check(i)) for i, layer in enumerate(layers)]
+        try:
+            batch = spec.batch(2, "cpu")
+            with torch.no_grad():
+                spec.loss(model, batch)
+        except SpecError:
+            raise
+        except Exception as err:
+            raise SpecError(
+                f"Running one step of model {spec.name!r} failed: {type(err).__name__}: {err}. "
+                "Check that ModelSpec.batch and ModelSpec.loss work together."
+            ) from None
+        finally:
+            for h in handles:
+                h.remove()
+        for index, in_shape, out_shape in shapes:
+            if in_shape != out_shape:
+                raise SpecError(
+                    f"Layer {index} of {spec.layers!r} in {spec.name!r} maps shape {list(in_shape)} to "
+                    f"{list(out_shape)}: it is not shape-preserving, so it is not a residual layer "
+                    "(h + f(h)). DiffusionBlocks needs every layer in ModelSpec.layers to keep the hidden "
+                    "shape; move projections and heads out of that ModuleList."
+                )
+        if len(shapes) == 0:
+            raise SpecError(
+                f"The layers at {spec.layers!r} in {spec.name!r} never ran during the loss: "
+                "ModelSpec.layers must name the ModuleList that forward actually loops over."
+            )
+        n_params = sum(p.numel() for p in model.parameters())
+        hidden = spec.hidden_size or infer_hidden_size(layers) or (shapes[0][1][-1] if shapes else None)
+    if max_blocks is not None and max_blocks > len(layers):
+        raise SpecError(
+            f"DiffusionBlocks with B={max_blocks} needs at least {max_blocks} layers; "
+            f"{spec.name!r} has {len(layers)}. Use --blocks with values up to {len(layers)}."
+        )
+    return {"num_layers": len(layers), "parameters": n_params, "hidden_size": hidden}
