@@ -149,7 +149,7 @@ def load_spec(source: str | None) -> ModelSpec:
     hint = f" Did you mean {', '.join(close)}?" if close else ""
     raise SpecError(
         f"Unknown model {source!r}: it is neither a preset name nor a .py file.{hint} "
-        "Run `dbprofile models` for the presets, or pass a model file such as examples/custom_mlp.py."
+        "Run `dbprofile models` for the presets, or pass a model file such as examples/custom_resmlp.py."
     )
 
 
@@ -157,7 +157,7 @@ def _load_file(path: Path, obj_name: str | None) -> ModelSpec:
     if not path.exists():
         raise SpecError(
             f"Model file {str(path)!r} does not exist (looked in {Path.cwd()}). "
-            "Pass the path of a Python file that defines `spec`, e.g. examples/custom_mlp.py."
+            "Pass the path of a Python file that defines `spec`, e.g. examples/custom_resmlp.py."
         )
     module_name = f"dbprofile_user_{abs(hash(str(path.resolve())))}"
     try:
