@@ -1,0 +1,122 @@
+"""The GPUs a plan can target: name, memory capacity in bytes as the driver reports it, and
+the compute capability (which sets the cuBLAS workspace size). Lookup ignores case, spaces,
+dashes and underscores (``h100-80gb``, ``H100 80GB`` and ``H100_80GB`` are one card); an
+unknown name raises ``SpecError`` listing the close names.
+
+Capacities are nvidia-smi's ``memory.total`` (MiB, ECC on where the card has it), the
+figure a training job can at most reserve plus the CUDA context; ``torch.cuda.
+get_device_properties(0).total_memory`` reports the same number in bytes. The H100 80GB
+HBM3 figure (81559 MiB) is the one the GPU-validation issue checks on a real card; the
+others are the commonly reported nvidia-smi figures for each card and are marked
+``nominal`` where only the marketing size is known.
+"""
+
+from __future__ import annotations
+
+import difflib
+import re
+from dataclasses import dataclass
+
+from dbprofile.spec import SpecError
+
+MiB = 1024**2
+
+
+@dataclass(frozen=True)
+class GPU:
+    """One card in the table."""
+
+    name: str
+    """Display name, e.g. 'H100-80GB'."""
+    capacity_bytes: int
+    """Total device memory the driver reports (nvidia-smi memory.total), in bytes."""
+    compute_capability: tuple[int, int]
+    """(major, minor); sm90+ gets a 32 MiB cuBLAS workspace in PyTorch, older cards 8 MiB + 128 KiB."""
+    source: str = "nvidia-smi"
+    """Where the capacity comes from: 'nvidia-smi' (reported memory.total) or 'nominal'."""
+
+
+def _gpu(name: str, mib: int, cc: tuple[int, int], source: str = "nvidia-smi") -> GPU:
+    return GPU(name=name, capacity_bytes=mib * MiB, compute_capability=cc, source=source)
+
+
+GPUS: dict[str, GPU] = {
+    g.name: g
+    for g in (
+        _gpu("H100-80GB", 81559, (9, 0)),  # H100 80GB HBM3 (SXM); the PCIe card reports the same
+        _gpu("H100-NVL-94GB", 95830, (9, 0)),
+        _gpu("H200-141GB", 143771, (9, 0)),
+        _gpu("A100-80GB", 81920, (8, 0)),
+        _gpu("A100-40GB", 40960, (8, 0)),
+        _gpu("L40S-48GB", 46068, (8, 9)),
+        _gpu("L40-48GB", 46068, (8, 9)),
+        _gpu("L4-24GB", 23034, (8, 9)),
+        _gpu("A10G-24GB", 23028, (8, 6)),
+        _gpu("A10-24GB", 23028, (8, 6)),
+        _gpu("RTX-6000-Ada-48GB", 49140, (8, 9)),
+        _gpu("RTX-A6000-48GB", 49140, (8, 6)),
+        _gpu("RTX-4090-24GB", 24564, (8, 9)),
+        _gpu("RTX-3090-24GB", 24576, (8, 6)),
+        _gpu("V100-32GB", 32768, (7, 0), "nominal"),
+        _gpu("V100-16GB", 16384, (7, 0), "nominal"),
+        _gpu("T4-16GB", 15360, (7, 5)),
+    )
+}
+
+# Short forms people type: the card name without its memory size picks the usual variant.
+ALIASES: dict[str, str] = {
+    "H100": "H100-80GB",
+    "H200": "H200-141GB",
+    "A100": "A100-80GB",
+    "L40S": "L40S-48GB",
+    "L40": "L40-48GB",
+    "L4": "L4-24GB",
+    "A10G": "A10G-24GB",
+    "A10": "A10-24GB",
+    "RTX-4090": "RTX-4090-24GB",
+    "4090": "RTX-4090-24GB",
+    "RTX-3090": "RTX-3090-24GB",
+    "3090": "RTX-3090-24GB",
+    "V100": "V100-32GB",
+    "T4": "T4-16GB",
+    "H100-SXM": "H100-80GB",
+    "H100-PCIE": "H100-80GB",
+    "A6000": "RTX-A6000-48GB",
+}
+
+
+def _key(name: str) -> str:
+    """Case, spaces, dashes and underscores do not matter: 'h100 80gb' == 'H100-80GB'."""
+    return re.sub(r"[\s_\-]+", "", name).lower()
+
+
+_INDEX: dict[str, str] = {_key(n): n for n in GPUS}
+_INDEX.update({_key(a): n for a, n in ALIASES.items()})
+
+
+def get_gpu(name: str) -> GPU:
+    """The table entry for ``name``; SpecError naming the close names when there is none."""
+    found = _INDEX.get(_key(name))
+    if found is not None:
+        return GPUS[found]
+    keys = list(_INDEX)
+    close_keys = difflib.get_close_matches(_key(name), keys, n=5, cutoff=0.5)
+    close = list(dict.fromkeys(_INDEX[k] for k in close_keys))
+    hint = f" Close names: {', '.join(close)}." if close else ""
+    raise SpecError(
+        f"Unknown GPU {name!r}.{hint} Known GPUs: {', '.join(GPUS)}. "
+        "Pass one of these names, or the device capacity in bytes (an integer) for another card."
+    )
+
+
+def cublas_workspace_bytes(compute_capability: tuple[int, int]) -> int:
+    """PyTorch's default cuBLAS workspace per handle and stream (CublasHandlePool.cpp).
+
+    Default CUBLAS_WORKSPACE_CONFIG is ':4096:8' (8 chunks of 4096 KiB = 32 MiB) on sm90+
+    and ':4096:2:16:8' (2 x 4 MiB + 8 x 16 KiB) before, following NVIDIA's cublasSetWorkspace
+    recommendation (32 MiB for Hopper). It is allocated through the caching allocator, so it
+    counts in max_memory_allocated although no tensor holds it.
+    """
+    if compute_capability >= (9, 0):
+        return 8 * 4096 * 1024
+    return 2 * 4096 * 1024 + 8 * 16 * 1024

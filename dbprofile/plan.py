@@ -1,0 +1,477 @@
+"""The planner: what each technique would need for this model, batch size and GPU, before
+anyone books the GPU.
+
+``plan()`` runs the real training code of every technique in fake-tensor mode (the
+measurement runner with ``fake=True``: no memory, seconds even for a 7B model), takes each
+tracked peak and its shares, applies sharding (ZeRO stages 1-3 / FSDP over a world size, or
+DiffusionBlocks block-parallel, one block per device) and, for a CUDA target, the CUDA
+effects a tensor tracker cannot see (the constants below, each with its source). It then
+says what fits, the headroom, and the largest batch size that fits, found from a linear
+model ``peak(b) = fixed + per_sample * b`` fitted on two fake runs and confirmed by a third.
+``format_plan`` / ``format_plan_html`` render a ``Plan`` as text and as HTML.
+
+Known limitations: the shares at the instant of the peak are sharded as a whole (the peak
+may move to another instant under sharding); ZeRO adds one gathered unit (the largest
+layer or the root's own parameters, and their gradients when the peak is in the backward),
+not FSDP's prefetch of the next unit, nor communication buffers; step times are not
+predicted. CUDA corrections are checked against a real GPU by the GPU-validation issue.
+"""
+
+from __future__ import annotations
+
+import html
+import math
+import time
+from dataclasses import dataclass
+from typing import Any, Callable
+
+from dbprofile.gpus import GPU, cublas_workspace_bytes, get_gpu
+from dbprofile.methods.techniques import DEFAULT_TECHNIQUES, Technique, check_technique_fits, parse_technique
+from dbprofile.results import CATEGORIES, Measurement, Plan, PlanEntry, format_bytes
+from dbprofile.spec import ModelSpec, SpecError, get_layers, load_spec
+
+MiB = 1024**2
+
+# ---------------------------------------------------------------- CUDA corrections (documented)
+
+CUDA_BLOCK_BYTES = 512
+"""c10/cuda/CUDACachingAllocator.cpp ``kMinBlockSize``: every block the caching allocator hands out
+is rounded up to a multiple of 512 bytes, and max_memory_allocated counts the rounded blocks."""
+CUDA_CONTEXT_BYTES = 512 * MiB
+"""The CUDA context (driver state and the kernels loaded lazily, CUDA >= 11.7) plus cuDNN/cuBLAS
+handles: outside the allocator, inside nvidia-smi's used memory. PyTorch reports 287 MB right after
+init with lazy loading (pytorch/pytorch#86509) and "around 400MB" (pytorch/pytorch#109888); a
+training step loads more kernels, so 512 MiB. The GPU-validation issue measures it on an H100."""
+ALLOCATOR_OVERHEAD_FRACTION = 0.05
+"""Reserved minus allocated, as a share of allocated: segments are 2 MiB for blocks <= 1 MiB, 20 MiB
+for blocks < 10 MiB, and larger requests are rounded up to 2 MiB (kSmallBuffer, kLargeBuffer,
+kRoundLarge in CUDACachingAllocator.cpp), and freed blocks split and fragment. An estimate for
+training steps (no fake run can see addresses); the GPU-validation issue compares it with
+max_memory_reserved / max_memory_allocated on real runs."""
+UNKNOWN_GPU_COMPUTE_CAPABILITY = (9, 0)
+"""A capacity given in bytes says nothing about the card; assume the larger (sm90) cuBLAS workspace."""
+
+PARALLEL_SUFFIX = "+parallel"
+STATE = ("parameters", "buffers", "gradients", "optimizer_state")
+
+MeasureFn = Callable[..., Measurement]
+
+
+@dataclass(frozen=True)
+class Target:
+    """Where the plan must fit: a GPU from the table, a capacity in bytes, or the CPU."""
+
+    name: str
+    capacity_bytes: int | None
+    cuda: bool
+    compute_capability: tuple[int, int] | None = None
+
+
+def resolve_target(device: str | int | GPU) -> Target:
+    """'cpu' (no capacity, no CUDA corrections), a GPU table name, or a capacity in bytes."""
+    if isinstance(device, GPU):
+        return Target(device.name, device.capacity_bytes, True, device.compute_capability)
+    if isinstance(device, bool):
+        raise SpecError(f"device must be a GPU name or a capacity in bytes, not {device!r}.")
+    if isinstance(device, int):
+        if device <= 0:
+            raise SpecError(f"Device capacity must be a positive number of bytes; got {device}.")
+        return Target("custom", device, True, UNKNOWN_GPU_COMPUTE_CAPABILITY)
+    if isinstance(device, str) and device.strip().lower() == "cpu":
+        return Target("cpu", None, False)
+    if isinstance(device, str) and device.strip().isdigit():
+        return resolve_target(int(device.strip()))
+    gpu = get_gpu(str(device))
+    return Target(gpu.name, gpu.capacity_bytes, True, gpu.compute_capability)
+
+
+def cuda_corrections(tracked_bytes: int, target: Target) -> dict[str, int]:
+    """The CUDA effects on top of tracked tensor bytes, in bytes (empty for the CPU).
+
+    ``tracked_bytes`` already counts each storage rounded up to CUDA_BLOCK_BYTES (the fake run's
+    tracker rounds for a CUDA target), so it stands for max_memory_allocated less the workspace.
+    """
+    if not target.cuda:
+        return {}
+    workspace = cublas_workspace_bytes(target.compute_capability or UNKNOWN_GPU_COMPUTE_CAPABILITY)
+    allocated = tracked_bytes + workspace
+    return {
+        "cublas_workspace": workspace,
+        "allocator_segments": int(math.ceil(ALLOCATOR_OVERHEAD_FRACTION * allocated)),
+        "cuda_context": CUDA_CONTEXT_BYTES,
+    }
+
+
+# ---------------------------------------------------------------- model facts for sharding
+
+
+@dataclass(frozen=True)
+class ModelFacts:
+    """Parameter bytes per residual layer and outside them (FSDP's root unit), from a fake build."""
+
+    layer_bytes: tuple[int, ...]
+    rest_bytes: int
+    num_layers: int
+
+    @property
+    def total_bytes(self) -> int:
+        return sum(self.layer_bytes) + self.rest_bytes
+
+
+def model_facts(spec: ModelSpec) -> ModelFacts:
+    from dbprofile.measure.fake import fake_mode
+
+    with fake_mode():
+        model = spec.build()
+        layers = get_layers(model, spec.layers, spec.name)
+        per_layer = tuple(sum(p.numel() * p.element_size() for p in layer.parameters()) for layer in layers)
+        total = sum(p.numel() * p.element_size() for p in model.parameters())
+    return ModelFacts(layer_bytes=per_layer, rest_bytes=total - sum(per_layer), num_layers=len(per_layer))
+
+
+def _ceil_div(n: int, d: int) -> int:
+    return -(-n // d)
+
+
+def shard_zero(shares: dict[str, int], stage: int, world_size: int, unit_bytes: int, peak_phase: str | None) -> dict[str, int]:
+    """Per-device shares under ZeRO ``stage`` over ``world_size`` ranks.
+
+    Stage 1 shards optimizer state, 2 also gradients, 3 also parameters (FSDP FULL_SHARD).
+    The gathered working set is one unit (``unit_bytes``: the largest layer, or the root's own
+    parameters if larger): its full parameters at stage 3, and its full gradients before the
+    reduce-scatter when the peak is in the backward (stages 2 and 3).
+    """
+    out = dict(shares)
+    if stage <= 0 or world_size <= 1:
+        return out
+    out["optimizer_state"] = _ceil_div(shares.get("optimizer_state", 0), world_size)
+    if stage >= 2:
+        grads = shares.get("gradients", 0)
+        gathered = min(unit_bytes, grads) if peak_phase == "backward" else 0
+        out["gradients"] = _ceil_div(grads, world_size) + gathered
+    if stage >= 3:
+        params = shares.get("parameters", 0)
+        out["parameters"] = _ceil_div(params, world_size) + min(unit_bytes, params)
+    return out
+
+
+def block_parallel(m: Measurement, facts: ModelFacts) -> tuple[dict[str, int], int | None]:
+    """Per-device shares of db:B with one block per device, from the plain db:B measurement.
+
+    Plain db:B keeps every parameter and its optimizer state resident; on its own device a
+    block holds the shared parts (embeddings, head, sigma embedder) and its own layers only.
+    Inactive layers hold no gradients in plain db:B already, and activations are one block's.
+    AdaLN-Zero parameters are spread evenly over the layers. Returns the worst block's shares.
+    """
+    params_all = m.shares.get("parameters", 0)
+    n_params = m.num_parameters or 0
+    bytes_per_param = params_all / n_params if n_params else 0.0
+    extra_per_layer = (m.extra_parameters or 0) * bytes_per_param / max(facts.num_layers, 1)
+    layer_bytes = [b + extra_per_layer for b in facts.layer_bytes]
+    blocks = m.blocks or []
+    candidates = [(b.block, b.shares, set(b.layers)) for b in blocks] or [(m.peak_block, m.shares, set(range(facts.num_layers)))]
+    worst: tuple[dict[str, int], int | None] | None = None
+    for index, shares, active in candidates:
+        inactive = int(sum(b for i, b in enumerate(layer_bytes) if i not in active))
+        params = shares.get("parameters", 0)
+        kept = max(params - inactive, 0)
+        out = dict(shares)
+        out["parameters"] = kept
+        out["optimizer_state"] = int(shares.get("optimizer_state", 0) * (kept / params)) if params else 0
+        if worst is None or sum(out.values()) > sum(worst[0].values()):
+            worst = (out, index)
+    return worst  # type: ignore[return-value]
+
+
+# ---------------------------------------------------------------- planning
+
+
+def _parse(names: list[str] | str | None, world_size: int, num_layers: int) -> list[tuple[str, Technique, bool]]:
+    """(display name, technique to run, block-parallel?) per requested technique."""
+    if names is None:
+        names = list(DEFAULT_TECHNIQUES)
+        if world_size > 1 and 2 <= world_size <= num_layers:
+            names.append(f"db:{world_size}{PARALLEL_SUFFIX}")
+    elif isinstance(names, str):
+        names = [n for n in names.split(",") if n.strip()]
+    out: dict[str, tuple[str, Technique, bool]] = {}
+    for raw in names:
+        text = str(raw).strip()
+        parallel = text.endswith(PARALLEL_SUFFIX)
+        tech = parse_technique(text[: -len(PARALLEL_SUFFIX)] if parallel else text)
+        if parallel and (tech.kind != "db" or tech.offload or tech.ckpt):
+            raise SpecError(
+                f"Technique {text!r}: '+parallel' (one DiffusionBlocks block per device) applies to plain db:B only, "
+                "e.g. db:4+parallel on 4 devices."
+            )
+        check_technique_fits(tech, num_layers)
+        name = tech.name + (PARALLEL_SUFFIX if parallel else "")
+        out.setdefault(name, (name, tech, parallel))
+    if not out:
+        raise SpecError("No technique given; pass e.g. techniques=['e2e', 'ckpt', 'db:4'].")
+    return list(out.values())
+
+
+def _default_measure() -> MeasureFn:
+    from dbprofile.measure.runner import measure
+
+    return measure
+
+
+def plan(
+    spec: ModelSpec | str,
+    batch_size: int,
+    device: str | int | GPU = "H100-80GB",
+    techniques: list[str] | str | None = None,
+    precision: str = "fp32",
+    optimizer: str = "adamw",
+    zero_stage: int = 0,
+    world_size: int = 1,
+    *,
+    search_max_batch: bool = True,
+    confirm_max_batch: bool = True,
+    measure_fn: MeasureFn | None = None,
+) -> Plan:
+    """Predict, per technique, the peak per device, its shares, whether it fits ``device`` and the
+    largest batch size that does. Fake-tensor runs only: no GPU and almost no memory needed.
+
+    ``device``: a GPU name from dbprofile.gpus ('H100-80GB'), a capacity in bytes, or 'cpu' (no
+    CUDA corrections, no capacity). ``zero_stage`` 1-3 shards over ``world_size`` ranks;
+    'db:B+parallel' plans one DiffusionBlocks block per device (B devices).
+    ``search_max_batch`` finds the largest batch size that fits; ``confirm_max_batch=False``
+    takes it from the linear model alone (no extra fake runs: use it for multi-billion-parameter
+    models, whose fake runs take 10-20 s each on a laptop CPU).
+    """
+    started = time.perf_counter()
+    spec = load_spec(spec) if not isinstance(spec, ModelSpec) else spec
+    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+        raise SpecError(f"batch_size must be a positive integer; got {batch_size!r}.")
+    if isinstance(world_size, bool) or not isinstance(world_size, int) or world_size < 1:
+        raise SpecError(f"world_size must be an integer >= 1 (the number of devices); got {world_size!r}.")
+    if zero_stage not in (0, 1, 2, 3):
+        raise SpecError(f"zero_stage must be 0, 1, 2 or 3; got {zero_stage!r}.")
+    if zero_stage > 0 and world_size == 1:
+        raise SpecError(
+            f"ZeRO stage {zero_stage} shards state over several devices, but world_size is 1. "
+            "Pass world_size > 1 (e.g. --world-size 8), or zero_stage=0 for one device."
+        )
+    target = resolve_target(device)
+    facts = model_facts(spec)
+    wanted = _parse(techniques, world_size, facts.num_layers)
+    run = measure_fn or _default_measure()
+    runs: dict[tuple[str, int], Measurement] = {}
+    # A CUDA target's tracker counts each storage in 512-byte blocks, as the caching allocator does.
+    round_to = CUDA_BLOCK_BYTES if target.cuda else None
+
+    def fake_run(tech: Technique, b: int) -> Measurement:
+        key = (tech.name, b)
+        if key not in runs:
+            try:
+                # Fake runs are deterministic: one warm-up (optimizer state) and one measured step.
+                runs[key] = run(spec, tech.name, b, device="cpu", precision=precision, optimizer=optimizer,
+                                fake=True, layers=facts.num_layers, round_to=round_to,
+                                warmup_steps=1, steps=1)
+            except SpecError:
+                raise
+            except Exception as err:  # recorded, not fatal: the other techniques still plan
+                runs[key] = Measurement(technique=tech.name, batch_size=b, status="error", fake=True,
+                                        error=f"{type(err).__name__}: {err}")
+        return runs[key]
+
+    def predict(name: str, tech: Technique, parallel: bool, b: int) -> PlanEntry:
+        m = fake_run(tech, b)
+        entry = PlanEntry(technique=name, batch_size=b, status=m.status, error=m.error,
+                          num_parameters=m.num_parameters, extra_parameters=m.extra_parameters,
+                          peak_phase=m.peak_phase, peak_block=m.peak_block, extra=dict(m.extra))
+        if not m.ok:
+            return entry
+        if parallel:
+            shares, entry.peak_block = block_parallel(m, facts)
+            entry.world_size, entry.sharding = tech.blocks or 1, "block-parallel"
+        else:
+            unit = max(max(facts.layer_bytes), facts.rest_bytes)
+            shares = shard_zero(m.shares, zero_stage, world_size, unit, m.peak_phase)
+            entry.world_size = world_size
+            entry.sharding = f"zero-{zero_stage}" if zero_stage else "none"
+        entry.shares = {c: int(shares.get(c, 0)) for c in CATEGORIES}
+        entry.tracked_peak_bytes = sum(entry.shares.values())
+        entry.corrections = cuda_corrections(entry.tracked_peak_bytes, target)
+        entry.peak_bytes = entry.tracked_peak_bytes + sum(entry.corrections.values())
+        if target.capacity_bytes is not None:
+            entry.headroom_bytes = target.capacity_bytes - entry.peak_bytes
+            entry.fits = entry.headroom_bytes >= 0
+        return entry
+
+    entries = []
+    for name, tech, parallel in wanted:
+        entry = predict(name, tech, parallel, batch_size)
+        if entry.ok and search_max_batch and target.capacity_bytes is not None:
+            _search_max_batch(entry, lambda b, n=name, t=tech, p=parallel: predict(n, t, p, b),
+                              target.capacity_bytes, confirm_max_batch)
+        entries.append(entry)
+
+    result = Plan(
+        model=spec.name,
+        model_info={"family": spec.family, "task": spec.task, "num_layers": facts.num_layers,
+                    "parameter_bytes": facts.total_bytes},
+        device=target.name,
+        capacity_bytes=target.capacity_bytes,
+        batch_size=batch_size,
+        precision=precision,
+        optimizer=optimizer,
+        zero_stage=zero_stage,
+        world_size=world_size,
+        cuda_corrections=target.cuda,
+        entries=entries,
+    )
+    _check_something_fits(result)
+    from dbprofile.verdict import judge
+
+    result.verdict = judge(result)
+    result.elapsed_s = time.perf_counter() - started
+    return result
+
+
+BATCH_DEPENDENT = ("activations", "temporaries", "inputs")
+"""Shares that grow with the batch size; the others (parameters, buffers, gradients, optimizer
+state) and the CUDA corrections other than the allocator's fraction do not."""
+MAX_CONFIRM_RUNS = 3
+
+
+def _search_max_batch(entry: PlanEntry, predict: Callable[[int], PlanEntry], capacity: int, confirm: bool) -> None:
+    """The largest batch size whose prediction fits ``capacity``.
+
+    First model: peak(b) = fixed + per_sample * b from the one run at the plan's batch size,
+    with the batch-dependent shares (activations, temporaries, inputs) as per_sample * b. Then,
+    when ``confirm``, a fake run at the predicted maximum checks it; if it misses, the two runs
+    give the line (a two-point fit) and the next guess, at most MAX_CONFIRM_RUNS runs.
+    """
+    b1 = entry.batch_size
+    variable = sum(entry.shares.get(c, 0) for c in BATCH_DEPENDENT)
+    # Of the CUDA corrections only the allocator's segments grow with the tracked bytes.
+    scale = 1 + ALLOCATOR_OVERHEAD_FRACTION if "allocator_segments" in entry.corrections else 1.0
+    per_sample = variable * scale / b1
+    fixed = entry.peak_bytes - per_sample * b1
+    points = {b1: entry.peak_bytes}
+    fitting = [b1] if entry.peak_bytes <= capacity else []
+
+    def guess_from(fixed: float, per_sample: float) -> int:
+        return max(int((capacity - fixed) // per_sample), 0) if per_sample > 0 else 0
+
+    guess = guess_from(fixed, per_sample)
+    runs = 0
+    while confirm and per_sample > 0 and guess >= 1 and guess not in points and runs < MAX_CONFIRM_RUNS:
+        checked = predict(guess)
+        runs += 1
+        if not checked.ok:
+            break
+        points[guess] = checked.peak_bytes
+        if checked.peak_bytes <= capacity:
+            fitting.append(guess)
+        # Refit through the two points nearest the capacity, then guess again (or stop if the
+        # confirmed guess fits and guess + 1 is predicted not to).
+        (x1, y1), (x2, y2) = sorted(points.items(), key=lambda kv: abs(kv[1] - capacity))[:2]
+        if x1 != x2 and y1 != y2:
+            per_sample = (y2 - y1) / (x2 - x1)
+            fixed = y1 - per_sample * x1
+        nxt = guess_from(fixed, per_sample)
+        # A confirmed fit within 1% of the refitted maximum is good enough: no more runs.
+        if checked.peak_bytes <= capacity and nxt <= guess + max(1, guess // 100):
+            break
+        guess = nxt
+    if not confirm and guess >= 1:
+        fitting.append(guess)
+    entry.max_batch_size = max(fitting, default=0) if per_sample > 0 else None
+    entry.linear_fit = {
+        "fixed_bytes": int(fixed),
+        "per_sample_bytes": int(per_sample),
+        "points": sorted(points.items()),
+        "confirmed": confirm,
+    }
+
+
+def _check_something_fits(result: Plan) -> None:
+    """A batch size that fits no technique on the target is an input error: say so with numbers."""
+    ok = [e for e in result.entries if e.ok]
+    if result.capacity_bytes is None or not ok or any(e.fits for e in ok):
+        return
+    smallest = min(ok, key=lambda e: e.peak_bytes)
+    largest = [e for e in ok if e.max_batch_size]
+    hint = ""
+    if largest:
+        best = max(largest, key=lambda e: e.max_batch_size or 0)
+        hint = f" The largest batch size that fits is {best.max_batch_size} ({best.technique})."
+    raise SpecError(
+        f"Batch size {result.batch_size} fits no technique on {result.device} "
+        f"({format_bytes(result.capacity_bytes)}): the smallest requirement is {smallest.technique} at "
+        f"{format_bytes(smallest.peak_bytes)} per device.{hint} Lower the batch size, shard the state "
+        "(zero_stage=3 with world_size > 1), or target a larger GPU."
+    )
+
+
+# ---------------------------------------------------------------- rendering
+
+
+_COLUMNS = ("parameters", "gradients", "optimizer_state", "activations", "temporaries")
+_SHORT = {"parameters": "params", "gradients": "grads", "optimizer_state": "optim", "activations": "activ",
+          "temporaries": "temps"}
+
+
+def _header(plan: Plan) -> str:
+    sharding = f", ZeRO-{plan.zero_stage} over {plan.world_size} ranks" if plan.zero_stage else (
+        f", {plan.world_size} devices" if plan.world_size > 1 else "")
+    target = plan.device if plan.capacity_bytes is None else f"{plan.device} ({format_bytes(plan.capacity_bytes)})"
+    return (f"Plan for {plan.model}: batch size {plan.batch_size} per device, {plan.precision}, {plan.optimizer}"
+            f"{sharding}; target {target}")
+
+
+def _row(e: PlanEntry) -> list[str]:
+    if not e.ok:
+        return [e.technique, e.status.upper()] + [""] * (len(_COLUMNS) + 4)
+    others = e.shares.get("buffers", 0) + e.shares.get("inputs", 0)
+    return [
+        e.technique + (f" x{e.world_size}" if e.world_size > 1 else ""),
+        format_bytes(e.peak_bytes),
+        *[format_bytes(e.shares.get(c, 0)) for c in _COLUMNS],
+        format_bytes(others + sum(e.corrections.values())),
+        "-" if e.fits is None else ("yes" if e.fits else "NO"),
+        "-" if e.headroom_bytes is None else format_bytes(e.headroom_bytes),
+        "-" if e.max_batch_size is None else str(e.max_batch_size),
+    ]
+
+
+def format_plan(plan: Plan) -> str:
+    """The plan as a text table followed by the verdict's headline and reasons."""
+    head = ["technique", "peak", *[_SHORT[c] for c in _COLUMNS], "other+CUDA", "fits", "headroom", "max batch"]
+    rows = [head] + [_row(e) for e in plan.entries]
+    widths = [max(len(r[i]) for r in rows) for i in range(len(head))]
+    lines = [_header(plan), ""]
+    for r in rows:
+        lines.append("  ".join(cell.ljust(w) if i == 0 else cell.rjust(w) for i, (cell, w) in enumerate(zip(r, widths))))
+    for e in plan.entries:
+        if not e.ok:
+            lines.append(f"{e.technique}: {e.error}")
+    if plan.cuda_corrections:
+        lines.append("Shares count 512-byte CUDA blocks; other+CUDA: buffers, inputs, cuBLAS workspace, "
+                     "allocator segments, CUDA context.")
+    if plan.verdict is not None:
+        lines += ["", f"Verdict ({plan.verdict.decision}): {plan.verdict.headline}"]
+        lines += [f"- {r.sentence}" for r in plan.verdict.reasons]
+    return "\n".join(lines)
+
+
+def format_plan_html(plan: Plan) -> str:
+    """A small, self-contained HTML fragment (every string escaped) for notebooks and reports."""
+    esc = html.escape
+    head = ["technique", "peak", *[_SHORT[c] for c in _COLUMNS], "other+CUDA", "fits", "headroom", "max batch"]
+    out = [f"<div class='dbprofile-plan'><p><b>{esc(_header(plan))}</b></p>", "<table>"]
+    out.append("<tr>" + "".join(f"<th>{esc(h)}</th>" for h in head) + "</tr>")
+    for e in plan.entries:
+        out.append("<tr>" + "".join(f"<td>{esc(c)}</td>" for c in _row(e)) + "</tr>")
+    out.append("</table>")
+    if plan.verdict is not None:
+        out.append(f"<p><b>{esc(plan.verdict.decision)}</b>: {esc(plan.verdict.headline)}</p><ul>")
+        out += [f"<li>{esc(r.sentence)}</li>" for r in plan.verdict.reasons]
+        out.append("</ul>")
+    out.append("</div>")
+    return "\n".join(out)

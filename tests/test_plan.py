@@ -1,0 +1,189 @@
+"""The planner (dbprofile.plan) and the GPU table: bad input, sharding arithmetic, CUDA
+corrections, the max-batch search, rendering, and fake predictions against real CPU runs."""
+
+from __future__ import annotations
+
+import pytest
+
+from dbprofile.gpus import GPUS, cublas_workspace_bytes, get_gpu
+from dbprofile.measure.runner import measure
+from dbprofile.plan import (
+    ALLOCATOR_OVERHEAD_FRACTION,
+    CUDA_CONTEXT_BYTES,
+    ModelFacts,
+    block_parallel,
+    cuda_corrections,
+    plan,
+    resolve_target,
+    shard_zero,
+)
+from dbprofile.results import BlockMeasurement, Measurement
+from dbprofile.spec import SpecError
+
+MiB = 1024**2
+GiB = 1024**3
+
+
+# ---------------------------------------------------------------- GPU table and bad input
+
+
+def test_gpu_lookup_ignores_case_spaces_and_dashes():
+    assert get_gpu("h100 80gb") is get_gpu("H100-80GB") is get_gpu("H100_80GB") is get_gpu("h100")
+    # nvidia-smi's memory.total for the H100 80GB HBM3: 81559 MiB.
+    assert get_gpu("H100-80GB").capacity_bytes == 81559 * MiB
+    assert get_gpu("h200").capacity_bytes == 143771 * MiB
+    for name in ("A100-40GB", "A100-80GB", "L40S-48GB", "L4-24GB", "RTX-4090-24GB", "RTX-3090-24GB", "T4-16GB"):
+        assert name in GPUS
+
+
+def test_unknown_gpu_name_lists_close_names():
+    with pytest.raises(SpecError, match="Unknown GPU 'H10-80G'.*Close names: H100-80GB"):
+        get_gpu("H10-80G")
+
+
+def test_cublas_workspace_is_32_mib_on_hopper_and_8_mib_before():
+    assert cublas_workspace_bytes((9, 0)) == 32 * MiB
+    assert cublas_workspace_bytes((8, 0)) == 8 * MiB + 128 * 1024
+
+
+def test_zero_stage_without_world_size_is_rejected():
+    with pytest.raises(SpecError, match="ZeRO stage 3 .* world_size is 1"):
+        plan("gpt-tiny", 4, device="cpu", zero_stage=3)
+
+
+@pytest.mark.parametrize("world_size", [0, -2])
+def test_world_size_below_one_is_rejected(world_size):
+    with pytest.raises(SpecError, match="world_size must be an integer >= 1"):
+        plan("gpt-tiny", 4, device="cpu", world_size=world_size)
+
+
+def test_unknown_gpu_in_plan_is_rejected_before_any_run():
+    with pytest.raises(SpecError, match="Close names: A100-80GB"):
+        plan("gpt-tiny", 4, device="A100-80G")
+
+
+# ---------------------------------------------------------------- arithmetic
+
+
+def test_zero_stages_divide_state_and_add_one_gathered_unit():
+    shares = {"parameters": 800, "gradients": 800, "optimizer_state": 1600, "activations": 500, "temporaries": 10}
+    assert shard_zero(shares, 1, 8, 100, "backward") == {**shares, "optimizer_state": 200}
+    # Stage 2: gradients sharded, plus one unit's full gradients while the peak is in the backward.
+    assert shard_zero(shares, 2, 8, 100, "backward")["gradients"] == 100 + 100
+    assert shard_zero(shares, 2, 8, 100, "forward")["gradients"] == 100
+    # Stage 3: parameters sharded plus the gathered unit's full parameters.
+    three = shard_zero(shares, 3, 8, 100, "backward")
+    assert three["parameters"] == 100 + 100 and three["activations"] == 500
+    assert shard_zero(shares, 0, 8, 100, "backward") == shares
+
+
+def test_block_parallel_keeps_the_shared_parts_and_one_blocks_layers():
+    facts = ModelFacts(layer_bytes=(100, 100, 100, 100), rest_bytes=200, num_layers=4)
+    # Plain db:2: all 600 parameter bytes and 1200 optimizer bytes resident; the model has no
+    # extra parameters here, so each device keeps 200 (rest) + 2 x 100 (its block).
+    blocks = [
+        BlockMeasurement(block=0, layers=[0, 1], peak_bytes=2000, shares={"parameters": 600, "optimizer_state": 1200, "activations": 200}, peak_phase="backward"),
+        BlockMeasurement(block=1, layers=[2, 3], peak_bytes=2100, shares={"parameters": 600, "optimizer_state": 1200, "activations": 300}, peak_phase="backward"),
+    ]
+    m = Measurement(technique="db:2", batch_size=4, peak_bytes=2100, shares=blocks[1].shares, blocks=blocks,
+                    num_parameters=150, extra_parameters=0)
+    shares, block = block_parallel(m, facts)
+    assert block == 1
+    assert shares == {"parameters": 400, "optimizer_state": 800, "activations": 300}
+
+
+def test_cuda_corrections_name_each_effect():
+    target = resolve_target("H100-80GB")
+    corrections = cuda_corrections(10 * GiB, target)
+    assert corrections["cublas_workspace"] == 32 * MiB
+    assert corrections["cuda_context"] == CUDA_CONTEXT_BYTES
+    assert corrections["allocator_segments"] == pytest.approx(ALLOCATOR_OVERHEAD_FRACTION * (10 * GiB + 32 * MiB), abs=1)
+    assert cuda_corrections(10 * GiB, resolve_target("cpu")) == {}
+    assert resolve_target(40 * GiB).capacity_bytes == 40 * GiB
+
+
+# ---------------------------------------------------------------- the planner with a stand-in runner
+
+
+def _linear_runner(calls):
+    """A stand-in for measure(): 1 MiB of state, 2 MiB of activations per sample (db halves them)."""
+
+    def run(spec, technique, batch_size, **kwargs):
+        calls.append((technique, batch_size, kwargs.get("round_to")))
+        per_sample = 2 * MiB // (2 if technique.startswith("db") else 1)
+        shares = {"parameters": MiB // 4, "gradients": MiB // 4, "optimizer_state": MiB // 2,
+                  "activations": per_sample * batch_size}
+        return Measurement(technique=technique, batch_size=batch_size, fake=True, peak_bytes=sum(shares.values()),
+                           shares=shares, peak_phase="backward", num_parameters=65536, extra_parameters=0)
+
+    return run
+
+
+def test_max_batch_search_confirms_the_linear_prediction_in_one_run():
+    calls: list = []
+    capacity = CUDA_CONTEXT_BYTES + 300 * MiB
+    result = plan("gpt-tiny", 8, device=capacity, techniques=["e2e"], measure_fn=_linear_runner(calls))
+    e2e = result.get("e2e")
+    # peak(b) = (1 MiB + 2 MiB * b + 32 MiB workspace) * 1.05 + context <= capacity.
+    expected = max(b for b in range(1, 200)
+                   if CUDA_CONTEXT_BYTES + int(-(-((MiB + 2 * MiB * b + 32 * MiB) * ALLOCATOR_OVERHEAD_FRACTION) // 1))
+                   + MiB + 2 * MiB * b + 32 * MiB <= capacity)
+    assert e2e.max_batch_size == expected
+    assert [c[1] for c in calls] == [8, expected]  # the plan's batch size, then one confirming run
+    assert all(c[2] == 512 for c in calls)  # a CUDA target tracks 512-byte blocks
+    assert e2e.fits and e2e.headroom_bytes == capacity - e2e.peak_bytes
+    assert e2e.peak_bytes == e2e.tracked_peak_bytes + sum(e2e.corrections.values())
+
+
+def test_batch_size_that_fits_nowhere_names_the_smallest_requirement():
+    calls: list = []
+    capacity = CUDA_CONTEXT_BYTES + 100 * MiB
+    with pytest.raises(SpecError, match=r"Batch size 64 fits no technique .* smallest requirement is db:2 .*"
+                                        r"largest batch size that fits is \d+ \(db:2\)"):
+        plan("gpt-tiny", 64, device=capacity, techniques=["e2e", "db:2"], measure_fn=_linear_runner(calls))
+
+
+def test_zero3_plan_shards_per_device_and_block_parallel_uses_b_devices():
+    calls: list = []
+    result = plan("gpt-tiny", 4, device="cpu", techniques=["e2e", "db:2+parallel"], zero_stage=3, world_size=8,
+                  measure_fn=_linear_runner(calls))
+    e2e, par = result.get("e2e"), result.get("db:2+parallel")
+    assert e2e.sharding == "zero-3" and e2e.world_size == 8
+    assert e2e.shares["optimizer_state"] == MiB // 2 // 8
+    assert par.sharding == "block-parallel" and par.world_size == 2
+    assert result.cuda_corrections is False and e2e.corrections == {} and e2e.fits is None
+    assert [c[0] for c in calls] == ["e2e", "db:2"]  # db:2+parallel is derived from the db:2 run
+
+
+def test_plan_renders_as_text_and_as_escaped_html():
+    calls: list = []
+    result = plan("gpt-tiny", 4, device="L4-24GB", techniques=["e2e", "db:2"], measure_fn=_linear_runner(calls))
+    text = repr(result)
+    assert "Plan for gpt-tiny" in text and "L4-24GB (22.49 GiB)" in text
+    assert "max batch" in text and "Verdict (not-needed)" in text
+    result.model = "<script>x</script>"
+    page = result._repr_html_()
+    assert "<script>" not in page and "&lt;script&gt;" in page and "<table>" in page
+
+
+# ---------------------------------------------------------------- accuracy against real CPU runs
+
+
+def _agreement(preset: str, batch_size: int, technique: str = "e2e") -> float:
+    predicted = plan(preset, batch_size, device="cpu", techniques=[technique]).get(technique)
+    real = measure(preset, technique, batch_size, device="cpu", warmup_steps=1, steps=1)
+    assert real.ok and predicted.ok
+    return abs(predicted.peak_bytes - real.peak_bytes) / real.peak_bytes
+
+
+@pytest.mark.parametrize("preset,batch_size", [("vit-tiny", 16), ("dit-tiny", 4), ("gpt-tiny", 8)])
+def test_cpu_prediction_matches_a_real_cpu_run_within_one_percent(preset, batch_size):
+    assert _agreement(preset, batch_size) <= 0.01
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("preset", ["vit-tiny", "dit-tiny", "gpt-tiny"])
+@pytest.mark.parametrize("batch_size", [2, 8, 32])
+@pytest.mark.parametrize("technique", ["e2e", "db:2"])
+def test_cpu_predictions_match_real_cpu_runs_across_batch_sizes(preset, batch_size, technique):
+    assert _agreement(preset, batch_size, technique) <= 0.01
