@@ -45,6 +45,17 @@ def make_optimizer(name: str, params: Iterable[nn.Parameter], lr: float = 1e-3) 
     raise SpecError(f"Unknown optimizer {name!r}; choose one of {', '.join(OPTIMIZERS)}.")
 
 
+def to_device(model: nn.Module, device: torch.device) -> nn.Module:
+    """``model.to(device)``, skipped when every tensor is already there: a module built
+    under dbprofile's fake mode (fake tensors on the CPU) cannot be ``.to()``-ed on recent
+    PyTorch (its parameters are swapped, which fake-tensor weak references forbid)."""
+    device = torch.device(device)
+    tensors = [*model.parameters(), *model.buffers()]
+    if all(t.device.type == device.type and (device.index is None or t.device.index == device.index) for t in tensors):
+        return model
+    return model.to(device)
+
+
 def autocast_context(device: torch.device, precision: str):
     """bf16 autocast on the forward pass, or nothing for fp32."""
     if precision == "fp32":
@@ -85,6 +96,10 @@ class Trainer:
     def parameters_for_step(self, unit: int | None) -> list[nn.Parameter]:
         """The parameters that receive gradients in a step on ``unit`` (clipped and stepped)."""
         return self.trainable_parameters()
+
+    def host_resident(self, tensor: torch.Tensor) -> bool:
+        """True for host-side copies an offloading technique keeps off the device (none here)."""
+        return False
 
     def step(self, batch: Batch, unit: int | None = None, mark: Mark = _no_mark) -> torch.Tensor:
         """One training step: forward, backward, clip, optimizer step. Returns the detached loss."""

@@ -7,7 +7,7 @@ import torch
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from dbprofile.methods.base import Trainer
+from dbprofile.methods.base import Trainer, to_device
 from dbprofile.spec import Batch, ModelSpec, get_layers, set_layers
 
 
@@ -53,7 +53,7 @@ class CheckpointTrainer(Trainer):
 
     @classmethod
     def create(cls, tech, spec: ModelSpec, device: torch.device, **kwargs) -> "CheckpointTrainer":
-        model = spec.build().to(device)
+        model = to_device(spec.build(), device)
         checkpoint_layers(model, spec.layers, tech.segments)
         trainer = cls(spec, model, device, **kwargs)
         trainer.technique = tech.name

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from dbprofile.methods.base import Trainer
+from dbprofile.methods.base import Trainer, to_device
 from dbprofile.spec import Batch, ModelSpec, get_layers
 
 
@@ -13,7 +13,7 @@ class EndToEndTrainer(Trainer):
 
     @classmethod
     def create(cls, tech, spec: ModelSpec, device: torch.device, **kwargs) -> "EndToEndTrainer":
-        model = spec.build().to(device)
+        model = to_device(spec.build(), device)
         get_layers(model, spec.layers, spec.name)
         trainer = cls(spec, model, device, **kwargs)
         trainer.technique = tech.name

@@ -1,0 +1,560 @@
+"""Per-rank measurement of sharded (FSDP2) and block-parallel training, merged on rank 0.
+
+``run_distributed()`` is called on EVERY rank of a process group (started by ``torchrun``, or
+``launch()`` which starts ``torchrun`` itself). Each rank builds its trainer
+(``dbprofile.methods.sharding``), runs the runner's protocol (warm-up steps for every unit, one
+tracked step per unit, timed steps with the tracker paused) under a ``ShardedTracker``, and rank 0
+gathers the ranks' ``Measurement``s (``torch.distributed.gather_object``) into one ``RunResult``
+with a row per rank and technique (``extra``: ``rank``, ``world_size``, ``sharding``).
+
+What a rank measures, in the usual categories: its shards of the parameters, gradients and
+optimizer state (FSDP keeps them as DTensors; the tracker counts each rank's local shard), its own
+activations and temporaries, and ``communication``: the buffers FSDP allocates for its collectives
+(the all-gather input and output, the unsharded parameters copied out of it, the reduce-scatter
+input), recognised by the ``FSDP::all_gather*`` and ``FSDP::post_backward_reduce`` regions FSDP
+marks with ``record_function``. The reduce-scatter output becomes the sharded gradients and is
+counted there. FSDP frees and re-allocates unsharded parameters with ``UntypedStorage.resize_``,
+which no dispatch mode sees; like PyTorch's own ``torch.distributed._tools.mem_tracker.MemTracker``,
+the tracker wraps ``resize_`` while it is active so those bytes come and go at the right instant.
+
+Failures: a rank's error (its step raised, OOM, NaN) is its own row, reported by rank 0 with the
+rank number; the other ranks' rows and the other techniques are kept. A rank that fails while
+the others wait in a collective would hang them, so the process group has a timeout
+(``timeout_s``); after such a failure the remaining techniques are not run (the group may be out
+of step) and say so. Results travel on a separate gloo group, so they arrive even then.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import os
+import shlex
+import subprocess
+import sys
+import time
+from datetime import datetime, timedelta, timezone
+from pathlib import Path
+from typing import Any, Sequence
+
+import torch
+import torch.distributed as dist
+
+from dbprofile.measure import device as devices
+from dbprofile.measure._torch_private import TorchDispatchMode
+from dbprofile.measure.runner import (
+    DEFAULT_STEPS,
+    DEFAULT_WARMUP_STEPS,
+    SEED,
+    _step,
+    _summarise,
+    _UnitResult,
+    free_memory,
+    is_out_of_memory,
+)
+from dbprofile.measure.tracker import _CAT_INDEX, Tracker
+from dbprofile.methods.sharding import (
+    SHARDING_BLOCK_PARALLEL,
+    SHARDING_FSDP,
+    DistributedTechnique,
+    check_distributed,
+    make_distributed_trainer,
+    parse_distributed_technique,
+)
+from dbprofile.results import CATEGORIES, Measurement, RunResult, format_bytes
+from dbprofile.spec import ModelSpec, SpecError, get_layers, load_spec
+
+DEFAULT_TIMEOUT_S = 300
+"""How long a rank waits in a collective for the others before it gives up (a failed rank)."""
+RESULTS_GRACE_S = 120
+"""The results group waits this much longer than the main group, so a timed-out rank still reports."""
+TORCHRUN_ENV = ("RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
+
+_COMM = _CAT_INDEX.get("communication", -1)  # TEMP until results.py has it
+_TMP = _CAT_INDEX["temporaries"]
+# FSDP2 marks its collective work with record_function; storages made inside these regions are
+# its communication buffers (``FSDP::all_gather`` also prefixes ``FSDP::all_gather_copy_out``).
+_COMM_REGIONS = ("FSDP::all_gather", "FSDP::post_backward_reduce")
+_RF_ENTER = "profiler._record_function_enter_new"
+_RF_EXIT = "profiler._record_function_exit"
+_REDUCE_SCATTER = ("c10d._reduce_scatter_base_", "c10d.reduce_scatter_tensor_coalesced_")
+
+
+# ---------------------------------------------------------------- the tracker, for DTensors and FSDP
+
+
+class _ShardedMode(TorchDispatchMode):
+    def __init__(self, tracker: "ShardedTracker") -> None:
+        super().__init__()
+        self.tracker = tracker
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        packet = str(func.overloadpacket)
+        tracker = self.tracker
+        if packet == _RF_ENTER:
+            tracker.regions.append(str(args[0]) if args else "")
+        elif packet == _RF_EXIT and tracker.regions:
+            tracker.regions.pop()
+        out = func(*args, **(kwargs or {}))
+        tracker._on_output(out)
+        if packet in _REDUCE_SCATTER and args:
+            # The reduce-scatter output is what the sharded gradients are views of.
+            for t in _flat_tensors(args[0]):
+                tracker._assign_role(t, "gradients")
+        elif packet == "fsdp.split_with_sizes_copy":
+            # Its ``out`` tensors are the unsharded parameters (made just before, in the region).
+            for t in _flat_tensors((kwargs or {}).get("out", args[-1] if args else ())):
+                tracker._to_communication(t)
+        return out
+
+
+class ShardedTracker(Tracker):
+    """The dbprofile ``Tracker`` for one rank of FSDP or block-parallel training.
+
+    It counts a DTensor by its local shard (a DTensor's own storage reports the global size),
+    follows ``UntypedStorage.resize_`` (FSDP frees unsharded parameters that way), and files
+    FSDP's collective buffers under ``communication``.
+    """
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.regions: list[str] = []
+        self._original_resize = None
+
+    def __enter__(self) -> "ShardedTracker":
+        self.refresh()
+        self._patch_resize()
+        self._hooks = torch.autograd.graph.saved_tensors_hooks(self._pack, self._unpack)
+        self._hooks.__enter__()
+        self._mode = _ShardedMode(self)
+        self._mode.__enter__()
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        try:
+            super().__exit__(*exc)
+        finally:
+            self._unpatch_resize()
+
+    # -------------------------------------------------------- DTensors and regions
+
+    def _info(self, t: torch.Tensor):
+        t = _local(t)
+        key_known = _storage_id(t) in self._infos
+        info = super()._info(t)
+        if (
+            info is not None and not key_known and info.cat == _TMP
+            and any(r.startswith(_COMM_REGIONS) for r in self.regions)
+        ):
+            self._to_communication(t, info)
+        return info
+
+    def _assign_role(self, t: torch.Tensor, role: str) -> None:
+        local = _local(t)
+        info = self._infos.get(_storage_id(local))
+        # A plain (not DTensor) parameter whose storage FSDP all-gathered is the unsharded copy a
+        # unit computes with: it stays communication, its sharded DTensor is the parameter.
+        if role == "parameters" and local is t and info is not None and info.cat == _COMM and info.role is None:
+            return
+        super()._assign_role(local, role)
+
+    def _to_communication(self, t: torch.Tensor, info=None) -> None:
+        info = info if info is not None else self._info(t)
+        if info is None or info.cat != _TMP or info.role is not None:
+            return
+        self._move(info, _COMM)
+        if self.recording and self.total == self._peak:
+            # The storage that set this peak was filed as a temporary a moment ago; the peak's
+            # total is unchanged, its split now names it correctly.
+            self._peak_shares = list(self.totals)
+
+    # -------------------------------------------------------- resize_
+
+    def _patch_resize(self) -> None:
+        original = torch.UntypedStorage.resize_
+        tracker = self
+
+        @functools.wraps(original)
+        def resize_(storage, size):
+            result = original(storage, size)
+            tracker._on_resize(storage)
+            return result
+
+        self._original_resize = original
+        torch.UntypedStorage.resize_ = resize_
+
+    def _unpatch_resize(self) -> None:
+        if self._original_resize is not None:
+            torch.UntypedStorage.resize_ = self._original_resize
+            self._original_resize = None
+
+    def _on_resize(self, storage: torch.UntypedStorage) -> None:
+        info = self._infos.get(id(storage))
+        if info is None or info.cat is None:
+            return
+        nbytes = storage.nbytes()
+        if self.round_to > 1:
+            nbytes = -(-nbytes // self.round_to) * self.round_to
+        delta = nbytes - info.nbytes
+        if delta == 0:
+            return
+        with self._lock:
+            info.nbytes = nbytes
+            if delta > 0:
+                self._add(info.cat, delta)
+            else:
+                self.totals[info.cat] += delta
+                self.total += delta
+                if self.recording:
+                    self._record()
+
+
+def _local(t: torch.Tensor) -> torch.Tensor:
+    """A DTensor's local shard (whose storage holds this rank's bytes); other tensors as they are."""
+    from torch.distributed.tensor import DTensor
+
+    if isinstance(t, DTensor):
+        with torch.no_grad():
+            return t.to_local()
+    return t
+
+
+def _storage_id(t: torch.Tensor) -> int | None:
+    try:
+        return id(t.untyped_storage())
+    except (RuntimeError, NotImplementedError):
+        return None
+
+
+def _flat_tensors(obj: Any) -> list[torch.Tensor]:
+    if isinstance(obj, torch.Tensor):
+        return [obj]
+    if isinstance(obj, (list, tuple)):
+        return [t for item in obj for t in _flat_tensors(item)]
+    return []
+
+
+# ---------------------------------------------------------------- process group
+
+
+def in_torchrun() -> bool:
+    """True when this process was started by torchrun (its rendezvous variables are set)."""
+    return all(name in os.environ for name in TORCHRUN_ENV)
+
+
+def init_process_group(device: str | None = None, timeout_s: float = DEFAULT_TIMEOUT_S) -> tuple[int, int, torch.device]:
+    """Join the process group from torchrun's environment (or use one already made).
+
+    Backend NCCL when CUDA is used, gloo on the CPU. Returns (rank, world size, this rank's device):
+    ``cuda:LOCAL_RANK`` on CUDA, else the CPU. Raises SpecError, saying how to launch, without one.
+    """
+    use_cuda = (device or ("cuda" if torch.cuda.is_available() else "cpu")).startswith("cuda")
+    if use_cuda and not torch.cuda.is_available():
+        raise SpecError(f"Device {device!r} was asked for but CUDA is not available here; use --device cpu.")
+    if not dist.is_initialized():
+        if not in_torchrun():
+            raise SpecError(
+                "--fsdp and db:B+parallel run one process per device and need a process group, and there is "
+                "none: launch under torchrun, e.g. `torchrun --nproc-per-node 2 $(which dbprofile) run MODEL "
+                "--fsdp`, or let dbprofile launch it with `dbprofile run MODEL --fsdp --nproc 2`."
+            )
+        local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+        if use_cuda:
+            torch.cuda.set_device(local_rank)
+        dist.init_process_group("nccl" if use_cuda else "gloo", timeout=timedelta(seconds=timeout_s))
+    rank, world = dist.get_rank(), dist.get_world_size()
+    if use_cuda:
+        index = int(os.environ.get("LOCAL_RANK", torch.cuda.current_device()))
+        torch.cuda.set_device(index)
+        return rank, world, torch.device("cuda", index)
+    return rank, world, torch.device("cpu")
+
+
+# ---------------------------------------------------------------- one rank, one technique
+
+
+def _failed(m: Measurement, err: BaseException) -> None:
+    if is_out_of_memory(err):
+        m.status, m.error = "oom", f"out of memory at batch size {m.batch_size}: {err}"
+    else:
+        m.status, m.error = "error", f"{m.technique}: {type(err).__name__}: {err}"
+
+
+def measure_rank(
+    spec: ModelSpec,
+    dtech: DistributedTechnique,
+    batch_size: int,
+    dev: torch.device,
+    fsdp: bool,
+    precision: str = "fp32",
+    optimizer: str = "adamw",
+    warmup_steps: int = DEFAULT_WARMUP_STEPS,
+    steps: int = DEFAULT_STEPS,
+    results_group=None,
+) -> Measurement:
+    """This rank's measurement of one technique; every rank calls it with the same arguments.
+
+    Building is checked by all ranks together first (on ``results_group``), so a rank that cannot
+    build its trainer fails alone and the others do not wait in a collective for it.
+    """
+    rank, world = dist.get_rank(), dist.get_world_size()
+    sharding = SHARDING_BLOCK_PARALLEL if dtech.parallel else (SHARDING_FSDP if fsdp else "none")
+    m = Measurement(technique=dtech.name, batch_size=batch_size, precision=precision, optimizer=optimizer,
+                    device=str(dev), extra={"rank": rank, "world_size": world, "sharding": sharding})
+    trainer = None
+    try:
+        torch.manual_seed(SEED)
+        start = time.perf_counter()
+        trainer = make_distributed_trainer(dtech, spec, dev, rank, fsdp, precision=precision, optimizer=optimizer)
+        build_s = time.perf_counter() - start
+    except Exception as err:  # noqa: BLE001 - reported as this rank's row
+        _failed(m, err)
+    built: list[Any] = [None] * world
+    dist.all_gather_object(built, m.error, group=results_group)
+    broken = [(r, e) for r, e in enumerate(built) if e is not None]
+    if broken:
+        if m.ok:
+            r, e = broken[0]
+            m.status, m.error = "error", f"not measured: rank {r} failed to build its trainer ({e})"
+            m.extra["not_measured"] = True
+        return m
+    try:
+        _run_steps(m, spec, trainer, batch_size, dev, warmup_steps, steps)
+        m.extra["timing"] = {**m.extra.get("timing", {}), "build_s": build_s}
+    except SpecError:
+        raise
+    except Exception as err:  # noqa: BLE001 - a rank's failure is its row, not a crash
+        _failed(m, err)
+        del err
+    finally:
+        del trainer
+        free_memory(dev)
+    return m
+
+
+def _run_steps(m: Measurement, spec: ModelSpec, trainer, batch_size: int, dev: torch.device,
+               warmup_steps: int, steps: int) -> None:
+    """The runner's protocol on this rank: warm-up per unit, one tracked and ``steps`` timed steps per unit."""
+    m.num_parameters = sum(p.numel() for p in trainer.model.parameters())
+    extra = getattr(trainer, "extra_parameters", None)
+    m.extra_parameters = int(extra() if callable(extra) else extra) if extra is not None else None
+    sync = dev.type == "cuda"
+    units = list(getattr(trainer, "units", [None]))
+    results = {unit: _UnitResult() for unit in units}
+    counter = iter(range(10**9))
+    all_steps: list[float] = []
+    run_step = functools.partial(_step, m, spec, trainer, batch_size, dev, False, sync, counter, all_steps)
+    tracker = ShardedTracker(dev, trainer=trainer)
+    with tracker:
+        for _ in range(warmup_steps):
+            for unit in units:
+                run_step(tracker, unit, None)
+        devices.reset_peaks(dev)
+        for unit in units:
+            run_step(tracker, unit, results[unit], track=True)
+            with tracker.paused():
+                for _ in range(steps):
+                    run_step(tracker, unit, results[unit], track=False)
+    m.cuda = devices.cuda_figures(dev)
+    m.extra["timing"] = {"all_steps_s": sum(all_steps), "steps_run": len(all_steps)}
+    _summarise(m, units, results, False, getattr(trainer, "block_layers", None))
+    if len(units) == 1 and units[0] is not None:
+        # block-parallel: this rank's one block
+        m.peak_block = int(units[0])
+
+
+# ---------------------------------------------------------------- all ranks
+
+
+def run_distributed(
+    spec: ModelSpec | str | None,
+    techniques: Sequence[str] | str,
+    batch_size: int,
+    *,
+    fsdp: bool = True,
+    device: str | None = None,
+    precision: str = "fp32",
+    optimizer: str = "adamw",
+    warmup_steps: int = DEFAULT_WARMUP_STEPS,
+    steps: int = DEFAULT_STEPS,
+    out: str | Path | None = None,
+    command: str = "",
+    timeout_s: float = DEFAULT_TIMEOUT_S,
+) -> RunResult | None:
+    """Measure every technique on every rank; rank 0 returns the RunResult (a row per rank and
+    technique, saved to ``out`` after each technique), the other ranks return None.
+
+    Call it on every rank (under torchrun). ``fsdp`` shards e2e / ckpt / db:B / db:B+ckpt with FSDP2;
+    ``db:B+parallel`` needs exactly B ranks and no ``fsdp``. ``device``: 'cpu' (gloo) or 'cuda'
+    (NCCL, one GPU per rank); by default CUDA when available. Bad input raises SpecError on every
+    rank before anything runs.
+    """
+    spec = spec if isinstance(spec, ModelSpec) else load_spec(spec)
+    names = [t for t in techniques.split(",") if t.strip()] if isinstance(techniques, str) else list(techniques)
+    dtechs = list({d.name: d for d in map(parse_distributed_technique, names)}.values())
+    if not dtechs:
+        raise SpecError("No technique given; pass e.g. e2e,ckpt,db:2 (or db:B+parallel).")
+    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+        raise SpecError(f"batch_size must be a positive integer; got {batch_size!r}.")
+    if not fsdp and not any(d.parallel for d in dtechs):
+        raise SpecError(
+            "run_distributed measures sharded or block-parallel training: pass fsdp=True (--fsdp), "
+            "or a db:B+parallel technique; for one device use dbprofile.measure.runner.run."
+        )
+    rank, world, dev = init_process_group(device, timeout_s)
+    from dbprofile.measure.fake import fake_mode
+
+    with fake_mode():  # shape checks only: no memory
+        model = spec.build()
+        for d in dtechs:
+            check_distributed(d, spec, model, world, fsdp and not d.parallel)
+        num_layers = len(get_layers(model, spec.layers, spec.name))
+        del model
+    results_group = dist.new_group(backend="gloo", timeout=timedelta(seconds=timeout_s + RESULTS_GRACE_S))
+    result = None
+    if rank == 0:
+        env = devices.environment(dev)
+        env.update(world_size=world, backend=dist.get_backend(), fsdp=fsdp)
+        result = RunResult(
+            model=spec.name,
+            model_info={"family": spec.family, "task": spec.task, "num_layers": num_layers,
+                        "hidden_size": spec.hidden_size, "description": spec.description},
+            environment=env, command=command,
+            created=datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        )
+    stopped: str | None = None
+    for d in dtechs:
+        if stopped is None:
+            m = measure_rank(spec, d, batch_size, dev, fsdp and not d.parallel, precision, optimizer,
+                             warmup_steps, steps, results_group)
+        else:
+            m = Measurement(technique=d.name, batch_size=batch_size, precision=precision, optimizer=optimizer,
+                            device=str(dev), status="error", error=f"not run: {stopped}",
+                            extra={"rank": rank, "world_size": world, "not_measured": True})
+        gathered: list[Any] | None = [None] * world if rank == 0 else None
+        dist.gather_object(m, gathered, dst=0, group=results_group)
+        verdict = [None]
+        if rank == 0:
+            for r, row in enumerate(gathered):
+                if not row.ok and row.error and not row.error.startswith(f"rank {r}"):
+                    row.error = f"rank {r}: {row.error}"
+                result.measurements.append(row)
+                if e2e_parameters := (row.num_parameters if row.technique == "e2e" else None):
+                    result.model_info.setdefault("parameters", e2e_parameters)
+            if out is not None:
+                result.save(out)
+            failed = [(r, row) for r, row in enumerate(gathered) if not row.ok and not row.extra.get("not_measured")]
+            # The same failure on every rank (a deterministic model error) left nobody waiting; a
+            # failure on some ranks, or different ones, may have left collectives half done.
+            uneven = len(failed) < world or len({row.error.split(": ", 1)[-1] for _, row in failed}) > 1
+            if stopped is None and failed and uneven:
+                r, row = failed[0]
+                verdict[0] = f"rank {r} failed in {d.name} while the others waited for it; the process group may be out of step"
+        dist.broadcast_object_list(verdict, src=0, group=results_group)
+        stopped = stopped or verdict[0]
+    dist.barrier(group=results_group)
+    return result
+
+
+# ---------------------------------------------------------------- launching torchrun
+
+
+def launch(nproc: int, argv: Sequence[str], *, entry: str = "dbprofile.cli:main",
+           torchrun_args: Sequence[str] = (), env: dict[str, str] | None = None) -> int:
+    """Run ``entry`` (the dbprofile CLI by default) under ``python -m torch.distributed.run
+    --standalone --nproc-per-node nproc`` with ``argv`` minus any ``--nproc``; returns its exit code.
+
+    ``torchrun_args`` go to torchrun before the program (e.g. ``["--nnodes", "2", ...]`` for several
+    machines; ``--standalone`` is then left out).
+    """
+    if isinstance(nproc, bool) or not isinstance(nproc, int) or nproc < 1:
+        raise SpecError(f"--nproc must be a positive number of processes; got {nproc!r}.")
+    args = strip_nproc(list(argv))
+    module, _, func = entry.partition(":")
+    code = f"import sys; from {module} import {func or 'main'} as _m; sys.exit(_m())"
+    rendezvous = list(torchrun_args) or ["--standalone"]
+    cmd = [sys.executable, "-m", "torch.distributed.run", *rendezvous, f"--nproc-per-node={nproc}",
+           "--no-python", sys.executable, "-c", code, *args]
+    run_env = {**os.environ, **(env or {})}
+    return subprocess.run(cmd, env=run_env).returncode
+
+
+def strip_nproc(argv: list[str]) -> list[str]:
+    """argv without ``--nproc N`` / ``--nproc=N`` (the launched ranks must not launch again)."""
+    out, skip = [], False
+    for arg in argv:
+        if skip:
+            skip = False
+            continue
+        if arg == "--nproc":
+            skip = True
+            continue
+        if arg.startswith("--nproc="):
+            continue
+        out.append(arg)
+    return out
+
+
+def launch_command(nproc: int, argv: Sequence[str]) -> str:
+    """The torchrun command line equivalent to ``launch(nproc, argv)``, for reports and docs."""
+    return shlex.join(["torchrun", "--standalone", f"--nproc-per-node={nproc}", "$(which dbprofile)", *strip_nproc(list(argv))])
+
+
+# ---------------------------------------------------------------- presenting
+
+
+def format_ranks(result: RunResult) -> str:
+    """One line per technique and rank: the rank's peak and its shares, in one IEC unit."""
+    ok = [m for m in result.measurements if m.ok]
+    largest = max((m.peak_bytes for m in ok), default=0)
+    unit, scale = "B", 1
+    for name, power in (("GiB", 3), ("MiB", 2), ("KiB", 1)):
+        if largest >= 1024 ** power:
+            unit, scale = name, 1024 ** power
+            break
+    head = ["technique", "rank", f"peak {unit}", *CATEGORIES, "phase"]
+    rows = [head]
+    for m in result.measurements:
+        rank = str(m.extra.get("rank", "-"))
+        if not m.ok:
+            rows.append([m.technique, rank, m.status.upper()] + [""] * (len(head) - 3))
+            continue
+        rows.append([m.technique, rank, f"{m.peak_bytes / scale:.2f}",
+                     *[f"{m.shares.get(c, 0) / scale:.2f}" for c in CATEGORIES], m.peak_phase or ""])
+    widths = [max(len(r[i]) for r in rows) for i in range(len(head))]
+    lines = ["  ".join(c.ljust(w) if i in (0, len(head) - 1) else c.rjust(w) for i, (c, w) in enumerate(zip(r, widths)))
+             for r in rows]
+    world = result.environment.get("world_size", "?")
+    notes = [f"{m.technique} rank {m.extra.get('rank')}: {m.status.upper()}: {m.error}" for m in result.measurements if not m.ok]
+    return "\n".join([f"{result.model}, {world} ranks: per-rank peak of tracked tensor memory, in {unit}", *lines, *notes])
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """``python -m dbprofile.measure.distributed MODEL -t TECHS -b N [--fsdp] [--out F]``: the
+    worker entry without the CLI (tests, benchmarks); rank 0 writes the JSON, nothing is printed."""
+    import argparse
+
+    parser = argparse.ArgumentParser(prog="python -m dbprofile.measure.distributed")
+    parser.add_argument("model")
+    parser.add_argument("-t", "--techniques", required=True)
+    parser.add_argument("-b", "--batch-size", type=int, default=8)
+    parser.add_argument("--fsdp", action="store_true")
+    parser.add_argument("--device", default=None)
+    parser.add_argument("--steps", type=int, default=1)
+    parser.add_argument("--out", default=None)
+    parser.add_argument("--timeout", type=float, default=DEFAULT_TIMEOUT_S)
+    args = parser.parse_args(argv)
+    try:
+        run_distributed(args.model, args.techniques, args.batch_size, fsdp=args.fsdp, device=args.device,
+                        steps=args.steps, out=args.out, timeout_s=args.timeout)
+    except SpecError as err:
+        sys.stderr.write(f"error: {err}\n")
+        return 2
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,401 @@
+"""The runner: measure techniques x batch sizes on one device, real or fake, and never lose
+a result.
+
+``measure()`` builds one technique's trainer, warms it up (one step per unit, so the
+optimizer holds state for everything the technique keeps: every DiffusionBlocks block),
+then runs one measured step per unit under the tracker (the peak and its shares: steps are
+deterministic, so one suffices) and ``steps`` timed steps with the tracker paused (so its
+Python overhead never inflates step times), and returns a ``Measurement``. DiffusionBlocks
+is measured per block; the worst block's peak and shares are the measurement's, and
+``block_steps_time_s`` (B block-steps) is the fair time unit against one e2e step.
+
+``run()`` does that for every technique and batch size, appending each finished
+measurement to the result JSON at once (``RunResult.save`` is atomic), so an interrupted
+run keeps what it measured. Failures stay inside their measurement: an exception in the
+model's step is ``error`` (technique and the model's message), a real out-of-memory or
+passing ``memory_limit`` is ``oom`` (with the batch size tried), a non-finite loss is
+``nan``. ``format_table()`` renders a result for the terminal.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import gc
+import math
+import statistics
+import time
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+import torch
+
+from dbprofile.measure import device as devices
+from dbprofile.measure.fake import fake_mode
+from dbprofile.measure.tracker import MemoryLimitExceeded, StepRecord, Tracker
+from dbprofile.methods import DEFAULT_TECHNIQUES, Technique, check_technique_fits, make_trainer, parse_techniques
+from dbprofile.results import CATEGORIES, BlockMeasurement, Measurement, RunResult
+from dbprofile.spec import ModelSpec, SpecError, get_layers, load_spec
+
+DEFAULT_STEPS = 2
+DEFAULT_WARMUP_STEPS = 1
+SEED = 0
+
+
+class _UnitResult:
+    """The measured steps of one unit (the whole model, or one block)."""
+
+    def __init__(self) -> None:
+        self.records: list[StepRecord] = []
+        self.times: list[float] = []
+        self.transfer_times: list[float] = []
+
+    @property
+    def peak(self) -> StepRecord:
+        return max(self.records, key=lambda r: r.peak_bytes)
+
+
+class _PhaseClock:
+    """Wraps the tracker's ``mark`` to time the transfer phase (db:B+offload)."""
+
+    def __init__(self, tracker: Tracker | None, dev: torch.device, sync: bool) -> None:
+        self.tracker = tracker
+        self.dev = dev
+        self.sync = sync
+        self.transfer_s = 0.0
+        self._phase: str | None = None
+        self._since = 0.0
+
+    def mark(self, phase: str) -> None:
+        self._close()
+        if self.tracker is not None:
+            self.tracker.mark(phase)
+        self._phase = phase
+        self._since = time.perf_counter()
+
+    def _close(self) -> None:
+        if self._phase == "transfer":
+            if self.sync:
+                devices.synchronize(self.dev)
+            self.transfer_s += time.perf_counter() - self._since
+        self._phase = None
+
+    def finish(self) -> float:
+        self._close()
+        return self.transfer_s
+
+
+def is_out_of_memory(err: BaseException) -> bool:
+    """A real allocator OOM, or the tracker's memory limit."""
+    if isinstance(err, MemoryLimitExceeded):
+        return True
+    oom_type = getattr(torch.cuda, "OutOfMemoryError", None)
+    if oom_type is not None and isinstance(err, oom_type):
+        return True
+    return isinstance(err, RuntimeError) and "out of memory" in str(err).lower()
+
+
+def num_layers(spec: ModelSpec) -> int:
+    """How many residual layers the model has (built with fake tensors: no memory)."""
+    with fake_mode():
+        return len(get_layers(spec.build(), spec.layers, spec.name))
+
+
+def measure(
+    spec: ModelSpec | str,
+    technique: Technique | str,
+    batch_size: int,
+    device: torch.device | str = "cpu",
+    precision: str = "fp32",
+    optimizer: str = "adamw",
+    warmup_steps: int = DEFAULT_WARMUP_STEPS,
+    steps: int = DEFAULT_STEPS,
+    fake: bool = False,
+    memory_limit: int | None = None,
+    layers: int | None = None,
+    round_to: int | None = None,
+) -> Measurement:
+    """Measure one technique at one batch size; failures come back as a status, not raised.
+
+    Bad input (unknown technique, more segments or blocks than layers) raises SpecError.
+    ``layers`` (the model's residual layer count) skips counting them again. ``round_to``
+    overrides the tracker's per-storage rounding (the planner passes 512 for a CUDA target).
+    """
+    spec = load_spec(spec) if not isinstance(spec, ModelSpec) else spec
+    tech = parse_techniques([technique])[0] if not isinstance(technique, Technique) else technique
+    if steps < 1 or warmup_steps < 1:
+        raise SpecError(f"steps and warmup_steps must be at least 1; got steps={steps}, warmup_steps={warmup_steps}.")
+    check_technique_fits(tech, layers if layers is not None else num_layers(spec))
+    dev = torch.device(device)
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise SpecError(f"Device {str(dev)!r} was asked for but CUDA is not available here; use --device cpu or --fake.")
+    m = Measurement(
+        technique=tech.name, batch_size=batch_size, precision=precision, optimizer=optimizer,
+        device=str(dev), fake=fake,
+    )
+    # In fake mode the tensors say "cpu" whatever the target; the tracker measures them there.
+    track_dev = torch.device("cpu") if fake else dev
+    try:
+        _measure_into(m, spec, tech, batch_size, dev, track_dev, warmup_steps, steps, fake, memory_limit, round_to)
+    except SpecError:
+        raise
+    except Exception as err:  # noqa: BLE001 - the model's failure is a result, not a crash
+        if is_out_of_memory(err):
+            m.status = "oom"
+            m.error = f"out of memory at batch size {batch_size}: {err}"
+        else:
+            m.status = "error"
+            m.error = f"{tech.name}: {type(err).__name__}: {err}"
+        del err
+    finally:
+        free_memory(dev)
+    if m.status == "ok" and tech.is_diffusion_blocks:
+        _activation_ratios(m, spec, tech, batch_size, dev, fake)
+    return m
+
+
+def _measure_into(
+    m: Measurement,
+    spec: ModelSpec,
+    tech: Technique,
+    batch_size: int,
+    dev: torch.device,
+    track_dev: torch.device,
+    warmup_steps: int,
+    steps: int,
+    fake: bool,
+    memory_limit: int | None,
+    round_to: int | None = None,
+) -> None:
+    sync = dev.type == "cuda" and not fake
+    with fake_mode() if fake else contextlib.nullcontext():
+        torch.manual_seed(SEED)
+        start = time.perf_counter()
+        trainer = make_trainer(tech, spec, dev, precision=m.precision, optimizer=m.optimizer)
+        build_s = time.perf_counter() - start
+        m.num_parameters = sum(p.numel() for p in trainer.model.parameters())
+        extra = getattr(trainer, "extra_parameters", None)
+        m.extra_parameters = int(extra() if callable(extra) else extra) if extra is not None else None
+        units = list(getattr(trainer, "units", [None]))
+        results = {unit: _UnitResult() for unit in units}
+        counter = iter(range(10**9))
+        all_steps: list[float] = []
+        run_step = functools.partial(_step, m, spec, trainer, batch_size, dev, fake, sync, counter, all_steps)
+        tracker = Tracker(track_dev, trainer=trainer, memory_limit=memory_limit, round_to=round_to)
+        # The tracker is on from the first step so every tensor that persists across steps
+        # (optimizer state, caches a model builds on first use) is seen being made.
+        with tracker:
+            # Warm-up: every unit steps (optimizer state for all of them) before any measurement.
+            for _ in range(warmup_steps):
+                for unit in units:
+                    run_step(tracker, unit, None)
+            if not fake:
+                devices.reset_peaks(dev)  # the allocator's peaks then cover measured steps only
+            for unit in units:
+                run_step(tracker, unit, results[unit], track=True)
+                if not fake:
+                    # Timed steps run untracked: the tracker's Python dispatch overhead must not
+                    # inflate step times. Fake steps have no meaningful time.
+                    with tracker.paused():
+                        for _ in range(steps):
+                            run_step(tracker, unit, results[unit], track=False)
+        m.cuda = devices.cuda_figures(dev) if not fake else None
+        if m.cuda is not None:
+            m.cuda["untracked_allocated_bytes"] = m.extra.pop("cuda_untracked_bytes", None)
+        block_layers = getattr(trainer, "block_layers", None)
+        del trainer, tracker
+    m.extra["timing"] = {"build_s": build_s, "all_steps_s": sum(all_steps), "steps_run": len(all_steps)}
+    _summarise(m, units, results, fake, block_layers)
+
+
+def _step(m, spec, trainer, batch_size, dev, fake, sync, counter, all_steps, tracker, unit,
+          out: _UnitResult | None, track: bool = False) -> None:
+    """One training step; ``out`` collects its peak (``track``) or its time (otherwise)."""
+    step_index = next(counter)
+    torch.manual_seed(SEED + 1 + step_index)
+    batch = spec.batch(batch_size, dev)
+    if track or out is None:
+        tracker.set_inputs(batch)
+    clock = _PhaseClock(tracker if track or out is None else None, dev, sync)
+    if track:
+        tracker.begin_step()
+        if sync:
+            # Allocator bytes no tensor holds (cuBLAS/cuBLASLt workspaces, made on the first
+            # matmul and kept): recorded beside max_memory_allocated to explain the gap.
+            devices.synchronize(dev)
+            untracked = int(torch.cuda.memory_allocated(dev)) - tracker.total
+            m.extra["cuda_untracked_bytes"] = max(untracked, m.extra.get("cuda_untracked_bytes", 0))
+    if sync:
+        devices.synchronize(dev)
+    start = time.perf_counter()
+    loss = trainer.step(batch, unit, clock.mark)
+    if sync:
+        devices.synchronize(dev)
+    elapsed = time.perf_counter() - start
+    all_steps.append(elapsed)
+    transfer = clock.finish()
+    del batch
+    if out is not None:
+        if track:
+            out.records.append(tracker.end_step())
+        else:
+            out.times.append(elapsed)
+            out.transfer_times.append(transfer)
+    if not fake and isinstance(loss, torch.Tensor):
+        value = float(loss.detach().float())
+        m.losses.append(value)
+        if not math.isfinite(value) and m.status == "ok":
+            m.status = "nan"
+            where = f" (block {unit})" if unit is not None else ""
+            m.error = f"{m.technique}: the loss was {value} at step {step_index}{where}; training diverged or the model produces NaN."
+
+
+def _summarise(m: Measurement, units: list, results: dict, fake: bool, block_layers: list | None) -> None:
+    worst_unit = max(units, key=lambda u: results[u].peak.peak_bytes)
+    worst = results[worst_unit]
+    peak = worst.peak
+    m.peak_bytes = peak.peak_bytes
+    m.shares = dict(peak.shares)
+    m.peak_phase = peak.peak_phase
+    m.timeline = peak.timeline
+    if worst.times:
+        m.step_time_s = statistics.median(worst.times)
+        m.step_time_spread_s = [min(worst.times), max(worst.times)]
+    if units != [None]:
+        m.peak_block = int(worst_unit)
+        for unit in units:
+            r = results[unit]
+            p = r.peak
+            m.blocks.append(BlockMeasurement(
+                block=int(unit),
+                layers=list(block_layers[unit]) if block_layers else [],
+                peak_bytes=p.peak_bytes,
+                shares=dict(p.shares),
+                peak_phase=p.peak_phase,
+                step_time_s=statistics.median(r.times) if r.times else None,
+                transfer_time_s=statistics.median(r.transfer_times) if any(r.transfer_times) else None,
+            ))
+        if all(b.step_time_s is not None for b in m.blocks):
+            m.block_steps_time_s = sum(b.step_time_s for b in m.blocks)
+            transfers = [t for u in units for t in results[u].transfer_times]
+            if any(transfers):
+                m.transfer_time_s = statistics.median(transfers)
+
+
+def _activation_ratios(m: Measurement, spec: ModelSpec, tech: Technique, batch_size: int, dev, fake: bool) -> None:
+    """Bytes saved for backward over the layers: one block vs the same AdaLN layers at full
+    depth (about 1/B) and vs the plain e2e model (larger: AdaLN saves more); METHOD.md."""
+    try:
+        from dbprofile.methods.diffusion_blocks.activations import layer_activation_bytes
+    except ImportError as err:
+        m.extra["activation_ratios"] = None
+        m.extra["activation_ratios_error"] = f"layer activation counting is not available: {err}"
+        return
+    try:
+        with fake_mode():
+            # Counting saved tensors needs shapes only: fake tensors cost no memory or time.
+            m.extra["activation_ratios"] = layer_activation_bytes(spec, tech.blocks, batch_size, "cpu")
+    except Exception as err:  # noqa: BLE001 - a missing ratio must not lose the measurement
+        m.extra["activation_ratios"] = None
+        m.extra["activation_ratios_error"] = f"{type(err).__name__}: {err}"
+
+
+def free_memory(dev: torch.device | str) -> None:
+    """Release what a finished technique held before the next one starts."""
+    gc.collect()
+    if torch.device(dev).type == "cuda" and torch.cuda.is_available():
+        torch.cuda.empty_cache()
+
+
+def run(
+    spec: ModelSpec | str | None,
+    techniques: Sequence[Technique | str] | str = DEFAULT_TECHNIQUES,
+    batch_sizes: Sequence[int] | int = (8,),
+    device: torch.device | str = "cpu",
+    precision: str = "fp32",
+    optimizer: str = "adamw",
+    warmup_steps: int = DEFAULT_WARMUP_STEPS,
+    steps: int = DEFAULT_STEPS,
+    fake: bool = False,
+    memory_limit: int | None = None,
+    out: str | Path | None = None,
+    on_measurement: Callable[[Measurement], None] | None = None,
+    command: str = "",
+) -> RunResult:
+    """Measure every technique at every batch size; save after each measurement."""
+    spec = spec if isinstance(spec, ModelSpec) else load_spec(spec)
+    techs = parse_techniques(list(techniques) if not isinstance(techniques, str) else techniques)
+    sizes = [batch_sizes] if isinstance(batch_sizes, int) else list(batch_sizes)
+    layer_count = num_layers(spec)
+    for tech in techs:  # bad input fails before anything runs
+        check_technique_fits(tech, layer_count)
+    result = RunResult(
+        model=spec.name,
+        model_info={
+            "family": spec.family, "task": spec.task, "num_layers": layer_count,
+            "hidden_size": spec.hidden_size, "description": spec.description,
+        },
+        environment=devices.environment(device),
+        command=command,
+        created=datetime.now(timezone.utc).isoformat(timespec="seconds"),
+    )
+    for batch_size in sizes:
+        for tech in techs:
+            m = measure(
+                spec, tech, batch_size, device=device, precision=precision, optimizer=optimizer,
+                warmup_steps=warmup_steps, steps=steps, fake=fake, memory_limit=memory_limit,
+                layers=layer_count,
+            )
+            if m.num_parameters is not None and "parameters" not in result.model_info and tech.kind == "e2e":
+                result.model_info["parameters"] = m.num_parameters
+            result.measurements.append(m)
+            if out is not None:
+                result.save(out)
+            if on_measurement is not None:
+                on_measurement(m)
+    return result
+
+
+_SHORT = {
+    "parameters": "params", "buffers": "buffers", "gradients": "grads", "optimizer_state": "optim",
+    "activations": "acts", "temporaries": "temps", "inputs": "inputs",
+}
+
+
+def format_table(result: RunResult) -> str:
+    """A compact text table: one row per measurement, bytes in one IEC unit named in the header."""
+    ok = [m for m in result.measurements if m.ok or m.status == "nan"]
+    largest = max((m.peak_bytes for m in ok), default=0)
+    unit = "B"
+    for name, power in (("GiB", 3), ("MiB", 2), ("KiB", 1)):
+        if largest >= 1024 ** power:
+            unit = name
+            break
+    scale = 1024 ** ["B", "KiB", "MiB", "GiB"].index(unit)
+    head = ["technique", "batch", f"peak {unit}"] + [_SHORT[c] for c in CATEGORIES] + ["phase", "step s", "B steps s"]
+    rows = [head]
+    for m in result.measurements:
+        if m.status in ("oom", "error"):
+            rows.append([m.technique, str(m.batch_size), m.status.upper()] + [""] * (len(head) - 3))
+            continue
+        figs = [f"{m.peak_bytes / scale:.2f}"] + [f"{m.shares.get(c, 0) / scale:.2f}" for c in CATEGORIES]
+        phase = m.peak_phase or ""
+        if m.peak_block is not None:
+            phase += f" (block {m.peak_block})"
+        step = f"{m.step_time_s:.4f}" if m.step_time_s is not None else "-"
+        bsteps = f"{m.block_steps_time_s:.4f}" if m.block_steps_time_s is not None else "-"
+        name = m.technique + (" NaN" if m.status == "nan" else "")
+        rows.append([name, str(m.batch_size)] + figs + [phase, step, bsteps])
+    widths = [max(len(r[i]) for r in rows) for i in range(len(head))]
+    lines = []
+    for r in rows:
+        cells = [r[0].ljust(widths[0])] + [c.rjust(w) if i < len(head) - 3 else c.ljust(w)
+                                           for i, (c, w) in enumerate(zip(r[1:], widths[1:]), start=1)]
+        lines.append("  ".join(cells).rstrip())
+    notes = [f"{m.technique} @ batch {m.batch_size}: {m.status.upper()}: {m.error}"
+             for m in result.measurements if m.status != "ok" and m.error]
+    device = result.environment.get("device_name") or result.environment.get("device", "")
+    fake = " (fake tensors)" if any(m.fake for m in result.measurements) else ""
+    header = f"{result.model} on {device}{fake}: peak tracked tensor memory and its shares, in {unit} (1 {unit} = {scale:,} bytes)"
+    return "\n".join([header, *lines, *notes])

@@ -1,0 +1,441 @@
+"""The memory tracker: live tensor bytes on one device, split into dbprofile's categories.
+
+It works the way PyTorch's ``torch.distributed._tools.mem_tracker.MemTracker`` does: a
+dispatch mode sees the outputs of every op, each new storage is counted once (views share
+it) by its ``untyped_storage().nbytes()``, and a weak reference to the storage removes its
+bytes the moment the storage is freed. MemTracker's own categories do not fit ours (its
+ACT means "created in forward", ours means "saved for backward", and it has no inputs), so
+the classification is dbprofile's:
+
+- ``parameters``, ``buffers``: the model's (and the optimizer's) parameters and buffers;
+- ``gradients``: ``p.grad``, recognised by ``register_post_accumulate_grad_hook``;
+- ``optimizer_state``: tensors in ``optimizer.state`` (rescanned after each optimizer step);
+- ``inputs``: the batch (``set_inputs``);
+- ``activations``: storages held by the autograd graph for backward, seen through an
+  outer ``saved_tensors_hooks`` (this includes the segment inputs that non-reentrant
+  checkpointing saves) plus tensors recomputed for backward by checkpointing (op outputs
+  made with grad mode on during the backward phase);
+- ``temporaries``: everything else op outputs hold (the loss, gradients of activations,
+  the optimizer's scratch tensors, ...).
+
+A storage has one category at a time, so the categories always sum to the live total and
+the shares at the instant of the peak sum to the peak exactly. Fake tensors have storages
+with the same ``nbytes``, so a fake run tracks the same bytes as a real CPU run.
+
+On CUDA each storage is counted rounded up to a multiple of 512 bytes: the caching
+allocator never hands out a smaller block (``kMinBlockSize``), and ``max_memory_allocated``
+counts those rounded blocks, so without the rounding the many small tensors (biases,
+norms, scalars, step counters) would be undercounted.
+
+Usage::
+
+    tracker = Tracker(torch.device("cpu"), trainer=trainer)
+    with tracker:
+        batch = spec.batch(8, "cpu")
+        tracker.set_inputs(batch)
+        tracker.begin_step()
+        trainer.step(batch, mark=tracker.mark)
+        record = tracker.end_step()   # peak_bytes, shares, peak_phase, timeline
+
+Known limitations: memory an op allocates and frees inside one kernel (workspaces) is not
+seen; ``UntypedStorage.resize_`` is not seen (training steps do not use it); tensors that
+are made with the dispatch mode disabled are counted from their first use by an op.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import threading
+import weakref
+from dataclasses import dataclass, field
+from typing import Any, Callable, Iterator
+
+import torch
+
+from dbprofile.measure._torch_private import TorchDispatchMode
+from dbprofile.methods.base import PHASES
+from dbprofile.results import CATEGORIES
+
+_CAT_INDEX = {name: i for i, name in enumerate(CATEGORIES)}
+_ACT = _CAT_INDEX["activations"]
+_TMP = _CAT_INDEX["temporaries"]
+# Roles set from what a storage is (a parameter, a gradient...) outrank how it is used.
+_ROLE_RANK = {"parameters": 0, "buffers": 1, "gradients": 2, "optimizer_state": 3, "inputs": 4}
+
+CUDA_BLOCK_BYTES = 512
+DEFAULT_TIMELINE_POINTS = 240
+
+
+class MemoryLimitExceeded(RuntimeError):
+    """Raised inside a step when live tracked bytes exceed the tracker's memory limit."""
+
+
+@dataclass
+class StepRecord:
+    """The peak of one tracked step and the bytes by category at that instant."""
+
+    peak_bytes: int
+    shares: dict[str, int]
+    peak_phase: str | None
+    timeline: dict[str, Any] = field(default_factory=dict)
+
+
+class _Storage:
+    """What the tracker knows about one live storage."""
+
+    __slots__ = ("nbytes", "cat", "role", "saved", "recomputed", "ref", "__weakref__")
+
+    def __init__(self, nbytes: int, cat: int | None) -> None:
+        self.nbytes = nbytes
+        self.cat = cat  # category index, or None when excluded (other device, host copy)
+        self.role: str | None = None
+        self.saved = 0  # how many saved-for-backward slots hold this storage
+        self.recomputed = False
+        self.ref: weakref.ref | None = None
+
+
+class _Saved:
+    """What the pack hook hands autograd: the tensor, plus a count on its storage that
+    drops when autograd releases the saved slot (after the node's backward)."""
+
+    __slots__ = ("tensor", "info", "tracker")
+
+    def __init__(self, tensor: torch.Tensor, info: _Storage | None, tracker: "Tracker") -> None:
+        self.tensor = tensor
+        self.info = info
+        self.tracker = tracker
+
+    def __del__(self) -> None:
+        info = self.info
+        if info is not None:
+            info.saved -= 1
+            if info.saved == 0:
+                self.tracker._reclassify(info)
+
+
+class _Mode(TorchDispatchMode):
+    def __init__(self, tracker: "Tracker") -> None:
+        super().__init__()
+        self.tracker = tracker
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        self.tracker._on_output(out)
+        return out
+
+
+class Tracker:
+    """Tracks live tensor bytes on ``device`` by category; see the module docstring."""
+
+    def __init__(
+        self,
+        device: torch.device | str,
+        *,
+        trainer: Any = None,
+        memory_limit: int | None = None,
+        timeline_points: int = DEFAULT_TIMELINE_POINTS,
+        round_to: int | None = None,
+    ) -> None:
+        self.device = torch.device(device)
+        self.trainer = trainer
+        self.memory_limit = memory_limit
+        self.timeline_points = timeline_points
+        # round_to overrides the device's rounding: the planner tracks fake CPU tensors as the
+        # CUDA allocator would count them (512-byte blocks).
+        self.round_to = round_to if round_to is not None else (CUDA_BLOCK_BYTES if self.device.type == "cuda" else 1)
+        host = getattr(trainer, "host_resident", None) if trainer is not None else None
+        self._host_resident: Callable[[torch.Tensor], bool] | None = host if callable(host) else None
+        self._infos: dict[int, _Storage] = {}
+        self._lock = threading.RLock()
+        self.totals = [0] * len(CATEGORIES)
+        self.total = 0
+        self.phase: str | None = None
+        self._phase_index = -1
+        self.recording = False
+        self._peak = -1
+        self._peak_shares: list[int] = []
+        self._peak_phase: str | None = None
+        self._points: list[list[int]] = []
+        self.phase_snapshots: list[tuple[str, dict[str, int]]] = []
+        """(phase entered, bytes by category) at every mark() of a recorded step."""
+        self._grad_hooked: set[int] = set()
+        self._opt_hooked: set[int] = set()
+        self._handles: list[Any] = []
+        self._mode: _Mode | None = None
+        self._hooks: Any = None
+
+    # ------------------------------------------------------------ context
+
+    def __enter__(self) -> "Tracker":
+        self.refresh()
+        self._hooks = torch.autograd.graph.saved_tensors_hooks(self._pack, self._unpack)
+        self._hooks.__enter__()
+        self._mode = _Mode(self)
+        self._mode.__enter__()
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self._mode.__exit__(*exc)
+        self._hooks.__exit__(*exc)
+        self._mode = None
+        for handle in self._handles:
+            handle.remove()
+        self._handles.clear()
+        self._grad_hooked.clear()
+        self._opt_hooked.clear()
+
+    @contextlib.contextmanager
+    def paused(self) -> Iterator[None]:
+        """Run code untracked (timing steps): no dispatch mode, no saved-tensor hooks.
+        Storages already tracked still leave the count when they are freed."""
+        self._mode.__exit__(None, None, None)
+        self._hooks.__exit__(None, None, None)
+        try:
+            yield
+        finally:
+            self._hooks.__enter__()
+            self._mode.__enter__()
+
+    # ------------------------------------------------------------ public
+
+    def mark(self, phase: str) -> None:
+        """Phase boundary (called by the Trainer): rescan roles, note the phase."""
+        self.refresh()
+        self.phase = phase
+        self._phase_index = PHASES.index(phase) if phase in PHASES else len(PHASES)
+        if self.recording:
+            self.phase_snapshots.append((phase, self.shares()))
+            self._record()
+
+    def set_inputs(self, batch: Any) -> None:
+        """Classify the batch's tensors as ``inputs``."""
+        for t in _tensors(batch):
+            self._assign_role(t, "inputs")
+
+    def begin_step(self) -> None:
+        """Start recording a step: the peak starts from what is live now."""
+        self.refresh()
+        self.recording = True
+        self.phase_snapshots = []
+        self._points = []
+        self._peak = -1
+        self._record()
+
+    def end_step(self) -> StepRecord:
+        """Stop recording; the step's peak, its shares (summing to it) and the timeline."""
+        self.refresh()
+        self._record()
+        self.recording = False
+        shares = {name: self._peak_shares[i] for i, name in enumerate(CATEGORIES)}
+        return StepRecord(
+            peak_bytes=self._peak,
+            shares=shares,
+            peak_phase=self._peak_phase,
+            timeline={
+                "categories": list(CATEGORIES),
+                "phases": list(PHASES),
+                "points": _downsample(self._points, self.timeline_points),
+            },
+        )
+
+    def shares(self) -> dict[str, int]:
+        """Live bytes by category now."""
+        return {name: self.totals[i] for i, name in enumerate(CATEGORIES)}
+
+    def refresh(self) -> None:
+        """Assign roles from the trainer: parameters, buffers, gradients, optimizer state."""
+        trainer = self.trainer
+        if trainer is None:
+            return
+        params = _trainer_parameters(trainer)
+        for p in params:
+            self._assign_role(p, "parameters")
+            if p.grad is not None:
+                self._assign_role(p.grad, "gradients")
+            if p.requires_grad and id(p) not in self._grad_hooked:
+                self._grad_hooked.add(id(p))
+                self._handles.append(p.register_post_accumulate_grad_hook(self._on_grad))
+        model = getattr(trainer, "model", None)
+        if isinstance(model, torch.nn.Module):
+            for b in model.buffers():
+                self._assign_role(b, "buffers")
+        optimizer = getattr(trainer, "optimizer", None)
+        if optimizer is not None:
+            if id(optimizer) not in self._opt_hooked:
+                self._opt_hooked.add(id(optimizer))
+                self._handles.append(
+                    optimizer.register_step_post_hook(lambda *_: self._scan_optimizer(optimizer))
+                )
+            self._scan_optimizer(optimizer)
+
+    # ------------------------------------------------------------ internals
+
+    def _scan_optimizer(self, optimizer: torch.optim.Optimizer) -> None:
+        for state in optimizer.state.values():
+            for value in state.values():
+                if isinstance(value, torch.Tensor):
+                    self._assign_role(value, "optimizer_state")
+
+    def _on_grad(self, param: torch.Tensor) -> None:
+        if param.grad is not None:
+            self._assign_role(param.grad, "gradients")
+
+    def _info(self, t: torch.Tensor) -> _Storage | None:
+        """The record for t's storage, creating it (as a temporary) the first time."""
+        try:
+            st = t.untyped_storage()
+        except (RuntimeError, NotImplementedError):  # sparse / nested layouts: not tracked
+            return None
+        key = id(st)
+        info = self._infos.get(key)
+        if info is not None:
+            return info
+        dev = t.device
+        excluded = dev.type != self.device.type or (
+            self.device.index is not None and dev.index != self.device.index
+        )
+        if not excluded and self._host_resident is not None:
+            excluded = bool(self._host_resident(t))
+        nbytes = st.nbytes()
+        if self.round_to > 1:
+            nbytes = -(-nbytes // self.round_to) * self.round_to
+        cat = None if excluded else _TMP
+        info = _Storage(nbytes, cat)
+        if cat is not None and self.phase == "backward" and torch.is_grad_enabled():
+            # Grad mode on inside backward: checkpointing recomputes a forward for backward.
+            info.recomputed = True
+            info.cat = cat = _ACT
+        info.ref = weakref.ref(st, lambda _r, key=key, info=info: self._on_free(key, info))
+        with self._lock:
+            self._infos[key] = info
+            if cat is not None:
+                self._add(cat, nbytes)
+        return info
+
+    def _on_free(self, key: int, info: _Storage) -> None:
+        with self._lock:
+            if self._infos.get(key) is info:
+                del self._infos[key]
+            if info.cat is not None:
+                self.totals[info.cat] -= info.nbytes
+                self.total -= info.nbytes
+                info.cat = None
+                if self.recording:
+                    self._record()
+
+    def _add(self, cat: int, nbytes: int) -> None:
+        self.totals[cat] += nbytes
+        self.total += nbytes
+        if self.recording:
+            if self.total > self._peak:
+                self._peak = self.total
+                self._peak_shares = list(self.totals)
+                self._peak_phase = self.phase
+            self._record()
+        if self.memory_limit is not None and self.total > self.memory_limit:
+            raise MemoryLimitExceeded(
+                f"out of memory: tracked tensors reached {self.total} bytes, above the memory limit "
+                f"of {self.memory_limit} bytes"
+            )
+
+    def _move(self, info: _Storage, cat: int) -> None:
+        with self._lock:
+            if info.cat is None or info.cat == cat:
+                return
+            self.totals[info.cat] -= info.nbytes
+            self.totals[cat] += info.nbytes
+            info.cat = cat
+            if self.recording:
+                self._record()
+
+    def _assign_role(self, t: torch.Tensor, role: str) -> None:
+        info = self._info(t)
+        if info is None or info.cat is None:
+            return
+        if self._host_resident is not None and self._host_resident(t):
+            # A host copy the trainer made after the tracker first saw the storage (an
+            # offload trainer fills it, then registers it): drop it from the device's count.
+            self._exclude(info)
+            return
+        if info.role is not None and _ROLE_RANK[info.role] <= _ROLE_RANK[role]:
+            return
+        info.role = role
+        self._move(info, _CAT_INDEX[role])
+
+    def _exclude(self, info: _Storage) -> None:
+        with self._lock:
+            if info.cat is None:
+                return
+            self.totals[info.cat] -= info.nbytes
+            self.total -= info.nbytes
+            info.cat = None
+            if self.recording:
+                self._record()
+
+    def _reclassify(self, info: _Storage) -> None:
+        if info.cat is None or info.role is not None:
+            return
+        self._move(info, _ACT if (info.saved > 0 or info.recomputed) else _TMP)
+
+    def _on_output(self, out: Any) -> None:
+        if isinstance(out, torch.Tensor):
+            self._info(out)
+        elif isinstance(out, (tuple, list)):
+            for item in out:
+                if isinstance(item, torch.Tensor):
+                    self._info(item)
+
+    def _pack(self, t: torch.Tensor) -> _Saved:
+        info = self._info(t)
+        if info is not None:
+            info.saved += 1
+            self._reclassify(info)
+        return _Saved(t, info, self)
+
+    @staticmethod
+    def _unpack(saved: _Saved) -> torch.Tensor:
+        return saved.tensor
+
+    def _record(self) -> None:
+        self._points.append([self._phase_index, *self.totals])
+
+
+def _trainer_parameters(trainer: Any) -> list[torch.Tensor]:
+    """Parameters of the trainer's model and its optimizer, each once."""
+    seen: dict[int, torch.Tensor] = {}
+    model = getattr(trainer, "model", None)
+    if isinstance(model, torch.nn.Module):
+        for p in model.parameters():
+            seen.setdefault(id(p), p)
+    optimizer = getattr(trainer, "optimizer", None)
+    if optimizer is not None:
+        for group in optimizer.param_groups:
+            for p in group["params"]:
+                seen.setdefault(id(p), p)
+    return list(seen.values())
+
+
+def _tensors(obj: Any) -> list[torch.Tensor]:
+    if isinstance(obj, torch.Tensor):
+        return [obj]
+    if isinstance(obj, dict):
+        return [t for v in obj.values() for t in _tensors(v)]
+    if isinstance(obj, (list, tuple)):
+        return [t for v in obj for t in _tensors(v)]
+    return []
+
+
+def _downsample(points: list[list[int]], limit: int) -> list[list[int]]:
+    """At most ``limit`` points: the largest-total point of each of ``limit`` equal runs
+    (so the peak always survives), plus the first and last."""
+    if len(points) <= limit:
+        return points
+    keep = limit - 2
+    inner = points[1:-1]
+    out = [points[0]]
+    for i in range(keep):
+        chunk = inner[i * len(inner) // keep:(i + 1) * len(inner) // keep]
+        if chunk:
+            out.append(max(chunk, key=lambda p: sum(p[1:])))
+    out.append(points[-1])
+    return out

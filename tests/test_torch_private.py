@@ -1,0 +1,79 @@
+"""Canary for the private PyTorch behaviour dbprofile relies on (dbprofile/measure/_torch_private.py).
+
+If one of these fails after a PyTorch upgrade, the tracker's numbers can no longer be trusted:
+fix _torch_private.py (and the tracker) before anything else.
+"""
+
+from __future__ import annotations
+
+import weakref
+
+import torch
+from torch.profiler import ProfilerActivity, profile
+from torch.utils.checkpoint import checkpoint
+
+from dbprofile.measure import _torch_private as private
+
+
+def test_fake_tensor_mode_makes_fake_tensors_with_real_storage_sizes():
+    with private.fake_tensor_mode():
+        t = torch.empty(100, 3)
+        lin = torch.nn.Linear(8, 8)
+    assert private.is_fake(t) and private.is_fake(lin.weight)
+    assert t.untyped_storage().nbytes() == 1200
+    assert not private.is_fake(torch.ones(1))
+
+
+def test_dispatch_mode_sees_every_op_output():
+    seen = []
+
+    class Spy(private.TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            out = func(*args, **(kwargs or {}))
+            seen.append(str(func))
+            return out
+
+    with Spy():
+        torch.ones(3).exp().sum()
+    assert any("ones" in s for s in seen) and any("exp" in s for s in seen)
+
+
+def test_storage_object_lives_while_a_tensor_uses_it_and_weakref_fires_on_free():
+    for make in (lambda: torch.randn(10), lambda: _fake_randn(10)):
+        fired = []
+        t = make()
+        ref = weakref.ref(t.untyped_storage(), lambda _r: fired.append(1))
+        view = t[2:]
+        assert view.untyped_storage() is ref()  # views share one Python storage object
+        del t
+        assert not fired
+        del view
+        assert fired == [1]
+
+
+def _fake_randn(n):
+    with private.fake_tensor_mode():
+        return torch.randn(n)
+
+
+def test_outer_saved_tensor_hook_sees_non_reentrant_checkpoint_inputs():
+    packed = []
+    lin = torch.nn.Linear(4, 4)
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: packed.append(t.shape) or t, lambda t: t):
+        hidden = torch.randn(2, 4, requires_grad=True) * 2
+        checkpoint(lin, hidden, use_reentrant=False)
+    assert torch.Size([2, 4]) in packed
+
+
+def test_profiler_allocator_events_are_readable():
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        t = torch.empty(1000)
+        del t
+    allocs = private.profiler_allocations(prof)
+    assert (4000 in [n for _, n in allocs]) and (-4000 in [n for _, n in allocs])
+
+
+def test_active_fake_mode_detects_the_mode():
+    assert private.active_fake_mode() is None
+    with private.fake_tensor_mode() as mode:
+        assert private.active_fake_mode() is mode
