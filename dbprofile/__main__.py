@@ -1,0 +1,3 @@
+from dbprofile.cli import main
+
+main()

@@ -1,0 +1,273 @@
+"""Ground truth on a real device: the tracker against the CUDA allocator, and the planner's
+fake-tensor predictions (made without touching the GPU) against what the GPU really used.
+
+For each model, batch size, technique and precision, ``validate`` plans the configuration
+in fake mode for the device it runs on (the same card's capacity and compute capability),
+then measures it for real, and compares:
+
+- tracker peak vs ``torch.cuda.max_memory_allocated`` (raw, and with the allocator bytes
+  no tensor holds, i.e. the cuBLAS workspaces, added);
+- the planner's predicted allocated bytes (tracked peak + cuBLAS workspace) and reserved
+  bytes (+ allocator segment overhead) vs the measured allocated and reserved peaks;
+- NVML's used memory vs reserved (the gap is the CUDA context and libraries).
+
+Rows are returned as they finish (``on_row``) and a time budget stops it from starting new
+cases, so a run cut short still reports what it measured. On the CPU the allocator columns
+are unavailable and only tracker vs planner is compared.
+"""
+
+from __future__ import annotations
+
+import multiprocessing
+import os
+import time
+from concurrent.futures import ProcessPoolExecutor
+from dataclasses import asdict, dataclass
+from typing import Callable, Iterable
+
+import torch
+
+from dbprofile.results import format_bytes
+
+DEFAULT_CASES: tuple[tuple[str, tuple[int, ...]], ...] = (
+    ("vit-b16", (32, 64)),
+    ("dit-b2", (32, 64)),
+    ("gpt2-small", (4, 8)),
+)
+DEFAULT_TECHNIQUES = ("e2e", "ckpt", "db:2", "db:4", "db:4+offload")
+DEFAULT_PRECISIONS = ("fp32", "bf16")
+
+
+@dataclass(kw_only=True)
+class ValidationRow:
+    """One configuration measured on the device and predicted by the planner."""
+
+    model: str
+    batch_size: int
+    technique: str
+    precision: str
+    status: str
+    error: str | None = None
+    tracked_peak_bytes: int | None = None
+    untracked_allocated_bytes: int | None = None
+    """Allocator bytes no tensor held during the step (cuBLAS workspaces)."""
+    max_allocated_bytes: int | None = None
+    max_reserved_bytes: int | None = None
+    nvml_used_bytes: int | None = None
+    planned_tracked_bytes: int | None = None
+    planned_allocated_bytes: int | None = None
+    planned_reserved_bytes: int | None = None
+    planned_device_bytes: int | None = None
+    """The planner's whole-device figure (reserved + CUDA context), comparable to NVML."""
+    step_time_s: float | None = None
+    plan_seconds: float | None = None
+    measure_seconds: float | None = None
+
+    @staticmethod
+    def _err(value: int | None, truth: int | None) -> float | None:
+        if value is None or not truth:
+            return None
+        return (value - truth) / truth
+
+    @property
+    def tracker_error(self) -> float | None:
+        return self._err(self.tracked_peak_bytes, self.max_allocated_bytes)
+
+    @property
+    def tracker_with_workspace_error(self) -> float | None:
+        if self.tracked_peak_bytes is None or self.untracked_allocated_bytes is None:
+            return None
+        return self._err(self.tracked_peak_bytes + self.untracked_allocated_bytes, self.max_allocated_bytes)
+
+    @property
+    def planner_tracked_error(self) -> float | None:
+        """Planner vs tracker on the same device: the fake run against the real one."""
+        return self._err(self.planned_tracked_bytes, self.tracked_peak_bytes)
+
+    @property
+    def planner_allocated_error(self) -> float | None:
+        return self._err(self.planned_allocated_bytes, self.max_allocated_bytes)
+
+    @property
+    def planner_reserved_error(self) -> float | None:
+        return self._err(self.planned_reserved_bytes, self.max_reserved_bytes)
+
+    @property
+    def nvml_minus_reserved_bytes(self) -> int | None:
+        if self.nvml_used_bytes is None or self.max_reserved_bytes is None:
+            return None
+        return self.nvml_used_bytes - self.max_reserved_bytes
+
+    def to_dict(self) -> dict:
+        data = asdict(self)
+        for name in ("tracker_error", "tracker_with_workspace_error", "planner_tracked_error",
+                     "planner_allocated_error", "planner_reserved_error", "nvml_minus_reserved_bytes"):
+            data[name] = getattr(self, name)
+        return data
+
+
+def device_target(device: torch.device):
+    """The planner's target for the card we run on: its real capacity and compute capability."""
+    from dbprofile.gpus import GPU
+
+    if device.type != "cuda":
+        return "cpu"
+    props = torch.cuda.get_device_properties(device)
+    return GPU(name=props.name, capacity_bytes=int(props.total_memory),
+               compute_capability=(props.major, props.minor), source="torch.cuda")
+
+
+def plan_one(model: str, batch_size: int, technique: str, precision: str, target) -> dict:
+    """The planner's prediction for one configuration (fake tensors only; runs in a worker process)."""
+    from dbprofile.plan import plan
+    from dbprofile.spec import load_spec
+
+    torch.set_num_threads(1)  # one fake run per worker; the workers share the machine's cores
+    started = time.perf_counter()
+    try:
+        entry = plan(load_spec(model), batch_size, device=target, techniques=[technique],
+                     precision=precision, search_max_batch=False).entries[0]
+    except Exception as err:  # a planner failure is a finding, not a reason to skip the measurement
+        return {"error": f"plan: {type(err).__name__}: {err}", "plan_seconds": time.perf_counter() - started}
+    if not entry.ok:
+        return {"error": f"plan: {entry.error}", "plan_seconds": time.perf_counter() - started}
+    allocated = entry.tracked_peak_bytes + entry.corrections.get("cublas_workspace", 0)
+    return {
+        "planned_tracked_bytes": entry.tracked_peak_bytes,
+        "planned_allocated_bytes": allocated,
+        "planned_reserved_bytes": allocated + entry.corrections.get("allocator_segments", 0),
+        "planned_device_bytes": entry.peak_bytes,
+        "plan_seconds": time.perf_counter() - started,
+    }
+
+
+def measure_one(model: str, batch_size: int, technique: str, precision: str, device: torch.device,
+                steps: int = 2) -> ValidationRow:
+    """Measure one configuration for real on ``device``."""
+    from dbprofile.measure.runner import measure
+    from dbprofile.spec import load_spec
+
+    row = ValidationRow(model=model, batch_size=batch_size, technique=technique, precision=precision, status="ok")
+    started = time.perf_counter()
+    m = measure(load_spec(model), technique, batch_size, device=device, precision=precision, steps=steps)
+    row.measure_seconds = time.perf_counter() - started
+    row.status, row.error = m.status, m.error
+    if not m.ok:
+        return row
+    row.tracked_peak_bytes = m.peak_bytes
+    row.step_time_s = m.step_time_s
+    if m.cuda:
+        row.untracked_allocated_bytes = m.cuda.get("untracked_allocated_bytes")
+        row.max_allocated_bytes = m.cuda.get("max_memory_allocated")
+        row.max_reserved_bytes = m.cuda.get("max_memory_reserved")
+        row.nvml_used_bytes = m.cuda.get("nvml_used_bytes")
+    return row
+
+
+def validate(
+    cases: Iterable[tuple[str, Iterable[int]]] = DEFAULT_CASES,
+    techniques: Iterable[str] = DEFAULT_TECHNIQUES,
+    precisions: Iterable[str] = DEFAULT_PRECISIONS,
+    device: str | torch.device = "cuda",
+    steps: int = 2,
+    time_budget_s: float | None = None,
+    on_row: Callable[[ValidationRow], None] | None = None,
+    plan_workers: int | None = None,
+) -> list[ValidationRow]:
+    """Every case x technique x precision; stops starting new ones once ``time_budget_s`` is spent.
+
+    The planner's fake runs only need CPU, so they run in a pool of worker processes while the
+    device measures: on a GPU machine with many cores the predictions cost almost no wall time.
+    """
+    device = torch.device(device)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        from dbprofile.spec import SpecError
+
+        raise SpecError("dbprofile validate --device cuda needs a CUDA GPU, and torch sees none. "
+                        "Run it on a GPU machine, or pass --device cpu to compare the planner with the tracker only.")
+    started = time.perf_counter()
+    # Breadth first: every model at its first batch size in the first precision before any second
+    # batch size, so a run cut short by the time budget still covers every family.
+    cases = [(model, tuple(sizes)) for model, sizes in cases]
+    precisions, techniques = list(precisions), list(techniques)
+    configs = [
+        (model, sizes[i], technique, precision)
+        for i in range(max(len(sizes) for _, sizes in cases))
+        for precision in precisions
+        for model, sizes in cases
+        if i < len(sizes)
+        for technique in techniques
+    ]
+    target = device_target(device)
+    workers = plan_workers if plan_workers is not None else max(1, min(12, (os.cpu_count() or 2) - 2))
+    rows: list[ValidationRow] = []
+    with ProcessPoolExecutor(max_workers=workers, mp_context=multiprocessing.get_context("spawn")) as pool:
+        futures = [pool.submit(plan_one, *config, target) for config in configs]
+        for config, future in zip(configs, futures):
+            if time_budget_s is not None and time.perf_counter() - started > time_budget_s:
+                for pending in futures:
+                    pending.cancel()
+                break
+            row = measure_one(*config, device, steps=steps)
+            planned = future.result()
+            plan_error = planned.pop("error", None)
+            for key, value in planned.items():
+                setattr(row, key, value)
+            if plan_error:
+                row.error = "; ".join(filter(None, [row.error, plan_error]))
+            rows.append(row)
+            if on_row is not None:
+                on_row(row)
+    return rows
+
+
+def _pct(x: float | None) -> str:
+    return "n/a" if x is None else f"{x * 100:+.1f}%"
+
+
+def _mib(n: int | None) -> str:
+    return "n/a" if n is None else format_bytes(n, "MiB", 1)
+
+
+TABLE_HEADER = (
+    "| model | batch | technique | precision | tracked | max allocated | tracker err | tracker+workspace err "
+    "| planned allocated | plan err (allocated) | reserved | plan err (reserved) | NVML used | NVML - reserved "
+    "| plan vs tracker | step |\n"
+    "|---|---:|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"
+)
+
+
+def format_row(row: ValidationRow) -> str:
+    if row.status != "ok":
+        return (f"| {row.model} | {row.batch_size} | {row.technique} | {row.precision} | {row.status.upper()}: "
+                f"{(row.error or '')[:120]} |" + " |" * 12)
+    step = "n/a" if row.step_time_s is None else f"{row.step_time_s * 1000:.1f} ms"
+    return (
+        f"| {row.model} | {row.batch_size} | {row.technique} | {row.precision} | {_mib(row.tracked_peak_bytes)} "
+        f"| {_mib(row.max_allocated_bytes)} | {_pct(row.tracker_error)} | {_pct(row.tracker_with_workspace_error)} "
+        f"| {_mib(row.planned_allocated_bytes)} | {_pct(row.planner_allocated_error)} | {_mib(row.max_reserved_bytes)} "
+        f"| {_pct(row.planner_reserved_error)} | {_mib(row.nvml_used_bytes)} | {_mib(row.nvml_minus_reserved_bytes)} "
+        f"| {_pct(row.planner_tracked_error)} | {step} |"
+    )
+
+
+def summarise(rows: list[ValidationRow]) -> str:
+    """Worst absolute errors over the rows that ran."""
+    ok = [r for r in rows if r.status == "ok"]
+
+    def worst(name: str) -> str:
+        values = [getattr(r, name) for r in ok if getattr(r, name) is not None]
+        return "n/a" if not values else f"{max(abs(v) for v in values) * 100:.1f}%"
+
+    gaps = [r.nvml_minus_reserved_bytes for r in ok if r.nvml_minus_reserved_bytes is not None]
+    lines = [
+        f"configurations: {len(rows)} ({len(ok)} ran, {len(rows) - len(ok)} failed)",
+        f"worst |tracker - max_allocated| / max_allocated: {worst('tracker_error')} raw, "
+        f"{worst('tracker_with_workspace_error')} with the untracked workspace added",
+        f"worst |planned - measured|: allocated {worst('planner_allocated_error')}, "
+        f"reserved {worst('planner_reserved_error')}, tracked (fake vs real) {worst('planner_tracked_error')}",
+    ]
+    if gaps:
+        lines.append(f"NVML used - max reserved: {format_bytes(min(gaps))} to {format_bytes(max(gaps))} "
+                     "(CUDA context, libraries, and anything else on the card)")
+    return "\n".join(lines)
