@@ -139,6 +139,12 @@ def run(model, batch_size, device, techniques, blocks, steps, precision, optimiz
     techs = parse_techniques(_techniques_option(techniques, blocks))
     spec = load_spec(model)
     facts = validate_spec(spec)
+    if not techniques and not blocks:
+        # The default set adapts to shallow models; techniques asked for by name never do.
+        dropped = [t.name for t in techs if t.is_diffusion_blocks and t.blocks > facts["num_layers"]]
+        techs = [t for t in techs if t.name not in dropped]
+        if dropped:
+            click.echo(f"skipping {', '.join(dropped)}: the model has only {facts['num_layers']} layers", err=True)
     for tech in techs:
         check_technique_fits(tech, facts["num_layers"])
     click.echo(

@@ -10,11 +10,17 @@ says what fits, the headroom, and the largest batch size that fits, found from a
 model ``peak(b) = fixed + per_sample * b`` fitted on two fake runs and confirmed by a third.
 ``format_plan`` / ``format_plan_html`` render a ``Plan`` as text and as HTML.
 
-Known limitations: the shares at the instant of the peak are sharded as a whole (the peak
+ZeRO-3 (FSDP) and block-parallel predictions with the real fake runner do not use that arithmetic:
+one rank of the real FSDP2 / block-parallel code runs on fake tensors in a fake process group
+(``dbprofile.measure.distributed.simulate_rank``), so FSDP's prefetch, padding, root unit and
+communication buffers are in the prediction (docs/distributed.md).
+
+Known limitations (stages 1-2, and stage 3 with a stand-in ``measure_fn`` or inside a running
+process group): the shares at the instant of the peak are sharded as a whole (the peak
 may move to another instant under sharding); ZeRO adds one gathered unit (the largest
 layer or the root's own parameters, and their gradients when the peak is in the backward),
 not FSDP's prefetch of the next unit, nor communication buffers; step times are not
-predicted. CUDA corrections are checked against a real GPU by the GPU-validation issue.
+predicted. The CUDA corrections were measured on an H100 (reports/gpu-validation-h100.md).
 """
 
 from __future__ import annotations
@@ -37,17 +43,21 @@ MiB = 1024**2
 CUDA_BLOCK_BYTES = 512
 """c10/cuda/CUDACachingAllocator.cpp ``kMinBlockSize``: every block the caching allocator hands out
 is rounded up to a multiple of 512 bytes, and max_memory_allocated counts the rounded blocks."""
-CUDA_CONTEXT_BYTES = 512 * MiB
-"""The CUDA context (driver state and the kernels loaded lazily, CUDA >= 11.7) plus cuDNN/cuBLAS
-handles: outside the allocator, inside nvidia-smi's used memory. PyTorch reports 287 MB right after
-init with lazy loading (pytorch/pytorch#86509) and "around 400MB" (pytorch/pytorch#109888); a
-training step loads more kernels, so 512 MiB. The GPU-validation issue measures it on an H100."""
-ALLOCATOR_OVERHEAD_FRACTION = 0.05
+CUDA_CONTEXT_BYTES = 1257 * MiB
+"""Device memory outside the caching allocator: the CUDA context (driver state, the kernels loaded
+lazily) and the libraries' modules (cuBLAS, cuDNN). Measured on an H100 80GB HBM3 with driver
+580.159.04 and torch 2.11.0+cu130 as NVML used memory minus max_memory_reserved: 1247 to 1257 MiB
+over 60 training configurations (reports/gpu-validation-h100.md); it grew by 10 MiB as more
+kernels were loaded during the run, so the largest figure is used. Older stacks report less
+(287 MB right after init, pytorch/pytorch#86509), but a training step loads far more kernels."""
+ALLOCATOR_OVERHEAD_FRACTION = 0.11
 """Reserved minus allocated, as a share of allocated: segments are 2 MiB for blocks <= 1 MiB, 20 MiB
 for blocks < 10 MiB, and larger requests are rounded up to 2 MiB (kSmallBuffer, kLargeBuffer,
-kRoundLarge in CUDACachingAllocator.cpp), and freed blocks split and fragment. An estimate for
-training steps (no fake run can see addresses); the GPU-validation issue compares it with
-max_memory_reserved / max_memory_allocated on real runs."""
+kRoundLarge in CUDACachingAllocator.cpp), and freed blocks split and fragment. No fake run can see
+addresses, so this is the median measured on an H100 (reports/gpu-validation-h100.md): max_memory_reserved
+/ max_memory_allocated - 1 was 0.02 to 0.35 over 60 configurations, median 0.11, 90th percentile 0.19
+(checkpointing fragments most). Reserved memory is a cache the allocator frees and retries before it
+reports out of memory, so the fit decision does not hinge on this estimate."""
 UNKNOWN_GPU_COMPUTE_CAPABILITY = (9, 0)
 """A capacity given in bytes says nothing about the card; assume the larger (sm90) cuBLAS workspace."""
 
@@ -278,14 +288,47 @@ def plan(
                                         error=f"{type(err).__name__}: {err}")
         return runs[key]
 
+    simulated: dict[tuple[str, int], Measurement] = {}
+
+    def sharded_run(name: str, tech: Technique, parallel: bool, b: int) -> Measurement | None:
+        """ZeRO-3 and block-parallel: one rank of the real FSDP / block-parallel code on fake tensors in a
+        fake process group (dbprofile.measure.distributed.simulate_rank), instead of sharding the
+        one-device shares by formula. None (the formula is used) with a stand-in measure_fn, or inside a
+        process group of this process's own."""
+        if measure_fn is not None or not (parallel or zero_stage == 3):
+            return None
+        import torch.distributed as dist
+
+        if dist.is_available() and dist.is_initialized():
+            return None
+        from dbprofile.measure.distributed import simulate_rank
+
+        key = (name, b)
+        if key not in simulated:
+            try:
+                simulated[key] = simulate_rank(spec, name, b, tech.blocks if parallel else world_size,
+                                               precision=precision, optimizer=optimizer, round_to=round_to)
+            except SpecError:
+                raise
+            except Exception as err:  # recorded, not fatal, as in fake_run
+                simulated[key] = Measurement(technique=name, batch_size=b, status="error", fake=True,
+                                             error=f"{type(err).__name__}: {err}")
+        return simulated[key]
+
     def predict(name: str, tech: Technique, parallel: bool, b: int) -> PlanEntry:
-        m = fake_run(tech, b)
+        sim = sharded_run(name, tech, parallel, b)
+        m = sim if sim is not None else fake_run(tech, b)
         entry = PlanEntry(technique=name, batch_size=b, status=m.status, error=m.error,
                           num_parameters=m.num_parameters, extra_parameters=m.extra_parameters,
                           peak_phase=m.peak_phase, peak_block=m.peak_block, extra=dict(m.extra))
         if not m.ok:
             return entry
-        if parallel:
+        if sim is not None:  # already one rank's shares
+            shares = dict(sim.shares)
+            entry.world_size = tech.blocks if parallel else world_size
+            entry.sharding = "block-parallel" if parallel else "zero-3"
+            entry.extra["sharding_model"] = "simulated"
+        elif parallel:
             shares, entry.peak_block = block_parallel(m, facts)
             entry.world_size, entry.sharding = tech.blocks or 1, "block-parallel"
         else:

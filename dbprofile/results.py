@@ -14,6 +14,10 @@ from typing import Any
 SCHEMA_VERSION = 1
 
 # The share categories of a peak, in display order. They sum to the peak exactly.
+# ``workspace`` is CUDA-only: allocator bytes that no tensor holds (the cuBLAS handles'
+# workspaces, and scratch a kernel allocates and frees inside one op, e.g. attention backward
+# or cuDNN convolutions), read from the allocator's own counters around every op. It is 0 on
+# the CPU and in fake runs; the planner adds the cuBLAS part as a documented correction.
 CATEGORIES = (
     "parameters",
     "buffers",
@@ -22,6 +26,7 @@ CATEGORIES = (
     "activations",
     "temporaries",
     "inputs",
+    "workspace",
 )
 
 STATUSES = ("ok", "oom", "error", "nan")
@@ -210,3 +215,101 @@ class RunResult:
             peak = format_bytes(m.peak_bytes) if m.ok else m.status.upper()
             lines.append(f"  {m.technique:<16} batch {m.batch_size:<5} peak {peak}")
         return "\n".join(lines)
+
+
+# ---------------------------------------------------------------- plans (dbprofile.plan)
+
+
+@dataclass(kw_only=True)
+class PlanEntry:
+    """One planned configuration: a technique at a batch size on the target, predicted from a
+    fake-tensor run plus the documented CUDA corrections (see dbprofile.plan)."""
+
+    technique: str
+    """Technique name; 'db:B+parallel' is DiffusionBlocks with one block per device."""
+    batch_size: int
+    """Batch size per device."""
+    status: str = "ok"
+    """ok | error (the fake run failed; ``error`` says why)."""
+    error: str | None = None
+    tracked_peak_bytes: int = 0
+    """Predicted peak of live tensor bytes per device (after sharding); the shares sum to it."""
+    shares: dict[str, int] = field(default_factory=dict)
+    """Bytes by category at the peak, per device; sums to tracked_peak_bytes exactly."""
+    corrections: dict[str, int] = field(default_factory=dict)
+    """CUDA effects a tensor tracker cannot see, in bytes: cublas_workspace, allocator_segments,
+    cuda_context (empty when the target is the CPU). The 512-byte block rounding of each tensor is
+    already in the shares for a CUDA target."""
+    peak_bytes: int = 0
+    """Predicted device memory needed: tracked_peak_bytes + sum(corrections)."""
+    fits: bool | None = None
+    """peak_bytes <= capacity (None when no capacity is known)."""
+    headroom_bytes: int | None = None
+    """capacity - peak_bytes (negative when it does not fit)."""
+    max_batch_size: int | None = None
+    """Largest batch size per device whose prediction fits (0: not even batch size 1)."""
+    peak_phase: str | None = None
+    peak_block: int | None = None
+    num_parameters: int | None = None
+    extra_parameters: int | None = None
+    """Parameters the technique adds (AdaLN-Zero modulation, sigma embedder)."""
+    world_size: int = 1
+    """Devices this configuration uses."""
+    sharding: str = "none"
+    """none | zero-1 | zero-2 | zero-3 | block-parallel."""
+    linear_fit: dict[str, Any] = field(default_factory=dict)
+    """The batch-size model peak(b) = fixed_bytes + per_sample_bytes * b and the points it came from."""
+    extra: dict[str, Any] = field(default_factory=dict)
+    """Technique-specific facts carried over from the fake run (e.g. activation ratios)."""
+
+    @property
+    def ok(self) -> bool:
+        return self.status == "ok"
+
+    def share_fraction(self, category: str) -> float:
+        return self.shares.get(category, 0) / self.tracked_peak_bytes if self.tracked_peak_bytes else 0.0
+
+
+@dataclass(kw_only=True)
+class Plan:
+    """What each technique would need for one model, batch size and target device."""
+
+    model: str
+    model_info: dict[str, Any] = field(default_factory=dict)
+    device: str = "cpu"
+    """The target: a GPU table name, 'cpu', or 'custom' for a capacity given in bytes."""
+    capacity_bytes: int | None = None
+    batch_size: int = 1
+    precision: str = "fp32"
+    optimizer: str = "adamw"
+    zero_stage: int = 0
+    world_size: int = 1
+    cuda_corrections: bool = False
+    """Whether the CUDA corrections were applied (a CUDA target) or not (the CPU)."""
+    entries: list[PlanEntry] = field(default_factory=list)
+    verdict: Any = None
+    """A dbprofile.verdict.Verdict (kept untyped here so results.py imports nothing above it)."""
+    elapsed_s: float | None = None
+    """Wall time the planning took."""
+
+    def get(self, technique: str) -> PlanEntry | None:
+        for entry in self.entries:
+            if entry.technique == technique:
+                return entry
+        return None
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    def to_json(self, indent: int | None = 1) -> str:
+        return json.dumps(self.to_dict(), indent=indent, allow_nan=True)
+
+    def __repr__(self) -> str:
+        from dbprofile.plan import format_plan
+
+        return format_plan(self)
+
+    def _repr_html_(self) -> str:
+        from dbprofile.plan import format_plan_html
+
+        return format_plan_html(self)

@@ -171,7 +171,7 @@ def _load_file(path: Path, obj_name: str | None) -> ModelSpec:
         raise
     except SyntaxError as err:
         raise SpecError(
-            f"Model file {str(path)!r} has a syntax error at line {err.lineno}: {err.msg}. "
+            f"Model file {str(path)!r} has a syntax error at line {err.lineno}: {str(err.msg).rstrip('.')}. "
             "Fix the file and run again."
         ) from None
     except Exception as err:  # the user's import-time code failed: point at their line

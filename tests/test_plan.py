@@ -42,8 +42,8 @@ def test_unknown_gpu_name_lists_close_names():
 
 
 def test_cublas_workspace_is_32_mib_on_hopper_and_8_mib_before():
-    assert cublas_workspace_bytes((9, 0)) == 32 * MiB
-    assert cublas_workspace_bytes((8, 0)) == 8 * MiB + 128 * 1024
+    assert cublas_workspace_bytes((9, 0)) == 2 * 32 * MiB
+    assert cublas_workspace_bytes((8, 0)) == 2 * (8 * MiB + 128 * 1024)
 
 
 def test_zero_stage_without_world_size_is_rejected():
@@ -95,9 +95,9 @@ def test_block_parallel_keeps_the_shared_parts_and_one_blocks_layers():
 def test_cuda_corrections_name_each_effect():
     target = resolve_target("H100-80GB")
     corrections = cuda_corrections(10 * GiB, target)
-    assert corrections["cublas_workspace"] == 32 * MiB
+    assert corrections["cublas_workspace"] == 64 * MiB
     assert corrections["cuda_context"] == CUDA_CONTEXT_BYTES
-    assert corrections["allocator_segments"] == pytest.approx(ALLOCATOR_OVERHEAD_FRACTION * (10 * GiB + 32 * MiB), abs=1)
+    assert corrections["allocator_segments"] == pytest.approx(ALLOCATOR_OVERHEAD_FRACTION * (10 * GiB + 64 * MiB), abs=1)
     assert cuda_corrections(10 * GiB, resolve_target("cpu")) == {}
     assert resolve_target(40 * GiB).capacity_bytes == 40 * GiB
 
@@ -124,10 +124,10 @@ def test_max_batch_search_confirms_the_linear_prediction_in_one_run():
     capacity = CUDA_CONTEXT_BYTES + 300 * MiB
     result = plan("gpt-tiny", 8, device=capacity, techniques=["e2e"], measure_fn=_linear_runner(calls))
     e2e = result.get("e2e")
-    # peak(b) = (1 MiB + 2 MiB * b + 32 MiB workspace) * 1.05 + context <= capacity.
+    # peak(b) = (1 MiB + 2 MiB * b + 64 MiB workspace) * (1 + overhead) + context <= capacity.
     expected = max(b for b in range(1, 200)
-                   if CUDA_CONTEXT_BYTES + int(-(-((MiB + 2 * MiB * b + 32 * MiB) * ALLOCATOR_OVERHEAD_FRACTION) // 1))
-                   + MiB + 2 * MiB * b + 32 * MiB <= capacity)
+                   if CUDA_CONTEXT_BYTES + int(-(-((MiB + 2 * MiB * b + 64 * MiB) * ALLOCATOR_OVERHEAD_FRACTION) // 1))
+                   + MiB + 2 * MiB * b + 64 * MiB <= capacity)
     assert e2e.max_batch_size == expected
     assert [c[1] for c in calls] == [8, expected]  # the plan's batch size, then one confirming run
     assert all(c[2] == 512 for c in calls)  # a CUDA target tracks 512-byte blocks

@@ -37,10 +37,10 @@ def _timeline(activation_peak: int) -> dict:
     cats = list(CATEGORIES)
     points = []
     for i in range(12):  # forward: activations grow
-        points.append([0, P_BYTES, 0, P_BYTES * i // 12, 2 * P_BYTES, activation_peak * i // 11, 1_048_576, 393_344])
+        points.append([0, P_BYTES, 0, P_BYTES * i // 12, 2 * P_BYTES, activation_peak * i // 11, 1_048_576, 393_344, 0])
     for i in range(12):  # backward: activations freed, gradients appear
-        points.append([1, P_BYTES, 0, P_BYTES, 2 * P_BYTES, activation_peak * (11 - i) // 11, 2_097_152, 393_344])
-    points.append([2, P_BYTES, 0, P_BYTES, 2 * P_BYTES, 0, 4_194_304, 393_344])
+        points.append([1, P_BYTES, 0, P_BYTES, 2 * P_BYTES, activation_peak * (11 - i) // 11, 2_097_152, 393_344, 0])
+    points.append([2, P_BYTES, 0, P_BYTES, 2 * P_BYTES, 0, 4_194_304, 393_344, 0])
     return {"categories": cats, "phases": ["forward", "backward", "optimizer"], "points": points}
 
 

@@ -155,21 +155,3 @@ def test_host_resident_and_other_device_tensors_are_not_counted():
         assert tracker.total == 0
     del host, other
 
-
-@pytest.mark.gpu
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
-def test_cuda_tracked_peak_within_2_percent_of_max_memory_allocated():
-    torch.cuda.empty_cache()
-    spec, trainer, tracker = _tracked_trainer("e2e", batch_size=256, device="cuda", width=256, depth=6)
-    try:
-        torch.cuda.synchronize()
-        torch.cuda.reset_peak_memory_stats()
-        # cuBLAS keeps workspaces in the caching allocator that no tensor holds; they are
-        # constant after the first matmul and recorded beside the tracker's figure.
-        untracked = torch.cuda.memory_allocated() - tracker.total
-        record = _measured_step(spec, trainer, tracker, batch_size=256, device="cuda")
-        torch.cuda.synchronize()
-        allocated = torch.cuda.max_memory_allocated()
-    finally:
-        tracker.__exit__(None, None, None)
-    assert abs(record.peak_bytes + untracked - allocated) <= 0.02 * allocated

@@ -190,23 +190,36 @@ def _measure_into(
             for _ in range(warmup_steps):
                 for unit in units:
                     run_step(tracker, unit, None)
-            if not fake:
-                devices.reset_peaks(dev)  # the allocator's peaks then cover measured steps only
+            allocator_peaks: list[dict] = []
             for unit in units:
                 run_step(tracker, unit, results[unit], track=True)
                 if not fake:
                     # Timed steps run untracked: the tracker's Python dispatch overhead must not
-                    # inflate step times. Fake steps have no meaningful time.
+                    # inflate step times. Fake steps have no meaningful time. The allocator's
+                    # peaks are read over these untracked steps only: the tracked step resets
+                    # them around every op, and the ground truth must not come from the tracker.
                     with tracker.paused():
+                        devices.reset_peaks(dev)
                         for _ in range(steps):
                             run_step(tracker, unit, results[unit], track=False)
-        m.cuda = devices.cuda_figures(dev) if not fake else None
+                        figures = devices.cuda_figures(dev)
+                    if figures is not None:
+                        allocator_peaks.append(figures)
+        m.cuda = _worst_figures(allocator_peaks) if allocator_peaks else None
         if m.cuda is not None:
             m.cuda["untracked_allocated_bytes"] = m.extra.pop("cuda_untracked_bytes", None)
         block_layers = getattr(trainer, "block_layers", None)
         del trainer, tracker
     m.extra["timing"] = {"build_s": build_s, "all_steps_s": sum(all_steps), "steps_run": len(all_steps)}
     _summarise(m, units, results, fake, block_layers)
+
+
+def _worst_figures(per_unit: list[dict]) -> dict:
+    """Allocator peaks over every unit (the worst block for DiffusionBlocks); NVML from the last."""
+    worst = dict(per_unit[-1])
+    for key in ("max_memory_allocated", "max_memory_reserved"):
+        worst[key] = max(f[key] for f in per_unit)
+    return worst
 
 
 def _step(m, spec, trainer, batch_size, dev, fake, sync, counter, all_steps, tracker, unit,
@@ -221,11 +234,10 @@ def _step(m, spec, trainer, batch_size, dev, fake, sync, counter, all_steps, tra
     if track:
         tracker.begin_step()
         if sync:
-            # Allocator bytes no tensor holds (cuBLAS/cuBLASLt workspaces, made on the first
-            # matmul and kept): recorded beside max_memory_allocated to explain the gap.
-            devices.synchronize(dev)
-            untracked = int(torch.cuda.memory_allocated(dev)) - tracker.total
-            m.extra["cuda_untracked_bytes"] = max(untracked, m.extra.get("cuda_untracked_bytes", 0))
+            # Allocator bytes no tensor holds when the step starts (cuBLAS workspaces): the
+            # tracker counts them as workspace; kept beside max_memory_allocated to explain it.
+            held = tracker.shares()["workspace"]
+            m.extra["cuda_untracked_bytes"] = max(held, m.extra.get("cuda_untracked_bytes", 0))
     if sync:
         devices.synchronize(dev)
     start = time.perf_counter()
@@ -360,6 +372,7 @@ def run(
 _SHORT = {
     "parameters": "params", "buffers": "buffers", "gradients": "grads", "optimizer_state": "optim",
     "activations": "acts", "temporaries": "temps", "inputs": "inputs",
+    "workspace": "wkspace",
 }
 
 

@@ -59,6 +59,7 @@ from dbprofile.results import CATEGORIES
 _CAT_INDEX = {name: i for i, name in enumerate(CATEGORIES)}
 _ACT = _CAT_INDEX["activations"]
 _TMP = _CAT_INDEX["temporaries"]
+_WS = _CAT_INDEX["workspace"]
 # Roles set from what a storage is (a parameter, a gradient...) outrank how it is used.
 _ROLE_RANK = {"parameters": 0, "buffers": 1, "gradients": 2, "optimizer_state": 3, "inputs": 4}
 
@@ -119,8 +120,21 @@ class _Mode(TorchDispatchMode):
         self.tracker = tracker
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        tracker = self.tracker
+        if not tracker.sample_allocator:
+            out = func(*args, **(kwargs or {}))
+            tracker._on_output(out)
+            return out
+        # CUDA: the allocator's peak inside this one op shows scratch memory a kernel takes and
+        # gives back before returning (no tensor ever holds it, so only the allocator sees it).
+        dev = tracker.device
+        allocated_before = torch.cuda.memory_allocated(dev)
+        total_before = tracker.total
+        torch.cuda.reset_peak_memory_stats(dev)
         out = func(*args, **(kwargs or {}))
-        self.tracker._on_output(out)
+        in_op_peak = torch.cuda.max_memory_allocated(dev)
+        tracker._on_output(out)
+        tracker._on_op_peak(total_before + in_op_peak - allocated_before)
         return out
 
 
@@ -163,6 +177,8 @@ class Tracker:
         self._handles: list[Any] = []
         self._mode: _Mode | None = None
         self._hooks: Any = None
+        self.sample_allocator = self.device.type == "cuda" and torch.cuda.is_available()
+        """On a real CUDA device the allocator's counters are read around every op (``workspace``)."""
 
     # ------------------------------------------------------------ context
 
@@ -215,6 +231,15 @@ class Tracker:
     def begin_step(self) -> None:
         """Start recording a step: the peak starts from what is live now."""
         self.refresh()
+        if self.sample_allocator:
+            # Allocator bytes no tensor holds at the start of the step: the cuBLAS handles'
+            # workspaces (one per thread that ran a matmul, kept for the process's life).
+            torch.cuda.synchronize(self.device)
+            held = int(torch.cuda.memory_allocated(self.device)) - (self.total - self.totals[_WS])
+            with self._lock:
+                delta = max(held, 0) - self.totals[_WS]
+                self.totals[_WS] += delta
+                self.total += delta
         self.recording = True
         self.phase_snapshots = []
         self._points = []
@@ -337,6 +362,18 @@ class Tracker:
                 f"out of memory: tracked tensors reached {self.total} bytes, above the memory limit "
                 f"of {self.memory_limit} bytes"
             )
+
+    def _on_op_peak(self, in_op_total: int) -> None:
+        """An op's in-kernel peak above what its outputs hold counts, for that instant, as workspace."""
+        extra = in_op_total - self.total
+        if extra <= 0:
+            return
+        with self._lock:
+            self._add(_WS, extra)
+            self.totals[_WS] -= extra
+            self.total -= extra
+            if self.recording:
+                self._record()
 
     def _move(self, info: _Storage, cat: int) -> None:
         with self._lock:

@@ -27,6 +27,7 @@ CATEGORY_COLOURS: dict[str, str] = {
     "activations": "#009E73",
     "temporaries": "#56B4E9",
     "inputs": "#CC79A7",
+    "workspace": "#F0E442",
 }
 # Colours for series in the comparison chart (runs, not categories).
 SERIES_COLOURS = ("#4C72B0", "#DD8452", "#55A868", "#C44E52", "#8172B3", "#937860", "#DA8BC3", "#8C8C8C")
