@@ -61,7 +61,7 @@ from dbprofile.methods.sharding import (
     make_distributed_trainer,
     parse_distributed_technique,
 )
-from dbprofile.results import CATEGORIES, Measurement, RunResult, format_bytes
+from dbprofile.results import CATEGORIES, Measurement, RunResult
 from dbprofile.spec import ModelSpec, SpecError, get_layers, load_spec
 
 DEFAULT_TIMEOUT_S = 300
@@ -333,34 +333,111 @@ def measure_rank(
 
 
 def _run_steps(m: Measurement, spec: ModelSpec, trainer, batch_size: int, dev: torch.device,
-               warmup_steps: int, steps: int) -> None:
-    """The runner's protocol on this rank: warm-up per unit, one tracked and ``steps`` timed steps per unit."""
+               warmup_steps: int, steps: int, fake: bool = False, round_to: int | None = None) -> None:
+    """The runner's protocol on this rank: warm-up per unit, one tracked and ``steps`` timed steps
+    per unit (no timed steps for fake tensors)."""
     m.num_parameters = sum(p.numel() for p in trainer.model.parameters())
     extra = getattr(trainer, "extra_parameters", None)
     m.extra_parameters = int(extra() if callable(extra) else extra) if extra is not None else None
-    sync = dev.type == "cuda"
+    sync = dev.type == "cuda" and not fake
     units = list(getattr(trainer, "units", [None]))
     results = {unit: _UnitResult() for unit in units}
     counter = iter(range(10**9))
     all_steps: list[float] = []
-    run_step = functools.partial(_step, m, spec, trainer, batch_size, dev, False, sync, counter, all_steps)
-    tracker = ShardedTracker(dev, trainer=trainer)
+    run_step = functools.partial(_step, m, spec, trainer, batch_size, dev, fake, sync, counter, all_steps)
+    tracker = ShardedTracker(torch.device("cpu") if fake else dev, trainer=trainer, round_to=round_to)
     with tracker:
         for _ in range(warmup_steps):
             for unit in units:
                 run_step(tracker, unit, None)
-        devices.reset_peaks(dev)
+        if not fake:
+            devices.reset_peaks(dev)
+            if dev.type == "cuda":
+                # Allocated on this device but not a tensor the tracker sees (the process group's own
+                # buffers, anything made before the trainer): explains a gap to max_memory_allocated.
+                tracker.refresh()
+                m.extra["untracked_resident_bytes"] = int(torch.cuda.memory_allocated(dev)) - tracker.total
         for unit in units:
             run_step(tracker, unit, results[unit], track=True)
-            with tracker.paused():
-                for _ in range(steps):
-                    run_step(tracker, unit, results[unit], track=False)
-    m.cuda = devices.cuda_figures(dev)
+            if not fake:
+                with tracker.paused():
+                    for _ in range(steps):
+                        run_step(tracker, unit, results[unit], track=False)
+    m.cuda = None if fake else devices.cuda_figures(dev)
     m.extra["timing"] = {"all_steps_s": sum(all_steps), "steps_run": len(all_steps)}
-    _summarise(m, units, results, False, getattr(trainer, "block_layers", None))
+    _summarise(m, units, results, fake, getattr(trainer, "block_layers", None))
     if len(units) == 1 and units[0] is not None:
-        # block-parallel: this rank's one block
-        m.peak_block = int(units[0])
+        m.peak_block = int(units[0])  # block-parallel: this rank's one block
+
+
+# ---------------------------------------------------------------- one rank, simulated (the planner)
+
+
+@contextlib.contextmanager
+def _fake_world(world_size: int):
+    """A process group of ``world_size`` ranks in which this process is rank 0 and every collective
+    is a no-op (PyTorch's ``fake`` backend): FSDP runs its real code without other processes."""
+    if dist.is_initialized():
+        raise SpecError(
+            "Simulating a sharded rank needs its own (fake) process group, but this process already belongs "
+            "to one (it runs under torchrun). Plan outside torchrun, or measure with run_distributed."
+        )
+    from torch.distributed.device_mesh import init_device_mesh
+
+    import torch.distributed.fsdp  # noqa: F401 - importing FSDP registers the 'fake' backend
+
+    dist.init_process_group("fake", store=dist.HashStore(), rank=0, world_size=world_size)
+    try:
+        # Made outside fake mode: the mesh's set-up reads real values.
+        yield init_device_mesh("cpu", (world_size,))
+    finally:
+        dist.destroy_process_group()
+
+
+def simulate_rank(
+    spec: ModelSpec | str,
+    technique: str | DistributedTechnique,
+    batch_size: int,
+    world_size: int,
+    *,
+    fsdp: bool = True,
+    precision: str = "fp32",
+    optimizer: str = "adamw",
+    round_to: int | None = None,
+    warmup_steps: int = DEFAULT_WARMUP_STEPS,
+) -> Measurement:
+    """What one rank of a ``world_size``-rank run would track, from ONE process and no memory: the
+    real FSDP (or block-parallel) training code runs on fake tensors in a fake process group, and
+    the same ``ShardedTracker`` counts it. FSDP ranks differ only where a first dimension does not
+    divide by the world size: the first ranks get the larger pieces (as ``torch.chunk`` does), so
+    rank 0 is the worst and stands for all. Block-parallel ranks differ (their blocks do), so every
+    rank is simulated and the worst is returned, with each rank's peak in ``extra['rank_peaks']``.
+    """
+    from dbprofile.measure.fake import fake_mode
+
+    spec = spec if isinstance(spec, ModelSpec) else load_spec(spec)
+    dtech = parse_distributed_technique(technique)
+    fsdp = fsdp and not dtech.parallel
+    with fake_mode():
+        check_distributed(dtech, spec, spec.build(), world_size, fsdp)
+    cpu = torch.device("cpu")
+    ranks = range(world_size) if dtech.parallel else [0]
+    rows = []
+    with _fake_world(world_size) as mesh:
+        for rank in ranks:
+            m = Measurement(technique=dtech.name, batch_size=batch_size, precision=precision, optimizer=optimizer,
+                            device="cpu", fake=True, extra={"rank": rank, "world_size": world_size, "sharding":
+                            SHARDING_BLOCK_PARALLEL if dtech.parallel else (SHARDING_FSDP if fsdp else "none")})
+            with fake_mode():
+                torch.manual_seed(SEED)
+                trainer = make_distributed_trainer(dtech, spec, cpu, rank, fsdp, precision=precision,
+                                                   optimizer=optimizer, mesh=mesh)
+                _run_steps(m, spec, trainer, batch_size, cpu, warmup_steps, 0, fake=True, round_to=round_to)
+                del trainer
+            rows.append(m)
+    worst = max(rows, key=lambda row: row.peak_bytes)
+    worst.extra["rank_peaks"] = [row.peak_bytes for row in rows]
+    return worst
 
 
 # ---------------------------------------------------------------- all ranks
@@ -369,7 +446,7 @@ def _run_steps(m: Measurement, spec: ModelSpec, trainer, batch_size: int, dev: t
 def run_distributed(
     spec: ModelSpec | str | None,
     techniques: Sequence[str] | str,
-    batch_size: int,
+    batch_size: int | Sequence[int],
     *,
     fsdp: bool = True,
     device: str | None = None,
@@ -381,8 +458,9 @@ def run_distributed(
     command: str = "",
     timeout_s: float = DEFAULT_TIMEOUT_S,
 ) -> RunResult | None:
-    """Measure every technique on every rank; rank 0 returns the RunResult (a row per rank and
-    technique, saved to ``out`` after each technique), the other ranks return None.
+    """Measure every technique (at every batch size, per rank) on every rank; rank 0 returns the
+    RunResult (a row per rank, technique and batch size, saved to ``out`` after each technique), the
+    other ranks return None.
 
     Call it on every rank (under torchrun). ``fsdp`` shards e2e / ckpt / db:B / db:B+ckpt with FSDP2;
     ``db:B+parallel`` needs exactly B ranks and no ``fsdp``. ``device``: 'cpu' (gloo) or 'cuda'
@@ -394,14 +472,27 @@ def run_distributed(
     dtechs = list({d.name: d for d in map(parse_distributed_technique, names)}.values())
     if not dtechs:
         raise SpecError("No technique given; pass e.g. e2e,ckpt,db:2 (or db:B+parallel).")
-    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
-        raise SpecError(f"batch_size must be a positive integer; got {batch_size!r}.")
+    sizes = [batch_size] if isinstance(batch_size, int) else list(batch_size)
+    if not sizes or any(isinstance(b, bool) or not isinstance(b, int) or b < 1 for b in sizes):
+        raise SpecError(f"batch_size must be a positive integer (or a list of them); got {batch_size!r}.")
     if not fsdp and not any(d.parallel for d in dtechs):
         raise SpecError(
             "run_distributed measures sharded or block-parallel training: pass fsdp=True (--fsdp), "
             "or a db:B+parallel technique; for one device use dbprofile.measure.runner.run."
         )
+    owns_group = not dist.is_initialized()
     rank, world, dev = init_process_group(device, timeout_s)
+    try:
+        return _run_ranks(spec, dtechs, sizes, rank, world, dev, fsdp, precision, optimizer, warmup_steps,
+                          steps, out, command, timeout_s)
+    finally:
+        # A group this call made is this call's to close (torchrun's processes then exit cleanly).
+        if owns_group and dist.is_initialized():
+            dist.destroy_process_group()
+
+
+def _run_ranks(spec, dtechs, sizes, rank, world, dev, fsdp, precision, optimizer, warmup_steps, steps, out,
+               command, timeout_s) -> RunResult | None:
     from dbprofile.measure.fake import fake_mode
 
     with fake_mode():  # shape checks only: no memory
@@ -423,7 +514,7 @@ def run_distributed(
             created=datetime.now(timezone.utc).isoformat(timespec="seconds"),
         )
     stopped: str | None = None
-    for d in dtechs:
+    for batch_size, d in [(b, d) for b in sizes for d in dtechs]:
         if stopped is None:
             m = measure_rank(spec, d, batch_size, dev, fsdp and not d.parallel, precision, optimizer,
                              warmup_steps, steps, results_group)
@@ -441,19 +532,28 @@ def run_distributed(
                 result.measurements.append(row)
                 if e2e_parameters := (row.num_parameters if row.technique == "e2e" else None):
                     result.model_info.setdefault("parameters", e2e_parameters)
-            if out is not None:
-                result.save(out)
             failed = [(r, row) for r, row in enumerate(gathered) if not row.ok and not row.extra.get("not_measured")]
             # The same failure on every rank (a deterministic model error) left nobody waiting; a
             # failure on some ranks, or different ones, may have left collectives half done.
             uneven = len(failed) < world or len({row.error.split(": ", 1)[-1] for _, row in failed}) > 1
             if stopped is None and failed and uneven:
-                r, row = failed[0]
-                verdict[0] = f"rank {r} failed in {d.name} while the others waited for it; the process group may be out of step"
+                waited = {w for w, row in failed if _timed_out(row.error)}
+                r = next((r for r, _ in failed if r not in waited), failed[0][0])
+                for w in waited:
+                    gathered[w].error += f" (rank {w} waited in a collective for rank {r}, which failed)"
+                verdict[0] = (f"rank {r} failed in {d.name}, so the ranks' collectives may be out of step; "
+                              "the remaining techniques were not run")
+            if out is not None:
+                result.save(out)
         dist.broadcast_object_list(verdict, src=0, group=results_group)
         stopped = stopped or verdict[0]
     dist.barrier(group=results_group)
     return result
+
+
+def _timed_out(error: str | None) -> bool:
+    text = (error or "").lower()
+    return "timed out" in text or "timeout" in text
 
 
 # ---------------------------------------------------------------- launching torchrun

@@ -16,7 +16,15 @@ the classification is dbprofile's:
   checkpointing saves) plus tensors recomputed for backward by checkpointing (op outputs
   made with grad mode on during the backward phase);
 - ``temporaries``: everything else op outputs hold (the loss, gradients of activations,
-  the optimizer's scratch tensors, ...).
+  the optimizer's scratch tensors, ...);
+- ``workspace`` (CUDA only): allocator bytes no tensor holds. At the start of a step,
+  ``memory_allocated`` minus the tracked tensors (the cuBLAS handles' workspaces); and, for
+  the instant of each op, its in-kernel peak (``reset_peak_memory_stats`` before the op,
+  ``max_memory_allocated`` after) above what its outputs hold: scratch that attention
+  backward or a cuDNN convolution takes and frees inside the op. Without it the tracker ran
+  up to 9.8% under ``max_memory_allocated`` on an H100; with it, within 0.3%
+  (reports/gpu-validation-h100.md). The runner reads the allocator's own peaks over separate
+  untracked steps, so that comparison does not use the tracker's resets.
 
 A storage has one category at a time, so the categories always sum to the live total and
 the shares at the instant of the peak sum to the peak exactly. Fake tensors have storages
