@@ -1,0 +1,113 @@
+"""Bytes the residual layers save for backward: one DiffusionBlocks block against the same
+sigma-conditioned layers at full depth and against the user's plain model.
+
+The measurement runner records these ratios in ``Measurement.extra`` so a report can show
+both comparisons METHOD.md asks for: the B-fold cut holds against the same AdaLN model at
+full depth, while against the plain end-to-end model the cut is smaller (AdaLN-Zero saves
+its modulate and gate products too; the causal-lm construction doubles the sequence).
+Counting uses ``torch.autograd.graph.saved_tensors_hooks`` during a forward pass, only while
+a residual layer runs, and counts each storage once; parameters are not activations and
+are left out.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from typing import Callable, Iterator
+
+import torch
+from torch import nn
+
+from dbprofile.methods.diffusion_blocks.blockwise import BlockwiseModel
+from dbprofile.spec import ModelSpec, get_layers
+
+
+class _SavedBytes:
+    """Counts the distinct storages saved for backward while a watched layer runs."""
+
+    def __init__(self, exclude: set[int]) -> None:
+        self.exclude = exclude
+        self.depth = 0
+        self.storages: dict[int, int] = {}
+
+    def pack(self, tensor: torch.Tensor) -> torch.Tensor:
+        if self.depth > 0:
+            storage = tensor.untyped_storage()
+            key = storage._cdata  # the StorageImpl: one per storage, defined for fake tensors too
+            if key not in self.exclude:
+                self.storages[key] = storage.nbytes()
+        return tensor
+
+    @staticmethod
+    def unpack(tensor: torch.Tensor) -> torch.Tensor:
+        return tensor
+
+    @property
+    def total(self) -> int:
+        return sum(self.storages.values())
+
+    @contextlib.contextmanager
+    def watching(self, layers: list[nn.Module]) -> Iterator[None]:
+        def enter(_module, _args):
+            self.depth += 1
+
+        def leave(_module, _args, _out):
+            self.depth -= 1
+
+        # prepend: count from before any other pre-hook until after the layer's own output
+        handles = [layer.register_forward_pre_hook(enter, prepend=True) for layer in layers]
+        handles += [layer.register_forward_hook(leave, prepend=True) for layer in layers]
+        try:
+            with torch.autograd.graph.saved_tensors_hooks(self.pack, self.unpack):
+                yield
+        finally:
+            for handle in handles:
+                handle.remove()
+
+
+def _measure(model: nn.Module, layers: list[nn.Module], run: Callable[[], torch.Tensor]) -> int:
+    exclude = {p.untyped_storage()._cdata for p in model.parameters()}
+    counter = _SavedBytes(exclude)
+    with torch.enable_grad(), counter.watching(layers):
+        loss = run()
+    del loss
+    return counter.total
+
+
+def layer_activation_bytes(
+    spec: ModelSpec, blocks: int, batch_size: int, device: torch.device | str = "cpu"
+) -> dict[str, float | int]:
+    """Bytes saved for backward by the residual layers only:
+
+    - ``block_layers_bytes``: the worst block's layers in one DiffusionBlocks step;
+    - ``full_depth_adaln_bytes``: the same sigma-conditioned layers run at full depth (same
+      task construction, all L layers);
+    - ``plain_layers_bytes``: the user's plain model's layers in its end-to-end loss;
+    - ``ratio_vs_full_depth_adaln`` and ``ratio_vs_plain_e2e``: block / full-depth, block / plain.
+    """
+    device = torch.device(device)
+    batch = spec.batch(batch_size, device)
+
+    plain = spec.build().to(device)
+    plain_layers = list(get_layers(plain, spec.layers, spec.name))
+    plain_bytes = _measure(plain, plain_layers, lambda: spec.loss(plain, batch))
+
+    model = BlockwiseModel(spec, spec.build(), blocks).to(device)
+    per_block = []
+    for block in range(blocks):
+        layers = [model._runners[i] for i in model.block_layers[block]]
+        gen = torch.Generator(device=device).manual_seed(block)
+        per_block.append(_measure(model, layers, lambda: model.loss(batch, block, generator=gen)))
+    everything = list(range(len(model.layers)))
+    gen = torch.Generator(device=device).manual_seed(0)
+    full_bytes = _measure(
+        model, list(model._runners), lambda: model.loss(batch, 0, generator=gen, layer_indices=everything)
+    )
+    worst = max(per_block)
+    return {
+        "block_layers_bytes": worst,
+        "full_depth_adaln_bytes": full_bytes,
+        "plain_layers_bytes": plain_bytes,
+        "ratio_vs_full_depth_adaln": worst / full_bytes if full_bytes else float("nan"),
+        "ratio_vs_plain_e2e": worst / plain_bytes if plain_bytes else float("nan"),
+    }

@@ -1,0 +1,334 @@
+"""The block-wise model: a user's residual network seen as B independent denoisers.
+
+``BlockwiseModel`` wraps any ModelSpec whose ``layers`` are residual. It cuts the L layers
+into B contiguous blocks (block 0, next to the input, gets the highest noise range), wraps
+every layer with AdaLN-Zero sigma conditioning (not for the denoising task, whose model is
+already noise-conditioned), and adds what the task needs to cast its target as denoising.
+
+One step on block b swaps the model's ModuleList for a ModuleList holding ONLY block b's
+layers and calls the model's own forward, so the stem and head run as the user wrote them
+and nothing of the other blocks runs or receives gradients. The full list is put back
+afterwards (evaluation and ``state_dict`` see the whole model). Per task:
+
+- classification: the clean target is the L2-normalised row of a learnable label
+  embedding; a pre-hook on the first active layer puts c_in*z at token 0 (the CLS
+  position), a hook on the last active layer reads F there and writes D = c_skip*z + c_out*F
+  back, so the model's own final norm and head turn D into logits; cross-entropy.
+- denoising: ``model(c_in*z, c_noise, labels)`` is F; D = c_skip*z + c_out*F; MSE to x0.
+- causal-lm: clean and noisy tokens interleaved, ``[c_0, n_0, c_1, n_1, ...]``, where
+  n_i = c_in*z_i + c_i, z_i = normalize(E[y_i]) + sigma*eps_i is the noisy embedding of the
+  target y_i (a learnable target embedding E) and c_i is the clean stream at position i
+  (which carries the position i, whatever encoding the model uses). Under the model's plain
+  causal mask n_i sees c_0..c_i and earlier noisy targets (whose clean tokens it already
+  sees), so nothing leaks. The hook on the last active layer returns D at the noisy
+  positions, (N, T, d), and the model's head gives (N, T, V) logits; cross-entropy. The
+  active layers run on 2T tokens: about twice the activation bytes per layer of plain
+  next-token training.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from typing import Iterator
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from dbprofile.methods.checkpointing import CheckpointedSegment, split_contiguous
+from dbprofile.methods.diffusion_blocks.conditioning import (
+    ConditioningContext,
+    SigmaEmbedder,
+    default_cond_dim,
+    wrap_layer,
+)
+from dbprofile.methods.diffusion_blocks.schedule import (
+    DEFAULT_GAMMA,
+    DEFAULT_WEIGHTING,
+    WEIGHTINGS,
+    block_ranges,
+    edm_preconditioning,
+    sample_sigma,
+    weighted_loss,
+)
+from dbprofile.models.common import seeded
+from dbprofile.spec import Batch, ModelSpec, SpecError, get_layers, infer_hidden_size, set_layers
+
+
+def _first(out):
+    return out[0] if isinstance(out, (tuple, list)) else out
+
+
+def _replace_first(out, new):
+    return (new, *out[1:]) if isinstance(out, (tuple, list)) else new
+
+
+def _per_sample(values: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    """(N,) -> (N, 1, ..., 1) broadcastable against ``like``."""
+    return values.reshape(values.shape[0], *([1] * (like.dim() - 1)))
+
+
+class BlockwiseModel(nn.Module):
+    """A residual model prepared for DiffusionBlocks training and sampling (see module doc)."""
+
+    def __init__(
+        self,
+        spec: ModelSpec,
+        model: nn.Module,
+        blocks: int,
+        *,
+        gamma: float = DEFAULT_GAMMA,
+        partition: str = "equiprobable",
+        weighting: str = DEFAULT_WEIGHTING,
+        cond_dim: int | None = None,
+        checkpoint: bool = False,
+        seed: int = 0,
+    ) -> None:
+        super().__init__()
+        with seeded(seed):  # the added parameters are deterministic, like spec.build()
+            self._setup(spec, model, blocks, gamma, partition, weighting, cond_dim, checkpoint)
+
+    def _setup(self, spec, model, blocks, gamma, partition, weighting, cond_dim, checkpoint) -> None:
+        layers = get_layers(model, spec.layers, spec.name)
+        if not isinstance(blocks, int) or blocks < 1:
+            raise SpecError(f"DiffusionBlocks needs B >= 1 blocks; got B={blocks!r}. Use db:B with B >= 1.")
+        if blocks > len(layers):
+            raise SpecError(
+                f"DiffusionBlocks with B={blocks} needs at least {blocks} layers; {spec.name!r} has "
+                f"{len(layers)} in {spec.layers!r}. Use db:B with 1 <= B <= {len(layers)}."
+            )
+        if weighting not in WEIGHTINGS:
+            raise SpecError(f"Unknown loss weighting {weighting!r}; choose one of {', '.join(WEIGHTINGS)}.")
+        self.spec = spec
+        self.task = spec.task
+        self.num_blocks = blocks
+        self.weighting = weighting
+        self.ranges = block_ranges(blocks, gamma, partition)
+        self.block_layers = [list(group) for group in split_contiguous(len(layers), blocks)]
+        self.model = model
+        self.context = ConditioningContext()
+        hidden = spec.hidden_size or infer_hidden_size(layers)
+        if hidden is None and self.task != "denoising":
+            raise SpecError(
+                f"Cannot infer the hidden width of {spec.name!r}: its first layer has no norm weight. "
+                "Set ModelSpec.hidden_size to the width of the residual stream."
+            )
+        self.hidden_size = hidden
+        if self.task == "denoising":
+            # A denoising model is noise-conditioned by the protocol (model(x, noise_level, labels)).
+            self.sigma_embedder = None
+            wrapped = list(layers)
+        else:
+            cond_dim = cond_dim or default_cond_dim(hidden)
+            self.sigma_embedder = SigmaEmbedder(cond_dim)
+            wrapped = [wrap_layer(layer, hidden, cond_dim, self.context) for layer in layers]
+        # Registered here as well as inside the user's model, so parameters() always sees every
+        # layer, even while the user's model holds only the active block.
+        self.layers = nn.ModuleList(wrapped)
+        set_layers(model, spec.layers, self.layers)
+        if self.task == "classification":
+            self.label_embedding = nn.Parameter(torch.randn(spec.num_classes, hidden))
+        elif self.task == "causal-lm":
+            self.target_embedding = nn.Embedding(spec.num_classes, hidden)
+        self.checkpoint = checkpoint
+        # Per-layer runners (checkpointed or not), kept out of the module tree on purpose.
+        self._runners = [CheckpointedSegment([layer]) if checkpoint else layer for layer in wrapped]
+        self._checked_layers: set[int] = set()
+        self.block_residency = contextlib.nullcontext
+        """Context manager factory ``(block) -> ctx`` that makes a block's parameters resident
+        for evaluation; the offloading trainer replaces it."""
+
+    # ------------------------------------------------------------------ structure
+
+    @property
+    def extra_parameters(self) -> int:
+        """Parameters DiffusionBlocks adds to the user's model (AdaLN, sigma and target embeddings)."""
+        extra = sum(p.numel() for p in self.sigma_embedder.parameters()) if self.sigma_embedder else 0
+        for layer in self.layers:
+            modulation = getattr(layer, "modulation", None)
+            if isinstance(modulation, nn.Module):
+                extra += sum(p.numel() for p in modulation.parameters())
+        if self.task == "classification":
+            extra += self.label_embedding.numel()
+        elif self.task == "causal-lm":
+            extra += self.target_embedding.weight.numel()
+        return extra
+
+    def block_parameters(self, block: int) -> list[nn.Parameter]:
+        """The parameters of block ``block``'s layers (wrappers included)."""
+        return [p for i in self.block_layers[block] for p in self.layers[i].parameters()]
+
+    def shared_parameters(self) -> list[nn.Parameter]:
+        """Parameters used by every block: stem, head, embeddings, sigma embedder."""
+        in_layers = {id(p) for p in self.layers.parameters()}
+        return [p for p in self.parameters() if id(p) not in in_layers]
+
+    @contextlib.contextmanager
+    def running(self, indices: list[int]) -> Iterator[nn.ModuleList]:
+        """Install a ModuleList of only these layers in the user's model, restoring the full list after."""
+        active = nn.ModuleList(self._runners[i] for i in indices)
+        # The first time a layer runs, check it keeps the hidden shape (a residual layer). These
+        # hooks are registered before the task's hooks, so they see the layer's own output.
+        unchecked = [pos for pos, i in enumerate(indices) if i not in self._checked_layers]
+        handles = [active[pos].register_forward_hook(self._check_shape) for pos in unchecked]
+        set_layers(self.model, self.spec.layers, active)
+        try:
+            yield active
+            self._checked_layers.update(indices[pos] for pos in unchecked)
+        finally:
+            for handle in handles:
+                handle.remove()
+            set_layers(self.model, self.spec.layers, self.layers)
+
+    # ------------------------------------------------------------------ training
+
+    def check_batch(self, batch: Batch) -> None:
+        """Raise SpecError when the batch does not fit the task's conventions (docs/protocol.md)."""
+        task, name = self.task, self.spec.name
+        if "inputs" not in batch:
+            raise SpecError(f"The batch of {name!r} has no 'inputs'; ModelSpec.batch must return a dict with 'inputs'.")
+        if task == "denoising":
+            if not batch["inputs"].is_floating_point():
+                raise SpecError(
+                    f"Task 'denoising' of {name!r} needs floating-point clean data in batch['inputs']; got "
+                    f"{batch['inputs'].dtype}. Use task='classification' or 'causal-lm' for discrete data."
+                )
+            return
+        targets = batch.get("targets")
+        want = "(N,)" if task == "classification" else "(N, T)"
+        ndim = 1 if task == "classification" else 2
+        if targets is None or targets.is_floating_point() or targets.is_complex() or targets.dim() != ndim:
+            got = "no 'targets'" if targets is None else f"{targets.dtype} targets of shape {list(targets.shape)}"
+            raise SpecError(
+                f"Task {task!r} of {name!r} needs integer class ids of shape {want} in batch['targets']; the "
+                f"batch has {got}. Fix ModelSpec.batch, or set ModelSpec.task to the task that matches the "
+                "targets (continuous targets: 'denoising')."
+            )
+
+    def loss(
+        self,
+        batch: Batch,
+        block: int,
+        generator: torch.Generator | None = None,
+        layer_indices: list[int] | None = None,
+        weighting: str | None = None,
+    ) -> torch.Tensor:
+        """The weighted DiffusionBlocks loss of one step on ``block`` (sigma drawn in its range).
+
+        ``layer_indices`` runs other layers under the same construction (the activation check
+        runs all of them: the same sigma-conditioned model at full depth). ``weighting``
+        overrides the model's weighting (evaluation reports the unweighted loss)."""
+        self.check_batch(batch)
+        inputs = batch["inputs"]
+        device = inputs.device
+        lo, hi = self.ranges[block]
+        sigma = sample_sigma(inputs.shape[0], lo, hi, generator=generator, device=device)
+        indices = self.block_layers[block] if layer_indices is None else layer_indices
+        if self.task == "classification":
+            x0 = F.normalize(self.label_embedding, dim=-1)[batch["targets"]]
+            z = x0 + sigma[:, None] * self._noise(x0, generator)
+            logits = self.classification_logits(inputs, z, sigma, indices)
+            per_sample = F.cross_entropy(logits.float(), batch["targets"], reduction="none")
+        elif self.task == "causal-lm":
+            targets = batch["targets"]
+            x0 = F.normalize(self.target_embedding(targets), dim=-1)
+            z = x0 + sigma[:, None, None] * self._noise(x0, generator)
+            logits = self.lm_logits(inputs, z, sigma, indices)
+            per_sample = F.cross_entropy(logits.float().flatten(0, 1), targets.flatten(), reduction="none")
+            per_sample = per_sample.view(targets.shape).mean(dim=1)
+        else:
+            x0 = inputs
+            z = x0 + _per_sample(sigma, x0) * self._noise(x0, generator)
+            d = self.denoise(z, sigma, indices, batch.get("labels"))
+            per_sample = ((d.float() - x0.float()) ** 2).flatten(1).mean(dim=1)
+        return weighted_loss(per_sample, sigma, weighting or self.weighting)
+
+    @staticmethod
+    def _noise(like: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:
+        if generator is None:
+            return torch.randn_like(like)
+        return torch.randn(like.shape, generator=generator, device=generator.device, dtype=like.dtype).to(like.device)
+
+    # ------------------------------------------------------------------ one block as a denoiser
+
+    def _condition(self, sigma: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        c_skip, c_out, c_in, c_noise = edm_preconditioning(sigma)
+        if self.sigma_embedder is not None:
+            self.context.cond = self.sigma_embedder(c_noise)
+        return c_skip, c_out, c_in, c_noise
+
+    def _call_with_hooks(self, active: nn.ModuleList, pre, post, *args) -> torch.Tensor:
+        handles = [active[0].register_forward_pre_hook(pre), active[-1].register_forward_hook(post)]
+        try:
+            return self.model(*args)
+        finally:
+            for handle in handles:
+                handle.remove()
+
+    def classification_logits(
+        self, inputs: torch.Tensor, z: torch.Tensor, sigma: torch.Tensor, indices: list[int]
+    ) -> torch.Tensor:
+        """Logits of the model with D(z, sigma) of the given layers at the CLS position."""
+        c_skip, c_out, c_in, _ = self._condition(sigma)
+        noisy_in = c_in[:, None] * z
+
+        def pre(_module, args):
+            h = args[0]
+            if h.dim() != 3:
+                raise SpecError(
+                    f"Task 'classification' of {self.spec.name!r}: the layers' hidden state has shape "
+                    f"{list(h.shape)}; DiffusionBlocks needs (N, tokens, d) with a CLS token at index 0 "
+                    "(the token the head reads)."
+                )
+            h = torch.cat([noisy_in.to(h.dtype)[:, None, :], h[:, 1:]], dim=1)
+            return (h, *args[1:])
+
+        def post(_module, _args, out):
+            h = _first(out)
+            d = c_skip[:, None] * z + c_out[:, None] * h[:, 0].float()
+            return _replace_first(out, torch.cat([d.to(h.dtype)[:, None, :], h[:, 1:]], dim=1))
+
+        with self.running(indices) as active:
+            return self._call_with_hooks(active, pre, post, inputs)
+
+    def lm_logits(self, inputs: torch.Tensor, z: torch.Tensor, sigma: torch.Tensor, indices: list[int]) -> torch.Tensor:
+        """(N, T, V) logits from D at the noisy positions of the interleaved 2T sequence."""
+        c_skip, c_out, c_in, _ = self._condition(sigma)
+        noisy_in = c_in[:, None, None] * z
+        n, t = z.shape[0], z.shape[1]
+
+        def pre(_module, args):
+            h = args[0]
+            noisy = noisy_in.to(h.dtype) + h
+            return (torch.stack([h, noisy], dim=2).reshape(n, 2 * t, h.shape[-1]), *args[1:])
+
+        def post(_module, _args, out):
+            h = _first(out)
+            f = h.view(n, t, 2, h.shape[-1])[:, :, 1]
+            d = c_skip[:, None, None] * z + c_out[:, None, None] * f.float()
+            return _replace_first(out, d.to(h.dtype))
+
+        with self.running(indices) as active:
+            return self._call_with_hooks(active, pre, post, inputs)
+
+    def denoise(
+        self, z: torch.Tensor, sigma: torch.Tensor, indices: list[int], labels: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """D(z, sigma) = c_skip*z + c_out*model(c_in*z, c_noise, labels), with only these layers."""
+        c_skip, c_out, c_in, c_noise = self._condition(sigma)
+        with self.running(indices):
+            f = self.model(_per_sample(c_in, z) * z, c_noise, labels)
+        return _per_sample(c_skip, z) * z + _per_sample(c_out, z) * f.float()
+
+    def _check_shape(self, module, args, out) -> None:
+        x, y = args[0] if args else None, _first(out)
+        if isinstance(x, torch.Tensor) and isinstance(y, torch.Tensor) and x.shape != y.shape:
+            raise SpecError(
+                f"A layer of {self.spec.layers!r} in {self.spec.name!r} maps shape {list(x.shape)} to "
+                f"{list(y.shape)}: it is not shape-preserving, so it is not a residual layer (h + f(h)). "
+                "DiffusionBlocks needs every layer in ModelSpec.layers to keep the hidden shape; move "
+                "projections and heads out of that ModuleList."
+            )
+
+    def forward(self, *args, **kwargs):
+        return self.model(*args, **kwargs)

@@ -1,0 +1,196 @@
+"""The noise schedule of DiffusionBlocks (METHOD.md): the truncated log-normal over sigma,
+its equi-probability partition into B block ranges (and the uniform log-space split kept for
+the paper's ablation), the gamma overlap, sampling sigma inside a range, EDM
+preconditioning, the EDM loss weight and the three ways of applying it, and the noise
+levels of the Euler chain used at inference.
+
+Everything here is plain tensor arithmetic with no module state, so the end-to-end DiT loss
+and the DiffusionBlocks trainer share one definition of each formula.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from dbprofile.spec import SpecError
+
+P_MEAN = -1.2
+"""Mean of log sigma (EDM default)."""
+P_STD = 1.2
+"""Standard deviation of log sigma (EDM default)."""
+SIGMA_MIN = 0.002
+SIGMA_MAX = 80.0
+SIGMA_DATA = 0.5
+DEFAULT_GAMMA = 0.05
+
+PARTITIONS = ("equiprobable", "uniform-log")
+WEIGHTINGS = ("reference", "per-sample", "none")
+DEFAULT_WEIGHTING = "reference"
+"""Default loss weighting. ``reference`` reproduces the authors' code (mean(w) * mean(loss)),
+which is what produced the published numbers; see docs/diffusion_blocks.md for the measured
+comparison with ``none`` and ``per-sample``."""
+
+
+def _phi(x: float) -> float:
+    """Standard normal CDF."""
+    return 0.5 * math.erfc(-x / math.sqrt(2.0))
+
+
+def _phi_inv(q: float) -> float:
+    return float(torch.special.ndtri(torch.tensor(q, dtype=torch.float64)))
+
+
+def _standardise(sigma: float) -> float:
+    return (math.log(sigma) - P_MEAN) / P_STD
+
+
+def _sigma_at(q: float) -> float:
+    return math.exp(P_MEAN + P_STD * _phi_inv(q))
+
+
+def _check_blocks(blocks: int) -> None:
+    if not isinstance(blocks, int) or blocks < 1:
+        raise SpecError(f"DiffusionBlocks needs B >= 1 blocks; got B={blocks!r}. Use db:B with B a positive integer.")
+
+
+def equiprobable_boundaries(blocks: int, lo: float = SIGMA_MIN, hi: float = SIGMA_MAX) -> list[float]:
+    """B+1 ascending sigma boundaries, each range holding 1/B of the truncated log-normal mass."""
+    _check_blocks(blocks)
+    q_min, q_max = _phi(_standardise(lo)), _phi(_standardise(hi))
+    inner = [_sigma_at(q_min + (b / blocks) * (q_max - q_min)) for b in range(1, blocks)]
+    return [lo, *inner, hi]
+
+
+def uniform_log_boundaries(blocks: int, lo: float = SIGMA_MIN, hi: float = SIGMA_MAX) -> list[float]:
+    """B+1 ascending boundaries equally spaced in log sigma (the paper's ablation baseline)."""
+    _check_blocks(blocks)
+    step = (math.log(hi) - math.log(lo)) / blocks
+    inner = [math.exp(math.log(lo) + b * step) for b in range(1, blocks)]
+    return [lo, *inner, hi]
+
+
+def noise_ranges(
+    blocks: int, gamma: float = DEFAULT_GAMMA, partition: str = "equiprobable"
+) -> list[tuple[float, float]]:
+    """Ascending (lo, hi) ranges, each widened in log space by gamma times its log width at
+    both ends and clipped to [SIGMA_MIN, SIGMA_MAX]. Index 0 is the LOWEST noise range."""
+    if not (isinstance(gamma, (int, float)) and 0.0 <= gamma < 0.5):
+        raise SpecError(
+            f"The overlap gamma must lie in [0, 0.5); got {gamma!r}. gamma widens each block's noise "
+            "range by that fraction of its log width at both ends (paper: 0.05, 0.1 for text, 0 in ablations)."
+        )
+    if partition == "equiprobable":
+        bounds = equiprobable_boundaries(blocks)
+    elif partition == "uniform-log":
+        bounds = uniform_log_boundaries(blocks)
+    else:
+        raise SpecError(f"Unknown partition {partition!r}; choose one of {', '.join(PARTITIONS)}.")
+    ranges = []
+    for lo, hi in zip(bounds[:-1], bounds[1:]):
+        pad = gamma * (math.log(hi) - math.log(lo))
+        ranges.append((max(SIGMA_MIN, lo * math.exp(-pad)), min(SIGMA_MAX, hi * math.exp(pad))))
+    return ranges
+
+
+def block_ranges(
+    blocks: int, gamma: float = DEFAULT_GAMMA, partition: str = "equiprobable"
+) -> list[tuple[float, float]]:
+    """The (lo, hi) sigma range trained by each block, indexed by block: block 0 (next to the
+    input) gets the HIGHEST noise range, the last block (next to the output) the lowest."""
+    return list(reversed(noise_ranges(blocks, gamma, partition)))
+
+
+def sample_sigma(
+    n: int,
+    lo: float = SIGMA_MIN,
+    hi: float = SIGMA_MAX,
+    generator: torch.Generator | None = None,
+    device: torch.device | str | None = None,
+) -> torch.Tensor:
+    """n sigmas from the log-normal (P_MEAN, P_STD) truncated to [lo, hi], by the CDF method:
+    u ~ U(Phi(std(lo)), Phi(std(hi))), sigma = exp(P_MEAN + P_STD * Phi^-1(u)). float32, shape (n,)."""
+    if not (0 < lo <= hi):
+        raise SpecError(f"sample_sigma needs 0 < lo <= hi; got lo={lo}, hi={hi}.")
+    q_lo, q_hi = _phi(_standardise(lo)), _phi(_standardise(hi))
+    # Draw in float64 on the generator's device so a seeded generator gives the same sigmas on
+    # every device; the tail probabilities (about 1e-5 at sigma_min) need the precision.
+    gen_device = generator.device if generator is not None else (device or "cpu")
+    u = torch.rand(n, generator=generator, dtype=torch.float64, device=gen_device)
+    q = q_lo + u * (q_hi - q_lo)
+    sigma = torch.exp(P_MEAN + P_STD * torch.special.ndtri(q)).clamp(lo, hi)
+    return sigma.to(device=device if device is not None else gen_device, dtype=torch.float32)
+
+
+def truncated_cdf(sigma: torch.Tensor | float, lo: float = SIGMA_MIN, hi: float = SIGMA_MAX) -> torch.Tensor:
+    """CDF of the truncated log-normal on [lo, hi] (used by the statistical test of sampling)."""
+    s = torch.as_tensor(sigma, dtype=torch.float64)
+    q_lo, q_hi = _phi(_standardise(lo)), _phi(_standardise(hi))
+    q = torch.special.ndtr((torch.log(s) - P_MEAN) / P_STD)
+    return ((q - q_lo) / (q_hi - q_lo)).clamp(0.0, 1.0)
+
+
+def edm_preconditioning(
+    sigma: torch.Tensor, sigma_data: float = SIGMA_DATA
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """EDM's (c_skip, c_out, c_in, c_noise) for D = c_skip*z + c_out*F(c_in*z, c_noise)."""
+    sd2 = sigma_data**2
+    s2 = sigma**2
+    c_skip = sd2 / (s2 + sd2)
+    c_out = sigma * sigma_data / torch.sqrt(s2 + sd2)
+    c_in = 1.0 / torch.sqrt(s2 + sd2)
+    c_noise = torch.log(sigma) / 4.0
+    return c_skip, c_out, c_in, c_noise
+
+
+def loss_weight(sigma: torch.Tensor, sigma_data: float = SIGMA_DATA) -> torch.Tensor:
+    """EDM's lambda(sigma) = (sigma^2 + sd^2) / (sigma * sd)^2 (4.0 at sigma=80, 2.5e5 at 0.002)."""
+    return (sigma**2 + sigma_data**2) / (sigma * sigma_data) ** 2
+
+
+def weighted_loss(
+    per_sample: torch.Tensor, sigma: torch.Tensor, mode: str = DEFAULT_WEIGHTING, sigma_data: float = SIGMA_DATA
+) -> torch.Tensor:
+    """Reduce a (N,) per-sample loss to a scalar with the chosen weighting:
+
+    - ``reference``: mean(w) * mean(loss), what the authors' code computes (a (bsz,) loss
+      broadcast against a (bsz, 1) weight);
+    - ``per-sample``: mean(w_i * loss_i), the paper's equation;
+    - ``none``: mean(loss).
+    """
+    if mode not in WEIGHTINGS:
+        raise SpecError(f"Unknown loss weighting {mode!r}; choose one of {', '.join(WEIGHTINGS)}.")
+    per_sample = per_sample.reshape(per_sample.shape[0], -1).mean(dim=1)
+    if mode == "none":
+        return per_sample.mean()
+    w = loss_weight(sigma.reshape(-1).to(per_sample.dtype), sigma_data)
+    if mode == "per-sample":
+        return (w * per_sample).mean()
+    return w.mean() * per_sample.mean()
+
+
+def inference_sigmas(levels: int, lo: float = SIGMA_MIN, hi: float = SIGMA_MAX) -> list[float]:
+    """``levels`` noise levels from hi down to lo, equally spaced in the truncated CDF
+    (the reference uses levels = B; B=3 gives [80, 0.3012, 0.002]). At least two levels."""
+    levels = max(int(levels), 2)
+    q_min, q_max = _phi(_standardise(lo)), _phi(_standardise(hi))
+    out = []
+    for i in range(levels):
+        if i == 0:
+            out.append(hi)
+        elif i == levels - 1:
+            out.append(lo)
+        else:
+            out.append(_sigma_at(q_max - (i / (levels - 1)) * (q_max - q_min)))
+    return out
+
+
+def block_for_sigma(sigma: float, blocks: int, partition: str = "equiprobable") -> int:
+    """The block whose (non-overlapping) range holds sigma; a boundary goes to the lower-noise block."""
+    bounds = equiprobable_boundaries(blocks) if partition == "equiprobable" else uniform_log_boundaries(blocks)
+    # ascending range a is [bounds[a], bounds[a+1]]; block index = blocks - 1 - a
+    for a in range(blocks):
+        if sigma <= bounds[a + 1]:
+            return blocks - 1 - a
+    return 0

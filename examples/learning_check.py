@@ -1,0 +1,97 @@
+"""Learning check: does dbprofile's DiffusionBlocks really train?
+
+Trains the built-in tiny ViT (6 layers, width 64, patch 2; the ``vit-tiny`` preset) on
+scikit-learn's digits (8x8 images, shipped with scikit-learn, no download) end-to-end and
+with DiffusionBlocks at B=2 and B=3: B times the steps, one block per step, the same AdamW
+settings and gradient clipping at 1.0. Prints the test accuracy and wall time of each, the
+DiffusionBlocks accuracy read through the Euler chain, and per block its held-out
+cross-entropy at sigmas of its own range against the same block reset to zero init
+(identity), so a block that learned nothing shows.
+
+    python examples/learning_check.py                 # e2e, db:2, db:3 (about 4.5 min on 2 shared cores)
+    python examples/learning_check.py --runs db:2 --weighting none
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+
+import numpy as np
+import torch
+from sklearn.datasets import load_digits
+
+from dbprofile.methods.diffusion_blocks import predict_classes
+from dbprofile.methods.diffusion_blocks.sampler import held_out_block_losses
+from dbprofile.methods.techniques import make_trainer, parse_technique
+from dbprofile.models.registry import PRESETS
+
+
+def digits(device: str = "cpu", test_size: int = 360, seed: int = 0):
+    """(train_x, train_y, test_x, test_y): images (N, 1, 8, 8) scaled to [-1, 1], fixed split."""
+    data = load_digits()
+    x = torch.tensor(data.images, dtype=torch.float32).unsqueeze(1) / 8.0 - 1.0
+    y = torch.tensor(data.target, dtype=torch.int64)
+    order = torch.from_numpy(np.random.default_rng(seed).permutation(len(y)))
+    x, y = x[order], y[order]
+    return x[test_size:].to(device), y[test_size:].to(device), x[:test_size].to(device), y[:test_size].to(device)
+
+
+def train(technique: str, steps: int, batch_size: int = 64, lr: float = 1e-3, seed: int = 0, **db_options):
+    """Train one technique on digits; returns (trainer, test accuracy, seconds, block losses)."""
+    torch.manual_seed(seed)
+    spec = PRESETS["vit-tiny"]()
+    tech = parse_technique(technique)
+    if tech.is_diffusion_blocks:
+        from dbprofile.methods.diffusion_blocks import DiffusionBlocksTrainer
+
+        trainer = DiffusionBlocksTrainer.create(tech, spec, "cpu", lr=lr, seed=seed, **db_options)
+    else:
+        trainer = make_trainer(tech, spec, torch.device("cpu"), lr=lr)
+    train_x, train_y, test_x, test_y = digits()
+    gen = torch.Generator().manual_seed(seed)
+    start = time.perf_counter()
+    for _ in range(steps):
+        idx = torch.randint(len(train_y), (batch_size,), generator=gen)
+        trainer.step({"inputs": train_x[idx], "targets": train_y[idx]})
+    seconds = time.perf_counter() - start
+    block_losses = None
+    if tech.is_diffusion_blocks:
+        pred = predict_classes(trainer.model, test_x, generator=torch.Generator().manual_seed(seed))
+        block_losses = held_out_block_losses(trainer.model, {"inputs": test_x, "targets": test_y}, seed=seed)
+    else:
+        trainer.model.eval()
+        with torch.no_grad():
+            pred = trainer.model(test_x).argmax(dim=-1)
+    accuracy = float((pred == test_y).float().mean())
+    return trainer, accuracy, seconds, block_losses
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--runs", default="e2e,db:2,db:3", help="comma-separated techniques")
+    parser.add_argument("--steps", type=int, default=1000, help="end-to-end steps; db:B gets B times as many")
+    parser.add_argument("--batch-size", type=int, default=64)
+    parser.add_argument("--lr", type=float, default=2e-3)
+    parser.add_argument("--weighting", default=None, help="reference | per-sample | none (default: the library's)")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--threads", type=int, default=2, help="torch CPU threads")
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    options = {"weighting": args.weighting} if args.weighting else {}
+    total = time.perf_counter()
+    for technique in args.runs.split(","):
+        tech = parse_technique(technique)
+        steps = args.steps * (tech.blocks if tech.is_diffusion_blocks else 1)
+        _, accuracy, seconds, block_losses = train(
+            technique, steps, args.batch_size, args.lr, args.seed, **(options if tech.is_diffusion_blocks else {})
+        )
+        print(f"{technique}: {100 * accuracy:.1f}% ({seconds:.0f} s, {steps} steps)", flush=True)
+        for block, (trained, zero) in enumerate(block_losses or []):
+            verdict = "learned" if trained < zero else "NOT LEARNED"
+            print(f"  block {block}: held-out CE {trained:.3f} vs zero-init {zero:.3f} ({verdict})", flush=True)
+    print(f"total: {time.perf_counter() - total:.0f} s", flush=True)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,39 @@
+"""DiffusionBlocks really learns: a short version of examples/learning_check.py (the built-in
+tiny ViT on scikit-learn's digits, B=2, one block per step, clipping at 1.0), with the
+accuracy read through the Euler chain and every block beating its zero-initialised self."""
+
+from __future__ import annotations
+
+import importlib.util
+from pathlib import Path
+
+import pytest
+import torch
+
+pytest.importorskip("sklearn")
+
+EXAMPLE = Path(__file__).resolve().parents[1] / "examples" / "learning_check.py"
+
+
+def _example():
+    spec = importlib.util.spec_from_file_location("learning_check", EXAMPLE)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_diffusion_blocks_learns_digits_at_two_blocks():
+    check = _example()
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        trainer, accuracy, seconds, block_losses = check.train("db:2", STEPS, batch_size=64, lr=2e-3, seed=0)
+    finally:
+        torch.set_num_threads(threads)
+    assert accuracy >= 0.80, f"db:2 reached {accuracy:.1%} after {STEPS} steps ({seconds:.0f} s)"
+    assert len(block_losses) == 2
+    for block, (trained, zero_init) in enumerate(block_losses):
+        assert trained < zero_init, f"block {block} did not learn: {trained:.3f} vs zero-init {zero_init:.3f}"
+
+
+STEPS = 800  # measured: 87.2% in 34 s on 2 shared cores (600 steps gave 74%)
