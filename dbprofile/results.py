@@ -27,7 +27,11 @@ CATEGORIES = (
     "temporaries",
     "inputs",
     "workspace",
+    "communication",
 )
+"""``communication`` is FSDP-only (dbprofile.measure.distributed): the all-gather and reduce-scatter
+buffers, i.e. the all-gather input and output, the unsharded parameters a unit computes with and the
+reduce-scatter input. It is 0 on a single device and under db:B+parallel."""
 
 STATUSES = ("ok", "oom", "error", "nan")
 

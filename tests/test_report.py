@@ -34,7 +34,7 @@ def _shares(activations: int, temporaries: int, params: int = P_BYTES, optimizer
 
 
 def _timeline(activation_peak: int) -> dict:
-    cats = list(CATEGORIES)
+    cats = list(CATEGORIES[:8])  # the 8 values per point below (later categories are all 0 here)
     points = []
     for i in range(12):  # forward: activations grow
         points.append([0, P_BYTES, 0, P_BYTES * i // 12, 2 * P_BYTES, activation_peak * i // 11, 1_048_576, 393_344, 0])
@@ -385,3 +385,9 @@ def test_headless_chromium_renders_the_report_to_png(tmp_path):
     assert data[:8] == b"\x89PNG\r\n\x1a\n"
     # A blank page compresses to almost nothing; charts and tables do not.
     assert len(data) > 60_000
+
+
+def test_distributed_runs_label_each_rank():
+    rows = [_measurement("e2e", 100 * MiB, 10 * MiB, extra={"rank": r, "world_size": 2}) for r in (0, 1)]
+    page = render_run(RunResult(model="m", measurements=rows))
+    assert "e2e rank 0" in page and "e2e rank 1" in page

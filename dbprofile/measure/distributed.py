@@ -41,14 +41,11 @@ import torch
 import torch.distributed as dist
 
 from dbprofile.measure import device as devices
-from dbprofile.measure._torch_private import TorchDispatchMode
 from dbprofile.measure.runner import (
     DEFAULT_STEPS,
     DEFAULT_WARMUP_STEPS,
     SEED,
-    _step,
-    _summarise,
-    _UnitResult,
+    _measure_into,
     free_memory,
     is_out_of_memory,
 )
@@ -70,7 +67,7 @@ RESULTS_GRACE_S = 120
 """The results group waits this much longer than the main group, so a timed-out rank still reports."""
 TORCHRUN_ENV = ("RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
 
-_COMM = _CAT_INDEX.get("communication", -1)  # TEMP until results.py has it
+_COMM = _CAT_INDEX["communication"]
 _TMP = _CAT_INDEX["temporaries"]
 # FSDP2 marks its collective work with record_function; storages made inside these regions are
 # its communication buffers (``FSDP::all_gather`` also prefixes ``FSDP::all_gather_copy_out``).
@@ -81,31 +78,6 @@ _REDUCE_SCATTER = ("c10d._reduce_scatter_base_", "c10d.reduce_scatter_tensor_coa
 
 
 # ---------------------------------------------------------------- the tracker, for DTensors and FSDP
-
-
-class _ShardedMode(TorchDispatchMode):
-    def __init__(self, tracker: "ShardedTracker") -> None:
-        super().__init__()
-        self.tracker = tracker
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        packet = str(func.overloadpacket)
-        tracker = self.tracker
-        if packet == _RF_ENTER:
-            tracker.regions.append(str(args[0]) if args else "")
-        elif packet == _RF_EXIT and tracker.regions:
-            tracker.regions.pop()
-        out = func(*args, **(kwargs or {}))
-        tracker._on_output(out)
-        if packet in _REDUCE_SCATTER and args:
-            # The reduce-scatter output is what the sharded gradients are views of.
-            for t in _flat_tensors(args[0]):
-                tracker._assign_role(t, "gradients")
-        elif packet == "fsdp.split_with_sizes_copy":
-            # Its ``out`` tensors are the unsharded parameters (made just before, in the region).
-            for t in _flat_tensors((kwargs or {}).get("out", args[-1] if args else ())):
-                tracker._to_communication(t)
-        return out
 
 
 class ShardedTracker(Tracker):
@@ -122,19 +94,34 @@ class ShardedTracker(Tracker):
         self._original_resize = None
 
     def __enter__(self) -> "ShardedTracker":
-        self.refresh()
         self._patch_resize()
-        self._hooks = torch.autograd.graph.saved_tensors_hooks(self._pack, self._unpack)
-        self._hooks.__enter__()
-        self._mode = _ShardedMode(self)
-        self._mode.__enter__()
-        return self
+        try:
+            return super().__enter__()
+        except BaseException:
+            self._unpatch_resize()
+            raise
 
     def __exit__(self, *exc: Any) -> None:
         try:
             super().__exit__(*exc)
         finally:
             self._unpatch_resize()
+
+    def _on_op(self, func: Any, args: tuple, kwargs: dict, out: Any) -> None:
+        packet = str(func.overloadpacket)
+        if packet == _RF_ENTER:
+            self.regions.append(str(args[0]) if args else "")
+        elif packet == _RF_EXIT and self.regions:
+            self.regions.pop()
+        super()._on_op(func, args, kwargs, out)
+        if packet in _REDUCE_SCATTER and args:
+            # The reduce-scatter output is what the sharded gradients are views of.
+            for t in _flat_tensors(args[0]):
+                self._assign_role(t, "gradients")
+        elif packet == "fsdp.split_with_sizes_copy":
+            # Its ``out`` tensors are the unsharded parameters (made just before, in the region).
+            for t in _flat_tensors(kwargs.get("out", args[-1] if args else ())):
+                self._to_communication(t)
 
     # -------------------------------------------------------- DTensors and regions
 
@@ -319,8 +306,9 @@ def measure_rank(
             m.extra["not_measured"] = True
         return m
     try:
-        _run_steps(m, spec, trainer, batch_size, dev, warmup_steps, steps)
-        m.extra["timing"] = {**m.extra.get("timing", {}), "build_s": build_s}
+        _measure_into(m, spec, dtech.technique, batch_size, dev, dev, warmup_steps, steps, False, None,
+                      trainer_factory=lambda: trainer, tracker_cls=ShardedTracker)
+        m.extra["timing"]["build_s"] = build_s
     except SpecError:
         raise
     except Exception as err:  # noqa: BLE001 - a rank's failure is its row, not a crash
@@ -330,44 +318,6 @@ def measure_rank(
         del trainer
         free_memory(dev)
     return m
-
-
-def _run_steps(m: Measurement, spec: ModelSpec, trainer, batch_size: int, dev: torch.device,
-               warmup_steps: int, steps: int, fake: bool = False, round_to: int | None = None) -> None:
-    """The runner's protocol on this rank: warm-up per unit, one tracked and ``steps`` timed steps
-    per unit (no timed steps for fake tensors)."""
-    m.num_parameters = sum(p.numel() for p in trainer.model.parameters())
-    extra = getattr(trainer, "extra_parameters", None)
-    m.extra_parameters = int(extra() if callable(extra) else extra) if extra is not None else None
-    sync = dev.type == "cuda" and not fake
-    units = list(getattr(trainer, "units", [None]))
-    results = {unit: _UnitResult() for unit in units}
-    counter = iter(range(10**9))
-    all_steps: list[float] = []
-    run_step = functools.partial(_step, m, spec, trainer, batch_size, dev, fake, sync, counter, all_steps)
-    tracker = ShardedTracker(torch.device("cpu") if fake else dev, trainer=trainer, round_to=round_to)
-    with tracker:
-        for _ in range(warmup_steps):
-            for unit in units:
-                run_step(tracker, unit, None)
-        if not fake:
-            devices.reset_peaks(dev)
-            if dev.type == "cuda":
-                # Allocated on this device but not a tensor the tracker sees (the process group's own
-                # buffers, anything made before the trainer): explains a gap to max_memory_allocated.
-                tracker.refresh()
-                m.extra["untracked_resident_bytes"] = int(torch.cuda.memory_allocated(dev)) - tracker.total
-        for unit in units:
-            run_step(tracker, unit, results[unit], track=True)
-            if not fake:
-                with tracker.paused():
-                    for _ in range(steps):
-                        run_step(tracker, unit, results[unit], track=False)
-    m.cuda = None if fake else devices.cuda_figures(dev)
-    m.extra["timing"] = {"all_steps_s": sum(all_steps), "steps_run": len(all_steps)}
-    _summarise(m, units, results, fake, getattr(trainer, "block_layers", None))
-    if len(units) == 1 and units[0] is not None:
-        m.peak_block = int(units[0])  # block-parallel: this rank's one block
 
 
 # ---------------------------------------------------------------- one rank, simulated (the planner)
@@ -428,12 +378,11 @@ def simulate_rank(
             m = Measurement(technique=dtech.name, batch_size=batch_size, precision=precision, optimizer=optimizer,
                             device="cpu", fake=True, extra={"rank": rank, "world_size": world_size, "sharding":
                             SHARDING_BLOCK_PARALLEL if dtech.parallel else (SHARDING_FSDP if fsdp else "none")})
-            with fake_mode():
-                torch.manual_seed(SEED)
-                trainer = make_distributed_trainer(dtech, spec, cpu, rank, fsdp, precision=precision,
-                                                   optimizer=optimizer, mesh=mesh)
-                _run_steps(m, spec, trainer, batch_size, cpu, warmup_steps, 0, fake=True, round_to=round_to)
-                del trainer
+            # The runner's protocol on fake tensors (it enters fake mode before calling the factory).
+            _measure_into(m, spec, dtech.technique, batch_size, cpu, cpu, warmup_steps, 1, True, None, round_to,
+                          trainer_factory=lambda rank=rank: make_distributed_trainer(
+                              dtech, spec, cpu, rank, fsdp, precision=precision, optimizer=optimizer, mesh=mesh),
+                          tracker_cls=ShardedTracker)
             rows.append(m)
     worst = max(rows, key=lambda row: row.peak_bytes)
     worst.extra["rank_peaks"] = [row.peak_bytes for row in rows]

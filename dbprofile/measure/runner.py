@@ -167,12 +167,19 @@ def _measure_into(
     fake: bool,
     memory_limit: int | None,
     round_to: int | None = None,
+    trainer_factory: Callable[[], Any] | None = None,
+    tracker_cls: type[Tracker] = Tracker,
 ) -> None:
+    """``trainer_factory`` and ``tracker_cls`` let dbprofile.measure.distributed run this same
+    protocol for one rank (a sharded or block-parallel trainer, a tracker that knows DTensors)."""
     sync = dev.type == "cuda" and not fake
     with fake_mode() if fake else contextlib.nullcontext():
         torch.manual_seed(SEED)
         start = time.perf_counter()
-        trainer = make_trainer(tech, spec, dev, precision=m.precision, optimizer=m.optimizer)
+        if trainer_factory is not None:
+            trainer = trainer_factory()
+        else:
+            trainer = make_trainer(tech, spec, dev, precision=m.precision, optimizer=m.optimizer)
         build_s = time.perf_counter() - start
         m.num_parameters = sum(p.numel() for p in trainer.model.parameters())
         extra = getattr(trainer, "extra_parameters", None)
@@ -182,7 +189,7 @@ def _measure_into(
         counter = iter(range(10**9))
         all_steps: list[float] = []
         run_step = functools.partial(_step, m, spec, trainer, batch_size, dev, fake, sync, counter, all_steps)
-        tracker = Tracker(track_dev, trainer=trainer, memory_limit=memory_limit, round_to=round_to)
+        tracker = tracker_cls(track_dev, trainer=trainer, memory_limit=memory_limit, round_to=round_to)
         # The tracker is on from the first step so every tensor that persists across steps
         # (optimizer state, caches a model builds on first use) is seen being made.
         with tracker:
@@ -372,7 +379,7 @@ def run(
 _SHORT = {
     "parameters": "params", "buffers": "buffers", "gradients": "grads", "optimizer_state": "optim",
     "activations": "acts", "temporaries": "temps", "inputs": "inputs",
-    "workspace": "wkspace",
+    "workspace": "wkspace", "communication": "comm",
 }
 
 

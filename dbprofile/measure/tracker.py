@@ -131,7 +131,7 @@ class _Mode(TorchDispatchMode):
         tracker = self.tracker
         if not tracker.sample_allocator:
             out = func(*args, **(kwargs or {}))
-            tracker._on_output(out)
+            tracker._on_op(func, args, kwargs or {}, out)
             return out
         # CUDA: the allocator's peak inside this one op shows scratch memory a kernel takes and
         # gives back before returning (no tensor ever holds it, so only the allocator sees it).
@@ -141,7 +141,7 @@ class _Mode(TorchDispatchMode):
         torch.cuda.reset_peak_memory_stats(dev)
         out = func(*args, **(kwargs or {}))
         in_op_peak = torch.cuda.max_memory_allocated(dev)
-        tracker._on_output(out)
+        tracker._on_op(func, args, kwargs or {}, out)
         tracker._on_op_peak(total_before + in_op_peak - allocated_before)
         return out
 
@@ -421,6 +421,11 @@ class Tracker:
         if info.cat is None or info.role is not None:
             return
         self._move(info, _ACT if (info.saved > 0 or info.recomputed) else _TMP)
+
+    def _on_op(self, func: Any, args: tuple, kwargs: dict, out: Any) -> None:
+        """Called after every op the dispatch mode sees. The base tracker reads its outputs; the
+        sharded tracker (dbprofile.measure.distributed) also reads FSDP's regions and collectives."""
+        self._on_output(out)
 
     def _on_output(self, out: Any) -> None:
         if isinstance(out, torch.Tensor):

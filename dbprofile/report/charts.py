@@ -28,6 +28,7 @@ CATEGORY_COLOURS: dict[str, str] = {
     "temporaries": "#56B4E9",
     "inputs": "#CC79A7",
     "workspace": "#F0E442",
+    "communication": "#000000",
 }
 # Colours for series in the comparison chart (runs, not categories).
 SERIES_COLOURS = ("#4C72B0", "#DD8452", "#55A868", "#C44E52", "#8172B3", "#937860", "#DA8BC3", "#8C8C8C")

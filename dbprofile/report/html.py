@@ -80,10 +80,13 @@ def _e(value: Any) -> str:
 
 def _label(m: Measurement, result: RunResult) -> str:
     """A measurement's name on the page: the technique, plus the batch size when the run
-    holds several batch sizes."""
+    holds several batch sizes, plus the rank for a distributed run (a row per rank)."""
+    label = m.technique
     if len({x.batch_size for x in result.measurements}) > 1:
-        return f"{m.technique} @ batch {m.batch_size}"
-    return m.technique
+        label += f" @ batch {m.batch_size}"
+    if "rank" in m.extra:
+        label += f" rank {m.extra['rank']}"
+    return label
 
 
 def _baseline(m: Measurement, result: RunResult) -> Measurement | None:
