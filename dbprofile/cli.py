@@ -122,9 +122,15 @@ def _safe_name(text: str) -> str:
               help="Result JSON path (default reports/<model>.json); the HTML report is written beside it.")
 @click.option("--no-report", is_flag=True, help="Write only the JSON, no HTML report.")
 @click.option("--dry-run", is_flag=True, help="Validate the model and print what would be measured.")
+@click.option("--fsdp", is_flag=True,
+              help="Shard with FSDP2 (fully_shard per layer) across the ranks of a torchrun launch.")
+@click.option("--nproc", type=click.IntRange(min=1), default=None,
+              help="Launch N processes with torchrun on this machine (for --fsdp and db:B+parallel).")
+@click.option("--timeout", "timeout_s", default=300.0, show_default=True, type=float,
+              help="Seconds a rank waits for the others in a collective before it gives up.")
 @friendly_errors
 def run(model, batch_size, device, techniques, blocks, steps, precision, optimizer, fake, memory_limit, out,
-        no_report, dry_run) -> None:
+        no_report, dry_run, fsdp, nproc, timeout_s) -> None:
     """Profile MODEL (a preset name, file.py or file.py:name; default: a tiny built-in ViT)."""
     from dbprofile.methods import check_technique_fits, parse_techniques
     from dbprofile.results import format_bytes
@@ -136,7 +142,12 @@ def run(model, batch_size, device, techniques, blocks, steps, precision, optimiz
     if steps < 1:
         raise UserError(f"--steps must be at least 1; got {steps}.")
     limit = parse_size(memory_limit)
-    techs = parse_techniques(_techniques_option(techniques, blocks))
+    names = _techniques_option(techniques, blocks)
+    if fsdp or nproc is not None or any(n.strip().endswith("+parallel") for n in names):
+        _run_distributed(model, names, batch_sizes, device, steps, precision, optimizer, out, no_report,
+                         fsdp, nproc, timeout_s)
+        return
+    techs = parse_techniques(names)
     spec = load_spec(model)
     facts = validate_spec(spec)
     if not techniques and not blocks:
@@ -295,3 +306,30 @@ def validate(cases, techniques, precisions, device, steps, time_budget, out) -> 
         path.with_suffix(".json").write_text(json.dumps(
             {"environment": env, "command": reproduce_command(), "rows": [r.to_dict() for r in rows]}, indent=1))
         click.echo(f"written: {path}")
+
+
+def _run_distributed(model, names, batch_sizes, device, steps, precision, optimizer, out, no_report,
+                     fsdp, nproc, timeout_s) -> None:
+    """Per-rank profiling under torchrun: relaunch with --nproc, or measure on this rank."""
+    from dbprofile.measure.distributed import format_ranks, in_torchrun, launch, run_distributed
+    from dbprofile.methods.sharding import parse_distributed_technique
+    from dbprofile.spec import load_spec, validate_spec
+
+    for name in names:
+        parse_distributed_technique(name)  # a bad name fails here, before any process starts
+    if not in_torchrun() and nproc is not None:
+        sys.exit(launch(nproc, sys.argv[1:]))
+    spec = load_spec(model)
+    validate_spec(spec)
+    out_path = Path(out) if out else Path("reports") / f"{_safe_name(spec.name)}-distributed.json"
+    result = run_distributed(spec, names, batch_sizes, fsdp=fsdp, device=device,
+                             precision=precision, optimizer=optimizer, steps=steps, out=out_path,
+                             command=reproduce_command(), timeout_s=timeout_s)
+    if result is None:  # ranks other than 0 report through rank 0
+        return
+    click.echo(format_ranks(result))
+    click.echo(f"results: {out_path}")
+    if not no_report:
+        from dbprofile.report import write_run_report
+
+        click.echo(f"report:  {write_run_report(result, out_path.with_suffix('.html'))}")

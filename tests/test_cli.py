@@ -129,3 +129,13 @@ def test_dry_run_reports_layers_parameters_and_techniques(tmp_path):
     assert "3 residual layers at 'layers'" in result.output
     assert f"{40 + 3 * 72 + 27:,} parameters" in result.output
     assert "e2e, ckpt, db:2, db:3" in result.output
+
+
+def test_fsdp_without_a_process_group_says_how_to_launch(monkeypatch):
+    for var in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "TORCHELASTIC_RUN_ID"):
+        monkeypatch.delenv(var, raising=False)
+    assert_user_error(invoke("run", "--fsdp", "-t", "e2e"), "torchrun --nproc-per-node", "--nproc 2")
+
+
+def test_parallel_suffix_only_applies_to_plain_diffusion_blocks():
+    assert_user_error(invoke("run", "-t", "ckpt+parallel", "--nproc", "2"), "'+parallel'")
