@@ -393,13 +393,16 @@ def format_table(result: RunResult) -> str:
             unit = name
             break
     scale = 1024 ** ["B", "KiB", "MiB", "GiB"].index(unit)
-    head = ["technique", "batch", f"peak {unit}"] + [_SHORT[c] for c in CATEGORIES] + ["phase", "step s", "B steps s"]
+    # workspace (CUDA) and communication (FSDP) only get a column where some row has them.
+    optional = ("workspace", "communication")
+    cats = [c for c in CATEGORIES if c not in optional or any(m.shares.get(c, 0) for m in ok)]
+    head = ["technique", "batch", f"peak {unit}"] + [_SHORT[c] for c in cats] + ["phase", "step s", "B steps s"]
     rows = [head]
     for m in result.measurements:
         if m.status in ("oom", "error"):
             rows.append([m.technique, str(m.batch_size), m.status.upper()] + [""] * (len(head) - 3))
             continue
-        figs = [f"{m.peak_bytes / scale:.2f}"] + [f"{m.shares.get(c, 0) / scale:.2f}" for c in CATEGORIES]
+        figs = [f"{m.peak_bytes / scale:.2f}"] + [f"{m.shares.get(c, 0) / scale:.2f}" for c in cats]
         phase = m.peak_phase or ""
         if m.peak_block is not None:
             phase += f" (block {m.peak_block})"
