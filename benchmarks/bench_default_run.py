@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import time
 
+from dbprofile.cli import freeze_startup_objects
 from dbprofile.measure.runner import format_table, run
 from dbprofile.methods import DEFAULT_TECHNIQUES
 from dbprofile.models import DEFAULT_PRESET, get_preset
@@ -17,6 +18,7 @@ from dbprofile.models import DEFAULT_PRESET, get_preset
 def main() -> None:
     start = time.perf_counter()
     spec = get_preset(DEFAULT_PRESET)
+    freeze_startup_objects()  # as `dbprofile run` does before measuring
     result = run(spec, DEFAULT_TECHNIQUES, [8])
     wall = time.perf_counter() - start
     timing = [m.extra.get("timing", {}) for m in result.measurements]

@@ -6,6 +6,7 @@ Every user mistake surfaces as one paragraph on stderr and exit code 2, never a 
 from __future__ import annotations
 
 import functools
+import gc
 import re
 import shlex
 import sys
@@ -62,6 +63,16 @@ def parse_int_list(text: str, option: str) -> list[int]:
     if not values:
         raise UserError(f"{option} needs at least one value.")
     return values
+
+
+def freeze_startup_objects() -> None:
+    """Move every object alive now (torch's modules, the model registry) out of the garbage
+    collector's reach. The runner collects garbage between techniques, because trainers leave
+    reference cycles that hold tensors; without this each collection walks torch's hundreds of
+    thousands of long-lived objects (0.16 s a time, measured), which was half the wall time
+    of the default run. Only this command's own process is affected."""
+    gc.collect()
+    gc.freeze()
 
 
 def reproduce_command() -> str:
@@ -168,6 +179,8 @@ def run(model, batch_size, device, techniques, blocks, steps, precision, optimiz
         return
 
     from dbprofile.measure.runner import format_table, run as run_profile
+
+    freeze_startup_objects()
 
     out_path = Path(out) if out else Path("reports") / f"{_safe_name(spec.name)}.json"
 
