@@ -32,7 +32,13 @@ from dataclasses import dataclass
 from typing import Any, Callable
 
 from dbprofile.gpus import GPU, cublas_workspace_bytes, get_gpu
-from dbprofile.methods.techniques import DEFAULT_TECHNIQUES, Technique, check_technique_fits, parse_technique
+from dbprofile.methods.sharding import (
+    PARALLEL_SUFFIX,
+    SHARDING_BLOCK_PARALLEL,
+    SHARDING_FSDP,
+    parse_distributed_technique,
+)
+from dbprofile.methods.techniques import DEFAULT_TECHNIQUES, Technique, check_technique_fits
 from dbprofile.results import CATEGORIES, Measurement, Plan, PlanEntry, format_bytes
 from dbprofile.spec import ModelSpec, SpecError, get_layers, load_spec
 
@@ -60,9 +66,6 @@ addresses, so this is the median measured on an H100 (reports/gpu-validation-h10
 reports out of memory, so the fit decision does not hinge on this estimate."""
 UNKNOWN_GPU_COMPUTE_CAPABILITY = (9, 0)
 """A capacity given in bytes says nothing about the card; assume the larger (sm90) cuBLAS workspace."""
-
-PARALLEL_SUFFIX = "+parallel"
-STATE = ("parameters", "buffers", "gradients", "optimizer_state")
 
 MeasureFn = Callable[..., Measurement]
 
@@ -206,17 +209,9 @@ def _parse(names: list[str] | str | None, world_size: int, num_layers: int) -> l
         names = [n for n in names.split(",") if n.strip()]
     out: dict[str, tuple[str, Technique, bool]] = {}
     for raw in names:
-        text = str(raw).strip()
-        parallel = text.endswith(PARALLEL_SUFFIX)
-        tech = parse_technique(text[: -len(PARALLEL_SUFFIX)] if parallel else text)
-        if parallel and (tech.kind != "db" or tech.offload or tech.ckpt):
-            raise SpecError(
-                f"Technique {text!r}: '+parallel' (one DiffusionBlocks block per device) applies to plain db:B only, "
-                "e.g. db:4+parallel on 4 devices."
-            )
-        check_technique_fits(tech, num_layers)
-        name = tech.name + (PARALLEL_SUFFIX if parallel else "")
-        out.setdefault(name, (name, tech, parallel))
+        dtech = parse_distributed_technique(str(raw))
+        check_technique_fits(dtech.technique, num_layers)
+        out.setdefault(dtech.name, (dtech.name, dtech.technique, dtech.parallel))
     if not out:
         raise SpecError("No technique given; pass e.g. techniques=['e2e', 'ckpt', 'db:4'].")
     return list(out.values())
@@ -326,11 +321,11 @@ def plan(
         if sim is not None:  # already one rank's shares
             shares = dict(sim.shares)
             entry.world_size = tech.blocks if parallel else world_size
-            entry.sharding = "block-parallel" if parallel else "zero-3"
+            entry.sharding = SHARDING_BLOCK_PARALLEL if parallel else SHARDING_FSDP
             entry.extra["sharding_model"] = "simulated"
         elif parallel:
             shares, entry.peak_block = block_parallel(m, facts)
-            entry.world_size, entry.sharding = tech.blocks or 1, "block-parallel"
+            entry.world_size, entry.sharding = tech.blocks or 1, SHARDING_BLOCK_PARALLEL
         else:
             unit = max(max(facts.layer_bytes), facts.rest_bytes)
             shares = shard_zero(m.shares, zero_stage, world_size, unit, m.peak_phase)

@@ -64,8 +64,8 @@ def parse_distributed_technique(text: str | Technique | DistributedTechnique) ->
     tech = parse_technique(raw[: -len(PARALLEL_SUFFIX)] if parallel else raw)
     if parallel and (tech.kind != "db" or tech.ckpt or tech.offload):
         raise SpecError(
-            f"Technique {raw!r}: '+parallel' (one DiffusionBlocks block per rank) applies to plain db:B only, "
-            "e.g. db:4+parallel under torchrun with 4 processes."
+            f"Technique {raw!r}: '+parallel' (one DiffusionBlocks block per device) applies to plain db:B only, "
+            "e.g. db:4+parallel on 4 devices (under torchrun, 4 processes)."
         )
     return DistributedTechnique(tech, parallel)
 
