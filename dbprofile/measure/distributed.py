@@ -47,7 +47,7 @@ from dbprofile.measure.runner import (
     SEED,
     _measure_into,
     free_memory,
-    is_out_of_memory,
+    record_failure,
 )
 from dbprofile.measure.tracker import _CAT_INDEX, Tracker
 from dbprofile.methods.sharding import (
@@ -260,11 +260,9 @@ def init_process_group(device: str | None = None, timeout_s: float = DEFAULT_TIM
 # ---------------------------------------------------------------- one rank, one technique
 
 
-def _failed(m: Measurement, err: BaseException) -> None:
-    if is_out_of_memory(err):
-        m.status, m.error = "oom", f"out of memory at batch size {m.batch_size}: {err}"
-    else:
-        m.status, m.error = "error", f"{m.technique}: {type(err).__name__}: {err}"
+def _sharding(dtech: DistributedTechnique, fsdp: bool) -> str:
+    """How a rank's measurement is spread: block-parallel, FSDP (zero-3) or not at all."""
+    return SHARDING_BLOCK_PARALLEL if dtech.parallel else (SHARDING_FSDP if fsdp else "none")
 
 
 def measure_rank(
@@ -285,9 +283,8 @@ def measure_rank(
     build its trainer fails alone and the others do not wait in a collective for it.
     """
     rank, world = dist.get_rank(), dist.get_world_size()
-    sharding = SHARDING_BLOCK_PARALLEL if dtech.parallel else (SHARDING_FSDP if fsdp else "none")
     m = Measurement(technique=dtech.name, batch_size=batch_size, precision=precision, optimizer=optimizer,
-                    device=str(dev), extra={"rank": rank, "world_size": world, "sharding": sharding})
+                    device=str(dev), extra={"rank": rank, "world_size": world, "sharding": _sharding(dtech, fsdp)})
     trainer = None
     try:
         torch.manual_seed(SEED)
@@ -295,7 +292,7 @@ def measure_rank(
         trainer = make_distributed_trainer(dtech, spec, dev, rank, fsdp, precision=precision, optimizer=optimizer)
         build_s = time.perf_counter() - start
     except Exception as err:  # noqa: BLE001 - reported as this rank's row
-        _failed(m, err)
+        record_failure(m, err)
     built: list[Any] = [None] * world
     dist.all_gather_object(built, m.error, group=results_group)
     broken = [(r, e) for r, e in enumerate(built) if e is not None]
@@ -312,7 +309,7 @@ def measure_rank(
     except SpecError:
         raise
     except Exception as err:  # noqa: BLE001 - a rank's failure is its row, not a crash
-        _failed(m, err)
+        record_failure(m, err)
         del err
     finally:
         del trainer
@@ -376,8 +373,8 @@ def simulate_rank(
     with _fake_world(world_size) as mesh:
         for rank in ranks:
             m = Measurement(technique=dtech.name, batch_size=batch_size, precision=precision, optimizer=optimizer,
-                            device="cpu", fake=True, extra={"rank": rank, "world_size": world_size, "sharding":
-                            SHARDING_BLOCK_PARALLEL if dtech.parallel else (SHARDING_FSDP if fsdp else "none")})
+                            device="cpu", fake=True,
+                            extra={"rank": rank, "world_size": world_size, "sharding": _sharding(dtech, fsdp)})
             # The runner's protocol on fake tensors (it enters fake mode before calling the factory).
             _measure_into(m, spec, dtech.technique, batch_size, cpu, cpu, warmup_steps, 1, True, None, round_to,
                           trainer_factory=lambda rank=rank: make_distributed_trainer(

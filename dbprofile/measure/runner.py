@@ -96,6 +96,15 @@ def is_out_of_memory(err: BaseException) -> bool:
     return isinstance(err, RuntimeError) and "out of memory" in str(err).lower()
 
 
+def record_failure(m: Measurement, err: BaseException) -> None:
+    """File a failed step in ``m``: ``oom`` (with the batch size tried) or ``error`` (the technique
+    and the model's message)."""
+    if is_out_of_memory(err):
+        m.status, m.error = "oom", f"out of memory at batch size {m.batch_size}: {err}"
+    else:
+        m.status, m.error = "error", f"{m.technique}: {type(err).__name__}: {err}"
+
+
 def num_layers(spec: ModelSpec) -> int:
     """How many residual layers the model has (built with fake tensors: no memory)."""
     with fake_mode():
@@ -141,12 +150,7 @@ def measure(
     except SpecError:
         raise
     except Exception as err:  # noqa: BLE001 - the model's failure is a result, not a crash
-        if is_out_of_memory(err):
-            m.status = "oom"
-            m.error = f"out of memory at batch size {batch_size}: {err}"
-        else:
-            m.status = "error"
-            m.error = f"{tech.name}: {type(err).__name__}: {err}"
+        record_failure(m, err)
         del err
     finally:
         free_memory(dev)
