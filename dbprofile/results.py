@@ -36,6 +36,20 @@ reduce-scatter input. It is 0 on a single device and under db:B+parallel."""
 STATUSES = ("ok", "oom", "error", "nan")
 
 
+UNIT_BYTES = {"B": 1, "KiB": 1024, "MiB": 1024**2, "GiB": 1024**3}
+"""The IEC units a table or chart picks from, and their size in bytes."""
+
+
+def pick_unit(max_bytes: int, smallest: str = "KiB") -> str:
+    """The one IEC unit a table or chart uses for all its numbers: the largest unit (up to GiB)
+    that ``max_bytes`` reaches, and never below ``smallest``."""
+    units = list(UNIT_BYTES)
+    for unit in reversed(units[units.index(smallest):]):
+        if max_bytes >= UNIT_BYTES[unit]:
+            return unit
+    return smallest
+
+
 def format_bytes(n: int | float | None, unit: str | None = None, digits: int = 2) -> str:
     """IEC (1024-based) units with correct labels: 1536 -> '1.50 KiB'."""
     if n is None or (isinstance(n, float) and math.isnan(n)):

@@ -58,7 +58,7 @@ from dbprofile.methods.sharding import (
     make_distributed_trainer,
     parse_distributed_technique,
 )
-from dbprofile.results import CATEGORIES, Measurement, RunResult
+from dbprofile.results import CATEGORIES, UNIT_BYTES, Measurement, RunResult, pick_unit
 from dbprofile.spec import ModelSpec, SpecError, get_layers, load_spec
 
 DEFAULT_TIMEOUT_S = 300
@@ -551,11 +551,8 @@ def format_ranks(result: RunResult) -> str:
     """One line per technique and rank: the rank's peak and its shares, in one IEC unit."""
     ok = [m for m in result.measurements if m.ok]
     largest = max((m.peak_bytes for m in ok), default=0)
-    unit, scale = "B", 1
-    for name, power in (("GiB", 3), ("MiB", 2), ("KiB", 1)):
-        if largest >= 1024 ** power:
-            unit, scale = name, 1024 ** power
-            break
+    unit = pick_unit(largest, smallest="B")
+    scale = UNIT_BYTES[unit]
     head = ["technique", "rank", f"peak {unit}", *CATEGORIES, "phase"]
     rows = [head]
     for m in result.measurements:

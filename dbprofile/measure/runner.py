@@ -35,7 +35,7 @@ from dbprofile.measure import device as devices
 from dbprofile.measure.fake import fake_mode
 from dbprofile.measure.tracker import MemoryLimitExceeded, StepRecord, Tracker
 from dbprofile.methods import DEFAULT_TECHNIQUES, Technique, check_technique_fits, make_trainer, parse_techniques
-from dbprofile.results import CATEGORIES, BlockMeasurement, Measurement, RunResult
+from dbprofile.results import CATEGORIES, UNIT_BYTES, BlockMeasurement, Measurement, RunResult, pick_unit
 from dbprofile.spec import ModelSpec, SpecError, get_layers, load_spec
 
 DEFAULT_STEPS = 2
@@ -391,12 +391,8 @@ def format_table(result: RunResult) -> str:
     """A compact text table: one row per measurement, bytes in one IEC unit named in the header."""
     ok = [m for m in result.measurements if m.ok or m.status == "nan"]
     largest = max((m.peak_bytes for m in ok), default=0)
-    unit = "B"
-    for name, power in (("GiB", 3), ("MiB", 2), ("KiB", 1)):
-        if largest >= 1024 ** power:
-            unit = name
-            break
-    scale = 1024 ** ["B", "KiB", "MiB", "GiB"].index(unit)
+    unit = pick_unit(largest, smallest="B")
+    scale = UNIT_BYTES[unit]
     # workspace (CUDA) and communication (FSDP) only get a column where some row has them.
     optional = ("workspace", "communication")
     cats = [c for c in CATEGORIES if c not in optional or any(m.shares.get(c, 0) for m in ok)]

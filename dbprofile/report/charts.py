@@ -16,7 +16,7 @@ import matplotlib
 from matplotlib.figure import Figure
 from matplotlib.patches import Patch
 
-from dbprofile.results import CATEGORIES, BlockMeasurement, Measurement
+from dbprofile.results import CATEGORIES, UNIT_BYTES, BlockMeasurement, Measurement, pick_unit
 
 # Okabe-Ito colour-blind-safe palette; one fixed colour per category, the same in every chart.
 CATEGORY_COLOURS: dict[str, str] = {
@@ -61,19 +61,6 @@ def _round_path(data: str) -> str:
 
 def category_label(category: str) -> str:
     return category.replace("_", " ")
-
-
-def pick_unit(max_bytes: int) -> str:
-    """The IEC unit a chart or table uses for all its numbers: GiB from 1 GiB, MiB from 1 MiB."""
-    if max_bytes >= 1024**3:
-        return "GiB"
-    if max_bytes >= 1024**2:
-        return "MiB"
-    return "KiB"
-
-
-def _scale(unit: str) -> int:
-    return {"KiB": 1024, "MiB": 1024**2, "GiB": 1024**3}[unit]
 
 
 def svg_from_figure(fig: Figure, name: str) -> str:
@@ -122,7 +109,7 @@ def peak_bars(measurements: Sequence[Measurement], labels: Sequence[str]) -> str
         fig = _figure(8.0, 0.9 + 0.45 * n)
         ax = fig.add_subplot()
         unit = pick_unit(max((m.peak_bytes for m in measurements if m.ok), default=0))
-        scale = _scale(unit)
+        scale = UNIT_BYTES[unit]
         categories = _present_categories([m.shares for m in measurements if m.ok])
         rows = list(range(n))[::-1]  # first measurement at the top
         largest = max((m.peak_bytes for m in measurements if m.ok), default=0) / scale or 1.0
@@ -173,7 +160,7 @@ def timelines(measurements: Sequence[Measurement], labels: Sequence[str]) -> str
         axes = fig.subplots(nrows, cols, sharey=True, squeeze=False)
         top = max(max(sum(p[1:]) for p in m.timeline["points"]) for m, _ in items)
         unit = pick_unit(int(top))
-        scale = _scale(unit)
+        scale = UNIT_BYTES[unit]
         used: list[str] = []
         for k, (m, label) in enumerate(items):
             ax = axes[k // cols][k % cols]
@@ -225,7 +212,7 @@ def block_bars(m: Measurement, title: str) -> str:
         fig = _figure(min(2.2 + 0.8 * len(blocks), 8.0), 2.8)
         ax = fig.add_subplot()
         unit = pick_unit(max(b.peak_bytes for b in blocks))
-        scale = _scale(unit)
+        scale = UNIT_BYTES[unit]
         categories = _present_categories([b.shares for b in blocks])
         worst = max(blocks, key=lambda b: b.peak_bytes).block
         for i, b in enumerate(blocks):
@@ -292,7 +279,7 @@ def comparison_peaks(techniques: Sequence[str], series: Sequence[tuple[str, dict
         ax = fig.add_subplot()
         peaks = [m.peak_bytes for _, ms in series for m in ms.values() if m.ok]
         unit = pick_unit(max(peaks, default=0))
-        scale = _scale(unit)
+        scale = UNIT_BYTES[unit]
         top = max(peaks, default=0) / scale or 1.0
         width = 0.8 / max(1, len(series))
         for s, (label, ms) in enumerate(series):

@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from dbprofile.report import charts
-from dbprofile.results import CATEGORIES, Measurement, RunResult, format_bytes
+from dbprofile.results import CATEGORIES, UNIT_BYTES, Measurement, RunResult, format_bytes
 
 DECISION_TITLES = {
     "adopt": "Adopt DiffusionBlocks",
@@ -98,7 +98,7 @@ def _baseline(m: Measurement, result: RunResult) -> Measurement | None:
 def show_bytes(n: int, unit: str) -> str:
     """``n`` in the table's ``unit``; amounts too small to show there (below 0.01 of the unit,
     zero included) get their own unit, so 3112 bytes reads '3.04 KiB', not '0.00 MiB'."""
-    scale = {"KiB": 1024, "MiB": 1024**2, "GiB": 1024**3}.get(unit, 1)
+    scale = UNIT_BYTES.get(unit, 1)
     return format_bytes(n, unit) if abs(n) >= scale / 100 else format_bytes(n)
 
 
