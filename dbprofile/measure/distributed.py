@@ -179,7 +179,9 @@ class ShardedTracker(Tracker):
         info = self._infos.get(id(storage))
         if info is None or info.cat is None:
             return
-        nbytes = self._rounded(storage.nbytes())
+        nbytes = storage.nbytes()
+        if self.round_to > 1:
+            nbytes = -(-nbytes // self.round_to) * self.round_to
         delta = nbytes - info.nbytes
         if delta == 0:
             return

@@ -45,11 +45,9 @@ Usage::
         trainer.step(batch, mark=tracker.mark)
         record = tracker.end_step()   # peak_bytes, shares, peak_phase, timeline
 
-Known limitations: memory an op allocates and frees inside one kernel (workspaces) is seen
-on a real CUDA device only (``workspace``), not on the CPU or in fake runs;
-``UntypedStorage.resize_`` is not seen by this tracker (single-device training steps do not
-use it; the sharded tracker in dbprofile.measure.distributed follows it for FSDP); tensors
-that are made with the dispatch mode disabled are counted from their first use by an op.
+Known limitations: memory an op allocates and frees inside one kernel (workspaces) is not
+seen; ``UntypedStorage.resize_`` is not seen (training steps do not use it); tensors that
+are made with the dispatch mode disabled are counted from their first use by an op.
 """
 
 from __future__ import annotations
@@ -331,7 +329,9 @@ class Tracker:
         )
         if not excluded and self._host_resident is not None:
             excluded = bool(self._host_resident(t))
-        nbytes = self._rounded(st.nbytes())
+        nbytes = st.nbytes()
+        if self.round_to > 1:
+            nbytes = -(-nbytes // self.round_to) * self.round_to
         cat = None if excluded else _TMP
         info = _Storage(nbytes, cat)
         if cat is not None and self.phase == "backward" and torch.is_grad_enabled():
@@ -345,15 +345,16 @@ class Tracker:
                 self._add(cat, nbytes)
         return info
 
-    def _rounded(self, nbytes: int) -> int:
-        """A storage's bytes as the device counts them (512-byte blocks on CUDA)."""
-        return -(-nbytes // self.round_to) * self.round_to if self.round_to > 1 else nbytes
-
     def _on_free(self, key: int, info: _Storage) -> None:
         with self._lock:
             if self._infos.get(key) is info:
                 del self._infos[key]
-            self._exclude(info)
+            if info.cat is not None:
+                self.totals[info.cat] -= info.nbytes
+                self.total -= info.nbytes
+                info.cat = None
+                if self.recording:
+                    self._record()
 
     def _add(self, cat: int, nbytes: int) -> None:
         self.totals[cat] += nbytes
