@@ -45,9 +45,11 @@ Usage::
         trainer.step(batch, mark=tracker.mark)
         record = tracker.end_step()   # peak_bytes, shares, peak_phase, timeline
 
-Known limitations: memory an op allocates and frees inside one kernel (workspaces) is not
-seen; ``UntypedStorage.resize_`` is not seen (training steps do not use it); tensors that
-are made with the dispatch mode disabled are counted from their first use by an op.
+Known limitations: memory an op allocates and frees inside one kernel (workspaces) is seen
+on a real CUDA device only (``workspace``), not on the CPU or in fake runs;
+``UntypedStorage.resize_`` is not seen by this tracker (single-device training steps do not
+use it; the sharded tracker in dbprofile.measure.distributed follows it for FSDP); tensors
+that are made with the dispatch mode disabled are counted from their first use by an op.
 """
 
 from __future__ import annotations
