@@ -32,6 +32,7 @@ from dataclasses import dataclass
 from typing import Any, Callable
 
 from dbprofile.gpus import GPU, cublas_workspace_bytes, get_gpu
+from dbprofile.measure.tracker import CUDA_BLOCK_BYTES  # the allocator's 512-byte blocks, one definition
 from dbprofile.methods.sharding import (
     PARALLEL_SUFFIX,
     SHARDING_BLOCK_PARALLEL,
@@ -46,9 +47,6 @@ MiB = 1024**2
 
 # ---------------------------------------------------------------- CUDA corrections (documented)
 
-CUDA_BLOCK_BYTES = 512
-"""c10/cuda/CUDACachingAllocator.cpp ``kMinBlockSize``: every block the caching allocator hands out
-is rounded up to a multiple of 512 bytes, and max_memory_allocated counts the rounded blocks."""
 CUDA_CONTEXT_BYTES = 1257 * MiB
 """Device memory outside the caching allocator: the CUDA context (driver state, the kernels loaded
 lazily) and the libraries' modules (cuBLAS, cuDNN). Measured on an H100 80GB HBM3 with driver

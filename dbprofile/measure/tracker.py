@@ -74,6 +74,8 @@ _WS = _CAT_INDEX["workspace"]
 _ROLE_RANK = {"parameters": 0, "buffers": 1, "gradients": 2, "optimizer_state": 3, "inputs": 4}
 
 CUDA_BLOCK_BYTES = 512
+"""c10/cuda/CUDACachingAllocator.cpp ``kMinBlockSize``: every block the caching allocator hands out
+is rounded up to a multiple of 512 bytes, and max_memory_allocated counts the rounded blocks."""
 DEFAULT_TIMELINE_POINTS = 240
 
 
