@@ -126,4 +126,20 @@ def cublas_workspace_bytes(compute_capability: tuple[int, int]) -> int:
     workspaces plus a few MiB that vary with the model.
     """
     per_handle = 8 * 4096 * 1024 if compute_capability >= (9, 0) else 2 * 4096 * 1024 + 8 * 16 * 1024
-    return CUBLAS_HANDLES_IN_A_TRAINING_STEP * per_handle
+    return CUBLAS_HANDLES_IN_A_TRAINING_STEP * (per_handle + CUBLASLT_WORKSPACE_BYTES)
+
+
+CUBLASLT_WORKSPACE_BYTES = 1024 * 1024
+"""PyTorch's default cuBLASLt workspace per handle (CUBLASLT_WORKSPACE_SIZE, 1024 KiB), also taken
+through the caching allocator. Seen on an H200 (torch 2.11.0+cu130, reports/gpu-validation-h200-2.md):
+each handle's first matmul allocates one 32 MiB block and one 1 MiB block, and they stay."""
+
+
+def cublas_workspace_reserved_bytes(compute_capability: tuple[int, int]) -> int:
+    """The allocator segments those workspaces occupy: the 32 MiB blocks take segments of their
+    own size (requests of 10 MiB and more), each 1 MiB block a 2 MiB small-pool segment."""
+    from dbprofile.measure.allocator import round_request, segment_size
+
+    per_handle = 8 * 4096 * 1024 if compute_capability >= (9, 0) else 2 * 4096 * 1024 + 8 * 16 * 1024
+    return CUBLAS_HANDLES_IN_A_TRAINING_STEP * (
+        segment_size(round_request(per_handle)) + segment_size(CUBLASLT_WORKSPACE_BYTES))

@@ -31,7 +31,7 @@ import time
 from dataclasses import dataclass
 from typing import Any, Callable
 
-from dbprofile.gpus import GPU, cublas_workspace_bytes, get_gpu
+from dbprofile.gpus import GPU, cublas_workspace_bytes, cublas_workspace_reserved_bytes, get_gpu
 from dbprofile.measure.tracker import CUDA_BLOCK_BYTES  # the allocator's 512-byte blocks, one definition
 from dbprofile.methods.sharding import (
     PARALLEL_SUFFIX,
@@ -96,19 +96,29 @@ def resolve_target(device: str | int | GPU) -> Target:
     return Target(gpu.name, gpu.capacity_bytes, True, gpu.compute_capability)
 
 
-def cuda_corrections(tracked_bytes: int, target: Target) -> dict[str, int]:
+def cuda_corrections(tracked_bytes: int, target: Target, replayed_reserved_bytes: int | None = None) -> dict[str, int]:
     """The CUDA effects on top of tracked tensor bytes, in bytes (empty for the CPU).
 
     ``tracked_bytes`` already counts each storage rounded up to CUDA_BLOCK_BYTES (the fake run's
     tracker rounds for a CUDA target), so it stands for max_memory_allocated less the workspace.
+    ``replayed_reserved_bytes``: the peak reserved bytes of the fake run's allocations replayed
+    through the caching-allocator model (dbprofile.measure.allocator); the segments beyond the
+    allocated bytes are then that replay's, and ALLOCATOR_OVERHEAD_FRACTION is only the fallback
+    (sharded predictions, stand-in runners).
     """
     if not target.cuda:
         return {}
-    workspace = cublas_workspace_bytes(target.compute_capability or UNKNOWN_GPU_COMPUTE_CAPABILITY)
+    capability = target.compute_capability or UNKNOWN_GPU_COMPUTE_CAPABILITY
+    workspace = cublas_workspace_bytes(capability)
     allocated = tracked_bytes + workspace
+    if replayed_reserved_bytes is not None:
+        reserved = replayed_reserved_bytes + cublas_workspace_reserved_bytes(capability)
+        segments = max(reserved - allocated, 0)
+    else:
+        segments = int(math.ceil(ALLOCATOR_OVERHEAD_FRACTION * allocated))
     return {
         "cublas_workspace": workspace,
-        "allocator_segments": int(math.ceil(ALLOCATOR_OVERHEAD_FRACTION * allocated)),
+        "allocator_segments": segments,
         "cuda_context": CUDA_CONTEXT_BYTES,
     }
 
@@ -273,7 +283,7 @@ def plan(
                 # Fake runs are deterministic: one warm-up (optimizer state) and one measured step.
                 runs[key] = run(spec, tech.name, b, device="cpu", precision=precision, optimizer=optimizer,
                                 fake=True, layers=facts.num_layers, round_to=round_to,
-                                warmup_steps=1, steps=1)
+                                warmup_steps=1, steps=1, emulate_cuda=target.cuda)
             except SpecError:
                 raise
             except Exception as err:  # recorded, not fatal: the other techniques still plan
@@ -331,7 +341,10 @@ def plan(
             entry.sharding = f"zero-{zero_stage}" if zero_stage else "none"
         entry.shares = {c: int(shares.get(c, 0)) for c in CATEGORIES}
         entry.tracked_peak_bytes = sum(entry.shares.values())
-        entry.corrections = cuda_corrections(entry.tracked_peak_bytes, target)
+        # The allocator replay describes this one-device run; sharded shares get the fraction.
+        replay = m.extra.get("allocator_model") if entry.sharding == "none" else None
+        entry.corrections = cuda_corrections(entry.tracked_peak_bytes, target,
+                                             replay["peak_reserved_bytes"] if replay else None)
         entry.peak_bytes = entry.tracked_peak_bytes + sum(entry.corrections.values())
         if target.capacity_bytes is not None:
             entry.headroom_bytes = target.capacity_bytes - entry.peak_bytes

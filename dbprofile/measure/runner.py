@@ -32,7 +32,8 @@ from typing import Any, Callable, Sequence
 import torch
 
 from dbprofile.measure import device as devices
-from dbprofile.measure.fake import fake_mode
+from dbprofile.measure.allocator import CachingAllocatorModel
+from dbprofile.measure.fake import cuda_autocast_policy, fake_mode
 from dbprofile.measure.tracker import MemoryLimitExceeded, StepRecord, Tracker
 from dbprofile.methods import DEFAULT_TECHNIQUES, Technique, check_technique_fits, make_trainer, parse_techniques
 from dbprofile.results import CATEGORIES, UNIT_BYTES, BlockMeasurement, Measurement, RunResult, pick_unit
@@ -124,12 +125,17 @@ def measure(
     memory_limit: int | None = None,
     layers: int | None = None,
     round_to: int | None = None,
+    emulate_cuda: bool = False,
 ) -> Measurement:
     """Measure one technique at one batch size; failures come back as a status, not raised.
 
     Bad input (unknown technique, more segments or blocks than layers) raises SpecError.
     ``layers`` (the model's residual layer count) skips counting them again. ``round_to``
     overrides the tracker's per-storage rounding (the planner passes 512 for a CUDA target).
+    ``emulate_cuda`` (fake runs standing for a CUDA device, as the planner's): every tracked
+    allocation is replayed through a model of the CUDA caching allocator
+    (dbprofile.measure.allocator; its figures land in ``m.extra["allocator_model"]``), and the
+    loss follows CUDA's autocast order (dbprofile.measure.fake.cuda_autocast_policy).
     """
     spec = load_spec(spec) if not isinstance(spec, ModelSpec) else spec
     tech = parse_techniques([technique])[0] if not isinstance(technique, Technique) else technique
@@ -146,7 +152,9 @@ def measure(
     # In fake mode the tensors say "cpu" whatever the target; the tracker measures them there.
     track_dev = torch.device("cpu") if fake else dev
     try:
-        _measure_into(m, spec, tech, batch_size, dev, track_dev, warmup_steps, steps, fake, memory_limit, round_to)
+        with cuda_autocast_policy() if emulate_cuda else contextlib.nullcontext():
+            _measure_into(m, spec, tech, batch_size, dev, track_dev, warmup_steps, steps, fake, memory_limit,
+                          round_to, allocator=CachingAllocatorModel() if emulate_cuda else None)
     except SpecError:
         raise
     except Exception as err:  # noqa: BLE001 - the model's failure is a result, not a crash
@@ -173,6 +181,7 @@ def _measure_into(
     round_to: int | None = None,
     trainer_factory: Callable[[], Any] | None = None,
     tracker_cls: type[Tracker] = Tracker,
+    allocator: CachingAllocatorModel | None = None,
 ) -> None:
     """``trainer_factory`` and ``tracker_cls`` let dbprofile.measure.distributed run this same
     protocol for one rank (a sharded or block-parallel trainer, a tracker that knows DTensors)."""
@@ -193,7 +202,8 @@ def _measure_into(
         counter = iter(range(10**9))
         all_steps: list[float] = []
         run_step = functools.partial(_step, m, spec, trainer, batch_size, dev, fake, sync, counter, all_steps)
-        tracker = tracker_cls(track_dev, trainer=trainer, memory_limit=memory_limit, round_to=round_to)
+        tracker = tracker_cls(track_dev, trainer=trainer, memory_limit=memory_limit, round_to=round_to,
+                              allocator=allocator)
         # The tracker is on from the first step so every tensor that persists across steps
         # (optimizer state, caches a model builds on first use) is seen being made.
         with tracker:
@@ -217,6 +227,13 @@ def _measure_into(
                     if figures is not None:
                         allocator_peaks.append(figures)
         m.cuda = _worst_figures(allocator_peaks) if allocator_peaks else None
+        if allocator is not None:
+            stats = allocator.stats
+            m.extra["allocator_model"] = {
+                "peak_reserved_bytes": stats.peak_reserved_bytes,
+                "peak_allocated_bytes": stats.peak_allocated_bytes,
+                "segments": stats.segments,
+            }
         if m.cuda is not None:
             m.cuda["untracked_allocated_bytes"] = m.extra.pop("cuda_untracked_bytes", None)
         block_layers = getattr(trainer, "block_layers", None)

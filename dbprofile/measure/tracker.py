@@ -63,6 +63,7 @@ from typing import Any, Callable, Iterator
 import torch
 
 from dbprofile.measure._torch_private import TorchDispatchMode
+from dbprofile.measure.allocator import CachingAllocatorModel
 from dbprofile.methods.base import PHASES
 from dbprofile.results import CATEGORIES
 
@@ -96,10 +97,11 @@ class StepRecord:
 class _Storage:
     """What the tracker knows about one live storage."""
 
-    __slots__ = ("nbytes", "cat", "role", "saved", "recomputed", "ref", "__weakref__")
+    __slots__ = ("nbytes", "cat", "role", "saved", "recomputed", "ref", "block", "__weakref__")
 
     def __init__(self, nbytes: int, cat: int | None) -> None:
         self.nbytes = nbytes
+        self.block: Any = None  # its block in the allocator model, when one is replayed
         self.cat = cat  # category index, or None when excluded (other device, host copy)
         self.role: str | None = None
         self.saved = 0  # how many saved-for-backward slots hold this storage
@@ -161,8 +163,12 @@ class Tracker:
         memory_limit: int | None = None,
         timeline_points: int = DEFAULT_TIMELINE_POINTS,
         round_to: int | None = None,
+        allocator: CachingAllocatorModel | None = None,
     ) -> None:
         self.device = torch.device(device)
+        # A model of the CUDA caching allocator that every tracked storage is allocated in and
+        # freed from, in order: its peak reserved bytes predict max_memory_reserved (planner).
+        self.allocator = allocator
         self.trainer = trainer
         self.memory_limit = memory_limit
         self.timeline_points = timeline_points
@@ -346,6 +352,8 @@ class Tracker:
         with self._lock:
             self._infos[key] = info
             if cat is not None:
+                if self.allocator is not None and st.nbytes() > 0:  # CUDA hands out no block for 0 bytes
+                    info.block = self.allocator.malloc(st.nbytes())
                 self._add(cat, nbytes)
         return info
 
@@ -357,8 +365,14 @@ class Tracker:
                 self.totals[info.cat] -= info.nbytes
                 self.total -= info.nbytes
                 info.cat = None
+                self._release_block(info)
                 if self.recording:
                     self._record()
+
+    def _release_block(self, info: _Storage) -> None:
+        if info.block is not None:
+            self.allocator.free(info.block)
+            info.block = None
 
     def _add(self, cat: int, nbytes: int) -> None:
         self.totals[cat] += nbytes
@@ -418,6 +432,7 @@ class Tracker:
             self.totals[info.cat] -= info.nbytes
             self.total -= info.nbytes
             info.cat = None
+            self._release_block(info)
             if self.recording:
                 self._record()
 
