@@ -154,7 +154,8 @@ def measure(
     try:
         with cuda_autocast_policy() if emulate_cuda else contextlib.nullcontext():
             _measure_into(m, spec, tech, batch_size, dev, track_dev, warmup_steps, steps, fake, memory_limit,
-                          round_to, allocator=CachingAllocatorModel() if emulate_cuda else None)
+                          round_to, allocator=CachingAllocatorModel() if emulate_cuda else None,
+                          model_cuda_scratch=emulate_cuda)
     except SpecError:
         raise
     except Exception as err:  # noqa: BLE001 - the model's failure is a result, not a crash
@@ -182,6 +183,7 @@ def _measure_into(
     trainer_factory: Callable[[], Any] | None = None,
     tracker_cls: type[Tracker] = Tracker,
     allocator: CachingAllocatorModel | None = None,
+    model_cuda_scratch: bool = False,
 ) -> None:
     """``trainer_factory`` and ``tracker_cls`` let dbprofile.measure.distributed run this same
     protocol for one rank (a sharded or block-parallel trainer, a tracker that knows DTensors)."""
@@ -203,7 +205,7 @@ def _measure_into(
         all_steps: list[float] = []
         run_step = functools.partial(_step, m, spec, trainer, batch_size, dev, fake, sync, counter, all_steps)
         tracker = tracker_cls(track_dev, trainer=trainer, memory_limit=memory_limit, round_to=round_to,
-                              allocator=allocator)
+                              allocator=allocator, model_cuda_scratch=model_cuda_scratch)
         # The tracker is on from the first step so every tensor that persists across steps
         # (optimizer state, caches a model builds on first use) is seen being made.
         with tracker:

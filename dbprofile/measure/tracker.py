@@ -64,6 +64,7 @@ import torch
 
 from dbprofile.measure._torch_private import TorchDispatchMode
 from dbprofile.measure.allocator import CachingAllocatorModel
+from dbprofile.measure.cuda_scratch import op_scratch_allocations
 from dbprofile.methods.base import PHASES
 from dbprofile.results import CATEGORIES
 
@@ -138,6 +139,8 @@ class _Mode(TorchDispatchMode):
         if not tracker.sample_allocator:
             out = func(*args, **(kwargs or {}))
             tracker._on_op(func, args, kwargs or {}, out)
+            if tracker.model_cuda_scratch:
+                tracker._on_scratch(op_scratch_allocations(func, args, kwargs or {}))
             return out
         # CUDA: the allocator's peak inside this one op shows scratch memory a kernel takes and
         # gives back before returning (no tensor ever holds it, so only the allocator sees it).
@@ -164,8 +167,13 @@ class Tracker:
         timeline_points: int = DEFAULT_TIMELINE_POINTS,
         round_to: int | None = None,
         allocator: CachingAllocatorModel | None = None,
+        model_cuda_scratch: bool = False,
     ) -> None:
         self.device = torch.device(device)
+        # Fake runs standing for CUDA: the scratch CUDA kernels take inside an op (reduction
+        # buffers, dbprofile.measure.cuda_scratch) counts as workspace at that instant, and is
+        # allocated and freed in the allocator model.
+        self.model_cuda_scratch = model_cuda_scratch
         # A model of the CUDA caching allocator that every tracked storage is allocated in and
         # freed from, in order: its peak reserved bytes predict max_memory_reserved (planner).
         self.allocator = allocator
@@ -388,6 +396,17 @@ class Tracker:
                 f"out of memory: tracked tensors reached {self.total} bytes, above the memory limit "
                 f"of {self.memory_limit} bytes"
             )
+
+    def _on_scratch(self, sizes: list[int]) -> None:
+        """Predicted in-op scratch: allocated after the op's outputs, freed before it returns."""
+        if not sizes:
+            return
+        rounded = sum(-(-n // self.round_to) * self.round_to for n in sizes)
+        if self.allocator is not None:
+            blocks = [self.allocator.malloc(n) for n in sizes]
+            for block in reversed(blocks):
+                self.allocator.free(block)
+        self._on_op_peak(self.total + rounded)
 
     def _on_op_peak(self, in_op_total: int) -> None:
         """An op's in-kernel peak above what its outputs hold counts, for that instant, as workspace."""

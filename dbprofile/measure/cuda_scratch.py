@@ -1,0 +1,177 @@
+"""Scratch memory CUDA kernels take and give back inside one op, predicted from the op's
+shapes, for fake runs that stand for a CUDA device.
+
+No tensor ever holds this memory, so a fake run cannot see it, yet it counts in
+``max_memory_allocated`` at the instant of the op and can make the caching allocator reserve
+new segments. On an H200 (reports/gpu-validation-h200-2.md) the largest such allocations in
+training steps of ViT-B/16, DiT-B/2 and GPT-2 were the global staging buffers of PyTorch's
+reduction kernel (``aten/src/ATen/native/cuda/Reduce.cuh``): a bias gradient, i.e. a ``sum``
+over the batch and sequence of a (tokens x features) gradient, splits each output's inputs
+over many thread blocks, which combine through a buffer of
+``sizeof(accumulator) x outputs x blocks per output x block width x output vector size``
+bytes, plus one int semaphore per block column. 132 MiB for a 3072-wide bias of ViT-B/16,
+per layer and step, whatever the batch size.
+
+``reduction_scratch`` follows ``setReduceConfig``: TensorIterator's dimension order
+(reduced dimensions first, then by stride) and coalescing, the vectorisation choice, the
+block shape (at most 512 threads, split by the output vector size), the split of the inputs
+across warps, and the number of blocks per output from the device's multiprocessors (132 on
+an H100 SXM / H200, 2048 threads each). Known limitations: reductions beyond 32-bit indexing
+(split into several launches), Welford (var/std) and index-returning (argmax, max.dim)
+reductions are not modelled; neither is the scratch of attention, convolution or cuBLAS
+kernels (their sizes depend on the library's algorithm choice).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+DEFAULT_MULTIPROCESSORS = 132
+"""H100 SXM and H200: 132 streaming multiprocessors (torch.cuda.get_device_properties)."""
+MAX_THREADS_PER_MULTIPROCESSOR = 2048
+"""maxThreadsPerMultiProcessor on sm80 and sm90."""
+MAX_NUM_THREADS = 512
+"""mnt_wrapper<T>::MAX_NUM_THREADS for real types: threads in one reduction block."""
+WARP_SIZE = 32
+VT0 = 4
+"""Values each thread loads per iteration (``vt0``), also the input vector size."""
+MIN_VALUES_PER_THREAD = 16
+MAX_VALUES_PER_THREAD = 256
+
+_aten = torch.ops.aten
+# Reductions through gpu_reduce_kernel whose accumulator is float (double for double inputs).
+_FLOAT_ACCUMULATING = {
+    _aten.sum.dim_IntList, _aten.sum.default, _aten.mean.dim, _aten.mean.default,
+    _aten.linalg_vector_norm.default,
+}
+# Reductions whose accumulator is the input type itself.
+_SAME_TYPE_ACCUMULATING = {_aten.amax.default, _aten.amin.default}
+
+
+def _last_pow2(n: int, cap: int) -> int:
+    """``n < cap ? largest power of two <= n : cap`` (cap a power of two)."""
+    while cap > 1 and n < cap:
+        cap //= 2
+    return cap
+
+
+def _div_up(a: int, b: int) -> int:
+    return -(-a // b)
+
+
+def _iterator_dims(shape: list[int], strides: list[int], reduced: set[int]) -> list[tuple[int, int, bool]]:
+    """TensorIterator's view of a reduction: (size, input stride, reduced?) per dimension,
+    fastest first, reduced dimensions in front, size-1 and contiguous neighbours coalesced."""
+    dims = [(s, st, i in reduced) for i, (s, st) in enumerate(zip(shape, strides)) if s != 1]
+    # Reduced dimensions go first; within each group, ascending input stride (ties: smaller size).
+    dims.sort(key=lambda d: (not d[2], d[1], d[0]))
+    out: list[tuple[int, int, bool]] = []
+    for size, stride, red in dims:
+        if out:
+            psize, pstride, pred = out[-1]
+            # Neighbours merge when the input is contiguous across them and both are reduced or
+            # both kept (the output's stride is 0 on reduced dimensions and contiguous otherwise).
+            if pred == red and pstride * psize == stride:
+                out[-1] = (psize * size, pstride, red)
+                continue
+        out.append((size, stride, red))
+    return out
+
+
+def _output_vec_size(num_outputs_dim: int, kept: list[tuple[int, int, bool]]) -> int:
+    vec = 4
+    for n in (num_outputs_dim, *[st for _, st, _ in kept[1:]]):
+        while vec > 1 and n % vec != 0:
+            vec //= 2
+    return vec
+
+
+def reduction_scratch(shape: list[int], strides: list[int], reduced_dims: list[int],
+                      accumulator_bytes: int, multiprocessors: int = DEFAULT_MULTIPROCESSORS) -> tuple[int, int]:
+    """(staging buffer bytes, semaphore bytes) one CUDA reduction allocates; (0, 0) if none.
+    ``strides`` in elements; ``reduced_dims`` empty means every dimension."""
+    ndim = len(shape)
+    reduced = {d % ndim for d in reduced_dims} if ndim else set()
+    if not reduced_dims and ndim:
+        reduced = set(range(ndim))
+    numel = 1
+    for s in shape:
+        numel *= s
+    if numel == 0:
+        return 0, 0
+    num_outputs = 1
+    for i, s in enumerate(shape):
+        if i not in reduced:
+            num_outputs *= s
+    inputs_per_output = numel // num_outputs
+    dims = _iterator_dims(list(shape), list(strides), reduced)
+    num_reduce = sum(1 for d in dims if d[2])
+    if not dims:
+        return 0, 0
+    fastest_reduced = num_reduce == len(dims) or dims[0][1] < dims[num_reduce][1]
+    if fastest_reduced:
+        dim0, dim1, fastest_stride = inputs_per_output, num_outputs, dims[0][1]
+    else:
+        dim0, dim1, fastest_stride = num_outputs, inputs_per_output, dims[num_reduce][1]
+    output_vec = 1
+    if fastest_stride == 1:
+        if fastest_reduced and dim0 >= 128 and num_reduce == 1:
+            dim0 //= VT0
+        elif not fastest_reduced:
+            output_vec = _output_vec_size(dims[num_reduce][0], dims[num_reduce:])
+            dim0 //= output_vec
+    max_threads = MAX_NUM_THREADS // output_vec
+    dim0_pow2, dim1_pow2 = _last_pow2(dim0, max_threads), _last_pow2(dim1, max_threads)
+    block_width = min(dim0_pow2, WARP_SIZE)
+    block_height = min(dim1_pow2, max_threads // block_width)
+    block_width = min(dim0_pow2, max_threads // block_height)
+    num_threads = block_width * block_height
+    step_input = step_output = 1
+    block_x_reduce = fastest_reduced
+    if fastest_reduced:
+        step_input *= block_width
+    else:
+        step_output *= block_width
+    values_per_thread = _div_up(inputs_per_output, step_input)
+    split_across_warps = values_per_thread >= min(block_height * 16, MAX_VALUES_PER_THREAD)
+    if split_across_warps:
+        step_input *= block_height
+    else:
+        step_output *= block_height
+    target_grid = multiprocessors * (MAX_THREADS_PER_MULTIPROCESSOR // num_threads)
+    grid_x = _div_up(num_outputs // output_vec, step_output)
+    values_per_thread = _div_up(inputs_per_output, step_input)
+    if not (split_across_warps and values_per_thread >= MAX_VALUES_PER_THREAD and grid_x <= target_grid):
+        return 0, 0
+    ctas = max(_div_up(values_per_thread, MAX_VALUES_PER_THREAD),
+               min(_div_up(target_grid, grid_x), _div_up(values_per_thread, MIN_VALUES_PER_THREAD)))
+    if ctas <= 1:
+        return 0, 0
+    buffer = accumulator_bytes * num_outputs * ctas
+    if not block_x_reduce:
+        buffer *= block_width * output_vec
+    return buffer, 4 * grid_x
+
+
+def op_scratch_allocations(func: Any, args: tuple, kwargs: dict) -> list[int]:
+    """The transient allocations (bytes, in order) a CUDA kernel makes inside ``func``."""
+    if func in _FLOAT_ACCUMULATING or func in _SAME_TYPE_ACCUMULATING:
+        x = args[0] if args else None
+        if not isinstance(x, torch.Tensor) or x.is_sparse:
+            return []
+        if func in _SAME_TYPE_ACCUMULATING:
+            acc = x.element_size()
+        else:
+            acc = 8 if x.dtype in (torch.float64, torch.complex128) else 4
+        dims = kwargs.get("dim", args[1] if len(args) > 1 else None)
+        if func is _aten.linalg_vector_norm.default:
+            dims = kwargs.get("dim", args[2] if len(args) > 2 else None)
+        if isinstance(dims, int):
+            dims = [dims]
+        dims = list(dims) if dims else []
+        buffer, semaphores = reduction_scratch(list(x.shape), list(x.stride()), dims, acc)
+        # Two allocations, the staging buffer then the semaphores (Reduce.cuh reduce_buffers).
+        return [buffer, semaphores] if buffer else []
+    return []
