@@ -77,18 +77,18 @@ class ValidationRow:
         return self._err(self.tracked_peak_bytes, self.max_allocated_bytes)
 
     @property
-    def planner_tracked_error(self) -> float | None:
+    def planner_error_tracked(self) -> float | None:
         """Planner vs tracker on tensor bytes (the workspace share left out): fake run vs real run."""
         if self.tracked_peak_bytes is None:
             return None
         return self._err(self.planned_tracked_bytes, self.tracked_peak_bytes - (self.workspace_bytes or 0))
 
     @property
-    def planner_allocated_error(self) -> float | None:
+    def planner_error_allocated(self) -> float | None:
         return self._err(self.planned_allocated_bytes, self.max_allocated_bytes)
 
     @property
-    def planner_reserved_error(self) -> float | None:
+    def planner_error_reserved(self) -> float | None:
         return self._err(self.planned_reserved_bytes, self.max_reserved_bytes)
 
     @property
@@ -99,8 +99,8 @@ class ValidationRow:
 
     def to_dict(self) -> dict:
         data = asdict(self)
-        for name in ("tracker_error", "planner_tracked_error",
-                     "planner_allocated_error", "planner_reserved_error", "nvml_minus_reserved_bytes"):
+        for name in ("tracker_error", "planner_error_tracked",
+                     "planner_error_allocated", "planner_error_reserved", "nvml_minus_reserved_bytes"):
             data[name] = getattr(self, name)
         return data
 
@@ -245,9 +245,9 @@ def format_row(row: ValidationRow) -> str:
     return (
         f"| {row.model} | {row.batch_size} | {row.technique} | {row.precision} | {_mib(row.tracked_peak_bytes)} "
         f"| {_mib(row.workspace_bytes)} | {_mib(row.max_allocated_bytes)} | {_pct(row.tracker_error)} "
-        f"| {_mib(row.planned_allocated_bytes)} | {_pct(row.planner_allocated_error)} | {_mib(row.max_reserved_bytes)} "
-        f"| {_pct(row.planner_reserved_error)} | {_mib(row.nvml_used_bytes)} | {_mib(row.nvml_minus_reserved_bytes)} "
-        f"| {_pct(row.planner_tracked_error)} | {step} |"
+        f"| {_mib(row.planned_allocated_bytes)} | {_pct(row.planner_error_allocated)} | {_mib(row.max_reserved_bytes)} "
+        f"| {_pct(row.planner_error_reserved)} | {_mib(row.nvml_used_bytes)} | {_mib(row.nvml_minus_reserved_bytes)} "
+        f"| {_pct(row.planner_error_tracked)} | {step} |"
     )
 
 
@@ -263,8 +263,8 @@ def summarise(rows: list[ValidationRow]) -> str:
     lines = [
         f"configurations: {len(rows)} ({len(ok)} ran, {len(rows) - len(ok)} failed)",
         f"worst |tracker - max_allocated| / max_allocated: {worst('tracker_error')}",
-        f"worst |planned - measured|: allocated {worst('planner_allocated_error')}, "
-        f"reserved {worst('planner_reserved_error')}, tensor bytes (fake vs real) {worst('planner_tracked_error')}",
+        f"worst |planned - measured|: allocated {worst('planner_error_allocated')}, "
+        f"reserved {worst('planner_error_reserved')}, tensor bytes (fake vs real) {worst('planner_error_tracked')}",
     ]
     if gaps:
         lines.append(f"NVML used - max reserved: {format_bytes(min(gaps))} to {format_bytes(max(gaps))} "

@@ -19,7 +19,7 @@ def test_planner_matches_real_cpu_run_to_the_byte():
     for row in rows:
         assert row.status == "ok", row.error
         assert row.planned_tracked_bytes == row.tracked_peak_bytes
-        assert row.planner_tracked_error == 0.0
+        assert row.planner_error_tracked == 0.0
         assert row.max_allocated_bytes is None and row.tracker_error is None  # no allocator on the CPU
         assert row.workspace_bytes == 0
     assert "tensor bytes (fake vs real) 0.0%" in summarise(rows)
@@ -32,9 +32,9 @@ def test_errors_are_relative_to_the_allocator_figures():
                         max_reserved_bytes=1100, nvml_used_bytes=2100, planned_tracked_bytes=909,
                         planned_allocated_bytes=1020, planned_reserved_bytes=1122)
     assert row.tracker_error == pytest.approx(-0.01)
-    assert row.planner_tracked_error == pytest.approx(0.01)  # against tensor bytes: 990 - 90
-    assert row.planner_allocated_error == pytest.approx(0.02)
-    assert row.planner_reserved_error == pytest.approx(0.02)
+    assert row.planner_error_tracked == pytest.approx(0.01)  # against tensor bytes: 990 - 90
+    assert row.planner_error_allocated == pytest.approx(0.02)
+    assert row.planner_error_reserved == pytest.approx(0.02)
     assert row.nvml_minus_reserved_bytes == 1000
 
 

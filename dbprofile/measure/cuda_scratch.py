@@ -16,10 +16,11 @@ per layer and step, whatever the batch size.
 (reduced dimensions first, then by stride) and coalescing, the vectorisation choice, the
 block shape (at most 512 threads, split by the output vector size), the split of the inputs
 across warps, and the number of blocks per output from the device's multiprocessors (132 on
-an H100 SXM / H200, 2048 threads each). Known limitations: reductions beyond 32-bit indexing
-(split into several launches), Welford (var/std) and index-returning (argmax, max.dim)
-reductions are not modelled; neither is the scratch of attention, convolution or cuBLAS
-kernels (their sizes depend on the library's algorithm choice).
+an H100 SXM / H200, 2048 threads each). ``attention_backward_scratch`` is the workspace of attention's backward, fitted to the same
+traces. Known limitations: reductions beyond 32-bit indexing (split into several launches),
+Welford (var/std) and index-returning (argmax, max.dim) reductions are not modelled; nor is
+the workspace of convolutions (cuDNN's algorithm choice; 15 to 57 MiB once per step for the
+patch embeddings of ViT-B/16 and DiT-B/2) or of attention on other GPUs than sm90.
 """
 
 from __future__ import annotations
@@ -155,8 +156,53 @@ def reduction_scratch(shape: list[int], strides: list[int], reduced_dims: list[i
     return buffer, 4 * grid_x
 
 
+ATTENTION_KEY_TILE = 256
+"""Rows per tile of memory-efficient attention's backward workspace (fitted, see below)."""
+
+
+def attention_backward_scratch(batch: int, heads: int, seq: int, head_dim: int, dtype: torch.dtype,
+                               masked: bool) -> int:
+    """The workspace of scaled-dot-product attention's backward on an sm90 GPU (H100, H200).
+
+    Fitted to the H200 allocator traces (head dim 64; ViT-B/16 197 tokens, DiT-B/2 256, GPT-2
+    1024, batch 4 to 64), where each layer's attention backward made one allocation beside its
+    gradients:
+
+    - bf16/fp16 without a mask runs cuDNN attention: an fp32 dQ accumulator and one fp32 value
+      per row, ``batch * heads * seq * (head_dim + 1) * 4`` bytes (19668992 for ViT-B/16 at
+      batch 32, 25559552 for DiT-B/2, 12780032 for GPT-2 at batch 4, each to the byte);
+    - fp32 runs memory-efficient attention: ``batch * heads * ceil(seq / 256) * (256 * head_dim
+      * 4 + 64)`` bytes (25190400 for ViT-B/16 and DiT-B/2 at batch 32, 12595200 for GPT-2).
+
+    Other cases (a masked low-precision call, which PyTorch routes to memory-efficient attention
+    with accumulators of its own) are not modelled and return 0.
+    """
+    if dtype in (torch.bfloat16, torch.float16) and not masked:
+        return batch * heads * seq * (head_dim + 1) * 4
+    if dtype == torch.float32:
+        return batch * heads * _div_up(seq, ATTENTION_KEY_TILE) * (ATTENTION_KEY_TILE * head_dim * 4 + 64)
+    return 0
+
+
+_ATTENTION_BACKWARD = {
+    getattr(_aten, name).default
+    for name in ("_scaled_dot_product_flash_attention_for_cpu_backward",
+                 "_scaled_dot_product_flash_attention_backward",
+                 "_scaled_dot_product_efficient_attention_backward")
+    if hasattr(_aten, name)
+}
+
+
 def op_scratch_allocations(func: Any, args: tuple, kwargs: dict) -> list[int]:
     """The transient allocations (bytes, in order) a CUDA kernel makes inside ``func``."""
+    if func in _ATTENTION_BACKWARD:
+        q = args[1] if len(args) > 1 else None
+        if not isinstance(q, torch.Tensor) or q.dim() != 4:
+            return []
+        batch, heads, seq, head_dim = q.shape
+        masked = kwargs.get("attn_mask") is not None
+        nbytes = attention_backward_scratch(batch, heads, seq, head_dim, q.dtype, masked)
+        return [nbytes] if nbytes else []
     if func in _FLOAT_ACCUMULATING or func in _SAME_TYPE_ACCUMULATING:
         x = args[0] if args else None
         if not isinstance(x, torch.Tensor) or x.is_sparse:
