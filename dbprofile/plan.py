@@ -47,13 +47,31 @@ MiB = 1024**2
 
 # ---------------------------------------------------------------- CUDA corrections (documented)
 
-CUDA_CONTEXT_BYTES = 1257 * MiB
-"""Device memory outside the caching allocator: the CUDA context (driver state, the kernels loaded
-lazily) and the libraries' modules (cuBLAS, cuDNN). Measured on an H100 80GB HBM3 with driver
-580.159.04 and torch 2.11.0+cu130 as NVML used memory minus max_memory_reserved: 1247 to 1257 MiB
-over 60 training configurations (reports/gpu-validation-h100.md); it grew by 10 MiB as more
-kernels were loaded during the run, so the largest figure is used. Older stacks report less
-(287 MB right after init, pytorch/pytorch#86509), but a training step loads far more kernels."""
+MEASURED_CUDA_CONTEXT_BYTES = {"H100-80GB": 1257 * MiB, "H200-141GB": 1392 * MiB}
+"""Device memory outside the caching allocator, per card where it was measured: the CUDA context
+(driver state, the kernels loaded lazily) and the libraries' modules (cuBLAS, cuDNN), as NVML used
+memory minus max_memory_reserved over a validation run's training configurations (driver 580.159.04,
+torch 2.11.0+cu130). H100 80GB HBM3: 1247 to 1257 MiB over 60 configurations
+(reports/gpu-validation-h100.md); H200: 1382 to 1392 MiB over 52 (reports/gpu-validation-h200-2.md).
+It grows by about 10 MiB as more kernels load during a run, so the largest figure is used."""
+CUDA_CONTEXT_BYTES = max(MEASURED_CUDA_CONTEXT_BYTES.values())
+"""For a card not measured: the largest measured figure (older stacks report less, 287 MB right
+after init, pytorch/pytorch#86509, but a training step loads far more kernels)."""
+
+
+def cuda_context_bytes(gpu_name: str) -> int:
+    """The measured context of this card (by its table name or a name the table resolves), else
+    CUDA_CONTEXT_BYTES."""
+    words = gpu_name.removeprefix("NVIDIA ").split()
+    # torch names the card "NVIDIA H100 80GB HBM3": drop trailing words until the table knows it.
+    for end in range(len(words), 0, -1):
+        try:
+            return MEASURED_CUDA_CONTEXT_BYTES.get(get_gpu(" ".join(words[:end])).name, CUDA_CONTEXT_BYTES)
+        except SpecError:
+            continue
+    return CUDA_CONTEXT_BYTES
+
+
 ALLOCATOR_OVERHEAD_FRACTION = 0.11
 """Reserved minus allocated, as a share of allocated: segments are 2 MiB for blocks <= 1 MiB, 20 MiB
 for blocks < 10 MiB, and larger requests are rounded up to 2 MiB (kSmallBuffer, kLargeBuffer,
@@ -119,7 +137,7 @@ def cuda_corrections(tracked_bytes: int, target: Target, replayed_reserved_bytes
     return {
         "cublas_workspace": workspace,
         "allocator_segments": segments,
-        "cuda_context": CUDA_CONTEXT_BYTES,
+        "cuda_context": cuda_context_bytes(target.name),
     }
 
 

@@ -10,6 +10,7 @@ from dbprofile.measure.runner import measure
 from dbprofile.plan import (
     ALLOCATOR_OVERHEAD_FRACTION,
     CUDA_CONTEXT_BYTES,
+    cuda_context_bytes,
     ModelFacts,
     block_parallel,
     cuda_corrections,
@@ -100,7 +101,10 @@ def test_cuda_corrections_name_each_effect():
     target = resolve_target("H100-80GB")
     corrections = cuda_corrections(10 * GiB, target)
     assert corrections["cublas_workspace"] == 66 * MiB
-    assert corrections["cuda_context"] == CUDA_CONTEXT_BYTES
+    assert corrections["cuda_context"] == 1257 * MiB  # measured on that card
+    assert cuda_context_bytes("NVIDIA H200") == 1392 * MiB  # torch's name for the card
+    assert cuda_context_bytes("NVIDIA H100 80GB HBM3") == 1257 * MiB
+    assert cuda_context_bytes("some future card") == CUDA_CONTEXT_BYTES == 1392 * MiB
     # Without an allocator replay (sharded shares, stand-in runners): the measured median fraction.
     assert corrections["allocator_segments"] == pytest.approx(ALLOCATOR_OVERHEAD_FRACTION * (10 * GiB + 66 * MiB), abs=1)
     # With one: the replay's reserved bytes plus the workspaces' segments, less what is allocated.
