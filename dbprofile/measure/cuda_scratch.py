@@ -169,8 +169,9 @@ def attention_backward_scratch(batch: int, heads: int, seq: int, head_dim: int, 
     gradients:
 
     - bf16/fp16 without a mask runs cuDNN attention: an fp32 dQ accumulator and one fp32 value
-      per row, ``batch * heads * seq * (head_dim + 1) * 4`` bytes (19668992 for ViT-B/16 at
-      batch 32, 25559552 for DiT-B/2, 12780032 for GPT-2 at batch 4, each to the byte);
+      per row, plus 256 bytes, ``batch * heads * seq * (head_dim + 1) * 4 + 256`` (requested
+      25559296 bytes for DiT-B/2 at batch 32; 19668992, 25559552 and 12780032 bytes after
+      rounding for ViT-B/16 and DiT-B/2 at batch 32 and GPT-2 at batch 4, each to the byte);
     - fp32 runs memory-efficient attention: ``batch * heads * ceil(seq / 256) * (256 * head_dim
       * 4 + 64)`` bytes (25190400 for ViT-B/16 and DiT-B/2 at batch 32, 12595200 for GPT-2).
 
@@ -178,7 +179,7 @@ def attention_backward_scratch(batch: int, heads: int, seq: int, head_dim: int, 
     with accumulators of its own) are not modelled and return 0.
     """
     if dtype in (torch.bfloat16, torch.float16) and not masked:
-        return batch * heads * seq * (head_dim + 1) * 4
+        return batch * heads * seq * (head_dim + 1) * 4 + 256
     if dtype == torch.float32:
         return batch * heads * _div_up(seq, ATTENTION_KEY_TILE) * (ATTENTION_KEY_TILE * head_dim * 4 + 64)
     return 0
@@ -193,8 +194,28 @@ _ATTENTION_BACKWARD = {
 }
 
 
+_CONTIGUOUS_INPUTS = {
+    # op -> positions of the inputs its CUDA kernel makes contiguous (``expect_contiguous``)
+    _aten.native_layer_norm.default: (0,),
+    _aten.native_layer_norm_backward.default: (0, 1),
+}
+
+
+def op_input_copies(func: Any, args: tuple) -> list[int]:
+    """Bytes of the contiguous copies a CUDA kernel makes of its non-contiguous inputs before it
+    writes its outputs, freed when it returns. Layer norm's kernels do so (``expect_contiguous``):
+    DiT's residual stream keeps the patch embedding's transposed layout through every residual
+    add, and on the H200 each layer norm of DiT-B/2 at batch 32 copied its 24 MiB input (fp32
+    [32, 256, 768]) before its output, in forward and backward; the CPU kernels seen by a fake
+    run make no such copy."""
+    positions = _CONTIGUOUS_INPUTS.get(func, ())
+    return [t.numel() * t.element_size() for i in positions if i < len(args)
+            for t in (args[i],) if isinstance(t, torch.Tensor) and not t.is_contiguous()]
+
+
 def op_scratch_allocations(func: Any, args: tuple, kwargs: dict) -> list[int]:
-    """The transient allocations (bytes, in order) a CUDA kernel makes inside ``func``."""
+    """The transient allocations (bytes, in order) a CUDA kernel makes inside ``func`` after its
+    outputs."""
     if func in _ATTENTION_BACKWARD:
         q = args[1] if len(args) > 1 else None
         if not isinstance(q, torch.Tensor) or q.dim() != 4:

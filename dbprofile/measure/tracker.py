@@ -64,7 +64,7 @@ import torch
 
 from dbprofile.measure._torch_private import TorchDispatchMode
 from dbprofile.measure.allocator import CachingAllocatorModel
-from dbprofile.measure.cuda_scratch import op_scratch_allocations
+from dbprofile.measure.cuda_scratch import op_input_copies, op_scratch_allocations
 from dbprofile.methods.base import PHASES
 from dbprofile.results import CATEGORIES
 
@@ -137,10 +137,10 @@ class _Mode(TorchDispatchMode):
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         tracker = self.tracker
         if not tracker.sample_allocator:
+            if tracker.model_cuda_scratch:
+                return self._with_cuda_scratch(func, args, kwargs or {})
             out = func(*args, **(kwargs or {}))
             tracker._on_op(func, args, kwargs or {}, out)
-            if tracker.model_cuda_scratch:
-                tracker._on_scratch(op_scratch_allocations(func, args, kwargs or {}))
             return out
         # CUDA: the allocator's peak inside this one op shows scratch memory a kernel takes and
         # gives back before returning (no tensor ever holds it, so only the allocator sees it).
@@ -152,6 +152,22 @@ class _Mode(TorchDispatchMode):
         in_op_peak = torch.cuda.max_memory_allocated(dev)
         tracker._on_op(func, args, kwargs or {}, out)
         tracker._on_op_peak(total_before + in_op_peak - allocated_before)
+        return out
+
+
+    def _with_cuda_scratch(self, func, args, kwargs):
+        """A fake op with the scratch its CUDA kernel would take: input copies before its outputs,
+        buffers after them; all of it given back before the op returns."""
+        tracker = self.tracker
+        before = op_input_copies(func, args)
+        blocks = tracker._scratch_alloc(before)
+        out = func(*args, **kwargs)
+        tracker._on_op(func, args, kwargs, out)
+        after = op_scratch_allocations(func, args, kwargs)
+        blocks += tracker._scratch_alloc(after)
+        if before or after:
+            tracker._on_op_peak(tracker.total + sum(tracker._rounded(n) for n in before + after))
+        tracker._scratch_free(blocks)
         return out
 
 
@@ -397,16 +413,18 @@ class Tracker:
                 f"of {self.memory_limit} bytes"
             )
 
-    def _on_scratch(self, sizes: list[int]) -> None:
-        """Predicted in-op scratch: allocated after the op's outputs, freed before it returns."""
-        if not sizes:
-            return
-        rounded = sum(-(-n // self.round_to) * self.round_to for n in sizes)
-        if self.allocator is not None:
-            blocks = [self.allocator.malloc(n) for n in sizes]
-            for block in reversed(blocks):
-                self.allocator.free(block)
-        self._on_op_peak(self.total + rounded)
+    def _rounded(self, nbytes: int) -> int:
+        return -(-nbytes // self.round_to) * self.round_to
+
+    def _scratch_alloc(self, sizes: list[int]) -> list[Any]:
+        """Predicted in-op scratch, in the allocator model (the peak is the caller's)."""
+        if self.allocator is None:
+            return []
+        return [self.allocator.malloc(n) for n in sizes]
+
+    def _scratch_free(self, blocks: list[Any]) -> None:
+        for block in reversed(blocks):
+            self.allocator.free(block)
 
     def _on_op_peak(self, in_op_total: int) -> None:
         """An op's in-kernel peak above what its outputs hold counts, for that instant, as workspace."""
