@@ -198,6 +198,8 @@ _CONTIGUOUS_INPUTS = {
     # op -> positions of the inputs its CUDA kernel makes contiguous (``expect_contiguous``)
     _aten.native_layer_norm.default: (0,),
     _aten.native_layer_norm_backward.default: (0, 1),
+    # cuDNN convolutions take their gradient in the weight's memory format (contiguous here).
+    _aten.convolution_backward.default: (0,),
 }
 
 

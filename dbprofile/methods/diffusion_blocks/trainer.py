@@ -99,6 +99,7 @@ class OffloadDiffusionBlocksTrainer(DiffusionBlocksTrainer):
     def __init__(self, spec: ModelSpec, model: BlockwiseModel, device: torch.device, **kwargs) -> None:
         self.device = device  # needed by _new_host before the base class sets it
         self._host_storages: set[int] = set()
+        self._making_host_copy = False
         self._param_host: dict[int, torch.Tensor] = {}
         self._state_host: dict[tuple[int, str], torch.Tensor] = {}
         # Shared parameters and all buffers go to the device; every block's layers stay on the
@@ -120,14 +121,21 @@ class OffloadDiffusionBlocksTrainer(DiffusionBlocksTrainer):
     def _new_host(self, tensor: torch.Tensor) -> torch.Tensor:
         # On CUDA the host copy is pinned so the copies in and out are DMA transfers; on a CPU
         # "device" it is simply a separate tensor the tracker can tell apart.
-        host = torch.empty(tensor.shape, dtype=tensor.dtype, device="cpu", pin_memory=self.device.type == "cuda")
-        host.copy_(tensor)
+        # While the copy is made, host_resident() says so: a tracker that sees the new storage at
+        # once (before it is registered below) must never count it as device memory, not even
+        # for an instant (a fake run's allocator model would place it in a device segment).
+        self._making_host_copy = True
+        try:
+            host = torch.empty(tensor.shape, dtype=tensor.dtype, device="cpu", pin_memory=self.device.type == "cuda")
+        finally:
+            self._making_host_copy = False
         self._host_storages.add(_storage_key(host))
+        host.copy_(tensor)
         return host
 
     def host_resident(self, tensor: torch.Tensor) -> bool:
         """True for the host-side copies of offloaded parameters and optimizer state."""
-        return _storage_key(tensor) in self._host_storages
+        return self._making_host_copy or _storage_key(tensor) in self._host_storages
 
     def _state_tensors(self, param: nn.Parameter):
         state = self.optimizer.state.get(param) or {}
