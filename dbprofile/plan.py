@@ -415,8 +415,10 @@ def _search_max_batch(entry: PlanEntry, predict: Callable[[int], PlanEntry], cap
     """
     b1 = entry.batch_size
     variable = sum(entry.shares.get(c, 0) for c in BATCH_DEPENDENT)
-    # Of the CUDA corrections only the allocator's segments grow with the tracked bytes.
-    scale = 1 + ALLOCATOR_OVERHEAD_FRACTION if "allocator_segments" in entry.corrections else 1.0
+    # Of the CUDA corrections only the allocator's segments grow with the tracked bytes: in the
+    # proportion this entry's own prediction has (the replayed one, or the measured fraction).
+    segments = entry.corrections.get("allocator_segments")
+    scale = 1 + segments / max(entry.tracked_peak_bytes, 1) if segments is not None else 1.0
     per_sample = variable * scale / b1
     fixed = entry.peak_bytes - per_sample * b1
     points = {b1: entry.peak_bytes}

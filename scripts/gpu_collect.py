@@ -90,6 +90,8 @@ def main() -> int:
     parser.add_argument("--device", default="cuda")
     parser.add_argument("--quick", action="store_true", help="tiny models only (CPU dry run)")
     parser.add_argument("--time-budget", type=float, default=330.0)
+    parser.add_argument("--steps", type=int, default=2, help="timed steps per unit")
+    parser.add_argument("--name", default="validate", help="file name stem of the table")
     args = parser.parse_args()
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -133,26 +135,26 @@ def main() -> int:
         rows_json.append(row.to_dict())
         md.append(format_row(row))
         print(format_row(row), flush=True)
-        (out / "validate.json").write_text(json.dumps({"rows": rows_json}, indent=1))
+        (out / f"{args.name}.json").write_text(json.dumps({"environment": environment, "command": command,
+                                                           "rows": rows_json}, indent=1))
 
+    from dbprofile.measure.device import environment as device_environment
+
+    environment = device_environment(device)
+    command = "python scripts/gpu_collect.py " + " ".join(sys.argv[1:])
     started = time.perf_counter()
-    rows = validate(cases=cases, device=device, time_budget_s=args.time_budget, on_row=on_row)
+    rows = validate(cases=cases, device=device, steps=args.steps, time_budget_s=args.time_budget, on_row=on_row)
     print(summarise(rows), flush=True)
     md.append("")
     md.append(summarise(rows))
-    (out / "validate.md").write_text("\n".join(md) + "\n")
+    (out / f"{args.name}.md").write_text("\n".join(md) + "\n")
     print(f"validate: {time.perf_counter() - started:.0f} s", flush=True)
 
-    # Traces, one compressed file per model family (each file must stay under 16 MiB).
-    by_model: dict[str, dict[str, np.ndarray]] = {}
-    for key, arrays in traces.items():
-        model = key.split("|")[0]
-        slot = by_model.setdefault(model, {})
-        for name, arr in arrays.items():
-            slot[f"{key}|{name}"] = arr
-    for model, arrays in by_model.items():
-        path = out / f"trace_{model}.npz"
-        np.savez_compressed(path, **arrays)
+    # Traces of every configuration in one compressed file (run 1's were 0.5-0.7 MiB per family).
+    if traces:
+        path = out / f"{args.name}-traces.npz"
+        np.savez_compressed(path, **{f"{key}|{name}": arr for key, arrays in traces.items()
+                                     for name, arr in arrays.items()})
         print(f"{path.name}: {path.stat().st_size / 2**20:.1f} MiB", flush=True)
 
     # CUDA's op list for a bf16 language-model step (the autocast policy around the loss).
