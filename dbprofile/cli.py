@@ -325,14 +325,21 @@ def _load_result(path: str):
 @click.argument("result", type=click.Path(dir_okay=False))
 @click.option("--output", "-o", default=None, type=click.Path(dir_okay=False),
               help="HTML path (default: beside the JSON).")
+@output_options
 @friendly_errors
-def report(result, output) -> None:
-    """Re-render the HTML report of RESULT (a JSON written by `dbprofile run`)."""
+def report(result, output, console: Output) -> None:
+    """Re-render the HTML report of RESULT (a JSON written by `dbprofile run`).
+
+    --json prints the result with its verdict; --csv writes its measurements as a table."""
     from dbprofile.report import write_run_report
+    from dbprofile.verdict import judge
 
     run_result = _load_result(result)
     path = write_run_report(run_result, Path(output) if output else Path(result).with_suffix(".html"))
-    click.echo(f"report: {path}")
+    console.text(f"report: {path}")
+    console.emit_json({**run_result.to_dict(), "verdict": judge(run_result), "files": {"json": result, "html": str(path)}})
+    console.write_csv(run_result.to_dataframe())
+    sys.exit(exit_code(run_result))
 
 
 @main.command()

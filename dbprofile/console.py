@@ -148,7 +148,8 @@ def _stderr_console():
 
 
 def _rich_handler() -> logging.Handler:
+    from rich.highlighter import NullHighlighter
     from rich.logging import RichHandler
 
     return RichHandler(console=_stderr_console(), show_time=False, show_level=False, show_path=False,
-                       markup=False, highlighter=None)
+                       markup=False, highlighter=NullHighlighter())

@@ -69,6 +69,17 @@ def test_run_where_every_technique_runs_out_of_memory_exits_3_with_its_table_and
     assert {m.status for m in RunResult.load(out).measurements} == {"oom"}
 
 
+def test_report_reads_a_result_back_as_json_csv_and_its_exit_code(tmp_path):
+    out = tmp_path / "oom.json"
+    invoke("run", TOY, "-t", "e2e", "--steps", "1", "--memory-limit", "1KiB", "-o", str(out), "--no-report")
+    result = invoke("report", str(out), "--json", "--csv", str(tmp_path / "oom.csv"))
+    assert_clean(result, EXIT_NOTHING_FITS)
+    answer = json.loads(result.stdout)
+    assert answer["measurements"][0]["status"] == "oom" and answer["verdict"]["decision"] == "inconclusive"
+    assert answer["files"]["html"] == str(out.with_suffix(".html")) and out.with_suffix(".html").exists()
+    assert pd.read_csv(tmp_path / "oom.csv")["status"].tolist() == ["oom"]
+
+
 def test_run_csv_has_the_columns_and_values_of_to_dataframe(tmp_path):
     out, csv = tmp_path / "toy.json", tmp_path / "tables" / "toy.csv"
     result = invoke("run", TOY, "-t", "e2e,ckpt", "--steps", "1", "-o", str(out), "--csv", str(csv), "-q")
