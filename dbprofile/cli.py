@@ -177,10 +177,7 @@ def models(console: Output) -> None:
         )
     console.text("\n".join(lines))
     console.emit_json({"models": rows})
-    if console.csv_path is not None:
-        import pandas as pd
-
-        console.write_csv(pd.DataFrame(rows))
+    console.write_csv(lambda: _frame(rows))
 
 
 def _techniques_option(techniques: str | None, blocks: str | None) -> list[str]:
@@ -311,8 +308,24 @@ def _answer_run(result: RunResult, out_path: Path, no_report: bool, table: str, 
         lines.append(f"report:  {files['html']}")
     console.text("\n".join(lines))
     console.emit_json({**result.to_dict(), "verdict": judge(result), "files": files})
-    console.write_csv(result.to_dataframe())
+    console.write_csv(result.to_dataframe)
     return exit_code(result)
+
+
+def _frame(rows: list[dict]):
+    import pandas as pd
+
+    return pd.DataFrame(rows)
+
+
+def _sourced_frame(sources: tuple[str, ...], runs: list[RunResult]):
+    """Every run's measurement rows, each with the result file it came from as the first column."""
+    import pandas as pd
+
+    frames = [r.to_dataframe() for r in runs]
+    for source, frame in zip(sources, frames):
+        frame.insert(0, "source", source)
+    return pd.concat(frames, ignore_index=True)
 
 
 def _load_result(path: str):
@@ -338,7 +351,7 @@ def report(result, output, console: Output) -> None:
     path = write_run_report(run_result, Path(output) if output else Path(result).with_suffix(".html"))
     console.text(f"report: {path}")
     console.emit_json({**run_result.to_dict(), "verdict": judge(run_result), "files": {"json": result, "html": str(path)}})
-    console.write_csv(run_result.to_dataframe())
+    console.write_csv(run_result.to_dataframe)
     sys.exit(exit_code(run_result))
 
 
@@ -361,13 +374,7 @@ def compare(results, output, console: Output) -> None:
     console.text(f"comparison: {path}")
     console.emit_json({"runs": [{"source": source, **r.to_dict(), "verdict": judge(r)} for source, r in zip(results, runs)],
                        "files": {"html": str(path)}})
-    if console.csv_path is not None:
-        import pandas as pd
-
-        frames = [r.to_dataframe() for r in runs]
-        for source, frame in zip(results, frames):
-            frame.insert(0, "source", source)
-        console.write_csv(pd.concat(frames, ignore_index=True))
+    console.write_csv(lambda: _sourced_frame(results, runs))
     sys.exit(exit_code(runs))
 
 
@@ -413,7 +420,7 @@ def plan(model, gpu, batch_size, techniques, precision, optimizer, zero_stage, w
         files["html"] = str(path)
         console.text(f"plan: {path}")
     console.emit_json({**result.to_dict(), "files": files})
-    console.write_csv(result.to_dataframe())
+    console.write_csv(result.to_dataframe)
     sys.exit(exit_code(result))
 
 
@@ -478,10 +485,7 @@ def validate(cases, techniques, precisions, device, steps, time_budget, out, con
         console.text(f"written: {path}")
     console.emit_json({"environment": env, "command": reproduce_command(), "rows": [r.to_dict() for r in rows],
                        "summary": summary})
-    if console.csv_path is not None:
-        import pandas as pd
-
-        console.write_csv(pd.DataFrame([r.to_dict() for r in rows]))
+    console.write_csv(lambda: _frame([r.to_dict() for r in rows]))
     sys.exit(exit_code(rows))
 
 

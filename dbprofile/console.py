@@ -92,12 +92,13 @@ class Output:
         if self.json_mode:
             click.echo(json.dumps(standard_json(document), indent=1, allow_nan=False))
 
-    def write_csv(self, frame: Any) -> None:
-        """Write a pandas DataFrame to --csv FILE (when given), folders created."""
+    def write_csv(self, make_frame: Callable[[], Any]) -> None:
+        """With --csv FILE, write the pandas DataFrame ``make_frame()`` builds there (folders created);
+        without it, build nothing (pandas is not even imported)."""
         if self.csv_path is None:
             return
         self.csv_path.parent.mkdir(parents=True, exist_ok=True)
-        frame.to_csv(self.csv_path, index=False)
+        make_frame().to_csv(self.csv_path, index=False)
         self.info(f"csv:     {self.csv_path}")
 
     @contextlib.contextmanager
