@@ -110,7 +110,7 @@ def test_plan_where_nothing_fits_answers_with_the_shortfall_exit_3_and_writes_it
 
 
 def test_plan_that_fits_exits_0():
-    result = invoke("plan", "vit-tiny", "-b", "8", "--gpu", "1340MiB", "-t", "e2e", "-q")
+    result = invoke("plan", "vit-tiny", "-b", "8", "--gpu", "4GiB", "-t", "e2e", "-q")
     assert_clean(result, EXIT_OK)
     assert "   yes " in result.stdout and "Nothing fits" not in result.output
 
