@@ -8,7 +8,10 @@ DiffusionBlocks block-parallel, one block per device) and, for a CUDA target, th
 effects a tensor tracker cannot see (the constants below, each with its source). It then
 says what fits, the headroom, and the largest batch size that fits, found from a linear
 model ``peak(b) = fixed + per_sample * b`` fitted on two fake runs and confirmed by a third.
-``format_plan`` / ``format_plan_html`` render a ``Plan`` as text and as HTML.
+A plan where nothing fits is an answer, not an error: every entry says by how much it misses
+(``shortfall_bytes``), and ``nothing_fits_summary`` says it in one paragraph with the largest
+batch size that does fit. ``fits_on`` answers "does it fit?" for the plan's target or another
+GPU. ``format_plan`` / ``format_plan_html`` render a ``Plan`` as text and as HTML.
 
 ZeRO-3 (FSDP) and block-parallel predictions with the real fake runner do not use that arithmetic:
 one rank of the real FSDP2 / block-parallel code runs on fake tensors in a fake process group
@@ -31,6 +34,7 @@ import time
 from dataclasses import dataclass
 from typing import Any, Callable
 
+from dbprofile import progress
 from dbprofile.gpus import GPU, cublas_workspace_bytes, cublas_workspace_reserved_bytes, get_gpu
 from dbprofile.measure.tracker import CUDA_BLOCK_BYTES  # the allocator's 512-byte blocks, one definition
 from dbprofile.methods.sharding import (
@@ -297,6 +301,7 @@ def plan(
     def fake_run(tech: Technique, b: int) -> Measurement:
         key = (tech.name, b)
         if key not in runs:
+            progress.stage(f"planning {tech.name} at batch {b} (fake tensors)")
             try:
                 # Fake runs are deterministic: one warm-up (optimizer state) and one measured step.
                 runs[key] = run(spec, tech.name, b, device="cpu", precision=precision, optimizer=optimizer,
@@ -326,6 +331,7 @@ def plan(
 
         key = (name, b)
         if key not in simulated:
+            progress.stage(f"planning {name} at batch {b}: one rank simulated on fake tensors")
             try:
                 simulated[key] = simulate_rank(spec, name, b, tech.blocks if parallel else world_size,
                                                precision=precision, optimizer=optimizer, round_to=round_to)
@@ -359,14 +365,9 @@ def plan(
             entry.sharding = f"zero-{zero_stage}" if zero_stage else "none"
         entry.shares = {c: int(shares.get(c, 0)) for c in CATEGORIES}
         entry.tracked_peak_bytes = sum(entry.shares.values())
-        # The allocator replay describes this one-device run; sharded shares get the fraction.
-        replay = m.extra.get("allocator_model") if entry.sharding == "none" else None
-        entry.corrections = cuda_corrections(entry.tracked_peak_bytes, target,
-                                             replay["peak_reserved_bytes"] if replay else None)
+        entry.corrections = _entry_corrections(entry, target)
         entry.peak_bytes = entry.tracked_peak_bytes + sum(entry.corrections.values())
-        if target.capacity_bytes is not None:
-            entry.headroom_bytes = target.capacity_bytes - entry.peak_bytes
-            entry.fits = entry.headroom_bytes >= 0
+        _set_fit(entry, target.capacity_bytes)
         return entry
 
     entries = []
@@ -391,7 +392,6 @@ def plan(
         cuda_corrections=target.cuda,
         entries=entries,
     )
-    _check_something_fits(result)
     from dbprofile.verdict import judge
 
     result.verdict = judge(result)
@@ -459,23 +459,76 @@ def _search_max_batch(entry: PlanEntry, predict: Callable[[int], PlanEntry], cap
     }
 
 
-def _check_something_fits(result: Plan) -> None:
-    """A batch size that fits no technique on the target is an input error: say so with numbers."""
-    ok = [e for e in result.entries if e.ok]
-    if result.capacity_bytes is None or not ok or any(e.fits for e in ok):
+def _entry_corrections(entry: PlanEntry, target: Target) -> dict[str, int]:
+    """``cuda_corrections`` for a planned entry on ``target``. The allocator replay (carried in
+    ``entry.extra``) describes the one-device run; sharded shares get the fraction."""
+    replay = entry.extra.get("allocator_model") if entry.sharding == "none" else None
+    return cuda_corrections(entry.tracked_peak_bytes, target, replay["peak_reserved_bytes"] if replay else None)
+
+
+def _set_fit(entry: PlanEntry, capacity: int | None) -> None:
+    """fits, headroom and shortfall of an entry against ``capacity`` (all None when unknown)."""
+    if capacity is None or not entry.ok:
+        entry.fits = entry.headroom_bytes = entry.shortfall_bytes = None
         return
-    smallest = min(ok, key=lambda e: e.peak_bytes)
-    largest = [e for e in ok if e.max_batch_size]
-    hint = ""
-    if largest:
-        best = max(largest, key=lambda e: e.max_batch_size or 0)
+    entry.headroom_bytes = capacity - entry.peak_bytes
+    entry.fits = entry.headroom_bytes >= 0
+    entry.shortfall_bytes = max(-entry.headroom_bytes, 0)
+
+
+def nothing_fits(plan: Plan) -> bool:
+    """The plan has a target capacity and no technique that ran fits it (or none ran at all)."""
+    ok = [e for e in plan.entries if e.ok]
+    return not ok or (plan.capacity_bytes is not None and not any(e.fits for e in ok))
+
+
+def nothing_fits_summary(plan: Plan) -> str | None:
+    """One paragraph when nothing fits the target: by how much each technique misses, the
+    largest batch size that does fit, and what to change. None when something fits."""
+    ok = [e for e in plan.entries if e.ok]
+    if plan.capacity_bytes is None or not ok or any(e.fits for e in ok):
+        return None
+    misses = ", ".join(f"{e.technique} by {format_bytes(e.shortfall_bytes)}"
+                       for e in sorted(ok, key=lambda e: e.shortfall_bytes or 0))
+    fitting = [e for e in ok if e.max_batch_size]
+    if fitting:
+        best = max(fitting, key=lambda e: e.max_batch_size or 0)
         hint = f" The largest batch size that fits is {best.max_batch_size} ({best.technique})."
-    raise SpecError(
-        f"Batch size {result.batch_size} fits no technique on {result.device} "
-        f"({format_bytes(result.capacity_bytes)}): the smallest requirement is {smallest.technique} at "
-        f"{format_bytes(smallest.peak_bytes)} per device.{hint} Lower the batch size, shard the state "
-        "(zero_stage=3 with world_size > 1), or target a larger GPU."
+    else:
+        hint = " Not even batch size 1 fits with any technique."
+    return (
+        f"Nothing fits: at batch size {plan.batch_size}, {plan.device} ({format_bytes(plan.capacity_bytes)}) is "
+        f"short for every technique: {misses}.{hint} Lower the batch size, shard the state (ZeRO-3 over several "
+        "devices: --zero 3 --world-size N), or target a larger GPU."
     )
+
+
+def fits_on(plan: Plan, gpu: str | int | GPU | None = None, technique: str | None = None) -> bool:
+    """Does ``technique`` (or any technique that ran) fit ``gpu`` (or the plan's target) at the
+    plan's batch size? For another GPU the CUDA corrections are recomputed for that card; the
+    tracked bytes, counted in CUDA's 512-byte blocks, and the allocator replay are the same on
+    every CUDA device; the cuBLAS workspaces differ with the compute capability."""
+    if technique is not None and plan.get(technique) is None:
+        known = ", ".join(e.technique for e in plan.entries)
+        raise ValueError(f"This plan has no technique {technique!r}; it planned {known}.")
+    entries = [e for e in plan.entries if e.ok and (technique is None or e.technique == technique)]
+    if gpu is None:
+        if plan.capacity_bytes is None:
+            raise ValueError(
+                f"This plan targets {plan.device}, which has no capacity to fit; ask about a GPU: "
+                "plan.fits('H100-80GB'), or plan with device='H100-80GB'."
+            )
+        return any(e.fits for e in entries)
+    target = resolve_target(gpu)
+    if target.capacity_bytes is None:
+        raise ValueError(f"{gpu!r} has no memory capacity to fit; name a GPU ('A100-40GB') or a capacity in bytes.")
+    if not plan.cuda_corrections:
+        raise ValueError(
+            f"This plan was made for {plan.device}, without CUDA's 512-byte blocks and corrections, so it cannot "
+            f"answer for {target.name}; plan for that GPU instead: plan(spec, {plan.batch_size}, device={gpu!r})."
+        )
+    needs = [e.tracked_peak_bytes + sum(_entry_corrections(e, target).values()) for e in entries]
+    return any(n <= target.capacity_bytes for n in needs)
 
 
 # ---------------------------------------------------------------- rendering
@@ -520,6 +573,8 @@ def format_plan(plan: Plan) -> str:
     for e in plan.entries:
         if not e.ok:
             lines.append(f"{e.technique}: {e.error}")
+    if (summary := nothing_fits_summary(plan)) is not None:
+        lines += ["", summary]
     if plan.cuda_corrections:
         lines.append("Shares count 512-byte CUDA blocks; other+CUDA: buffers, inputs, cuBLAS workspace, "
                      "allocator segments, CUDA context.")
@@ -538,6 +593,8 @@ def format_plan_html(plan: Plan) -> str:
     for e in plan.entries:
         out.append("<tr>" + "".join(f"<td>{esc(c)}</td>" for c in _row(e)) + "</tr>")
     out.append("</table>")
+    if (summary := nothing_fits_summary(plan)) is not None:
+        out.append(f"<p class='nothing-fits'><b>{esc(summary)}</b></p>")
     if plan.verdict is not None:
         out.append(f"<p><b>{esc(plan.verdict.decision)}</b>: {esc(plan.verdict.headline)}</p><ul>")
         out += [f"<li>{esc(r.sentence)}</li>" for r in plan.verdict.reasons]

@@ -35,6 +35,9 @@ reduce-scatter input. It is 0 on a single device and under db:B+parallel."""
 
 STATUSES = ("ok", "oom", "error", "nan")
 
+CUDA_CORRECTIONS = ("cublas_workspace", "allocator_segments", "cuda_context")
+"""The planner's corrections for a CUDA target, in ``PlanEntry.corrections`` (dbprofile.plan)."""
+
 
 UNIT_BYTES = {"B": 1, "KiB": 1024, "MiB": 1024**2, "GiB": 1024**3}
 """The IEC units a table or chart picks from, and their size in bytes."""
@@ -122,6 +125,9 @@ class Measurement:
     """On CUDA: max_memory_allocated, max_memory_reserved, nvml_used_bytes (or None when unavailable)."""
     extra: dict[str, Any] = field(default_factory=dict)
     """Technique-specific facts, e.g. activation ratios for DiffusionBlocks."""
+    memory_snapshots: list[str] = field(default_factory=list)
+    """PyTorch memory snapshot pickles of the tracked step (``--memory-snapshot``, CUDA only): one
+    file, or one per block for DiffusionBlocks, in block order. Open them at pytorch.org/memory_viz."""
 
     @property
     def ok(self) -> bool:
@@ -234,6 +240,17 @@ class RunResult:
             lines.append(f"  {m.technique:<16} batch {m.batch_size:<5} peak {peak}")
         return "\n".join(lines)
 
+    def _repr_html_(self) -> str:
+        """A compact table and the verdict, for notebooks: a cell ending in ``result`` shows it.
+
+        >>> result = run("vit-tiny", ["e2e", "db:2"], batch_sizes=[8])   # doctest: +SKIP
+        >>> result                        # in Jupyter: the table and the verdict
+        >>> result.to_dataframe()         # every share in bytes, for your own plots
+        """
+        from dbprofile.report.html import render_run_summary
+
+        return render_run_summary(self)
+
 
 # ---------------------------------------------------------------- plans (dbprofile.plan)
 
@@ -264,6 +281,9 @@ class PlanEntry:
     """peak_bytes <= capacity (None when no capacity is known)."""
     headroom_bytes: int | None = None
     """capacity - peak_bytes (negative when it does not fit)."""
+    shortfall_bytes: int | None = None
+    """peak_bytes - capacity when it does not fit (by how much it misses), 0 when it fits, None
+    when no capacity is known."""
     max_batch_size: int | None = None
     """Largest batch size per device whose prediction fits (0: not even batch size 1)."""
     peak_phase: str | None = None
@@ -321,6 +341,59 @@ class Plan:
 
     def to_json(self, indent: int | None = 1) -> str:
         return json.dumps(self.to_dict(), indent=indent, allow_nan=True)
+
+    def fits(self, gpu: Any = None, technique: str | None = None) -> bool:
+        """Does some technique (or ``technique``) fit, at this plan's batch size per device?
+
+        ``gpu``: another target to ask about ('A100-40GB', a capacity in bytes); its CUDA
+        corrections are recomputed for that card. Without it, the plan's own target.
+
+        >>> p = plan("llama-1b", 4, device="H100-80GB")   # doctest: +SKIP
+        >>> p.fits(), p.fits("L4"), p.fits("RTX-4090", technique="db:4")
+        """
+        from dbprofile.plan import fits_on
+
+        return fits_on(self, gpu, technique)
+
+    def to_dataframe(self):
+        """One row per technique: the predicted peak, fit, headroom, shortfall, largest batch, every
+        share and CUDA correction in bytes (the columns of ``dbprofile plan --csv``).
+
+        >>> p.to_dataframe()[["technique", "peak_bytes", "fits", "max_batch_size"]]   # doctest: +SKIP
+        """
+        import pandas as pd
+
+        rows = []
+        for e in self.entries:
+            row = {
+                "model": self.model,
+                "device": self.device,
+                "capacity_bytes": self.capacity_bytes,
+                "technique": e.technique,
+                "batch_size": e.batch_size,
+                "precision": self.precision,
+                "optimizer": self.optimizer,
+                "zero_stage": self.zero_stage,
+                "world_size": e.world_size,
+                "sharding": e.sharding,
+                "status": e.status,
+                "peak_bytes": e.peak_bytes,
+                "tracked_peak_bytes": e.tracked_peak_bytes,
+                "fits": e.fits,
+                "headroom_bytes": e.headroom_bytes,
+                "shortfall_bytes": e.shortfall_bytes,
+                "max_batch_size": e.max_batch_size,
+                "peak_phase": e.peak_phase,
+                "peak_block": e.peak_block,
+                "num_parameters": e.num_parameters,
+                "extra_parameters": e.extra_parameters,
+            }
+            for cat in CATEGORIES:
+                row[f"{cat}_bytes"] = e.shares.get(cat, 0)
+            for name in CUDA_CORRECTIONS:
+                row[f"{name}_bytes"] = e.corrections.get(name, 0)
+            rows.append(row)
+        return pd.DataFrame(rows)
 
     def __repr__(self) -> str:
         from dbprofile.plan import format_plan

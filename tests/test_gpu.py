@@ -77,3 +77,45 @@ def test_allocator_model_replays_a_real_run_to_its_reserved_peak():
             reserved -= event["size"]
     assert recorded == row.max_reserved_bytes
     assert abs(model.stats.peak_reserved_bytes - recorded) / recorded <= 0.03
+
+
+def _trace_events(path) -> list[dict]:
+    import pickle
+
+    with open(path, "rb") as f:
+        snap = pickle.load(f)
+    assert {"segments", "device_traces"} <= set(snap), sorted(snap)
+    return [event for trace in snap["device_traces"] for event in trace]
+
+
+def test_memory_snapshot_of_each_tracked_step_is_a_memory_viz_pickle(tmp_path):
+    """`--memory-snapshot`: one pickle per technique (per block for DiffusionBlocks), each holding the
+    allocator's events of the tracked step with the Python frames that made them."""
+    from dbprofile.measure.runner import measure
+
+    for technique, files in (("e2e", 1), ("db:2", 2)):
+        m = measure("vit-tiny", technique, 8, device="cuda", warmup_steps=1, steps=1, memory_snapshot=tmp_path)
+        assert m.ok, m.error
+        assert len(m.memory_snapshots) == files
+        for path in m.memory_snapshots:
+            allocs = [e for e in _trace_events(path) if e["action"] == "alloc"]
+            assert allocs, path
+            assert any(frame["filename"].endswith(".py") for e in allocs for frame in e["frames"])
+            # one training step's allocations, not the timed steps' too: the largest block live at
+            # once cannot exceed what the untracked steps reached
+            assert max(e["size"] for e in allocs) <= m.cuda["max_memory_allocated"]
+
+
+def test_run_command_links_the_snapshots_from_its_report(tmp_path):
+    from click.testing import CliRunner
+
+    from dbprofile.cli import main
+
+    out, snaps = tmp_path / "r.json", tmp_path / "snaps"
+    result = CliRunner().invoke(main, ["run", "vit-tiny", "--device", "cuda", "-t", "e2e,db:2", "--steps", "1",
+                                       "-o", str(out), "--memory-snapshot", str(snaps)])
+    assert result.exit_code == 0, result.output
+    names = sorted(p.name for p in snaps.iterdir())
+    assert names == ["vit-tiny_db-2_b8_block0.pickle", "vit-tiny_db-2_b8_block1.pickle", "vit-tiny_e2e_b8.pickle"]
+    page = out.with_suffix(".html").read_text()
+    assert 'href="snaps/vit-tiny_e2e_b8.pickle"' in page and "pytorch.org/memory_viz" in page

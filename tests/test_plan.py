@@ -14,11 +14,14 @@ from dbprofile.plan import (
     ModelFacts,
     block_parallel,
     cuda_corrections,
+    format_plan,
+    nothing_fits,
+    nothing_fits_summary,
     plan,
     resolve_target,
     shard_zero,
 )
-from dbprofile.results import BlockMeasurement, Measurement
+from dbprofile.results import CATEGORIES, BlockMeasurement, Measurement, format_bytes
 from dbprofile.spec import SpecError
 
 MiB = 1024**2
@@ -147,12 +150,53 @@ def test_max_batch_search_confirms_the_linear_prediction_in_one_run():
     assert e2e.peak_bytes == e2e.tracked_peak_bytes + sum(e2e.corrections.values())
 
 
-def test_batch_size_that_fits_nowhere_names_the_smallest_requirement():
+def test_batch_size_that_fits_nowhere_is_an_answer_with_each_shortfall():
     calls: list = []
     capacity = CUDA_CONTEXT_BYTES + 100 * MiB
-    with pytest.raises(SpecError, match=r"Batch size 64 fits no technique .* smallest requirement is db:2 .*"
-                                        r"largest batch size that fits is \d+ \(db:2\)"):
-        plan("gpt-tiny", 64, device=capacity, techniques=["e2e", "db:2"], measure_fn=_linear_runner(calls))
+    result = plan("gpt-tiny", 64, device=capacity, techniques=["e2e", "db:2"], measure_fn=_linear_runner(calls))
+    e2e, db = result.get("e2e"), result.get("db:2")
+    for entry in (e2e, db):
+        assert entry.fits is False
+        assert entry.shortfall_bytes == entry.peak_bytes - capacity == -entry.headroom_bytes > 0
+    assert nothing_fits(result) and not result.fits()
+    summary = nothing_fits_summary(result)
+    assert summary.startswith("Nothing fits: at batch size 64")
+    # db:2 misses by less (half the activations), so it is named first; it alone fits a smaller batch
+    assert f"db:2 by {format_bytes(db.shortfall_bytes)}, e2e by {format_bytes(e2e.shortfall_bytes)}" in summary
+    assert f"The largest batch size that fits is {db.max_batch_size} (db:2)." in summary and db.max_batch_size > 0
+    assert summary in format_plan(result) and result.verdict.decision == "not-worth-it"
+
+
+def test_plan_fits_answers_for_its_target_another_gpu_and_one_technique():
+    calls: list = []
+    capacity = CUDA_CONTEXT_BYTES + 100 * MiB
+    result = plan("gpt-tiny", 64, device=capacity, techniques=["e2e", "db:2"], measure_fn=_linear_runner(calls))
+    assert not result.fits() and not result.fits(technique="db:2")
+    assert result.fits("H100-80GB") and result.fits("H100-80GB", technique="e2e")
+    # the e2e need on another card: tracked bytes plus that card's corrections, recomputed
+    e2e = result.get("e2e")
+    need = e2e.tracked_peak_bytes + sum(cuda_corrections(e2e.tracked_peak_bytes, resolve_target(10 * GiB)).values())
+    assert result.fits(need, technique="e2e") and not result.fits(need - 1, technique="e2e")
+    with pytest.raises(ValueError, match="no technique 'db:9'; it planned e2e, db:2"):
+        result.fits(technique="db:9")
+    cpu_plan = plan("gpt-tiny", 4, device="cpu", techniques=["e2e"], measure_fn=_linear_runner(calls))
+    with pytest.raises(ValueError, match="targets cpu, which has no capacity"):
+        cpu_plan.fits()
+    with pytest.raises(ValueError, match="made for cpu, without CUDA's 512-byte blocks"):
+        cpu_plan.fits("H100-80GB")
+
+
+def test_plan_to_dataframe_has_one_row_per_technique_with_every_byte_figure():
+    calls: list = []
+    result = plan("gpt-tiny", 8, device="L4-24GB", techniques=["e2e", "db:2"], measure_fn=_linear_runner(calls))
+    frame = result.to_dataframe()
+    assert frame["technique"].tolist() == ["e2e", "db:2"]
+    e2e = result.get("e2e")
+    row = frame.iloc[0]
+    assert row["peak_bytes"] == e2e.peak_bytes and row["activations_bytes"] == 16 * MiB
+    assert row["cuda_context_bytes"] == CUDA_CONTEXT_BYTES and row["fits"] and row["shortfall_bytes"] == 0
+    assert row["max_batch_size"] == e2e.max_batch_size and row["capacity_bytes"] == result.capacity_bytes
+    assert (row[[f"{c}_bytes" for c in CATEGORIES]].sum()) == e2e.tracked_peak_bytes
 
 
 def test_zero3_plan_shards_per_device_and_block_parallel_uses_b_devices():

@@ -77,3 +77,15 @@ def test_active_fake_mode_detects_the_mode():
     assert private.active_fake_mode() is None
     with private.fake_tensor_mode() as mode:
         assert private.active_fake_mode() is mode
+
+
+def test_memory_history_api_takes_the_arguments_the_snapshot_code_passes():
+    """dbprofile.measure.snapshot records with these keywords and dumps to a file name; the GPU test
+    (tests/test_gpu.py) checks the file memory_viz reads."""
+    import inspect
+
+    record = inspect.signature(torch.cuda.memory._record_memory_history).parameters
+    assert {"enabled", "context", "stacks", "max_entries"} <= set(record)
+    assert list(inspect.signature(torch.cuda.memory._dump_snapshot).parameters)[0] == "filename"
+    for name in ("start_cuda_memory_history", "stop_cuda_memory_history", "dump_cuda_memory_snapshot"):
+        assert callable(getattr(private, name))

@@ -3,7 +3,9 @@
 Everything here is an import or a thin call into a private (underscore) PyTorch module:
 fake tensors (``torch._subclasses.fake_tensor``), the Python dispatch-mode base class
 (``torch.utils._python_dispatch``), which is how PyTorch's own
-``torch.distributed._tools.mem_tracker.MemTracker`` sees every op's outputs. ``tests/test_torch_private.py`` is
+``torch.distributed._tools.mem_tracker.MemTracker`` sees every op's outputs, and the CUDA
+caching allocator's history recorder (``torch.cuda.memory._record_memory_history`` /
+``_dump_snapshot``, the files PyTorch's memory_viz opens). ``tests/test_torch_private.py`` is
 the canary: it exercises each name and the behaviour the tracker relies on (storage
 Python objects outliving their last Python reference while a tensor still uses them, so a
 weak reference to a storage fires exactly when its memory is freed), and fails loudly when
@@ -13,6 +15,7 @@ a PyTorch upgrade changes any of it. Fix this module, not its callers.
 from __future__ import annotations
 
 import contextlib
+import inspect
 from typing import Iterator
 
 import torch
@@ -26,7 +29,14 @@ __all__ = [
     "fake_tensor_mode",
     "is_fake",
     "active_fake_mode",
+    "start_cuda_memory_history",
+    "stop_cuda_memory_history",
+    "dump_cuda_memory_snapshot",
 ]
+
+MEMORY_HISTORY_MAX_ENTRIES = 1_000_000
+"""Allocator events kept (a ring buffer; the oldest are dropped beyond it). One training step of a
+billion-parameter model makes tens of thousands of allocations and frees, so one step fits."""
 
 
 def is_fake(t: torch.Tensor) -> bool:
@@ -63,3 +73,26 @@ def profiler_allocations(prof: "torch.profiler.profile") -> list[tuple[int, int]
     allocs = [(e.start_ns(), e.nbytes()) for e in events if e.name() == "[memory]"]
     allocs.sort(key=lambda item: item[0])
     return allocs
+
+
+def start_cuda_memory_history() -> None:
+    """Start recording every CUDA allocation and free with its Python stack.
+
+    ``stacks="python"``, not the default ``"all"``: C++ frames make ``_dump_snapshot`` symbolise
+    native stacks, which takes minutes on a large step, and the Python stack already names the
+    module and line that allocated."""
+    options: dict = dict(enabled="all", context="all", stacks="python", max_entries=MEMORY_HISTORY_MAX_ENTRIES)
+    # Each snapshot holds its own step only, whatever was recorded before (torch >= 2.5 can say so).
+    if "clear_history" in inspect.signature(torch.cuda.memory._record_memory_history).parameters:
+        options["clear_history"] = True
+    torch.cuda.memory._record_memory_history(**options)
+
+
+def stop_cuda_memory_history() -> None:
+    """Stop recording (the timed steps that follow run without its overhead)."""
+    torch.cuda.memory._record_memory_history(enabled=None)
+
+
+def dump_cuda_memory_snapshot(path: str) -> None:
+    """Write the allocator's state and the history recorded so far as the pickle memory_viz reads."""
+    torch.cuda.memory._dump_snapshot(path)

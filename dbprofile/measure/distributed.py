@@ -40,6 +40,7 @@ from typing import Any, Sequence
 import torch
 import torch.distributed as dist
 
+from dbprofile import progress
 from dbprofile.measure import device as devices
 from dbprofile.measure.runner import (
     DEFAULT_STEPS,
@@ -468,6 +469,7 @@ def _run_ranks(spec, dtechs, sizes, rank, world, dev, fsdp, precision, optimizer
             m = Measurement(technique=d.name, batch_size=batch_size, precision=precision, optimizer=optimizer,
                             device=str(dev), status="error", error=f"not run: {stopped}",
                             extra={"rank": rank, "world_size": world, "not_measured": True})
+        progress.stage(f"{d.name} @ batch {batch_size}: gathering the measurements of {world} ranks")
         gathered: list[Any] | None = [None] * world if rank == 0 else None
         dist.gather_object(m, gathered, dst=0, group=results_group)
         verdict = [None]

@@ -31,7 +31,9 @@ from typing import Any, Callable, Sequence
 
 import torch
 
+from dbprofile import progress
 from dbprofile.measure import device as devices
+from dbprofile.measure import snapshot
 from dbprofile.measure.allocator import CachingAllocatorModel
 from dbprofile.measure.fake import cuda_autocast_policy, fake_mode
 from dbprofile.measure.tracker import MemoryLimitExceeded, StepRecord, Tracker
@@ -126,6 +128,7 @@ def measure(
     layers: int | None = None,
     round_to: int | None = None,
     emulate_cuda: bool = False,
+    memory_snapshot: str | Path | None = None,
 ) -> Measurement:
     """Measure one technique at one batch size; failures come back as a status, not raised.
 
@@ -136,6 +139,8 @@ def measure(
     allocation is replayed through a model of the CUDA caching allocator
     (dbprofile.measure.allocator; its figures land in ``m.extra["allocator_model"]``), and the
     loss follows CUDA's autocast order (dbprofile.measure.fake.cuda_autocast_policy).
+    ``memory_snapshot``: a directory; on CUDA, PyTorch's memory history of the tracked step is
+    written there (dbprofile.measure.snapshot) and listed in ``Measurement.memory_snapshots``.
     """
     spec = load_spec(spec) if not isinstance(spec, ModelSpec) else spec
     tech = parse_techniques([technique])[0] if not isinstance(technique, Technique) else technique
@@ -145,6 +150,10 @@ def measure(
     dev = torch.device(device)
     if dev.type == "cuda" and not torch.cuda.is_available():
         raise SpecError(f"Device {str(dev)!r} was asked for but CUDA is not available here; use --device cpu or --fake.")
+    snapshot_for: Callable[[int | None], Path] | None = None
+    if memory_snapshot is not None:
+        snapshot.check_snapshot_device(dev, fake)
+        snapshot_for = functools.partial(snapshot.snapshot_path, memory_snapshot, spec.name, tech.name, batch_size)
     m = Measurement(
         technique=tech.name, batch_size=batch_size, precision=precision, optimizer=optimizer,
         device=str(dev), fake=fake,
@@ -155,7 +164,7 @@ def measure(
         with cuda_autocast_policy() if emulate_cuda else contextlib.nullcontext():
             _measure_into(m, spec, tech, batch_size, dev, track_dev, warmup_steps, steps, fake, memory_limit,
                           round_to, allocator=CachingAllocatorModel() if emulate_cuda else None,
-                          model_cuda_scratch=emulate_cuda)
+                          model_cuda_scratch=emulate_cuda, snapshot_for=snapshot_for)
     except SpecError:
         raise
     except Exception as err:  # noqa: BLE001 - the model's failure is a result, not a crash
@@ -184,10 +193,14 @@ def _measure_into(
     tracker_cls: type[Tracker] = Tracker,
     allocator: CachingAllocatorModel | None = None,
     model_cuda_scratch: bool = False,
+    snapshot_for: Callable[[int | None], Path] | None = None,
 ) -> None:
     """``trainer_factory`` and ``tracker_cls`` let dbprofile.measure.distributed run this same
-    protocol for one rank (a sharded or block-parallel trainer, a tracker that knows DTensors)."""
+    protocol for one rank (a sharded or block-parallel trainer, a tracker that knows DTensors).
+    ``snapshot_for(unit)`` names the memory snapshot file of a unit's tracked step."""
     sync = dev.type == "cuda" and not fake
+    where = f"{m.technique} @ batch {m.batch_size}"
+    progress.stage(f"{where}: building the model")
     with fake_mode() if fake else contextlib.nullcontext():
         torch.manual_seed(SEED)
         start = time.perf_counter()
@@ -210,17 +223,24 @@ def _measure_into(
         # (optimizer state, caches a model builds on first use) is seen being made.
         with tracker:
             # Warm-up: every unit steps (optimizer state for all of them) before any measurement.
-            for _ in range(warmup_steps):
+            for i in range(warmup_steps):
                 for unit in units:
+                    progress.stage(f"{where}: warm-up step {i + 1}/{warmup_steps}{_of_block(unit, units)}")
                     run_step(tracker, unit, None)
             allocator_peaks: list[dict] = []
             for unit in units:
-                run_step(tracker, unit, results[unit], track=True)
+                progress.stage(f"{where}: tracked step{_of_block(unit, units)}")
+                path = snapshot_for(unit) if snapshot_for is not None else None
+                if path is not None:
+                    m.memory_snapshots.append(str(path))
+                with snapshot.recording(path):
+                    run_step(tracker, unit, results[unit], track=True)
                 if not fake:
                     # Timed steps run untracked: the tracker's Python dispatch overhead must not
                     # inflate step times. Fake steps have no meaningful time. The allocator's
                     # peaks are read over these untracked steps only: the tracked step resets
                     # them around every op, and the ground truth must not come from the tracker.
+                    progress.stage(f"{where}: {steps} timed step{'s' if steps > 1 else ''}{_of_block(unit, units)}")
                     with tracker.paused():
                         devices.reset_peaks(dev)
                         for _ in range(steps):
@@ -242,6 +262,10 @@ def _measure_into(
         del trainer, tracker
     m.extra["timing"] = {"build_s": build_s, "all_steps_s": sum(all_steps), "steps_run": len(all_steps)}
     _summarise(m, units, results, fake, block_layers)
+
+
+def _of_block(unit: int | None, units: list) -> str:
+    return "" if unit is None else f" (block {unit + 1} of {len(units)})"
 
 
 def _worst_figures(per_unit: list[dict]) -> dict:
@@ -364,14 +388,20 @@ def run(
     out: str | Path | None = None,
     on_measurement: Callable[[Measurement], None] | None = None,
     command: str = "",
+    memory_snapshot: str | Path | None = None,
 ) -> RunResult:
-    """Measure every technique at every batch size; save after each measurement."""
+    """Measure every technique at every batch size; save after each measurement.
+
+    ``memory_snapshot``: a directory for PyTorch memory snapshots of each tracked step (CUDA only;
+    see ``measure``)."""
     spec = spec if isinstance(spec, ModelSpec) else load_spec(spec)
     techs = parse_techniques(list(techniques) if not isinstance(techniques, str) else techniques)
     sizes = [batch_sizes] if isinstance(batch_sizes, int) else list(batch_sizes)
     layer_count = num_layers(spec)
     for tech in techs:  # bad input fails before anything runs
         check_technique_fits(tech, layer_count)
+    if memory_snapshot is not None:
+        snapshot.check_snapshot_device(torch.device(device), fake)
     result = RunResult(
         model=spec.name,
         model_info={
@@ -387,7 +417,7 @@ def run(
             m = measure(
                 spec, tech, batch_size, device=device, precision=precision, optimizer=optimizer,
                 warmup_steps=warmup_steps, steps=steps, fake=fake, memory_limit=memory_limit,
-                layers=layer_count,
+                layers=layer_count, memory_snapshot=memory_snapshot,
             )
             if m.num_parameters is not None and "parameters" not in result.model_info and tech.kind == "e2e":
                 result.model_info["parameters"] = m.num_parameters
@@ -439,5 +469,6 @@ def format_table(result: RunResult) -> str:
              for m in result.measurements if m.status != "ok" and m.error]
     device = result.environment.get("device_name") or result.environment.get("device", "")
     fake = " (fake tensors)" if any(m.fake for m in result.measurements) else ""
-    header = f"{result.model} on {device}{fake}: peak tracked tensor memory and its shares, in {unit} (1 {unit} = {scale:,} bytes)"
+    bytes_per_unit = f" (1 {unit} = {scale:,} bytes)" if scale > 1 else ""
+    header = f"{result.model} on {device}{fake}: peak tracked tensor memory and its shares, in {unit}{bytes_per_unit}"
     return "\n".join([header, *lines, *notes])

@@ -13,6 +13,7 @@ from __future__ import annotations
 import html
 import importlib
 import math
+import os
 import re
 from collections.abc import Iterable, Sequence
 from pathlib import Path
@@ -475,6 +476,39 @@ def _cuda_section(result: RunResult, labels: list[str]) -> str:
     return _section("cuda", "CUDA allocator and NVML", f"<p>{_e(CUDA_GAP_EXPLANATION)}</p>" + table + warning)
 
 
+def _snapshot_href(path: str, html_dir: Path | None) -> str:
+    """A link that works when the report and the snapshots are moved together: relative to the
+    report's folder when both are on one drive, else a file URI."""
+    if html_dir is not None:
+        try:
+            return Path(os.path.relpath(Path(path).resolve(), html_dir.resolve())).as_posix()
+        except ValueError:  # another drive (Windows)
+            pass
+    return Path(path).resolve().as_uri()
+
+
+def _snapshots_section(result: RunResult, labels: list[str], html_dir: Path | None) -> str:
+    """Links to the PyTorch memory snapshots of each tracked step (``--memory-snapshot``)."""
+    from dbprofile.measure.snapshot import VIEWER_URL
+
+    items = []
+    for label, m in zip(labels, result.measurements):
+        links = []
+        for i, path in enumerate(m.memory_snapshots):
+            name = f"block {i}" if len(m.memory_snapshots) > 1 else Path(path).name
+            worst = " (the reported peak)" if len(m.memory_snapshots) > 1 and m.peak_block == i else ""
+            links.append(f'<a href="{_e(_snapshot_href(path, html_dir))}">{_e(name)}</a>{_e(worst)}')
+        if links:
+            items.append(f"<li><strong>{_e(label)}</strong>: {', '.join(links)}</li>")
+    if not items:
+        return ""
+    body = (f'<p>PyTorch\'s own record of every CUDA allocation and free during each tracked step, with the Python '
+            f'stack that made it. Open a file at <a href="{_e(VIEWER_URL)}">{_e(VIEWER_URL)}</a> (drag it in; the '
+            "page reads it locally, nothing is uploaded) to see the allocator's timeline and its segments.</p>"
+            f"<ul>{''.join(items)}</ul>")
+    return _section("snapshots", "PyTorch memory snapshots", body)
+
+
 def _env_value(key: str, value: Any) -> str:
     if value is None:
         return "n/a"
@@ -523,9 +557,10 @@ def _subtitle(result: RunResult) -> str:
 # ----------------------------------------------------------------------------- public API
 
 
-def render_run(result: RunResult) -> str:
+def render_run(result: RunResult, html_dir: Path | None = None) -> str:
     """The HTML page for one run: verdict, peaks, phases, timelines, blocks, times, every
-    number, CUDA figures, environment, and the command that reproduces it."""
+    number, CUDA figures, memory snapshots, environment, and the command that reproduces it.
+    ``html_dir``: where the page will live, so links to snapshot files can be relative."""
     labels = [_label(m, result) for m in result.measurements]
     sections = [_verdict_section(result)]
     if result.measurements:
@@ -537,6 +572,7 @@ def render_run(result: RunResult) -> str:
             _times_section(result, labels),
             _numbers_section(result, labels),
             _cuda_section(result, labels),
+            _snapshots_section(result, labels, html_dir),
         ]
     sections += [_env_section(result), _command_section(result)]
     return _page(f"dbprofile: {result.model}", _subtitle(result), sections)
@@ -659,9 +695,37 @@ def render_comparison(results: list[RunResult], command: str | None = None) -> s
     return _page(f"dbprofile comparison: {models}", f"{len(results)} runs, {len(series)} series", sections)
 
 
+def render_run_summary(result: RunResult) -> str:
+    """A compact HTML fragment for notebooks (``RunResult._repr_html_``): the verdict's headline
+    and reasons, and one row per measurement with its peak, largest share, phase and step time."""
+    verdict, missing = _judge(result)
+    out = [f"<div class='dbprofile-run'><p><b>{_e(result.model)}</b>: {_subtitle(result)}</p>"]
+    unit = charts.pick_unit(max((m.peak_bytes for m in result.measurements if m.ok), default=0))
+    head = ["technique", "batch", "status", "peak", "largest share", "peak phase", "step time"]
+    out.append("<table><tr>" + "".join(f"<th>{h}</th>" for h in head) + "</tr>")
+    for label, m in zip((_label(m, result) for m in result.measurements), result.measurements):
+        cat, frac = _largest_share(m)
+        share = f"{charts.category_label(cat)} {frac:.0%}" if m.ok else ""
+        phase = (m.peak_phase or "") + (f" (block {m.peak_block})" if m.peak_block is not None else "")
+        out.append(
+            f"<tr><td>{_e(label)}</td><td class='num'>{m.batch_size}</td><td>{_e(m.status)}</td>"
+            f"{_bytes_cell(m.peak_bytes if m.ok else None, unit)}<td>{_e(share)}</td><td>{_e(phase)}</td>"
+            f"<td class='num'>{_e(_ms(m.step_time_s))}</td></tr>"
+        )
+    out.append("</table>")
+    if verdict is not None:
+        out.append(f"<p><b>{_e(_verdict_line(verdict))}</b></p><ul>")
+        out += [f"<li>{_e(getattr(r, 'sentence', r))}</li>" for r in getattr(verdict, "reasons", []) or []]
+        out.append("</ul>")
+    else:
+        out.append(f"<p>No verdict: {_e(missing)}.</p>")
+    out.append("</div>")
+    return "\n".join(out)
+
+
 def write_run_report(result: RunResult, path: str | Path) -> Path:
     """Render ``result`` and write it to ``path`` (folders created); returns the path."""
-    return _write(render_run(result), path)
+    return _write(render_run(result, html_dir=Path(path).parent), path)
 
 
 def write_comparison(results: list[RunResult], path: str | Path, command: str | None = None) -> Path:
