@@ -102,11 +102,18 @@ def test_layers_that_differ_are_traced_in_full_and_say_which_layer():
     assert m.extra["depth"]["reason"] == "the residual layers are not identical: " + different
 
 
-def test_blocks_that_do_not_divide_the_depth_are_traced_in_full():
-    spec = get_preset("llama-tiny").at_depth(10)
-    m = measure_fake(spec, parse_techniques(["db:4"])[0], 2, layers=10, not_identical=None)
+def test_uneven_blocks_extrapolate_from_depths_that_are_uneven_the_same_way():
+    # 11 layers in 2 blocks: 6 + 5; traced at 2*m + 1 = 5, 7, 9 (blocks of m + 1 and m layers).
+    fast, full = _both(get_preset("llama-tiny").at_depth(11), "db:2", round_to=CUDA_BLOCK)
+    assert fast.extra["depth"]["path"] == PATH_EXTRAPOLATED and fast.extra["depth"]["traced_depths"] == [5, 7, 9]
+    _assert_same(fast, full)
+
+
+def test_a_model_about_as_shallow_as_the_traces_is_traced_in_full():
+    m = measure_fake(get_preset("llama-tiny").at_depth(10), parse_techniques(["db:4"])[0], 2, layers=10,
+                     not_identical=None)
     assert m.extra["depth"]["path"] == PATH_FULL
-    assert m.extra["depth"]["reason"] == "10 layers do not split into 4 equal parts, so the parts differ"
+    assert m.extra["depth"]["reason"] == "10 layers are as shallow as the traces that would extrapolate them"
 
 
 def test_integer_figures_extrapolate_and_a_non_affine_one_is_named_and_dropped():
@@ -124,7 +131,7 @@ def test_plan_says_which_path_each_technique_took():
              search_max_batch=False)
     text = format_plan(p)
     assert "Depth: e2e extrapolated from shallow traces (10 identical layers, traced at 2, 3, 4" in text
-    assert "Depth: db:4 traced every layer (10 layers do not split into 4 equal parts" in text
+    assert "Depth: db:4 traced every layer (10 layers are as shallow as the traces" in text
 
 
 def test_block_parallel_simulates_one_rank_per_distinct_block_and_it_stands_for_the_others(monkeypatch):

@@ -23,8 +23,9 @@ layers, or layers per block / checkpointed segment: ``granularity``), and:
 One term is not affine on a CUDA target: gradient clipping stacks one 4-byte norm per parameter
 tensor, and the tracker counts that vector in 512-byte blocks (a few KiB for a 70B model); the
 extrapolation keeps the shallow copies' rounding, under by at most one block per 128 tensors
-(docs/planner.md). Non-identical stacks, depths that do not split into equal blocks or segments,
-and models already as shallow as the traces are traced at full depth.
+(docs/planner.md). Non-identical stacks and models already about as shallow as the traces are traced
+at full depth. Blocks or segments of unequal length (L = B * q + r: r parts of q + 1 layers) are
+traced at depths B * m + r, where they are unequal the same way.
 """
 
 from __future__ import annotations
@@ -327,14 +328,15 @@ def by_depth(
     ``group``: layers that grow together (B for DiffusionBlocks and block-parallel, k for ckpt:k).
     """
     group = group or granularity(tech)
-    depths = [group * m for m in TRACE_DEPTHS]
+    # Uneven parts (split_contiguous gives the first `rest` parts one layer more) stay uneven the same
+    # way at every depth group * m + rest, each part one layer longer per step of m.
+    per_part, rest = divmod(layers, group)
+    depths = [group * m + rest for m in TRACE_DEPTHS]
     if full_trace:
         reason = "asked for a full trace"
     elif not_identical is not None:
         reason = f"the residual layers are not identical: {not_identical}"
-    elif layers % group:
-        reason = f"{layers} layers do not split into {group} equal parts, so the parts differ"
-    elif layers // group <= TRACE_DEPTHS[-1]:
+    elif per_part <= TRACE_DEPTHS[-1]:
         reason = f"{layers} layers are as shallow as the traces that would extrapolate them"
     else:
         not_affine: list[str] = []
@@ -347,7 +349,7 @@ def by_depth(
                 raise NotAffine("the simulated ranks differ between depths")
             block_layers = ([list(r) for r in split_contiguous(layers, tech.blocks)] if tech.kind == "db" else None)
             out = [
-                _extrapolate_measurement([runs[0][rank], runs[1][rank], runs[2][rank]], layers // group,
+                _extrapolate_measurement([runs[0][rank], runs[1][rank], runs[2][rank]], per_part,
                                          block_layers, not_affine)
                 for rank in range(len(runs[0]))
             ]

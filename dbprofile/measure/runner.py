@@ -45,7 +45,7 @@ SEED = 0
 MIN_TIME_S = 1.0
 """Each technique is timed for at least this long (split over DiffusionBlocks' blocks)..."""
 MAX_TIME_S = 10.0
-"""...and at most this long per unit, stopping earlier once the spread is small:"""
+"""...and at most this long (split likewise), stopping earlier once the spread is small:"""
 TIMING_THRESHOLD = 0.1
 """torch.utils.benchmark's adaptive_autorange stops when the interquartile range of its blocks is
 below this fraction of their median (and it has at least four blocks)."""
@@ -58,6 +58,8 @@ class _UnitResult:
         self.records: list[StepRecord] = []
         self.times: list[float] = []
         self.transfer_times: list[float] = []
+        self.tracked_times: list[float] = []
+        """Wall time of the tracked steps: against ``median``, the tracker's own cost."""
         self.iqr: float | None = None
         """Interquartile range of the timed steps (torch.utils.benchmark's blocks)."""
         self.median: float | None = None
@@ -245,7 +247,7 @@ def _measure_into(
                         devices.reset_peaks(dev)
                         if adaptive_timing:
                             _time_unit(m, spec, trainer, batch_size, dev, unit, results[unit], steps,
-                                       MIN_TIME_S / len(units), counter, all_steps)
+                                       MIN_TIME_S / len(units), MAX_TIME_S / len(units), counter, all_steps)
                         else:
                             for _ in range(steps):
                                 run_step(tracker, unit, results[unit], track=False)
@@ -264,15 +266,17 @@ def _measure_into(
             m.cuda["untracked_allocated_bytes"] = m.extra.pop("cuda_untracked_bytes", None)
         block_layers = getattr(trainer, "block_layers", None)
         del trainer, tracker
-    m.extra["timing"] = {"build_s": build_s, "all_steps_s": sum(all_steps), "steps_run": len(all_steps)}
+    m.extra["timing"] = {"build_s": build_s, "all_steps_s": sum(all_steps), "steps_run": len(all_steps),
+                         "tracked_steps_s": [t for r in results.values() for t in r.tracked_times]}
     _summarise(m, units, results, fake, block_layers)
 
 
 def _time_unit(m: Measurement, spec: ModelSpec, trainer: Any, batch_size: int, dev: torch.device, unit: Any,
-               out: _UnitResult, min_steps: int, min_time_s: float, counter: Any, all_steps: list[float]) -> None:
+               out: _UnitResult, min_steps: int, min_time_s: float, max_time_s: float, counter: Any,
+               all_steps: list[float]) -> None:
     """Time untracked steps of one unit with torch.utils.benchmark's adaptive_autorange: blocks of
     steps (as many per block as make the timer's own overhead negligible) for at least ``min_time_s``
-    and four blocks, until the blocks' IQR is under TIMING_THRESHOLD of their median or MAX_TIME_S
+    and four blocks, until the blocks' IQR is under TIMING_THRESHOLD of their median or ``max_time_s``
     has passed; at least ``min_steps`` steps. Its timer synchronises CUDA around every block."""
     from torch.utils import benchmark
 
@@ -290,11 +294,11 @@ def _time_unit(m: Measurement, spec: ModelSpec, trainer: Any, batch_size: int, d
 
     # num_threads: the timer would otherwise run with one thread, unlike the training it stands for.
     timer = benchmark.Timer("step()", globals={"step": step}, num_threads=torch.get_num_threads())
-    result = timer.adaptive_autorange(TIMING_THRESHOLD, min_run_time=min_time_s, max_run_time=MAX_TIME_S)
+    result = timer.adaptive_autorange(TIMING_THRESHOLD, min_run_time=min_time_s, max_run_time=max_time_s)
     if result.number_per_run * len(result.raw_times) < min_steps:
         # Slow steps: ask for the time that many steps take (the first run was a warm-up too).
         result = timer.adaptive_autorange(TIMING_THRESHOLD, min_run_time=min_steps * result.median * 1.05,
-                                          max_run_time=max(MAX_TIME_S, min_steps * result.median * 2))
+                                          max_run_time=max(max_time_s, min_steps * result.median * 2))
     out.times = list(result.times)
     out.median, out.iqr = float(result.median), float(result.iqr)
     out.transfer_times = transfers
@@ -345,6 +349,7 @@ def _step(m, spec, trainer, batch_size, dev, fake, sync, counter, all_steps, tra
     if out is not None:
         if track:
             out.records.append(tracker.end_step())
+            out.tracked_times.append(elapsed)
         else:
             out.times.append(elapsed)
             out.transfer_times.append(transfer)
