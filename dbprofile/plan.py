@@ -547,10 +547,12 @@ def format_plan(plan: Plan) -> str:
 def depth_lines(plan: Plan) -> list[str]:
     """Which path each entry's fake run took (dbprofile.measure.depth): extrapolated or full trace."""
     by_path: dict[tuple[str, str], list[str]] = {}
+    not_affine: set[str] = set()
     for e in plan.entries:
         info = e.extra.get("depth")
         if info:
             by_path.setdefault((info["path"], info["reason"]), []).append(e.technique)
+            not_affine.update(info.get("not_affine", []))
     lines = []
     for (path, reason), names in by_path.items():
         if path == "extrapolated":
@@ -558,6 +560,11 @@ def depth_lines(plan: Plan) -> list[str]:
                          "at the deepest); --full-trace traces every layer.")
         else:
             lines.append(f"Depth: {', '.join(names)} traced every layer ({reason}).")
+    if not_affine:
+        lines.append(f"Depth: not affine in the depth, so not extrapolated: {', '.join(sorted(not_affine))}"
+                     + (" (the allocator segments correction falls back to the measured reserved-over-allocated "
+                        "fraction; --full-trace replays the full step)"
+                        if any("allocator_model" in name for name in not_affine) else "") + ".")
     return lines
 
 
