@@ -23,8 +23,8 @@ layers, or layers per block / checkpointed segment: ``granularity``), and:
 One term is not affine on a CUDA target: gradient clipping stacks one 4-byte norm per parameter
 tensor, and the tracker counts that vector in 512-byte blocks (a few KiB for a 70B model); the
 extrapolation keeps the shallow copies' rounding, under by at most one block per 128 tensors
-(docs/planner.md). Non-identical stacks and models already about as shallow as the traces are traced
-at full depth. Blocks or segments of unequal length (L = B * q + r: r parts of q + 1 layers) are
+(docs/planner.md). Non-identical stacks, and models whose three shallow traces would together be as
+deep as the model (cost grows with depth), are traced at full depth. Blocks or segments of unequal length (L = B * q + r: r parts of q + 1 layers) are
 traced at depths B * m + r, where they are unequal the same way.
 """
 
@@ -119,11 +119,11 @@ def spec_at_depth(spec: ModelSpec, layers: int) -> ModelSpec:
     return replace(spec, build=build)
 
 
-def granularity(tech: Technique, blocks: int | None = None) -> int:
-    """Layers in one repeated unit of the step: B blocks (or ranks) or k checkpointed segments
-    grow by one layer each per step of depth."""
+def granularity(tech: Technique) -> int:
+    """How many parts the layers are split into, each growing by one layer per step of depth: B
+    DiffusionBlocks blocks, k checkpointed segments, else 1 (the whole stack)."""
     if tech.kind == "db":
-        return blocks or tech.blocks or 1
+        return tech.blocks or 1
     if tech.kind == "ckpt" and tech.segments:
         return tech.segments
     return 1
@@ -336,8 +336,9 @@ def by_depth(
         reason = "asked for a full trace"
     elif not_identical is not None:
         reason = f"the residual layers are not identical: {not_identical}"
-    elif per_part <= TRACE_DEPTHS[-1]:
-        reason = f"{layers} layers are as shallow as the traces that would extrapolate them"
+    elif sum(depths) >= layers:
+        # A trace costs about its depth, so three shallow ones must add up to less than the model.
+        reason = f"tracing all {layers} layers costs less than traces at {', '.join(map(str, depths))}"
     else:
         not_affine: list[str] = []
         try:
