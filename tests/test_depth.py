@@ -20,7 +20,7 @@ from dbprofile.measure.depth import (
 from dbprofile.methods import parse_techniques
 from dbprofile.models import get_preset
 from dbprofile.plan import format_plan, plan
-from tests._toy import toy_spec
+from _toy import toy_spec
 
 CUDA_BLOCK = 512
 

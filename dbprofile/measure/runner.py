@@ -303,7 +303,9 @@ def _time_unit(m: Measurement, spec: ModelSpec, trainer: Any, batch_size: int, d
     out.times = list(result.times)
     out.median, out.iqr = float(result.median), float(result.iqr)
     out.transfer_times = transfers
-    all_steps.extend(result.raw_times)
+    # one entry per step (a block's time shared evenly), so the run's step count and total stay right
+    n = result.number_per_run
+    all_steps.extend(t / n for t in result.raw_times for _ in range(n))
     for value in (float(loss.detach().float()) for loss in losses):
         m.losses.append(value)
         if not math.isfinite(value) and m.status == "ok":
