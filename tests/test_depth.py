@@ -113,7 +113,7 @@ def test_a_model_shallower_than_the_three_traces_together_is_traced_in_full():
     m = measure_fake(get_preset("llama-tiny").at_depth(10), parse_techniques(["db:4"])[0], 2, layers=10,
                      not_identical=None)
     assert m.extra["depth"]["path"] == PATH_FULL
-    assert m.extra["depth"]["reason"] == "tracing all 10 layers costs less than traces at 8, 12, 16"
+    assert m.extra["depth"]["reason"] == "tracing all 10 layers costs less than traces at 10, 14, 18"
 
 
 def test_integer_figures_extrapolate_and_a_non_affine_one_is_named_and_dropped():
@@ -131,7 +131,7 @@ def test_plan_says_which_path_each_technique_took():
              search_max_batch=False)
     text = format_plan(p)
     assert "Depth: e2e extrapolated from shallow traces (10 identical layers, traced at 2, 3, 4" in text
-    assert "Depth: db:4 traced every layer (tracing all 10 layers costs less than traces at 8, 12, 16)" in text
+    assert "Depth: db:4 traced every layer (tracing all 10 layers costs less than traces at 10, 14, 18)" in text
 
 
 def test_block_parallel_simulates_one_rank_per_distinct_block_and_it_stands_for_the_others(monkeypatch):
