@@ -204,7 +204,9 @@ def _safe_name(text: str) -> str:
               help="Comma-separated: e2e, ckpt, ckpt:K, db:B, db:B+ckpt, db:B+offload. "
                    "Default: e2e,ckpt,db:2,db:3,db:4.")
 @click.option("--blocks", default=None, help="Shortcut: e2e, ckpt and db:B for each B given (e.g. 2,4,6).")
-@click.option("--steps", default=2, show_default=True, type=int, help="Measured steps per technique (per block).")
+@click.option("--steps", default=5, show_default=True, type=int,
+              help="Fewest timed steps per technique (per block); timing also runs at least 1 s and until "
+                   "the spread is small (torch.utils.benchmark adaptive_autorange).")
 @click.option("--precision", type=click.Choice(["fp32", "bf16"]), default="fp32", show_default=True)
 @click.option("--optimizer", type=click.Choice(["adamw", "sgd", "adafactor"]), default="adamw", show_default=True)
 @click.option("--fake", is_flag=True, help="Fake tensors: shapes and bytes only, no real allocation or timing.")
@@ -391,9 +393,11 @@ def compare(results, output, console: Output) -> None:
 @click.option("--world-size", type=int, default=1, show_default=True, help="Devices the state is sharded over.")
 @click.option("--html", default=None, type=click.Path(dir_okay=False),
               help="Also write the plan as HTML (also when nothing fits).")
+@click.option("--full-trace", is_flag=True, default=False,
+              help="Trace every layer instead of extrapolating identical layers from shallow copies.")
 @output_options
 @friendly_errors
-def plan(model, gpu, batch_size, techniques, precision, optimizer, zero_stage, world_size, html,
+def plan(model, gpu, batch_size, techniques, precision, optimizer, zero_stage, world_size, html, full_trace,
          console: Output) -> None:
     """Predict each technique's peak on a target GPU without one (fake tensors), with a verdict.
 
@@ -410,7 +414,8 @@ def plan(model, gpu, batch_size, techniques, precision, optimizer, zero_stage, w
     spec = load_spec(model)
     with console.progress(f"planning {spec.name}"):
         result = make_plan(spec, batch_size, device=target, techniques=techniques, precision=precision,
-                           optimizer=optimizer, zero_stage=zero_stage, world_size=world_size)
+                           optimizer=optimizer, zero_stage=zero_stage, world_size=world_size,
+                           full_trace=full_trace)
     console.text(format_plan(result))
     files = {}
     if html:

@@ -155,6 +155,8 @@ class ModelFacts:
     layer_bytes: tuple[int, ...]
     rest_bytes: int
     num_layers: int
+    not_identical: str | None = None
+    """None when the residual layers are identical (depth extrapolation applies), else how they differ."""
 
     @property
     def total_bytes(self) -> int:
@@ -162,6 +164,7 @@ class ModelFacts:
 
 
 def model_facts(spec: ModelSpec) -> ModelFacts:
+    from dbprofile.measure.depth import stack_difference
     from dbprofile.measure.fake import fake_mode
 
     with fake_mode():
@@ -169,7 +172,9 @@ def model_facts(spec: ModelSpec) -> ModelFacts:
         layers = get_layers(model, spec.layers, spec.name)
         per_layer = tuple(sum(p.numel() * p.element_size() for p in layer.parameters()) for layer in layers)
         total = sum(p.numel() * p.element_size() for p in model.parameters())
-    return ModelFacts(layer_bytes=per_layer, rest_bytes=total - sum(per_layer), num_layers=len(per_layer))
+        different = stack_difference(list(layers))
+    return ModelFacts(layer_bytes=per_layer, rest_bytes=total - sum(per_layer), num_layers=len(per_layer),
+                      not_identical=different)
 
 
 def _ceil_div(n: int, d: int) -> int:
@@ -266,6 +271,7 @@ def plan(
     search_max_batch: bool = True,
     confirm_max_batch: bool = True,
     measure_fn: MeasureFn | None = None,
+    full_trace: bool = False,
 ) -> Plan:
     """Predict, per technique, the peak per device, its shares, whether it fits ``device`` and the
     largest batch size that does. Fake-tensor runs only: no GPU and almost no memory needed.
@@ -276,6 +282,8 @@ def plan(
     ``search_max_batch`` finds the largest batch size that fits; ``confirm_max_batch=False``
     takes it from the linear model alone (no extra fake runs: use it for multi-billion-parameter
     models, whose fake runs take 10-20 s each on a laptop CPU).
+    ``full_trace``: trace every layer instead of extrapolating identical layers from shallow copies
+    (dbprofile.measure.depth; each entry's ``extra['depth']`` says which path it took and why).
     """
     started = time.perf_counter()
     spec = load_spec(spec) if not isinstance(spec, ModelSpec) else spec
@@ -292,6 +300,9 @@ def plan(
         )
     target = resolve_target(device)
     facts = model_facts(spec)
+    from dbprofile.measure.depth import measure_fake, simulate_fake
+
+    not_identical = facts.not_identical
     wanted = _parse(techniques, world_size, facts.num_layers)
     run = measure_fn or _default_measure()
     runs: dict[tuple[str, int], Measurement] = {}
@@ -304,9 +315,14 @@ def plan(
             progress.stage(f"planning {tech.name} at batch {b} (fake tensors)")
             try:
                 # Fake runs are deterministic: one warm-up (optimizer state) and one measured step.
-                runs[key] = run(spec, tech.name, b, device="cpu", precision=precision, optimizer=optimizer,
-                                fake=True, layers=facts.num_layers, round_to=round_to,
-                                warmup_steps=1, steps=1, emulate_cuda=target.cuda)
+                if measure_fn is None:
+                    runs[key] = measure_fake(spec, tech, b, layers=facts.num_layers, not_identical=not_identical,
+                                             full_trace=full_trace, precision=precision, optimizer=optimizer,
+                                             round_to=round_to, emulate_cuda=target.cuda)
+                else:
+                    runs[key] = run(spec, tech.name, b, device="cpu", precision=precision, optimizer=optimizer,
+                                    fake=True, layers=facts.num_layers, round_to=round_to,
+                                    warmup_steps=1, steps=1, emulate_cuda=target.cuda)
             except SpecError:
                 raise
             except Exception as err:  # recorded, not fatal: the other techniques still plan
@@ -327,14 +343,14 @@ def plan(
 
         if dist.is_available() and dist.is_initialized():
             return None
-        from dbprofile.measure.distributed import simulate_rank
-
         key = (name, b)
         if key not in simulated:
             progress.stage(f"planning {name} at batch {b}: one rank simulated on fake tensors")
             try:
-                simulated[key] = simulate_rank(spec, name, b, tech.blocks if parallel else world_size,
-                                               precision=precision, optimizer=optimizer, round_to=round_to)
+                simulated[key] = simulate_fake(spec, name, tech, b, tech.blocks if parallel else world_size,
+                                               layers=facts.num_layers, not_identical=not_identical,
+                                               parallel=parallel, full_trace=full_trace, precision=precision,
+                                               optimizer=optimizer, round_to=round_to)
             except SpecError:
                 raise
             except Exception as err:  # recorded, not fatal, as in fake_run
@@ -578,10 +594,35 @@ def format_plan(plan: Plan) -> str:
     if plan.cuda_corrections:
         lines.append("Shares count 512-byte CUDA blocks; other+CUDA: buffers, inputs, cuBLAS workspace, "
                      "allocator segments, CUDA context.")
+    lines += depth_lines(plan)
     if plan.verdict is not None:
         lines += ["", f"Verdict ({plan.verdict.decision}): {plan.verdict.headline}"]
         lines += [f"- {r.sentence}" for r in plan.verdict.reasons]
     return "\n".join(lines)
+
+
+def depth_lines(plan: Plan) -> list[str]:
+    """Which path each entry's fake run took (dbprofile.measure.depth): extrapolated or full trace."""
+    by_path: dict[tuple[str, str], list[str]] = {}
+    not_affine: set[str] = set()
+    for e in plan.entries:
+        info = e.extra.get("depth")
+        if info:
+            by_path.setdefault((info["path"], info["reason"]), []).append(e.technique)
+            not_affine.update(info.get("not_affine", []))
+    lines = []
+    for (path, reason), names in by_path.items():
+        if path == "extrapolated":
+            lines.append(f"Depth: {', '.join(names)} extrapolated from shallow traces ({reason}; checked to the byte "
+                         "at the deepest); --full-trace traces every layer.")
+        else:
+            lines.append(f"Depth: {', '.join(names)} traced every layer ({reason}).")
+    if not_affine:
+        lines.append(f"Depth: not affine in the depth, so not extrapolated: {', '.join(sorted(not_affine))}"
+                     + (" (the allocator segments correction falls back to the measured reserved-over-allocated "
+                        "fraction; --full-trace replays the full step)"
+                        if any("allocator_model" in name for name in not_affine) else "") + ".")
+    return lines
 
 
 def format_plan_html(plan: Plan) -> str:
@@ -595,6 +636,7 @@ def format_plan_html(plan: Plan) -> str:
     out.append("</table>")
     if (summary := nothing_fits_summary(plan)) is not None:
         out.append(f"<p class='nothing-fits'><b>{esc(summary)}</b></p>")
+    out += [f"<p>{esc(line)}</p>" for line in depth_lines(plan)]
     if plan.verdict is not None:
         out.append(f"<p><b>{esc(plan.verdict.decision)}</b>: {esc(plan.verdict.headline)}</p><ul>")
         out += [f"<li>{esc(r.sentence)}</li>" for r in plan.verdict.reasons]

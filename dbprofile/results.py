@@ -81,6 +81,9 @@ class BlockMeasurement:
     shares: dict[str, int]
     peak_phase: str
     step_time_s: float | None = None
+    """Median time of this block's step."""
+    step_time_iqr_s: float | None = None
+    """Interquartile range of this block's step times."""
     transfer_time_s: float | None = None
 
 
@@ -110,11 +113,17 @@ class Measurement:
     timeline: dict[str, Any] = field(default_factory=dict)
     """{'categories': [...], 'phases': [...], 'points': [[phase_index, bytes per category...], ...]}."""
     step_time_s: float | None = None
-    """Median wall time of a measured step (synchronised on CUDA); worst block for DiffusionBlocks."""
+    """Median wall time of a timed step (torch.utils.benchmark, synchronised on CUDA); the worst
+    block's for DiffusionBlocks."""
+    step_time_iqr_s: float | None = None
+    """Interquartile range of the timed steps (the middle half of them spans this many seconds)."""
     step_time_spread_s: list[float] | None = None
-    """[min, max] of the measured step times."""
+    """[min, max] of the timed steps (per timing block: a block averages one or more steps)."""
     block_steps_time_s: float | None = None
     """DiffusionBlocks: sum over blocks of their median step times (B block-steps)."""
+    block_steps_time_iqr_s: float | None = None
+    """DiffusionBlocks: sum of the blocks' interquartile ranges (the spread of B block-steps if the
+    blocks' noise moved together; an upper bound otherwise)."""
     transfer_time_s: float | None = None
     """db:B+offload: median host<->device transfer time per step."""
     num_parameters: int | None = None
@@ -223,7 +232,9 @@ class RunResult:
                 "peak_phase": m.peak_phase,
                 "peak_block": m.peak_block,
                 "step_time_s": m.step_time_s,
+                "step_time_iqr_s": m.step_time_iqr_s,
                 "block_steps_time_s": m.block_steps_time_s,
+                "block_steps_time_iqr_s": m.block_steps_time_iqr_s,
             }
             for cat in CATEGORIES:
                 row[f"{cat}_bytes"] = m.shares.get(cat, 0)

@@ -64,6 +64,10 @@ class ModelSpec:
     """One line for listings."""
     extra: dict[str, Any] = field(default_factory=dict)
     """Free-form facts for reports (e.g. sequence length, image size)."""
+    at_depth: Callable[[int], "ModelSpec"] | None = None
+    """The same model with another number of residual layers, for the planner's depth extrapolation
+    (dbprofile.measure.depth); the built-in families set it. None: the planner cuts a full build's
+    layer list instead, which works for any model that loops over ``layers``."""
 
     def __post_init__(self) -> None:
         if not isinstance(self.name, str) or not self.name:

@@ -45,6 +45,13 @@ MAX_LOW_RISK_BLOCKS = 3
 CKPT_TYPICAL_STEP_FACTOR = 4 / 3
 """Expected ckpt step time over e2e when times are not measured: one extra forward per layer, a
 forward being about a third of a forward+backward step."""
+DB_TYPICAL_BLOCK_STEPS_FACTOR = 1.0
+"""Expected time of B block-steps over one e2e step: every layer runs forward and backward once;
+each block-step also runs the stem, the head and the sigma embedder (more so for causal LMs, whose
+sequence doubles)."""
+MAX_RATIO_NOISE = 0.2
+"""A measured time ratio is quoted only when the two timings' interquartile ranges, each relative to
+its median, add up to at most this: a ratio's relative spread is about the sum of its parts'."""
 
 DECISIONS = ("adopt", "not-worth-it", "not-needed", "inconclusive")
 
@@ -100,7 +107,9 @@ class _Row:
     required: int  # device memory it needs (plan: with CUDA corrections; measured: reserved or peak)
     shares: dict[str, int]
     step_time_s: float | None = None
+    step_time_iqr_s: float | None = None
     block_steps_time_s: float | None = None
+    block_steps_time_iqr_s: float | None = None
     extra_parameters: int | None = None
     num_parameters: int | None = None
 
@@ -145,7 +154,9 @@ def _rows_from_run(result: RunResult) -> tuple[list[_Row], int | None]:
                 required=max(int(reserved), m.peak_bytes) if reserved else m.peak_bytes,
                 shares=dict(m.shares),
                 step_time_s=m.step_time_s,
+                step_time_iqr_s=m.step_time_iqr_s,
                 block_steps_time_s=m.block_steps_time_s,
+                block_steps_time_iqr_s=m.block_steps_time_iqr_s,
                 extra_parameters=m.extra_parameters,
                 num_parameters=m.num_parameters,
             )
@@ -271,39 +282,66 @@ def _memory_vs(best: _Row, e2e: _Row | None, ckpt: _Row | None, why: str) -> Rea
         numbers.update(ckpt_required_bytes=ckpt.required, below_ckpt_bytes=diff)
         rel = "below" if diff >= 0 else "above"
         parts.append(f"{format_bytes(abs(diff))} {rel} ckpt ({format_bytes(ckpt.required)})")
-    if best.step_time_s and e2e is not None and e2e.step_time_s:
+    if best.step_time_s and e2e is not None and e2e.step_time_s and ratio_is_clear(
+            best.step_time_s, best.step_time_iqr_s, e2e.step_time_s, e2e.step_time_iqr_s):
         ratio = best.step_time_s / e2e.step_time_s
         numbers["step_time_ratio"] = ratio
         parts.append(f"at {ratio:.2f}x the per-step time")
     return Reason(rule="memory", sentence=parts[0] + " " + ", ".join(parts[1:]) + ".", numbers=numbers)
 
 
+def _noise(time_s: float, iqr_s: float | None) -> float | None:
+    """The interquartile range relative to the median; None when no spread was recorded."""
+    return iqr_s / time_s if iqr_s is not None and time_s > 0 else None
+
+
+def ratio_is_clear(num_s: float, num_iqr_s: float | None, den_s: float, den_iqr_s: float | None) -> bool:
+    """MAX_RATIO_NOISE: both spreads known and together small enough to quote num/den."""
+    a, b = _noise(num_s, num_iqr_s), _noise(den_s, den_iqr_s)
+    return a is not None and b is not None and a + b <= MAX_RATIO_NOISE
+
+
 def _compute(best: _Row, e2e: _Row | None, ckpt: _Row | None) -> Reason:
-    """Fair compute unit: B block-steps (every layer trained once) against one e2e step."""
+    """Fair compute unit: B block-steps (every layer trained once) against one e2e step, quoted only
+    where the timings' spread allows (MAX_RATIO_NOISE), else the ratio the method implies."""
     b = best.blocks or 1
     numbers: dict[str, Any] = {"technique": best.technique, "blocks": b}
-    if best.block_steps_time_s and e2e is not None and e2e.step_time_s:
+    expected = (
+        f"{b} block-steps of {best.technique} run every layer once, about the work of one e2e step "
+        f"({DB_TYPICAL_BLOCK_STEPS_FACTOR:.2f}x, plus the stem and head once per block), and training needs "
+        f"{b}x as many steps; ckpt instead recomputes each layer's forward, typically about "
+        f"{CKPT_TYPICAL_STEP_FACTOR:.2f}x an e2e step"
+    )
+    numbers.update(db_expected_ratio=DB_TYPICAL_BLOCK_STEPS_FACTOR, ckpt_expected_ratio=CKPT_TYPICAL_STEP_FACTOR)
+    if not (best.block_steps_time_s and e2e is not None and e2e.step_time_s):
+        return Reason(rule="compute", sentence=f"Compute (not measured here): {expected}.", numbers=numbers)
+    spread = f"median, IQR {_pct(best.block_steps_time_iqr_s / best.block_steps_time_s)}" if (
+        best.block_steps_time_iqr_s is not None) else "median"
+    numbers.update(block_steps_time_s=best.block_steps_time_s, e2e_step_time_s=e2e.step_time_s,
+                   block_steps_time_iqr_s=best.block_steps_time_iqr_s, e2e_step_time_iqr_s=e2e.step_time_iqr_s)
+    parts = []
+    noisy = []
+    if ratio_is_clear(best.block_steps_time_s, best.block_steps_time_iqr_s, e2e.step_time_s, e2e.step_time_iqr_s):
         db_ratio = best.block_steps_time_s / e2e.step_time_s
-        numbers.update(block_steps_time_s=best.block_steps_time_s, e2e_step_time_s=e2e.step_time_s, db_ratio=db_ratio)
-        sentence = (
-            f"Compute: {b} block-steps of {best.technique} take {best.block_steps_time_s:.4g} s against "
-            f"{e2e.step_time_s:.4g} s for one e2e step ({db_ratio:.2f}x)"
-        )
-        if ckpt is not None and ckpt.step_time_s:
+        numbers["db_ratio"] = db_ratio
+        parts.append(f"{b} block-steps of {best.technique} take {best.block_steps_time_s:.4g} s ({spread}) against "
+                     f"{e2e.step_time_s:.4g} s for one e2e step ({db_ratio:.2f}x)")
+    else:
+        noisy.append(best.technique)
+    if ckpt is not None and ckpt.step_time_s:
+        if ratio_is_clear(ckpt.step_time_s, ckpt.step_time_iqr_s, e2e.step_time_s, e2e.step_time_iqr_s):
             ckpt_ratio = ckpt.step_time_s / e2e.step_time_s
             numbers.update(ckpt_step_time_s=ckpt.step_time_s, ckpt_ratio=ckpt_ratio)
-            sentence += f"; ckpt takes {ckpt.step_time_s:.4g} s ({ckpt_ratio:.2f}x) because it recomputes the forward"
-        return Reason(rule="compute", sentence=sentence + ".", numbers=numbers)
-    numbers["ckpt_expected_ratio"] = CKPT_TYPICAL_STEP_FACTOR
-    return Reason(
-        rule="compute",
-        sentence=(
-            f"Compute (not measured here): {b} block-steps of {best.technique} run every layer once, the work of one "
-            f"e2e step, and training needs {b}x as many steps; ckpt instead recomputes each layer's forward, "
-            f"typically about {CKPT_TYPICAL_STEP_FACTOR:.2f}x an e2e step."
-        ),
-        numbers=numbers,
-    )
+            parts.append(f"ckpt takes {ckpt.step_time_s:.4g} s ({ckpt_ratio:.2f}x) because it recomputes the forward")
+        else:
+            noisy.append("ckpt")
+    if noisy:
+        numbers["too_noisy"] = noisy
+        parts.append(
+            f"the timings of {' and '.join(noisy)} against e2e were too noisy to compare (their interquartile "
+            f"ranges add up to more than {_pct(MAX_RATIO_NOISE)} of the medians); by the method, {expected}"
+        )
+    return Reason(rule="compute", sentence="Compute: " + "; ".join(parts) + ".", numbers=numbers)
 
 
 def _quality(best: _Row, task: str | None) -> Reason:

@@ -39,6 +39,18 @@ PUBLISHED = {
 PUBLISHED_DIT = {"dit-s2": 33e6, "dit-b2": 130e6, "dit-l2": 458e6, "dit-xl2": 675_129_632}
 
 
+# The released checkpoints' exact totals (the sum of the safetensors shapes): Llama-2-70B and
+# Meta-Llama-3-8B. Exact equality pins GQA, the FFN width, the untied head and the vocabulary.
+PUBLISHED_EXACT = {"llama-70b": 68_976_648_192, "llama3-8b": 8_030_261_248}
+
+
+@pytest.mark.parametrize("name", sorted(PUBLISHED_EXACT))
+def test_llama_presets_match_released_checkpoints_exactly(name):
+    parameters, layers = preset_shape(name)
+    assert parameters == PUBLISHED_EXACT[name]
+    assert layers == {"llama-70b": 80, "llama3-8b": 32}[name]
+
+
 @pytest.mark.parametrize("name", sorted(PUBLISHED))
 def test_published_presets_match_published_parameter_counts(name):
     parameters, _ = preset_shape(name)

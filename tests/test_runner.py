@@ -9,6 +9,7 @@ import pytest
 import torch
 
 from _toy import toy_spec
+from dbprofile.measure import runner
 from dbprofile.measure.runner import format_table, measure, run
 from dbprofile.methods.checkpointing import CheckpointedSegment
 from dbprofile.results import RunResult
@@ -81,7 +82,17 @@ def test_step_times_are_median_with_spread():
     m = measure(toy_spec(), "e2e", 8, steps=3)
     low, high = m.step_time_spread_s
     assert 0 < low <= m.step_time_s <= high
-    assert m.extra["timing"]["steps_run"] == 1 + 1 + 3  # warm-up, tracked, timed
+    assert 0 <= m.step_time_iqr_s <= high - low
+    # warm-up, tracked, then torch.utils.benchmark's blocks: at least four, at least `steps` steps
+    assert m.extra["timing"]["steps_run"] >= 1 + 1 + 4
+    assert m.extra["timing"]["all_steps_s"] >= runner.MIN_TIME_S  # timed for at least 1 s
+    assert m.status == "ok" and len(m.losses) >= m.extra["timing"]["steps_run"]  # timer warm-ups too
+
+
+def test_block_steps_carry_the_sum_of_the_blocks_spreads():
+    m = measure(toy_spec(depth=4), "db:2", 8)
+    assert m.block_steps_time_iqr_s == pytest.approx(sum(b.step_time_iqr_s for b in m.blocks))
+    assert all(b.step_time_iqr_s is not None and b.step_time_iqr_s >= 0 for b in m.blocks)
 
 
 @pytest.mark.parametrize("tech, message", [("bogus", "Unknown technique"), ("ckpt:9", "ckpt:K"), ("db:9", "db:B")])

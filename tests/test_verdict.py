@@ -7,6 +7,8 @@ import pytest
 
 from dbprofile.results import Measurement, Plan, PlanEntry, RunResult
 from dbprofile.verdict import (
+    MAX_RATIO_NOISE,
+    ratio_is_clear,
     ACTIVATION_BOUND_SHARE,
     MIN_SAVING_FRACTION,
     STATE_BOUND_SHARE,
@@ -16,7 +18,8 @@ from dbprofile.verdict import (
 GiB = 1024**3
 
 
-def _m(technique, params=0, grads=0, opt=0, act=0, tmp=0, status="ok", time=None, block_time=None, extra=None):
+def _m(technique, params=0, grads=0, opt=0, act=0, tmp=0, status="ok", time=None, block_time=None, extra=None,
+       time_noise=0.02):
     shares = {
         "parameters": int(params * GiB),
         "gradients": int(grads * GiB),
@@ -33,7 +36,9 @@ def _m(technique, params=0, grads=0, opt=0, act=0, tmp=0, status="ok", time=None
         peak_bytes=sum(shares.values()) if ok else 0,
         shares=shares if ok else {},
         step_time_s=time,
+        step_time_iqr_s=None if time is None else time * time_noise,
         block_steps_time_s=block_time,
+        block_steps_time_iqr_s=None if block_time is None else block_time * time_noise,
         num_parameters=1_000_000_000 + (extra or 0) if extra is not None else 1_000_000_000,
         extra_parameters=extra,
     )
@@ -78,6 +83,23 @@ def test_compute_rule_compares_block_steps_with_e2e_and_ckpt_step_times():
     assert compute.numbers["db_ratio"] == pytest.approx(1.05)
     assert compute.numbers["ckpt_ratio"] == pytest.approx(1.33)
     assert "1.05x" in compute.sentence and "1.33x" in compute.sentence
+
+
+def test_compute_rule_withholds_a_ratio_whose_timings_are_too_noisy():
+    run = _activation_bound_run()
+    # ckpt's IQR is 25% of its median: 25% + e2e's 2% is over MAX_RATIO_NOISE (20%).
+    run.measurements[1] = _m("ckpt", 4, 4, 8, 18, 2, time=1.33, time_noise=0.25)
+    compute = _rule(judge(run, capacity_bytes=30 * GiB), "compute")
+    assert "ckpt_ratio" not in compute.numbers and compute.numbers["too_noisy"] == ["ckpt"]
+    assert compute.numbers["db_ratio"] == pytest.approx(1.05)  # 2% + 2%: quoted
+    assert "too noisy to compare" in compute.sentence and "1.33x" in compute.sentence  # the expected ratio
+
+
+def test_compute_rule_quotes_a_ratio_at_the_noise_threshold_and_not_past_it():
+    assert ratio_is_clear(1.0, 0.1, 2.0, 0.2)  # 10% + 10% = MAX_RATIO_NOISE
+    assert not ratio_is_clear(1.0, 0.1, 2.0, 0.21)
+    assert not ratio_is_clear(1.0, None, 2.0, 0.0)  # no spread recorded: nothing to judge it by
+    assert MAX_RATIO_NOISE == 0.2
 
 
 def test_quality_risk_quotes_the_papers_block_ablations():

@@ -51,6 +51,7 @@ from dbprofile.measure.runner import (
     record_failure,
 )
 from dbprofile.measure.tracker import _CAT_INDEX, Tracker
+from dbprofile.methods.checkpointing import split_contiguous
 from dbprofile.methods.sharding import (
     SHARDING_BLOCK_PARALLEL,
     SHARDING_FSDP,
@@ -305,7 +306,8 @@ def measure_rank(
         return m
     try:
         _measure_into(m, spec, dtech.technique, batch_size, dev, dev, warmup_steps, steps, False, None,
-                      trainer_factory=lambda: trainer, tracker_cls=ShardedTracker)
+                      trainer_factory=lambda: trainer, tracker_cls=ShardedTracker,
+                      adaptive_timing=False)  # every rank must run the same steps (collectives)
         m.extra["timing"]["build_s"] = build_s
     except SpecError:
         raise
@@ -353,13 +355,18 @@ def simulate_rank(
     optimizer: str = "adamw",
     round_to: int | None = None,
     warmup_steps: int = DEFAULT_WARMUP_STEPS,
+    per_rank: list | None = None,
 ) -> Measurement:
     """What one rank of a ``world_size``-rank run would track, from ONE process and no memory: the
     real FSDP (or block-parallel) training code runs on fake tensors in a fake process group, and
     the same ``ShardedTracker`` counts it. FSDP ranks differ only where a first dimension does not
     divide by the world size: the first ranks get the larger pieces (as ``torch.chunk`` does), so
-    rank 0 is the worst and stands for all. Block-parallel ranks differ (their blocks do), so every
-    rank is simulated and the worst is returned, with each rank's peak in ``extra['rank_peaks']``.
+    rank 0 is the worst and stands for all. Block-parallel ranks differ where their blocks do: every
+    rank holds the shared stem, head and sigma embedder and its own block's layers, so the first and
+    last rank and one middle rank per block size are simulated (``representative_ranks``) and the worst
+    is returned, with each rank's peak in ``extra['rank_peaks']``.
+    ``per_rank``, a list, receives (measurement, tracked steps with every point kept) for each simulated
+    rank (dbprofile.measure.depth extrapolates them to another depth).
     """
     from dbprofile.measure.fake import fake_mode
 
@@ -367,24 +374,40 @@ def simulate_rank(
     dtech = parse_distributed_technique(technique)
     fsdp = fsdp and not dtech.parallel
     with fake_mode():
-        check_distributed(dtech, spec, spec.build(), world_size, fsdp)
+        model = spec.build()
+        check_distributed(dtech, spec, model, world_size, fsdp)
+        layers = len(get_layers(model, spec.layers, spec.name))
     cpu = torch.device("cpu")
-    ranks = range(world_size) if dtech.parallel else [0]
+    stands_for = representative_ranks(layers, world_size) if dtech.parallel else [0]
+    ranks = sorted(set(stands_for))
     rows = []
     with _fake_world(world_size) as mesh:
         for rank in ranks:
             m = Measurement(technique=dtech.name, batch_size=batch_size, precision=precision, optimizer=optimizer,
                             device="cpu", fake=True,
                             extra={"rank": rank, "world_size": world_size, "sharding": _sharding(dtech, fsdp)})
+            traces: dict | None = {} if per_rank is not None else None
             # The runner's protocol on fake tensors (it enters fake mode before calling the factory).
             _measure_into(m, spec, dtech.technique, batch_size, cpu, cpu, warmup_steps, 1, True, None, round_to,
                           trainer_factory=lambda rank=rank: make_distributed_trainer(
                               dtech, spec, cpu, rank, fsdp, precision=precision, optimizer=optimizer, mesh=mesh),
-                          tracker_cls=ShardedTracker)
+                          tracker_cls=ShardedTracker, traces=traces)
             rows.append(m)
+            if per_rank is not None:
+                per_rank.append((m, traces))
     worst = max(rows, key=lambda row: row.peak_bytes)
-    worst.extra["rank_peaks"] = [row.peak_bytes for row in rows]
+    peaks = {row.extra["rank"]: row.peak_bytes for row in rows}
+    worst.extra["rank_peaks"] = [peaks[rank] for rank in stands_for]
     return worst
+
+
+def representative_ranks(layers: int, blocks: int) -> list[int]:
+    """For each block-parallel rank, the rank whose simulation stands for it: itself for the first and
+    the last block, else the first middle rank whose block has as many layers (same bytes)."""
+    sizes = [len(group) for group in split_contiguous(layers, blocks)]
+    first_of_size: dict[int, int] = {}
+    return [rank if rank in (0, blocks - 1) else first_of_size.setdefault(size, rank)
+            for rank, size in enumerate(sizes)]
 
 
 # ---------------------------------------------------------------- all ranks

@@ -41,9 +41,16 @@ from dbprofile.methods import DEFAULT_TECHNIQUES, Technique, check_technique_fit
 from dbprofile.results import CATEGORIES, UNIT_BYTES, BlockMeasurement, Measurement, RunResult, pick_unit
 from dbprofile.spec import ModelSpec, SpecError, get_layers, load_spec
 
-DEFAULT_STEPS = 2
+DEFAULT_STEPS = 5
 DEFAULT_WARMUP_STEPS = 1
 SEED = 0
+MIN_TIME_S = 1.0
+"""Each technique is timed for at least this long (split over DiffusionBlocks' blocks)..."""
+MAX_TIME_S = 10.0
+"""...and at most this long (split likewise), stopping earlier once the spread is small:"""
+TIMING_THRESHOLD = 0.1
+"""torch.utils.benchmark's adaptive_autorange stops when the interquartile range of its blocks is
+below this fraction of their median (and it has at least four blocks)."""
 
 
 class _UnitResult:
@@ -53,6 +60,11 @@ class _UnitResult:
         self.records: list[StepRecord] = []
         self.times: list[float] = []
         self.transfer_times: list[float] = []
+        self.tracked_times: list[float] = []
+        """Wall time of the tracked steps: against ``median``, the tracker's own cost."""
+        self.iqr: float | None = None
+        """Interquartile range of the timed steps (torch.utils.benchmark's blocks)."""
+        self.median: float | None = None
 
     @property
     def peak(self) -> StepRecord:
@@ -129,6 +141,7 @@ def measure(
     round_to: int | None = None,
     emulate_cuda: bool = False,
     memory_snapshot: str | Path | None = None,
+    traces: dict | None = None,
 ) -> Measurement:
     """Measure one technique at one batch size; failures come back as a status, not raised.
 
@@ -141,6 +154,8 @@ def measure(
     loss follows CUDA's autocast order (dbprofile.measure.fake.cuda_autocast_policy).
     ``memory_snapshot``: a directory; on CUDA, PyTorch's memory history of the tracked step is
     written there (dbprofile.measure.snapshot) and listed in ``Measurement.memory_snapshots``.
+    ``traces``, a dict, receives each unit's tracked step with every point kept (StepRecord.trace),
+    for dbprofile.measure.depth.
     """
     spec = load_spec(spec) if not isinstance(spec, ModelSpec) else spec
     tech = parse_techniques([technique])[0] if not isinstance(technique, Technique) else technique
@@ -164,14 +179,15 @@ def measure(
         with cuda_autocast_policy() if emulate_cuda else contextlib.nullcontext():
             _measure_into(m, spec, tech, batch_size, dev, track_dev, warmup_steps, steps, fake, memory_limit,
                           round_to, allocator=CachingAllocatorModel() if emulate_cuda else None,
-                          model_cuda_scratch=emulate_cuda, snapshot_for=snapshot_for)
+                          model_cuda_scratch=emulate_cuda, snapshot_for=snapshot_for, traces=traces)
     except SpecError:
         raise
     except Exception as err:  # noqa: BLE001 - the model's failure is a result, not a crash
         record_failure(m, err)
         del err
     finally:
-        free_memory(dev)
+        if not fake:  # fake tensors hold no memory; a full collection costs ~0.4 s per fake run
+            free_memory(dev)
     if m.status == "ok" and tech.is_diffusion_blocks:
         _activation_ratios(m, spec, tech, batch_size, dev, fake)
     return m
@@ -194,9 +210,13 @@ def _measure_into(
     allocator: CachingAllocatorModel | None = None,
     model_cuda_scratch: bool = False,
     snapshot_for: Callable[[int | None], Path] | None = None,
+    traces: dict | None = None,
+    adaptive_timing: bool = True,
 ) -> None:
     """``trainer_factory`` and ``tracker_cls`` let dbprofile.measure.distributed run this same
-    protocol for one rank (a sharded or block-parallel trainer, a tracker that knows DTensors).
+    protocol for one rank (a sharded or block-parallel trainer, a tracker that knows DTensors);
+    ``adaptive_timing=False`` times exactly ``steps`` steps, as ranks that must run the same
+    collectives need, instead of torch.utils.benchmark's adaptive repetition.
     ``snapshot_for(unit)`` names the memory snapshot file of a unit's tracked step."""
     sync = dev.type == "cuda" and not fake
     where = f"{m.technique} @ batch {m.batch_size}"
@@ -218,7 +238,8 @@ def _measure_into(
         all_steps: list[float] = []
         run_step = functools.partial(_step, m, spec, trainer, batch_size, dev, fake, sync, counter, all_steps)
         tracker = tracker_cls(track_dev, trainer=trainer, memory_limit=memory_limit, round_to=round_to,
-                              allocator=allocator, model_cuda_scratch=model_cuda_scratch)
+                              allocator=allocator, model_cuda_scratch=model_cuda_scratch,
+                              keep_trace=traces is not None)
         # The tracker is on from the first step so every tensor that persists across steps
         # (optimizer state, caches a model builds on first use) is seen being made.
         with tracker:
@@ -235,6 +256,8 @@ def _measure_into(
                     m.memory_snapshots.append(str(path))
                 with snapshot.recording(path):
                     run_step(tracker, unit, results[unit], track=True)
+                if traces is not None:
+                    traces[unit] = results[unit].records[-1]
                 if not fake:
                     # Timed steps run untracked: the tracker's Python dispatch overhead must not
                     # inflate step times. Fake steps have no meaningful time. The allocator's
@@ -243,8 +266,12 @@ def _measure_into(
                     progress.stage(f"{where}: {steps} timed step{'s' if steps > 1 else ''}{_of_block(unit, units)}")
                     with tracker.paused():
                         devices.reset_peaks(dev)
-                        for _ in range(steps):
-                            run_step(tracker, unit, results[unit], track=False)
+                        if adaptive_timing:
+                            _time_unit(m, spec, trainer, batch_size, dev, unit, results[unit], steps,
+                                       MIN_TIME_S / len(units), MAX_TIME_S / len(units), counter, all_steps)
+                        else:
+                            for _ in range(steps):
+                                run_step(tracker, unit, results[unit], track=False)
                         figures = devices.cuda_figures(dev)
                     if figures is not None:
                         allocator_peaks.append(figures)
@@ -260,12 +287,56 @@ def _measure_into(
             m.cuda["untracked_allocated_bytes"] = m.extra.pop("cuda_untracked_bytes", None)
         block_layers = getattr(trainer, "block_layers", None)
         del trainer, tracker
-    m.extra["timing"] = {"build_s": build_s, "all_steps_s": sum(all_steps), "steps_run": len(all_steps)}
+    m.extra["timing"] = {"build_s": build_s, "all_steps_s": sum(all_steps), "steps_run": len(all_steps),
+                         "tracked_steps_s": [t for r in results.values() for t in r.tracked_times]}
     _summarise(m, units, results, fake, block_layers)
 
 
 def _of_block(unit: int | None, units: list) -> str:
     return "" if unit is None else f" (block {unit + 1} of {len(units)})"
+
+
+def _time_unit(m: Measurement, spec: ModelSpec, trainer: Any, batch_size: int, dev: torch.device, unit: Any,
+               out: _UnitResult, min_steps: int, min_time_s: float, max_time_s: float, counter: Any,
+               all_steps: list[float]) -> None:
+    """Time untracked steps of one unit with torch.utils.benchmark's adaptive_autorange: blocks of
+    steps (as many per block as make the timer's own overhead negligible) for at least ``min_time_s``
+    and four blocks, until the blocks' IQR is under TIMING_THRESHOLD of their median or ``max_time_s``
+    has passed; at least ``min_steps`` steps. Its timer synchronises CUDA around every block."""
+    from torch.utils import benchmark
+
+    step_index = next(counter)
+    torch.manual_seed(SEED + 1 + step_index)
+    batch = spec.batch(batch_size, dev)
+    clock = _PhaseClock(None, dev, dev.type == "cuda")
+    losses: list[torch.Tensor] = []
+    transfers: list[float] = []
+
+    def step() -> None:
+        losses.append(trainer.step(batch, unit, clock.mark))
+        transfers.append(clock.finish())
+        clock.transfer_s = 0.0
+
+    # num_threads: the timer would otherwise run with one thread, unlike the training it stands for.
+    timer = benchmark.Timer("step()", globals={"step": step}, num_threads=torch.get_num_threads())
+    result = timer.adaptive_autorange(TIMING_THRESHOLD, min_run_time=min_time_s, max_run_time=max_time_s)
+    if result.number_per_run * len(result.raw_times) < min_steps:
+        # Slow steps: ask for the time that many steps take (the first run was a warm-up too).
+        result = timer.adaptive_autorange(TIMING_THRESHOLD, min_run_time=min_steps * result.median * 1.05,
+                                          max_run_time=max(max_time_s, min_steps * result.median * 2))
+    out.times = list(result.times)
+    out.median, out.iqr = float(result.median), float(result.iqr)
+    out.transfer_times = transfers
+    # one entry per step (a block's time shared evenly), so the run's step count and total stay right
+    n = result.number_per_run
+    all_steps.extend(t / n for t in result.raw_times for _ in range(n))
+    for value in (float(loss.detach().float()) for loss in losses):
+        m.losses.append(value)
+        if not math.isfinite(value) and m.status == "ok":
+            m.status = "nan"
+            where = f" (block {unit})" if unit is not None else ""
+            m.error = f"{m.technique}: the loss was {value} in a timed step{where}; training diverged or the model produces NaN."
+            break
 
 
 def _worst_figures(per_unit: list[dict]) -> dict:
@@ -305,6 +376,7 @@ def _step(m, spec, trainer, batch_size, dev, fake, sync, counter, all_steps, tra
     if out is not None:
         if track:
             out.records.append(tracker.end_step())
+            out.tracked_times.append(elapsed)
         else:
             out.times.append(elapsed)
             out.transfer_times.append(transfer)
@@ -326,7 +398,8 @@ def _summarise(m: Measurement, units: list, results: dict, fake: bool, block_lay
     m.peak_phase = peak.peak_phase
     m.timeline = peak.timeline
     if worst.times:
-        m.step_time_s = statistics.median(worst.times)
+        m.step_time_s = worst.median if worst.median is not None else statistics.median(worst.times)
+        m.step_time_iqr_s = worst.iqr if worst.iqr is not None else _iqr(worst.times)
         m.step_time_spread_s = [min(worst.times), max(worst.times)]
     if units != [None]:
         m.peak_block = int(worst_unit)
@@ -339,14 +412,24 @@ def _summarise(m: Measurement, units: list, results: dict, fake: bool, block_lay
                 peak_bytes=p.peak_bytes,
                 shares=dict(p.shares),
                 peak_phase=p.peak_phase,
-                step_time_s=statistics.median(r.times) if r.times else None,
+                step_time_s=(r.median if r.median is not None else statistics.median(r.times)) if r.times else None,
+                step_time_iqr_s=(r.iqr if r.iqr is not None else _iqr(r.times)) if r.times else None,
                 transfer_time_s=statistics.median(r.transfer_times) if any(r.transfer_times) else None,
             ))
         if all(b.step_time_s is not None for b in m.blocks):
             m.block_steps_time_s = sum(b.step_time_s for b in m.blocks)
+            # The blocks are timed apart; summing their IQRs is the spread if their noise moved
+            # together, an upper bound for independent noise.
+            m.block_steps_time_iqr_s = sum(b.step_time_iqr_s or 0.0 for b in m.blocks)
             transfers = [t for u in units for t in results[u].transfer_times]
             if any(transfers):
                 m.transfer_time_s = statistics.median(transfers)
+
+
+def _iqr(times: list[float]) -> float:
+    """Interquartile range (torch.utils.benchmark's definition: numpy-style linear quantiles)."""
+    q = statistics.quantiles(times, n=4, method="inclusive") if len(times) > 1 else [times[0]] * 3
+    return q[2] - q[0]
 
 
 def _activation_ratios(m: Measurement, spec: ModelSpec, tech: Technique, batch_size: int, dev, fake: bool) -> None:
@@ -445,7 +528,8 @@ def format_table(result: RunResult) -> str:
     # workspace (CUDA) and communication (FSDP) only get a column where some row has them.
     optional = ("workspace", "communication")
     cats = [c for c in CATEGORIES if c not in optional or any(m.shares.get(c, 0) for m in ok)]
-    head = ["technique", "batch", f"peak {unit}"] + [_SHORT[c] for c in cats] + ["phase", "step s", "B steps s"]
+    head = ["technique", "batch", f"peak {unit}"] + [_SHORT[c] for c in cats] + ["phase", "step s", "IQR",
+                                                                                 "B steps s", "IQR"]
     rows = [head]
     for m in result.measurements:
         if m.status in ("oom", "error"):
@@ -455,14 +539,14 @@ def format_table(result: RunResult) -> str:
         phase = m.peak_phase or ""
         if m.peak_block is not None:
             phase += f" (block {m.peak_block})"
-        step = f"{m.step_time_s:.4f}" if m.step_time_s is not None else "-"
-        bsteps = f"{m.block_steps_time_s:.4f}" if m.block_steps_time_s is not None else "-"
+        times = [f"{t:.4f}" if t is not None else "-" for t in
+                 (m.step_time_s, m.step_time_iqr_s, m.block_steps_time_s, m.block_steps_time_iqr_s)]
         name = m.technique + (" NaN" if m.status == "nan" else "")
-        rows.append([name, str(m.batch_size)] + figs + [phase, step, bsteps])
+        rows.append([name, str(m.batch_size)] + figs + [phase, *times])
     widths = [max(len(r[i]) for r in rows) for i in range(len(head))]
     lines = []
     for r in rows:
-        cells = [r[0].ljust(widths[0])] + [c.rjust(w) if i < len(head) - 3 else c.ljust(w)
+        cells = [r[0].ljust(widths[0])] + [c.rjust(w) if i < len(head) - 5 else c.ljust(w)
                                            for i, (c, w) in enumerate(zip(r[1:], widths[1:]), start=1)]
         lines.append("  ".join(cells).rstrip())
     notes = [f"{m.technique} @ batch {m.batch_size}: {m.status.upper()}: {m.error}"

@@ -93,6 +93,9 @@ class StepRecord:
     shares: dict[str, int]
     peak_phase: str | None
     timeline: dict[str, Any] = field(default_factory=dict)
+    trace: list[tuple[Any, list[int]]] | None = None
+    """With ``keep_trace``: every point of the step, not downsampled, as (the op that was running,
+    [phase index, bytes per category...]). dbprofile.measure.depth aligns these across depths."""
 
 
 class _Storage:
@@ -136,6 +139,7 @@ class _Mode(TorchDispatchMode):
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         tracker = self.tracker
+        tracker.op = func
         if not tracker.sample_allocator:
             if tracker.model_cuda_scratch:
                 return self._with_cuda_scratch(func, args, kwargs or {})
@@ -184,6 +188,7 @@ class Tracker:
         round_to: int | None = None,
         allocator: CachingAllocatorModel | None = None,
         model_cuda_scratch: bool = False,
+        keep_trace: bool = False,
     ) -> None:
         self.device = torch.device(device)
         # Fake runs standing for CUDA: the scratch CUDA kernels take inside an op (reduction
@@ -212,6 +217,11 @@ class Tracker:
         self._peak_shares: list[int] = []
         self._peak_phase: str | None = None
         self._points: list[list[int]] = []
+        self.keep_trace = keep_trace
+        """Also keep every point with the op that made it (StepRecord.trace), for depth extrapolation."""
+        self.op: Any = None
+        """The op the dispatch mode is running (or ran last): the tag of a kept trace point."""
+        self._ops: list[Any] = []
         self.phase_snapshots: list[tuple[str, dict[str, int]]] = []
         """(phase entered, bytes by category) at every mark() of a recorded step."""
         self._grad_hooked: set[int] = set()
@@ -260,6 +270,7 @@ class Tracker:
         """Phase boundary (called by the Trainer): rescan roles, note the phase."""
         self.refresh()
         self.phase = phase
+        self.op = f"mark:{phase}"
         self._phase_index = PHASES.index(phase) if phase in PHASES else len(PHASES)
         if self.recording:
             self.phase_snapshots.append((phase, self.shares()))
@@ -285,6 +296,7 @@ class Tracker:
         self.recording = True
         self.phase_snapshots = []
         self._points = []
+        self._ops = []
         self._peak = -1
         self._record()
 
@@ -294,6 +306,7 @@ class Tracker:
         self._record()
         self.recording = False
         shares = {name: self._peak_shares[i] for i, name in enumerate(CATEGORIES)}
+        trace = list(zip(self._ops, self._points)) if self.keep_trace else None
         return StepRecord(
             peak_bytes=self._peak,
             shares=shares,
@@ -303,6 +316,7 @@ class Tracker:
                 "phases": list(PHASES),
                 "points": _downsample(self._points, self.timeline_points),
             },
+            trace=trace,
         )
 
     def shares(self) -> dict[str, int]:
@@ -504,6 +518,8 @@ class Tracker:
 
     def _record(self) -> None:
         self._points.append([self._phase_index, *self.totals])
+        if self.keep_trace:
+            self._ops.append(self.op)
 
 
 def _trainer_parameters(trainer: Any) -> list[torch.Tensor]:

@@ -15,7 +15,7 @@ D = c_skip z + c_out F(c_in z, c_noise), loss = mean over samples of w(sigma) * 
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 from torch import nn
@@ -251,6 +251,7 @@ def make_spec(config: DiTConfig, name: str = "dit", description: str = "") -> Mo
         return {"inputs": latents.to(device), "labels": labels.to(device)}
 
     return ModelSpec(
+        at_depth=lambda layers: make_spec(replace(config, num_layers=layers), name, description),
         name=name,
         build=build,
         batch=batch,

@@ -15,7 +15,7 @@ learned positions are added once in the stem, for the real tokens only. Attentio
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 import torch.nn.functional as F
@@ -178,6 +178,7 @@ def make_spec(config: GPTConfig, name: str = "gpt", description: str = "") -> Mo
 
     style = "GPT-2" if config.style == "gpt2" else "Llama"
     return ModelSpec(
+        at_depth=lambda layers: make_spec(replace(config, num_layers=layers), name, description),
         name=name,
         build=build,
         batch=batch,

@@ -82,6 +82,16 @@ PRESETS: dict[str, Callable[[], ModelSpec]] = {
     "llama-7b": _gpt("llama-7b", "Llama-2-7B shape: 32x4096, context 4096 (6.738B published)",
                      style="llama", vocab_size=32000, context_length=4096, num_layers=32,
                      hidden_size=4096, num_heads=32, ffn_size=11008),
+    # Llama-2-70B: 80 layers, 64 query heads sharing 8 KV heads, SwiGLU 28672 (Touvron et al., 2023).
+    "llama-70b": _gpt("llama-70b", "Llama-2-70B shape: 80x8192, GQA 64/8 heads, FFN 28672, context 4096 "
+                      "(68.977B published)",
+                      style="llama", vocab_size=32000, context_length=4096, num_layers=80,
+                      hidden_size=8192, num_heads=64, num_kv_heads=8, ffn_size=28672),
+    # Llama-3-8B: vocabulary 128256, GQA 32/8, FFN 14336, context 8192, RoPE base 500000.
+    "llama3-8b": _gpt("llama3-8b", "Llama-3-8B shape: 32x4096, GQA 32/8 heads, FFN 14336, vocab 128256, "
+                      "context 8192 (8.030B published)",
+                      style="llama", vocab_size=128256, context_length=8192, num_layers=32,
+                      hidden_size=4096, num_heads=32, num_kv_heads=8, ffn_size=14336, rope_theta=500000.0),
 }
 
 

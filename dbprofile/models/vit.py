@@ -9,7 +9,7 @@ measurement only needs the shapes) and the loss is cross-entropy.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 import torch.nn.functional as F
@@ -133,6 +133,7 @@ def make_spec(config: ViTConfig, name: str = "vit", description: str = "") -> Mo
         return F.cross_entropy(model(batch["inputs"]), batch["targets"])
 
     return ModelSpec(
+        at_depth=lambda layers: make_spec(replace(config, num_layers=layers), name, description),
         name=name,
         build=build,
         batch=batch,

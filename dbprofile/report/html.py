@@ -322,27 +322,50 @@ def _times_section(result: RunResult, labels: list[str]) -> str:
         is_db = bool(m.blocks) or m.block_steps_time_s is not None
         step_label = f"{label} (one block-step)" if is_db else label
         rows.append((step_label, m.step_time_s, m.step_time_spread_s))
-        ratio = f"{m.step_time_s / base_t:.2f}x" if base_t else "n/a"
-        table.append(f"<tr><td>{_e(step_label)}</td><td class=\"num\">{_e(_ms(m.step_time_s))}</td>"
-                     f"<td class=\"num\">{_e(ratio)}</td></tr>")
+        base_iqr = base.step_time_iqr_s if base else None
+        table.append(_time_row(step_label, m.step_time_s, m.step_time_iqr_s, base_t, base_iqr))
         if m.block_steps_time_s is not None and math.isfinite(m.block_steps_time_s):
             b = len(m.blocks) or "B"
             bl = f"{label} ({b} block-steps)"
             rows.append((bl, m.block_steps_time_s, None))
-            ratio = f"{m.block_steps_time_s / base_t:.2f}x" if base_t else "n/a"
-            table.append(f"<tr><td>{_e(bl)}</td><td class=\"num\">{_e(_ms(m.block_steps_time_s))}</td>"
-                         f"<td class=\"num\">{_e(ratio)}</td></tr>")
+            table.append(_time_row(bl, m.block_steps_time_s, m.block_steps_time_iqr_s, base_t, base_iqr))
         if m.transfer_time_s is not None:
             table.append(f"<tr><td>{_e(label)} (host-device transfer per step)</td>"
-                         f"<td class=\"num\">{_e(_ms(m.transfer_time_s))}</td><td class=\"num\"></td></tr>")
+                         f"<td class=\"num\">{_e(_ms(m.transfer_time_s))}</td><td></td><td class=\"num\"></td></tr>")
     if not rows:
         return _section("times", "Step time", '<p class="muted">No step times were measured.</p>')
+    try:
+        from dbprofile.verdict import MAX_RATIO_NOISE
+        noisy = (f"; a ratio is marked noisy when the two timings' IQRs, relative to their medians, add up to "
+                 f"more than {MAX_RATIO_NOISE:.0%}")
+    except ImportError:
+        noisy = ""
     e2e_times = {m.batch_size: m.step_time_s for m in result.measurements if m.technique == "e2e" and m.ok}
     baseline = next(iter(e2e_times.values())) if len(e2e_times) == 1 else None
     note = ('<p class="muted">A DiffusionBlocks step trains one block; B block-steps update every layer once, '
-            "the fair unit against one e2e step.</p>")
-    tab = f"<table><tr><th>what</th><th>median time</th><th>vs e2e step</th></tr>{''.join(table)}</table>"
+            "the fair unit against one e2e step. Times are medians of untracked steps timed by "
+            "torch.utils.benchmark (at least 1 s per technique, until the interquartile range is under 10% of "
+            f"the median or 10 s per unit){noisy}.</p>")
+    tab = (f"<table><tr><th>what</th><th>median time</th><th>IQR</th><th>vs e2e step</th></tr>"
+           f"{''.join(table)}</table>")
     return _section("times", "Step time", note + _chart(charts.step_times(rows, baseline)) + tab)
+
+
+def _time_row(label: str, time_s: float, iqr_s: float | None, base_s: float | None, base_iqr_s: float | None) -> str:
+    """One row of the step-time table: median, IQR (absolute and relative) and the ratio to e2e,
+    marked noisy where the verdict would not quote it (dbprofile.verdict.ratio_is_clear)."""
+    try:
+        from dbprofile.verdict import ratio_is_clear
+    except ImportError:  # the page works without the verdict module (see the module docstring)
+        ratio_is_clear = None
+    iqr = "n/a" if iqr_s is None else f"{_ms(iqr_s)} ({iqr_s / time_s:.0%})" if time_s else _ms(iqr_s)
+    ratio = "n/a"
+    if base_s:
+        ratio = f"{time_s / base_s:.2f}x"
+        if ratio_is_clear is not None and not ratio_is_clear(time_s, iqr_s, base_s, base_iqr_s):
+            ratio += " (noisy)"
+    return (f"<tr><td>{_e(label)}</td><td class=\"num\">{_e(_ms(time_s))}</td><td class=\"num\">{_e(iqr)}</td>"
+            f"<td class=\"num\">{_e(ratio)}</td></tr>")
 
 
 def _numbers_section(result: RunResult, labels: list[str]) -> str:
@@ -371,11 +394,14 @@ def _numbers_section(result: RunResult, labels: list[str]) -> str:
     if any(m.peak_block is not None for m in ms):
         row("peak block", (text("" if m.peak_block is None else m.peak_block) for m in ms))
     row("step time", (text(_ms(m.step_time_s)) for m in ms))
+    if any(m.step_time_iqr_s is not None for m in ms):
+        row("step time IQR", (text(_ms(m.step_time_iqr_s)) for m in ms))
     if any(m.step_time_spread_s for m in ms):
         row("step time min-max", (text(" - ".join(_ms(s) for s in m.step_time_spread_s) if m.step_time_spread_s else "n/a")
                                   for m in ms))
     if any(m.block_steps_time_s is not None for m in ms):
         row("B block-steps time", (text(_ms(m.block_steps_time_s)) for m in ms))
+        row("B block-steps IQR", (text(_ms(m.block_steps_time_iqr_s)) for m in ms))
     if any(m.transfer_time_s is not None for m in ms):
         row("transfer time", (text(_ms(m.transfer_time_s)) for m in ms))
     if any(m.num_parameters is not None for m in ms):

@@ -1,0 +1,439 @@
+"""Depth extrapolation: a fake-tensor measurement of a deep model from traces of two shallow copies.
+
+A fake trace runs every op of every layer, so its cost grows with depth (90 s for a Llama-2-70B
+plan). When the residual layers are identical (same class, same module tree, same parameter and
+buffer shapes and dtypes), a training step's stream of tracked points is, phase by phase, a prefix,
+the same run of points once per layer (or per block of layers), and a suffix, and the bytes at any
+point are affine in the depth. So the step is traced at three small depths m1 < m2 < m3 (m counts
+layers, or layers per block / checkpointed segment: ``granularity``), and:
+
+- the points of each phase are aligned across depths by the op that made them: the first points
+  (as far as the op sequences of m1 and m2 agree from the start) are the same instants counted from
+  the start, the last ones (as far as they agree from the end) the same instants counted from the
+  end. Together they cover the first two and the last two layers, and a layer in the middle holds
+  bytes between those of the first and the last (affine in its index), so the peak at any depth is
+  one of these aligned points;
+- each aligned point's bytes per category are extrapolated along the line through m1 and m2, and
+  the line is checked against m3: every aligned point must land on it to the byte, or the technique
+  is traced at full depth instead (``extra['depth']['path']`` says which, and why);
+- every other integer figure of the measurement (parameter counts, integer leaves of ``extra`` such
+  as FLOPs or an allocator prediction) is extrapolated the same way and checked at m3; a figure that
+  is not affine is dropped (None) and named in ``extra['depth']['not_affine']``.
+
+One term is not affine on a CUDA target: gradient clipping stacks one 4-byte norm per parameter
+tensor, and the tracker counts that vector in 512-byte blocks (a few KiB for a 70B model); the
+extrapolation keeps the shallow copies' rounding, under by at most one block per 128 tensors
+(docs/planner.md). Non-identical stacks, and models whose three shallow traces would together be as
+deep as the model (cost grows with depth), are traced at full depth. Blocks or segments of unequal length (L = B * q + r: r parts of q + 1 layers) are
+traced at depths B * m + r, where they are unequal the same way.
+"""
+
+from __future__ import annotations
+
+import copy
+from dataclasses import dataclass, field, replace
+from difflib import SequenceMatcher
+from typing import Any, Callable
+
+from torch import nn
+
+from dbprofile.measure.fake import fake_mode
+from dbprofile.measure.tracker import StepRecord
+from dbprofile.methods.base import PHASES
+from dbprofile.methods.checkpointing import split_contiguous
+from dbprofile.methods.techniques import Technique
+from dbprofile.results import CATEGORIES, Measurement
+from dbprofile.spec import ModelSpec, get_layers
+
+TRACE_DEPTHS = (2, 3, 4)
+"""Layers (or layers per block / segment) of the three shallow traces: two for the line, one to check it.
+Two is the least that shows a first and a last layer apart on both sides of the inserted one."""
+
+PATH_EXTRAPOLATED = "extrapolated"
+PATH_FULL = "full-trace"
+
+Traced = tuple[Measurement, dict]
+"""A measurement and its units' tracked steps with every point kept (runner ``traces``)."""
+TraceFn = Callable[[ModelSpec], list[Traced]]
+"""Runs the technique on a spec (one per simulated rank for block-parallel)."""
+
+
+@dataclass
+class DepthInfo:
+    """Which path a measurement took, recorded as ``extra['depth']``."""
+
+    path: str
+    layers: int
+    reason: str
+    depths: list[int] = field(default_factory=list)
+    not_affine: list[str] = field(default_factory=list)
+
+    def as_dict(self) -> dict[str, Any]:
+        return {"path": self.path, "layers": self.layers, "reason": self.reason, "traced_depths": self.depths,
+                "not_affine": self.not_affine}
+
+
+# ---------------------------------------------------------------- the model side
+
+
+def _signature(layer: nn.Module) -> tuple:
+    return (
+        tuple((name, type(mod).__qualname__) for name, mod in layer.named_modules()),
+        tuple((name, tuple(p.shape), p.dtype, p.requires_grad) for name, p in layer.named_parameters()),
+        tuple((name, tuple(b.shape), b.dtype) for name, b in layer.named_buffers()),
+    )
+
+
+def identical_layers(spec: ModelSpec) -> tuple[int, str | None]:
+    """(number of residual layers, None if they are identical else why not), from a fake build."""
+    with fake_mode():
+        layers = list(get_layers(spec.build(), spec.layers, spec.name))
+    return len(layers), stack_difference(layers)
+
+
+def stack_difference(layers: list[nn.Module]) -> str | None:
+    """None when the layers are identical (class, module tree, parameter and buffer shapes and
+    dtypes), else how the first one that differs from layer 0 differs."""
+    first = _signature(layers[0])
+    for i, layer in enumerate(layers[1:], start=1):
+        if _signature(layer) != first:
+            what = "class" if type(layer) is not type(layers[0]) else "module tree, parameter or buffer shapes"
+            return f"layer {i} differs from layer 0 ({what})"
+    return None
+
+
+def spec_at_depth(spec: ModelSpec, layers: int) -> ModelSpec:
+    """The same model with ``layers`` residual layers: the spec's own ``at_depth``, or a full build
+    with its layer list cut to the first ``layers`` (any model whose forward loops over the list)."""
+    if spec.at_depth is not None:
+        return spec.at_depth(layers)
+    full_build = spec.build
+    parent_path, _, attr = spec.layers.rpartition(".")
+
+    def build() -> nn.Module:
+        model = full_build()
+        parent = model.get_submodule(parent_path) if parent_path else model
+        setattr(parent, attr, nn.ModuleList(list(getattr(parent, attr))[:layers]))
+        return model
+
+    return replace(spec, build=build)
+
+
+def granularity(tech: Technique) -> int:
+    """How many parts the layers are split into, each growing by one layer per step of depth: B
+    DiffusionBlocks blocks, k checkpointed segments, else 1 (the whole stack)."""
+    if tech.kind == "db":
+        return tech.blocks or 1
+    if tech.kind == "ckpt" and tech.segments:
+        return tech.segments
+    return 1
+
+
+# ---------------------------------------------------------------- the trace side
+
+
+class NotAffine(ValueError):
+    """The shallow traces do not line up (another structure, or bytes off the line at the check depth)."""
+
+
+def _line(v1: list[int], v2: list[int], steps: int) -> list[int]:
+    """The point ``steps`` depths past v1 on the line through v1 and v2 (one depth apart)."""
+    return [a + (b - a) * steps for a, b in zip(v1, v2)]
+
+
+def _with_deltas(tags: list, values: list[list[int]]) -> list[tuple]:
+    out, before = [], [0] * len(values[0]) if values else []
+    for tag, value in zip(tags, values):
+        out.append((*tag, tuple(b - a for a, b in zip(before, value))))
+        before = value
+    return out
+
+
+SHORT_MATCH = 4
+"""Matching points between two mismatches up to this many are re-aligned with them (see _insertions)."""
+
+
+def _insertions(fine1: list, fine2: list, coarse1: list, coarse2: list) -> list[tuple[int, int, int]]:
+    """Where the deeper step's extra points go: (position in the shallow step, start in the deeper
+    one, how many), aligning first by (phase, op, bytes added per category), which tells one
+    parameter's optimizer update from another's; a point whose bytes change with depth (the vector
+    of one norm per parameter that gradient clipping stacks) mismatches there, so each mismatched
+    stretch is re-aligned by (phase, op) alone, its same-length replacements kept as the same
+    instants (the line check decides)."""
+    codes = SequenceMatcher(None, fine1, fine2, autojunk=False).get_opcodes()
+    out: list[tuple[int, int, int]] = []
+    i = 0
+    while i < len(codes):
+        op, i1, i2, j1, j2 = codes[i]
+        if op == "equal":
+            i += 1
+            continue
+        if op == "insert" and (i + 1 == len(codes) or codes[i + 1][0] == "equal"):
+            out.append((i1, j1, j2 - j1))
+            i += 1
+            continue
+        # a stretch of mismatches, with matches of at most SHORT_MATCH points between them
+        k = i
+        while k + 1 < len(codes) and (codes[k + 1][0] != "equal" or (
+                codes[k + 1][2] - codes[k + 1][1] <= SHORT_MATCH and k + 2 < len(codes))):
+            k += 1
+        a1, b1, a2, b2 = i1, codes[k][2], j1, codes[k][4]
+        for sub, s1, e1, s2, e2 in SequenceMatcher(None, coarse1[a1:b1], coarse2[a2:b2], autojunk=False).get_opcodes():
+            if sub == "insert":
+                out.append((a1 + s1, a2 + s2, e2 - s2))
+            elif sub == "delete" or (sub == "replace" and e1 - s1 != e2 - s2):
+                raise NotAffine("a deeper step is not the shallow step with runs of points inserted")
+        i = k + 1
+    return out
+
+
+def extrapolate_step(records: list[StepRecord], depths: tuple[int, ...], target: int) -> StepRecord:
+    """One unit's tracked step at ``target`` (layers per unit) from its traces at three consecutive
+    ``depths``. Raises NotAffine when the traces do not line up or the check depth is off the line.
+
+    The tracked points are tagged (phase, op). The deeper trace is the shallowest one with runs of
+    points inserted, one run per loop over the layers (the forward, the backward, and the optimizer's
+    loops over parameters); the third depth must be the same with each run inserted twice, and every
+    point outside the runs must lie on one line through the three depths. At the target those points
+    are extrapolated along their lines, and each loop's inserted runs hold bytes affine in their
+    index, so the first and the last run (from the runs at the second and third depth) are the
+    loop's extremes; the peak is the largest of all these points, the first in time on a tie."""
+    m1, m2, m3 = depths
+    if not (m2 == m1 + 1 and m3 == m2 + 1):
+        raise ValueError(f"the trace depths must be three consecutive integers; got {depths}")
+    tags = [[(point[0], op) for op, point in (r.trace or [])] for r in records]
+    values = [[point[1:] for _, point in (r.trace or [])] for r in records]
+    (t1, t2, t3), (v1, v2, v3) = tags, values
+    if not t1:
+        raise NotAffine("the tracked steps recorded no points")
+    inserts = _insertions(_with_deltas(t1, v1), _with_deltas(t2, v2), t1, t2)
+    # Walk t1 in time order, building t3's expected tags (each run twice) and the candidates.
+    expected3: list = []
+    where3: dict[int, int] = {}
+    candidates: list[tuple[str, int, int, int]] = []  # ("point", j, j2, j3) or ("run", j2, j3, length)
+    shift2 = 0
+    pending = list(inserts)
+    for j in range(len(t1) + 1):
+        while pending and pending[0][0] == j:
+            _, start2, length = pending.pop(0)
+            candidates.append(("run", start2, len(expected3), length))
+            expected3 += t2[start2:start2 + length] * 2
+            shift2 += length
+        if j < len(t1):
+            where3[j] = len(expected3)
+            candidates.append(("point", j, j + shift2, len(expected3)))
+            expected3.append(t1[j])
+    if expected3 != t3:
+        raise NotAffine("the third depth is not the shallow step with each run inserted twice")
+    grow = target - m1
+    best: list[int] | None = None
+    best_phase = -1
+    for kind, a, b, c in candidates:
+        if kind == "point":
+            if _line(v1[a], v2[b], 2) != v3[c]:
+                raise NotAffine(f"the bytes in phase {_phase_name(t1[a][0])} are not affine in the depth")
+            points = [(t1[a][0], _line(v1[a], v2[b], grow))]
+        else:
+            start2, start3, length = a, b, c
+            last = grow - 1  # index of the last inserted run at the target
+            points = []
+            for k in (0, last) if last > 0 else (0,):
+                for o in range(length):
+                    at2, at3, next3 = v2[start2 + o], v3[start3 + o], v3[start3 + length + o]
+                    # run k at the target: run 0 at depth m2, moved along the depth, plus k rep steps
+                    points.append((t2[start2 + o][0], [x2 + (x3 - x2) * (target - m2) + (y3 - x3) * k
+                                                       for x2, x3, y3 in zip(at2, at3, next3)]))
+        for phase, value in points:
+            if min(value) < 0:
+                raise NotAffine("a share would be negative at full depth")
+            # strictly larger: the tracker's peak is the first instant that reaches the maximum
+            if best is None or sum(value) > sum(best):
+                best, best_phase = value, phase
+    assert best is not None
+    shares = {name: best[i] for i, name in enumerate(CATEGORIES)}
+    return StepRecord(peak_bytes=sum(best), shares=shares, peak_phase=_phase_name(best_phase), timeline={})
+
+
+def _phase_name(index: int) -> str | None:
+    return PHASES[index] if 0 <= index < len(PHASES) else None
+# ---------------------------------------------------------------- measurements
+
+
+def _extrapolate_value(a: Any, b: Any, c: Any, grow: int, path: str, not_affine: list[str]) -> Any:
+    """Integer leaves on the line through depths m1, m2 (checked at m3); others as at m2."""
+    if isinstance(b, bool) or b is None:
+        return b
+    if isinstance(b, int) and isinstance(a, int) and isinstance(c, int):
+        if a + (b - a) * 2 != c:
+            not_affine.append(path)
+            return None
+        return a + (b - a) * grow
+    if isinstance(b, dict) and isinstance(a, dict) and isinstance(c, dict):
+        return {k: _extrapolate_value(a.get(k), v, c.get(k), grow, f"{path}.{k}", not_affine) for k, v in b.items()}
+    if isinstance(b, list) and isinstance(a, list) and isinstance(c, list) and len(a) == len(b) == len(c):
+        return [_extrapolate_value(x, y, z, grow, f"{path}[{i}]", not_affine) for i, (x, y, z) in enumerate(zip(a, b, c))]
+    return b
+
+
+def _activation_ratios(ratios: dict[str, Any]) -> None:
+    """The ratios of extrapolated byte counts (a ratio of two affine figures is not itself affine)."""
+    block, full, plain = (ratios.get(k) for k in ("block_layers_bytes", "full_depth_adaln_bytes", "plain_layers_bytes"))
+    if isinstance(block, int) and isinstance(full, int) and isinstance(plain, int):
+        ratios["ratio_vs_full_depth_adaln"] = block / full if full else float("nan")
+        ratios["ratio_vs_plain_e2e"] = block / plain if plain else float("nan")
+
+
+def _extrapolate_measurement(
+    traced: list[Traced], target: int, block_layers: list[list[int]] | None, not_affine: list[str]
+) -> Measurement:
+    """One rank's measurement at ``target`` layers per unit from its three shallow traces."""
+    from dbprofile.measure.runner import _summarise, _UnitResult
+
+    (m1, t1), (m2, t2), (m3, t3) = traced
+    if not (t1.keys() == t2.keys() == t3.keys()):
+        raise NotAffine("the DiffusionBlocks units differ between depths")
+    grow = target - TRACE_DEPTHS[0]
+    m = copy.deepcopy(m2)
+    m.blocks, m.timeline = [], {}
+    for name in ("num_parameters", "extra_parameters"):
+        setattr(m, name, _extrapolate_value(getattr(m1, name), getattr(m2, name), getattr(m3, name), grow, name,
+                                            not_affine))
+    m.extra = _extrapolate_value(m1.extra, m2.extra, m3.extra, grow, "extra", not_affine)
+    if isinstance(m.extra.get("activation_ratios"), dict):
+        _activation_ratios(m.extra["activation_ratios"])
+    units = list(t2)
+    results = {}
+    for unit in units:
+        r = _UnitResult()
+        r.records.append(extrapolate_step([t1[unit], t2[unit], t3[unit]], TRACE_DEPTHS, target))
+        results[unit] = r
+    _summarise(m, units, results, True, block_layers)
+    return m
+
+
+def by_depth(
+    trace: Callable[[int | None, bool], list[Traced]],
+    tech: Technique,
+    layers: int,
+    not_identical: str | None,
+    *,
+    group: int | None = None,
+    full_trace: bool = False,
+) -> list[Measurement]:
+    """Each simulated rank's measurement of ``tech`` at ``layers`` layers, extrapolated from three
+    shallow traces where that is exact, else traced in full; ``extra['depth']`` says which and why.
+
+    ``trace(depth, keep)`` runs the technique on the model cut to ``depth`` layers (None: the full
+    model) and returns (measurement, unit traces) per rank, keeping every point when ``keep``.
+    ``group``: layers that grow together (B for DiffusionBlocks and block-parallel, k for ckpt:k).
+    """
+    group = group or granularity(tech)
+    # Uneven parts (split_contiguous gives the first `rest` parts one layer more) stay uneven the same
+    # way at every depth group * m + rest, each part one layer longer per step of m.
+    per_part, rest = divmod(layers, group)
+    depths = [group * m + rest for m in TRACE_DEPTHS]
+    if full_trace:
+        reason = "asked for a full trace"
+    elif not_identical is not None:
+        reason = f"the residual layers are not identical: {not_identical}"
+    elif sum(depths) >= layers:
+        # A trace costs about its depth, so three shallow ones must add up to less than the model.
+        reason = f"tracing all {layers} layers costs less than traces at {', '.join(map(str, depths))}"
+    else:
+        not_affine: list[str] = []
+        try:
+            runs = [trace(d, True) for d in depths]
+            failed = [m for per_rank in runs for m, _ in per_rank if not m.ok]
+            if failed:
+                raise NotAffine(f"a shallow trace failed ({failed[0].status}: {failed[0].error})")
+            if len({len(per_rank) for per_rank in runs}) != 1:
+                raise NotAffine("the simulated ranks differ between depths")
+            block_layers = ([list(r) for r in split_contiguous(layers, tech.blocks)] if tech.kind == "db" else None)
+            out = [
+                _extrapolate_measurement([runs[0][rank], runs[1][rank], runs[2][rank]], per_part,
+                                         block_layers, not_affine)
+                for rank in range(len(runs[0]))
+            ]
+        except NotAffine as err:
+            reason = f"the shallow traces did not extrapolate exactly ({err})"
+        else:
+            info = DepthInfo(PATH_EXTRAPOLATED, layers, f"{layers} identical layers, traced at {', '.join(map(str, depths))}",
+                             depths, sorted(set(not_affine)))
+            for m in out:
+                m.extra["depth"] = info.as_dict()
+            return out
+    out = [m for m, _ in trace(None, False)]
+    for m in out:
+        m.extra["depth"] = DepthInfo(PATH_FULL, layers, reason).as_dict()
+    return out
+
+
+def measure_fake(
+    spec: ModelSpec,
+    tech: Technique,
+    batch_size: int,
+    *,
+    layers: int,
+    not_identical: str | None,
+    full_trace: bool = False,
+    precision: str = "fp32",
+    optimizer: str = "adamw",
+    round_to: int | None = None,
+    emulate_cuda: bool = False,
+) -> Measurement:
+    """The runner's fake-tensor measurement of ``tech`` (one warm-up, one tracked step) at the model's
+    full depth, extrapolated from shallow traces where exact (``by_depth``). ``full_trace`` forces the
+    full trace: the function to call for any figure the extrapolation does not carry."""
+    from dbprofile.measure.runner import measure
+
+    def trace(depth: int | None, keep: bool) -> list[Traced]:
+        traces: dict | None = {} if keep else None
+        m = measure(spec if depth is None else spec_at_depth(spec, depth), tech, batch_size, device="cpu",
+                    precision=precision, optimizer=optimizer, fake=True, layers=depth or layers,
+                    round_to=round_to, warmup_steps=1, steps=1, traces=traces, emulate_cuda=emulate_cuda)
+        return [(m, traces or {})]
+
+    return by_depth(trace, tech, layers, not_identical, full_trace=full_trace)[0]
+
+
+def simulate_fake(
+    spec: ModelSpec,
+    name: str,
+    tech: Technique,
+    batch_size: int,
+    world_size: int,
+    *,
+    layers: int,
+    not_identical: str | None,
+    parallel: bool,
+    full_trace: bool = False,
+    precision: str = "fp32",
+    optimizer: str = "adamw",
+    round_to: int | None = None,
+) -> Measurement:
+    """dbprofile.measure.distributed.simulate_rank (one FSDP rank, or every block-parallel rank) at the
+    model's full depth, extrapolated from shallow traces where exact; the worst rank, with each
+    rank's peak in ``extra['rank_peaks']``."""
+    from dbprofile.measure.distributed import representative_ranks, simulate_rank
+
+    def trace(depth: int | None, keep: bool) -> list[Traced]:
+        if not keep:  # the full trace: simulate_rank's own worst rank and rank_peaks
+            return [(simulate_rank(spec, name, batch_size, world_size, precision=precision, optimizer=optimizer,
+                                   round_to=round_to), {})]
+        rows: list = []
+        simulate_rank(spec_at_depth(spec, depth or layers), name, batch_size, world_size,
+                      precision=precision, optimizer=optimizer, round_to=round_to, per_rank=rows)
+        for m, _ in rows:
+            m.extra.pop("rank_peaks", None)  # set on that depth's worst rank only; recomputed below
+        return rows
+
+    # Block-parallel: B ranks, one block each, so the blocks grow by one layer per step of depth.
+    rows = by_depth(trace, tech, layers, not_identical, group=world_size if parallel else None,
+                    full_trace=full_trace)
+    if rows[0].extra["depth"]["path"] == PATH_FULL:
+        return rows[0]
+    worst = max(rows, key=lambda row: row.peak_bytes)
+    peaks = {row.extra["rank"]: row.peak_bytes for row in rows}
+    stands_for = representative_ranks(layers, world_size) if parallel else [0]
+    worst.extra["rank_peaks"] = [peaks[rank] for rank in stands_for]
+    return worst

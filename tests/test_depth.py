@@ -1,0 +1,147 @@
+"""Depth extrapolation (dbprofile.measure.depth): shallow traces extrapolated to full depth must equal
+the full-depth fake trace to the byte, and anything that cannot be extrapolated exactly is traced in
+full and says why."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+from dbprofile.measure.depth import (
+    PATH_EXTRAPOLATED,
+    PATH_FULL,
+    _extrapolate_value,
+    identical_layers,
+    measure_fake,
+    simulate_fake,
+    spec_at_depth,
+)
+from dbprofile.methods import parse_techniques
+from dbprofile.models import get_preset
+from dbprofile.plan import format_plan, plan
+from _toy import toy_spec
+
+CUDA_BLOCK = 512
+
+
+def _both(spec, technique, batch_size=2, round_to=None):
+    layers, different = identical_layers(spec)
+    tech = parse_techniques([technique])[0]
+    fast = measure_fake(spec, tech, batch_size, layers=layers, not_identical=different, round_to=round_to)
+    full = measure_fake(spec, tech, batch_size, layers=layers, not_identical=different, round_to=round_to,
+                        full_trace=True)
+    return fast, full
+
+
+def _assert_same(fast, full):
+    assert fast.ok and full.ok
+    assert fast.peak_bytes == full.peak_bytes
+    assert fast.shares == full.shares
+    assert (fast.peak_phase, fast.peak_block) == (full.peak_phase, full.peak_block)
+    assert (fast.num_parameters, fast.extra_parameters) == (full.num_parameters, full.extra_parameters)
+    assert [(b.block, b.layers, b.peak_bytes, b.shares) for b in fast.blocks] == \
+           [(b.block, b.layers, b.peak_bytes, b.shares) for b in full.blocks]
+
+
+@pytest.mark.parametrize("technique", ["e2e", "db:2", pytest.param("ckpt", marks=pytest.mark.slow),
+                                       pytest.param("db:2+ckpt", marks=pytest.mark.slow)])
+def test_extrapolated_llama_equals_the_full_trace_to_the_byte(technique):
+    fast, full = _both(get_preset("llama-tiny").at_depth(20), technique, round_to=CUDA_BLOCK)
+    assert fast.extra["depth"]["path"] == PATH_EXTRAPOLATED
+    assert fast.extra["depth"]["traced_depths"] == ([4, 6, 8] if technique.startswith("db:2") else [2, 3, 4])
+    assert full.extra["depth"]["path"] == PATH_FULL and full.extra["depth"]["reason"] == "asked for a full trace"
+    _assert_same(fast, full)
+    if technique.startswith("db:"):
+        assert fast.extra["activation_ratios"] == full.extra["activation_ratios"]
+
+
+def test_extrapolated_vit_equals_the_full_trace_on_the_cpu():
+    fast, full = _both(get_preset("vit-tiny").at_depth(10), "e2e", batch_size=3)
+    assert fast.extra["depth"]["path"] == PATH_EXTRAPOLATED
+    _assert_same(fast, full)
+
+
+def test_a_model_without_at_depth_is_cut_from_a_full_build_and_still_exact():
+    spec = toy_spec(depth=12)
+    assert spec.at_depth is None
+    with torch.device("meta"):
+        assert len(spec_at_depth(spec, 3).build().blocks) == 3
+    fast, full = _both(spec, "e2e")
+    assert fast.extra["depth"]["path"] == PATH_EXTRAPOLATED
+    _assert_same(fast, full)
+
+
+def test_zero3_simulated_rank_extrapolates_exactly():
+    spec = get_preset("llama-tiny").at_depth(10)
+    layers, different = identical_layers(spec)
+    tech = parse_techniques(["e2e"])[0]
+    kwargs = dict(layers=layers, not_identical=different, parallel=False, round_to=CUDA_BLOCK)
+    fast = simulate_fake(spec, "e2e", tech, 1, 4, **kwargs)
+    full = simulate_fake(spec, "e2e", tech, 1, 4, full_trace=True, **kwargs)
+    assert fast.extra["depth"]["path"] == PATH_EXTRAPOLATED
+    assert (fast.peak_bytes, fast.shares, fast.peak_phase) == (full.peak_bytes, full.shares, full.peak_phase)
+    assert fast.shares["communication"] > 0
+
+
+def test_layers_that_differ_are_traced_in_full_and_say_which_layer():
+    spec = toy_spec(depth=6)
+    plain = spec.build
+
+    def build() -> nn.Module:
+        model = plain()
+        model.blocks[4].extra = nn.Identity()  # same parameters, another module tree
+        return model
+
+    spec.build = build
+    layers, different = identical_layers(spec)
+    assert (layers, different) == (6, "layer 4 differs from layer 0 (module tree, parameter or buffer shapes)")
+    assert identical_layers(toy_spec(depth=6)) == (6, None)
+    m = measure_fake(spec, parse_techniques(["e2e"])[0], 2, layers=layers, not_identical=different)
+    assert m.extra["depth"]["path"] == PATH_FULL
+    assert m.extra["depth"]["reason"] == "the residual layers are not identical: " + different
+
+
+def test_uneven_blocks_extrapolate_from_depths_that_are_uneven_the_same_way():
+    # 23 layers in 2 blocks: 12 + 11; traced at 2*m + 1 = 5, 7, 9 (blocks of m + 1 and m layers).
+    fast, full = _both(get_preset("llama-tiny").at_depth(23), "db:2", round_to=CUDA_BLOCK)
+    assert fast.extra["depth"]["path"] == PATH_EXTRAPOLATED and fast.extra["depth"]["traced_depths"] == [5, 7, 9]
+    _assert_same(fast, full)
+
+
+def test_a_model_shallower_than_the_three_traces_together_is_traced_in_full():
+    m = measure_fake(get_preset("llama-tiny").at_depth(10), parse_techniques(["db:4"])[0], 2, layers=10,
+                     not_identical=None)
+    assert m.extra["depth"]["path"] == PATH_FULL
+    assert m.extra["depth"]["reason"] == "tracing all 10 layers costs less than traces at 10, 14, 18"
+
+
+def test_integer_figures_extrapolate_and_a_non_affine_one_is_named_and_dropped():
+    not_affine: list[str] = []
+    # depths 2, 3, 4 -> target 2 + 10 = 12: flops 100 + 10 * depth is affine, "allocator" is not.
+    out = _extrapolate_value({"flops": 120, "allocator": 4096, "name": "x"},
+                             {"flops": 130, "allocator": 4096, "name": "y"},
+                             {"flops": 140, "allocator": 6144, "name": "z"}, 10, "extra", not_affine)
+    assert out == {"flops": 220, "allocator": None, "name": "y"}
+    assert not_affine == ["extra.allocator"]
+
+
+def test_plan_says_which_path_each_technique_took():
+    p = plan(get_preset("llama-tiny").at_depth(10), 2, device="cpu", techniques=["e2e", "db:4"],
+             search_max_batch=False)
+    text = format_plan(p)
+    assert "Depth: e2e extrapolated from shallow traces (10 identical layers, traced at 2, 3, 4" in text
+    assert "Depth: db:4 traced every layer (tracing all 10 layers costs less than traces at 10, 14, 18)" in text
+
+
+def test_block_parallel_simulates_one_rank_per_distinct_block_and_it_stands_for_the_others(monkeypatch):
+    from dbprofile.measure import distributed
+
+    assert distributed.representative_ranks(12, 5) == [0, 1, 2, 2, 4]  # blocks of 3, 3, 2, 2, 2 layers
+    assert distributed.representative_ranks(80, 64) == [0] + [1] * 15 + [16] * 47 + [63]
+    spec = get_preset("llama-tiny").at_depth(12)
+    chosen = distributed.simulate_rank(spec, "db:5+parallel", 1, 5)
+    monkeypatch.setattr(distributed, "representative_ranks", lambda layers, blocks: list(range(blocks)))
+    every = distributed.simulate_rank(spec, "db:5+parallel", 1, 5)
+    assert chosen.extra["rank_peaks"] == every.extra["rank_peaks"]
+    assert chosen.extra["rank_peaks"][3] == chosen.extra["rank_peaks"][2]
