@@ -46,6 +46,8 @@ from dbprofile.results import CATEGORIES, Measurement
 from dbprofile.spec import ModelSpec, get_layers
 
 TRACE_DEPTHS = (2, 3, 4)
+LARGE_ROUND_BYTES = 2 * 1024 * 1024
+"""The caching allocator's rounding of large segments (dbprofile.measure.allocator)."""
 """Layers (or layers per block / segment) of the three shallow traces: two for the line, one to check it.
 Two is the least that shows a first and a last layer apart on both sides of the inserted one."""
 
@@ -283,6 +285,27 @@ def _activation_ratios(ratios: dict[str, Any]) -> None:
         ratios["ratio_vs_plain_e2e"] = block / plain if plain else float("nan")
 
 
+def _reserved_bytes(m: Measurement, m1: Measurement, m2: Measurement, m3: Measurement) -> None:
+    """The allocator model's reserved bytes at the target depth, where they are not exactly affine.
+
+    Reserved memory comes in whole segments (2 MiB, 20 MiB, or a large request's own size), so it
+    grows with the depth in steps. The estimate keeps the deepest trace's proportion of reserved
+    bytes to tracked peak, rounded up to 2 MiB (``extra['allocator_model']['extrapolated'] =
+    True``); on the validation models it came within 1-4% of the full trace's replay
+    (reports/gpu-validation-h200-2.md)."""
+    figures = [x.extra.get("allocator_model") for x in (m1, m2, m3)]
+    model = m.extra.get("allocator_model")
+    if not all(isinstance(f, dict) for f in figures) or not isinstance(model, dict):
+        return
+    a, b, c = (f.get("peak_reserved_bytes") for f in figures)
+    if model.get("peak_reserved_bytes") is not None or not all(isinstance(v, int) for v in (a, b, c)):
+        return
+    # Keep the deepest trace's reserved-over-peak proportion (its segment overhead) at the target.
+    estimate = int(c * m.peak_bytes / m3.peak_bytes) if m3.peak_bytes else c
+    model["peak_reserved_bytes"] = -(-estimate // LARGE_ROUND_BYTES) * LARGE_ROUND_BYTES
+    model["extrapolated"] = True
+
+
 def _extrapolate_measurement(
     traced: list[Traced], target: int, block_layers: list[list[int]] | None, not_affine: list[str]
 ) -> Measurement:
@@ -308,6 +331,7 @@ def _extrapolate_measurement(
         r.records.append(extrapolate_step([t1[unit], t2[unit], t3[unit]], TRACE_DEPTHS, target))
         results[unit] = r
     _summarise(m, units, results, True, block_layers)
+    _reserved_bytes(m, m1, m2, m3)
     return m
 
 
