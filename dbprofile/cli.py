@@ -7,9 +7,12 @@ from __future__ import annotations
 
 import functools
 import gc
+import json
+import os
 import re
 import shlex
 import sys
+import tempfile
 from pathlib import Path
 
 import click
@@ -31,17 +34,65 @@ class UserError(click.ClickException):
         click.echo(f"Error: {self.message}", err=True)
 
 
+EXIT_INTERRUPTED = 130
+"""Ctrl-C, as shells report a process ended by SIGINT (128 + 2)."""
+EXIT_TERMINATED = 143
+"""SIGTERM (128 + 15)."""
+
+
 def friendly_errors(func):
-    """Turn SpecError / ValueError from the API into UserError (no traceback)."""
+    """Turn SpecError / ValueError from the API into UserError (no traceback), a file that
+    cannot be read or written into one paragraph, and Ctrl-C / SIGTERM into exit 130 / 143."""
 
     @functools.wraps(func)
     def wrapper(*args, **kwargs):
+        from dbprofile.measure.limits import Terminated, sigterm_as_interrupt
+
         try:
-            return func(*args, **kwargs)
+            with sigterm_as_interrupt():
+                return func(*args, **kwargs)
         except (SpecError, ValueError) as err:
             raise UserError(str(err)) from None
+        except OSError as err:
+            where = f" {str(err.filename)!r}" if err.filename else ""
+            raise UserError(
+                f"Cannot use{where}: {err.strerror or err}. Check that the path exists, is a file where a file is "
+                "expected, and that you may read or write it."
+            ) from None
+        except KeyboardInterrupt as err:
+            what = f" {err}" if str(err) else ""
+            click.echo(f"Interrupted{what}.", err=True)
+            sys.exit(EXIT_TERMINATED if isinstance(err, Terminated) else EXIT_INTERRUPTED)
 
     return wrapper
+
+
+def check_writable(path: Path, option: str) -> None:
+    """Fail before any work, not after it: the folder can be made and written in, and an
+    existing file there may be replaced."""
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as err:
+        raise UserError(
+            f"Cannot write {option} {str(path)!r}: cannot create the folder {str(path.parent)!r} "
+            f"({err.strerror or err}). Choose another {option}."
+        ) from None
+    if path.is_dir():
+        raise UserError(f"{option} {str(path)!r} is a folder; give a file path such as {path / 'result.json'}.")
+    try:
+        fd, probe = tempfile.mkstemp(dir=path.parent, prefix=".dbprofile-write-check-")
+        os.close(fd)
+        os.unlink(probe)
+    except OSError as err:
+        raise UserError(
+            f"Cannot write {option} {str(path)!r}: the folder {str(path.parent)!r} is not writable "
+            f"({err.strerror or err}). Choose another {option}."
+        ) from None
+    if path.exists() and not os.access(path, os.W_OK):
+        raise UserError(
+            f"Cannot write {option} {str(path)!r}: the file exists and may not be changed (read-only or immutable). "
+            f"Choose another {option}, or make the file writable."
+        )
 
 
 def parse_size(text: str | None) -> int | None:
@@ -137,68 +188,113 @@ def _safe_name(text: str) -> str:
               help="Shard with FSDP2 (fully_shard per layer) across the ranks of a torchrun launch.")
 @click.option("--nproc", type=click.IntRange(min=1), default=None,
               help="Launch N processes with torchrun on this machine (for --fsdp and db:B+parallel).")
-@click.option("--timeout", "timeout_s", default=300.0, show_default=True, type=float,
-              help="Seconds a rank waits for the others in a collective before it gives up.")
+@click.option("--timeout", "timeout_s", default=600.0, show_default=True, type=float,
+              help="Seconds one technique may run (build, warm-up, steps) before it is recorded as timed out "
+                   "and the run moves on; also bounds loading and checking the model. 0: no limit. Under "
+                   "--fsdp/--nproc, also how long a rank waits for the others in a collective.")
 @friendly_errors
 def run(model, batch_size, device, techniques, blocks, steps, precision, optimizer, fake, memory_limit, out,
         no_report, dry_run, fsdp, nproc, timeout_s) -> None:
     """Profile MODEL (a preset name, file.py or file.py:name; default: a tiny built-in ViT)."""
-    from dbprofile.methods import check_technique_fits, parse_techniques
+    from dbprofile.measure.device import resolve_device
+    from dbprofile.measure.limits import TimeLimitExceeded, time_limit
+    from dbprofile.measure.runner import num_layers, prepare
+    from dbprofile.methods import parse_techniques
     from dbprofile.results import format_bytes
-    from dbprofile.spec import load_spec, validate_spec
+    from dbprofile.spec import load_spec
 
     batch_sizes = parse_int_list(batch_size, "--batch-size")
     if any(b < 1 for b in batch_sizes):
         raise UserError(f"--batch-size must be at least 1; got {batch_size}.")
     if steps < 1:
         raise UserError(f"--steps must be at least 1; got {steps}.")
+    if not timeout_s >= 0:  # also refuses nan
+        raise UserError(f"--timeout is seconds, 0 or more (0: no limit); got {timeout_s}.")
     limit = parse_size(memory_limit)
+    if limit is not None and limit < 1:
+        raise UserError(f"--memory-limit must be at least 1 byte; got {memory_limit!r}.")
+    if out is not None and Path(out).suffix.lower() == ".html":
+        raise UserError(f"--out names the result JSON (the HTML report is written beside it); got {out!r}. "
+                        "Give a .json path.")
     names = _techniques_option(techniques, blocks)
+    resolve_device(device)
     if fsdp or nproc is not None or any(n.strip().endswith("+parallel") for n in names):
+        # A process group needs a finite timeout: "no limit" becomes a week.
         _run_distributed(model, names, batch_sizes, device, steps, precision, optimizer, out, no_report,
-                         fsdp, nproc, timeout_s)
+                         fsdp, nproc, timeout_s or 7 * 24 * 3600.0)
         return
     techs = parse_techniques(names)
-    spec = load_spec(model)
-    facts = validate_spec(spec)
-    if not techniques and not blocks:
-        # The default set adapts to shallow models; techniques asked for by name never do.
-        dropped = [t.name for t in techs if t.is_diffusion_blocks and t.blocks > facts["num_layers"]]
-        techs = [t for t in techs if t.name not in dropped]
-        if dropped:
-            click.echo(f"skipping {', '.join(dropped)}: the model has only {facts['num_layers']} layers", err=True)
-    for tech in techs:
-        check_technique_fits(tech, facts["num_layers"])
+    per_technique_s = timeout_s or None
+    try:
+        with time_limit(per_technique_s, "loading and checking the model"):
+            spec = load_spec(model)
+            if not techniques and not blocks:
+                # The default set adapts to shallow models; techniques asked for by name never do.
+                layer_count = num_layers(spec)
+                dropped = [t.name for t in techs if t.is_diffusion_blocks and t.blocks > layer_count]
+                techs = [t for t in techs if t.name not in dropped]
+                if dropped:
+                    click.echo(f"skipping {', '.join(dropped)}: the model has only {layer_count} layers", err=True)
+            spec, facts = prepare(spec, techs, precision, optimizer)
+    except TimeLimitExceeded as err:
+        raise UserError(
+            f"{str(err).capitalize()} (--timeout): the model file, build(), batch() or loss() did not finish, "
+            "perhaps an endless loop. Fix the model, or raise --timeout if it is only slow."
+        ) from None
     click.echo(
         f"{spec.name}: {spec.family} {spec.task}, {facts['num_layers']} residual layers at {spec.layers!r}, "
         f"hidden {facts['hidden_size']}, {facts['parameters']:,} parameters"
     )
+    if facts["not_residual"]:
+        click.echo(f"note: {facts['not_residual']}", err=True)
     click.echo(f"techniques: {', '.join(t.name for t in techs)}; batch sizes: {', '.join(map(str, batch_sizes))}; "
                f"device {device}{' (fake tensors)' if fake else ''}, {precision}, {optimizer}")
+    out_path = Path(out) if out else Path("reports") / f"{_safe_name(spec.name)}.json"
+    check_writable(out_path, "--out")
+    if not no_report:
+        check_writable(out_path.with_suffix(".html"), "the HTML report beside --out")
     if dry_run:
         return
 
     from dbprofile.measure.runner import format_table, run as run_profile
+    from dbprofile.results import output_lock
 
     freeze_startup_objects()
-
-    out_path = Path(out) if out else Path("reports") / f"{_safe_name(spec.name)}.json"
 
     def progress(measurement) -> None:
         state = format_bytes(measurement.peak_bytes) if measurement.ok else measurement.status.upper()
         click.echo(f"  measured {measurement.technique} @ batch {measurement.batch_size}: {state}", err=True)
 
-    result = run_profile(
-        spec, techs, batch_sizes, device=device, precision=precision, optimizer=optimizer, steps=steps,
-        fake=fake, memory_limit=limit, out=out_path, on_measurement=progress, command=reproduce_command(),
-    )
-    click.echo(format_table(result))
-    click.echo(f"results: {out_path}")
-    if not no_report:
-        from dbprofile.report import write_run_report
+    with output_lock(out_path):
+        _note_replaced(out_path)
+        try:
+            result = run_profile(
+                spec, techs, batch_sizes, device=device, precision=precision, optimizer=optimizer, steps=steps,
+                fake=fake, memory_limit=limit, out=out_path, on_measurement=progress, command=reproduce_command(),
+                time_limit_s=per_technique_s, facts=facts,
+            )
+        except KeyboardInterrupt:
+            click.echo(f"The measurements that finished are in {out_path}, marked incomplete; "
+                       f"`dbprofile report {shlex.quote(str(out_path))}` renders them.", err=True)
+            raise
+        click.echo(format_table(result))
+        click.echo(f"results: {out_path}")
+        if not no_report:
+            from dbprofile.report import write_run_report
 
-        html_path = write_run_report(result, out_path.with_suffix(".html"))
-        click.echo(f"report:  {html_path}")
+            html_path = write_run_report(result, out_path.with_suffix(".html"))
+            click.echo(f"report:  {html_path}")
+
+
+def _note_replaced(path: Path) -> None:
+    """Replacing an earlier result is normal (a rerun), but never silent: say whose it was."""
+    try:
+        old = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return
+    if isinstance(old, dict):
+        click.echo(f"replacing {path} (a run of {old.get('model')!r} from {old.get('created') or 'an unknown time'})",
+                   err=True)
 
 
 def _load_result(path: str):
