@@ -8,6 +8,7 @@ from __future__ import annotations
 import functools
 import gc
 import json
+import math
 import os
 import re
 import shlex
@@ -68,26 +69,27 @@ def friendly_errors(func):
 
 
 def check_writable(path: Path, option: str) -> None:
-    """Fail before any work, not after it: the folder can be made and written in, and an
-    existing file there may be replaced."""
-    try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-    except OSError as err:
-        raise UserError(
-            f"Cannot write {option} {str(path)!r}: cannot create the folder {str(path.parent)!r} "
-            f"({err.strerror or err}). Choose another {option}."
-        ) from None
+    """Fail before any work, not after it: the folder exists or can be made (its nearest
+    existing ancestor is a writable folder), and an existing file there may be replaced.
+    Creates nothing, so --dry-run leaves no trace."""
     if path.is_dir():
         raise UserError(f"{option} {str(path)!r} is a folder; give a file path such as {path / 'result.json'}.")
+    ancestor = path.parent
+    while not ancestor.exists() and ancestor != ancestor.parent:
+        ancestor = ancestor.parent
+    if not ancestor.is_dir():
+        raise UserError(f"Cannot write {option} {str(path)!r}: {str(ancestor)!r} is a file, not a folder. "
+                        f"Choose another {option}.")
     try:
-        fd, probe = tempfile.mkstemp(dir=path.parent, prefix=".dbprofile-write-check-")
-        os.close(fd)
-        os.unlink(probe)
+        if ancestor == path.parent:  # it exists: try it for real (permissions, read-only mounts, /proc)
+            fd, probe = tempfile.mkstemp(dir=ancestor, prefix=".dbprofile-write-check-")
+            os.close(fd)
+            os.unlink(probe)
+        elif not os.access(ancestor, os.W_OK | os.X_OK):
+            raise PermissionError(13, "permission denied")
     except OSError as err:
-        raise UserError(
-            f"Cannot write {option} {str(path)!r}: the folder {str(path.parent)!r} is not writable "
-            f"({err.strerror or err}). Choose another {option}."
-        ) from None
+        raise UserError(f"Cannot write {option} {str(path)!r}: the folder {str(ancestor)!r} is not writable "
+                        f"({err.strerror or err}). Choose another {option}.") from None
     if path.exists() and not os.access(path, os.W_OK):
         raise UserError(
             f"Cannot write {option} {str(path)!r}: the file exists and may not be changed (read-only or immutable). "
@@ -210,6 +212,8 @@ def run(model, batch_size, device, techniques, blocks, steps, precision, optimiz
         raise UserError(f"--steps must be at least 1; got {steps}.")
     if not timeout_s >= 0:  # also refuses nan
         raise UserError(f"--timeout is seconds, 0 or more (0: no limit); got {timeout_s}.")
+    if math.isinf(timeout_s):
+        timeout_s = 0.0
     limit = parse_size(memory_limit)
     if limit is not None and limit < 1:
         raise UserError(f"--memory-limit must be at least 1 byte; got {memory_limit!r}.")
@@ -298,9 +302,14 @@ def _note_replaced(path: Path) -> None:
 
 
 def _load_result(path: str):
+    """Read a result file (schema-checked); an incomplete run is said so on stderr."""
     from dbprofile.results import RunResult
 
-    return RunResult.load(path)
+    result = RunResult.load(path)
+    if not result.complete:
+        click.echo(f"note: {path} is an incomplete run ({result.incomplete_reason or 'reason not recorded'}); "
+                   "the report covers the measurements that finished.", err=True)
+    return result
 
 
 @main.command()
@@ -312,8 +321,12 @@ def report(result, output) -> None:
     """Re-render the HTML report of RESULT (a JSON written by `dbprofile run`)."""
     from dbprofile.report import write_run_report
 
+    html_path = Path(output) if output else Path(result).with_suffix(".html")
+    if html_path.resolve() == Path(result).resolve():
+        raise UserError(f"The report would overwrite its own result file {result!r}; give --output a .html path.")
+    check_writable(html_path, "--output")
     run_result = _load_result(result)
-    path = write_run_report(run_result, Path(output) if output else Path(result).with_suffix(".html"))
+    path = write_run_report(run_result, html_path)
     click.echo(f"report: {path}")
 
 
@@ -326,6 +339,9 @@ def compare(results, output) -> None:
     """Put several runs side by side (batch sizes, devices or models) in one HTML file."""
     from dbprofile.report import write_comparison
 
+    if any(Path(output).resolve() == Path(r).resolve() for r in results):
+        raise UserError(f"--output {output!r} is one of the result files being compared; give another path.")
+    check_writable(Path(output), "--output")
     runs = [_load_result(path) for path in results]
     path = write_comparison(runs, Path(output), command=reproduce_command())
     click.echo(f"comparison: {path}")
@@ -347,10 +363,13 @@ def compare(results, output) -> None:
 def plan(model, gpu, batch_size, techniques, precision, optimizer, zero_stage, world_size, html) -> None:
     """Predict each technique's peak on a target GPU without one (fake tensors), with a verdict."""
     from dbprofile.plan import format_plan, format_plan_html, plan as make_plan
+    from dbprofile.results import write_atomic
     from dbprofile.spec import load_spec
 
     if batch_size < 1:
         raise UserError(f"--batch-size must be at least 1; got {batch_size}.")
+    if html:
+        check_writable(Path(html), "--html")
     target = gpu
     if gpu and gpu[0].isdigit():
         target = parse_size(gpu)
@@ -358,10 +377,7 @@ def plan(model, gpu, batch_size, techniques, precision, optimizer, zero_stage, w
                        optimizer=optimizer, zero_stage=zero_stage, world_size=world_size)
     click.echo(format_plan(result))
     if html:
-        path = Path(html)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(format_plan_html(result))
-        click.echo(f"plan: {path}")
+        click.echo(f"plan: {write_atomic(html, format_plan_html(result))}")
 
 
 def _parse_cases(text: str) -> list[tuple[str, tuple[int, ...]]]:
@@ -388,15 +404,25 @@ def _parse_cases(text: str) -> list[tuple[str, tuple[int, ...]]]:
 @friendly_errors
 def validate(cases, techniques, precisions, device, steps, time_budget, out) -> None:
     """Check the tracker against the CUDA allocator and the planner against real runs."""
-    import json
-
     from dbprofile import validate as v
     from dbprofile.measure.device import environment
     from dbprofile.methods import parse_techniques
 
+    from dbprofile.measure.device import resolve_device
+    from dbprofile.methods.base import PRECISIONS
+
+    if steps < 1:
+        raise UserError(f"--steps must be at least 1; got {steps}.")
+    if time_budget is not None and not time_budget >= 0:
+        raise UserError(f"--time-budget is seconds, 0 or more; got {time_budget}.")
+    resolve_device(device)
+    if out:
+        check_writable(Path(out), "--out")
     case_list = _parse_cases(cases) if cases else list(v.DEFAULT_CASES)
     techs = [t.name for t in parse_techniques(techniques)] if techniques else list(v.DEFAULT_TECHNIQUES)
     precision_list = [p.strip() for p in precisions.split(",") if p.strip()]
+    if not precision_list or any(p not in PRECISIONS for p in precision_list):
+        raise UserError(f"--precisions takes a comma-separated list of {', '.join(PRECISIONS)}; got {precisions!r}.")
     env = environment(device)
     header = (f"dbprofile validate on {env.get('device_name')} (driver {env.get('driver')}, CUDA {env.get('cuda_runtime')}, "
               f"torch {env.get('torch')}, dbprofile {__version__})")
@@ -409,11 +435,10 @@ def validate(cases, techniques, precisions, device, steps, time_budget, out) -> 
     click.echo(summary)
     if out:
         path = Path(out)
-        path.parent.mkdir(parents=True, exist_ok=True)
         table = "\n".join([v.TABLE_HEADER, *(v.format_row(r) for r in rows)])
-        path.write_text(f"# {header}\n\nCommand: `{reproduce_command()}`\n\n{table}\n\n```\n{summary}\n```\n")
-        path.with_suffix(".json").write_text(json.dumps(
-            {"environment": env, "command": reproduce_command(), "rows": [r.to_dict() for r in rows]}, indent=1))
+        write_atomic(path, f"# {header}\n\nCommand: `{reproduce_command()}`\n\n{table}\n\n```\n{summary}\n```\n")
+        write_atomic(path.with_suffix(".json"), to_standard_json(
+            {"environment": env, "command": reproduce_command(), "rows": [r.to_dict() for r in rows]}))
         click.echo(f"written: {path}")
 
 

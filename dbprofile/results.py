@@ -281,8 +281,11 @@ def write_atomic(path: str | Path, text: str) -> Path:
     unique name, so concurrent writers never share one), is flushed to disk, then
     ``os.replace``-d over ``path``. The temporary file is removed if anything fails."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp_name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp_name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    except OSError as err:  # name the file the caller asked for, not a temporary one
+        raise OSError(err.errno, err.strerror, str(path)) from None
     try:
         with os.fdopen(fd, "w", encoding="utf-8") as tmp:
             tmp.write(text)
@@ -291,9 +294,11 @@ def write_atomic(path: str | Path, text: str) -> Path:
         # mkstemp makes the file private (0600); give it the mode a plain open() would.
         os.chmod(tmp_name, _new_file_mode(path))
         os.replace(tmp_name, path)
-    except BaseException:
+    except BaseException as err:
         with contextlib.suppress(OSError):
             os.unlink(tmp_name)
+        if isinstance(err, OSError):
+            raise OSError(err.errno, err.strerror, str(path)) from None
         raise
     return path
 

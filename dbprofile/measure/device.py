@@ -36,7 +36,7 @@ def resolve_device(device: torch.device | str) -> torch.device:
         raise SpecError(f"Device {str(device)!r} is not one dbprofile measures on (it tracks cpu and cuda memory). {fix}")
     if dev.type == "cuda":
         if not torch.cuda.is_available():
-            raise SpecError(f"Device {str(device)!r} was asked for but CUDA is not available here. {fix}")
+            raise SpecError(f"Device {str(device)!r} needs a CUDA GPU, and torch sees none here. {fix}")
         if dev.index is not None and dev.index >= torch.cuda.device_count():
             raise SpecError(
                 f"Device {str(device)!r} does not exist: this machine has {torch.cuda.device_count()} GPU(s), "

@@ -444,8 +444,9 @@ def run(
         complete=False,
     )
     todo = [(tech, batch_size) for batch_size in sizes for tech in techs]
-    for done, (tech, batch_size) in enumerate(todo):
-        try:
+    done = 0
+    try:
+        for tech, batch_size in todo:
             try:
                 m = measure(
                     spec, tech, batch_size, device=device, precision=precision, optimizer=optimizer,
@@ -458,21 +459,24 @@ def run(
                 m = Measurement(technique=tech.name, batch_size=batch_size, precision=precision,
                                 optimizer=optimizer, device=str(device), fake=fake, status="error",
                                 error=f"{tech.name}: {err}")
-        except KeyboardInterrupt as err:
-            cause = "terminated (SIGTERM)" if isinstance(err, Terminated) else "interrupted (Ctrl-C)"
-            result.incomplete_reason = (f"{cause} while measuring {tech.name} at batch size {batch_size}; "
-                                        + _progress(todo, done))
+            if m.num_parameters is not None and "parameters" not in result.model_info and tech.kind == "e2e":
+                result.model_info["parameters"] = m.num_parameters
+            result.measurements.append(m)
+            done += 1
+            result.incomplete_reason = "still running (or killed); " + _progress(todo, done)
             if out is not None:
                 result.save(out)
-            raise
-        if m.num_parameters is not None and "parameters" not in result.model_info and tech.kind == "e2e":
-            result.model_info["parameters"] = m.num_parameters
-        result.measurements.append(m)
-        result.incomplete_reason = "still running (or killed); " + _progress(todo, done + 1)
+            if on_measurement is not None:
+                on_measurement(m)
+    except KeyboardInterrupt as err:
+        cause = "terminated (SIGTERM)" if isinstance(err, Terminated) else "interrupted (Ctrl-C)"
+        if done < len(todo):
+            tech, batch_size = todo[done]
+            cause += f" while measuring {tech.name} at batch size {batch_size}"
+        result.incomplete_reason = f"{cause}; {_progress(todo, done)}"
         if out is not None:
             result.save(out)
-        if on_measurement is not None:
-            on_measurement(m)
+        raise
     result.complete, result.incomplete_reason = True, None
     if out is not None:
         result.save(out)
