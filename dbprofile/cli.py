@@ -200,7 +200,7 @@ def run(model, batch_size, device, techniques, blocks, steps, precision, optimiz
     """Profile MODEL (a preset name, file.py or file.py:name; default: a tiny built-in ViT)."""
     from dbprofile.measure.device import resolve_device
     from dbprofile.measure.limits import TimeLimitExceeded, time_limit
-    from dbprofile.measure.runner import num_layers, prepare
+    from dbprofile.measure.runner import prepare
     from dbprofile.methods import parse_techniques
     from dbprofile.results import format_bytes
     from dbprofile.spec import load_spec
@@ -232,19 +232,17 @@ def run(model, batch_size, device, techniques, blocks, steps, precision, optimiz
     try:
         with time_limit(per_technique_s, "loading and checking the model"):
             spec = load_spec(model)
-            if not techniques and not blocks:
-                # The default set adapts to shallow models; techniques asked for by name never do.
-                layer_count = num_layers(spec)
-                dropped = [t.name for t in techs if t.is_diffusion_blocks and t.blocks > layer_count]
-                techs = [t for t in techs if t.name not in dropped]
-                if dropped:
-                    click.echo(f"skipping {', '.join(dropped)}: the model has only {layer_count} layers", err=True)
-            spec, facts = prepare(spec, techs, precision, optimizer)
+            # The default set adapts to shallow models; techniques asked for by name never do.
+            asked = techs
+            spec, techs, facts = prepare(spec, asked, precision, optimizer, drop_deeper=not techniques and not blocks)
     except TimeLimitExceeded as err:
         raise UserError(
             f"{str(err).capitalize()} (--timeout): the model file, build(), batch() or loss() did not finish, "
             "perhaps an endless loop. Fix the model, or raise --timeout if it is only slow."
         ) from None
+    dropped = [t.name for t in asked if t not in techs]
+    if dropped:
+        click.echo(f"skipping {', '.join(dropped)}: the model has only {facts['num_layers']} layers", err=True)
     click.echo(
         f"{spec.name}: {spec.family} {spec.task}, {facts['num_layers']} residual layers at {spec.layers!r}, "
         f"hidden {facts['hidden_size']}, {facts['parameters']:,} parameters"

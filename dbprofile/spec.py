@@ -323,7 +323,7 @@ def check_loss(loss: Any, name: str) -> None:
     would still report numbers, so it is refused before anything is measured."""
     fix = "ModelSpec.loss must return the scalar training loss as a tensor, e.g. F.cross_entropy(logits, targets)."
     if not isinstance(loss, torch.Tensor):
-        raise SpecError(f"ModelSpec.loss of {name!r} returned a {type(loss).__name__} ({loss!r:.40}), not a tensor. {fix}")
+        raise SpecError(f"ModelSpec.loss of {name!r} returned {type(loss).__name__} {loss!r:.40}, not a tensor. {fix}")
     if loss.numel() != 1:
         raise SpecError(
             f"ModelSpec.loss of {name!r} returned a tensor of shape {list(loss.shape)}, not a scalar: reduce it "

@@ -21,8 +21,9 @@ import threading
 from typing import Iterator
 
 
-class TimeLimitExceeded(Exception):
-    """The work inside ``time_limit`` ran past its limit."""
+class TimeLimitExceeded(BaseException):
+    """The work inside ``time_limit`` ran past its limit. A BaseException, like
+    KeyboardInterrupt: a model's own ``except Exception`` must not swallow it."""
 
 
 class Terminated(KeyboardInterrupt):

@@ -35,7 +35,7 @@ import torch
 from dbprofile.measure import device as devices
 from dbprofile.measure.allocator import CachingAllocatorModel
 from dbprofile.measure.fake import cuda_autocast_policy, fake_mode
-from dbprofile.measure.limits import Terminated, time_limit
+from dbprofile.measure.limits import Terminated, TimeLimitExceeded, time_limit
 from dbprofile.measure.tracker import MemoryLimitExceeded, StepRecord, Tracker
 from dbprofile.methods import DEFAULT_TECHNIQUES, Technique, check_technique_fits, make_trainer, parse_techniques
 from dbprofile.results import CATEGORIES, UNIT_BYTES, BlockMeasurement, Measurement, RunResult, pick_unit
@@ -167,7 +167,7 @@ def measure(
         except SpecError:
             raise
         # SystemExit too: a model that calls sys.exit() in its step must not end the whole run.
-        except (Exception, SystemExit) as err:  # noqa: BLE001 - the model's failure is a result, not a crash
+        except (Exception, SystemExit, TimeLimitExceeded) as err:  # noqa: BLE001 - a failure is a result
             if limit.expired:
                 m.status = "timeout"
                 m.error = (f"{tech.name}: stopped after the time limit of {time_limit_s:g} s per technique; building "
@@ -363,8 +363,12 @@ def free_memory(dev: torch.device | str) -> None:
 
 
 def prepare(
-    spec: ModelSpec, techs: Sequence[Technique], precision: str = "fp32", optimizer: str = "adamw"
-) -> tuple[ModelSpec, dict[str, Any]]:
+    spec: ModelSpec,
+    techs: Sequence[Technique],
+    precision: str = "fp32",
+    optimizer: str = "adamw",
+    drop_deeper: bool = False,
+) -> tuple[ModelSpec, list[Technique], dict[str, Any]]:
     """Check everything the techniques need before the first measurement, so a run never
     stops half-way (after minutes of measuring) for a reason it could have found at the start.
 
@@ -372,10 +376,14 @@ def prepare(
     when a DiffusionBlocks technique is asked for; checks each technique fits the layer count;
     fills in the hidden width from the traced hidden state where the spec leaves it out; and
     builds DiffusionBlocks on fake tensors and steps every block once, which is where the
-    task conventions (batch keys, a CLS token, residual shapes) are checked. Returns the spec
-    to measure and the validation's facts; raises SpecError."""
+    task conventions (batch keys, a CLS token, residual shapes) are checked. ``drop_deeper``
+    (the CLI's default technique set, which adapts to shallow models) leaves out db:B with more
+    blocks than layers instead of refusing them. Returns the spec to measure, the techniques,
+    and the validation's facts; raises SpecError."""
     needs_residual = any(t.is_diffusion_blocks for t in techs)
     facts = validate_spec(spec, require_residual=needs_residual)
+    if drop_deeper:
+        techs = [t for t in techs if not (t.is_diffusion_blocks and t.blocks > facts["num_layers"])]
     for tech in techs:
         check_technique_fits(tech, facts["num_layers"])
     if spec.hidden_size is None and facts["hidden_size"] is not None:
@@ -394,7 +402,7 @@ def prepare(
                 raise
             except Exception:  # noqa: BLE001 - an op fake tensors cannot run is no fault of the model;
                 pass  # the real measurement will run it, and record any real failure as that technique's error
-    return spec, facts
+    return spec, list(techs), facts
 
 
 def run(
@@ -430,7 +438,7 @@ def run(
         raise SpecError(f"steps and warmup_steps must be at least 1; got steps={steps}, warmup_steps={warmup_steps}.")
     devices.resolve_device(device)
     if facts is None:
-        spec, facts = prepare(spec, techs, precision, optimizer)
+        spec, techs, facts = prepare(spec, techs, precision, optimizer)
     layer_count = facts["num_layers"]
     result = RunResult(
         model=spec.name,
