@@ -5,6 +5,7 @@ Every user mistake surfaces as one paragraph on stderr and exit code 2, never a 
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import gc
 import json
@@ -39,6 +40,8 @@ EXIT_INTERRUPTED = 130
 """Ctrl-C, as shells report a process ended by SIGINT (128 + 2)."""
 EXIT_TERMINATED = 143
 """SIGTERM (128 + 15)."""
+EXIT_BROKEN_PIPE = 141
+"""The reader of stdout closed it (128 + SIGPIPE), as shells report for `yes | head`."""
 
 
 def friendly_errors(func):
@@ -54,6 +57,12 @@ def friendly_errors(func):
                 return func(*args, **kwargs)
         except (SpecError, ValueError) as err:
             raise UserError(str(err)) from None
+        except BrokenPipeError:
+            # The reader went away (`dbprofile models | head -1`): stop quietly, as `yes | head` does,
+            # and keep Python from complaining again when it flushes stdout at exit.
+            with contextlib.suppress(OSError, ValueError):
+                os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+            sys.exit(EXIT_BROKEN_PIPE)
         except OSError as err:
             where = f" {str(err.filename)!r}" if err.filename else ""
             raise UserError(
@@ -454,6 +463,7 @@ def _run_distributed(model, names, batch_sizes, device, steps, precision, optimi
     spec = load_spec(model)
     validate_spec(spec)
     out_path = Path(out) if out else Path("reports") / f"{_safe_name(spec.name)}-distributed.json"
+    check_writable(out_path, "--out")
     result = run_distributed(spec, names, batch_sizes, fsdp=fsdp, device=device,
                              precision=precision, optimizer=optimizer, steps=steps, out=out_path,
                              command=reproduce_command(), timeout_s=timeout_s)

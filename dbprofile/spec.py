@@ -9,6 +9,7 @@ call conventions per task (what DiffusionBlocks relies on) are in ``docs/protoco
 
 from __future__ import annotations
 
+import dataclasses
 import difflib
 import importlib.util
 import sys
@@ -315,6 +316,16 @@ def validate_spec(spec: ModelSpec, max_blocks: int | None = None, require_residu
             f"{spec.name!r} has {len(layers)}. Use --blocks with values up to {len(layers)}."
         )
     return {"num_layers": len(layers), "parameters": n_params, "hidden_size": hidden, "not_residual": not_residual}
+
+
+def checked_spec(spec: ModelSpec, require_residual: bool = True) -> tuple[ModelSpec, dict[str, Any]]:
+    """``validate_spec``, and the spec to run: with ``hidden_size`` filled in from what the
+    validation found (a norm weight, or the traced hidden state's last dimension) where the spec
+    leaves it out, so DiffusionBlocks never has to guess it later, half-way through a run."""
+    facts = validate_spec(spec, require_residual=require_residual)
+    if spec.hidden_size is None and facts["hidden_size"] is not None:
+        spec = dataclasses.replace(spec, hidden_size=int(facts["hidden_size"]))
+    return spec, facts
 
 
 def check_loss(loss: Any, name: str) -> None:

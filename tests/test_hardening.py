@@ -496,3 +496,22 @@ def test_spec_errors_that_slip_past_the_checks_are_that_techniques_error(tmp_pat
     assert [(m.technique, m.status) for m in result.measurements] == [("ckpt", "error"), ("e2e", "ok")]
     assert result.measurements[0].error == "ckpt: something only a real ckpt step could see"
     assert result.complete and not math.isnan(result.measurements[1].peak_bytes)
+
+
+def test_a_closed_stdout_ends_quietly_with_141(monkeypatch):
+    """`dbprofile models | head -1`: the reader went away; no 'Cannot use: Broken pipe' paragraph."""
+    import dbprofile.cli as cli
+
+    def closed(*args, **kwargs):
+        raise BrokenPipeError(32, "Broken pipe")
+
+    monkeypatch.setattr(cli.click, "echo", closed)
+    result = invoke("models")
+    assert result.exit_code == 141 and "Broken pipe" not in result.output
+
+
+def test_plan_applies_the_same_model_checks(tmp_path):
+    assert_exit(invoke("plan", model_file(tmp_path, loss="return 3"), "-t", "e2e"), 2, "returned int 3, not a tensor")
+    assert_exit(invoke("plan", model_file(tmp_path, build="sys.exit(5)"), "-t", "e2e"), 2, "called sys.exit(5)")
+    # Norm-less layers: the hidden width comes from the traced state, so db:2 plans.
+    assert_exit(invoke("plan", model_file(tmp_path), "-t", "e2e,db:2", "-b", "2"), 0, "db:2")

@@ -20,7 +20,6 @@ passing ``memory_limit`` is ``oom`` (with the batch size tried), a non-finite lo
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 import functools
 import gc
 import math
@@ -39,7 +38,7 @@ from dbprofile.measure.limits import Terminated, TimeLimitExceeded, time_limit
 from dbprofile.measure.tracker import MemoryLimitExceeded, StepRecord, Tracker
 from dbprofile.methods import DEFAULT_TECHNIQUES, Technique, check_technique_fits, make_trainer, parse_techniques
 from dbprofile.results import CATEGORIES, UNIT_BYTES, BlockMeasurement, Measurement, RunResult, pick_unit
-from dbprofile.spec import ModelSpec, SpecError, get_layers, load_spec, validate_spec
+from dbprofile.spec import ModelSpec, SpecError, checked_spec, get_layers, load_spec
 
 DEFAULT_STEPS = 2
 DEFAULT_WARMUP_STEPS = 1
@@ -380,14 +379,11 @@ def prepare(
     (the CLI's default technique set, which adapts to shallow models) leaves out db:B with more
     blocks than layers instead of refusing them. Returns the spec to measure, the techniques,
     and the validation's facts; raises SpecError."""
-    needs_residual = any(t.is_diffusion_blocks for t in techs)
-    facts = validate_spec(spec, require_residual=needs_residual)
+    spec, facts = checked_spec(spec, require_residual=any(t.is_diffusion_blocks for t in techs))
     if drop_deeper:
         techs = [t for t in techs if not (t.is_diffusion_blocks and t.blocks > facts["num_layers"])]
     for tech in techs:
         check_technique_fits(tech, facts["num_layers"])
-    if spec.hidden_size is None and facts["hidden_size"] is not None:
-        spec = dataclasses.replace(spec, hidden_size=int(facts["hidden_size"]))
     db = [t for t in techs if t.is_diffusion_blocks]
     if db:
         # One DiffusionBlocks configuration suffices: the conventions it checks do not depend on B.
