@@ -412,11 +412,10 @@ def _parse_cases(text: str) -> list[tuple[str, tuple[int, ...]]]:
 def validate(cases, techniques, precisions, device, steps, time_budget, out) -> None:
     """Check the tracker against the CUDA allocator and the planner against real runs."""
     from dbprofile import validate as v
-    from dbprofile.measure.device import environment
+    from dbprofile.measure.device import environment, resolve_device
     from dbprofile.methods import parse_techniques
-
-    from dbprofile.measure.device import resolve_device
     from dbprofile.methods.base import PRECISIONS
+    from dbprofile.results import to_standard_json, write_atomic
 
     if steps < 1:
         raise UserError(f"--steps must be at least 1; got {steps}.")

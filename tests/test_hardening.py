@@ -515,3 +515,20 @@ def test_plan_applies_the_same_model_checks(tmp_path):
     assert_exit(invoke("plan", model_file(tmp_path, build="sys.exit(5)"), "-t", "e2e"), 2, "called sys.exit(5)")
     # Norm-less layers: the hidden width comes from the traced state, so db:2 plans.
     assert_exit(invoke("plan", model_file(tmp_path), "-t", "e2e,db:2", "-b", "2"), 0, "db:2")
+
+
+def test_validate_writes_its_table_and_standard_json_atomically(tmp_path, monkeypatch):
+    """The writing half of `dbprofile validate --out` (the measuring half needs a GPU or minutes)."""
+    import dbprofile.validate as v
+
+    row = v.ValidationRow(model="vit-tiny", batch_size=2, technique="e2e", precision="fp32", status="ok",
+                          tracked_peak_bytes=100, step_time_s=float("nan"))
+    monkeypatch.setattr(v, "validate", lambda *args, on_row=None, **kwargs: [row])
+    out = tmp_path / "val.md"
+    result = invoke("validate", "--device", "cpu", "--cases", "vit-tiny:2", "-t", "e2e", "--precisions", "fp32",
+                    "-o", out)
+    assert_exit(result, 0, f"written: {out}")
+    assert "| vit-tiny | 2 | e2e | fp32 |" in out.read_text()
+    rows = strict_json((tmp_path / "val.json").read_text())["rows"]
+    assert rows[0]["tracked_peak_bytes"] == 100 and rows[0]["step_time_s"] is None
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["val.json", "val.md"]
