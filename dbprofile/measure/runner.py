@@ -396,6 +396,9 @@ def prepare(
                     trainer.step(spec.batch(2, cpu), unit)
             except SpecError:
                 raise
+            except SystemExit as err:
+                raise SpecError(f"A DiffusionBlocks step of {spec.name!r} (on fake tensors, before measuring) called "
+                                f"sys.exit({err.code!r}); the model's code must raise an exception instead.") from None
             except Exception:  # noqa: BLE001 - an op fake tensors cannot run is no fault of the model;
                 pass  # the real measurement will run it, and record any real failure as that technique's error
     return spec, list(techs), facts
