@@ -7,13 +7,17 @@ codes"); ``dbprofile.console`` decides where output goes (stdout, stderr, JSON, 
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import functools
 import gc
+import json
+import math
 import os
 import re
 import shlex
 import sys
+import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -70,17 +74,74 @@ class UserError(click.ClickException):
         click.echo(f"Error: {self.message}", err=True)
 
 
+EXIT_INTERRUPTED = 130
+"""Ctrl-C, as shells report a process ended by SIGINT (128 + 2)."""
+EXIT_TERMINATED = 143
+"""SIGTERM (128 + 15)."""
+EXIT_BROKEN_PIPE = 141
+"""The reader of stdout closed it (128 + SIGPIPE), as shells report for `yes | head`."""
+
+
 def friendly_errors(func):
-    """Turn SpecError / ValueError from the API into UserError (no traceback)."""
+    """Turn SpecError / ValueError from the API into UserError (no traceback), a file that
+    cannot be read or written into one paragraph, and Ctrl-C / SIGTERM into exit 130 / 143."""
 
     @functools.wraps(func)
     def wrapper(*args, **kwargs):
+        from dbprofile.measure.limits import Terminated, sigterm_as_interrupt
+
         try:
-            return func(*args, **kwargs)
+            with sigterm_as_interrupt():
+                return func(*args, **kwargs)
         except (SpecError, ValueError) as err:
             raise UserError(str(err)) from None
+        except BrokenPipeError:
+            # The reader went away (`dbprofile models | head -1`): stop quietly, as `yes | head` does,
+            # and keep Python from complaining again when it flushes stdout at exit.
+            with contextlib.suppress(OSError, ValueError):
+                os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+            sys.exit(EXIT_BROKEN_PIPE)
+        except OSError as err:
+            where = f" {str(err.filename)!r}" if err.filename else ""
+            raise UserError(
+                f"Cannot use{where}: {err.strerror or err}. Check that the path exists, is a file where a file is "
+                "expected, and that you may read or write it."
+            ) from None
+        except KeyboardInterrupt as err:
+            what = f" {err}" if str(err) else ""
+            click.echo(f"Interrupted{what}.", err=True)
+            sys.exit(EXIT_TERMINATED if isinstance(err, Terminated) else EXIT_INTERRUPTED)
 
     return wrapper
+
+
+def check_writable(path: Path, option: str) -> None:
+    """Fail before any work, not after it: the folder exists or can be made (its nearest
+    existing ancestor is a writable folder), and an existing file there may be replaced.
+    Creates nothing, so --dry-run leaves no trace."""
+    if path.is_dir():
+        raise UserError(f"{option} {str(path)!r} is a folder; give a file path such as {path / 'result.json'}.")
+    ancestor = path.parent
+    while not ancestor.exists() and ancestor != ancestor.parent:
+        ancestor = ancestor.parent
+    if not ancestor.is_dir():
+        raise UserError(f"Cannot write {option} {str(path)!r}: {str(ancestor)!r} is a file, not a folder. "
+                        f"Choose another {option}.")
+    try:
+        if ancestor == path.parent:  # it exists: try it for real (permissions, read-only mounts, /proc)
+            fd, probe = tempfile.mkstemp(dir=ancestor, prefix=".dbprofile-write-check-")
+            os.close(fd)
+            os.unlink(probe)
+        elif not os.access(ancestor, os.W_OK | os.X_OK):
+            raise PermissionError(13, "permission denied")
+    except OSError as err:
+        raise UserError(f"Cannot write {option} {str(path)!r}: the folder {str(ancestor)!r} is not writable "
+                        f"({err.strerror or err}). Choose another {option}.") from None
+    if path.exists() and not os.access(path, os.W_OK):
+        raise UserError(
+            f"Cannot write {option} {str(path)!r}: the file exists and may not be changed (read-only or immutable). "
+            f"Choose another {option}, or make the file writable."
+        )
 
 
 def parse_size(text: str | None) -> int | None:
@@ -222,24 +283,39 @@ def _safe_name(text: str) -> str:
               help="Shard with FSDP2 (fully_shard per layer) across the ranks of a torchrun launch.")
 @click.option("--nproc", type=click.IntRange(min=1), default=None,
               help="Launch N processes with torchrun on this machine (for --fsdp and db:B+parallel).")
-@click.option("--timeout", "timeout_s", default=300.0, show_default=True, type=float,
-              help="Seconds a rank waits for the others in a collective before it gives up.")
+@click.option("--timeout", "timeout_s", default=600.0, show_default=True, type=float,
+              help="Seconds one technique may run (build, warm-up, steps) before it is recorded as timed out "
+                   "and the run moves on; also bounds loading and checking the model. 0: no limit. Under "
+                   "--fsdp/--nproc, also how long a rank waits for the others in a collective.")
 @output_options
 @friendly_errors
 def run(model, batch_size, device, techniques, blocks, steps, precision, optimizer, fake, memory_limit, out,
         no_report, dry_run, memory_snapshot, fsdp, nproc, timeout_s, console: Output) -> None:
     """Profile MODEL (a preset name, file.py or file.py:name; default: a tiny built-in ViT)."""
-    from dbprofile.methods import check_technique_fits, parse_techniques
+    from dbprofile.measure.device import resolve_device
+    from dbprofile.measure.limits import TimeLimitExceeded, time_limit
+    from dbprofile.measure.runner import prepare
+    from dbprofile.methods import parse_techniques
     from dbprofile.results import format_bytes
-    from dbprofile.spec import load_spec, validate_spec
+    from dbprofile.spec import load_spec
 
     batch_sizes = parse_int_list(batch_size, "--batch-size")
     if any(b < 1 for b in batch_sizes):
         raise UserError(f"--batch-size must be at least 1; got {batch_size}.")
     if steps < 1:
         raise UserError(f"--steps must be at least 1; got {steps}.")
+    if not timeout_s >= 0:  # also refuses nan
+        raise UserError(f"--timeout is seconds, 0 or more (0: no limit); got {timeout_s}.")
+    if math.isinf(timeout_s):
+        timeout_s = 0.0
     limit = parse_size(memory_limit)
+    if limit is not None and limit < 1:
+        raise UserError(f"--memory-limit must be at least 1 byte; got {memory_limit!r}.")
+    if out is not None and Path(out).suffix.lower() == ".html":
+        raise UserError(f"--out names the result JSON (the HTML report is written beside it); got {out!r}. "
+                        "Give a .json path.")
     names = _techniques_option(techniques, blocks)
+    resolve_device(device)
     distributed = fsdp or nproc is not None or any(n.strip().endswith("+parallel") for n in names)
     if memory_snapshot is not None:
         if distributed:
@@ -251,26 +327,38 @@ def run(model, batch_size, device, techniques, blocks, steps, precision, optimiz
 
         check_snapshot_device(torch.device(device), fake)
     if distributed:
+        # A process group needs a finite timeout: "no limit" becomes a week.
         _run_distributed(model, names, batch_sizes, device, steps, precision, optimizer, out, no_report,
-                         fsdp, nproc, timeout_s, console)
+                         fsdp, nproc, timeout_s or 7 * 24 * 3600.0, console)
         return
     techs = parse_techniques(names)
-    spec = load_spec(model)
-    facts = validate_spec(spec)
-    if not techniques and not blocks:
-        # The default set adapts to shallow models; techniques asked for by name never do.
-        dropped = [t.name for t in techs if t.is_diffusion_blocks and t.blocks > facts["num_layers"]]
-        techs = [t for t in techs if t.name not in dropped]
-        if dropped:
-            console.info(f"skipping {', '.join(dropped)}: the model has only {facts['num_layers']} layers")
-    for tech in techs:
-        check_technique_fits(tech, facts["num_layers"])
+    per_technique_s = timeout_s or None
+    try:
+        with time_limit(per_technique_s, "loading and checking the model"):
+            spec = load_spec(model)
+            # The default set adapts to shallow models; techniques asked for by name never do.
+            asked = techs
+            spec, techs, facts = prepare(spec, asked, precision, optimizer, drop_deeper=not techniques and not blocks)
+    except TimeLimitExceeded as err:
+        raise UserError(
+            f"{str(err).capitalize()} (--timeout): the model file, build(), batch() or loss() did not finish, "
+            "perhaps an endless loop. Fix the model, or raise --timeout if it is only slow."
+        ) from None
+    dropped = [t.name for t in asked if t not in techs]
+    if dropped:
+        console.info(f"skipping {', '.join(dropped)}: the model has only {facts['num_layers']} layers")
     console.text(
         f"{spec.name}: {spec.family} {spec.task}, {facts['num_layers']} residual layers at {spec.layers!r}, "
         f"hidden {facts['hidden_size']}, {facts['parameters']:,} parameters\n"
         f"techniques: {', '.join(t.name for t in techs)}; batch sizes: {', '.join(map(str, batch_sizes))}; "
         f"device {device}{' (fake tensors)' if fake else ''}, {precision}, {optimizer}"
     )
+    if facts["not_residual"]:
+        console.info(f"note: {facts['not_residual']}")
+    out_path = Path(out) if out else Path("reports") / f"{_safe_name(spec.name)}.json"
+    check_writable(out_path, "--out")
+    if not no_report:
+        check_writable(out_path.with_suffix(".html"), "the HTML report beside --out")
     if dry_run:
         console.emit_json({"model": spec.name, "model_info": facts, "techniques": [t.name for t in techs],
                            "batch_sizes": batch_sizes, "device": device, "fake": fake, "precision": precision,
@@ -278,23 +366,32 @@ def run(model, batch_size, device, techniques, blocks, steps, precision, optimiz
         return
 
     from dbprofile.measure.runner import format_table, run as run_profile
+    from dbprofile.results import output_lock
 
     freeze_startup_objects()
 
-    out_path = Path(out) if out else Path("reports") / f"{_safe_name(spec.name)}.json"
-    with console.progress(f"{spec.name}", total=len(techs) * len(batch_sizes)) as advance:
+    with output_lock(out_path):
+        _note_replaced(out_path)
+        with console.progress(f"{spec.name}", total=len(techs) * len(batch_sizes)) as advance:
 
-        def measured(measurement) -> None:
-            state = format_bytes(measurement.peak_bytes) if measurement.ok else measurement.status.upper()
-            console.info(f"  measured {measurement.technique} @ batch {measurement.batch_size}: {state}")
-            advance()
+            def measured(measurement) -> None:
+                state = format_bytes(measurement.peak_bytes) if measurement.ok else measurement.status.upper()
+                console.info(f"  measured {measurement.technique} @ batch {measurement.batch_size}: {state}")
+                advance()
 
-        result = run_profile(
-            spec, techs, batch_sizes, device=device, precision=precision, optimizer=optimizer, steps=steps,
-            fake=fake, memory_limit=limit, out=out_path, on_measurement=measured, command=reproduce_command(),
-            memory_snapshot=memory_snapshot,
-        )
-    sys.exit(_answer_run(result, out_path, no_report, format_table(result), console))
+            try:
+                result = run_profile(
+                    spec, techs, batch_sizes, device=device, precision=precision, optimizer=optimizer,
+                    steps=steps, fake=fake, memory_limit=limit, out=out_path, on_measurement=measured,
+                    command=reproduce_command(), memory_snapshot=memory_snapshot,
+                    time_limit_s=per_technique_s, facts=facts,
+                )
+            except KeyboardInterrupt:
+                click.echo(f"The measurements that finished are in {out_path}, marked incomplete; "
+                           f"`dbprofile report {shlex.quote(str(out_path))}` renders them.", err=True)
+                raise
+        code = _answer_run(result, out_path, no_report, format_table(result), console)
+    sys.exit(code)
 
 
 def _answer_run(result: RunResult, out_path: Path, no_report: bool, table: str, console: Output) -> int:
@@ -330,10 +427,26 @@ def _sourced_frame(sources: tuple[str, ...], runs: list[RunResult]):
     return pd.concat(frames, ignore_index=True)
 
 
+def _note_replaced(path: Path) -> None:
+    """Replacing an earlier result is normal (a rerun), but never silent: say whose it was."""
+    try:
+        old = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return
+    if isinstance(old, dict):
+        click.echo(f"replacing {path} (a run of {old.get('model')!r} from {old.get('created') or 'an unknown time'})",
+                   err=True)
+
+
 def _load_result(path: str):
+    """Read a result file (schema-checked); an incomplete run is said so on stderr."""
     from dbprofile.results import RunResult
 
-    return RunResult.load(path)
+    result = RunResult.load(path)
+    if not result.complete:
+        click.echo(f"note: {path} is an incomplete run ({result.incomplete_reason or 'reason not recorded'}); "
+                   "the report covers the measurements that finished.", err=True)
+    return result
 
 
 @main.command()
@@ -349,8 +462,12 @@ def report(result, output, console: Output) -> None:
     from dbprofile.report import write_run_report
     from dbprofile.verdict import judge
 
+    html_path = Path(output) if output else Path(result).with_suffix(".html")
+    if html_path.resolve() == Path(result).resolve():
+        raise UserError(f"The report would overwrite its own result file {result!r}; give --output a .html path.")
+    check_writable(html_path, "--output")
     run_result = _load_result(result)
-    path = write_run_report(run_result, Path(output) if output else Path(result).with_suffix(".html"))
+    path = write_run_report(run_result, html_path)
     console.text(f"report: {path}")
     console.emit_json({**run_result.to_dict(), "verdict": judge(run_result), "files": {"json": result, "html": str(path)}})
     console.write_csv(run_result.to_dataframe)
@@ -371,6 +488,9 @@ def compare(results, output, console: Output) -> None:
     from dbprofile.report import write_comparison
     from dbprofile.verdict import judge
 
+    if any(Path(output).resolve() == Path(r).resolve() for r in results):
+        raise UserError(f"--output {output!r} is one of the result files being compared; give another path.")
+    check_writable(Path(output), "--output")
     runs = [_load_result(path) for path in results]
     path = write_comparison(runs, Path(output), command=reproduce_command())
     console.text(f"comparison: {path}")
@@ -404,10 +524,13 @@ def plan(model, gpu, batch_size, techniques, precision, optimizer, zero_stage, w
     When nothing fits, the table, the HTML and the JSON still come, each technique with the bytes it
     misses by (``shortfall_bytes``), and the exit code is 3."""
     from dbprofile.plan import format_plan, format_plan_html, plan as make_plan
+    from dbprofile.results import write_atomic
     from dbprofile.spec import load_spec
 
     if batch_size < 1:
         raise UserError(f"--batch-size must be at least 1; got {batch_size}.")
+    if html:
+        check_writable(Path(html), "--html")
     target = gpu
     if gpu and gpu[0].isdigit():
         target = parse_size(gpu)
@@ -421,9 +544,8 @@ def plan(model, gpu, batch_size, techniques, precision, optimizer, zero_stage, w
     if html:
         path = Path(html)
         path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(format_plan_html(result))
-        files["html"] = str(path)
-        console.text(f"plan: {path}")
+        files["html"] = str(write_atomic(path, format_plan_html(result)))
+        console.text(f"plan: {files['html']}")
     console.emit_json({**result.to_dict(), "files": files})
     console.write_csv(result.to_dataframe)
     sys.exit(exit_code(result))
@@ -454,15 +576,24 @@ def _parse_cases(text: str) -> list[tuple[str, tuple[int, ...]]]:
 @friendly_errors
 def validate(cases, techniques, precisions, device, steps, time_budget, out, console: Output) -> None:
     """Check the tracker against the CUDA allocator and the planner against real runs."""
-    import json
-
     from dbprofile import validate as v
-    from dbprofile.measure.device import environment
+    from dbprofile.measure.device import environment, resolve_device
     from dbprofile.methods import parse_techniques
+    from dbprofile.methods.base import PRECISIONS
+    from dbprofile.results import to_standard_json, write_atomic
 
+    if steps < 1:
+        raise UserError(f"--steps must be at least 1; got {steps}.")
+    if time_budget is not None and not time_budget >= 0:
+        raise UserError(f"--time-budget is seconds, 0 or more; got {time_budget}.")
+    resolve_device(device)
+    if out:
+        check_writable(Path(out), "--out")
     case_list = _parse_cases(cases) if cases else list(v.DEFAULT_CASES)
     techs = [t.name for t in parse_techniques(techniques)] if techniques else list(v.DEFAULT_TECHNIQUES)
     precision_list = [p.strip() for p in precisions.split(",") if p.strip()]
+    if not precision_list or any(p not in PRECISIONS for p in precision_list):
+        raise UserError(f"--precisions takes a comma-separated list of {', '.join(PRECISIONS)}; got {precisions!r}.")
     env = environment(device)
     header = (f"dbprofile validate on {env.get('device_name')} (driver {env.get('driver')}, CUDA {env.get('cuda_runtime')}, "
               f"torch {env.get('torch')}, dbprofile {__version__})")
@@ -482,11 +613,10 @@ def validate(cases, techniques, precisions, device, steps, time_budget, out, con
     console.text(summary)
     if out:
         path = Path(out)
-        path.parent.mkdir(parents=True, exist_ok=True)
         table = "\n".join([v.TABLE_HEADER, *(v.format_row(r) for r in rows)])
-        path.write_text(f"# {header}\n\nCommand: `{reproduce_command()}`\n\n{table}\n\n```\n{summary}\n```\n")
-        path.with_suffix(".json").write_text(json.dumps(
-            {"environment": env, "command": reproduce_command(), "rows": [r.to_dict() for r in rows]}, indent=1))
+        write_atomic(path, f"# {header}\n\nCommand: `{reproduce_command()}`\n\n{table}\n\n```\n{summary}\n```\n")
+        write_atomic(path.with_suffix(".json"), to_standard_json(
+            {"environment": env, "command": reproduce_command(), "rows": [r.to_dict() for r in rows]}))
         console.text(f"written: {path}")
     console.emit_json({"environment": env, "command": reproduce_command(), "rows": [r.to_dict() for r in rows],
                        "summary": summary})
@@ -513,6 +643,7 @@ def _run_distributed(model, names, batch_sizes, device, steps, precision, optimi
         code = launch(nproc, sys.argv[1:])
         sys.exit(code if code != EXIT_OK or not out_path.exists() else exit_code(RunResult.load(out_path)))
     validate_spec(spec)
+    check_writable(out_path, "--out")
     if os.environ.get("RANK", "0") != "0":  # one display and one set of notes: rank 0's
         console = dataclasses.replace(console, verbosity=QUIET)
     with console.progress(f"{spec.name} on every rank"):

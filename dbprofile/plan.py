@@ -45,7 +45,7 @@ from dbprofile.methods.sharding import (
 )
 from dbprofile.methods.techniques import DEFAULT_TECHNIQUES, Technique, check_technique_fits
 from dbprofile.results import CATEGORIES, Measurement, Plan, PlanEntry, format_bytes
-from dbprofile.spec import ModelSpec, SpecError, get_layers, load_spec
+from dbprofile.spec import ModelSpec, SpecError, checked_spec, get_layers, load_spec
 
 MiB = 1024**2
 
@@ -304,6 +304,9 @@ def plan(
             "Pass world_size > 1 (e.g. --world-size 8), or zero_stage=0 for one device."
         )
     target = resolve_target(device)
+    # The same checks as a run's (loss, build, hidden width); db:B's own need for residual layers
+    # surfaces in its fake run.
+    spec, _ = checked_spec(spec, require_residual=False)
     facts = model_facts(spec)
     from dbprofile.measure.depth import measure_fake, simulate_fake
 

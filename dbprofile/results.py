@@ -1,15 +1,24 @@
 """Result data: one ``Measurement`` per technique (and per block for DiffusionBlocks), a
 ``RunResult`` holding a run's measurements and environment, their JSON form (with a schema
 version) and a pandas DataFrame view. Every memory figure is an integer number of bytes;
-units are applied only when presenting (``format_bytes``)."""
+units are applied only when presenting (``format_bytes``).
+
+Result files are standard JSON (non-finite floats become ``null``), written atomically
+(``write_atomic``: a temporary file of this process's own, then ``os.replace``), and read back
+through a schema check that names the first wrong field (``validate_result``)."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
-from dataclasses import asdict, dataclass, field, fields
+import os
+import tempfile
+import types
+import typing
+from dataclasses import MISSING, asdict, dataclass, field, fields, is_dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 SCHEMA_VERSION = 1
 
@@ -33,7 +42,8 @@ CATEGORIES = (
 buffers, i.e. the all-gather input and output, the unsharded parameters a unit computes with and the
 reduce-scatter input. It is 0 on a single device and under db:B+parallel."""
 
-STATUSES = ("ok", "oom", "error", "nan")
+STATUSES = ("ok", "oom", "error", "nan", "timeout")
+"""How a measurement ended; ``timeout``: it ran past the run's per-technique time limit."""
 
 CUDA_CORRECTIONS = ("cublas_workspace", "allocator_segments", "cuda_context")
 """The planner's corrections for a CUDA target, in ``PlanEntry.corrections`` (dbprofile.plan)."""
@@ -69,6 +79,12 @@ def format_bytes(n: int | float | None, unit: str | None = None, digits: int = 2
     return f"{n / 1024 ** power:.{digits}f} {units[power]}"
 
 
+def _known_fields(cls: type, data: dict[str, Any]) -> dict[str, Any]:
+    """The keys of ``data`` that are fields of ``cls``: a newer file's extra keys are ignored."""
+    known = {f.name for f in fields(cls)}
+    return {k: v for k, v in data.items() if k in known}
+
+
 @dataclass(kw_only=True)
 class BlockMeasurement:
     """The peak of steps that train one DiffusionBlocks block."""
@@ -98,7 +114,7 @@ class Measurement:
     device: str = "cpu"
     fake: bool = False
     status: str = "ok"
-    """ok | oom | error | nan (the step ran but the loss was not finite)."""
+    """ok | oom | error | nan (the step ran but the loss was not finite) | timeout."""
     error: str | None = None
     """The failure's message for oom / error / nan."""
     peak_bytes: int = 0
@@ -129,7 +145,8 @@ class Measurement:
     num_parameters: int | None = None
     extra_parameters: int | None = None
     """Parameters the technique adds to the user's model (AdaLN-Zero, sigma embedder, ...)."""
-    losses: list[float] = field(default_factory=list)
+    losses: list[float | None] = field(default_factory=list)
+    """The measured steps' losses; null where a loss was not finite (status ``nan``)."""
     cuda: dict[str, Any] | None = None
     """On CUDA: max_memory_allocated, max_memory_reserved, nvml_used_bytes (or None when unavailable)."""
     extra: dict[str, Any] = field(default_factory=dict)
@@ -148,9 +165,8 @@ class Measurement:
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> "Measurement":
         data = dict(data)
-        data["blocks"] = [BlockMeasurement(**b) for b in data.get("blocks", [])]
-        known = {f.name for f in fields(cls)}
-        return cls(**{k: v for k, v in data.items() if k in known})
+        data["blocks"] = [BlockMeasurement(**_known_fields(BlockMeasurement, b)) for b in data.get("blocks", [])]
+        return cls(**_known_fields(cls, data))
 
 
 @dataclass(kw_only=True)
@@ -167,6 +183,11 @@ class RunResult:
     """The exact command line that reproduces the run."""
     created: str = ""
     measurements: list[Measurement] = field(default_factory=list)
+    complete: bool = True
+    """False while the run is still measuring, and for a run that was interrupted or killed:
+    the file then holds only the measurements that finished."""
+    incomplete_reason: str | None = None
+    """Why the run is incomplete (interrupted, still running), with what is missing."""
 
     def get(self, technique: str, batch_size: int | None = None) -> Measurement | None:
         for m in self.measurements:
@@ -178,40 +199,39 @@ class RunResult:
         return asdict(self)
 
     def to_json(self, indent: int | None = 1) -> str:
-        return json.dumps(self.to_dict(), indent=indent, allow_nan=True)
+        return to_standard_json(self.to_dict(), indent=indent)
 
     def save(self, path: str | Path) -> Path:
-        """Write atomically (temp file + rename) so an interrupted run never leaves half a file."""
-        path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_suffix(path.suffix + ".tmp")
-        tmp.write_text(self.to_json())
-        tmp.replace(path)
-        return path
+        """Write atomically, so a reader (or an interrupted run) never sees half a file."""
+        return write_atomic(path, self.to_json())
 
     @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> "RunResult":
-        version = data.get("schema_version")
-        if version != SCHEMA_VERSION:
-            raise ValueError(
-                f"Result file has schema_version {version!r}; this dbprofile reads version {SCHEMA_VERSION}. "
-                "Re-run the profile with this version."
-            )
+    def from_dict(cls, data: Any) -> "RunResult":
+        """Build from parsed JSON; ``ResultSchemaError`` names the first field that is wrong."""
+        validate_result(data)
         data = dict(data)
         data["measurements"] = [Measurement.from_dict(m) for m in data.get("measurements", [])]
-        known = {f.name for f in fields(cls)}
-        return cls(**{k: v for k, v in data.items() if k in known})
+        return cls(**_known_fields(cls, data))
 
     @classmethod
     def load(cls, path: str | Path) -> "RunResult":
         path = Path(path)
         try:
-            data = json.loads(path.read_text())
+            data = json.loads(path.read_text(encoding="utf-8"))
         except FileNotFoundError:
             raise ValueError(f"Result file {str(path)!r} does not exist.") from None
-        except json.JSONDecodeError as err:
+        except IsADirectoryError:
+            raise ValueError(f"Result file {str(path)!r} is a directory; pass the .json file a run wrote.") from None
+        except PermissionError:
+            raise ValueError(f"Result file {str(path)!r} cannot be read (permission denied).") from None
+        except UnicodeDecodeError:
+            raise ValueError(f"Result file {str(path)!r} is not text (not UTF-8); pass the .json file a run wrote.") from None
+        except (json.JSONDecodeError, RecursionError) as err:
             raise ValueError(f"Result file {str(path)!r} is not valid JSON ({err}).") from None
-        return cls.from_dict(data)
+        try:
+            return cls.from_dict(data)
+        except ResultSchemaError as err:
+            raise ResultSchemaError(f"Result file {str(path)!r} is not a dbprofile result: {err}") from None
 
     def to_dataframe(self):
         """One row per measurement: technique, batch size, status, peak and each share in bytes."""
@@ -261,6 +281,261 @@ class RunResult:
         from dbprofile.report.html import render_run_summary
 
         return render_run_summary(self)
+
+
+# ---------------------------------------------------------------- writing result files
+
+
+def json_safe(value: Any) -> Any:
+    """``value`` with every non-finite float (NaN, +-inf) replaced by None: standard JSON has
+    no NaN, and strict parsers (jq, JavaScript, Go) reject Python's bare ``NaN``."""
+    if isinstance(value, float):
+        return value if math.isfinite(value) else None
+    if isinstance(value, dict):
+        return {k: json_safe(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [json_safe(v) for v in value]
+    return value
+
+
+def to_standard_json(data: Any, indent: int | None = 1) -> str:
+    """Standard JSON: non-finite floats become null (``allow_nan=False`` proves none is left)."""
+    return json.dumps(json_safe(data), indent=indent, allow_nan=False)
+
+
+def write_atomic(path: str | Path, text: str) -> Path:
+    """Write ``text`` to ``path`` so that a reader sees the old file or the new one, never a
+    part: the text goes to a temporary file of this process's own in the same folder (a
+    unique name, so concurrent writers never share one), is flushed to disk, then
+    ``os.replace``-d over ``path``. The temporary file is removed if anything fails."""
+    path = Path(path)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp_name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    except OSError as err:  # name the file the caller asked for, not a temporary one
+        raise OSError(err.errno, err.strerror, str(path)) from None
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as tmp:
+            tmp.write(text)
+            tmp.flush()
+            os.fsync(tmp.fileno())
+        # mkstemp makes the file private (0600); give it the mode a plain open() would.
+        os.chmod(tmp_name, _new_file_mode(path))
+        os.replace(tmp_name, path)
+    except BaseException as err:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp_name)
+        if isinstance(err, OSError):
+            raise OSError(err.errno, err.strerror, str(path)) from None
+        raise
+    return path
+
+
+def _new_file_mode(path: Path) -> int:
+    try:
+        return path.stat().st_mode & 0o777
+    except OSError:
+        umask = os.umask(0)
+        os.umask(umask)
+        return 0o666 & ~umask
+
+
+class OutputBusyError(ValueError):
+    """Another process holds the lock on this output path."""
+
+
+@contextlib.contextmanager
+def output_lock(path: str | Path) -> Iterator[Path]:
+    """Hold an exclusive lock on a run's output for as long as the run writes it, so two runs
+    given the same ``--out`` never interleave their saves: the second stops at once with
+    ``OutputBusyError``. The lock is ``flock`` on ``<path>.lock``, which the kernel releases if
+    the process dies, so a killed run never leaves a stale lock; the lock file is removed when
+    the run ends. (On platforms without ``fcntl`` no lock is taken.)"""
+    try:
+        import fcntl
+    except ImportError:  # Windows: atomic saves still hold, but concurrent runs are not detected
+        yield Path(path)
+        return
+    lock_path = Path(str(path) + ".lock")
+    lock_path.parent.mkdir(parents=True, exist_ok=True)
+    while True:
+        fd = os.open(lock_path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.read(fd, 64).decode(errors="replace").strip() or "unknown"
+            os.close(fd)
+            raise OutputBusyError(
+                f"Another dbprofile run (process {holder}) is writing {str(path)!r} right now. Two runs on "
+                "one output would overwrite each other's results: wait for it to finish, or give this run "
+                "another --out."
+            ) from None
+        # The holder before us may have removed the lock file between our open and our flock:
+        # then we hold a lock on a file nobody else can see, so take the lock again.
+        try:
+            same = os.fstat(fd).st_ino == os.stat(lock_path).st_ino
+        except FileNotFoundError:
+            same = False
+        if same:
+            break
+        os.close(fd)
+    try:
+        os.ftruncate(fd, 0)
+        os.write(fd, str(os.getpid()).encode())
+        yield Path(path)
+    finally:
+        with contextlib.suppress(OSError):
+            os.unlink(lock_path)
+        os.close(fd)
+
+
+# ---------------------------------------------------------------- reading result files
+
+
+class ResultSchemaError(ValueError):
+    """A result file's content does not have the fields and types of a RunResult."""
+
+
+# Keys inside free-form dicts that the report and the verdict compute with: integers of bytes
+# or counts where present.
+_INT_KEYS = {
+    "model_info": ("num_layers", "parameters", "hidden_size"),
+    "environment": ("device_capacity_bytes", "capacity_bytes", "total_memory"),
+    "cuda": ("max_memory_allocated", "max_memory_reserved", "nvml_used_bytes", "untracked_allocated_bytes"),
+}
+
+
+def validate_result(data: Any) -> None:
+    """Check parsed JSON against RunResult's fields (types from the dataclasses themselves) and
+    the values the report computes with; raise ``ResultSchemaError`` naming the first wrong
+    field, e.g. ``measurements[0].peak_bytes should be an integer, but it is "lots"``."""
+    if not isinstance(data, dict):
+        raise ResultSchemaError(
+            f"the top level is {_show(data)}, not a JSON object. "
+            "Pass a .json file written by `dbprofile run`."
+        )
+    version = data.get("schema_version")
+    if version != SCHEMA_VERSION:
+        raise ResultSchemaError(
+            f"it has schema_version {version!r}; this dbprofile reads version {SCHEMA_VERSION}. "
+            "Re-run the profile with this version."
+        )
+    _check_fields(RunResult, data, "")
+    for key in ("model_info", "environment"):
+        _check_int_keys(data.get(key) or {}, key, _INT_KEYS[key])
+    for i, m in enumerate(data.get("measurements", [])):
+        where = f"measurements[{i}]"
+        if m.get("status", "ok") not in STATUSES:
+            _fail(f"{where}.status", "one of " + ", ".join(STATUSES), m.get("status"))
+        if m["batch_size"] < 1:
+            _fail(f"{where}.batch_size", "at least 1", m["batch_size"])
+        _check_bytes(m, where)
+        for j, b in enumerate(m.get("blocks", [])):
+            _check_bytes(b, f"{where}.blocks[{j}]")
+        _check_int_keys(m.get("cuda") or {}, f"{where}.cuda", _INT_KEYS["cuda"])
+        _check_timeline(m.get("timeline") or {}, f"{where}.timeline")
+
+
+def _check_fields(cls: type, data: dict, prefix: str) -> None:
+    hints = typing.get_type_hints(cls)
+    for f in fields(cls):
+        where = f"{prefix}{f.name}"
+        if f.name not in data:
+            if f.default is MISSING and f.default_factory is MISSING:
+                raise ResultSchemaError(f"the field {where} is missing. Pass a .json file written by `dbprofile run`.")
+            continue
+        _check_value(data[f.name], hints[f.name], where)
+
+
+def _check_value(value: Any, hint: Any, where: str) -> None:
+    origin, args = typing.get_origin(hint), typing.get_args(hint)
+    if hint is Any:
+        return
+    if origin in (typing.Union, types.UnionType):
+        if value is None and type(None) in args:
+            return
+        (inner,) = [a for a in args if a is not type(None)]  # every union in the results is X | None
+        try:
+            _check_value(value, inner, where)
+        except ResultSchemaError:
+            _fail(where, f"{_describe(inner)} or null", value)
+        return
+    if is_dataclass(hint):
+        if not isinstance(value, dict):
+            _fail(where, "an object", value)
+        _check_fields(hint, value, f"{where}.")
+    elif origin is list:
+        if not isinstance(value, list):
+            _fail(where, _describe(hint), value)
+        for i, item in enumerate(value):
+            _check_value(item, args[0], f"{where}[{i}]")
+    elif origin is dict:
+        if not isinstance(value, dict):
+            _fail(where, "an object", value)
+        for key, item in value.items():
+            _check_value(item, args[1], f"{where}.{key}")
+    elif not _is_instance(value, hint):
+        _fail(where, _describe(hint), value)
+
+
+def _is_instance(value: Any, hint: type) -> bool:
+    if hint is bool:
+        return isinstance(value, bool)
+    if isinstance(value, bool):  # JSON true is not a number
+        return False
+    if hint is float:
+        return isinstance(value, (int, float))
+    return isinstance(value, hint)
+
+
+def _describe(hint: Any) -> str:
+    origin, args = typing.get_origin(hint), typing.get_args(hint)
+    if origin is list:
+        return f"a list of {_describe(args[0]).removeprefix('a ').removeprefix('an ')}s"
+    return {int: "an integer", float: "a number", str: "a string", bool: "true or false"}.get(hint, "an object")
+
+
+def _show(value: Any) -> str:
+    if value is None:
+        return "null"
+    kind = {dict: "an object", list: "an array", str: "a string", bool: "a boolean"}
+    text = json.dumps(value)
+    return f"{kind.get(type(value), 'the number')} {text[:60]}{'...' if len(text) > 60 else ''}"
+
+
+def _fail(where: str, expected: str, value: Any) -> typing.NoReturn:
+    raise ResultSchemaError(
+        f"{where} should be {expected}, but it is {_show(value)}. "
+        "Fix that field, or re-run `dbprofile run` to write the file again."
+    )
+
+
+def _check_bytes(m: dict, where: str) -> None:
+    if m.get("peak_bytes", 0) < 0:
+        _fail(f"{where}.peak_bytes", "a byte count (0 or more)", m["peak_bytes"])
+    for key, value in (m.get("shares") or {}).items():
+        if not _is_instance(value, int) or value < 0:
+            _fail(f"{where}.shares.{key}", "a byte count (an integer, 0 or more)", value)
+
+
+def _check_int_keys(data: dict, where: str, keys: tuple[str, ...]) -> None:
+    for key in keys:
+        if data.get(key) is not None and not _is_instance(data[key], int):
+            _fail(f"{where}.{key}", "an integer or null", data[key])
+
+
+def _check_timeline(timeline: dict, where: str) -> None:
+    """The chart reads points as [phase index, bytes per category...]."""
+    if not timeline:
+        return
+    for key in ("categories", "phases"):
+        _check_value(timeline.get(key, []), list[str], f"{where}.{key}")
+    width = 1 + len(timeline.get("categories", CATEGORIES))
+    points = timeline.get("points", [])
+    _check_value(points, list[list[float]], f"{where}.points")
+    for i, point in enumerate(points):
+        if len(point) != width or not _is_instance(point[0], int):
+            _fail(f"{where}.points[{i}]", f"[phase index, then {width - 1} byte counts]", point)
 
 
 # ---------------------------------------------------------------- plans (dbprofile.plan)
@@ -351,7 +626,7 @@ class Plan:
         return asdict(self)
 
     def to_json(self, indent: int | None = 1) -> str:
-        return json.dumps(self.to_dict(), indent=indent, allow_nan=True)
+        return to_standard_json(self.to_dict(), indent=indent)
 
     def fits(self, gpu: Any = None, technique: str | None = None) -> bool:
         """Does some technique (or ``technique``) fit, at this plan's batch size per device?

@@ -9,6 +9,7 @@ call conventions per task (what DiffusionBlocks relies on) are in ``docs/protoco
 
 from __future__ import annotations
 
+import dataclasses
 import difflib
 import importlib.util
 import sys
@@ -178,6 +179,10 @@ def _load_file(path: Path, obj_name: str | None) -> ModelSpec:
             f"Model file {str(path)!r} has a syntax error at line {err.lineno}: {str(err.msg).rstrip('.')}. "
             "Fix the file and run again."
         ) from None
+    except SystemExit as err:
+        raise SpecError(_exit_message(f"Importing model file {str(path)!r}", err, path)) from None
+    except KeyboardInterrupt as err:
+        raise KeyboardInterrupt(f"while importing model file {str(path)!r}{_user_line(err, path)}") from None
     except Exception as err:  # the user's import-time code failed: point at their line
         line = _user_line(err, path)
         raise SpecError(
@@ -198,6 +203,8 @@ def _load_file(path: Path, obj_name: str | None) -> ModelSpec:
             obj = obj()
         except SpecError:
             raise
+        except SystemExit as err:
+            raise SpecError(_exit_message(f"Calling {name}() from {str(path)!r}", err, path)) from None
         except Exception as err:
             line = _user_line(err, path)
             raise SpecError(
@@ -209,6 +216,17 @@ def _load_file(path: Path, obj_name: str | None) -> ModelSpec:
             "(or a function returning one)."
         )
     return obj
+
+
+def _exit_message(what: str, err: SystemExit, path: Path | None = None) -> str:
+    """A model's code called sys.exit() (or exit()/quit()): without this the run would end
+    with that exit code and write nothing, looking like success for sys.exit(0)."""
+    line = _user_line(err, path) if path is not None else ""
+    return (
+        f"{what} called sys.exit({err.code!r}){line}, which would end dbprofile without measuring anything. "
+        "A model file must only define things; put script code under `if __name__ == \"__main__\":` "
+        "and raise an exception instead of exiting."
+    )
 
 
 def _user_line(err: BaseException, path: Path) -> str:
@@ -224,18 +242,29 @@ def _user_line(err: BaseException, path: Path) -> str:
 # ---------------------------------------------------------------- validation
 
 
-def validate_spec(spec: ModelSpec, max_blocks: int | None = None) -> dict[str, Any]:
-    """Build the model with fake tensors (no real memory) and check the layers are residual.
+def validate_spec(spec: ModelSpec, max_blocks: int | None = None, require_residual: bool = True) -> dict[str, Any]:
+    """Build the model with fake tensors (no real memory), run its loss once and check it, and
+    check the layers are residual (only ``require_residual``: DiffusionBlocks needs it,
+    end-to-end training and checkpointing do not).
 
-    Returns facts for display: number of layers, parameters, hidden size. Raises SpecError.
+    Returns facts: number of layers, parameters, the hidden width (from the spec, a norm
+    weight, or the traced hidden state's last dimension), and ``not_residual`` (why the layers
+    are not residual, or None). Raises SpecError.
     """
     from dbprofile.measure.fake import fake_mode
 
     with fake_mode():
         try:
             model = spec.build()
+        except SystemExit as err:
+            raise SpecError(_exit_message(f"Building model {spec.name!r}", err)) from None
         except Exception as err:
             raise SpecError(f"Building model {spec.name!r} failed: {type(err).__name__}: {err}.") from None
+        if not isinstance(model, nn.Module):
+            raise SpecError(
+                f"ModelSpec.build of {spec.name!r} returned a {type(model).__name__}, not an nn.Module. "
+                "build() must return the model."
+            )
         layers = get_layers(model, spec.layers, spec.name)
         shapes: list[tuple[int, tuple, tuple]] = []
 
@@ -250,10 +279,12 @@ def validate_spec(spec: ModelSpec, max_blocks: int | None = None) -> dict[str, A
         handles = [layer.register_forward_hook(check(i)) for i, layer in enumerate(layers)]
         try:
             batch = spec.batch(2, "cpu")
-            with torch.no_grad():
-                spec.loss(model, batch)
+            # With grad: a loss that is detached from the parameters is one of the mistakes to catch.
+            loss = spec.loss(model, batch)
         except SpecError:
             raise
+        except SystemExit as err:
+            raise SpecError(_exit_message(f"Running one step of model {spec.name!r}", err)) from None
         except Exception as err:
             raise SpecError(
                 f"Running one step of model {spec.name!r} failed: {type(err).__name__}: {err}. "
@@ -262,14 +293,20 @@ def validate_spec(spec: ModelSpec, max_blocks: int | None = None) -> dict[str, A
         finally:
             for h in handles:
                 h.remove()
-        for index, in_shape, out_shape in shapes:
-            if in_shape != out_shape:
-                raise SpecError(
-                    f"Layer {index} of {spec.layers!r} in {spec.name!r} maps shape {list(in_shape)} to "
-                    f"{list(out_shape)}: it is not shape-preserving, so it is not a residual layer "
-                    "(h + f(h)). DiffusionBlocks needs every layer in ModelSpec.layers to keep the hidden "
-                    "shape; move projections and heads out of that ModuleList."
-                )
+        check_loss(loss, spec.name)
+        not_residual = next(
+            (
+                f"Layer {index} of {spec.layers!r} in {spec.name!r} maps shape {list(in_shape)} to "
+                f"{list(out_shape)}: it is not shape-preserving, so it is not a residual layer "
+                "(h + f(h)). DiffusionBlocks needs every layer in ModelSpec.layers to keep the hidden "
+                "shape; move projections and heads out of that ModuleList (e2e and ckpt do not need it)."
+                for index, in_shape, out_shape in shapes
+                if in_shape != out_shape
+            ),
+            None,
+        )
+        if not_residual and require_residual:
+            raise SpecError(not_residual)
         if len(shapes) == 0:
             raise SpecError(
                 f"The layers at {spec.layers!r} in {spec.name!r} never ran during the loss: "
@@ -282,4 +319,36 @@ def validate_spec(spec: ModelSpec, max_blocks: int | None = None) -> dict[str, A
             f"DiffusionBlocks with B={max_blocks} needs at least {max_blocks} layers; "
             f"{spec.name!r} has {len(layers)}. Use --blocks with values up to {len(layers)}."
         )
-    return {"num_layers": len(layers), "parameters": n_params, "hidden_size": hidden}
+    return {"num_layers": len(layers), "parameters": n_params, "hidden_size": hidden, "not_residual": not_residual}
+
+
+def checked_spec(spec: ModelSpec, require_residual: bool = True) -> tuple[ModelSpec, dict[str, Any]]:
+    """``validate_spec``, and the spec to run: with ``hidden_size`` filled in from what the
+    validation found (a norm weight, or the traced hidden state's last dimension) where the spec
+    leaves it out, so DiffusionBlocks never has to guess it later, half-way through a run."""
+    facts = validate_spec(spec, require_residual=require_residual)
+    if spec.hidden_size is None and facts["hidden_size"] is not None:
+        spec = dataclasses.replace(spec, hidden_size=int(facts["hidden_size"]))
+    return spec, facts
+
+
+def check_loss(loss: Any, name: str) -> None:
+    """The loss must be a floating-point scalar tensor attached to the model's parameters:
+    anything else fails e2e's backward while DiffusionBlocks (which computes its own loss)
+    would still report numbers, so it is refused before anything is measured."""
+    fix = "ModelSpec.loss must return the scalar training loss as a tensor, e.g. F.cross_entropy(logits, targets)."
+    if not isinstance(loss, torch.Tensor):
+        raise SpecError(f"ModelSpec.loss of {name!r} returned {type(loss).__name__} {loss!r:.40}, not a tensor. {fix}")
+    if loss.numel() != 1:
+        raise SpecError(
+            f"ModelSpec.loss of {name!r} returned a tensor of shape {list(loss.shape)}, not a scalar: reduce it "
+            f"(e.g. .mean()). {fix}"
+        )
+    if not loss.is_floating_point():
+        raise SpecError(f"ModelSpec.loss of {name!r} returned a {loss.dtype} tensor; a loss is floating point. {fix}")
+    if not loss.requires_grad:
+        raise SpecError(
+            f"ModelSpec.loss of {name!r} returned a tensor that does not require grad: it is not connected to the "
+            "model's parameters (a .detach(), .item(), torch.no_grad() or a new tensor on the way), so "
+            f"backward cannot train anything. {fix}"
+        )

@@ -5,7 +5,8 @@ The CUDA figures explain the gap between dbprofile's tracked peak and what nvidi
 shows: ``max_memory_allocated`` (live tensor blocks, what the tracker should match within
 2%), ``max_memory_reserved`` (segments the caching allocator holds) and NVML's used memory
 (everything on the GPU: the CUDA context, cuBLAS workspaces, other processes). Anything
-unavailable (no GPU, no driver, no ``pynvml``) is ``None``; nothing here raises.
+unavailable (no GPU, no driver, no ``pynvml``) is ``None``; nothing here raises, except
+``resolve_device``, which turns a device string the user typed into a clear SpecError.
 """
 
 from __future__ import annotations
@@ -15,6 +16,33 @@ import sys
 from typing import Any
 
 import torch
+
+
+SUPPORTED_DEVICES = ("cpu", "cuda")
+
+
+def resolve_device(device: torch.device | str) -> torch.device:
+    """The torch.device a run measures on; SpecError (one paragraph) for anything torch does
+    not accept (``tpu``, ``cuda:x``), a device type dbprofile does not measure on (``mps``,
+    ``meta``), CUDA asked for where there is none, or a GPU index past the last GPU."""
+    from dbprofile.spec import SpecError
+
+    fix = "Use --device cpu, cuda or cuda:N (the N-th GPU), or `dbprofile plan --gpu NAME` to predict a GPU run here."
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, TypeError, ValueError):
+        raise SpecError(f"Unknown device {str(device)!r}: torch does not accept it. {fix}") from None
+    if dev.type not in SUPPORTED_DEVICES:
+        raise SpecError(f"Device {str(device)!r} is not one dbprofile measures on (it tracks cpu and cuda memory). {fix}")
+    if dev.type == "cuda":
+        if not torch.cuda.is_available():
+            raise SpecError(f"Device {str(device)!r} needs a CUDA GPU, and torch sees none here. {fix}")
+        if dev.index is not None and dev.index >= torch.cuda.device_count():
+            raise SpecError(
+                f"Device {str(device)!r} does not exist: this machine has {torch.cuda.device_count()} GPU(s), "
+                f"cuda:0 to cuda:{torch.cuda.device_count() - 1}. {fix}"
+            )
+    return dev
 
 
 def is_cuda(device: torch.device | str) -> bool:

@@ -36,10 +36,11 @@ from dbprofile.measure import device as devices
 from dbprofile.measure import snapshot
 from dbprofile.measure.allocator import CachingAllocatorModel
 from dbprofile.measure.fake import cuda_autocast_policy, fake_mode
+from dbprofile.measure.limits import Terminated, TimeLimitExceeded, time_limit
 from dbprofile.measure.tracker import MemoryLimitExceeded, StepRecord, Tracker
 from dbprofile.methods import DEFAULT_TECHNIQUES, Technique, check_technique_fits, make_trainer, parse_techniques
 from dbprofile.results import CATEGORIES, UNIT_BYTES, BlockMeasurement, Measurement, RunResult, pick_unit
-from dbprofile.spec import ModelSpec, SpecError, get_layers, load_spec
+from dbprofile.spec import ModelSpec, SpecError, checked_spec, get_layers, load_spec
 
 DEFAULT_STEPS = 5
 DEFAULT_WARMUP_STEPS = 1
@@ -116,6 +117,8 @@ def record_failure(m: Measurement, err: BaseException) -> None:
     and the model's message)."""
     if is_out_of_memory(err):
         m.status, m.error = "oom", f"out of memory at batch size {m.batch_size}: {err}"
+    elif isinstance(err, SystemExit):
+        m.status, m.error = "error", f"{m.technique}: the model's code called sys.exit({err.code!r})"
     else:
         m.status, m.error = "error", f"{m.technique}: {type(err).__name__}: {err}"
 
@@ -142,6 +145,7 @@ def measure(
     emulate_cuda: bool = False,
     memory_snapshot: str | Path | None = None,
     traces: dict | None = None,
+    time_limit_s: float | None = None,
 ) -> Measurement:
     """Measure one technique at one batch size; failures come back as a status, not raised.
 
@@ -156,15 +160,15 @@ def measure(
     written there (dbprofile.measure.snapshot) and listed in ``Measurement.memory_snapshots``.
     ``traces``, a dict, receives each unit's tracked step with every point kept (StepRecord.trace),
     for dbprofile.measure.depth.
+    ``time_limit_s`` bounds the whole technique (build, steps, ratios): past it the
+    measurement is ``timeout``.
     """
     spec = load_spec(spec) if not isinstance(spec, ModelSpec) else spec
     tech = parse_techniques([technique])[0] if not isinstance(technique, Technique) else technique
     if steps < 1 or warmup_steps < 1:
         raise SpecError(f"steps and warmup_steps must be at least 1; got steps={steps}, warmup_steps={warmup_steps}.")
     check_technique_fits(tech, layers if layers is not None else num_layers(spec))
-    dev = torch.device(device)
-    if dev.type == "cuda" and not torch.cuda.is_available():
-        raise SpecError(f"Device {str(dev)!r} was asked for but CUDA is not available here; use --device cpu or --fake.")
+    dev = devices.resolve_device(device)
     snapshot_for: Callable[[int | None], Path] | None = None
     if memory_snapshot is not None:
         snapshot.check_snapshot_device(dev, fake)
@@ -175,21 +179,29 @@ def measure(
     )
     # In fake mode the tensors say "cpu" whatever the target; the tracker measures them there.
     track_dev = torch.device("cpu") if fake else dev
-    try:
-        with cuda_autocast_policy() if emulate_cuda else contextlib.nullcontext():
-            _measure_into(m, spec, tech, batch_size, dev, track_dev, warmup_steps, steps, fake, memory_limit,
-                          round_to, allocator=CachingAllocatorModel() if emulate_cuda else None,
-                          model_cuda_scratch=emulate_cuda, snapshot_for=snapshot_for, traces=traces)
-    except SpecError:
-        raise
-    except Exception as err:  # noqa: BLE001 - the model's failure is a result, not a crash
-        record_failure(m, err)
-        del err
-    finally:
-        if not fake:  # fake tensors hold no memory; a full collection costs ~0.4 s per fake run
-            free_memory(dev)
-    if m.status == "ok" and tech.is_diffusion_blocks:
-        _activation_ratios(m, spec, tech, batch_size, dev, fake)
+    with time_limit(time_limit_s, f"{tech.name} at batch size {batch_size}") as limit:
+        try:
+            with cuda_autocast_policy() if emulate_cuda else contextlib.nullcontext():
+                _measure_into(m, spec, tech, batch_size, dev, track_dev, warmup_steps, steps, fake, memory_limit,
+                              round_to, allocator=CachingAllocatorModel() if emulate_cuda else None,
+                              model_cuda_scratch=emulate_cuda, snapshot_for=snapshot_for,
+                              traces=traces)
+            if m.status == "ok" and tech.is_diffusion_blocks:
+                _activation_ratios(m, spec, tech, batch_size, dev, fake)
+        except SpecError:
+            raise
+        # SystemExit too: a model that calls sys.exit() in its step must not end the whole run.
+        except (Exception, SystemExit, TimeLimitExceeded) as err:  # noqa: BLE001 - a failure is a result
+            if limit.expired:
+                m.status = "timeout"
+                m.error = (f"{tech.name}: stopped after the time limit of {time_limit_s:g} s per technique; building "
+                           "the model or a training step did not finish. Raise --timeout if it is only slow.")
+            else:
+                record_failure(m, err)
+            del err
+        finally:
+            if not fake:  # fake tensors hold no memory; a full collection costs ~0.4 s per fake run
+                free_memory(dev)
     return m
 
 
@@ -457,6 +469,49 @@ def free_memory(dev: torch.device | str) -> None:
         torch.cuda.empty_cache()
 
 
+def prepare(
+    spec: ModelSpec,
+    techs: Sequence[Technique],
+    precision: str = "fp32",
+    optimizer: str = "adamw",
+    drop_deeper: bool = False,
+) -> tuple[ModelSpec, list[Technique], dict[str, Any]]:
+    """Check everything the techniques need before the first measurement, so a run never
+    stops half-way (after minutes of measuring) for a reason it could have found at the start.
+
+    Validates the spec (its loss included) under fake tensors, requiring residual layers only
+    when a DiffusionBlocks technique is asked for; checks each technique fits the layer count;
+    fills in the hidden width from the traced hidden state where the spec leaves it out; and
+    builds DiffusionBlocks on fake tensors and steps every block once, which is where the
+    task conventions (batch keys, a CLS token, residual shapes) are checked. ``drop_deeper``
+    (the CLI's default technique set, which adapts to shallow models) leaves out db:B with more
+    blocks than layers instead of refusing them. Returns the spec to measure, the techniques,
+    and the validation's facts; raises SpecError."""
+    spec, facts = checked_spec(spec, require_residual=any(t.is_diffusion_blocks for t in techs))
+    if drop_deeper:
+        techs = [t for t in techs if not (t.is_diffusion_blocks and t.blocks > facts["num_layers"])]
+    for tech in techs:
+        check_technique_fits(tech, facts["num_layers"])
+    db = [t for t in techs if t.is_diffusion_blocks]
+    if db:
+        # One DiffusionBlocks configuration suffices: the conventions it checks do not depend on B.
+        tech = parse_techniques([f"db:{min(t.blocks for t in db)}"])[0]
+        cpu = torch.device("cpu")
+        with fake_mode():
+            try:
+                trainer = make_trainer(tech, spec, cpu, precision=precision, optimizer=optimizer)
+                for unit in trainer.units:
+                    trainer.step(spec.batch(2, cpu), unit)
+            except SpecError:
+                raise
+            except SystemExit as err:
+                raise SpecError(f"A DiffusionBlocks step of {spec.name!r} (on fake tensors, before measuring) called "
+                                f"sys.exit({err.code!r}); the model's code must raise an exception instead.") from None
+            except Exception:  # noqa: BLE001 - an op fake tensors cannot run is no fault of the model;
+                pass  # the real measurement will run it, and record any real failure as that technique's error
+    return spec, list(techs), facts
+
+
 def run(
     spec: ModelSpec | str | None,
     techniques: Sequence[Technique | str] | str = DEFAULT_TECHNIQUES,
@@ -471,18 +526,30 @@ def run(
     out: str | Path | None = None,
     on_measurement: Callable[[Measurement], None] | None = None,
     command: str = "",
+    time_limit_s: float | None = None,
+    facts: dict[str, Any] | None = None,
     memory_snapshot: str | Path | None = None,
 ) -> RunResult:
     """Measure every technique at every batch size; save after each measurement.
 
+    Bad input raises SpecError before anything is measured (``prepare``). While it runs the
+    saved result says ``complete: false``; Ctrl-C (or SIGTERM, see dbprofile.measure.limits)
+    saves what finished with the reason and re-raises; a normal end saves ``complete: true``.
+    ``time_limit_s`` bounds each technique (a ``timeout`` measurement, then the next one).
+    ``facts``: the caller has already run ``prepare`` (``spec`` is the spec it returned).
     ``memory_snapshot``: a directory for PyTorch memory snapshots of each tracked step (CUDA only;
     see ``measure``)."""
     spec = spec if isinstance(spec, ModelSpec) else load_spec(spec)
     techs = parse_techniques(list(techniques) if not isinstance(techniques, str) else techniques)
     sizes = [batch_sizes] if isinstance(batch_sizes, int) else list(batch_sizes)
-    layer_count = num_layers(spec)
-    for tech in techs:  # bad input fails before anything runs
-        check_technique_fits(tech, layer_count)
+    if not sizes or any(not isinstance(b, int) or b < 1 for b in sizes):
+        raise SpecError(f"Batch sizes must be integers of at least 1; got {sizes}.")
+    if steps < 1 or warmup_steps < 1:
+        raise SpecError(f"steps and warmup_steps must be at least 1; got steps={steps}, warmup_steps={warmup_steps}.")
+    devices.resolve_device(device)
+    if facts is None:
+        spec, techs, facts = prepare(spec, techs, precision, optimizer)
+    layer_count = facts["num_layers"]
     if memory_snapshot is not None:
         snapshot.check_snapshot_device(torch.device(device), fake)
     result = RunResult(
@@ -494,22 +561,51 @@ def run(
         environment=devices.environment(device),
         command=command,
         created=datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        complete=False,
     )
-    for batch_size in sizes:
-        for tech in techs:
-            m = measure(
-                spec, tech, batch_size, device=device, precision=precision, optimizer=optimizer,
-                warmup_steps=warmup_steps, steps=steps, fake=fake, memory_limit=memory_limit,
-                layers=layer_count, memory_snapshot=memory_snapshot,
-            )
+    todo = [(tech, batch_size) for batch_size in sizes for tech in techs]
+    done = 0
+    try:
+        for tech, batch_size in todo:
+            try:
+                m = measure(
+                    spec, tech, batch_size, device=device, precision=precision, optimizer=optimizer,
+                    warmup_steps=warmup_steps, steps=steps, fake=fake, memory_limit=memory_limit,
+                    layers=layer_count, time_limit_s=time_limit_s, memory_snapshot=memory_snapshot,
+                )
+            except SpecError as err:
+                # prepare() checked what every technique needs; whatever it could not foresee is
+                # this technique's error, and must not throw away the rest of the run.
+                m = Measurement(technique=tech.name, batch_size=batch_size, precision=precision,
+                                optimizer=optimizer, device=str(device), fake=fake, status="error",
+                                error=f"{tech.name}: {err}")
             if m.num_parameters is not None and "parameters" not in result.model_info and tech.kind == "e2e":
                 result.model_info["parameters"] = m.num_parameters
             result.measurements.append(m)
+            done += 1
+            result.incomplete_reason = "still running (or killed); " + _progress(todo, done)
             if out is not None:
                 result.save(out)
             if on_measurement is not None:
                 on_measurement(m)
+    except KeyboardInterrupt as err:
+        cause = "terminated (SIGTERM)" if isinstance(err, Terminated) else "interrupted (Ctrl-C)"
+        if done < len(todo):
+            tech, batch_size = todo[done]
+            cause += f" while measuring {tech.name} at batch size {batch_size}"
+        result.incomplete_reason = f"{cause}; {_progress(todo, done)}"
+        if out is not None:
+            result.save(out)
+        raise
+    result.complete, result.incomplete_reason = True, None
+    if out is not None:
+        result.save(out)
     return result
+
+
+def _progress(todo: list[tuple[Technique, int]], done: int) -> str:
+    missing = ", ".join(f"{t.name} @ batch {b}" for t, b in todo[done:])
+    return f"{done} of {len(todo)} measurements finished" + (f"; not measured: {missing}" if missing else "")
 
 
 _SHORT = {
@@ -532,7 +628,7 @@ def format_table(result: RunResult) -> str:
                                                                                  "B steps s", "IQR"]
     rows = [head]
     for m in result.measurements:
-        if m.status in ("oom", "error"):
+        if m.status not in ("ok", "nan"):
             rows.append([m.technique, str(m.batch_size), m.status.upper()] + [""] * (len(head) - 3))
             continue
         figs = [f"{m.peak_bytes / scale:.2f}"] + [f"{m.shares.get(c, 0) / scale:.2f}" for c in cats]

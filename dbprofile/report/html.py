@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from dbprofile.report import charts
-from dbprofile.results import CATEGORIES, UNIT_BYTES, Measurement, RunResult, format_bytes
+from dbprofile.results import CATEGORIES, UNIT_BYTES, Measurement, RunResult, format_bytes, write_atomic
 
 DECISION_TITLES = {
     "adopt": "Adopt DiffusionBlocks",
@@ -54,6 +54,7 @@ h3{font-size:1em;margin:18px 0 6px}
 .verdict{border-radius:8px;padding:14px 18px;border-left:6px solid #888;background:#f5f5f7}
 .verdict.adopt{border-color:#1a7f37;background:#eef8f0}.verdict.not-worth-it{border-color:#b00020;background:#fcf0f1}
 .verdict.not-needed{border-color:#0969da;background:#eef4fc}.verdict.inconclusive{border-color:#9a6700;background:#fdf8ea}
+.verdict.incomplete{border-color:#6e40c9;background:#f5f0fd;margin-bottom:10px}
 .decision{font-size:.8em;font-weight:700;text-transform:uppercase;letter-spacing:.05em;color:#444}
 .headline{font-size:1.25em;font-weight:600;margin:4px 0 8px}
 .verdict ul{margin:6px 0 0 0;padding-left:20px}.rule{color:#666;font-size:.8em;font-family:monospace}
@@ -234,8 +235,30 @@ def _facts(result: RunResult) -> list[str]:
     return facts
 
 
+def _incomplete_html(result: RunResult) -> str:
+    """An interrupted or killed run says so first: its verdict, if any, covers only what finished."""
+    return (f'<div class="verdict incomplete"><div class="decision">Incomplete run</div>'
+            f'<div class="headline">This run did not finish: {_e(result.incomplete_reason or "the reason was not recorded")}.'
+            f'</div><p>The page shows the {len(result.measurements)} measurement(s) that finished; '
+            "run the command below again for the rest.</p></div>")
+
+
+def _incomplete_note(result: RunResult) -> str:
+    if result.complete:
+        return ""
+    return f'<div><strong>incomplete:</strong> {_e(result.incomplete_reason or "reason not recorded")}</div>'
+
+
 def _verdict_section(result: RunResult) -> str:
     verdict, missing = _judge(result)
+    if not result.complete:
+        body = _incomplete_html(result)
+        if verdict is not None and getattr(verdict, "decision", None) != "inconclusive":
+            body += "<p>On the measurements that finished:</p>" + _verdict_html(verdict)
+        else:
+            facts = "".join(f"<li>{_e(f)}</li>" for f in _facts(result)) or "<li>Nothing finished.</li>"
+            body += f'<p>What finished:</p><ul class="facts">{facts}</ul>'
+        return _section("verdict", "Verdict", body)
     if verdict is not None:
         return _section("verdict", "Verdict", _verdict_html(verdict))
     facts = "".join(f"<li>{_e(f)}</li>" for f in _facts(result)) or "<li>No measurements in this run.</li>"
@@ -710,7 +733,7 @@ def render_comparison(results: list[RunResult], command: str | None = None) -> s
             f"<tr><td>{i + 1}</td><td class=\"nw\">{_e(r.model)}</td><td class=\"nw\">{_e(devices)}</td>"
             f"<td>{_e(batches)}</td><td>{_e(env.get('device_name', env.get('device', '')))}</td>"
             f"<td class=\"nw\">{_e(env.get('torch', ''))}</td><td class=\"nw\">{_e(r.created)}</td>"
-            f"<td><code>{_e(r.command)}</code></td></tr>")
+            f"<td><code>{_e(r.command)}</code>{_incomplete_note(r)}</td></tr>")
     runs = ("<table><tr><th>run</th><th>model</th><th>device</th><th>batch</th><th>device name</th><th>torch</th>"
             f"<th>created</th><th>command</th></tr>{''.join(run_rows)}</table>")
     sections.append(_section("runs", "The runs", runs))
@@ -751,18 +774,12 @@ def render_run_summary(result: RunResult) -> str:
 
 def write_run_report(result: RunResult, path: str | Path) -> Path:
     """Render ``result`` and write it to ``path`` (folders created); returns the path."""
-    return _write(render_run(result, html_dir=Path(path).parent), path)
+    return write_atomic(path, render_run(result, html_dir=Path(path).parent))
 
 
 def write_comparison(results: list[RunResult], path: str | Path, command: str | None = None) -> Path:
     """Render the comparison of ``results`` and write it to ``path``; returns the path."""
-    return _write(render_comparison(results, command=command), path)
+    return write_atomic(path, render_comparison(results, command=command))
 
 
-def _write(text: str, path: str | Path) -> Path:
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    tmp.write_text(text, encoding="utf-8")
-    tmp.replace(path)
-    return path
+

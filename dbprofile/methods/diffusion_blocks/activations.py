@@ -18,6 +18,7 @@ from typing import Callable, Iterator
 import torch
 from torch import nn
 
+from dbprofile.methods.base import to_device
 from dbprofile.methods.diffusion_blocks.blockwise import BlockwiseModel
 from dbprofile.spec import ModelSpec, get_layers
 
@@ -88,11 +89,13 @@ def layer_activation_bytes(
     device = torch.device(device)
     batch = spec.batch(batch_size, device)
 
-    plain = spec.build().to(device)
+    # to_device, not .to(): under the runner's fake mode the parameters are fake tensors,
+    # which recent PyTorch cannot swap ("_apply(): Couldn't swap Conv2d.weight").
+    plain = to_device(spec.build(), device)
     plain_layers = list(get_layers(plain, spec.layers, spec.name))
     plain_bytes = _measure(plain, plain_layers, lambda: spec.loss(plain, batch))
 
-    model = BlockwiseModel(spec, spec.build(), blocks).to(device)
+    model = to_device(BlockwiseModel(spec, spec.build(), blocks), device)
     per_block = []
     for block in range(blocks):
         layers = [model._runners[i] for i in model.block_layers[block]]
