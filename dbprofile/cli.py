@@ -111,6 +111,30 @@ def _techniques_option(techniques: str | None, blocks: str | None) -> list[str]:
     return list(DEFAULT_TECHNIQUES)
 
 
+def model_options(func):
+    """--set, --seq-len and --image-size: the model's config and shapes, for run and plan."""
+    func = click.option("--image-size", default=None,
+                        help="Image side of a vision model (a DiT's latent side); several comma-separated "
+                             "values sweep it (run).")(func)
+    func = click.option("--seq-len", default=None,
+                        help="Sequence length of a language model; several comma-separated values sweep it "
+                             "(run), e.g. 256,512,1024.")(func)
+    func = click.option("--set", "set_options", multiple=True, metavar="KEY=VALUE",
+                        help="Override a config field of an hf:, diffusers: or timm: model (repeatable), "
+                             "e.g. --set num_hidden_layers=4.")(func)
+    return func
+
+
+def _load_models(model, set_options, seq_len, image_size):
+    """(swept shape or None, specs) for MODEL with the --set / --seq-len / --image-size options."""
+    from dbprofile.models.overrides import parse_set_options
+    from dbprofile.models.sources import load_sweep
+
+    seq_lens = parse_int_list(seq_len, "--seq-len") if seq_len else None
+    image_sizes = parse_int_list(image_size, "--image-size") if image_size else None
+    return load_sweep(model, parse_set_options(set_options), seq_lens, image_sizes)
+
+
 def _safe_name(text: str) -> str:
     return re.sub(r"[^A-Za-z0-9_.-]+", "-", text).strip("-") or "model"
 
@@ -139,13 +163,13 @@ def _safe_name(text: str) -> str:
               help="Launch N processes with torchrun on this machine (for --fsdp and db:B+parallel).")
 @click.option("--timeout", "timeout_s", default=300.0, show_default=True, type=float,
               help="Seconds a rank waits for the others in a collective before it gives up.")
+@model_options
 @friendly_errors
 def run(model, batch_size, device, techniques, blocks, steps, precision, optimizer, fake, memory_limit, out,
-        no_report, dry_run, fsdp, nproc, timeout_s) -> None:
-    """Profile MODEL (a preset name, file.py or file.py:name; default: a tiny built-in ViT)."""
-    from dbprofile.methods import check_technique_fits, parse_techniques
-    from dbprofile.results import format_bytes
-    from dbprofile.spec import load_spec, validate_spec
+        no_report, dry_run, fsdp, nproc, timeout_s, set_options, seq_len, image_size) -> None:
+    """Profile MODEL (a preset name, file.py or file.py:name, hf:NAME, diffusers:DiT, timm:NAME;
+    default: a tiny built-in ViT)."""
+    from dbprofile.methods import parse_techniques
 
     batch_sizes = parse_int_list(batch_size, "--batch-size")
     if any(b < 1 for b in batch_sizes):
@@ -156,12 +180,35 @@ def run(model, batch_size, device, techniques, blocks, steps, precision, optimiz
     names = _techniques_option(techniques, blocks)
     if fsdp or nproc is not None or any(n.strip().endswith("+parallel") for n in names):
         _run_distributed(model, names, batch_sizes, device, steps, precision, optimizer, out, no_report,
-                         fsdp, nproc, timeout_s)
+                         fsdp, nproc, timeout_s, (set_options, seq_len, image_size))
         return
     techs = parse_techniques(names)
-    spec = load_spec(model)
+    swept, specs = _load_models(model, set_options, seq_len, image_size)
+    results = []
+    for spec in specs:
+        result = _run_one(spec, techs, techniques or blocks, batch_sizes, device, steps, precision, optimizer, fake,
+                          limit, out, no_report, dry_run, swept)
+        if result is not None:
+            results.append(result)
+    if swept and results and not no_report:
+        from dbprofile.report import write_comparison
+
+        # The comparison of the runs draws peak memory against the swept value.
+        base = Path(out).with_suffix("") if out else Path("reports") / _safe_name(specs[0].name)
+        path = write_comparison(results, Path(f"{base}-{swept}-sweep.html"), command=reproduce_command())
+        click.echo(f"sweep:   {path}")
+
+
+def _run_one(spec, techs, named, batch_sizes, device, steps, precision, optimizer, fake, limit, out, no_report,
+             dry_run, swept):
+    """Validate, measure and report one model spec (one value of a sweep); None for a dry run."""
+    from dbprofile.methods import check_technique_fits
+    from dbprofile.models.sources import shape_value
+    from dbprofile.results import format_bytes
+    from dbprofile.spec import validate_spec
+
     facts = validate_spec(spec)
-    if not techniques and not blocks:
+    if not named:
         # The default set adapts to shallow models; techniques asked for by name never do.
         dropped = [t.name for t in techs if t.is_diffusion_blocks and t.blocks > facts["num_layers"]]
         techs = [t for t in techs if t.name not in dropped]
@@ -176,13 +223,15 @@ def run(model, batch_size, device, techniques, blocks, steps, precision, optimiz
     click.echo(f"techniques: {', '.join(t.name for t in techs)}; batch sizes: {', '.join(map(str, batch_sizes))}; "
                f"device {device}{' (fake tensors)' if fake else ''}, {precision}, {optimizer}")
     if dry_run:
-        return
+        return None
 
     from dbprofile.measure.runner import format_table, run as run_profile
 
     freeze_startup_objects()
 
     out_path = Path(out) if out else Path("reports") / f"{_safe_name(spec.name)}.json"
+    if swept:
+        out_path = out_path.with_name(f"{out_path.stem}-{swept}-{shape_value(spec, swept)}{out_path.suffix}")
 
     def progress(measurement) -> None:
         state = format_bytes(measurement.peak_bytes) if measurement.ok else measurement.status.upper()
@@ -199,6 +248,7 @@ def run(model, batch_size, device, techniques, blocks, steps, precision, optimiz
 
         html_path = write_run_report(result, out_path.with_suffix(".html"))
         click.echo(f"report:  {html_path}")
+    return result
 
 
 def _load_result(path: str):
@@ -247,25 +297,33 @@ def compare(results, output) -> None:
               help="ZeRO / FSDP stage (1: optimizer state, 2: + gradients, 3: + parameters sharded).")
 @click.option("--world-size", type=int, default=1, show_default=True, help="Devices the state is sharded over.")
 @click.option("--html", default=None, type=click.Path(dir_okay=False), help="Also write the plan as HTML.")
+@model_options
 @friendly_errors
-def plan(model, gpu, batch_size, techniques, precision, optimizer, zero_stage, world_size, html) -> None:
+def plan(model, gpu, batch_size, techniques, precision, optimizer, zero_stage, world_size, html,
+         set_options, seq_len, image_size) -> None:
     """Predict each technique's peak on a target GPU without one (fake tensors), with a verdict."""
+    from dbprofile.models.sources import shape_value
     from dbprofile.plan import format_plan, format_plan_html, plan as make_plan
-    from dbprofile.spec import load_spec
 
     if batch_size < 1:
         raise UserError(f"--batch-size must be at least 1; got {batch_size}.")
     target = gpu
     if gpu and gpu[0].isdigit():
         target = parse_size(gpu)
-    result = make_plan(load_spec(model), batch_size, device=target, techniques=techniques, precision=precision,
-                       optimizer=optimizer, zero_stage=zero_stage, world_size=world_size)
-    click.echo(format_plan(result))
-    if html:
-        path = Path(html)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(format_plan_html(result))
-        click.echo(f"plan: {path}")
+    swept, specs = _load_models(model, set_options, seq_len, image_size)
+    for spec in specs:
+        result = make_plan(spec, batch_size, device=target, techniques=techniques, precision=precision,
+                           optimizer=optimizer, zero_stage=zero_stage, world_size=world_size)
+        if swept:
+            click.echo(f"{swept} = {shape_value(spec, swept)}:")
+        click.echo(format_plan(result))
+        if html:
+            path = Path(html)
+            if swept:
+                path = path.with_name(f"{path.stem}-{swept}-{shape_value(spec, swept)}{path.suffix}")
+            path.parent.mkdir(parents=True, exist_ok=True)
+            path.write_text(format_plan_html(result))
+            click.echo(f"plan: {path}")
 
 
 def _parse_cases(text: str) -> list[tuple[str, tuple[int, ...]]]:
@@ -322,17 +380,20 @@ def validate(cases, techniques, precisions, device, steps, time_budget, out) -> 
 
 
 def _run_distributed(model, names, batch_sizes, device, steps, precision, optimizer, out, no_report,
-                     fsdp, nproc, timeout_s) -> None:
+                     fsdp, nproc, timeout_s, model_opts) -> None:
     """Per-rank profiling under torchrun: relaunch with --nproc, or measure on this rank."""
     from dbprofile.measure.distributed import format_ranks, in_torchrun, launch, run_distributed
     from dbprofile.methods.sharding import parse_distributed_technique
-    from dbprofile.spec import load_spec, validate_spec
+    from dbprofile.spec import validate_spec
 
     for name in names:
         parse_distributed_technique(name)  # a bad name fails here, before any process starts
     if not in_torchrun() and nproc is not None:
         sys.exit(launch(nproc, sys.argv[1:]))
-    spec = load_spec(model)
+    swept, specs = _load_models(model, *model_opts)
+    if swept:
+        raise UserError(f"A distributed run measures one shape; give --{swept.replace('_', '-')} one value.")
+    spec = specs[0]
     validate_spec(spec)
     out_path = Path(out) if out else Path("reports") / f"{_safe_name(spec.name)}-distributed.json"
     result = run_distributed(spec, names, batch_sizes, fsdp=fsdp, device=device,

@@ -15,7 +15,7 @@ D = c_skip z + c_out F(c_in z, c_noise), loss = mean over samples of w(sigma) * 
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 from torch import nn
@@ -269,6 +269,7 @@ def make_spec(config: DiTConfig, name: str = "dit", description: str = "") -> Mo
             "patch_size": config.patch_size,
             "sequence_length": config.num_patches,
         },
+        shapes={"image_size": lambda n: make_spec(replace(config, input_size=n), name=name)},
     )
 
 

@@ -15,7 +15,7 @@ learned positions are added once in the stem, for the real tokens only. Attentio
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 import torch.nn.functional as F
@@ -196,4 +196,5 @@ def make_spec(config: GPTConfig, name: str = "gpt", description: str = "") -> Mo
             "num_kv_heads": config.num_kv_heads,
             "tie_embeddings": config.tie_embeddings,
         },
+        shapes={"seq_len": lambda n: make_spec(replace(config, context_length=n), name=name)},
     )

@@ -9,7 +9,7 @@ measurement only needs the shapes) and the loss is cross-entropy.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 import torch.nn.functional as F
@@ -150,4 +150,5 @@ def make_spec(config: ViTConfig, name: str = "vit", description: str = "") -> Mo
             "channels": config.channels,
             "sequence_length": 1 + config.num_patches,
         },
+        shapes={"image_size": lambda n: make_spec(replace(config, image_size=n), name=name)},
     )
