@@ -77,3 +77,11 @@ def test_active_fake_mode_detects_the_mode():
     assert private.active_fake_mode() is None
     with private.fake_tensor_mode() as mode:
         assert private.active_fake_mode() is mode
+
+
+def test_outside_fake_mode_makes_real_tensors_inside_a_fake_run():
+    with private.fake_tensor_mode():
+        with private.outside_fake_mode():
+            inner = torch.linspace(0, 1, 3)
+            assert not private.is_fake(inner) and inner[1].item() == 0.5
+        assert private.is_fake(torch.zeros(2))

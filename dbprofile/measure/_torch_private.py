@@ -26,6 +26,7 @@ __all__ = [
     "fake_tensor_mode",
     "is_fake",
     "active_fake_mode",
+    "outside_fake_mode",
 ]
 
 
@@ -52,6 +53,17 @@ def active_fake_mode() -> FakeTensorMode | None:
     from torch._guards import detect_fake_mode
 
     return detect_fake_mode()
+
+
+@contextlib.contextmanager
+def outside_fake_mode() -> Iterator[None]:
+    """Suspend the active FakeTensorMode (if any): tensors made inside are real (or meta).
+    Used to build a model on the meta device under a fake run, where its init code may read
+    values (``.item()``) that fake tensors do not have."""
+    from torch._subclasses.fake_tensor import unset_fake_temporarily
+
+    with unset_fake_temporarily():
+        yield
 
 
 def profiler_allocations(prof: "torch.profiler.profile") -> list[tuple[int, int]]:

@@ -6,7 +6,8 @@ a hub id whose config is already in the local Hugging Face cache (``local_files_
 is downloaded); a ``model_type`` transformers knows (``AutoConfig.for_model``: the class's
 defaults, e.g. ``llama`` is Llama-2-7B's shape). ``--set KEY=VALUE`` overrides a config field,
 typed by the field's current value, and is applied when the config is constructed, so derived
-fields (Llama's ``head_dim``) follow the overridden sizes.
+fields (Llama's ``head_dim``) follow the overridden sizes. ``--set attn_implementation=eager``
+picks transformers' attention kernel (``sdpa`` by default), which changes activation memory.
 
 The task comes from the architecture: models transformers builds with ``AutoModelForCausalLM``
 are ``causal-lm`` (random tokens, next-token cross-entropy), those it builds with
@@ -150,6 +151,9 @@ def make_config(data: dict[str, Any], overrides: dict[str, str], source: str) ->
             raise SpecError(f"transformers cannot build a {model_type!r} config from {source}: {err}") from None
         typed = {}
         for key, text in overrides.items():
+            if key == "attn_implementation":  # the attention kernel: sdpa (default), eager, ...
+                typed[key] = text
+                continue
             if not hasattr(base, key):
                 fields = set(base.to_dict()) | set(getattr(base, "attribute_map", {}))
                 raise unknown_key(key, sorted(fields), f"the {model_type} config")
@@ -341,8 +345,21 @@ def _causal_spec(name, overrides, config, seq_len, label, common) -> ModelSpec:
     )
 
 
+def _vision(config: Any, key: str) -> Any:
+    """A vision field from the config, or from its ``vision_config`` (CLIP-style composites)."""
+    value = getattr(config, key, None)
+    if value is None:
+        value = getattr(getattr(config, "vision_config", None), key, None)
+    return value
+
+
 def _classifier_spec(name, overrides, config, label, common) -> ModelSpec:
-    size, channels, classes = config.image_size, getattr(config, "num_channels", 3), config.num_labels
+    size, channels, classes = _vision(config, "image_size"), _vision(config, "num_channels") or 3, config.num_labels
+    if not isinstance(size, int):
+        raise SpecError(
+            f"hf:{name}: the {config.model_type} config names no image_size (nor does its vision_config); "
+            "pass --image-size N."
+        )
 
     def batch(batch_size: int, device: torch.device | str) -> Batch:
         gen = data_generator(SEED)

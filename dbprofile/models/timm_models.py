@@ -8,9 +8,9 @@ JSON where it parses (numbers, true/false) and as a string otherwise; ``--image-
 ``img_size``. The layers are the longest stack of modules of one class (``blocks``, an
 ``nn.Sequential``, for ViTs).
 
-Under fake tensors the model is built on the meta device (initialisers such as timm's
-``trunc_normal_`` read values, which fake tensors do not have) and then materialised as fake
-tensors with ``to_empty``.
+Under fake tensors the model is built on the meta device with the fake mode suspended (its
+constructors and initialisers read values, which fake tensors do not have) and then
+materialised as fake tensors with ``to_empty``.
 """
 
 from __future__ import annotations
@@ -23,7 +23,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from dbprofile.measure._torch_private import active_fake_mode
+from dbprofile.measure._torch_private import active_fake_mode, outside_fake_mode
 from dbprofile.models.common import data_generator, seeded
 from dbprofile.spec import Batch, ModelSpec, SpecError
 
@@ -75,7 +75,10 @@ def make_spec(name: str, overrides: dict[str, str] | None = None, image_size: in
     def build() -> nn.Module:
         with seeded(SEED):
             if active_fake_mode() is not None:
-                with torch.device("meta"):
+                # timm's constructors read values (drop-path rates via .item()) and its
+                # initialisers are data-dependent: build on meta with the fake mode suspended,
+                # then materialise every parameter and buffer as a fake tensor.
+                with outside_fake_mode(), torch.device("meta"):
                     model = create()
                 model = model.to_empty(device="cpu")
             else:
