@@ -310,8 +310,12 @@ def plan(model, gpu, batch_size, techniques, precision, optimizer, zero_stage, w
     target = gpu
     if gpu and gpu[0].isdigit():
         target = parse_size(gpu)
+    from dbprofile.models.common import build_on_meta, count_parameters
+
     swept, specs = _load_models(model, set_options, seq_len, image_size)
     for spec in specs:
+        # Counted on the meta device: the model as the user's code builds it, at no memory cost.
+        click.echo(f"{spec.name}: {spec.description}; {count_parameters(build_on_meta(spec.build)):,} parameters")
         result = make_plan(spec, batch_size, device=target, techniques=techniques, precision=precision,
                            optimizer=optimizer, zero_stage=zero_stage, world_size=world_size)
         if swept:
