@@ -315,7 +315,7 @@ def plan(model, gpu, batch_size, techniques, precision, optimizer, zero_stage, w
     swept, specs = _load_models(model, set_options, seq_len, image_size)
     for spec in specs:
         # Counted on the meta device: the model as the user's code builds it, at no memory cost.
-        click.echo(f"{spec.name}: {spec.description}; {count_parameters(build_on_meta(spec.build)):,} parameters")
+        click.echo(f"{spec.name} ({spec.description}): {count_parameters(build_on_meta(spec.build)):,} parameters")
         result = make_plan(spec, batch_size, device=target, techniques=techniques, precision=precision,
                            optimizer=optimizer, zero_stage=zero_stage, world_size=world_size)
         if swept:

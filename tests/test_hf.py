@@ -108,7 +108,7 @@ def test_causal_lms_measure_every_technique_and_fake_bytes_equal_real(source, ov
     techniques = ["e2e", "ckpt", "db:2", "db:2+ckpt"]
     real = run(spec, techniques, [2], steps=1)
     fake = run(spec, techniques, [2], steps=1, fake=True)
-    for r, f in zip(real.measurements, fake.measurements):
+    for r, f in zip(real.measurements, fake.measurements, strict=True):
         assert r.ok and f.ok, (r.technique, r.error, f.error)
         assert (r.peak_bytes, r.shares) == (f.peak_bytes, f.shares), r.technique
     # GPT-2 ties its LM head to the token embedding under fake tensors too (one parameter).

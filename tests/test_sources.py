@@ -80,7 +80,7 @@ def test_sequential_stacks_and_layers_with_extra_arguments_run_every_technique(m
     assert validate_spec(spec)["num_layers"] == 4
     real = run(spec, TECHNIQUES, [2], steps=1)
     fake = run(spec, TECHNIQUES, [2], steps=1, fake=True)
-    for r, f in zip(real.measurements, fake.measurements):
+    for r, f in zip(real.measurements, fake.measurements, strict=True):
         assert r.ok and f.ok, (r.technique, r.error, f.error)
         assert (r.peak_bytes, r.shares) == (f.peak_bytes, f.shares)  # fake agrees with real to the byte
     # DiffusionBlocks ran one block: half the layers' activations of the same AdaLN model at full depth

@@ -29,7 +29,7 @@ def test_tiny_vit_measures_every_technique_and_fake_equals_real():
     techniques = ["e2e", "ckpt", "db:2", "db:2+ckpt"]
     real = run(spec, techniques, [2], steps=1)
     fake = run(spec, techniques, [2], steps=1, fake=True)
-    for r, f in zip(real.measurements, fake.measurements):
+    for r, f in zip(real.measurements, fake.measurements, strict=True):
         assert r.ok and f.ok, (r.technique, r.error, f.error)
         assert (r.peak_bytes, r.shares) == (f.peak_bytes, f.shares)
 

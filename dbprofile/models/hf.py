@@ -424,7 +424,7 @@ def hf_position_adapter(model: nn.Module, layout: "SequenceLayout") -> "CallRewr
                 made[name] = _mask_for(value, layout)
             elif name == "position_embeddings":
                 if rotary is None:
-                    raise refusal(type(model).__name__, [(name, [len(value)])], layout.tokens, layout.length)
+                    raise refusal(type(model).__name__, [(name, list(value[0].shape))], layout.tokens, layout.length)
                 made[name] = rotary(hidden, positions)
             else:
                 made[name] = positions
@@ -432,18 +432,17 @@ def hf_position_adapter(model: nn.Module, layout: "SequenceLayout") -> "CallRewr
 
     def rewrite(layer: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
         names = signature_names(layer)
-        hidden = args[0]
-        new_args = [hidden] + [
-            rebuilt(names[i], a, hidden) if i < len(names) and names[i] in REBUILT else a
-            for i, a in enumerate(args) if i > 0
-        ]
-        new_kwargs = {k: rebuilt(k, v, hidden) if k in REBUILT else v for k, v in kwargs.items()}
-        kept_args = tuple(a if i == 0 or not (i < len(names) and names[i] in REBUILT) else None
-                          for i, a in enumerate(new_args))
-        kept_kwargs = {k: v for k, v in new_kwargs.items() if k not in REBUILT}
-        left = per_position_arguments(kept_args, kept_kwargs, layout.tokens, names)
+        positional = [names[i] if i < len(names) and names[i] in REBUILT else None for i in range(len(args))]
+        # Whatever this adapter does not rebuild must not be a per-position tensor for T tokens.
+        left = per_position_arguments(
+            tuple(None if name else a for name, a in zip(positional, args, strict=True)),
+            {k: v for k, v in kwargs.items() if k not in REBUILT}, layout.tokens, names)
         if left:
             raise refusal(type(model).__name__, left, layout.tokens, layout.length)
-        return tuple(new_args), new_kwargs
+        hidden = args[0]
+        new_args = tuple(a if i == 0 or name is None else rebuilt(name, a, hidden)
+                         for i, (name, a) in enumerate(zip(positional, args, strict=True)))
+        new_kwargs = {k: rebuilt(k, v, hidden) if k in REBUILT else v for k, v in kwargs.items()}
+        return new_args, new_kwargs
 
     return rewrite
