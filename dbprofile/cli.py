@@ -252,6 +252,30 @@ def _techniques_option(techniques: str | None, blocks: str | None) -> list[str]:
     return list(DEFAULT_TECHNIQUES)
 
 
+def model_options(func):
+    """--set, --seq-len and --image-size: the model's config and shapes, for run and plan."""
+    func = click.option("--image-size", default=None,
+                        help="Image side of a vision model (a DiT's latent side); several comma-separated "
+                             "values sweep it (run).")(func)
+    func = click.option("--seq-len", default=None,
+                        help="Sequence length of a language model; several comma-separated values sweep it "
+                             "(run), e.g. 256,512,1024.")(func)
+    func = click.option("--set", "set_options", multiple=True, metavar="KEY=VALUE",
+                        help="Override a config field of an hf:, diffusers: or timm: model (repeatable), "
+                             "e.g. --set num_hidden_layers=4.")(func)
+    return func
+
+
+def _load_models(model, set_options, seq_len, image_size):
+    """(swept shape or None, specs) for MODEL with the --set / --seq-len / --image-size options."""
+    from dbprofile.models.overrides import parse_set_options
+    from dbprofile.models.sources import load_sweep
+
+    seq_lens = parse_int_list(seq_len, "--seq-len") if seq_len else None
+    image_sizes = parse_int_list(image_size, "--image-size") if image_size else None
+    return load_sweep(model, parse_set_options(set_options), seq_lens, image_sizes)
+
+
 def _safe_name(text: str) -> str:
     return re.sub(r"[^A-Za-z0-9_.-]+", "-", text).strip("-") or "model"
 
@@ -287,17 +311,16 @@ def _safe_name(text: str) -> str:
               help="Seconds one technique may run (build, warm-up, steps) before it is recorded as timed out "
                    "and the run moves on; also bounds loading and checking the model. 0: no limit. Under "
                    "--fsdp/--nproc, also how long a rank waits for the others in a collective.")
+@model_options
 @output_options
 @friendly_errors
 def run(model, batch_size, device, techniques, blocks, steps, precision, optimizer, fake, memory_limit, out,
-        no_report, dry_run, memory_snapshot, fsdp, nproc, timeout_s, console: Output) -> None:
-    """Profile MODEL (a preset name, file.py or file.py:name; default: a tiny built-in ViT)."""
+        no_report, dry_run, memory_snapshot, fsdp, nproc, timeout_s, set_options, seq_len, image_size,
+        console: Output) -> None:
+    """Profile MODEL (a preset name, file.py or file.py:name, hf:NAME, diffusers:DiT, timm:NAME;
+    default: a tiny built-in ViT)."""
     from dbprofile.measure.device import resolve_device
-    from dbprofile.measure.limits import TimeLimitExceeded, time_limit
-    from dbprofile.measure.runner import prepare
     from dbprofile.methods import parse_techniques
-    from dbprofile.results import format_bytes
-    from dbprofile.spec import load_spec
 
     batch_sizes = parse_int_list(batch_size, "--batch-size")
     if any(b < 1 for b in batch_sizes):
@@ -329,21 +352,59 @@ def run(model, batch_size, device, techniques, blocks, steps, precision, optimiz
     if distributed:
         # A process group needs a finite timeout: "no limit" becomes a week.
         _run_distributed(model, names, batch_sizes, device, steps, precision, optimizer, out, no_report,
-                         fsdp, nproc, timeout_s or 7 * 24 * 3600.0, console)
+                         fsdp, nproc, timeout_s or 7 * 24 * 3600.0, console, (set_options, seq_len, image_size))
         return
     techs = parse_techniques(names)
     per_technique_s = timeout_s or None
+    with _loading_limit(per_technique_s):
+        swept, specs = _load_models(model, set_options, seq_len, image_size)
+    results, codes = [], []
+    for spec in specs:
+        answered = _run_one(spec, techs, not techniques and not blocks, batch_sizes, device, steps, precision,
+                            optimizer, fake, limit, out, no_report, dry_run, swept, memory_snapshot,
+                            per_technique_s, console)
+        if answered is not None:
+            results.append(answered[0])
+            codes.append(answered[1])
+    if swept and results and not no_report:
+        from dbprofile.report import write_comparison
+
+        # The comparison of the runs draws peak memory against the swept value.
+        base = Path(out).with_suffix("") if out else Path("reports") / _safe_name(specs[0].name)
+        path = write_comparison(results, Path(f"{base}-{swept}-sweep.html"), command=reproduce_command())
+        console.text(f"sweep:   {path}")
+    if codes:
+        # A sweep answered if any of its runs did (exit 3 only when every run had nothing to show).
+        sys.exit(min(codes))
+
+
+@contextlib.contextmanager
+def _loading_limit(seconds: float | None):
+    """The per-technique time limit around loading and checking a model, as one paragraph when hit."""
+    from dbprofile.measure.limits import TimeLimitExceeded, time_limit
+
     try:
-        with time_limit(per_technique_s, "loading and checking the model"):
-            spec = load_spec(model)
-            # The default set adapts to shallow models; techniques asked for by name never do.
-            asked = techs
-            spec, techs, facts = prepare(spec, asked, precision, optimizer, drop_deeper=not techniques and not blocks)
+        with time_limit(seconds, "loading and checking the model"):
+            yield
     except TimeLimitExceeded as err:
         raise UserError(
             f"{str(err).capitalize()} (--timeout): the model file, build(), batch() or loss() did not finish, "
             "perhaps an endless loop. Fix the model, or raise --timeout if it is only slow."
         ) from None
+
+
+def _run_one(spec, techs, drop_deeper, batch_sizes, device, steps, precision, optimizer, fake, limit, out,
+             no_report, dry_run, swept, memory_snapshot, per_technique_s, console: Output):
+    """Check, measure and answer for one model spec (one value of a sweep): (result, exit code), or None
+    for a dry run."""
+    from dbprofile.measure.runner import prepare
+    from dbprofile.models.sources import shape_value
+    from dbprofile.results import format_bytes
+
+    asked = techs
+    with _loading_limit(per_technique_s):
+        # The default set adapts to shallow models; techniques asked for by name never do.
+        spec, techs, facts = prepare(spec, asked, precision, optimizer, drop_deeper=drop_deeper)
     dropped = [t.name for t in asked if t not in techs]
     if dropped:
         console.info(f"skipping {', '.join(dropped)}: the model has only {facts['num_layers']} layers")
@@ -356,6 +417,8 @@ def run(model, batch_size, device, techniques, blocks, steps, precision, optimiz
     if facts["not_residual"]:
         console.info(f"note: {facts['not_residual']}")
     out_path = Path(out) if out else Path("reports") / f"{_safe_name(spec.name)}.json"
+    if swept:
+        out_path = out_path.with_name(f"{out_path.stem}-{swept}-{shape_value(spec, swept)}{out_path.suffix}")
     check_writable(out_path, "--out")
     if not no_report:
         check_writable(out_path.with_suffix(".html"), "the HTML report beside --out")
@@ -363,13 +426,12 @@ def run(model, batch_size, device, techniques, blocks, steps, precision, optimiz
         console.emit_json({"model": spec.name, "model_info": facts, "techniques": [t.name for t in techs],
                            "batch_sizes": batch_sizes, "device": device, "fake": fake, "precision": precision,
                            "optimizer": optimizer, "dry_run": True})
-        return
+        return None
 
     from dbprofile.measure.runner import format_table, run as run_profile
     from dbprofile.results import output_lock
 
     freeze_startup_objects()
-
     with output_lock(out_path):
         _note_replaced(out_path)
         with console.progress(f"{spec.name}", total=len(techs) * len(batch_sizes)) as advance:
@@ -391,7 +453,7 @@ def run(model, batch_size, device, techniques, blocks, steps, precision, optimiz
                            f"`dbprofile report {shlex.quote(str(out_path))}` renders them.", err=True)
                 raise
         code = _answer_run(result, out_path, no_report, format_table(result), console)
-    sys.exit(code)
+    return result, code
 
 
 def _answer_run(result: RunResult, out_path: Path, no_report: bool, table: str, console: Output) -> int:
@@ -409,6 +471,12 @@ def _answer_run(result: RunResult, out_path: Path, no_report: bool, table: str, 
     console.emit_json({**result.to_dict(), "verdict": judge(result), "files": files})
     console.write_csv(result.to_dataframe)
     return exit_code(result)
+
+
+def _concat_frames(frames: list):
+    import pandas as pd
+
+    return pd.concat(frames, ignore_index=True)
 
 
 def _frame(rows: list[dict]):
@@ -436,6 +504,7 @@ def _note_replaced(path: Path) -> None:
     if isinstance(old, dict):
         click.echo(f"replacing {path} (a run of {old.get('model')!r} from {old.get('created') or 'an unknown time'})",
                    err=True)
+
 
 
 def _load_result(path: str):
@@ -515,17 +584,20 @@ def compare(results, output, console: Output) -> None:
               help="Also write the plan as HTML (also when nothing fits).")
 @click.option("--full-trace", is_flag=True, default=False,
               help="Trace every layer instead of extrapolating identical layers from shallow copies.")
+@model_options
 @output_options
 @friendly_errors
 def plan(model, gpu, batch_size, techniques, precision, optimizer, zero_stage, world_size, html, full_trace,
-         console: Output) -> None:
+         set_options, seq_len, image_size, console: Output) -> None:
     """Predict each technique's peak on a target GPU without one (fake tensors), with a verdict.
 
     When nothing fits, the table, the HTML and the JSON still come, each technique with the bytes it
-    misses by (``shortfall_bytes``), and the exit code is 3."""
+    misses by (``shortfall_bytes``), and the exit code is 3. Several --seq-len / --image-size values
+    plan each shape (the JSON is then a list)."""
+    from dbprofile.models.common import build_on_meta, count_parameters
+    from dbprofile.models.sources import shape_value
     from dbprofile.plan import format_plan, format_plan_html, plan as make_plan
     from dbprofile.results import write_atomic
-    from dbprofile.spec import load_spec
 
     if batch_size < 1:
         raise UserError(f"--batch-size must be at least 1; got {batch_size}.")
@@ -534,21 +606,33 @@ def plan(model, gpu, batch_size, techniques, precision, optimizer, zero_stage, w
     target = gpu
     if gpu and gpu[0].isdigit():
         target = parse_size(gpu)
-    spec = load_spec(model)
-    with console.progress(f"planning {spec.name}"):
-        result = make_plan(spec, batch_size, device=target, techniques=techniques, precision=precision,
-                           optimizer=optimizer, zero_stage=zero_stage, world_size=world_size,
-                           full_trace=full_trace)
-    console.text(format_plan(result))
-    files = {}
-    if html:
-        path = Path(html)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        files["html"] = str(write_atomic(path, format_plan_html(result)))
-        console.text(f"plan: {files['html']}")
-    console.emit_json({**result.to_dict(), "files": files})
-    console.write_csv(result.to_dataframe)
-    sys.exit(exit_code(result))
+    swept, specs = _load_models(model, set_options, seq_len, image_size)
+    answers, results, codes = [], [], []
+    for spec in specs:
+        # Counted on the meta device: the model as the user's code builds it, at no memory cost.
+        console.text(f"{spec.name} ({spec.description}): {count_parameters(build_on_meta(spec.build)):,} parameters")
+        with console.progress(f"planning {spec.name}"):
+            result = make_plan(spec, batch_size, device=target, techniques=techniques, precision=precision,
+                               optimizer=optimizer, zero_stage=zero_stage, world_size=world_size,
+                               full_trace=full_trace)
+        if swept:
+            console.text(f"{swept} = {shape_value(spec, swept)}:")
+        console.text(format_plan(result))
+        files = {}
+        if html:
+            path = Path(html)
+            if swept:
+                path = path.with_name(f"{path.stem}-{swept}-{shape_value(spec, swept)}{path.suffix}")
+            path.parent.mkdir(parents=True, exist_ok=True)
+            files["html"] = str(write_atomic(path, format_plan_html(result)))
+            console.text(f"plan: {files['html']}")
+        answers.append({**result.to_dict(), "files": files})
+        results.append(result)
+        codes.append(exit_code(result))
+    console.emit_json(answers[0] if len(answers) == 1 else answers)
+    console.write_csv(results[0].to_dataframe if len(results) == 1 else
+                      lambda: _concat_frames([r.to_dataframe() for r in results]))
+    sys.exit(min(codes))
 
 
 def _parse_cases(text: str) -> list[tuple[str, tuple[int, ...]]]:
@@ -625,7 +709,7 @@ def validate(cases, techniques, precisions, device, steps, time_budget, out, con
 
 
 def _run_distributed(model, names, batch_sizes, device, steps, precision, optimizer, out, no_report,
-                     fsdp, nproc, timeout_s, console: Output) -> None:
+                     fsdp, nproc, timeout_s, console: Output, model_opts=(None, None, None)) -> None:
     """Per-rank profiling under torchrun: relaunch with --nproc, or measure on this rank.
 
     Rank 0 prints the answer (and the JSON / CSV). torchrun turns any rank's non-zero exit into its
@@ -633,11 +717,14 @@ def _run_distributed(model, names, batch_sizes, device, steps, precision, optimi
     with the outcome."""
     from dbprofile.measure.distributed import format_ranks, in_torchrun, launch, run_distributed
     from dbprofile.methods.sharding import parse_distributed_technique
-    from dbprofile.spec import load_spec, validate_spec
+    from dbprofile.spec import validate_spec
 
     for name in names:
         parse_distributed_technique(name)  # a bad name fails here, before any process starts
-    spec = load_spec(model)
+    swept, specs = _load_models(model, *model_opts)
+    if swept:
+        raise UserError(f"A distributed run measures one shape; give --{swept.replace('_', '-')} one value.")
+    spec = specs[0]
     out_path = Path(out) if out else Path("reports") / f"{_safe_name(spec.name)}-distributed.json"
     if not in_torchrun() and nproc is not None:
         code = launch(nproc, sys.argv[1:])

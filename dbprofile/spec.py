@@ -3,7 +3,7 @@ and validating it early with one clear message per mistake.
 
 A ModelSpec tells dbprofile how to build the user's model, make a batch, compute the
 end-to-end loss, where the residual layers are (``layers``, a dotted path to an
-``nn.ModuleList``) and which task DiffusionBlocks must cast as denoising. The batch and
+``nn.ModuleList`` or ``nn.Sequential``) and which task DiffusionBlocks must cast as denoising. The batch and
 call conventions per task (what DiffusionBlocks relies on) are in ``docs/protocol.md``.
 """
 
@@ -16,12 +16,19 @@ import sys
 import traceback
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Iterable
 
 import torch
 from torch import nn
 
 TASKS = ("classification", "denoising", "causal-lm")
+
+SHAPES = ("seq_len", "image_size")
+"""Model shapes a spec may let the command line change (``ModelSpec.shapes``)."""
+
+LayerStack = nn.ModuleList | nn.Sequential
+"""The containers a ``layers`` path may name: a ModuleList the forward loops over, or an
+nn.Sequential the forward calls (timm's ``blocks``)."""
 
 Batch = dict[str, torch.Tensor]
 
@@ -52,7 +59,7 @@ class ModelSpec:
     loss: Callable[[nn.Module, Batch], torch.Tensor]
     """The end-to-end training loss, a scalar."""
     layers: str
-    """Dotted path from the model to the nn.ModuleList of residual layers, e.g. 'blocks'."""
+    """Dotted path from the model to the nn.ModuleList (or nn.Sequential) of residual layers, e.g. 'blocks'."""
     task: str
     """classification | denoising | causal-lm: how DiffusionBlocks casts the target."""
     hidden_size: int | None = None
@@ -69,6 +76,15 @@ class ModelSpec:
     """The same model with another number of residual layers, for the planner's depth extrapolation
     (dbprofile.measure.depth); the built-in families set it. None: the planner cuts a full build's
     layer list instead, which works for any model that loops over ``layers``."""
+    shapes: dict[str, Callable[[int], "ModelSpec"]] = field(default_factory=dict)
+    """Shapes the command line may change (``seq_len``, ``image_size``): each maps to a function
+    returning this model's spec at that value (``--seq-len`` / ``--image-size``)."""
+    position_adapter: Callable[..., Any] | None = None
+    """For causal-lm models whose forward computes per-position tensors outside the layers (rotary
+    tables, 4-D masks): ``adapter(model, layout)`` returns ``rewrite(layer, args, kwargs) -> (args,
+    kwargs)``, which gives each active layer what matches a DiffusionBlocks ``SequenceLayout``
+    (dbprofile.methods.diffusion_blocks.sequence_layout; docs/protocol.md). None: such models are
+    refused for DiffusionBlocks with a message, e2e and ckpt still run."""
 
     def __post_init__(self) -> None:
         if not isinstance(self.name, str) or not self.name:
@@ -82,6 +98,12 @@ class ModelSpec:
             )
         if not isinstance(self.layers, str) or not self.layers:
             raise SpecError("ModelSpec.layers must be a dotted path such as 'blocks' or 'transformer.h'.")
+        unknown = sorted(set(self.shapes) - set(SHAPES))
+        if unknown:
+            raise SpecError(
+                f"ModelSpec.shapes names {', '.join(map(repr, unknown))}; the shapes the command line can "
+                f"change are {', '.join(SHAPES)}."
+            )
         if self.task in ("classification", "causal-lm") and self.num_classes is None:
             raise SpecError(
                 f"ModelSpec.num_classes is required for task {self.task!r} "
@@ -89,8 +111,9 @@ class ModelSpec:
             )
 
 
-def get_layers(model: nn.Module, path: str, spec_name: str = "model") -> nn.ModuleList:
-    """Follow the dotted ``layers`` path; raise SpecError naming the missing part."""
+def get_layers(model: nn.Module, path: str, spec_name: str = "model") -> LayerStack:
+    """Follow the dotted ``layers`` path to an nn.ModuleList or nn.Sequential; raise SpecError
+    naming the missing part."""
     obj: Any = model
     walked = []
     for part in path.split("."):
@@ -100,24 +123,29 @@ def get_layers(model: nn.Module, path: str, spec_name: str = "model") -> nn.Modu
             hint = f" Its children are: {', '.join(children)}." if children else ""
             raise SpecError(
                 f"layers path {path!r} not found in {spec_name}: {where} has no attribute "
-                f"{part!r}.{hint} Set ModelSpec.layers to the dotted path of the nn.ModuleList "
+                f"{part!r}.{hint} Set ModelSpec.layers to the dotted path of the layer stack "
                 "that holds the residual layers."
             )
         obj = getattr(obj, part)
         walked.append(part)
-    if not isinstance(obj, nn.ModuleList):
+    if not isinstance(obj, (nn.ModuleList, nn.Sequential)):
         raise SpecError(
-            f"layers path {path!r} in {spec_name} is a {type(obj).__name__}, not an nn.ModuleList. "
-            "Point ModelSpec.layers at the nn.ModuleList of residual layers (for an nn.Sequential, "
-            "hold the layers in an nn.ModuleList and loop over it in forward)."
+            f"layers path {path!r} in {spec_name} is a {type(obj).__name__}, not an nn.ModuleList or "
+            "nn.Sequential. Point ModelSpec.layers at the container of residual layers."
         )
     if len(obj) == 0:
-        raise SpecError(f"layers path {path!r} in {spec_name} is an empty nn.ModuleList.")
+        raise SpecError(f"layers path {path!r} in {spec_name} is an empty {type(obj).__name__}.")
     return obj
 
 
-def set_layers(model: nn.Module, path: str, layers: nn.ModuleList) -> None:
-    """Replace the ModuleList at the dotted path (used to run one DiffusionBlocks block)."""
+def like_stack(original: LayerStack, layers: Iterable[nn.Module]) -> LayerStack:
+    """A container of ``layers`` of the same kind as ``original``: the model's forward either
+    loops over a ModuleList or calls a Sequential, and a swapped-in stack must support the same."""
+    return nn.Sequential(*layers) if isinstance(original, nn.Sequential) else nn.ModuleList(layers)
+
+
+def set_layers(model: nn.Module, path: str, layers: LayerStack) -> None:
+    """Replace the layer stack at the dotted path (used to run one DiffusionBlocks block)."""
     *parents, last = path.split(".")
     obj: Any = model
     for part in parents:
@@ -125,7 +153,7 @@ def set_layers(model: nn.Module, path: str, layers: nn.ModuleList) -> None:
     setattr(obj, last, layers)
 
 
-def infer_hidden_size(layers: nn.ModuleList) -> int | None:
+def infer_hidden_size(layers: LayerStack) -> int | None:
     """The residual width: the last dimension of the first LayerNorm/RMSNorm-like weight."""
     for module in layers[0].modules():
         weight = getattr(module, "weight", None)
@@ -138,13 +166,18 @@ def infer_hidden_size(layers: nn.ModuleList) -> int | None:
 
 
 def load_spec(source: str | None) -> ModelSpec:
-    """Resolve a model source: None (the built-in default), a preset name, or ``file.py[:name]``."""
+    """Resolve a model source: None (the built-in default), a preset name, ``file.py[:name]``, or
+    an ecosystem model (``hf:NAME``, ``diffusers:NAME``, ``timm:NAME``; dbprofile.models.sources)."""
     from dbprofile.models import DEFAULT_PRESET, PRESETS, get_preset
 
     if source is None:
         return get_preset(DEFAULT_PRESET)
     if isinstance(source, ModelSpec):
         return source
+    from dbprofile.models.sources import is_ecosystem_source, load_ecosystem
+
+    if is_ecosystem_source(source):  # hf:NAME, diffusers:NAME, timm:NAME
+        return load_ecosystem(source)
     path_part, _, obj_name = source.partition(":")
     if path_part.endswith(".py") or "/" in path_part or Path(path_part).suffix:
         return _load_file(Path(path_part), obj_name or None)
@@ -299,7 +332,7 @@ def validate_spec(spec: ModelSpec, max_blocks: int | None = None, require_residu
                 f"Layer {index} of {spec.layers!r} in {spec.name!r} maps shape {list(in_shape)} to "
                 f"{list(out_shape)}: it is not shape-preserving, so it is not a residual layer "
                 "(h + f(h)). DiffusionBlocks needs every layer in ModelSpec.layers to keep the hidden "
-                "shape; move projections and heads out of that ModuleList (e2e and ckpt do not need it)."
+                "shape; move projections and heads out of that layer stack (e2e and ckpt do not need it)."
                 for index, in_shape, out_shape in shapes
                 if in_shape != out_shape
             ),
@@ -310,7 +343,7 @@ def validate_spec(spec: ModelSpec, max_blocks: int | None = None, require_residu
         if len(shapes) == 0:
             raise SpecError(
                 f"The layers at {spec.layers!r} in {spec.name!r} never ran during the loss: "
-                "ModelSpec.layers must name the ModuleList that forward actually loops over."
+                "ModelSpec.layers must name the layer stack that forward actually runs."
             )
         n_params = sum(p.numel() for p in model.parameters())
         hidden = spec.hidden_size or infer_hidden_size(layers) or (shapes[0][1][-1] if shapes else None)

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import textwrap
 
-import pytest
 from click.testing import CliRunner
 
 from dbprofile import __version__

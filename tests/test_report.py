@@ -269,7 +269,7 @@ def test_script_named_model_and_hostile_strings_are_escaped_everywhere():
     evil = "<script>alert(1)</script>"
     result = make_run(model=evil, oom="ckpt")
     result.command = f"dbprofile run '{evil}' \"--x\""
-    result.measurements[1].error = f'<img src=x onerror="alert(2)">'
+    result.measurements[1].error = '<img src=x onerror="alert(2)">'
     result.measurements[2].technique = f"db:3{evil}"
     result.environment["device_name"] = evil
     page = render_run(result)

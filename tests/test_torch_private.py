@@ -89,3 +89,11 @@ def test_memory_history_api_takes_the_arguments_the_snapshot_code_passes():
     assert list(inspect.signature(torch.cuda.memory._dump_snapshot).parameters)[0] == "filename"
     for name in ("start_cuda_memory_history", "stop_cuda_memory_history", "dump_cuda_memory_snapshot"):
         assert callable(getattr(private, name))
+
+
+def test_outside_fake_mode_makes_real_tensors_inside_a_fake_run():
+    with private.fake_tensor_mode():
+        with private.outside_fake_mode():
+            inner = torch.linspace(0, 1, 3)
+            assert not private.is_fake(inner) and inner[1].item() == 0.5
+        assert private.is_fake(torch.zeros(2))

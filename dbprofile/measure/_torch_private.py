@@ -32,6 +32,7 @@ __all__ = [
     "start_cuda_memory_history",
     "stop_cuda_memory_history",
     "dump_cuda_memory_snapshot",
+    "outside_fake_mode",
 ]
 
 MEMORY_HISTORY_MAX_ENTRIES = 1_000_000
@@ -62,6 +63,17 @@ def active_fake_mode() -> FakeTensorMode | None:
     from torch._guards import detect_fake_mode
 
     return detect_fake_mode()
+
+
+@contextlib.contextmanager
+def outside_fake_mode() -> Iterator[None]:
+    """Suspend the active FakeTensorMode (if any): tensors made inside are real (or meta).
+    Used to build a model on the meta device under a fake run, where its init code may read
+    values (``.item()``) that fake tensors do not have."""
+    from torch._subclasses.fake_tensor import unset_fake_temporarily
+
+    with unset_fake_temporarily():
+        yield
 
 
 def profiler_allocations(prof: "torch.profiler.profile") -> list[tuple[int, int]]:

@@ -557,6 +557,8 @@ def run(
         model_info={
             "family": spec.family, "task": spec.task, "num_layers": layer_count,
             "hidden_size": spec.hidden_size, "description": spec.description,
+            # The shapes --seq-len / --image-size set, so a sweep's runs can be told apart and drawn.
+            **{key: spec.extra[key] for key in ("sequence_length", "image_size", "latent_size") if key in spec.extra},
         },
         environment=devices.environment(device),
         command=command,

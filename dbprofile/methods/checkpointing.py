@@ -8,7 +8,7 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from dbprofile.methods.base import Trainer, to_device
-from dbprofile.spec import Batch, ModelSpec, get_layers, set_layers
+from dbprofile.spec import Batch, ModelSpec, get_layers, like_stack, set_layers
 
 
 def split_contiguous(n: int, parts: int) -> list[range]:
@@ -29,6 +29,18 @@ class CheckpointedSegment(nn.Module):
         super().__init__()
         self.layers = nn.ModuleList(layers)
 
+    def __getattr__(self, name: str):
+        # Some models reach into a layer from outside the loop (diffusers' DiT reads
+        # transformer_blocks[0].norm1 for its output conditioning); a one-layer segment answers
+        # for its layer so such a model still runs checkpointed.
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            layers = self._modules["layers"]
+            if len(layers) == 1:
+                return getattr(layers[0], name)
+            raise
+
     def _run(self, hidden, *args, **kwargs):
         for layer in self.layers:
             hidden = layer(hidden, *args, **kwargs)
@@ -41,10 +53,10 @@ class CheckpointedSegment(nn.Module):
 
 
 def checkpoint_layers(model: nn.Module, path: str, segments: int | None) -> None:
-    """Replace the residual ModuleList by checkpointed segments (every layer when None)."""
+    """Replace the residual layer stack by checkpointed segments (every layer when None)."""
     layers = get_layers(model, path)
     groups = split_contiguous(len(layers), segments or len(layers))
-    wrapped = nn.ModuleList(CheckpointedSegment([layers[i] for i in group]) for group in groups)
+    wrapped = like_stack(layers, (CheckpointedSegment([layers[i] for i in group]) for group in groups))
     set_layers(model, path, wrapped)
 
 

@@ -270,6 +270,7 @@ def make_spec(config: DiTConfig, name: str = "dit", description: str = "") -> Mo
             "patch_size": config.patch_size,
             "sequence_length": config.num_patches,
         },
+        shapes={"image_size": lambda n: make_spec(replace(config, input_size=n), name=name)},
     )
 
 

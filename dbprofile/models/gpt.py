@@ -197,4 +197,5 @@ def make_spec(config: GPTConfig, name: str = "gpt", description: str = "") -> Mo
             "num_kv_heads": config.num_kv_heads,
             "tie_embeddings": config.tie_embeddings,
         },
+        shapes={"seq_len": lambda n: make_spec(replace(config, context_length=n), name=name)},
     )

@@ -151,4 +151,5 @@ def make_spec(config: ViTConfig, name: str = "vit", description: str = "") -> Mo
             "channels": config.channels,
             "sequence_length": 1 + config.num_patches,
         },
+        shapes={"image_size": lambda n: make_spec(replace(config, image_size=n), name=name)},
     )

@@ -303,3 +303,34 @@ def comparison_peaks(techniques: Sequence[str], series: Sequence[tuple[str, dict
         ax.set_axisbelow(True)
         ax.legend(frameon=False, loc="upper left", bbox_to_anchor=(1.0, 1.0))
         return svg_from_figure(fig, "comparison-peaks")
+
+
+def sweep_lines(xlabel: str, series: Sequence[tuple[str, Sequence[tuple[int, Measurement]]]]) -> str:
+    """Peak memory against a swept shape (sequence length, image size): one line per technique
+    through its measurements; a value where the technique failed (OOM, error) is marked on the
+    axis with its status instead of a point."""
+    with matplotlib.rc_context(_RC):
+        fig = _figure(7.0, 3.4)
+        ax = fig.add_subplot()
+        peaks = [m.peak_bytes for _, points in series for _, m in points if m.ok]
+        unit = pick_unit(max(peaks, default=0))
+        scale = UNIT_BYTES[unit]
+        top = max(peaks, default=0) / scale or 1.0
+        for s, (technique, points) in enumerate(series):
+            colour = SERIES_COLOURS[s % len(SERIES_COLOURS)]
+            ok = [(x, m.peak_bytes / scale) for x, m in points if m.ok]
+            if ok:
+                ax.plot([p[0] for p in ok], [p[1] for p in ok], marker="o", color=colour, label=technique)
+            for x, m in points:
+                if not m.ok:
+                    ax.text(x, top * 0.02, m.status.upper(), rotation=90, ha="center", va="bottom",
+                            color="#B00020", fontweight="bold", fontsize=8)
+        xs = sorted({x for _, points in series for x, _ in points})
+        ax.set_xticks(xs, [str(x) for x in xs])
+        ax.set_xlabel(xlabel)
+        ax.set_ylabel(f"peak memory ({unit})")
+        ax.set_ylim(0, top * 1.1)
+        ax.grid(color="#dddddd", linewidth=0.6)
+        ax.set_axisbelow(True)
+        ax.legend(frameon=False, loc="upper left", bbox_to_anchor=(1.0, 1.0))
+        return svg_from_figure(fig, "sweep-lines")

@@ -627,17 +627,51 @@ def render_run(result: RunResult, html_dir: Path | None = None) -> str:
     return _page(f"dbprofile: {result.model}", _subtitle(result), sections)
 
 
+# Shapes a run may be made at (``--seq-len``, ``--image-size``), as the run's model_info names
+# them, with the axis label of a sweep over them.
+SHAPES = {"sequence_length": "sequence length (tokens)", "image_size": "image size (pixels)",
+          "latent_size": "latent size (latent pixels)"}
+
+
+def swept_shape(results: Sequence[RunResult]) -> str | None:
+    """The model_info shape key whose value differs between runs of one model (a sweep made
+    with several --seq-len or --image-size values), or None."""
+    if len(results) < 2 or len({r.model for r in results}) > 1:
+        return None
+    for key in SHAPES:
+        values = [r.model_info.get(key) for r in results]
+        if all(isinstance(v, int) for v in values) and len(set(values)) > 1:
+            return key
+    return None
+
+
+def _sweep_section(results: Sequence[RunResult], key: str) -> str:
+    techniques = sorted(dict.fromkeys(m.technique for r in results for m in r.measurements), key=_technique_order)
+    ordered = sorted(results, key=lambda r: r.model_info[key])
+    batches = sorted({m.batch_size for r in results for m in r.measurements})
+    charts_html = []
+    for bs in batches:
+        series = [(tech, [(r.model_info[key], m) for r in ordered for m in r.measurements
+                          if m.technique == tech and m.batch_size == bs]) for tech in techniques]
+        title = f"<h3>batch {bs}</h3>" if len(batches) > 1 else ""
+        charts_html.append(title + _chart(charts.sweep_lines(SHAPES[key], series)))
+    note = (f'<p class="muted">Peak memory of each technique against the {_e(_humanise(key))}; each point is '
+            "the run at that value (the table below has every number).</p>")
+    return _section("sweep", f"Peak against {_e(_humanise(key))}", note + "".join(charts_html))
+
+
 def _series(results: Sequence[RunResult]) -> list[tuple[str, RunResult, int, dict[str, Measurement]]]:
     """One series per (run, batch size): (label, run, batch size, {technique: measurement}).
-    Labels name only what differs between the series (model, device, precision, batch)."""
+    Labels name only what differs between the series (model, shape, device, precision, batch)."""
     raw = []
     for i, r in enumerate(results):
+        shape = " ".join(f"{_humanise(k)} {r.model_info[k]}" for k in SHAPES if k in r.model_info)
         for bs in dict.fromkeys(m.batch_size for m in r.measurements):
             ms = {m.technique: m for m in r.measurements if m.batch_size == bs}
             first = next(iter(ms.values()))
-            raw.append((i, r, bs, ms, {"model": r.model, "device": first.device, "precision": first.precision,
-                                         "batch": f"batch {bs}"}))
-    varying = [k for k in ("model", "device", "precision", "batch") if len({s[4][k] for s in raw}) > 1]
+            raw.append((i, r, bs, ms, {"model": r.model, "shape": shape, "device": first.device,
+                                         "precision": first.precision, "batch": f"batch {bs}"}))
+    varying = [k for k in ("model", "shape", "device", "precision", "batch") if len({s[4][k] for s in raw}) > 1]
     out = []
     for i, r, bs, ms, keys in raw:
         label = " · ".join(keys[k] for k in varying) or f"run {i + 1}"
@@ -690,6 +724,9 @@ def render_comparison(results: list[RunResult], command: str | None = None) -> s
         summary.append(f"<li>{item}</li>")
     sections.append(_section("summary", "Summary", f'<ul class="facts">{"".join(summary)}</ul>'))
 
+    swept = swept_shape([r for r in results if r.measurements])
+    if swept:
+        sections.append(_sweep_section([r for r in results if r.measurements], swept))
     if series:
         svg = charts.comparison_peaks(techniques, [(label, ms) for label, _, _, ms in series])
         sections.append(_section("peaks", "Peak memory per technique", _chart(svg)))

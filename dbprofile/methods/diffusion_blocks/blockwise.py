@@ -23,7 +23,9 @@ afterwards (evaluation and ``state_dict`` see the whole model). Per task:
   sees), so nothing leaks. The hook on the last active layer returns D at the noisy
   positions, (N, T, d), and the model's head gives (N, T, V) logits; cross-entropy. The
   active layers run on 2T tokens: about twice the activation bytes per layer of plain
-  next-token training.
+  next-token training. Models that pass per-position tensors (rotary tables, 4-D masks) to
+  their layers get them rebuilt for this layout by their ``position_adapter``, or are refused
+  (sequence_layout.py).
 """
 
 from __future__ import annotations
@@ -37,11 +39,14 @@ from torch import nn
 
 from dbprofile.methods.checkpointing import CheckpointedSegment, split_contiguous
 from dbprofile.methods.diffusion_blocks.conditioning import (
+    AdaLNZeroBlock,
     ConditioningContext,
+    GenericAdaLNZero,
     SigmaEmbedder,
     default_cond_dim,
     wrap_layer,
 )
+from dbprofile.methods.diffusion_blocks.sequence_layout import SequenceLayout, guard_rewrite, install_rewrite
 from dbprofile.methods.diffusion_blocks.schedule import (
     DEFAULT_GAMMA,
     DEFAULT_WEIGHTING,
@@ -52,7 +57,7 @@ from dbprofile.methods.diffusion_blocks.schedule import (
     weighted_loss,
 )
 from dbprofile.models.common import seeded
-from dbprofile.spec import Batch, ModelSpec, SpecError, get_layers, infer_hidden_size, set_layers
+from dbprofile.spec import Batch, ModelSpec, SpecError, get_layers, infer_hidden_size, like_stack, set_layers
 
 
 def _first(out):
@@ -124,7 +129,7 @@ class BlockwiseModel(nn.Module):
             wrapped = [wrap_layer(layer, hidden, cond_dim, self.context) for layer in layers]
         # Registered here as well as inside the user's model, so parameters() always sees every
         # layer, even while the user's model holds only the active block.
-        self.layers = nn.ModuleList(wrapped)
+        self.layers = like_stack(layers, wrapped)
         set_layers(model, spec.layers, self.layers)
         if self.task == "classification":
             self.label_embedding = nn.Parameter(torch.randn(spec.num_classes, hidden))
@@ -166,7 +171,7 @@ class BlockwiseModel(nn.Module):
     @contextlib.contextmanager
     def running(self, indices: list[int]) -> Iterator[nn.ModuleList]:
         """Install a ModuleList of only these layers in the user's model, restoring the full list after."""
-        active = nn.ModuleList(self._runners[i] for i in indices)
+        active = like_stack(self.layers, (self._runners[i] for i in indices))
         # The first time a layer runs, check it keeps the hidden shape (a residual layer). These
         # hooks are registered before the task's hooks, so they see the layer's own output.
         unchecked = [pos for pos, i in enumerate(indices) if i not in self._checked_layers]
@@ -308,8 +313,22 @@ class BlockwiseModel(nn.Module):
             d = c_skip[:, None, None] * z + c_out[:, None, None] * f.float()
             return _replace_first(out, d.to(h.dtype))
 
+        layout = SequenceLayout.interleaved(t, inputs.device)
+        adapter = self.spec.position_adapter
+        rewrite = adapter(self.model, layout) if adapter is not None else guard_rewrite(self.spec.name, layout)
         with self.running(indices) as active:
-            return self._call_with_hooks(active, pre, post, inputs)
+            handles = install_rewrite(list(active), [self._user_layer(i) for i in indices], rewrite)
+            try:
+                return self._call_with_hooks(active, pre, post, inputs)
+            finally:
+                for handle in handles:
+                    handle.remove()
+
+    def _user_layer(self, index: int) -> nn.Module:
+        """The user's own layer ``index``, inside its AdaLN-Zero wrapper (whose signature names
+        the positional arguments the model's forward passes)."""
+        layer = self.layers[index]
+        return layer.layer if isinstance(layer, (AdaLNZeroBlock, GenericAdaLNZero)) else layer
 
     def denoise(
         self, z: torch.Tensor, sigma: torch.Tensor, indices: list[int], labels: torch.Tensor | None = None

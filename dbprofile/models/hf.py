@@ -1,0 +1,448 @@
+"""Hugging Face ``transformers`` models as model sources: ``hf:NAME`` builds the model from its
+configuration alone (never from weights) and describes it as a ModelSpec.
+
+``NAME`` resolves, in this order: a local directory holding ``config.json`` or a ``.json`` file;
+a hub id whose config is already in the local Hugging Face cache (``local_files_only``: nothing
+is downloaded); a ``model_type`` transformers knows (``AutoConfig.for_model``: the class's
+defaults, e.g. ``llama`` is Llama-2-7B's shape). ``--set KEY=VALUE`` overrides a config field,
+typed by the field's current value, and is applied when the config is constructed, so derived
+fields (Llama's ``head_dim``) follow the overridden sizes. ``--set attn_implementation=eager``
+picks transformers' attention kernel (``sdpa`` by default), which changes activation memory.
+
+The task comes from the architecture: models transformers builds with ``AutoModelForCausalLM``
+are ``causal-lm`` (random tokens, next-token cross-entropy), those it builds with
+``AutoModelForImageClassification`` are ``classification`` (random images, cross-entropy). The
+model is wrapped so that it is called as the protocol says (``model(tokens) -> logits``), and
+its layer stack is found from a table of known paths or, failing that, as the longest
+ModuleList/Sequential of modules of one class.
+
+Under fake tensors the model is built with transformers' ``no_init_weights``: initialisers such
+as ``trunc_normal_`` read tensor values, which fake tensors do not have, and fake values are
+meaningless anyway. Causal LMs get a ``position_adapter`` (``hf_position_adapter``) that hands
+DiffusionBlocks' active layers rotary embeddings, position ids and attention masks for the
+doubled sequence.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import difflib
+import json
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Iterator
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from dbprofile.measure._torch_private import active_fake_mode, is_fake
+from dbprofile.models.common import data_generator, seeded
+from dbprofile.models.overrides import parse_value, unknown_key
+from dbprofile.spec import Batch, ModelSpec, SpecError
+
+if TYPE_CHECKING:
+    from dbprofile.methods.diffusion_blocks.sequence_layout import CallRewrite, SequenceLayout
+
+# model_type -> dotted path of the residual layers inside the transformers model. Anything not
+# listed is found by ``find_layer_stack``; the table pins the common ones so a refactor of the
+# fallback can never silently pick another stack for them.
+KNOWN_LAYER_PATHS = {
+    "gpt2": "transformer.h",
+    "llama": "model.layers",
+    "mistral": "model.layers",
+    "qwen2": "model.layers",
+    "qwen3": "model.layers",
+    "vit": "vit.layers",
+}
+
+DEFAULT_SEQ_LEN_CAP = 4096
+"""Default sequence length: the model's context length (``n_positions`` /
+``max_position_embeddings``), capped here so a 128k-context config does not plan 128k tokens."""
+
+SEED = 0
+
+
+def require_transformers() -> Any:
+    """Import transformers, or stop with how to install it."""
+    try:
+        import transformers
+    except ImportError:
+        raise SpecError(
+            "hf: models need the transformers package, which is not installed. Install it with "
+            "`pip install 'dbprofile[hf]'` (or `pip install transformers`), then run again."
+        ) from None
+    return transformers
+
+
+@contextlib.contextmanager
+def quiet_transformers() -> Iterator[None]:
+    """Silence transformers' logging (config sanity warnings about token ids of random-size
+    vocabularies) while a config or model is built."""
+    from transformers.utils import logging
+
+    level = logging.get_verbosity()
+    logging.set_verbosity_error()
+    try:
+        yield
+    finally:
+        logging.set_verbosity(level)
+
+
+# ---------------------------------------------------------------- resolving a configuration
+
+
+def _read_json(path: Path) -> dict[str, Any]:
+    try:
+        return json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError) as err:
+        raise SpecError(f"Cannot read the model config {str(path)!r}: {err}. Pass a valid config.json.") from None
+
+
+def raw_config(name: str) -> tuple[dict[str, Any], str]:
+    """(the config as a dict, where it came from) for ``hf:NAME``, offline; SpecError otherwise.
+    A diffusers config (it has ``_class_name``) is returned as is for the caller to route."""
+    transformers = require_transformers()
+    path = Path(name).expanduser()
+    if path.is_dir() and (path / "config.json").is_file():
+        return _read_json(path / "config.json"), f"{path / 'config.json'}"
+    if path.is_file():
+        return _read_json(path), str(path)
+    if path.suffix == ".json" or name.startswith((".", "/", "~")):
+        raise SpecError(f"hf:{name}: no such file or directory. Pass a directory holding config.json, or its path.")
+    from transformers import PretrainedConfig
+
+    try:
+        with quiet_transformers():
+            data, _ = PretrainedConfig.get_config_dict(name, local_files_only=True)
+        return data, f"the local Hugging Face cache ({name})"
+    except Exception:  # noqa: BLE001 - not cached (or not a hub id): try a model_type next
+        pass
+    from transformers.models.auto.configuration_auto import CONFIG_MAPPING_NAMES
+
+    if name in CONFIG_MAPPING_NAMES:
+        return {"model_type": name}, f"transformers' {name} defaults"
+    close = difflib.get_close_matches(name, list(CONFIG_MAPPING_NAMES), n=3, cutoff=0.6)
+    hint = f" Close model types: {', '.join(close)}." if close else ""
+    hub = (
+        f" If {name!r} is a hub id, its config is not in the local cache and dbprofile never downloads at run "
+        f"time: fetch it with `huggingface-cli download {name} config.json` (or save the config.json and pass "
+        "its directory)."
+        if "/" in name else ""
+    )
+    raise SpecError(
+        f"hf:{name} is not a local config, a cached hub id or a model_type transformers "
+        f"{transformers.__version__} knows.{hint}{hub} A local directory holding config.json also works."
+    )
+
+
+def make_config(data: dict[str, Any], overrides: dict[str, str], source: str) -> Any:
+    """The transformers config from ``data`` with ``--set`` overrides typed by the config's own
+    field types; unknown keys and unparsable values raise SpecError."""
+    from transformers import AutoConfig
+
+    data = dict(data)
+    model_type = data.pop("model_type", None)
+    if model_type is None:
+        raise SpecError(f"The config from {source} has no model_type; transformers cannot tell which model it is.")
+    with quiet_transformers():
+        try:
+            base = AutoConfig.for_model(model_type, **data)
+        except (ValueError, KeyError) as err:
+            raise SpecError(f"transformers cannot build a {model_type!r} config from {source}: {err}") from None
+        typed = {}
+        for key, text in overrides.items():
+            if key == "attn_implementation":  # the attention kernel: sdpa (default), eager, ...
+                typed[key] = text
+                continue
+            if not hasattr(base, key):
+                fields = set(base.to_dict()) | set(getattr(base, "attribute_map", {}))
+                raise unknown_key(key, sorted(fields), f"the {model_type} config")
+            typed[key] = parse_value(key, text, getattr(base, key))
+        try:
+            return AutoConfig.for_model(model_type, **{**data, **typed})
+        except (ValueError, TypeError) as err:
+            raise SpecError(f"The {model_type} config rejects these --set values: {err}") from None
+
+
+# ---------------------------------------------------------------- the model
+
+
+class CausalLM(nn.Module):
+    """A transformers causal LM called as the protocol says: tokens (N, T) -> logits (N, T, V)."""
+
+    def __init__(self, model: nn.Module) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
+        with unpacked_under_fake() if is_fake(tokens) else contextlib.nullcontext():
+            return self.model(input_ids=tokens, use_cache=False).logits
+
+
+@contextlib.contextmanager
+def unpacked_under_fake() -> Iterator[None]:
+    """Make a fake-tensor call take the mask path a real call takes.
+
+    With no attention mask, transformers looks for packed sequences in the position ids; on
+    real tensors it finds none (one sequence per row, as every dbprofile batch is) and lets SDPA
+    mask with ``is_causal``, but on fake tensors it cannot read the values, assumes packing and
+    materialises a (N, 1, T, T) mask, which also moves SDPA to another kernel: fake bytes would
+    then differ from real ones (tests/test_hf.py pins that they agree). Answering "not packed"
+    for it is what the real run computes."""
+    import transformers.masking_utils as masking
+
+    original = masking.find_packed_sequence_indices
+    masking.find_packed_sequence_indices = lambda position_ids: None
+    try:
+        yield
+    finally:
+        masking.find_packed_sequence_indices = original
+
+
+class ImageClassifier(nn.Module):
+    """A transformers image classifier called as the protocol says: images -> logits (N, classes)."""
+
+    def __init__(self, model: nn.Module) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        return self.model(pixel_values=images).logits
+
+
+def find_layer_stack(model: nn.Module) -> str | None:
+    """The dotted path of the longest ModuleList/Sequential whose members are all of one class
+    (the residual layers of a transformer), or None when there is none of length >= 2."""
+    best, best_len = None, 1
+    for name, module in model.named_modules():
+        if isinstance(module, (nn.ModuleList, nn.Sequential)) and len(module) > best_len:
+            if len({type(child) for child in module}) == 1:
+                best, best_len = name, len(module)
+    return best
+
+
+def _task(model_type: str) -> str | None:
+    from transformers.models.auto.modeling_auto import (
+        MODEL_FOR_CAUSAL_LM_MAPPING_NAMES,
+        MODEL_FOR_IMAGE_CLASSIFICATION_MAPPING_NAMES,
+    )
+
+    if model_type in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES:
+        return "causal-lm"
+    if model_type in MODEL_FOR_IMAGE_CLASSIFICATION_MAPPING_NAMES:
+        return "classification"
+    return None
+
+
+def make_spec(
+    name: str,
+    overrides: dict[str, str] | None = None,
+    seq_len: int | None = None,
+    image_size: int | None = None,
+) -> ModelSpec:
+    """The ModelSpec of ``hf:NAME`` (see the module docstring)."""
+    overrides = dict(overrides or {})
+    data, source = raw_config(name)
+    if "_class_name" in data:  # a diffusers config: the DiT source reads it
+        from dbprofile.models import diffusers_dit
+
+        return diffusers_dit.make_spec(name, overrides, image_size=image_size, config=data)
+    if image_size is not None:
+        overrides["image_size"] = str(image_size)
+    config = make_config(data, overrides, source)
+    task = _task(config.model_type)
+    if task is None:
+        raise SpecError(
+            f"hf:{name} is a {config.model_type!r} model, which transformers builds neither as a causal LM "
+            "(AutoModelForCausalLM) nor as an image classifier (AutoModelForImageClassification); dbprofile "
+            "profiles those two kinds from a config. Write a ModelSpec file for this model (README, "
+            "'Bring your own model')."
+        )
+    if task == "classification" and seq_len is not None:
+        raise SpecError(f"--seq-len applies to language models; hf:{name} is an image classifier (use --image-size).")
+    if task == "causal-lm" and image_size is not None:
+        raise SpecError(f"--image-size applies to vision models; hf:{name} is a language model (use --seq-len).")
+    from transformers import AutoModelForCausalLM, AutoModelForImageClassification
+
+    auto = AutoModelForCausalLM if task == "causal-lm" else AutoModelForImageClassification
+    wrapper = CausalLM if task == "causal-lm" else ImageClassifier
+
+    def build() -> nn.Module:
+        with seeded(SEED), quiet_transformers():
+            # Fake tensors have no values for initialisers to read (trunc_normal_ is data-dependent).
+            skip_init = active_fake_mode() is not None
+            from transformers.initialization import no_init_weights
+
+            with no_init_weights() if skip_init else contextlib.nullcontext():
+                model = auto.from_config(config)
+            if skip_init:
+                model.tie_weights()  # skipped with the initialisation; GPT-2 ties its LM head to wte
+        model.train()  # transformers builds in eval mode; dropout is part of the training step
+        return wrapper(model)
+
+    with torch.device("meta"), quiet_transformers():
+        meta = auto.from_config(config)
+    inner_path = KNOWN_LAYER_PATHS.get(config.model_type) or find_layer_stack(meta)
+    if inner_path is None:
+        raise SpecError(
+            f"hf:{name}: cannot find the residual layers of {type(meta).__name__} (no ModuleList or Sequential "
+            "of two or more modules of one class). Write a ModelSpec file that names them (README, "
+            "'Bring your own model')."
+        )
+    hidden = getattr(config, "hidden_size", None)
+    label = f"hf:{name}" + "".join(f" {k}={v}" for k, v in overrides.items() if k != "image_size")
+    common = {
+        "name": _safe(name),
+        "build": build,
+        "layers": f"model.{inner_path}",
+        "hidden_size": hidden,
+        "family": f"hf-{config.model_type}",
+    }
+    if task == "causal-lm":
+        return _causal_spec(name, overrides, config, seq_len, label, common)
+    return _classifier_spec(name, overrides, config, label, common)
+
+
+def _safe(name: str) -> str:
+    return "hf-" + "".join(c if c.isalnum() or c in "-_." else "-" for c in Path(name).name or name).strip("-")
+
+
+def _context_length(config: Any) -> int | None:
+    for key in ("n_positions", "max_position_embeddings"):
+        value = getattr(config, key, None)
+        if isinstance(value, int) and value > 0:
+            return value
+    return None
+
+
+def _causal_spec(name, overrides, config, seq_len, label, common) -> ModelSpec:
+    context = _context_length(config)
+    t = seq_len or min(context or 1024, DEFAULT_SEQ_LEN_CAP)
+    learned = getattr(config, "n_positions", None)  # GPT-2-style learned absolute positions
+    if isinstance(learned, int) and t > learned:
+        raise SpecError(
+            f"--seq-len {t} is longer than hf:{name}'s learned position table (n_positions={learned}). "
+            f"Use --seq-len up to {learned}, or --set n_positions={t}."
+        )
+    vocab = config.vocab_size
+
+    def batch(batch_size: int, device: torch.device | str) -> Batch:
+        gen = data_generator(SEED)
+        tokens = torch.randint(0, vocab, (batch_size, t + 1), generator=gen)
+        return {"inputs": tokens[:, :-1].contiguous().to(device), "targets": tokens[:, 1:].contiguous().to(device)}
+
+    def loss(model: nn.Module, batch: Batch) -> torch.Tensor:
+        logits = model(batch["inputs"])
+        return F.cross_entropy(logits.flatten(0, 1), batch["targets"].flatten())
+
+    return ModelSpec(
+        **common, batch=batch, loss=loss, task="causal-lm", num_classes=vocab,
+        description=f"{label}: {config.model_type} causal LM, {config.num_hidden_layers} layers, sequence {t}",
+        extra={"source": f"hf:{name}", "sequence_length": t, "vocab_size": vocab,
+               "attention": getattr(config, "_attn_implementation", None), "overrides": dict(overrides)},
+        shapes={"seq_len": lambda n: make_spec(name, overrides, seq_len=n)},
+        position_adapter=hf_position_adapter,
+    )
+
+
+def _vision(config: Any, key: str) -> Any:
+    """A vision field from the config, or from its ``vision_config`` (CLIP-style composites)."""
+    value = getattr(config, key, None)
+    if value is None:
+        value = getattr(getattr(config, "vision_config", None), key, None)
+    return value
+
+
+def _classifier_spec(name, overrides, config, label, common) -> ModelSpec:
+    size, channels, classes = _vision(config, "image_size"), _vision(config, "num_channels") or 3, config.num_labels
+    if not isinstance(size, int):
+        raise SpecError(
+            f"hf:{name}: the {config.model_type} config names no image_size (nor does its vision_config); "
+            "pass --image-size N."
+        )
+
+    def batch(batch_size: int, device: torch.device | str) -> Batch:
+        gen = data_generator(SEED)
+        images = torch.randn((batch_size, channels, size, size), generator=gen)
+        targets = torch.randint(0, classes, (batch_size,), generator=gen)
+        return {"inputs": images.to(device), "targets": targets.to(device)}
+
+    def loss(model: nn.Module, batch: Batch) -> torch.Tensor:
+        return F.cross_entropy(model(batch["inputs"]), batch["targets"])
+
+    plain = {k: v for k, v in overrides.items() if k != "image_size"}
+    return ModelSpec(
+        **common, batch=batch, loss=loss, task="classification", num_classes=classes,
+        description=f"{label}: {config.model_type} image classifier, {size}px, {classes} classes",
+        extra={"source": f"hf:{name}", "image_size": size, "overrides": dict(plain)},
+        shapes={"image_size": lambda n: make_spec(name, plain, image_size=n)},
+    )
+
+
+# ---------------------------------------------------------------- DiffusionBlocks hand-off
+
+# The per-position arguments transformers' decoder layers take that this adapter rebuilds.
+REBUILT = ("attention_mask", "position_embeddings", "position_ids")
+
+
+def _rotary_module(model: nn.Module) -> nn.Module | None:
+    """The model's shared rotary-embedding module (``LlamaRotaryEmbedding`` and kin), if any."""
+    return next((m for m in model.modules() if type(m).__name__.endswith("RotaryEmbedding")), None)
+
+
+def _mask_for(original: torch.Tensor | None, layout: "SequenceLayout") -> torch.Tensor | None:
+    """The layout's mask in the format the model's attention uses: kept None for plain causal
+    when the model masked with ``is_causal`` (SDPA), boolean (True = attend) for SDPA masks,
+    additive (0 or the dtype's minimum) for eager attention's float masks."""
+    if original is None and layout.allowed is None:
+        return None
+    allowed = layout.allowed_matrix()[None, None]
+    if original is None or original.dtype == torch.bool:
+        return allowed
+    additive = torch.zeros(allowed.shape, dtype=original.dtype, device=allowed.device)
+    return additive.masked_fill(~allowed, torch.finfo(original.dtype).min)
+
+
+def hf_position_adapter(model: nn.Module, layout: "SequenceLayout") -> "CallRewrite":
+    """The ``position_adapter`` of transformers causal LMs: rebuild ``attention_mask``,
+    ``position_embeddings`` (with the model's own rotary module at the layout's positions) and
+    ``position_ids`` for the S-token layout. One set of tensors per model call, shared by every
+    active layer as the model's own forward shares its tables. Any other argument that is a
+    per-position tensor for T tokens refuses DiffusionBlocks (sequence_layout.refusal)."""
+    # Imported here, not at the top: the model source must not import the method at load time.
+    from dbprofile.methods.diffusion_blocks.sequence_layout import per_position_arguments, refusal, signature_names
+
+    rotary = _rotary_module(model)
+    positions = layout.positions[None]
+    made: dict[str, Any] = {}
+
+    def rebuilt(name: str, value: Any, hidden: torch.Tensor) -> Any:
+        if value is None and name != "attention_mask":
+            return None
+        if name not in made:
+            if name == "attention_mask":
+                made[name] = _mask_for(value, layout)
+            elif name == "position_embeddings":
+                if rotary is None:
+                    raise refusal(type(model).__name__, [(name, list(value[0].shape))], layout.tokens, layout.length)
+                made[name] = rotary(hidden, positions)
+            else:
+                made[name] = positions
+        return made[name]
+
+    def rewrite(layer: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
+        names = signature_names(layer)
+        positional = [names[i] if i < len(names) and names[i] in REBUILT else None for i in range(len(args))]
+        # Whatever this adapter does not rebuild must not be a per-position tensor for T tokens.
+        left = per_position_arguments(
+            tuple(None if name else a for name, a in zip(positional, args, strict=True)),
+            {k: v for k, v in kwargs.items() if k not in REBUILT}, layout.tokens, names)
+        if left:
+            raise refusal(type(model).__name__, left, layout.tokens, layout.length)
+        hidden = args[0]
+        new_args = tuple(a if i == 0 or name is None else rebuilt(name, a, hidden)
+                         for i, (name, a) in enumerate(zip(positional, args, strict=True)))
+        new_kwargs = {k: rebuilt(k, v, hidden) if k in REBUILT else v for k, v in kwargs.items()}
+        return new_args, new_kwargs
+
+    return rewrite
