@@ -19,7 +19,7 @@ from torch import nn
 
 from dbprofile.methods.base import Mark, Trainer, _no_mark, to_device
 from dbprofile.methods.diffusion_blocks.blockwise import BlockwiseModel
-from dbprofile.methods.diffusion_blocks.schedule import DEFAULT_GAMMA, DEFAULT_WEIGHTING
+from dbprofile.methods.diffusion_blocks.schedule import DEFAULT_GAMMA
 from dbprofile.spec import Batch, ModelSpec
 
 
@@ -51,7 +51,7 @@ class DiffusionBlocksTrainer(Trainer):
         lr: float = 1e-3,
         *,
         gamma: float = DEFAULT_GAMMA,
-        weighting: str = DEFAULT_WEIGHTING,
+        weighting: str | None = None,
         partition: str = "equiprobable",
         cond_dim: int | None = None,
         seed: int = 0,
@@ -66,6 +66,7 @@ class DiffusionBlocksTrainer(Trainer):
             weighting=weighting,
             cond_dim=cond_dim,
             checkpoint=tech.ckpt,
+            lm_layout=tech.lm_layout,
             seed=seed,
         )
         trainer_cls = OffloadDiffusionBlocksTrainer if tech.offload else cls
