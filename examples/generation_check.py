@@ -57,7 +57,7 @@ def train_classifier(train_x, train_y, test_x, test_y) -> tuple[LogisticRegressi
     return classifier, float(classifier.score(test_x.flatten(1).numpy(), test_y.numpy()))
 
 
-def train(technique: str, steps: int, batch_size: int = 128, lr: float = 1e-3, seed: int = 0):
+def train(technique: str, steps: int, batch_size: int = 64, lr: float = 1e-3, seed: int = 0):
     """Train one technique on the digits; returns (trainer, wall seconds, CPU seconds)."""
     torch.manual_seed(seed)
     spec = tiny_dit_spec(seed)
@@ -97,7 +97,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--runs", default="e2e,db:2,db:3", help="comma-separated techniques")
     parser.add_argument("--steps", type=int, default=1500, help="end-to-end steps; db:B gets B times as many")
-    parser.add_argument("--batch-size", type=int, default=128)
+    parser.add_argument("--batch-size", type=int, default=64)
     parser.add_argument("--lr", type=float, default=1e-3)
     parser.add_argument("--levels", type=int, default=32, help="Euler noise levels from 80 down to 0.002")
     parser.add_argument("--per-class", type=int, default=20, help="samples per class")

@@ -84,11 +84,15 @@ def main() -> None:
     parser.add_argument("--batch-size", type=int, default=64)
     parser.add_argument("--lr", type=float, default=2e-3)
     parser.add_argument("--weighting", default=None, help="reference | per-sample | none (default: the library's)")
-    parser.add_argument("--seeds", default="0", help="comma-separated seeds (model, data order, noise)")
+    parser.add_argument("--seeds", default="0", help="comma-separated seeds (data order, noise, block choice)")
+    parser.add_argument("--label-init-std", type=float, default=None,
+                        help="std of the label table's initial rows (default: the authors' 0.02)")
     parser.add_argument("--threads", type=int, default=2, help="torch CPU threads")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     options = {"weighting": args.weighting} if args.weighting else {}
+    if args.label_init_std is not None:
+        options["label_init_std"] = args.label_init_std
     seeds = [int(s) for s in args.seeds.split(",") if s.strip()]
     techniques = [t.strip() for t in args.runs.split(",") if t.strip()]
     accuracies: dict[str, list[float]] = {t: [] for t in techniques}

@@ -290,6 +290,18 @@ def test_extra_parameters_are_counted_per_model():
     assert sum(p.numel() for p in vit_trainer.model.parameters()) == plain + vit_trainer.extra_parameters
 
 
+def test_gpt2_small_adds_only_the_adaln_modulation_and_sigma_embedder():
+    from dbprofile.measure.fake import fake_mode
+    from dbprofile.models.registry import PRESETS
+
+    with fake_mode():
+        trainer = make_trainer(parse_technique("db:2"), PRESETS["gpt2-small"](), CPU)
+    d, c, layers = 768, 128, 12  # cond width d // 6
+    embedder = (256 * c + c) + (c * c + c)
+    assert trainer.extra_parameters == embedder + layers * (c * 6 * d + 6 * d) == 7_182_592
+    assert trainer.model.input_embedding is trainer.model.model.tok_embed
+
+
 # ---------------------------------------------------------------- task constructions
 
 

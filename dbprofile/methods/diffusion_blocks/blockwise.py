@@ -75,6 +75,12 @@ def _per_sample(values: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
     return values.reshape(values.shape[0], *([1] * (like.dim() - 1)))
 
 
+LABEL_INIT_STD = 0.02
+"""Std of the classification label table's initial rows, the authors' N(0, 0.02). The rows
+are L2-normalised before use, so the scale only sets how fast AdamW (whose steps are about
+lr in size whatever the scale) moves the targets; docs/diffusion_blocks.md has the measured
+effect."""
+
 LM_LAYOUTS = ("concatenated", "interleaved")
 """How the causal-lm task lays out clean and noisy tokens (module doc); the first is the default."""
 LM_LAYER_KWARGS = ("attn_mask", "positions")
@@ -145,13 +151,16 @@ class BlockwiseModel(nn.Module):
         cond_dim: int | None = None,
         checkpoint: bool = False,
         lm_layout: str = LM_LAYOUTS[0],
+        label_init_std: float = LABEL_INIT_STD,
         seed: int = 0,
     ) -> None:
         super().__init__()
         with seeded(seed):  # the added parameters are deterministic, like spec.build()
-            self._setup(spec, model, blocks, gamma, partition, weighting, cond_dim, checkpoint, lm_layout)
+            self._setup(spec, model, blocks, gamma, partition, weighting, cond_dim, checkpoint, lm_layout, label_init_std)
 
-    def _setup(self, spec, model, blocks, gamma, partition, weighting, cond_dim, checkpoint, lm_layout) -> None:
+    def _setup(
+        self, spec, model, blocks, gamma, partition, weighting, cond_dim, checkpoint, lm_layout, label_init_std
+    ) -> None:
         layers = get_layers(model, spec.layers, spec.name)
         if not isinstance(blocks, int) or blocks < 1:
             raise SpecError(f"DiffusionBlocks needs B >= 1 blocks; got B={blocks!r}. Use db:B with B >= 1.")
@@ -201,8 +210,7 @@ class BlockwiseModel(nn.Module):
         set_layers(model, spec.layers, self.layers)
         self.native_readout = False
         if self.task == "classification":
-            # The authors' label-embedding table, initialised N(0, 0.02) as theirs.
-            self.label_embedding = nn.Parameter(torch.randn(spec.num_classes, hidden) * 0.02)
+            self.label_embedding = nn.Parameter(torch.randn(spec.num_classes, hidden) * label_init_std)
             self.native_readout = _has_readout(model)
             if self.native_readout:
                 # Final sigma-conditioned AdaLN (shift, scale) before the classifier; it and the
