@@ -433,27 +433,31 @@ def test_causal_lm_layout_must_be_known_and_only_for_language_models():
     assert parse_technique("db:2+ckpt+interleaved").name == "db:2+ckpt+interleaved"
 
 
-class _UserLayer(nn.Module):
-    """A residual LM layer with its own causal attention and no mask argument."""
+class _PlainLayer(nn.Module):
+    """A user's residual LM layer (token-wise, so causal by construction) taking one tensor."""
 
-    def __init__(self, d: int, takes_mask: bool) -> None:
+    def __init__(self, d: int) -> None:
         super().__init__()
         self.norm = nn.LayerNorm(d)
         self.fc = nn.Linear(d, d)
-        self.takes_mask = takes_mask
 
-    def forward(self, x, **kwargs):
+    def forward(self, x):
         return x + self.fc(self.norm(x))
+
+
+class _MaskedLayer(_PlainLayer):
+    """The same layer accepting the concatenated layout's keyword arguments."""
+
+    def forward(self, x, attn_mask=None, positions=None):
+        return super().forward(x)
 
 
 class _UserLM(nn.Module):
     def __init__(self, vocab: int = 20, d: int = 16, takes_mask: bool = True) -> None:
         super().__init__()
         self.embed = nn.Embedding(vocab, d)
-        self.blocks = nn.ModuleList(_UserLayer(d, takes_mask) for _ in range(2))
-        if not takes_mask:
-            for block in self.blocks:
-                block.forward = lambda x, block=block: x + block.fc(block.norm(x))
+        layer = _MaskedLayer if takes_mask else _PlainLayer
+        self.blocks = nn.ModuleList(layer(d) for _ in range(2))
         self.head = nn.Linear(d, vocab)
 
     def forward(self, tokens):
