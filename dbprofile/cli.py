@@ -286,7 +286,7 @@ def _safe_name(text: str) -> str:
               help="Batch size, or several comma-separated (16,32,64).")
 @click.option("--device", default="cpu", show_default=True, help="cpu, cuda or cuda:N.")
 @click.option("--techniques", "-t", default=None,
-              help="Comma-separated: e2e, ckpt, ckpt:K, db:B, db:B+ckpt, db:B+offload. "
+              help="Comma-separated: e2e, ckpt, ckpt:K, db:B, db:B+ckpt, db:B+offload, db:B+interleaved (causal LMs). "
                    "Default: e2e,ckpt,db:2,db:3,db:4.")
 @click.option("--blocks", default=None, help="Shortcut: e2e, ckpt and db:B for each B given (e.g. 2,4,6).")
 @click.option("--steps", default=5, show_default=True, type=int,

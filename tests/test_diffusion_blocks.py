@@ -17,6 +17,7 @@ from dbprofile.methods.diffusion_blocks import (
     sample,
 )
 from dbprofile.methods.diffusion_blocks.activations import layer_activation_bytes
+from dbprofile.methods.diffusion_blocks.blockwise import concatenated_attention_mask, concatenated_positions
 from dbprofile.methods.diffusion_blocks.conditioning import AdaLNZeroBlock, GenericAdaLNZero
 from dbprofile.methods.diffusion_blocks.sampler import held_out_block_losses, identity_block_copy
 from dbprofile.methods.techniques import Technique, make_trainer, parse_technique
@@ -100,8 +101,8 @@ def token_mlp_spec(layers: int = 5, width_change_at: int | None = None, float_ta
     )
 
 
-def db(blocks: int, ckpt: bool = False, offload: bool = False) -> Technique:
-    return Technique("db", blocks=blocks, ckpt=ckpt, offload=offload)
+def db(blocks: int, ckpt: bool = False, offload: bool = False, interleaved: bool = False) -> Technique:
+    return Technique("db", blocks=blocks, ckpt=ckpt, offload=offload, interleaved=interleaved)
 
 
 # ---------------------------------------------------------------- partition and bad input
@@ -274,39 +275,227 @@ def test_native_wrapper_follows_dits_adaln_zero():
 def test_extra_parameters_are_counted_per_model():
     d, c, classes, layers = 32, 32, 10, 4  # cond width max(32, d // 6) = 32
     embedder = (256 * c + c) + (c * c + c)
+    final_adaln = c * 2 * d + 2 * d
     vit_trainer = DiffusionBlocksTrainer.create(db(2), tiny_vit(layers), CPU)
-    assert vit_trainer.extra_parameters == embedder + layers * (c * 6 * d + 6 * d) + classes * d
-    gpt_trainer = DiffusionBlocksTrainer.create(db(2), tiny_gpt(layers), CPU)
-    assert gpt_trainer.extra_parameters == embedder + layers * (c * 6 * d + 6 * d) + 64 * d
+    assert vit_trainer.extra_parameters == embedder + layers * (c * 6 * d + 6 * d) + classes * d + final_adaln
+    # the causal-lm target comes from the model's own token embedding: no vocabulary x d table
+    for technique in (db(2), db(2, interleaved=True)):
+        gpt_trainer = DiffusionBlocksTrainer.create(technique, tiny_gpt(layers), CPU)
+        assert gpt_trainer.extra_parameters == embedder + layers * (c * 6 * d + 6 * d)
+        plain_gpt = sum(p.numel() for p in tiny_gpt(layers).build().parameters())
+        assert sum(p.numel() for p in gpt_trainer.model.parameters()) == plain_gpt + gpt_trainer.extra_parameters
     user = DiffusionBlocksTrainer.create(db(2), token_mlp_spec(layers=5), CPU)
     assert user.extra_parameters == embedder + 5 * (c * 3 * 16 + 3 * 16) + 3 * 16
     plain = sum(p.numel() for p in tiny_vit(layers).build().parameters())
     assert sum(p.numel() for p in vit_trainer.model.parameters()) == plain + vit_trainer.extra_parameters
 
 
+def test_gpt2_small_adds_only_the_adaln_modulation_and_sigma_embedder():
+    from dbprofile.measure.fake import fake_mode
+    from dbprofile.models.registry import PRESETS
+
+    with fake_mode():
+        trainer = make_trainer(parse_technique("db:2"), PRESETS["gpt2-small"](), CPU)
+    d, c, layers = 768, 128, 12  # cond width d // 6
+    embedder = (256 * c + c) + (c * c + c)
+    assert trainer.extra_parameters == embedder + layers * (c * 6 * d + 6 * d) == 7_182_592
+    assert trainer.model.input_embedding is trainer.model.model.tok_embed
+
+
 # ---------------------------------------------------------------- task constructions
 
 
-def test_classification_puts_the_noisy_target_at_the_cls_token_and_reads_d_there():
+def _vit_readout_inputs(pooling: str = "cls"):
+    spec = vit.make_spec(
+        vit.ViTConfig(image_size=8, patch_size=2, channels=1, num_classes=10, num_layers=4, hidden_size=32,
+                      num_heads=2, pooling=pooling)
+    )
+    model = BlockwiseModel(spec, spec.build(), 2)
+    torch.manual_seed(1)
+    nn.init.normal_(model.model.head.weight)  # zero-initialised, as the authors' classifier
+    nn.init.normal_(model.final_modulation.weight, std=0.1)
+    sigma = torch.tensor([0.1, 1.0, 10.0])
+    return model, spec.batch(3, CPU)["inputs"], torch.randn(3, 32), sigma
+
+
+@pytest.mark.parametrize("pooling", ["cls", "mean"])
+def test_vit_readout_follows_the_authors_code(pooling):
+    model, inputs, z, sigma = _vit_readout_inputs(pooling)
+    vit_model = model.model
+    c_skip, c_out, c_in, c_noise = edm_preconditioning(sigma)
+    seen = {}
+    vit_model.blocks[0].register_forward_pre_hook(lambda _m, args: seen.setdefault("x", args[0]))
+    logits = model.classification_logits(inputs, z, sigma, model.block_layers[0])
+    # c_in*z replaced the CLS token BEFORE the position embeddings were added
+    assert torch.allclose(seen["x"][:, 0], c_in[:, None] * z + vit_model.pos_embed[0, 0], atol=1e-6)
+    # F is the final-norm output pooled (token 0 or the patch mean); D; final AdaLN; classifier
+    with model.running(model.block_layers[0]):
+        f = vit_model.features(inputs, cls=c_in[:, None] * z)
+    d = c_out[:, None] * f + c_skip[:, None] * z
+    cond = F.silu(model.sigma_embedder(c_noise))
+    shift, scale = model.final_modulation(cond).chunk(2, dim=-1)
+    assert torch.allclose(logits, vit_model.head(d * (1 + scale) + shift), atol=1e-5)
+
+
+def test_vit_features_pool_the_final_norm_output():
+    for pooling in ("cls", "mean"):
+        config = vit.ViTConfig(image_size=8, patch_size=2, channels=1, num_classes=10, num_layers=2,
+                               hidden_size=32, num_heads=2, pooling=pooling)
+        model = vit.ViT(config)
+        images = torch.randn(2, 1, 8, 8)
+        hidden = {}
+        model.norm.register_forward_hook(lambda _m, _a, out: hidden.setdefault("h", out))
+        feats = model.features(images)
+        want = hidden["h"][:, 0] if pooling == "cls" else hidden["h"][:, 1:].mean(dim=1)
+        assert torch.equal(feats, want)
+        assert torch.allclose(model(images), model.head(want))
+    with pytest.raises(ValueError, match="pooling"):
+        vit.ViTConfig(pooling="max")
+
+
+def test_vit_readout_starts_with_zero_classifier_and_final_adaln():
     spec = tiny_vit()
     model = BlockwiseModel(spec, spec.build(), 2)
+    assert model.native_readout
+    for param in (model.model.head.weight, model.model.head.bias, *model.final_modulation.parameters()):
+        assert param.abs().sum() == 0
+    logits = model.classification_logits(spec.batch(2, CPU)["inputs"], torch.randn(2, 32), torch.ones(2), [0, 1])
+    assert torch.equal(logits, torch.zeros(2, 10))
+
+
+def test_user_classifier_without_readout_gets_the_cls_hooks():
+    spec = token_mlp_spec(layers=4)
+    model = BlockwiseModel(spec, spec.build(), 2)
+    assert not model.native_readout and not hasattr(model, "final_modulation")
     inputs = spec.batch(3, CPU)["inputs"]
-    z = torch.randn(3, 32)
+    z = torch.randn(3, 16)
     sigma = torch.tensor([0.1, 1.0, 10.0])
     c_skip, c_out, c_in, _ = edm_preconditioning(sigma)
     seen = {}
-    first = model.layers[model.block_layers[1][0]].layer.norm1
+    first = model.layers[model.block_layers[1][0]].layer  # zero modulation: it sees the wrapper's input
     first.register_forward_pre_hook(lambda _m, args: seen.setdefault("x", args[0]))
     logits = model.classification_logits(inputs, z, sigma, model.block_layers[1])
     assert torch.allclose(seen["x"][:, 0], c_in[:, None] * z)
-    # zero-init layers pass token 0 through, so D = c_skip*z + c_out*c_in*z
+    # zero-init layers pass token 0 through, so D = c_skip*z + c_out*c_in*z, then the model's norm and head
     d = (c_skip + c_out * c_in)[:, None] * z
     assert torch.allclose(logits, model.model.head(model.model.norm(d)), atol=1e-5)
 
 
-def test_causal_lm_runs_on_interleaved_clean_and_noisy_tokens_without_leaks():
-    spec = tiny_gpt()
+def test_concatenated_mask_and_positions():
+    mask = concatenated_attention_mask(3)
+    want = [
+        [1, 0, 0, 0, 0, 0],
+        [1, 1, 0, 0, 0, 0],
+        [1, 1, 1, 0, 0, 0],
+        [1, 0, 0, 1, 0, 0],  # noisy 0 sees clean 0 and itself
+        [1, 1, 0, 0, 1, 0],
+        [1, 1, 1, 0, 0, 1],
+    ]
+    assert mask.tolist() == [[bool(v) for v in row] for row in want]
+    assert concatenated_positions(3).tolist() == [0, 1, 2, 0, 1, 2]
+
+
+def test_concatenated_layout_hands_mask_and_positions_to_every_layer():
+    spec = tiny_gpt(style="llama")
     model = BlockwiseModel(spec, spec.build(), 2)
+    seen = []
+    for i in model.block_layers[1]:
+        model.layers[i].layer.attn.register_forward_pre_hook(
+            lambda _m, args, kwargs: seen.append((args[0].shape[1], kwargs)), with_kwargs=True
+        )
+    model.loss(spec.batch(2, CPU), 1, generator=torch.Generator().manual_seed(0))
+    assert len(seen) == len(model.block_layers[1])
+    for length, kwargs in seen:
+        assert length == 32
+        assert torch.equal(kwargs["attn_mask"], concatenated_attention_mask(16))
+        assert torch.equal(kwargs["positions"], concatenated_positions(16))
+
+
+def test_masked_attention_with_positions_matches_causal_attention_on_the_clean_half():
+    # The clean half of the concatenated sequence must see exactly what plain causal attention sees.
+    from dbprofile.models.common import RotaryCache, SelfAttention
+
+    torch.manual_seed(0)
+    attn = SelfAttention(32, 4, num_kv_heads=2, bias=False, causal=True, rotary=RotaryCache(8))
+    x = torch.randn(2, 5, 32)
+    plain = attn(x)
+    doubled = torch.cat([x, torch.randn(2, 5, 32)], dim=1)
+    masked = attn(doubled, attn_mask=concatenated_attention_mask(5), positions=concatenated_positions(5))
+    assert torch.allclose(masked[:, :5], plain, atol=1e-5)
+
+
+def test_causal_lm_layout_must_be_known_and_only_for_language_models():
+    with pytest.raises(SpecError, match="concatenated, interleaved"):
+        BlockwiseModel(tiny_gpt(), tiny_gpt().build(), 2, lm_layout="side-by-side")
+    with pytest.raises(SpecError, match="causal-lm models only"):
+        DiffusionBlocksTrainer.create(db(2, interleaved=True), tiny_vit(), CPU)
+    assert parse_technique("db:2+interleaved") == db(2, interleaved=True)
+    assert parse_technique("db:2+ckpt+interleaved").name == "db:2+ckpt+interleaved"
+
+
+class _PlainLayer(nn.Module):
+    """A user's residual LM layer (token-wise, so causal by construction) taking one tensor."""
+
+    def __init__(self, d: int) -> None:
+        super().__init__()
+        self.norm = nn.LayerNorm(d)
+        self.fc = nn.Linear(d, d)
+
+    def forward(self, x):
+        return x + self.fc(self.norm(x))
+
+
+class _MaskedLayer(_PlainLayer):
+    """The same layer accepting the concatenated layout's keyword arguments."""
+
+    def forward(self, x, attn_mask=None, positions=None):
+        return super().forward(x)
+
+
+class _UserLM(nn.Module):
+    def __init__(self, vocab: int = 20, d: int = 16, takes_mask: bool = True) -> None:
+        super().__init__()
+        self.embed = nn.Embedding(vocab, d)
+        layer = _MaskedLayer if takes_mask else _PlainLayer
+        self.blocks = nn.ModuleList(layer(d) for _ in range(2))
+        self.head = nn.Linear(d, vocab)
+
+    def forward(self, tokens):
+        h = self.embed(tokens)
+        for block in self.blocks:
+            h = block(h)
+        return self.head(h)
+
+
+def _user_lm_spec(takes_mask: bool) -> ModelSpec:
+    def batch(n, device):
+        tokens = torch.randint(0, 20, (n, 7), generator=torch.Generator().manual_seed(0))
+        return {"inputs": tokens[:, :-1].to(device), "targets": tokens[:, 1:].to(device)}
+
+    return ModelSpec(
+        name="user-lm", build=lambda: _UserLM(takes_mask=takes_mask), batch=batch,
+        loss=lambda m, b: F.cross_entropy(m(b["inputs"]).flatten(0, 1), b["targets"].flatten()),
+        layers="blocks", task="causal-lm", hidden_size=16, num_classes=20,
+    )
+
+
+def test_user_language_model_target_is_its_own_embedding_and_layers_must_take_the_mask():
+    spec = _user_lm_spec(takes_mask=True)
+    model = BlockwiseModel(spec, spec.build(), 2)
+    assert model.input_embedding is model.model.embed
+    assert float(model.loss(spec.batch(3, CPU), 0).detach()) > 0
+    plain = _user_lm_spec(takes_mask=False)
+    with pytest.raises(SpecError, match="lm_layout='interleaved'"):
+        BlockwiseModel(plain, plain.build(), 2)
+    interleaved = BlockwiseModel(plain, plain.build(), 2, lm_layout="interleaved")
+    assert float(interleaved.loss(plain.batch(3, CPU), 1).detach()) > 0
+
+
+@pytest.mark.parametrize("layout", ["concatenated", "interleaved"])
+@pytest.mark.parametrize("style", ["gpt2", "llama"])
+def test_causal_lm_runs_on_clean_and_noisy_tokens_without_leaks(layout, style):
+    spec = tiny_gpt(style=style)
+    model = BlockwiseModel(spec, spec.build(), 2, lm_layout=layout)
     torch.manual_seed(0)
     for layer in model.layers:  # non-trivial layers, else everything is the identity
         nn.init.normal_(layer.modulation.weight, std=0.2)
@@ -330,6 +519,23 @@ def test_causal_lm_runs_on_interleaved_clean_and_noisy_tokens_without_leaks():
     logits3 = model.lm_logits(inputs2, z, sigma, model.block_layers[0])
     assert torch.allclose(logits[:, :k], logits3[:, :k], atol=1e-5)
     assert not torch.allclose(logits[:, k], logits3[:, k], atol=1e-3)
+    # under the modified mask a noisy token sees no other noisy token: later positions ignore z_k
+    # too; interleaved under the plain causal mask, later positions see n_k (harmless: they
+    # already see the clean token it denoises)
+    later_change = float((logits[:, k + 1:] - logits2[:, k + 1:]).abs().max().detach())
+    if layout == "concatenated":
+        assert later_change < 1e-6
+    else:
+        assert later_change > 0
+
+
+def test_denoising_trains_with_per_sample_weights_like_its_end_to_end_loss():
+    spec = tiny_dit()
+    model = BlockwiseModel(spec, spec.build(), 2)
+    assert model.weighting == "per-sample"
+    assert BlockwiseModel(tiny_vit(), tiny_vit().build(), 2).weighting == "reference"
+    assert BlockwiseModel(tiny_gpt(), tiny_gpt().build(), 2).weighting == "reference"
+    assert BlockwiseModel(spec, spec.build(), 2, weighting="reference").weighting == "reference"
 
 
 def test_denoising_calls_the_model_with_preconditioned_input_and_c_noise():
@@ -349,7 +555,7 @@ def test_denoising_calls_the_model_with_preconditioned_input_and_c_noise():
 
 
 def test_loss_weighting_mode_changes_the_loss_as_defined():
-    spec = tiny_vit()
+    spec = token_mlp_spec()  # a non-zero head: per-sample losses differ (the ViT's classifier starts at 0)
     batch = spec.batch(4, CPU)
     losses = {}
     for mode in ("reference", "per-sample", "none"):
@@ -448,6 +654,32 @@ def test_classification_chain_runs_each_block_once_from_noise():
     assert pred.shape == (5,) and pred.dtype == torch.int64 and int(pred.max()) < 10
 
 
+def test_classification_chain_follows_the_authors_sampler():
+    spec = tiny_vit(4)
+    model = BlockwiseModel(spec, spec.build(), 2)
+    torch.manual_seed(0)
+    nn.init.normal_(model.model.head.weight)
+    nn.init.normal_(model.label_embedding)
+    inputs = spec.batch(3, CPU)["inputs"]
+    seen = []
+    real = model.classification_logits
+    model.classification_logits = lambda x, z, sigma, idx: (seen.append(z.clone()), real(x, z, sigma, idx))[1]
+    logits = predict_classes(model, inputs, generator=torch.Generator().manual_seed(7), return_logits=True)
+    # start: N(0, 1) * sqrt(1 + 80^2)
+    start = torch.randn((3, 32), generator=torch.Generator().manual_seed(7)) * (1 + 80.0**2) ** 0.5
+    assert torch.allclose(seen[0], start)
+    # one Euler step from 80 to 0.002 with D = softmax(logits) @ the RAW label table
+    first = real(inputs, start, torch.full((3,), 80.0), model.block_layers[0])
+    d = first.softmax(dim=-1) @ model.label_embedding
+    ratio = 0.002 / 80.0
+    assert torch.allclose(seen[1], ratio * start + (1 - ratio) * d, atol=1e-5)
+    assert torch.allclose(logits, real(inputs, seen[1], torch.full((3,), 0.002), model.block_layers[1]))
+    seen.clear()
+    predict_classes(model, inputs, generator=torch.Generator().manual_seed(7), table="normalised")
+    d_normalised = first.softmax(dim=-1) @ F.normalize(model.label_embedding, dim=-1)
+    assert torch.allclose(seen[1], ratio * start + (1 - ratio) * d_normalised, atol=1e-5)
+
+
 def test_denoising_chain_returns_samples_of_the_requested_shape():
     spec = tiny_dit()
     model = BlockwiseModel(spec, spec.build(), 2)
@@ -483,10 +715,14 @@ def test_offloaded_model_samples_like_the_resident_one():
 # ---------------------------------------------------------------- activation bytes (issue item 6)
 
 
-@pytest.mark.parametrize("spec_fn", [tiny_vit, tiny_gpt], ids=["vit", "gpt"])
+@pytest.mark.parametrize(
+    "spec_fn,layout",
+    [(tiny_vit, "concatenated"), (tiny_gpt, "concatenated"), (tiny_gpt, "interleaved")],
+    ids=["vit", "gpt-concatenated", "gpt-interleaved"],
+)
 @pytest.mark.parametrize("blocks", [2, 4])
-def test_block_saves_one_bth_of_the_full_depth_adaln_activations(spec_fn, blocks):
-    result = layer_activation_bytes(spec_fn(8), blocks, batch_size=8)
+def test_block_saves_one_bth_of_the_full_depth_adaln_activations(spec_fn, layout, blocks):
+    result = layer_activation_bytes(spec_fn(8), blocks, batch_size=8, lm_layout=layout)
     assert result["ratio_vs_full_depth_adaln"] == pytest.approx(1 / blocks, rel=0.10)
     assert result["ratio_vs_plain_e2e"] > 1 / blocks
     assert isinstance(result["block_layers_bytes"], int) and result["block_layers_bytes"] > 0
@@ -500,9 +736,10 @@ def test_adaln_layers_save_more_than_plain_layers():
     assert 1.1 < result["ratio_vs_plain_e2e"] < 1.6
 
 
-def test_causal_lm_construction_doubles_the_sequence_and_its_activations():
-    result = layer_activation_bytes(tiny_gpt(4), 4, batch_size=8)
-    # one layer of one block on 2T tokens saves more than half of ... at least 2x a plain layer
+@pytest.mark.parametrize("layout", ["concatenated", "interleaved"])
+def test_causal_lm_construction_doubles_the_sequence_and_its_activations(layout):
+    result = layer_activation_bytes(tiny_gpt(4), 4, batch_size=8, lm_layout=layout)
+    # one layer of one block runs on 2T tokens: it saves at least 2x what a plain layer saves
     per_plain_layer = result["plain_layers_bytes"] / 4
     assert result["block_layers_bytes"] > 2 * per_plain_layer
     vit_result = layer_activation_bytes(tiny_vit(4), 4, batch_size=8)

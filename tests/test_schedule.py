@@ -144,8 +144,20 @@ def test_unknown_weighting_is_rejected():
         schedule.weighted_loss(torch.ones(2), torch.ones(2), "edm")
 
 
-def test_default_weighting_is_the_reference_codes():
+def test_default_weighting_is_the_reference_codes_except_for_denoising():
     assert schedule.DEFAULT_WEIGHTING == "reference"
+    assert schedule.default_weighting("classification") == "reference"
+    assert schedule.default_weighting("causal-lm") == "reference"
+    # DiT trains with EDM's per-sample weights end-to-end; its DiffusionBlocks run does too
+    assert schedule.default_weighting("denoising") == "per-sample"
+
+
+def test_a_sigma_on_a_block_boundary_runs_the_higher_noise_block():
+    bounds = schedule.equiprobable_boundaries(4)  # ascending; block 0 has the highest range
+    assert schedule.block_for_sigma(bounds[2], 4) == 1  # [bounds[2], bounds[3]) is block 1
+    assert schedule.block_for_sigma(bounds[2] * 0.999, 4) == 2
+    assert schedule.block_for_sigma(schedule.SIGMA_MAX, 4) == 0
+    assert schedule.block_for_sigma(schedule.SIGMA_MIN, 4) == 3
 
 
 def test_inference_levels_match_the_reference():

@@ -456,7 +456,9 @@ def _activation_ratios(m: Measurement, spec: ModelSpec, tech: Technique, batch_s
     try:
         with fake_mode():
             # Counting saved tensors needs shapes only: fake tensors cost no memory or time.
-            m.extra["activation_ratios"] = layer_activation_bytes(spec, tech.blocks, batch_size, "cpu")
+            m.extra["activation_ratios"] = layer_activation_bytes(
+                spec, tech.blocks, batch_size, "cpu", lm_layout=tech.lm_layout
+            )
     except Exception as err:  # noqa: BLE001 - a missing ratio must not lose the measurement
         m.extra["activation_ratios"] = None
         m.extra["activation_ratios_error"] = f"{type(err).__name__}: {err}"

@@ -1,5 +1,6 @@
 """Technique names and their parsing: ``e2e``, ``ckpt``, ``ckpt:k``, ``db:B``, ``db:B+ckpt``,
-``db:B+offload``. One parsed ``Technique`` is what the runner, the planner and the reports
+``db:B+offload``, ``db:B+interleaved`` (causal LMs: the flash-attention-compatible token
+layout), variants combinable. One parsed ``Technique`` is what the runner, the planner and the reports
 pass around; ``make_trainer`` turns it into a ready ``Trainer``."""
 
 from __future__ import annotations
@@ -11,10 +12,10 @@ import torch
 
 from dbprofile.spec import ModelSpec, SpecError
 
-_PATTERN = re.compile(r"^(e2e|ckpt|db)(?::(\d+))?((?:\+(?:ckpt|offload))*)$")
+_PATTERN = re.compile(r"^(e2e|ckpt|db)(?::(\d+))?((?:\+(?:ckpt|offload|interleaved))*)$")
 
 DEFAULT_TECHNIQUES = ("e2e", "ckpt", "db:2", "db:3", "db:4")
-HELP = "e2e, ckpt, ckpt:K (K checkpointed segments), db:B, db:B+ckpt, db:B+offload"
+HELP = "e2e, ckpt, ckpt:K (K checkpointed segments), db:B, db:B+ckpt, db:B+offload, db:B+interleaved (causal LMs)"
 
 
 @dataclass(frozen=True)
@@ -26,6 +27,7 @@ class Technique:
     segments: int | None = None  # k for ckpt:k (None = every layer)
     ckpt: bool = False  # db:B+ckpt
     offload: bool = False  # db:B+offload
+    interleaved: bool = False  # db:B+interleaved: causal-lm tokens interleaved under the plain causal mask
 
     @property
     def name(self) -> str:
@@ -33,7 +35,17 @@ class Technique:
             return "e2e"
         if self.kind == "ckpt":
             return "ckpt" if self.segments is None else f"ckpt:{self.segments}"
-        return f"db:{self.blocks}" + ("+ckpt" if self.ckpt else "") + ("+offload" if self.offload else "")
+        return (
+            f"db:{self.blocks}"
+            + ("+ckpt" if self.ckpt else "")
+            + ("+offload" if self.offload else "")
+            + ("+interleaved" if self.interleaved else "")
+        )
+
+    @property
+    def lm_layout(self) -> str:
+        """DiffusionBlocks' causal-lm token layout: ``interleaved`` or the default ``concatenated``."""
+        return "interleaved" if self.interleaved else "concatenated"
 
     @property
     def is_diffusion_blocks(self) -> bool:
@@ -52,7 +64,7 @@ def parse_technique(text: str) -> Technique:
     kind, number, suffix = match.group(1), match.group(2), match.group(3)
     extras = [s for s in suffix.split("+") if s]
     if kind != "db" and extras:
-        raise SpecError(f"Unknown technique {text!r}: '+ckpt' and '+offload' apply to db:B only. Techniques are: {HELP}.")
+        raise SpecError(f"Unknown technique {text!r}: '+ckpt', '+offload' and '+interleaved' apply to db:B only. Techniques are: {HELP}.")
     if len(set(extras)) != len(extras):
         raise SpecError(f"Technique {text!r} repeats a variant.")
     if kind == "e2e":
@@ -68,7 +80,9 @@ def parse_technique(text: str) -> Technique:
     blocks = int(number)
     if blocks < 1:
         raise SpecError(f"Technique {text!r}: DiffusionBlocks needs B >= 1 blocks.")
-    return Technique("db", blocks=blocks, ckpt="ckpt" in extras, offload="offload" in extras)
+    return Technique(
+        "db", blocks=blocks, ckpt="ckpt" in extras, offload="offload" in extras, interleaved="interleaved" in extras
+    )
 
 
 def parse_techniques(texts: str | list[str] | tuple[str, ...]) -> list[Technique]:

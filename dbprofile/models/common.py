@@ -94,6 +94,12 @@ class SelfAttention(nn.Module):
     ``num_kv_heads < num_heads`` gives grouped-query attention (K/V heads shared by groups
     of query heads, handled by SDPA's ``enable_gqa`` without copying K/V). ``rotary`` adds
     RoPE to queries and keys; ``causal`` masks future positions.
+
+    ``forward(x, attn_mask=None, positions=None)``: DiffusionBlocks' concatenated causal-lm
+    layout passes a (T, T) boolean ``attn_mask`` (True = may attend), which REPLACES the
+    causal mask, and ``positions`` (T,) ids for RoPE. SDPA then runs with an explicit mask,
+    which on CUDA rules out the flash kernel (memory-efficient or math kernel instead);
+    without them it keeps ``is_causal=True`` and flash attention.
     """
 
     def __init__(
@@ -115,7 +121,9 @@ class SelfAttention(nn.Module):
         self.qkv = nn.Linear(hidden_size, (num_heads + 2 * self.num_kv_heads) * self.head_dim, bias=bias)
         self.proj = nn.Linear(num_heads * self.head_dim, hidden_size, bias=bias)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(
+        self, x: torch.Tensor, attn_mask: torch.Tensor | None = None, positions: torch.Tensor | None = None
+    ) -> torch.Tensor:
         n, t, _ = x.shape
         q_size, kv_size = self.num_heads * self.head_dim, self.num_kv_heads * self.head_dim
         q, k, v = self.qkv(x).split([q_size, kv_size, kv_size], dim=-1)
@@ -124,10 +132,15 @@ class SelfAttention(nn.Module):
         v = v.view(n, t, self.num_kv_heads, self.head_dim).transpose(1, 2)
         if self.rotary is not None:
             cos, sin = self.rotary(q, t)
+            if positions is not None:  # ids below t: gather each token's row of the table
+                cos, sin = cos[positions], sin[positions]
             q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
         grouped = self.num_kv_heads != self.num_heads
         extra = {"enable_gqa": True} if grouped else {}
-        y = F.scaled_dot_product_attention(q, k, v, is_causal=self.causal, **extra)
+        if attn_mask is None:
+            y = F.scaled_dot_product_attention(q, k, v, is_causal=self.causal, **extra)
+        else:
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, **extra)
         return self.proj(y.transpose(1, 2).reshape(n, t, q_size))
 
 

@@ -9,7 +9,9 @@ Every block is a ``ResidualBlock`` that takes one tensor: RoPE tables are comput
 attention from the runtime sequence length, because DiffusionBlocks runs the layers on
 sequences up to twice the context length (clean and noisy tokens side by side). GPT-2's
 learned positions are added once in the stem, for the real tokens only. Attention is
-``scaled_dot_product_attention(..., is_causal=True)``.
+``scaled_dot_product_attention(..., is_causal=True)``, or with an explicit boolean mask and
+position ids when DiffusionBlocks' concatenated layout passes ``attn_mask`` and
+``positions`` through the layers (``common.SelfAttention``).
 """
 
 from __future__ import annotations
@@ -142,6 +144,10 @@ class GPT(nn.Module):
             nn.init.normal_(block.attn.proj.weight, std=residual_std)
             out = block.mlp.down if isinstance(block.mlp, SwiGLU) else block.mlp.fc2
             nn.init.normal_(out.weight, std=residual_std)
+
+    def get_input_embeddings(self) -> nn.Embedding:
+        """The token embedding (Hugging Face's name): DiffusionBlocks' causal-lm target table."""
+        return self.tok_embed
 
     def forward(self, tokens: torch.Tensor) -> torch.Tensor:
         t = tokens.shape[1]

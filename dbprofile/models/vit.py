@@ -1,6 +1,12 @@
 """Vision Transformer classifier (Dosovitskiy et al., 2021), the family DiffusionBlocks' own
 reference code uses: Conv2d patch embedding, a CLS token at position 0, learned position
-embeddings, pre-norm blocks, a final LayerNorm and a linear head reading token 0.
+embeddings, pre-norm blocks, a final LayerNorm and a linear head reading token 0 (or, with ``pooling="mean"``, the mean
+of the patch tokens).
+
+``features(images, cls=...)`` is the readout DiffusionBlocks uses (docs/diffusion_blocks.md):
+the pooled final-norm features, with ``cls`` (N, d) replacing the learned CLS token BEFORE
+the position embeddings are added, as in the authors' code; ``forward`` is
+``head(features(images))``.
 
 ``make_spec(ViTConfig(...), name=...)`` turns a configuration into a ``ModelSpec`` for the
 classification task: the batch is random images and labels from a fixed generator (the
@@ -17,6 +23,8 @@ from torch import nn
 
 from dbprofile.models.common import GeluMLP, ResidualBlock, SelfAttention, data_generator, seeded
 from dbprofile.spec import Batch, ModelSpec
+
+POOLINGS = ("cls", "mean")
 
 
 @dataclass(kw_only=True)
@@ -41,6 +49,8 @@ class ViTConfig:
     """MLP width as a multiple of hidden_size."""
     norm_eps: float = 1e-6
     """LayerNorm epsilon (1e-6 as in the original ViT/timm weights)."""
+    pooling: str = "cls"
+    """What the head reads: ``cls`` (token 0) or ``mean`` (the mean of the patch tokens)."""
     seed: int = 0
     """Seed for the initial weights and the random batch."""
 
@@ -58,6 +68,8 @@ class ViTConfig:
             )
         if self.mlp_ratio <= 0:
             raise ValueError(f"ViTConfig.mlp_ratio must be positive; got {self.mlp_ratio}.")
+        if self.pooling not in POOLINGS:
+            raise ValueError(f"ViTConfig.pooling must be one of {', '.join(POOLINGS)}; got {self.pooling!r}.")
 
     @property
     def num_patches(self) -> int:
@@ -105,14 +117,20 @@ class ViT(nn.Module):
                 if module.bias is not None:
                     nn.init.zeros_(module.bias)
 
-    def forward(self, images: torch.Tensor) -> torch.Tensor:
+    def features(self, images: torch.Tensor, cls: torch.Tensor | None = None) -> torch.Tensor:
+        """Pooled features after the final norm, (N, d). ``cls`` (N, d) replaces the learned
+        CLS token before the position embeddings (DiffusionBlocks puts its noisy target there)."""
         x = self.patch_embed(images).flatten(2).transpose(1, 2)  # (N, patches, d)
-        x = torch.cat([self.cls_token.expand(x.shape[0], -1, -1), x], dim=1)
+        first = self.cls_token.expand(x.shape[0], -1, -1) if cls is None else cls[:, None, :].to(x.dtype)
+        x = torch.cat([first, x], dim=1)
         x = x + self.pos_embed
         for block in self.blocks:
             x = block(x)
         x = self.norm(x)
-        return self.head(x[:, 0])
+        return x[:, 0] if self.config.pooling == "cls" else x[:, 1:].mean(dim=1)
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        return self.head(self.features(images))
 
 
 def make_spec(config: ViTConfig, name: str = "vit", description: str = "") -> ModelSpec:

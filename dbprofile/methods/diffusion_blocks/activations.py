@@ -19,7 +19,7 @@ import torch
 from torch import nn
 
 from dbprofile.methods.base import to_device
-from dbprofile.methods.diffusion_blocks.blockwise import BlockwiseModel
+from dbprofile.methods.diffusion_blocks.blockwise import LM_LAYOUTS, BlockwiseModel
 from dbprofile.spec import ModelSpec, get_layers
 
 
@@ -76,9 +76,13 @@ def _measure(model: nn.Module, layers: list[nn.Module], run: Callable[[], torch.
 
 
 def layer_activation_bytes(
-    spec: ModelSpec, blocks: int, batch_size: int, device: torch.device | str = "cpu"
+    spec: ModelSpec,
+    blocks: int,
+    batch_size: int,
+    device: torch.device | str = "cpu",
+    lm_layout: str = LM_LAYOUTS[0],
 ) -> dict[str, float | int]:
-    """Bytes saved for backward by the residual layers only:
+    """Bytes saved for backward by the residual layers only (causal LMs in ``lm_layout``):
 
     - ``block_layers_bytes``: the worst block's layers in one DiffusionBlocks step;
     - ``full_depth_adaln_bytes``: the same sigma-conditioned layers run at full depth (same
@@ -95,7 +99,8 @@ def layer_activation_bytes(
     plain_layers = list(get_layers(plain, spec.layers, spec.name))
     plain_bytes = _measure(plain, plain_layers, lambda: spec.loss(plain, batch))
 
-    model = to_device(BlockwiseModel(spec, spec.build(), blocks), device)
+    layout = {"lm_layout": lm_layout} if spec.task == "causal-lm" else {}
+    model = to_device(BlockwiseModel(spec, spec.build(), blocks, **layout), device)
     per_block = []
     for block in range(blocks):
         layers = [model._runners[i] for i in model.block_layers[block]]

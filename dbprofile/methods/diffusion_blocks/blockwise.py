@@ -8,29 +8,34 @@ already noise-conditioned), and adds what the task needs to cast its target as d
 One step on block b swaps the model's ModuleList for a ModuleList holding ONLY block b's
 layers and calls the model's own forward, so the stem and head run as the user wrote them
 and nothing of the other blocks runs or receives gradients. The full list is put back
-afterwards (evaluation and ``state_dict`` see the whole model). Per task:
+afterwards (evaluation and ``state_dict`` see the whole model). Per task (details and the
+reasons in docs/diffusion_blocks.md):
 
-- classification: the clean target is the L2-normalised row of a learnable label
-  embedding; a pre-hook on the first active layer puts c_in*z at token 0 (the CLS
-  position), a hook on the last active layer reads F there and writes D = c_skip*z + c_out*F
-  back, so the model's own final norm and head turn D into logits; cross-entropy.
+- classification: the clean target is the L2-normalised row of a learnable label embedding.
+  Models with the readout protocol (``features(inputs, cls=...)`` and ``head``, the built-in
+  ViT) are read the authors' way: c_in*z replaces the CLS token before the position
+  embeddings, F is the pooled final-norm feature, D = c_out*F + c_skip*z, then a
+  zero-initialised sigma-conditioned AdaLN (shift, scale) and the head give the logits.
+  Other models get hooks: c_in*z at token 0 of the first active layer's input, D written
+  back at token 0 of the last active layer's output, the model's own norm and head after.
 - denoising: ``model(c_in*z, c_noise, labels)`` is F; D = c_skip*z + c_out*F; MSE to x0.
-- causal-lm: clean and noisy tokens interleaved, ``[c_0, n_0, c_1, n_1, ...]``, where
-  n_i = c_in*z_i + c_i, z_i = normalize(E[y_i]) + sigma*eps_i is the noisy embedding of the
-  target y_i (a learnable target embedding E) and c_i is the clean stream at position i
-  (which carries the position i, whatever encoding the model uses). Under the model's plain
-  causal mask n_i sees c_0..c_i and earlier noisy targets (whose clean tokens it already
-  sees), so nothing leaks. The hook on the last active layer returns D at the noisy
-  positions, (N, T, d), and the model's head gives (N, T, V) logits; cross-entropy. The
-  active layers run on 2T tokens: about twice the activation bytes per layer of plain
-  next-token training. Models that pass per-position tensors (rotary tables, 4-D masks) to
-  their layers get them rebuilt for this layout by their ``position_adapter``, or are refused
-  (sequence_layout.py).
+- causal-lm: the clean target of position i is normalize(E[y_i]) with E the model's OWN
+  input embedding (no new table); n_i = c_in*z_i + c_i, where c_i is the clean stream at
+  position i. Layout ``concatenated`` (default, the paper's): [c_0..c_{T-1}, n_0..n_{T-1}]
+  under a modified causal mask (clean tokens causal; n_i sees c_0..c_i and itself) and
+  positions [0..T-1, 0..T-1], both handed to every active layer as the keyword arguments
+  ``attn_mask`` and ``positions``. Layout ``interleaved``: [c_0, n_0, c_1, n_1, ...] under
+  the model's plain causal mask (no keyword arguments; flash-attention compatible). The
+  hook on the last active layer returns D at the noisy positions, (N, T, d); the model's
+  head gives (N, T, V) logits. Either way the active layers run on 2T tokens.
+  Models that pass per-position tensors (rotary tables, 4-D masks) to their layers get them
+  rebuilt for the layout by their ``position_adapter``, or are refused (sequence_layout.py).
 """
 
 from __future__ import annotations
 
 import contextlib
+import inspect
 from typing import Iterator
 
 import torch
@@ -45,13 +50,14 @@ from dbprofile.methods.diffusion_blocks.conditioning import (
     SigmaEmbedder,
     default_cond_dim,
     wrap_layer,
+    zero_linear,
 )
 from dbprofile.methods.diffusion_blocks.sequence_layout import SequenceLayout, guard_rewrite, install_rewrite
 from dbprofile.methods.diffusion_blocks.schedule import (
     DEFAULT_GAMMA,
-    DEFAULT_WEIGHTING,
     WEIGHTINGS,
     block_ranges,
+    default_weighting,
     edm_preconditioning,
     sample_sigma,
     weighted_loss,
@@ -73,6 +79,67 @@ def _per_sample(values: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
     return values.reshape(values.shape[0], *([1] * (like.dim() - 1)))
 
 
+LABEL_INIT_STD = 0.02
+"""Std of the classification label table's initial rows, the authors' N(0, 0.02). The rows
+are L2-normalised before use, so the scale only sets how fast AdamW (whose steps are about
+lr in size whatever the scale) moves the targets; docs/diffusion_blocks.md has the measured
+effect."""
+
+LM_LAYOUTS = ("concatenated", "interleaved")
+"""How the causal-lm task lays out clean and noisy tokens (module doc); the first is the default."""
+LM_LAYER_KWARGS = ("attn_mask", "positions")
+"""Keyword arguments every layer receives in the concatenated layout (docs/diffusion_blocks.md)."""
+
+
+def concatenated_attention_mask(tokens: int, device: torch.device | str | None = None) -> torch.Tensor:
+    """(2T, 2T) boolean mask, True where a query may attend, for [clean_0..T-1, noisy_0..T-1]:
+    clean tokens are causal among themselves, noisy token i sees clean tokens 0..i and itself."""
+    causal = torch.ones(tokens, tokens, dtype=torch.bool, device=device).tril()
+    mask = torch.zeros(2 * tokens, 2 * tokens, dtype=torch.bool, device=device)
+    mask[:tokens, :tokens] = causal
+    mask[tokens:, :tokens] = causal
+    mask[tokens:, tokens:] = torch.eye(tokens, dtype=torch.bool, device=device)
+    return mask
+
+
+def concatenated_positions(tokens: int, device: torch.device | str | None = None) -> torch.Tensor:
+    """(2T,) position ids [0..T-1, 0..T-1]: noisy token i sits at the position of the token it predicts from."""
+    return torch.arange(tokens, device=device).repeat(2)
+
+
+def _accepts(fn, names: tuple[str, ...]) -> bool:
+    """True when ``fn`` takes every keyword in ``names`` (or **kwargs)."""
+    try:
+        params = inspect.signature(fn).parameters.values()
+    except (TypeError, ValueError):
+        return False
+    if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params):
+        return True
+    given = {p.name for p in params}
+    return all(name in given for name in names)
+
+
+def find_input_embedding(model: nn.Module, spec: ModelSpec) -> nn.Module:
+    """The model's own token embedding, (vocabulary x d): ``get_input_embeddings()`` when the
+    model has it (Hugging Face and the built-in GPT), else its only ``nn.Embedding`` with
+    ``num_classes`` rows. DiffusionBlocks builds the causal-lm target from it."""
+    getter = getattr(model, "get_input_embeddings", None)
+    if callable(getter):
+        table = getter()
+        if isinstance(getattr(table, "weight", None), torch.Tensor):
+            return table
+    candidates = [m for m in model.modules() if isinstance(m, nn.Embedding) and m.num_embeddings == spec.num_classes]
+    if len(candidates) == 1:
+        return candidates[0]
+    found = "none" if not candidates else f"{len(candidates)}"
+    raise SpecError(
+        f"Task 'causal-lm' of {spec.name!r}: DiffusionBlocks builds its noisy targets from the model's own "
+        f"token embedding, but the model has no get_input_embeddings() and {found} nn.Embedding with "
+        f"num_classes={spec.num_classes} rows. Add a get_input_embeddings() method returning the token "
+        "embedding module, or set ModelSpec.num_classes to the vocabulary size."
+    )
+
+
 class BlockwiseModel(nn.Module):
     """A residual model prepared for DiffusionBlocks training and sampling (see module doc)."""
 
@@ -84,16 +151,20 @@ class BlockwiseModel(nn.Module):
         *,
         gamma: float = DEFAULT_GAMMA,
         partition: str = "equiprobable",
-        weighting: str = DEFAULT_WEIGHTING,
+        weighting: str | None = None,
         cond_dim: int | None = None,
         checkpoint: bool = False,
+        lm_layout: str = LM_LAYOUTS[0],
+        label_init_std: float = LABEL_INIT_STD,
         seed: int = 0,
     ) -> None:
         super().__init__()
         with seeded(seed):  # the added parameters are deterministic, like spec.build()
-            self._setup(spec, model, blocks, gamma, partition, weighting, cond_dim, checkpoint)
+            self._setup(spec, model, blocks, gamma, partition, weighting, cond_dim, checkpoint, lm_layout, label_init_std)
 
-    def _setup(self, spec, model, blocks, gamma, partition, weighting, cond_dim, checkpoint) -> None:
+    def _setup(
+        self, spec, model, blocks, gamma, partition, weighting, cond_dim, checkpoint, lm_layout, label_init_std
+    ) -> None:
         layers = get_layers(model, spec.layers, spec.name)
         if not isinstance(blocks, int) or blocks < 1:
             raise SpecError(f"DiffusionBlocks needs B >= 1 blocks; got B={blocks!r}. Use db:B with B >= 1.")
@@ -102,12 +173,22 @@ class BlockwiseModel(nn.Module):
                 f"DiffusionBlocks with B={blocks} needs at least {blocks} layers; {spec.name!r} has "
                 f"{len(layers)} in {spec.layers!r}. Use db:B with 1 <= B <= {len(layers)}."
             )
+        weighting = weighting or default_weighting(spec.task)
         if weighting not in WEIGHTINGS:
             raise SpecError(f"Unknown loss weighting {weighting!r}; choose one of {', '.join(WEIGHTINGS)}.")
+        if lm_layout not in LM_LAYOUTS:
+            raise SpecError(f"Unknown causal-lm layout {lm_layout!r}; choose one of {', '.join(LM_LAYOUTS)}.")
+        if lm_layout != LM_LAYOUTS[0] and spec.task != "causal-lm":
+            raise SpecError(
+                f"The {lm_layout} token layout (db:B+{lm_layout}) applies to causal-lm models only; "
+                f"{spec.name!r} is a {spec.task} model. Use db:B."
+            )
         self.spec = spec
         self.task = spec.task
         self.num_blocks = blocks
         self.weighting = weighting
+        self.partition = partition
+        self.lm_layout = lm_layout
         self.ranges = block_ranges(blocks, gamma, partition)
         self.block_layers = [list(group) for group in split_contiguous(len(layers), blocks)]
         self.model = model
@@ -131,10 +212,22 @@ class BlockwiseModel(nn.Module):
         # layer, even while the user's model holds only the active block.
         self.layers = like_stack(layers, wrapped)
         set_layers(model, spec.layers, self.layers)
+        self.native_readout = False
         if self.task == "classification":
-            self.label_embedding = nn.Parameter(torch.randn(spec.num_classes, hidden))
+            self.label_embedding = nn.Parameter(torch.randn(spec.num_classes, hidden) * label_init_std)
+            self.native_readout = _has_readout(model)
+            if self.native_readout:
+                # Final sigma-conditioned AdaLN (shift, scale) before the classifier; it and the
+                # classifier start at zero, as in the authors' ``_init_dit``.
+                self.final_modulation = zero_linear(cond_dim, 2 * hidden)
+                nn.init.zeros_(model.head.weight)
+                if model.head.bias is not None:
+                    nn.init.zeros_(model.head.bias)
         elif self.task == "causal-lm":
-            self.target_embedding = nn.Embedding(spec.num_classes, hidden)
+            # Plain attribute, not a submodule: the table already belongs to the user's model.
+            object.__setattr__(self, "input_embedding", find_input_embedding(model, spec))
+            if lm_layout == "concatenated":
+                self._check_layers_take_mask(wrapped)
         self.checkpoint = checkpoint
         # Per-layer runners (checkpointed or not), kept out of the module tree on purpose.
         self._runners = [CheckpointedSegment([layer]) if checkpoint else layer for layer in wrapped]
@@ -145,9 +238,24 @@ class BlockwiseModel(nn.Module):
 
     # ------------------------------------------------------------------ structure
 
+    def _check_layers_take_mask(self, wrapped: list[nn.Module]) -> None:
+        for layer in wrapped:
+            target = layer.layer.attn.forward if isinstance(layer, AdaLNZeroBlock) else layer.layer.forward
+            if not _accepts(target, LM_LAYER_KWARGS):
+                raise SpecError(
+                    f"Task 'causal-lm' of {self.spec.name!r}: the concatenated layout runs clean and noisy "
+                    f"tokens side by side under a modified causal mask, which reaches each layer as the keyword "
+                    f"arguments attn_mask ((2T, 2T) bool, True = may attend) and positions ((2T,) ids); "
+                    f"{type(layer.layer).__name__}.forward takes neither **kwargs nor both. Accept them "
+                    "(docs/diffusion_blocks.md shows how), or use lm_layout='interleaved' (the model's own "
+                    "causal mask; technique db:B+interleaved)."
+                )
+
     @property
     def extra_parameters(self) -> int:
-        """Parameters DiffusionBlocks adds to the user's model (AdaLN, sigma and target embeddings)."""
+        """Parameters DiffusionBlocks adds to the user's model: the sigma embedder, the AdaLN
+        modulation layers and, for classification, the label embedding and final AdaLN. The
+        causal-lm target comes from the model's own token embedding, so it adds nothing."""
         extra = sum(p.numel() for p in self.sigma_embedder.parameters()) if self.sigma_embedder else 0
         for layer in self.layers:
             modulation = getattr(layer, "modulation", None)
@@ -155,8 +263,8 @@ class BlockwiseModel(nn.Module):
                 extra += sum(p.numel() for p in modulation.parameters())
         if self.task == "classification":
             extra += self.label_embedding.numel()
-        elif self.task == "causal-lm":
-            extra += self.target_embedding.weight.numel()
+            if self.native_readout:
+                extra += sum(p.numel() for p in self.final_modulation.parameters())
         return extra
 
     def block_parameters(self, block: int) -> list[nn.Parameter]:
@@ -236,7 +344,7 @@ class BlockwiseModel(nn.Module):
             per_sample = F.cross_entropy(logits.float(), batch["targets"], reduction="none")
         elif self.task == "causal-lm":
             targets = batch["targets"]
-            x0 = F.normalize(self.target_embedding(targets), dim=-1)
+            x0 = F.normalize(self.input_embedding(targets), dim=-1)
             z = x0 + sigma[:, None, None] * self._noise(x0, generator)
             logits = self.lm_logits(inputs, z, sigma, indices)
             per_sample = F.cross_entropy(logits.float().flatten(0, 1), targets.flatten(), reduction="none")
@@ -273,9 +381,18 @@ class BlockwiseModel(nn.Module):
     def classification_logits(
         self, inputs: torch.Tensor, z: torch.Tensor, sigma: torch.Tensor, indices: list[int]
     ) -> torch.Tensor:
-        """Logits of the model with D(z, sigma) of the given layers at the CLS position."""
+        """Logits read off D(z, sigma) of the given layers (the authors' readout where the
+        model has ``features`` and ``head``, hooks at the CLS position otherwise)."""
         c_skip, c_out, c_in, _ = self._condition(sigma)
         noisy_in = c_in[:, None] * z
+        if self.native_readout:
+            with self.running(indices):
+                f = self.model.features(inputs, cls=noisy_in)
+            d = c_out[:, None] * f.float() + c_skip[:, None] * z
+            cond = nn.functional.silu(self.context.get())
+            shift, scale = self.final_modulation(cond).float().chunk(2, dim=-1)
+            head = self.model.head
+            return head((d * (1 + scale) + shift).to(head.weight.dtype))
 
         def pre(_module, args):
             h = args[0]
@@ -297,27 +414,46 @@ class BlockwiseModel(nn.Module):
             return self._call_with_hooks(active, pre, post, inputs)
 
     def lm_logits(self, inputs: torch.Tensor, z: torch.Tensor, sigma: torch.Tensor, indices: list[int]) -> torch.Tensor:
-        """(N, T, V) logits from D at the noisy positions of the interleaved 2T sequence."""
+        """(N, T, V) logits from D at the noisy positions of the 2T sequence (``lm_layout``)."""
         c_skip, c_out, c_in, _ = self._condition(sigma)
         noisy_in = c_in[:, None, None] * z
         n, t = z.shape[0], z.shape[1]
+        concatenated = self.lm_layout == "concatenated"
 
         def pre(_module, args):
             h = args[0]
             noisy = noisy_in.to(h.dtype) + h
-            return (torch.stack([h, noisy], dim=2).reshape(n, 2 * t, h.shape[-1]), *args[1:])
+            doubled = torch.cat([h, noisy], dim=1) if concatenated else torch.stack([h, noisy], dim=2)
+            return (doubled.reshape(n, 2 * t, h.shape[-1]), *args[1:])
 
         def post(_module, _args, out):
             h = _first(out)
-            f = h.view(n, t, 2, h.shape[-1])[:, :, 1]
+            f = h[:, t:] if concatenated else h.view(n, t, 2, h.shape[-1])[:, :, 1]
             d = c_skip[:, None, None] * z + c_out[:, None, None] * f.float()
             return _replace_first(out, d.to(h.dtype))
 
-        layout = SequenceLayout.interleaved(t, inputs.device)
+        if concatenated:
+            mask = concatenated_attention_mask(t, inputs.device)
+            positions = concatenated_positions(t, inputs.device)
+            layout = SequenceLayout.concatenated(t, mask, positions)
+        else:
+            layout = SequenceLayout.interleaved(t, inputs.device)
         adapter = self.spec.position_adapter
         rewrite = adapter(self.model, layout) if adapter is not None else guard_rewrite(self.spec.name, layout)
         with self.running(indices) as active:
-            handles = install_rewrite(list(active), [self._user_layer(i) for i in indices], rewrite)
+            if adapter is not None:
+                # The model computes per-position tensors outside its layers (HF Llama's rotary
+                # tables and 4-D mask): its adapter rebuilds them for this layout.
+                handles = install_rewrite(list(active), [self._user_layer(i) for i in indices], rewrite)
+            elif concatenated:
+                extra = {"attn_mask": mask, "positions": positions}
+
+                def add_kwargs(_module, args, kwargs):
+                    return args, {**kwargs, **extra}
+
+                handles = [layer.register_forward_pre_hook(add_kwargs, with_kwargs=True) for layer in active]
+            else:
+                handles = install_rewrite(list(active), [self._user_layer(i) for i in indices], rewrite)
             try:
                 return self._call_with_hooks(active, pre, post, inputs)
             finally:
@@ -351,3 +487,11 @@ class BlockwiseModel(nn.Module):
 
     def forward(self, *args, **kwargs):
         return self.model(*args, **kwargs)
+
+
+def _has_readout(model: nn.Module) -> bool:
+    """True for a classifier with the readout protocol: ``features(inputs, cls=...)`` -> (N, d)
+    and a linear ``head`` (the built-in ViT)."""
+    features = getattr(model, "features", None)
+    head = getattr(model, "head", None)
+    return callable(features) and isinstance(head, nn.Linear) and _accepts(features, ("cls",))

@@ -57,7 +57,7 @@ class ConditioningContext:
         return self.cond
 
 
-def _zero_linear(in_features: int, out_features: int) -> nn.Linear:
+def zero_linear(in_features: int, out_features: int) -> nn.Linear:
     layer = nn.Linear(in_features, out_features)
     nn.init.zeros_(layer.weight)
     nn.init.zeros_(layer.bias)
@@ -97,7 +97,7 @@ class AdaLNZeroBlock(nn.Module):
     def __init__(self, layer: nn.Module, hidden_size: int, cond_dim: int, context: ConditioningContext) -> None:
         super().__init__()
         self.layer = layer
-        self.modulation = _zero_linear(cond_dim, 6 * hidden_size)
+        self.modulation = zero_linear(cond_dim, 6 * hidden_size)
         self.context = context
 
     def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
@@ -116,7 +116,7 @@ class GenericAdaLNZero(nn.Module):
     def __init__(self, layer: nn.Module, hidden_size: int, cond_dim: int, context: ConditioningContext) -> None:
         super().__init__()
         self.layer = layer
-        self.modulation = _zero_linear(cond_dim, 3 * hidden_size)
+        self.modulation = zero_linear(cond_dim, 3 * hidden_size)
         self.context = context
 
     def forward(self, x: torch.Tensor, *args, **kwargs):

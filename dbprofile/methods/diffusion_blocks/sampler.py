@@ -2,16 +2,22 @@
 
 Starting from pure noise at sigma_max, each level's block runs alone and gives D(z, sigma);
 the chain steps z_next = (s_next/s)*z + (1 - s_next/s)*D. The reference uses N = B levels
-equally spaced in the truncated CDF (B=3: 80, 0.3012, 0.002), so each block runs once.
-For classification, D at an intermediate level is softmax(logits) @ the L2-normalised
-label embeddings and the prediction is the argmax of the logits at the last level; for
-denoising the output at the last level is the sample.
+equally spaced in the truncated CDF (B=3: 80, 0.3012, 0.002), so each block runs once; a
+sigma on a block boundary runs the higher-noise block (``schedule.block_for_sigma``).
+
+Classification follows the authors' code: z starts as N(0, 1) * sqrt(1 + sigma_max^2), D at
+an intermediate level is softmax(logits) @ the RAW label-embedding table (``table="raw"``;
+``"normalised"`` uses the L2-normalised rows the model was trained to denoise towards), and
+the prediction is the argmax of the logits at the last level. Denoising starts from
+sigma_max * N(0, 1) as EDM does (its data have std sigma_data, not 1) and returns D at the
+last level.
 """
 
 from __future__ import annotations
 
 import contextlib
 import copy
+import math
 
 import torch
 import torch.nn.functional as F
@@ -25,7 +31,10 @@ def _levels(model: BlockwiseModel, steps: int | None) -> list[float]:
 
 
 def _block_at(model: BlockwiseModel, sigma: float) -> int:
-    return block_for_sigma(sigma, model.num_blocks)
+    return block_for_sigma(sigma, model.num_blocks, model.partition)
+
+
+TABLES = ("raw", "normalised")
 
 
 @torch.no_grad()
@@ -35,17 +44,21 @@ def predict_classes(
     steps: int | None = None,
     generator: torch.Generator | None = None,
     return_logits: bool = False,
+    table: str = "raw",
 ) -> torch.Tensor:
-    """Predicted class ids (N,) for ``inputs`` through the Euler chain (``steps`` levels, default B)."""
+    """Predicted class ids (N,) for ``inputs`` through the Euler chain (``steps`` levels,
+    default B); ``table`` is the label table D is read from (module doc)."""
     if model.task != "classification":
         raise ValueError(f"predict_classes needs a classification model; this one is {model.task!r}.")
+    if table not in TABLES:
+        raise ValueError(f"predict_classes: table must be one of {', '.join(TABLES)}; got {table!r}.")
     was_training = model.training
     model.eval()
     try:
         n, device = inputs.shape[0], inputs.device
-        labels = F.normalize(model.label_embedding, dim=-1)
+        labels = model.label_embedding if table == "raw" else F.normalize(model.label_embedding, dim=-1)
         levels = _levels(model, steps)
-        z = levels[0] * _randn((n, labels.shape[1]), generator, device)
+        z = math.sqrt(1.0 + levels[0] ** 2) * _randn((n, labels.shape[1]), generator, device)
         logits = None
         for i, s in enumerate(levels):
             block = _block_at(model, s)
@@ -70,26 +83,43 @@ def sample(
     generator: torch.Generator | None = None,
     device: torch.device | str = "cpu",
 ) -> torch.Tensor:
-    """Samples of ``shape`` from a denoising model (``steps`` Euler levels, default B)."""
+    """Samples of ``shape`` from a denoising model (``steps`` Euler levels, default B); each
+    level runs the block whose range holds it."""
     if model.task != "denoising":
         raise ValueError(f"sample needs a denoising model; this one is {model.task!r}.")
+
+    def denoise(z: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
+        block = _block_at(model, float(sigma[0]))
+        with model.block_residency(block):
+            return model.denoise(z, sigma, model.block_layers[block], labels)
+
     was_training = model.training
     model.eval()
     try:
-        levels = _levels(model, steps)
-        z = levels[0] * _randn(shape, generator, device)
-        d = z
-        for i, s in enumerate(levels):
-            block = _block_at(model, s)
-            sigma = torch.full((shape[0],), s, device=device)
-            with model.block_residency(block):
-                d = model.denoise(z, sigma, model.block_layers[block], labels)
-            if i + 1 < len(levels):
-                ratio = levels[i + 1] / s
-                z = ratio * z + (1 - ratio) * d
-        return d
+        return euler_sample(denoise, shape, _levels(model, steps), generator, device)
     finally:
         model.train(was_training)
+
+
+def euler_sample(
+    denoise,
+    shape: tuple[int, ...],
+    levels: list[float],
+    generator: torch.Generator | None = None,
+    device: torch.device | str = "cpu",
+) -> torch.Tensor:
+    """The Euler chain over ``levels`` (descending sigmas) for any denoiser ``denoise(z, sigma)
+    -> D``: z starts at levels[0] * N(0, 1), z_next = (s_next/s)*z + (1 - s_next/s)*D, and D
+    at the last level is the sample. ``sample`` runs it block by block; an end-to-end model's
+    denoiser runs it whole (examples/generation_check.py)."""
+    z = levels[0] * _randn(shape, generator, device)
+    d = z
+    for i, s in enumerate(levels):
+        d = denoise(z, torch.full((shape[0],), s, device=device))
+        if i + 1 < len(levels):
+            ratio = levels[i + 1] / s
+            z = ratio * z + (1 - ratio) * d
+    return d
 
 
 def _randn(shape, generator: torch.Generator | None, device) -> torch.Tensor:

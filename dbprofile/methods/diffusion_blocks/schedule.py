@@ -28,9 +28,19 @@ DEFAULT_GAMMA = 0.05
 PARTITIONS = ("equiprobable", "uniform-log")
 WEIGHTINGS = ("reference", "per-sample", "none")
 DEFAULT_WEIGHTING = "reference"
-"""Default loss weighting. ``reference`` reproduces the authors' code (mean(w) * mean(loss)),
-which is what produced the published numbers; see docs/diffusion_blocks.md for the measured
-comparison with ``none`` and ``per-sample``."""
+"""Default loss weighting of the classification and language-model tasks. ``reference``
+reproduces the authors' classification code (mean(w) * mean(loss)), which is what produced
+the published numbers; see docs/diffusion_blocks.md for the measured comparison with
+``none`` and ``per-sample``."""
+TASK_WEIGHTINGS = {"classification": DEFAULT_WEIGHTING, "causal-lm": DEFAULT_WEIGHTING, "denoising": "per-sample"}
+"""Default weighting per task: denoising (DiT) trains with EDM's per-sample weights, as its
+end-to-end baseline (``models.dit.edm_loss``) and the paper's DiT runs do; the batch-scalar
+quirk belongs to the authors' classification code only."""
+
+
+def default_weighting(task: str) -> str:
+    """The loss weighting a task trains with unless one is chosen (``TASK_WEIGHTINGS``)."""
+    return TASK_WEIGHTINGS.get(task, DEFAULT_WEIGHTING)
 
 
 def _phi(x: float) -> float:
@@ -187,10 +197,12 @@ def inference_sigmas(levels: int, lo: float = SIGMA_MIN, hi: float = SIGMA_MAX) 
 
 
 def block_for_sigma(sigma: float, blocks: int, partition: str = "equiprobable") -> int:
-    """The block whose (non-overlapping) range holds sigma; a boundary goes to the lower-noise block."""
+    """The block whose (non-overlapping) range holds sigma. A sigma exactly on a boundary goes
+    to the higher-noise block, as the authors' ``bucketize(..., right=True)`` does; sigma_max
+    goes to block 0 and sigma_min to the last block."""
     bounds = equiprobable_boundaries(blocks) if partition == "equiprobable" else uniform_log_boundaries(blocks)
-    # ascending range a is [bounds[a], bounds[a+1]]; block index = blocks - 1 - a
+    # ascending range a is [bounds[a], bounds[a+1]); block index = blocks - 1 - a
     for a in range(blocks):
-        if sigma <= bounds[a + 1]:
+        if sigma < bounds[a + 1]:
             return blocks - 1 - a
     return 0

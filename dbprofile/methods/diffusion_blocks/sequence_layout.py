@@ -68,6 +68,12 @@ class SequenceLayout:
         positions = torch.arange(tokens, device=device).repeat_interleave(2)
         return cls(tokens=tokens, positions=positions, allowed=None)
 
+    @classmethod
+    def concatenated(cls, tokens: int, allowed: torch.Tensor, positions: torch.Tensor) -> "SequenceLayout":
+        """[c_0..c_{T-1}, n_0..n_{T-1}] under the modified causal mask ``allowed`` (the paper's layout;
+        dbprofile.methods.diffusion_blocks.blockwise builds the mask and the positions)."""
+        return cls(tokens=tokens, positions=positions, allowed=allowed)
+
 
 def per_position_arguments(args: tuple, kwargs: dict, tokens: int, names: list[str]) -> list[tuple[str, list[int]]]:
     """(name, shape) of every extra tensor argument (not the hidden state) with a dimension of

@@ -18,8 +18,8 @@ import torch
 from torch import nn
 
 from dbprofile.methods.base import Mark, Trainer, _no_mark, to_device
-from dbprofile.methods.diffusion_blocks.blockwise import BlockwiseModel
-from dbprofile.methods.diffusion_blocks.schedule import DEFAULT_GAMMA, DEFAULT_WEIGHTING
+from dbprofile.methods.diffusion_blocks.blockwise import LABEL_INIT_STD, BlockwiseModel
+from dbprofile.methods.diffusion_blocks.schedule import DEFAULT_GAMMA
 from dbprofile.spec import Batch, ModelSpec
 
 
@@ -51,9 +51,10 @@ class DiffusionBlocksTrainer(Trainer):
         lr: float = 1e-3,
         *,
         gamma: float = DEFAULT_GAMMA,
-        weighting: str = DEFAULT_WEIGHTING,
+        weighting: str | None = None,
         partition: str = "equiprobable",
         cond_dim: int | None = None,
+        label_init_std: float = LABEL_INIT_STD,
         seed: int = 0,
     ) -> "DiffusionBlocksTrainer":
         device = torch.device(device)
@@ -66,6 +67,8 @@ class DiffusionBlocksTrainer(Trainer):
             weighting=weighting,
             cond_dim=cond_dim,
             checkpoint=tech.ckpt,
+            lm_layout=tech.lm_layout,
+            label_init_std=label_init_std,
             seed=seed,
         )
         trainer_cls = OffloadDiffusionBlocksTrainer if tech.offload else cls
