@@ -75,6 +75,10 @@ def freeze_startup_objects() -> None:
     gc.freeze()
 
 
+FROM_CHECKPOINT_HELP = ("The team must continue from an existing end-to-end checkpoint: the verdict rules "
+                        "DiffusionBlocks out (it trains from scratch). Default: training from scratch.")
+
+
 def reproduce_command() -> str:
     return "dbprofile " + " ".join(shlex.quote(a) for a in sys.argv[1:])
 
@@ -139,9 +143,10 @@ def _safe_name(text: str) -> str:
               help="Launch N processes with torchrun on this machine (for --fsdp and db:B+parallel).")
 @click.option("--timeout", "timeout_s", default=300.0, show_default=True, type=float,
               help="Seconds a rank waits for the others in a collective before it gives up.")
+@click.option("--from-checkpoint", is_flag=True, help=FROM_CHECKPOINT_HELP)
 @friendly_errors
 def run(model, batch_size, device, techniques, blocks, steps, precision, optimizer, fake, memory_limit, out,
-        no_report, dry_run, fsdp, nproc, timeout_s) -> None:
+        no_report, dry_run, fsdp, nproc, timeout_s, from_checkpoint) -> None:
     """Profile MODEL (a preset name, file.py or file.py:name; default: a tiny built-in ViT)."""
     from dbprofile.methods import check_technique_fits, parse_techniques
     from dbprofile.results import format_bytes
@@ -191,6 +196,7 @@ def run(model, batch_size, device, techniques, blocks, steps, precision, optimiz
     result = run_profile(
         spec, techs, batch_sizes, device=device, precision=precision, optimizer=optimizer, steps=steps,
         fake=fake, memory_limit=limit, out=out_path, on_measurement=progress, command=reproduce_command(),
+        from_checkpoint=from_checkpoint,
     )
     click.echo(format_table(result))
     click.echo(f"results: {out_path}")
@@ -245,10 +251,14 @@ def compare(results, output) -> None:
 @click.option("--optimizer", type=click.Choice(["adamw", "sgd", "adafactor"]), default="adamw", show_default=True)
 @click.option("--zero", "zero_stage", type=click.IntRange(0, 3), default=0, show_default=True,
               help="ZeRO / FSDP stage (1: optimizer state, 2: + gradients, 3: + parameters sharded).")
-@click.option("--world-size", type=int, default=1, show_default=True, help="Devices the state is sharded over.")
+@click.option("--world-size", type=int, default=1, show_default=True,
+              help="Devices available: the state is sharded over them (--zero), or db:B+parallel uses B of them.")
+@click.option("--from-checkpoint", is_flag=True, help=FROM_CHECKPOINT_HELP)
 @click.option("--html", default=None, type=click.Path(dir_okay=False), help="Also write the plan as HTML.")
+@click.option("--json", "as_json", is_flag=True, help="Print the plan as JSON on stdout (the table goes to stderr).")
 @friendly_errors
-def plan(model, gpu, batch_size, techniques, precision, optimizer, zero_stage, world_size, html) -> None:
+def plan(model, gpu, batch_size, techniques, precision, optimizer, zero_stage, world_size, from_checkpoint, html,
+         as_json) -> None:
     """Predict each technique's peak on a target GPU without one (fake tensors), with a verdict."""
     from dbprofile.plan import format_plan, format_plan_html, plan as make_plan
     from dbprofile.spec import load_spec
@@ -259,13 +269,16 @@ def plan(model, gpu, batch_size, techniques, precision, optimizer, zero_stage, w
     if gpu and gpu[0].isdigit():
         target = parse_size(gpu)
     result = make_plan(load_spec(model), batch_size, device=target, techniques=techniques, precision=precision,
-                       optimizer=optimizer, zero_stage=zero_stage, world_size=world_size)
-    click.echo(format_plan(result))
+                       optimizer=optimizer, zero_stage=zero_stage, world_size=world_size,
+                       from_checkpoint=from_checkpoint)
+    click.echo(format_plan(result), err=as_json)
+    if as_json:
+        click.echo(result.to_json())
     if html:
         path = Path(html)
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_text(format_plan_html(result))
-        click.echo(f"plan: {path}")
+        click.echo(f"plan: {path}", err=as_json)
 
 
 def _parse_cases(text: str) -> list[tuple[str, tuple[int, ...]]]:

@@ -3,7 +3,10 @@
 Everything here is an import or a thin call into a private (underscore) PyTorch module:
 fake tensors (``torch._subclasses.fake_tensor``), the Python dispatch-mode base class
 (``torch.utils._python_dispatch``), which is how PyTorch's own
-``torch.distributed._tools.mem_tracker.MemTracker`` sees every op's outputs. ``tests/test_torch_private.py`` is
+``torch.distributed._tools.mem_tracker.MemTracker`` sees every op's outputs, and the attention
+FLOP formulas of ``torch.utils.flop_counter`` (its ``flop_registry`` table, and
+``sdpa_flop_count`` / ``sdpa_backward_flop_count``: module names outside its ``__all__``),
+which dbprofile.measure.flops applies in a counting mode of its own. ``tests/test_torch_private.py`` is
 the canary: it exercises each name and the behaviour the tracker relies on (storage
 Python objects outliving their last Python reference while a tensor still uses them, so a
 weak reference to a storage fires exactly when its memory is freed), and fails loudly when
@@ -18,6 +21,7 @@ from typing import Iterator
 import torch
 from torch._subclasses.fake_tensor import FakeTensor, FakeTensorMode
 from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils.flop_counter import flop_registry, sdpa_backward_flop_count, sdpa_flop_count
 
 __all__ = [
     "FakeTensor",
@@ -26,6 +30,9 @@ __all__ = [
     "fake_tensor_mode",
     "is_fake",
     "active_fake_mode",
+    "sdpa_flop_count",
+    "sdpa_backward_flop_count",
+    "flop_registry",
 ]
 
 
@@ -63,3 +70,4 @@ def profiler_allocations(prof: "torch.profiler.profile") -> list[tuple[int, int]
     allocs = [(e.start_ns(), e.nbytes()) for e in events if e.name() == "[memory]"]
     allocs.sort(key=lambda item: item[0])
     return allocs
+

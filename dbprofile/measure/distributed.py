@@ -383,6 +383,11 @@ def simulate_rank(
             rows.append(m)
     worst = max(rows, key=lambda row: row.peak_bytes)
     worst.extra["rank_peaks"] = [row.peak_bytes for row in rows]
+    if dtech.parallel and all(row.training_flops is not None for row in rows):
+        # Block-parallel ranks each train one block: together, one step of every rank trains
+        # every layer once, the same work as db:B's B block-steps on one device.
+        worst.extra["rank_step_flops"] = [row.training_flops for row in rows]
+        worst.training_flops = sum(row.training_flops for row in rows)
     return worst
 
 
