@@ -333,3 +333,22 @@ def test_gpt_decision_table_head_and_doubled_sequence_make_db_costlier_than_ckpt
     assert (verdict.decision, verdict.recommended) == ("not-worth-it", "ckpt")
     assert _rule(verdict, "costlier-than-ckpt").numbers["vs_rival"] == pytest.approx(ratio)
     assert "doubled sequence" in _rule(verdict, "compute-overhead").sentence
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("from_checkpoint", [False, True])
+def test_vit_l16_on_an_rtx_4090_follows_the_rules_from_its_predicted_figures(from_checkpoint):
+    """The issue's first case, planned for real (the fast decision tables above cover the same rules)."""
+    p = plan("vit-l16", 64, device="RTX-4090", techniques="e2e,ckpt,db:2,db:3,db:4,db:4+offload",
+             search_max_batch=False, from_checkpoint=from_checkpoint)
+    e2e, ckpt = p.get("e2e"), p.get("ckpt")
+    low_risk = [e for e in p.entries if e.technique in ("db:2", "db:3") and e.fits]
+    tight = e2e.peak_bytes > (1 - NOT_NEEDED_HEADROOM) * p.capacity_bytes
+    if from_checkpoint:
+        expected = ("not-worth-it", "ckpt") if tight else ("not-needed", "e2e")
+    elif tight and low_risk and low_risk[0].flops_per_sample < (1 - COMPUTE_MARGIN) * ckpt.flops_per_sample:
+        expected = ("adopt", low_risk[0].technique)
+    else:
+        expected = (p.verdict.decision, p.verdict.recommended)  # not this case's figures today
+    assert (p.verdict.decision, p.verdict.recommended) == expected
+    assert expected[0] == ("not-worth-it" if from_checkpoint else "adopt")
