@@ -429,7 +429,8 @@ def format_table(result: RunResult) -> str:
     # workspace (CUDA) and communication (FSDP) only get a column where some row has them.
     optional = ("workspace", "communication")
     cats = [c for c in CATEGORIES if c not in optional or any(m.shares.get(c, 0) for m in ok)]
-    head = ["technique", "batch", f"peak {unit}"] + [_SHORT[c] for c in cats] + ["phase", "step s", "B steps s"]
+    head = ["technique", "batch", f"peak {unit}"] + [_SHORT[c] for c in cats] + ["phase", "step s", "B steps s",
+                                                                                   "GFLOP/sample"]
     rows = [head]
     for m in result.measurements:
         if m.status in ("oom", "error"):
@@ -441,12 +442,13 @@ def format_table(result: RunResult) -> str:
             phase += f" (block {m.peak_block})"
         step = f"{m.step_time_s:.4f}" if m.step_time_s is not None else "-"
         bsteps = f"{m.block_steps_time_s:.4f}" if m.block_steps_time_s is not None else "-"
+        gflops = f"{m.flops_per_sample / 1e9:.4g}" if m.flops_per_sample is not None else "-"
         name = m.technique + (" NaN" if m.status == "nan" else "")
-        rows.append([name, str(m.batch_size)] + figs + [phase, step, bsteps])
+        rows.append([name, str(m.batch_size)] + figs + [phase, step, bsteps, gflops])
     widths = [max(len(r[i]) for r in rows) for i in range(len(head))]
     lines = []
     for r in rows:
-        cells = [r[0].ljust(widths[0])] + [c.rjust(w) if i < len(head) - 3 else c.ljust(w)
+        cells = [r[0].ljust(widths[0])] + [c.rjust(w) if i < len(head) - 4 else c.ljust(w)
                                            for i, (c, w) in enumerate(zip(r[1:], widths[1:]), start=1)]
         lines.append("  ".join(cells).rstrip())
     notes = [f"{m.technique} @ batch {m.batch_size}: {m.status.upper()}: {m.error}"
