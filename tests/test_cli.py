@@ -144,7 +144,7 @@ def test_parallel_suffix_only_applies_to_plain_diffusion_blocks():
 def test_plan_json_carries_flops_per_sample_and_from_checkpoint_changes_the_decision():
     import json
 
-    args = ["plan", "vit-tiny", "-b", "64", "--gpu", "cpu", "-t", "e2e,ckpt,db:2"]
+    args = ["plan", "vit-tiny", "-b", "16", "--gpu", "cpu", "-t", "e2e,db:2"]
     scratch = CliRunner().invoke(main, args + ["--json"])
     kept = CliRunner().invoke(main, args + ["--json", "--from-checkpoint"])
     assert scratch.exit_code == kept.exit_code == 0, scratch.output
