@@ -662,9 +662,6 @@ def judge(result: RunResult | Plan, capacity_bytes: int | None = None, *, from_c
         return ("ckpt" in r.variants, risk, r.blocks or 0, r.flops_per_sample or 0.0, r.required)
 
     best = min(acceptable, key=preference)
-    nothing_else_fits = fallback is None and not any(_fits(r, s) for r in acceptable if "ckpt" not in r.variants)
-    if "ckpt" in best.variants and not nothing_else_fits:
-        best = min((r for r in acceptable if "ckpt" not in r.variants), key=preference, default=best)
     for extra in (_db_overhead(best, e2e, s.task), _measured_times(best, e2e, ckpt)):
         if extra is not None:
             reasons.append(extra)
