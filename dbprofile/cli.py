@@ -175,6 +175,10 @@ def freeze_startup_objects() -> None:
     gc.freeze()
 
 
+FROM_CHECKPOINT_HELP = ("The team must continue from an existing end-to-end checkpoint: the verdict rules "
+                        "DiffusionBlocks out (it trains from scratch). Default: training from scratch.")
+
+
 def reproduce_command() -> str:
     return "dbprofile " + " ".join(shlex.quote(a) for a in sys.argv[1:])
 
@@ -311,12 +315,13 @@ def _safe_name(text: str) -> str:
               help="Seconds one technique may run (build, warm-up, steps) before it is recorded as timed out "
                    "and the run moves on; also bounds loading and checking the model. 0: no limit. Under "
                    "--fsdp/--nproc, also how long a rank waits for the others in a collective.")
+@click.option("--from-checkpoint", is_flag=True, help=FROM_CHECKPOINT_HELP)
 @model_options
 @output_options
 @friendly_errors
 def run(model, batch_size, device, techniques, blocks, steps, precision, optimizer, fake, memory_limit, out,
-        no_report, dry_run, memory_snapshot, fsdp, nproc, timeout_s, set_options, seq_len, image_size,
-        console: Output) -> None:
+        no_report, dry_run, memory_snapshot, fsdp, nproc, timeout_s, from_checkpoint, set_options,
+        seq_len, image_size, console: Output) -> None:
     """Profile MODEL (a preset name, file.py or file.py:name, hf:NAME, diffusers:DiT, timm:NAME;
     default: a tiny built-in ViT)."""
     from dbprofile.measure.device import resolve_device
@@ -362,7 +367,7 @@ def run(model, batch_size, device, techniques, blocks, steps, precision, optimiz
     for spec in specs:
         answered = _run_one(spec, techs, not techniques and not blocks, batch_sizes, device, steps, precision,
                             optimizer, fake, limit, out, no_report, dry_run, swept, memory_snapshot,
-                            per_technique_s, console)
+                            per_technique_s, from_checkpoint, console)
         if answered is not None:
             results.append(answered[0])
             codes.append(answered[1])
@@ -394,7 +399,7 @@ def _loading_limit(seconds: float | None):
 
 
 def _run_one(spec, techs, drop_deeper, batch_sizes, device, steps, precision, optimizer, fake, limit, out,
-             no_report, dry_run, swept, memory_snapshot, per_technique_s, console: Output):
+             no_report, dry_run, swept, memory_snapshot, per_technique_s, from_checkpoint, console: Output):
     """Check, measure and answer for one model spec (one value of a sweep): (result, exit code), or None
     for a dry run."""
     from dbprofile.measure.runner import prepare
@@ -446,7 +451,7 @@ def _run_one(spec, techs, drop_deeper, batch_sizes, device, steps, precision, op
                     spec, techs, batch_sizes, device=device, precision=precision, optimizer=optimizer,
                     steps=steps, fake=fake, memory_limit=limit, out=out_path, on_measurement=measured,
                     command=reproduce_command(), memory_snapshot=memory_snapshot,
-                    time_limit_s=per_technique_s, facts=facts,
+                    time_limit_s=per_technique_s, facts=facts, from_checkpoint=from_checkpoint,
                 )
             except KeyboardInterrupt:
                 click.echo(f"The measurements that finished are in {out_path}, marked incomplete; "
@@ -579,7 +584,9 @@ def compare(results, output, console: Output) -> None:
 @click.option("--optimizer", type=click.Choice(["adamw", "sgd", "adafactor"]), default="adamw", show_default=True)
 @click.option("--zero", "zero_stage", type=click.IntRange(0, 3), default=0, show_default=True,
               help="ZeRO / FSDP stage (1: optimizer state, 2: + gradients, 3: + parameters sharded).")
-@click.option("--world-size", type=int, default=1, show_default=True, help="Devices the state is sharded over.")
+@click.option("--world-size", type=int, default=1, show_default=True,
+              help="Devices available: the state is sharded over them (--zero), or db:B+parallel uses B of them.")
+@click.option("--from-checkpoint", is_flag=True, help=FROM_CHECKPOINT_HELP)
 @click.option("--html", default=None, type=click.Path(dir_okay=False),
               help="Also write the plan as HTML (also when nothing fits).")
 @click.option("--full-trace", is_flag=True, default=False,
@@ -587,8 +594,8 @@ def compare(results, output, console: Output) -> None:
 @model_options
 @output_options
 @friendly_errors
-def plan(model, gpu, batch_size, techniques, precision, optimizer, zero_stage, world_size, html, full_trace,
-         set_options, seq_len, image_size, console: Output) -> None:
+def plan(model, gpu, batch_size, techniques, precision, optimizer, zero_stage, world_size, from_checkpoint, html,
+         full_trace, set_options, seq_len, image_size, console: Output) -> None:
     """Predict each technique's peak on a target GPU without one (fake tensors), with a verdict.
 
     When nothing fits, the table, the HTML and the JSON still come, each technique with the bytes it
@@ -614,7 +621,7 @@ def plan(model, gpu, batch_size, techniques, precision, optimizer, zero_stage, w
         with console.progress(f"planning {spec.name}"):
             result = make_plan(spec, batch_size, device=target, techniques=techniques, precision=precision,
                                optimizer=optimizer, zero_stage=zero_stage, world_size=world_size,
-                               full_trace=full_trace)
+                               full_trace=full_trace, from_checkpoint=from_checkpoint)
         if swept:
             console.text(f"{swept} = {shape_value(spec, swept)}:")
         console.text(format_plan(result))

@@ -9,6 +9,15 @@ get_device_properties(0).total_memory`` reports the same number in bytes. The H1
 HBM3 figure (81559 MiB) is the one the GPU-validation issue checks on a real card; the
 others are the commonly reported nvidia-smi figures for each card and are marked
 ``nominal`` where only the marketing size is known.
+
+Peak dense FLOPS (per second, no 2:4 sparsity) come from NVIDIA's datasheets and architecture
+whitepapers, named per card in ``flops_source``. ``fp32`` is the CUDA-core FP32 rate: PyTorch's
+default matmul precision ("highest") does not use TF32 tensor cores for fp32 matmuls. ``bf16``
+is the dense BF16 tensor-core rate with FP32 accumulation (what PyTorch's bf16 matmuls use;
+GeForce cards run it at half their FP16-accumulate rate). A card without BF16 tensor cores
+(V100, T4), or without a datasheet (the AWS-only A10G), has None there. The planner uses these
+only to turn FLOPs into an illustrative time under a stated utilisation: ratios between
+techniques are the claim, not absolute times.
 """
 
 from __future__ import annotations
@@ -34,32 +43,60 @@ class GPU:
     """(major, minor); sm90+ gets a 32 MiB cuBLAS workspace in PyTorch, older cards 8 MiB + 128 KiB."""
     source: str = "nvidia-smi"
     """Where the capacity comes from: 'nvidia-smi' (reported memory.total) or 'nominal'."""
+    peak_fp32_flops: int | None = None
+    """Peak dense FP32 FLOPS (CUDA cores), per second."""
+    peak_bf16_flops: int | None = None
+    """Peak dense BF16 tensor-core FLOPS with FP32 accumulation, per second (None: no BF16 tensor cores
+    or no published figure)."""
+    flops_source: str = ""
+    """The document the peak FLOPS come from."""
+
+    def peak_flops(self, precision: str) -> int | None:
+        """The peak dense FLOPS for a training precision ('fp32' or 'bf16'), or None when unknown."""
+        return {"fp32": self.peak_fp32_flops, "bf16": self.peak_bf16_flops}.get(precision)
 
 
-def _gpu(name: str, mib: int, cc: tuple[int, int], source: str = "nvidia-smi") -> GPU:
-    return GPU(name=name, capacity_bytes=mib * MiB, compute_capability=cc, source=source)
+TERA = 10**12
 
 
+def _gpu(name: str, mib: int, cc: tuple[int, int], fp32_tflops: float | None, bf16_tflops: float | None,
+         flops_source: str, source: str = "nvidia-smi") -> GPU:
+    def flops(tflops: float | None) -> int | None:
+        return None if tflops is None else int(round(tflops * TERA))
+
+    return GPU(name=name, capacity_bytes=mib * MiB, compute_capability=cc, source=source,
+               peak_fp32_flops=flops(fp32_tflops), peak_bf16_flops=flops(bf16_tflops), flops_source=flops_source)
+
+
+# Datasheets quote tensor-core rates "with sparsity" (2:4), twice the dense rate: halved here.
+_HOPPER = "NVIDIA H100 Tensor Core GPU datasheet"
+_ADA = "NVIDIA Ada Lovelace GPU architecture whitepaper (v2.1), and the card's datasheet"
+_AMPERE = "NVIDIA A100 Tensor Core GPU datasheet"
+_GA102 = "NVIDIA Ampere GA102 GPU architecture whitepaper"
 GPUS: dict[str, GPU] = {
     g.name: g
     for g in (
-        _gpu("H100-80GB", 81559, (9, 0)),  # H100 80GB HBM3 (SXM); the PCIe card reports the same
-        _gpu("H100-NVL-94GB", 95830, (9, 0)),
-        _gpu("H200-141GB", 143771, (9, 0)),
-        _gpu("A100-80GB", 81920, (8, 0)),
-        _gpu("A100-40GB", 40960, (8, 0)),
-        _gpu("L40S-48GB", 46068, (8, 9)),
-        _gpu("L40-48GB", 46068, (8, 9)),
-        _gpu("L4-24GB", 23034, (8, 9)),
-        _gpu("A10G-24GB", 23028, (8, 6)),
-        _gpu("A10-24GB", 23028, (8, 6)),
-        _gpu("RTX-6000-Ada-48GB", 49140, (8, 9)),
-        _gpu("RTX-A6000-48GB", 49140, (8, 6)),
-        _gpu("RTX-4090-24GB", 24564, (8, 9)),
-        _gpu("RTX-3090-24GB", 24576, (8, 6)),
-        _gpu("V100-32GB", 32768, (7, 0), "nominal"),
-        _gpu("V100-16GB", 16384, (7, 0), "nominal"),
-        _gpu("T4-16GB", 15360, (7, 5)),
+        # H100 80GB HBM3 (SXM5): 67 FP32, 1,979 BF16 with sparsity.
+        _gpu("H100-80GB", 81559, (9, 0), 67, 989.5, _HOPPER + " (H100 SXM)"),
+        # The PCIe card reports the same memory but runs slower: 51 FP32, 1,513 BF16 with sparsity.
+        _gpu("H100-PCIe-80GB", 81559, (9, 0), 51, 756.5, _HOPPER + " (H100 PCIe)"),
+        _gpu("H100-NVL-94GB", 95830, (9, 0), 60, 835.5, _HOPPER + " (H100 NVL)"),
+        _gpu("H200-141GB", 143771, (9, 0), 67, 989.5, "NVIDIA H200 Tensor Core GPU datasheet (H200 SXM)"),
+        _gpu("A100-80GB", 81920, (8, 0), 19.5, 312, _AMPERE),
+        _gpu("A100-40GB", 40960, (8, 0), 19.5, 312, _AMPERE),
+        _gpu("L40S-48GB", 46068, (8, 9), 91.6, 362.05, "NVIDIA L40S datasheet"),
+        _gpu("L40-48GB", 46068, (8, 9), 90.5, 181.05, "NVIDIA L40 datasheet"),
+        _gpu("L4-24GB", 23034, (8, 9), 30.3, 121, "NVIDIA L4 Tensor Core GPU datasheet"),
+        # AWS's A10G has no NVIDIA datasheet; its tensor rate is not the A10's.
+        _gpu("A10G-24GB", 23028, (8, 6), None, None, "no published datasheet (AWS-only variant)"),
+        _gpu("A10-24GB", 23028, (8, 6), 31.2, 125, "NVIDIA A10 Tensor Core GPU datasheet"),
+        _gpu("RTX-6000-Ada-48GB", 49140, (8, 9), 91.1, 364.25, _ADA),
+        _gpu("RTX-A6000-48GB", 49140, (8, 6), 38.7, 154.85, "NVIDIA RTX A6000 datasheet"),
+        _gpu("RTX-4090-24GB", 24564, (8, 9), 82.6, 165.2, _ADA),
+        _gpu("RTX-3090-24GB", 24576, (8, 6), 35.6, 71, _GA102),
+        _gpu("V100-32GB", 32768, (7, 0), 15.7, None, "NVIDIA V100 Tensor Core GPU datasheet (SXM2)", "nominal"),
+        _gpu("V100-16GB", 16384, (7, 0), 15.7, None, "NVIDIA V100 Tensor Core GPU datasheet (SXM2)", "nominal"),
+        _gpu("T4-16GB", 15360, (7, 5), 8.1, None, "NVIDIA T4 Tensor Core GPU datasheet"),
     )
 }
 
@@ -80,7 +117,7 @@ ALIASES: dict[str, str] = {
     "V100": "V100-32GB",
     "T4": "T4-16GB",
     "H100-SXM": "H100-80GB",
-    "H100-PCIE": "H100-80GB",
+    "H100-PCIE": "H100-PCIe-80GB",
     "A6000": "RTX-A6000-48GB",
 }
 

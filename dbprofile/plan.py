@@ -44,7 +44,7 @@ from dbprofile.methods.sharding import (
     parse_distributed_technique,
 )
 from dbprofile.methods.techniques import DEFAULT_TECHNIQUES, Technique, check_technique_fits
-from dbprofile.results import CATEGORIES, Measurement, Plan, PlanEntry, format_bytes
+from dbprofile.results import CATEGORIES, Measurement, Plan, PlanEntry, format_bytes, per_sample
 from dbprofile.spec import ModelSpec, SpecError, checked_spec, get_layers, load_spec
 
 MiB = 1024**2
@@ -91,6 +91,11 @@ when estimated from shallow traces (ViT-B/16, GPT-2 small), while the full trace
 Larger models are extrapolated (dbprofile.measure.depth), their reserved bytes estimated."""
 UNKNOWN_GPU_COMPUTE_CAPABILITY = (9, 0)
 """A capacity given in bytes says nothing about the card; assume the larger (sm90) cuBLAS workspace."""
+ASSUMED_UTILISATION = 0.4
+"""Share of the target's peak dense FLOPS a training step sustains, used only to illustrate FLOPs as
+time. Large transformer training on A100/H100 reports 30-55% model FLOPs utilisation (PaLM 46%,
+Megatron-LM 52% on A100 for its largest models); 40% is a round middle. The ratios between techniques
+do not depend on it; absolute times do, and are labelled as estimates."""
 
 MeasureFn = Callable[..., Measurement]
 
@@ -103,12 +108,14 @@ class Target:
     capacity_bytes: int | None
     cuda: bool
     compute_capability: tuple[int, int] | None = None
+    gpu: GPU | None = None
+    """The table entry (None for a capacity in bytes or the CPU): its peak FLOPS."""
 
 
 def resolve_target(device: str | int | GPU) -> Target:
     """'cpu' (no capacity, no CUDA corrections), a GPU table name, or a capacity in bytes."""
     if isinstance(device, GPU):
-        return Target(device.name, device.capacity_bytes, True, device.compute_capability)
+        return Target(device.name, device.capacity_bytes, True, device.compute_capability, device)
     if isinstance(device, bool):
         raise SpecError(f"device must be a GPU name or a capacity in bytes, not {device!r}.")
     if isinstance(device, int):
@@ -120,7 +127,7 @@ def resolve_target(device: str | int | GPU) -> Target:
     if isinstance(device, str) and device.strip().isdigit():
         return resolve_target(int(device.strip()))
     gpu = get_gpu(str(device))
-    return Target(gpu.name, gpu.capacity_bytes, True, gpu.compute_capability)
+    return Target(gpu.name, gpu.capacity_bytes, True, gpu.compute_capability, gpu)
 
 
 def cuda_corrections(tracked_bytes: int, target: Target, replayed_reserved_bytes: int | None = None) -> dict[str, int]:
@@ -277,6 +284,7 @@ def plan(
     confirm_max_batch: bool = True,
     measure_fn: MeasureFn | None = None,
     full_trace: bool = False,
+    from_checkpoint: bool = False,
 ) -> Plan:
     """Predict, per technique, the peak per device, its shares, whether it fits ``device`` and the
     largest batch size that does. Fake-tensor runs only: no GPU and almost no memory needed.
@@ -289,6 +297,10 @@ def plan(
     models, whose fake runs take 10-20 s each on a laptop CPU).
     ``full_trace``: trace every layer instead of extrapolating identical layers from shallow copies
     (dbprofile.measure.depth; each entry's ``extra['depth']`` says which path it took and why).
+    ``from_checkpoint``: the team must continue from an existing end-to-end checkpoint (the verdict
+    then rules DiffusionBlocks out: it trains from scratch); the default is training from scratch.
+    Each entry carries its training FLOPs per sample (counted on the same fake step as its memory)
+    and, for a GPU with a known peak, an estimated time per million samples at ASSUMED_UTILISATION.
     """
     started = time.perf_counter()
     spec = load_spec(spec) if not isinstance(spec, ModelSpec) else spec
@@ -307,6 +319,7 @@ def plan(
     # The same checks as a run's (loss, build, hidden width); db:B's own need for residual layers
     # surfaces in its fake run.
     spec, _ = checked_spec(spec, require_residual=False)
+    peak_flops = target.gpu.peak_flops(precision) if target.gpu is not None else None
     facts = model_facts(spec)
     from dbprofile.measure.depth import measure_fake, simulate_fake
 
@@ -379,6 +392,10 @@ def plan(
                           peak_phase=m.peak_phase, peak_block=m.peak_block, extra=dict(m.extra))
         if not m.ok:
             return entry
+        # Counted on the same fake step as the memory: whole-model work per batch, whatever the sharding.
+        entry.training_flops = m.training_flops
+        entry.block_step_flops = list(m.extra.get("rank_step_flops") or
+                                      [blk.step_flops for blk in m.blocks if blk.step_flops is not None])
         if sim is not None:  # already one rank's shares
             shares = dict(sim.shares)
             entry.world_size = tech.blocks if parallel else world_size
@@ -397,6 +414,9 @@ def plan(
         entry.corrections = _entry_corrections(entry, target)
         entry.peak_bytes = entry.tracked_peak_bytes + sum(entry.corrections.values())
         _set_fit(entry, target.capacity_bytes)
+        entry.flops_per_sample = per_sample(entry.training_flops, b)
+        entry.time_per_million_samples_s = time_per_million_samples(entry.flops_per_sample, peak_flops,
+                                                                    entry.world_size)
         return entry
 
     entries = []
@@ -420,12 +440,24 @@ def plan(
         world_size=world_size,
         cuda_corrections=target.cuda,
         entries=entries,
+        from_checkpoint=from_checkpoint,
+        peak_flops=peak_flops,
+        utilisation=ASSUMED_UTILISATION,
     )
     from dbprofile.verdict import judge
 
     result.verdict = judge(result)
     result.elapsed_s = time.perf_counter() - started
     return result
+
+
+def time_per_million_samples(flops_per_sample: float | None, peak_flops: int | None, devices: int,
+                              utilisation: float = ASSUMED_UTILISATION) -> float | None:
+    """Seconds to train on a million samples with ``devices`` devices each sustaining ``utilisation``
+    of ``peak_flops``: an illustration of FLOPs as time (None when either figure is unknown)."""
+    if flops_per_sample is None or not peak_flops:
+        return None
+    return flops_per_sample * 1e6 / (peak_flops * utilisation * max(devices, 1))
 
 
 BATCH_DEPENDENT = ("activations", "temporaries", "inputs")
@@ -576,10 +608,15 @@ def _header(plan: Plan) -> str:
             f"{sharding}; target {target}")
 
 
-def _row(e: PlanEntry) -> list[str]:
+_HEAD = ["technique", "peak", *[_SHORT[c] for c in _COLUMNS], "other+CUDA", "fits", "headroom", "max batch",
+         "GFLOP/sample", "vs e2e"]
+
+
+def _row(e: PlanEntry, e2e_flops: float | None) -> list[str]:
     if not e.ok:
-        return [e.technique, e.status.upper()] + [""] * (len(_COLUMNS) + 4)
+        return [e.technique, e.status.upper()] + [""] * (len(_HEAD) - 2)
     others = e.shares.get("buffers", 0) + e.shares.get("inputs", 0)
+    flops = e.flops_per_sample
     return [
         e.technique + (f" x{e.world_size}" if e.world_size > 1 else ""),
         format_bytes(e.peak_bytes),
@@ -588,13 +625,35 @@ def _row(e: PlanEntry) -> list[str]:
         "-" if e.fits is None else ("yes" if e.fits else "NO"),
         "-" if e.headroom_bytes is None else format_bytes(e.headroom_bytes),
         "-" if e.max_batch_size is None else str(e.max_batch_size),
+        "-" if flops is None else f"{flops / 1e9:,.1f}",
+        "-" if flops is None or not e2e_flops else f"{flops / e2e_flops:.2f}x",
     ]
+
+
+def _rows(plan: Plan) -> list[list[str]]:
+    e2e = plan.get("e2e")
+    e2e_flops = e2e.flops_per_sample if e2e is not None and e2e.ok else None
+    return [_row(e, e2e_flops) for e in plan.entries]
+
+
+def format_time_estimate(plan: Plan) -> str | None:
+    """One sentence: the estimated time per million samples of each technique on the target's
+    devices at the plan's assumed utilisation (None without a known peak)."""
+    timed = [e for e in plan.entries if e.ok and e.time_per_million_samples_s is not None]
+    if not timed or not plan.peak_flops or plan.utilisation is None:
+        return None
+    gpu = get_gpu(plan.device)
+    parts = [f"{e.technique} {e.time_per_million_samples_s / 3600:.2f} h"
+             + (f" on {e.world_size} devices" if e.world_size > 1 else "") for e in timed]
+    return (f"Estimated time per million samples at {round(100 * plan.utilisation)}% of the {plan.device}'s "
+            f"{plan.peak_flops / 1e12:,.1f} TFLOPS {plan.precision} peak ({gpu.flops_source}; an illustration, the "
+            "ratios are the claim): " + ", ".join(parts) + ".")
 
 
 def format_plan(plan: Plan) -> str:
     """The plan as a text table followed by the verdict's headline and reasons."""
-    head = ["technique", "peak", *[_SHORT[c] for c in _COLUMNS], "other+CUDA", "fits", "headroom", "max batch"]
-    rows = [head] + [_row(e) for e in plan.entries]
+    head = _HEAD
+    rows = [head] + _rows(plan)
     widths = [max(len(r[i]) for r in rows) for i in range(len(head))]
     lines = [_header(plan), ""]
     for r in rows:
@@ -607,6 +666,11 @@ def format_plan(plan: Plan) -> str:
     if plan.cuda_corrections:
         lines.append("Shares count 512-byte CUDA blocks; other+CUDA: buffers, inputs, cuBLAS workspace, "
                      "allocator segments, CUDA context.")
+    lines.append("GFLOP/sample: training FLOPs that update every layer once per sample (DiffusionBlocks: its B "
+                 "block-steps), counted on the same fake step.")
+    estimate = format_time_estimate(plan)
+    if estimate:
+        lines.append(estimate)
     lines += depth_lines(plan)
     if plan.verdict is not None:
         lines += ["", f"Verdict ({plan.verdict.decision}): {plan.verdict.headline}"]
@@ -642,19 +706,28 @@ def depth_lines(plan: Plan) -> list[str]:
 
 def format_plan_html(plan: Plan) -> str:
     """A small, self-contained HTML fragment (every string escaped) for notebooks and reports."""
+    from dbprofile.report.tradeoff import plan_tradeoff_svg
+
     esc = html.escape
-    head = ["technique", "peak", *[_SHORT[c] for c in _COLUMNS], "other+CUDA", "fits", "headroom", "max batch"]
     out = [f"<div class='dbprofile-plan'><p><b>{esc(_header(plan))}</b></p>", "<table>"]
-    out.append("<tr>" + "".join(f"<th>{esc(h)}</th>" for h in head) + "</tr>")
-    for e in plan.entries:
-        out.append("<tr>" + "".join(f"<td>{esc(c)}</td>" for c in _row(e)) + "</tr>")
+    out.append("<tr>" + "".join(f"<th>{esc(h)}</th>" for h in _HEAD) + "</tr>")
+    for row in _rows(plan):
+        out.append("<tr>" + "".join(f"<td>{esc(c)}</td>" for c in row) + "</tr>")
     out.append("</table>")
     if (summary := nothing_fits_summary(plan)) is not None:
         out.append(f"<p class='nothing-fits'><b>{esc(summary)}</b></p>")
     out += [f"<p>{esc(line)}</p>" for line in depth_lines(plan)]
+    estimate = format_time_estimate(plan)
+    if estimate:
+        out.append(f"<p>{esc(estimate)}</p>")
     if plan.verdict is not None:
         out.append(f"<p><b>{esc(plan.verdict.decision)}</b>: {esc(plan.verdict.headline)}</p><ul>")
         out += [f"<li>{esc(r.sentence)}</li>" for r in plan.verdict.reasons]
         out.append("</ul>")
+    svg = plan_tradeoff_svg(plan)
+    if svg is not None:
+        out.append("<p><b>Memory against compute per trained sample</b> (dashed: the target's capacity; ringed: "
+                   "the recommendation)</p>")
+        out.append(svg)
     out.append("</div>")
     return "\n".join(out)

@@ -85,6 +85,11 @@ def _known_fields(cls: type, data: dict[str, Any]) -> dict[str, Any]:
     return {k: v for k, v in data.items() if k in known}
 
 
+def per_sample(training_flops: int | None, batch_size: int) -> float | None:
+    """FLOPs that train every layer once on one sample (None when not counted)."""
+    return training_flops / batch_size if training_flops is not None and batch_size > 0 else None
+
+
 @dataclass(kw_only=True)
 class BlockMeasurement:
     """The peak of steps that train one DiffusionBlocks block."""
@@ -101,6 +106,8 @@ class BlockMeasurement:
     step_time_iqr_s: float | None = None
     """Interquartile range of this block's step times."""
     transfer_time_s: float | None = None
+    step_flops: int | None = None
+    """FLOPs of one training step of this block (dbprofile.measure.flops)."""
 
 
 @dataclass(kw_only=True)
@@ -142,6 +149,11 @@ class Measurement:
     blocks' noise moved together; an upper bound otherwise)."""
     transfer_time_s: float | None = None
     """db:B+offload: median host<->device transfer time per step."""
+    training_flops: int | None = None
+    """FLOPs to train every layer once on one batch, counted by PyTorch's FlopCounterMode on the
+    tracked step (matmuls, convolutions, attention; forward, backward and checkpointing's
+    recomputation; dbprofile.measure.flops): one step for e2e and ckpt, the sum of the B
+    block-steps (one per block, each with its own figure in ``blocks``) for DiffusionBlocks."""
     num_parameters: int | None = None
     extra_parameters: int | None = None
     """Parameters the technique adds to the user's model (AdaLN-Zero, sigma embedder, ...)."""
@@ -158,6 +170,11 @@ class Measurement:
     @property
     def ok(self) -> bool:
         return self.status == "ok"
+
+    @property
+    def flops_per_sample(self) -> float | None:
+        """training_flops per sample of the batch: the compute that trains every layer on one sample."""
+        return per_sample(self.training_flops, self.batch_size)
 
     def share_fraction(self, category: str) -> float:
         return self.shares.get(category, 0) / self.peak_bytes if self.peak_bytes else 0.0
@@ -188,6 +205,9 @@ class RunResult:
     the file then holds only the measurements that finished."""
     incomplete_reason: str | None = None
     """Why the run is incomplete (interrupted, still running), with what is missing."""
+    from_checkpoint: bool = False
+    """The team must continue from an existing end-to-end checkpoint (the verdict rules DiffusionBlocks
+    out); default: training from scratch."""
 
     def get(self, technique: str, batch_size: int | None = None) -> Measurement | None:
         for m in self.measurements:
@@ -255,6 +275,7 @@ class RunResult:
                 "step_time_iqr_s": m.step_time_iqr_s,
                 "block_steps_time_s": m.block_steps_time_s,
                 "block_steps_time_iqr_s": m.block_steps_time_iqr_s,
+                "training_flops": m.training_flops,
             }
             for cat in CATEGORIES:
                 row[f"{cat}_bytes"] = m.shares.get(cat, 0)
@@ -585,6 +606,16 @@ class PlanEntry:
     """The batch-size model peak(b) = fixed_bytes + per_sample_bytes * b and the points it came from."""
     extra: dict[str, Any] = field(default_factory=dict)
     """Technique-specific facts carried over from the fake run (e.g. activation ratios)."""
+    training_flops: int | None = None
+    """FLOPs to train every layer once on one batch of ``batch_size`` (Measurement.training_flops):
+    one step, or DiffusionBlocks' B block-steps; whole-model work, whatever the sharding."""
+    block_step_flops: list[int] = field(default_factory=list)
+    """DiffusionBlocks: the FLOPs of each block's step, block 0 first (they sum to training_flops)."""
+    flops_per_sample: float | None = None
+    """training_flops / batch_size: the compute that trains every layer once on one sample."""
+    time_per_million_samples_s: float | None = None
+    """Estimated seconds to train on a million samples on the target's ``world_size`` devices at the
+    plan's ``utilisation`` of their peak FLOPS (None without a known peak): an illustration."""
 
     @property
     def ok(self) -> bool:
@@ -615,6 +646,12 @@ class Plan:
     """A dbprofile.verdict.Verdict (kept untyped here so results.py imports nothing above it)."""
     elapsed_s: float | None = None
     """Wall time the planning took."""
+    from_checkpoint: bool = False
+    """The team must continue from an existing end-to-end checkpoint (default: training from scratch)."""
+    peak_flops: int | None = None
+    """The target's peak dense FLOPS per second at the plan's precision (dbprofile.gpus), if known."""
+    utilisation: float | None = None
+    """The share of peak_flops assumed for time estimates (dbprofile.plan.ASSUMED_UTILISATION)."""
 
     def get(self, technique: str) -> PlanEntry | None:
         for entry in self.entries:

@@ -1,20 +1,26 @@
 """Adoption rules: should this team train with DiffusionBlocks, and if so with how many blocks?
 
 ``judge`` reads a measured ``RunResult`` or a predicted ``Plan`` the same way (one row per
-technique: status, tracked peak and its shares, the device memory it needs, times, extra
-parameters) and applies a small rule set whose thresholds are the module constants below.
-Each rule that fires adds a ``Reason``: a sentence with its numbers, the numbers themselves,
-and the rule's name, so a person can check every step. The decision is one of
+technique: status, tracked peak and its shares, the device memory it needs, training FLOPs
+per sample, measured times, extra parameters) together with the team's situation (training
+from scratch or keeping an end-to-end checkpoint; how many devices) and applies a small rule
+set whose thresholds are the module constants below (docs/verdict.md gives each one's
+source). Each rule that fires adds a ``Reason``: a sentence with its numbers, the numbers
+themselves, and the rule's name. The decision is one of
 
-- ``adopt``: activations dominate and a DiffusionBlocks configuration cuts the peak enough,
-  below what checkpointing reaches (and fits the target, when one is known);
-- ``not-worth-it``: the peak is parameters / gradients / optimizer state that plain
-  DiffusionBlocks leaves resident, or the saving is small, or checkpointing gets there too;
-- ``not-needed``: end-to-end training already fits the target with headroom;
+- ``not-needed``: end-to-end training fits the target with headroom;
+- ``adopt``: training from scratch, e2e does not fit (or only without headroom), a
+  DiffusionBlocks configuration of acceptable quality risk fits, and it trains a sample with
+  at least COMPUTE_MARGIN fewer FLOPs than checkpointing (or checkpointing does not fit);
+- ``not-worth-it``: the team must keep a checkpoint, the peak is state plain DiffusionBlocks
+  keeps resident, no DiffusionBlocks configuration fits, the fitting ones carry high quality
+  risk, or checkpointing trains a sample as cheaply (the head and, for language models, the
+  doubled sequence make DiffusionBlocks' FLOPs per sample larger);
 - ``inconclusive``: too little was measured (every run failed, or no DiffusionBlocks run).
 
-The quality figures quoted are the paper's block-count ablations (METHOD.md), the only
-evidence about quality dbprofile has; it measures memory and time, not quality.
+``recommended`` names the technique to train with (a DiffusionBlocks configuration, ckpt or
+e2e), or None when nothing fits as asked. The quality figures are the paper's block-count
+ablations (METHOD.md), the only evidence about quality dbprofile has.
 """
 
 from __future__ import annotations
@@ -22,10 +28,14 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
-from dbprofile.results import Plan, RunResult, format_bytes
+from dbprofile.results import Plan, RunResult, format_bytes, per_sample
 
 # ---------------------------------------------------------------- thresholds (named, documented)
 
+NOT_NEEDED_HEADROOM = 0.1
+"""e2e fits with at least this share of the capacity free: no memory technique is needed. Below it a
+fit is not safe: the allocator's reserved-over-allocated overhead ranged 2% to 35% on an H100
+(median 11%, which the plan already adds), so a prediction within 10% of the capacity can run out."""
 ACTIVATION_BOUND_SHARE = 0.5
 """Activations (tensors saved for backward) at least this share of the e2e peak: activation-bound,
 the memory DiffusionBlocks cuts."""
@@ -33,22 +43,19 @@ STATE_BOUND_SHARE = 0.5
 """Parameters + buffers + gradients + optimizer state at least this share of the e2e peak:
 state-bound, memory plain DiffusionBlocks keeps resident."""
 MIN_SAVING_FRACTION = 0.2
-"""DiffusionBlocks must cut the e2e peak by at least this fraction to be worth a new training method."""
-CKPT_TIE_FRACTION = 0.1
-"""If checkpointing's peak is within this fraction above DiffusionBlocks', checkpointing gets there
-without retraining from scratch."""
-NOT_NEEDED_HEADROOM = 0.1
-"""e2e fits with at least this share of the capacity free: no memory technique is needed."""
-MAX_LOW_RISK_BLOCKS = 3
-"""In the paper's ablations B=2 and B=3 match or beat B=1; B=4 and up lose quality on CIFAR-10 and
-(B=6) on ImageNet."""
-CKPT_TYPICAL_STEP_FACTOR = 4 / 3
-"""Expected ckpt step time over e2e when times are not measured: one extra forward per layer, a
-forward being about a third of a forward+backward step."""
-DB_TYPICAL_BLOCK_STEPS_FACTOR = 1.0
-"""Expected time of B block-steps over one e2e step: every layer runs forward and backward once;
-each block-step also runs the stem, the head and the sigma embedder (more so for causal LMs, whose
-sequence doubles)."""
+"""With no target capacity to fit, DiffusionBlocks must cut the e2e peak by at least this fraction to
+be worth a new training method."""
+COMPUTE_MARGIN = 0.1
+"""DiffusionBlocks must train a sample with at least this fraction fewer FLOPs than checkpointing to
+be preferred to it. FLOPs count matmuls, convolutions and attention only; the element-wise work
+DiffusionBlocks adds (AdaLN modulate and gate products in every layer) and its smaller per-step
+batches of work are not in them, so a smaller lead is not a reliable time saving."""
+LOW_RISK_MAX_BLOCKS = 3
+"""B <= 3 matched or beat B=1 in every ablation of the paper (ImageNet FID 9.90/11.11 vs 12.09,
+CIFAR-10 FID 35.47/38.03 vs 39.83, LM1B MAUVE best at B=3-4)."""
+HIGH_RISK_MIN_BLOCKS = 6
+"""B >= 6 was worse than B=1 on both image ablations (ImageNet FID 14.43 vs 12.09, CIFAR-10 53.32 vs
+39.83): high quality risk. B=4-5 is elevated: better on ImageNet, worse on CIFAR-10 (45.43)."""
 MAX_RATIO_NOISE = 0.2
 """A measured time ratio is quoted only when the two timings' interquartile ranges, each relative to
 its median, add up to at most this: a ratio's relative spread is about the sum of its parts'."""
@@ -82,14 +89,21 @@ class Reason:
 
 @dataclass(kw_only=True)
 class Verdict:
-    """The decision, a one-sentence headline, and the reasons behind it."""
+    """The decision, a one-sentence headline, the reasons behind it, and what to train with."""
 
     decision: str
     """adopt | not-worth-it | not-needed | inconclusive."""
     headline: str
     reasons: list[Reason] = field(default_factory=list)
     best_technique: str | None = None
-    """The DiffusionBlocks configuration the rules recommend or compared (None when there is none)."""
+    """The DiffusionBlocks configuration the rules compared (None when there is none)."""
+    recommended: str | None = None
+    """The technique to train with: the adopted DiffusionBlocks configuration, or the alternative
+    (ckpt, e2e); None when nothing fits as asked."""
+    batch_size: int | None = None
+    """The batch size judged (a run's largest batch size with an e2e measurement; a plan's)."""
+    capacity_bytes: int | None = None
+    """The capacity the fit rules used (None: no target known)."""
 
     def __str__(self) -> str:
         return "\n".join([self.headline] + [f"- {r.sentence}" for r in self.reasons])
@@ -106,12 +120,15 @@ class _Row:
     peak: int  # tracked peak; the shares sum to it
     required: int  # device memory it needs (plan: with CUDA corrections; measured: reserved or peak)
     shares: dict[str, int]
+    flops_per_sample: float | None = None
     step_time_s: float | None = None
     step_time_iqr_s: float | None = None
     block_steps_time_s: float | None = None
     block_steps_time_iqr_s: float | None = None
     extra_parameters: int | None = None
     num_parameters: int | None = None
+    devices: int = 1
+    max_batch_size: int | None = None
 
     @property
     def ok(self) -> bool:
@@ -127,8 +144,25 @@ class _Row:
     def variants(self) -> list[str]:
         return self.technique.split("+")[1:]
 
+    @property
+    def training_time_s(self) -> float | None:
+        """Measured time to train every layer once: one step, or DiffusionBlocks' B block-steps."""
+        return self.block_steps_time_s if self.blocks is not None else self.step_time_s
+
     def frac(self, *categories: str) -> float:
         return sum(self.shares.get(c, 0) for c in categories) / self.peak if self.peak else 0.0
+
+
+@dataclass
+class _Situation:
+    """What the rules know besides the rows: the target and how the team will train."""
+
+    capacity: int | None
+    target: str
+    task: str | None
+    from_checkpoint: bool
+    devices: int
+    batch_size: int | None
 
 
 # ---------------------------------------------------------------- reading the input
@@ -153,6 +187,7 @@ def _rows_from_run(result: RunResult) -> tuple[list[_Row], int | None]:
                 peak=m.peak_bytes,
                 required=max(int(reserved), m.peak_bytes) if reserved else m.peak_bytes,
                 shares=dict(m.shares),
+                flops_per_sample=m.flops_per_sample,
                 step_time_s=m.step_time_s,
                 step_time_iqr_s=m.step_time_iqr_s,
                 block_steps_time_s=m.block_steps_time_s,
@@ -176,14 +211,18 @@ def _rows_from_plan(plan: Plan) -> list[_Row]:
             peak=e.tracked_peak_bytes,
             required=e.peak_bytes,
             shares=dict(e.shares),
+            flops_per_sample=e.flops_per_sample if e.flops_per_sample is not None
+            else per_sample(e.training_flops, e.batch_size),
             extra_parameters=e.extra_parameters,
             num_parameters=e.num_parameters,
+            devices=e.world_size,
+            max_batch_size=e.max_batch_size,
         )
         for e in plan.entries
     ]
 
 
-# ---------------------------------------------------------------- the rules
+# ---------------------------------------------------------------- small helpers
 
 
 def _pct(x: float) -> str:
@@ -197,22 +236,33 @@ def _params(n: int) -> str:
     return str(n)
 
 
-def _pick_db(dbs: list[_Row], capacity: int | None) -> tuple[_Row, str]:
-    """The DiffusionBlocks configuration to recommend, and why it was picked.
+def _gflops(flops: float) -> str:
+    return f"{flops / 1e9:,.1f} GFLOP"
 
-    With a target: the smallest B that fits (fewest blocks = least quality risk and the fewest
-    extra steps), plain before +ckpt before +offload / +parallel. Without one, or when none
-    fits: the lowest peak among B <= MAX_LOW_RISK_BLOCKS, else the lowest peak overall.
-    """
-    order = lambda r: (r.blocks or 0, len(r.variants), r.required)  # noqa: E731
-    if capacity is not None:
-        fitting = sorted((r for r in dbs if r.required <= capacity), key=order)
-        if fitting:
-            return fitting[0], f"the smallest block count that fits {format_bytes(capacity)}"
-    low_risk = [r for r in dbs if (r.blocks or 0) <= MAX_LOW_RISK_BLOCKS]
-    if low_risk:
-        return min(low_risk, key=lambda r: r.required), f"the lowest peak with B <= {MAX_LOW_RISK_BLOCKS}"
-    return min(dbs, key=lambda r: r.required), "the lowest peak measured"
+
+def quality_risk(blocks: int) -> str:
+    """'low' | 'elevated' | 'high': where B sits in the paper's block-count ablations."""
+    if blocks <= LOW_RISK_MAX_BLOCKS:
+        return "low"
+    return "high" if blocks >= HIGH_RISK_MIN_BLOCKS else "elevated"
+
+
+def _fits(row: _Row, s: _Situation) -> bool:
+    return s.capacity is None or row.required <= s.capacity
+
+
+def _compute_ratio(row: _Row, base: _Row | None) -> float | None:
+    if base is None or row.flops_per_sample is None or not base.flops_per_sample:
+        return None
+    return row.flops_per_sample / base.flops_per_sample
+
+
+def _cheapest(rows: list[_Row]) -> _Row | None:
+    """Fewest FLOPs per sample (unknown FLOPs last), then the smallest need."""
+    return min(rows, key=lambda r: (r.flops_per_sample is None, r.flops_per_sample or 0.0, r.required), default=None)
+
+
+# ---------------------------------------------------------------- reasons (each a sentence with numbers)
 
 
 def _failures(rows: list[_Row]) -> list[Reason]:
@@ -254,40 +304,105 @@ def _composition(base: _Row) -> Reason:
     )
 
 
-def _fit_reason(rows: list[_Row], capacity: int, target: str) -> Reason:
+def _fit_reason(rows: list[_Row], s: _Situation) -> Reason:
+    assert s.capacity is not None
     parts = []
     for r in rows:
-        verb = "fits" if r.required <= capacity else "does not fit"
-        parts.append(f"{r.technique} needs {format_bytes(r.required)} ({verb})")
+        verb = "fits" if r.required <= s.capacity else "does not fit"
+        where = f" per device on {r.devices}" if r.devices > 1 else ""
+        largest = f", largest batch {r.max_batch_size}" if r.max_batch_size is not None else ""
+        parts.append(f"{r.technique} needs {format_bytes(r.required)}{where} ({verb}{largest})")
     return Reason(
         rule="fit",
-        sentence=f"On {target} ({format_bytes(capacity)}): " + "; ".join(parts) + ".",
-        numbers={"capacity_bytes": capacity, **{f"{r.technique}_required_bytes": r.required for r in rows}},
+        sentence=f"On {s.target} ({format_bytes(s.capacity)}): " + "; ".join(parts) + ".",
+        numbers={"capacity_bytes": s.capacity, **{f"{r.technique}_required_bytes": r.required for r in rows}},
     )
 
 
-def _memory_vs(best: _Row, e2e: _Row | None, ckpt: _Row | None, why: str) -> Reason:
-    numbers: dict[str, Any] = {"technique": best.technique, "required_bytes": best.required, "why": why}
-    parts = [f"{best.technique} (chosen as {why})"]
-    if e2e is not None:
-        saving = 1 - best.required / e2e.required if e2e.required else 0.0
-        numbers.update(e2e_required_bytes=e2e.required, saving_fraction=saving)
-        parts.append(
-            f"cuts the peak from {format_bytes(e2e.required)} to {format_bytes(best.required)} ({_pct(saving)} less)"
+def _compute_table(rows: list[_Row], e2e: _Row | None) -> Reason | None:
+    """FLOPs per trained sample of every technique, relative to e2e."""
+    counted = [r for r in rows if r.flops_per_sample is not None]
+    if not counted:
+        return None
+    parts = []
+    for r in counted:
+        ratio = _compute_ratio(r, e2e)
+        rel = f" ({ratio:.2f}x e2e)" if ratio is not None and r is not e2e else ""
+        parts.append(f"{r.technique} {_gflops(r.flops_per_sample or 0)}{rel}")
+    return Reason(
+        rule="compute",
+        sentence=(
+            "Compute to train every layer once on one sample (FlopCounterMode: matmuls, convolutions, attention; "
+            "DiffusionBlocks counted over its B block-steps): " + ", ".join(parts) + "."
+        ),
+        numbers={
+            "flops_per_sample": {r.technique: r.flops_per_sample for r in counted},
+            "vs_e2e": {r.technique: _compute_ratio(r, e2e) for r in counted},
+        },
+    )
+
+
+def _db_overhead(best: _Row, e2e: _Row | None, task: str | None) -> Reason | None:
+    """Why a DiffusionBlocks sample costs what it does: stem/head per block-step, doubled LM sequence."""
+    ratio = _compute_ratio(best, e2e)
+    if ratio is None or best.blocks is None or e2e is None:
+        return None
+    b = best.blocks
+    per_block_step = ratio / b
+    why = ("the embeddings, the head and the sigma embedder run in every block-step, not once per sample"
+           if task != "causal-lm" else
+           "the embeddings and the vocabulary-sized head run in every block-step, not once per sample, and each "
+           "block runs its layers on a doubled sequence (noisy and clean tokens), which doubles their matmuls "
+           "and quadruples their attention")
+    return Reason(
+        rule="compute-overhead",
+        sentence=(
+            f"One {best.technique} block-step trains 1/{b} of the layers but costs {per_block_step:.3f}x an e2e step "
+            f"per sample (1/{b} = {1 / b:.3f}x), so {b} block-steps cost {ratio:.2f}x e2e: {why}."
+        ),
+        numbers={"technique": best.technique, "blocks": b, "vs_e2e": ratio, "block_step_vs_e2e": per_block_step},
+    )
+
+
+def _measured_times(best: _Row, e2e: _Row | None, ckpt: _Row | None) -> Reason | None:
+    """Measured time ratios beside the FLOPs, quoted only when the timings' spread allows it."""
+    if e2e is None or not e2e.step_time_s or not best.training_time_s:
+        return None
+
+    def noise(r: _Row) -> float | None:
+        """The timing's interquartile range relative to its median (B block-steps for db:B)."""
+        if r.blocks is not None:
+            return _noise(r.block_steps_time_s or 0.0, r.block_steps_time_iqr_s)
+        return _noise(r.step_time_s or 0.0, r.step_time_iqr_s)
+
+    compared = [r for r in (best, ckpt) if r is not None and r.training_time_s]
+    spreads = {r.technique: noise(r) for r in [e2e, *compared]}
+    e2e_noise = spreads[e2e.technique]
+    noisy = {t: v for t, v in spreads.items()
+             if v is None or e2e_noise is None or (t != e2e.technique and v + e2e_noise > MAX_RATIO_NOISE)}
+    numbers: dict[str, Any] = {"iqr_fraction": spreads, "noise_limit": MAX_RATIO_NOISE}
+    if noisy:
+        worst = ", ".join(f"{t} {'unknown' if v is None else _pct(v)}" for t, v in spreads.items())
+        return Reason(
+            rule="measured-time",
+            sentence=(
+                f"Measured step times are too noisy to compare (interquartile range over the timed steps: {worst}; "
+                f"a ratio is quoted when e2e's and the other's add up to at most {_pct(MAX_RATIO_NOISE)} of their "
+                "medians); the FLOPs ratios above are the estimate."
+            ),
+            numbers=numbers,
         )
-    else:
-        parts.append(f"needs {format_bytes(best.required)}")
-    if ckpt is not None:
-        diff = ckpt.required - best.required
-        numbers.update(ckpt_required_bytes=ckpt.required, below_ckpt_bytes=diff)
-        rel = "below" if diff >= 0 else "above"
-        parts.append(f"{format_bytes(abs(diff))} {rel} ckpt ({format_bytes(ckpt.required)})")
-    if best.step_time_s and e2e is not None and e2e.step_time_s and ratio_is_clear(
-            best.step_time_s, best.step_time_iqr_s, e2e.step_time_s, e2e.step_time_iqr_s):
-        ratio = best.step_time_s / e2e.step_time_s
-        numbers["step_time_ratio"] = ratio
-        parts.append(f"at {ratio:.2f}x the per-step time")
-    return Reason(rule="memory", sentence=parts[0] + " " + ", ".join(parts[1:]) + ".", numbers=numbers)
+    parts = []
+    for r in compared:
+        ratio = (r.training_time_s or 0) / e2e.step_time_s
+        numbers[f"{r.technique}_time_ratio"] = ratio
+        unit = f"{r.blocks} block-steps of {r.technique}" if r.blocks is not None else r.technique
+        parts.append(f"{unit} take {r.training_time_s:.4g} s ({ratio:.2f}x)")
+    return Reason(
+        rule="measured-time",
+        sentence=f"Measured: one e2e step takes {e2e.step_time_s:.4g} s; " + "; ".join(parts) + ".",
+        numbers=numbers,
+    )
 
 
 def _noise(time_s: float, iqr_s: float | None) -> float | None:
@@ -301,73 +416,29 @@ def ratio_is_clear(num_s: float, num_iqr_s: float | None, den_s: float, den_iqr_
     return a is not None and b is not None and a + b <= MAX_RATIO_NOISE
 
 
-def _compute(best: _Row, e2e: _Row | None, ckpt: _Row | None) -> Reason:
-    """Fair compute unit: B block-steps (every layer trained once) against one e2e step, quoted only
-    where the timings' spread allows (MAX_RATIO_NOISE), else the ratio the method implies."""
-    b = best.blocks or 1
-    numbers: dict[str, Any] = {"technique": best.technique, "blocks": b}
-    expected = (
-        f"{b} block-steps of {best.technique} run every layer once, about the work of one e2e step "
-        f"({DB_TYPICAL_BLOCK_STEPS_FACTOR:.2f}x, plus the stem and head once per block), and training needs "
-        f"{b}x as many steps; ckpt instead recomputes each layer's forward, typically about "
-        f"{CKPT_TYPICAL_STEP_FACTOR:.2f}x an e2e step"
-    )
-    numbers.update(db_expected_ratio=DB_TYPICAL_BLOCK_STEPS_FACTOR, ckpt_expected_ratio=CKPT_TYPICAL_STEP_FACTOR)
-    if not (best.block_steps_time_s and e2e is not None and e2e.step_time_s):
-        return Reason(rule="compute", sentence=f"Compute (not measured here): {expected}.", numbers=numbers)
-    spread = f"median, IQR {_pct(best.block_steps_time_iqr_s / best.block_steps_time_s)}" if (
-        best.block_steps_time_iqr_s is not None) else "median"
-    numbers.update(block_steps_time_s=best.block_steps_time_s, e2e_step_time_s=e2e.step_time_s,
-                   block_steps_time_iqr_s=best.block_steps_time_iqr_s, e2e_step_time_iqr_s=e2e.step_time_iqr_s)
-    parts = []
-    noisy = []
-    if ratio_is_clear(best.block_steps_time_s, best.block_steps_time_iqr_s, e2e.step_time_s, e2e.step_time_iqr_s):
-        db_ratio = best.block_steps_time_s / e2e.step_time_s
-        numbers["db_ratio"] = db_ratio
-        parts.append(f"{b} block-steps of {best.technique} take {best.block_steps_time_s:.4g} s ({spread}) against "
-                     f"{e2e.step_time_s:.4g} s for one e2e step ({db_ratio:.2f}x)")
-    else:
-        noisy.append(best.technique)
-    if ckpt is not None and ckpt.step_time_s:
-        if ratio_is_clear(ckpt.step_time_s, ckpt.step_time_iqr_s, e2e.step_time_s, e2e.step_time_iqr_s):
-            ckpt_ratio = ckpt.step_time_s / e2e.step_time_s
-            numbers.update(ckpt_step_time_s=ckpt.step_time_s, ckpt_ratio=ckpt_ratio)
-            parts.append(f"ckpt takes {ckpt.step_time_s:.4g} s ({ckpt_ratio:.2f}x) because it recomputes the forward")
-        else:
-            noisy.append("ckpt")
-    if noisy:
-        numbers["too_noisy"] = noisy
-        parts.append(
-            f"the timings of {' and '.join(noisy)} against e2e were too noisy to compare (their interquartile "
-            f"ranges add up to more than {_pct(MAX_RATIO_NOISE)} of the medians); by the method, {expected}"
-        )
-    return Reason(rule="compute", sentence="Compute: " + "; ".join(parts) + ".", numbers=numbers)
-
-
 def _quality(best: _Row, task: str | None) -> Reason:
     b = best.blocks or 1
     tables = "; ".join(
         f"{name} " + ", ".join(f"B={k} {v:.2f}" for k, v in table.items()) for name, table in QUALITY_ABLATIONS.items()
     )
+    level = quality_risk(b)
+    cifar = QUALITY_ABLATIONS["CIFAR-10 FID"]
     if b <= 1:
         risk = "B=1 is end-to-end training of one denoiser (no block-wise memory saving)"
-    elif b <= MAX_LOW_RISK_BLOCKS:
-        risk = f"B={b} is within the range where the paper matched or beat B=1 (B=2-3)"
+    elif level == "low":
+        risk = f"B={b} is within the range where the paper matched or beat B=1 (B<={LOW_RISK_MAX_BLOCKS}): low risk"
     else:
-        cifar = QUALITY_ABLATIONS["CIFAR-10 FID"]
         nearest = max(k for k in cifar if k <= b)
         risk = (
             f"B={b} is past the paper's best (B=2-3): CIFAR-10 FID went from {cifar[1]:.2f} at B=1 to "
-            f"{cifar[nearest]:.2f} at B={nearest}; check quality on your task before committing"
+            f"{cifar[nearest]:.2f} at B={nearest}: {level} risk; check quality on your task before committing"
         )
     reported = QUALITY_REPORTED.get(task or "", "")
     tail = f" Reported at the paper's chosen B: {reported}." if reported else ""
-    if task == "causal-lm":
-        tail += " Autoregressive DiffusionBlocks concatenates noisy and clean tokens, doubling the sequence length."
     return Reason(
         rule="quality-risk",
         sentence=f"Quality risk: the paper's block-count ablations (L=24) give {tables}; {risk}.{tail}",
-        numbers={"blocks": b, "ablations": QUALITY_ABLATIONS, "task": task},
+        numbers={"blocks": b, "risk": level, "ablations": QUALITY_ABLATIONS, "task": task},
     )
 
 
@@ -392,16 +463,39 @@ def _costs(best: _Row) -> Reason:
     )
 
 
+def _parallel(rows: list[_Row], s: _Situation) -> Reason | None:
+    """With B devices, one block per device: the memory per device and no traffic between blocks."""
+    par = [r for r in rows if "parallel" in r.variants]
+    if not par:
+        return None
+    r = min(par, key=lambda x: x.required)
+    available = r.blocks is not None and s.devices >= r.blocks
+    tail = (f"{s.devices} devices are available, so it is weighed with the rest" if available else
+            f"it needs {r.blocks} devices and {s.devices} {'is' if s.devices == 1 else 'are'} available, so it is "
+            "not weighed")
+    return Reason(
+        rule="block-parallel",
+        sentence=(
+            f"{r.technique} trains one block per device on {r.blocks} devices: {format_bytes(r.required)} per device, "
+            "no communication between blocks (only the shared stem and head gradients are all-reduced); " + tail + "."
+        ),
+        numbers={"technique": r.technique, "required_bytes": r.required, "devices_needed": r.blocks,
+                 "devices_available": s.devices},
+    )
+
+
 def _state_bound(base: _Row, offloaded: list[_Row]) -> Reason:
     opt, params, grads = (base.frac(c) for c in ("optimizer_state", "parameters", "gradients"))
     biggest = max((("optimizer state", opt), ("parameters", params), ("gradients", grads)), key=lambda kv: kv[1])
     sentence = (
         f"Not worth it for memory: parameters + gradients + optimizer state are {_pct(base.frac(*STATE))} of the "
-        f"{base.technique} peak ({biggest[0]} {_pct(biggest[1])}); plain DiffusionBlocks leaves parameters and "
-        "optimizer state resident (only +offload or one block per device would not); shard them (ZeRO-1 for the "
-        "optimizer state, ZeRO-2/3 or FSDP for gradients and parameters), offload the optimizer, or use an 8-bit optimizer."
+        f"{base.technique} peak ({biggest[0]} {_pct(biggest[1])}, threshold {_pct(STATE_BOUND_SHARE)}); plain "
+        "DiffusionBlocks leaves parameters and optimizer state resident (only +offload or one block per device "
+        "would not); shard them (ZeRO-1 for the optimizer state, ZeRO-2/3 or FSDP for gradients and parameters), "
+        "offload the optimizer, or use an 8-bit optimizer."
     )
-    numbers: dict[str, Any] = {"state_fraction": base.frac(*STATE), "optimizer_state_fraction": opt}
+    numbers: dict[str, Any] = {"state_fraction": base.frac(*STATE), "optimizer_state_fraction": opt,
+                               "threshold": STATE_BOUND_SHARE}
     if offloaded:
         best = min(offloaded, key=lambda r: r.required)
         sentence += f" For comparison {best.technique} needs {format_bytes(best.required)}."
@@ -412,21 +506,37 @@ def _state_bound(base: _Row, offloaded: list[_Row]) -> Reason:
 # ---------------------------------------------------------------- the decision
 
 
-def judge(result: RunResult | Plan, capacity_bytes: int | None = None) -> Verdict:
-    """Apply the rules to a measured run or a plan; ``capacity_bytes`` overrides the target's."""
+def _situation(result: RunResult | Plan, capacity_bytes: int | None, from_checkpoint: bool | None,
+               devices: int | None) -> tuple[list[_Row], _Situation]:
     if isinstance(result, Plan):
         rows = _rows_from_plan(result)
         capacity = capacity_bytes if capacity_bytes is not None else result.capacity_bytes
         target = result.device if capacity_bytes is None and result.device not in ("custom", "cpu") else "the target"
-        task = (result.model_info or {}).get("task")
+        stored_checkpoint, stored_devices, batch = result.from_checkpoint, result.world_size, result.batch_size
     elif isinstance(result, RunResult):
         rows, env_capacity = _rows_from_run(result)
         capacity = capacity_bytes if capacity_bytes is not None else env_capacity
         target = (result.environment or {}).get("device_name") or "the target"
-        task = (result.model_info or {}).get("task")
+        stored_checkpoint, stored_devices = result.from_checkpoint, 1
+        batch = rows[0].batch_size if rows else None
     else:
         raise TypeError(f"judge() takes a RunResult or a Plan, not {type(result).__name__}.")
+    return rows, _Situation(
+        capacity=capacity,
+        target=target,
+        task=(result.model_info or {}).get("task"),
+        from_checkpoint=stored_checkpoint if from_checkpoint is None else from_checkpoint,
+        devices=stored_devices if devices is None else devices,
+        batch_size=batch,
+    )
 
+
+def judge(result: RunResult | Plan, capacity_bytes: int | None = None, *, from_checkpoint: bool | None = None,
+          devices: int | None = None) -> Verdict:
+    """Apply the rules to a measured run or a plan. ``capacity_bytes`` overrides the target's capacity,
+    ``from_checkpoint`` and ``devices`` the situation stored in the result (training from scratch and
+    the plan's world size by default)."""
+    rows, s = _situation(result, capacity_bytes, from_checkpoint, devices)
     reasons = _failures(rows)
     ok = [r for r in rows if r.ok]
     if not ok:
@@ -438,115 +548,204 @@ def judge(result: RunResult | Plan, capacity_bytes: int | None = None) -> Verdic
     by_name = {r.technique: r for r in ok}
     e2e, ckpt = by_name.get("e2e"), by_name.get("ckpt")
     dbs = [r for r in ok if r.blocks is not None]
+    others = [r for r in ok if r.blocks is None]
     base = e2e or ckpt or ok[0]
     reasons.append(_composition(base))
-    if capacity is not None:
-        reasons.append(_fit_reason(ok, capacity, target))
+    if s.capacity is not None:
+        reasons.append(_fit_reason(ok, s))
+    table = _compute_table(ok, e2e)
+    if table is not None:
+        reasons.append(table)
+
+    def verdict(decision: str, headline: str, recommended: str | None, best: _Row | None = None) -> Verdict:
+        return Verdict(decision=decision, headline=headline, reasons=reasons,
+                       best_technique=best.technique if best is not None else None, recommended=recommended,
+                       batch_size=s.batch_size, capacity_bytes=s.capacity)
 
     # Not needed: end-to-end already fits with room to spare.
-    if e2e is not None and capacity is not None and capacity - e2e.required >= NOT_NEEDED_HEADROOM * capacity:
-        spare = capacity - e2e.required
-        reasons.append(
-            Reason(
-                rule="fits-e2e",
-                sentence=(
-                    f"e2e already fits on {target} with {format_bytes(spare)} ({_pct(spare / capacity)}) to spare; "
-                    "no memory technique is needed unless the batch size or the depth grows."
-                ),
-                numbers={"e2e_required_bytes": e2e.required, "capacity_bytes": capacity, "headroom_bytes": spare},
-            )
-        )
-        best = _pick_db(dbs, capacity)[0].technique if dbs else None
-        return Verdict(
-            decision="not-needed",
-            headline=f"Not needed: e2e already fits on {target} with {format_bytes(spare)} to spare.",
-            reasons=reasons,
-            best_technique=best,
-        )
+    if e2e is not None and s.capacity is not None and s.capacity - e2e.required >= NOT_NEEDED_HEADROOM * s.capacity:
+        spare = s.capacity - e2e.required
+        reasons.append(Reason(
+            rule="fits-e2e",
+            sentence=(
+                f"e2e already fits on {s.target} with {format_bytes(spare)} ({_pct(spare / s.capacity)}) to spare "
+                f"(threshold {_pct(NOT_NEEDED_HEADROOM)}); no memory technique is needed unless the batch size or the "
+                "depth grows."
+            ),
+            numbers={"e2e_required_bytes": e2e.required, "capacity_bytes": s.capacity, "headroom_bytes": spare,
+                     "threshold": NOT_NEEDED_HEADROOM},
+        ))
+        return verdict("not-needed", f"Not needed: e2e already fits on {s.target} with {format_bytes(spare)} to spare.",
+                       "e2e")
+    if e2e is not None and s.capacity is not None and e2e.required <= s.capacity:
+        spare = s.capacity - e2e.required
+        reasons.append(Reason(
+            rule="e2e-tight",
+            sentence=(
+                f"e2e fits on {s.target} with only {format_bytes(spare)} ({_pct(spare / s.capacity)}) to spare, below "
+                f"the {_pct(NOT_NEEDED_HEADROOM)} headroom a fit needs to be safe; it is weighed as not fitting."
+            ),
+            numbers={"e2e_required_bytes": e2e.required, "headroom_bytes": spare, "threshold": NOT_NEEDED_HEADROOM},
+        ))
+    elif e2e is not None and s.capacity is not None and e2e.max_batch_size is not None and s.batch_size:
+        reasons.append(Reason(
+            rule="e2e-does-not-fit",
+            sentence=(f"e2e does not fit at batch size {s.batch_size}: the largest that fits on {s.target} is "
+                      f"{e2e.max_batch_size}."),
+            numbers={"batch_size": s.batch_size, "e2e_max_batch_size": e2e.max_batch_size},
+        ))
+
+    # The alternative when DiffusionBlocks is not chosen: the cheapest non-DiffusionBlocks technique that
+    # fits safely (e2e only with headroom, handled above), so ckpt or a ckpt:k.
+    fallback = _cheapest([r for r in others if r is not e2e and _fits(r, s)])
+    fallback_name = fallback.technique if fallback is not None else None
+    instead = (f"train with {fallback.technique} ({format_bytes(fallback.required)})" if fallback is not None
+               else "nothing else fits either: lower the batch size or shard the state (ZeRO-3 / FSDP)")
+
+    par = _parallel(ok, s)
+    if par is not None:
+        reasons.append(par)
+
+    if s.from_checkpoint:
+        reasons.append(Reason(
+            rule="from-checkpoint",
+            sentence=(
+                "The team keeps an existing end-to-end checkpoint: DiffusionBlocks trains its blocks as denoisers with "
+                "AdaLN-Zero conditioning from scratch, and the paper describes no way to convert an end-to-end model; "
+                f"so {instead}."
+            ),
+            numbers={"from_checkpoint": True, "recommended": fallback_name},
+        ))
+        return verdict("not-worth-it",
+                       f"Not worth it when keeping an end-to-end checkpoint: DiffusionBlocks trains from scratch; "
+                       f"{instead}.", fallback_name)
 
     if not dbs:
-        return Verdict(
-            decision="inconclusive",
-            headline="Inconclusive: no DiffusionBlocks configuration was measured successfully.",
-            reasons=reasons,
-        )
+        return verdict("inconclusive", "Inconclusive: no DiffusionBlocks configuration was measured successfully.",
+                       fallback_name)
 
-    best, why = _pick_db(dbs, capacity)
-    details = [_memory_vs(best, e2e, ckpt, why), _compute(best, e2e, ckpt), _quality(best, task), _costs(best)]
+    usable = [r for r in dbs if "parallel" not in r.variants or (r.blocks or 0) <= s.devices]
+    fitting = [r for r in usable if _fits(r, s)]
 
-    def verdict(decision: str, headline: str) -> Verdict:
-        return Verdict(decision=decision, headline=headline, reasons=reasons, best_technique=best.technique)
-
-    best_fits = capacity is None or best.required <= capacity
-    ckpt_fits = ckpt is not None and (capacity is None or ckpt.required <= capacity)
-    ckpt_ties = ckpt is not None and ckpt.required <= best.required * (1 + CKPT_TIE_FRACTION)
-
-    # State-bound: what dominates is what plain DiffusionBlocks keeps resident.
-    # Judged on the e2e composition only: under ckpt or DiffusionBlocks the state is a larger share
-    # by construction, which says nothing about what end-to-end training runs out of.
-    if base is e2e and base.frac(*STATE) >= STATE_BOUND_SHARE and base.frac("activations") < ACTIVATION_BOUND_SHARE:
-        sharded = [r for r in dbs if "offload" in r.variants or "parallel" in r.variants]
-        reasons.append(_state_bound(base, sharded))
-        reasons.extend(details)
-        only_sharded_fits = (
-            capacity is not None
-            and best in sharded
-            and best_fits
-            and not any(r.required <= capacity for r in ok if r not in sharded)
-        )
-        if not only_sharded_fits:
+    # State-bound: what dominates is what plain DiffusionBlocks keeps resident. Judged on the e2e
+    # composition only: under ckpt or DiffusionBlocks the state is a larger share by construction.
+    if base is e2e and e2e.frac(*STATE) >= STATE_BOUND_SHARE and e2e.frac("activations") < ACTIVATION_BOUND_SHARE:
+        sharded = [r for r in fitting if "offload" in r.variants or "parallel" in r.variants]
+        reasons.append(_state_bound(e2e, sharded))
+        if not sharded or fallback is not None or any("offload" not in r.variants and "parallel" not in r.variants
+                                                      for r in fitting):
             return verdict(
                 "not-worth-it",
-                f"Not worth it: parameters, gradients and optimizer state are {_pct(base.frac(*STATE))} of the "
-                f"{base.technique} peak and DiffusionBlocks leaves them resident; shard (ZeRO), offload or use an "
-                "8-bit optimizer instead.",
+                f"Not worth it: parameters, gradients and optimizer state are {_pct(e2e.frac(*STATE))} of the e2e peak "
+                f"and DiffusionBlocks leaves them resident; shard (ZeRO), offload or use an 8-bit optimizer"
+                + (f", or {instead}." if fallback is not None else "."),
+                fallback_name,
             )
-    elif base is e2e and base.frac("activations") >= ACTIVATION_BOUND_SHARE:
-        reasons.append(
-            Reason(
-                rule="activation-bound",
-                sentence=(
-                    f"Activation-bound: activations are {_pct(base.frac('activations'))} of the {base.technique} peak "
-                    f"(threshold {_pct(ACTIVATION_BOUND_SHARE)}), the memory DiffusionBlocks divides by about B."
-                ),
-                numbers={"activations_fraction": base.frac("activations"), "threshold": ACTIVATION_BOUND_SHARE},
-            )
-        )
-    if not reasons or reasons[-1] is not details[-1]:
-        reasons.extend(details)
+        fitting = sharded  # only a configuration that moves state off the device fits
+    elif base is e2e and e2e.frac("activations") >= ACTIVATION_BOUND_SHARE:
+        reasons.append(Reason(
+            rule="activation-bound",
+            sentence=(
+                f"Activation-bound: activations are {_pct(e2e.frac('activations'))} of the e2e peak (threshold "
+                f"{_pct(ACTIVATION_BOUND_SHARE)}), the memory DiffusionBlocks divides by about B."
+            ),
+            numbers={"activations_fraction": e2e.frac("activations"), "threshold": ACTIVATION_BOUND_SHARE},
+        ))
 
-    saving = 1 - best.required / e2e.required if e2e is not None and e2e.required else None
-    if saving is not None and saving < MIN_SAVING_FRACTION:
+    if not fitting:
+        smallest = min(usable or dbs, key=lambda r: r.required)
+        reasons.extend([_quality(smallest, s.task), _costs(smallest)])
         return verdict(
             "not-worth-it",
-            f"Not worth it: {best.technique} saves only {_pct(saving)} of the e2e peak "
-            f"(threshold {_pct(MIN_SAVING_FRACTION)}).",
+            f"Not worth it on {s.target}: no DiffusionBlocks configuration fits (the smallest, {smallest.technique}, "
+            f"needs {format_bytes(smallest.required)}); {instead}.",
+            fallback_name, smallest,
         )
-    if not best_fits:
-        if ckpt_fits:
-            return verdict(
-                "not-worth-it",
-                f"Not worth it: no DiffusionBlocks configuration fits {target}, but ckpt does "
-                f"({format_bytes(ckpt.required)}).",
-            )
-        smallest = min(ok, key=lambda r: r.required)
+
+    acceptable = [r for r in fitting if quality_risk(r.blocks or 1) != "high"]
+    if not acceptable:
+        best = min(fitting, key=lambda r: r.blocks or 0)
+        reasons.extend([_quality(best, s.task), _costs(best)])
         return verdict(
             "not-worth-it",
-            f"Not worth it on {target} as planned: nothing fits at batch size {best.batch_size}; the smallest need is "
-            f"{smallest.technique} at {format_bytes(smallest.required)}; lower the batch size or shard (ZeRO).",
+            f"Not worth it: only B >= {HIGH_RISK_MIN_BLOCKS} fits ({best.technique}), where the paper's quality was "
+            f"worse than end-to-end on both image ablations; {instead}.",
+            fallback_name, best,
         )
-    if ckpt_ties and ckpt_fits:
+
+    # Least quality risk first, then the fewest blocks (fewest extra block-steps), then the fewest FLOPs.
+    # +ckpt only when nothing without recomputation fits: it pays checkpointing's recomputation on top.
+    def preference(r: _Row) -> tuple:
+        risk = ("low", "elevated").index(quality_risk(r.blocks or 1))
+        return ("ckpt" in r.variants, risk, r.blocks or 0, r.flops_per_sample or 0.0, r.required)
+
+    best = min(acceptable, key=preference)
+    for extra in (_db_overhead(best, e2e, s.task), _measured_times(best, e2e, ckpt)):
+        if extra is not None:
+            reasons.append(extra)
+    reasons.extend([_quality(best, s.task), _costs(best)])
+
+    if s.capacity is None and e2e is not None and e2e.required:
+        saving = 1 - best.required / e2e.required
+        reasons.append(Reason(
+            rule="memory",
+            sentence=(f"{best.technique} cuts the peak from {format_bytes(e2e.required)} to "
+                      f"{format_bytes(best.required)} ({_pct(saving)} less; threshold {_pct(MIN_SAVING_FRACTION)} "
+                      "with no target capacity)."),
+            numbers={"technique": best.technique, "saving_fraction": saving, "threshold": MIN_SAVING_FRACTION},
+        ))
+        if saving < MIN_SAVING_FRACTION:
+            return verdict("not-worth-it",
+                           f"Not worth it: {best.technique} saves only {_pct(saving)} of the e2e peak "
+                           f"(threshold {_pct(MIN_SAVING_FRACTION)}).", fallback_name or "e2e", best)
+
+    # Compute against checkpointing, the alternative that also fits.
+    rival = fallback if fallback is not None and fallback.flops_per_sample is not None else None
+    db_vs = _compute_ratio(best, rival)
+    if rival is not None and db_vs is not None and db_vs > 1 - COMPUTE_MARGIN:
+        more = f"{_pct(db_vs - 1)} more" if db_vs >= 1 else f"only {_pct(1 - db_vs)} less"
+        reasons.append(Reason(
+            rule="costlier-than-ckpt",
+            sentence=(
+                f"{best.technique} trains a sample with {_gflops(best.flops_per_sample or 0)} against "
+                f"{rival.technique}'s {_gflops(rival.flops_per_sample or 0)}: {db_vs:.2f}x, {more} (it must be at least "
+                f"{_pct(COMPUTE_MARGIN)} less to be worth a new training method)."
+            ),
+            numbers={"technique": best.technique, "rival": rival.technique, "vs_rival": db_vs,
+                     "margin": COMPUTE_MARGIN},
+        ))
         return verdict(
             "not-worth-it",
-            f"Not worth it: ckpt needs {format_bytes(ckpt.required)} against {best.technique}'s "
-            f"{format_bytes(best.required)}"
-            + ("" if ckpt.required <= best.required else f" (at most {_pct(CKPT_TIE_FRACTION)} more)")
-            + ", with the existing model and checkpoints.",
+            f"Not worth it: {rival.technique} fits ({format_bytes(rival.required)}) and trains a sample with "
+            f"{1 / db_vs:.2f}x the FLOPs of {best.technique} ({format_bytes(best.required)}), which costs {db_vs:.2f}x "
+            f"{rival.technique}'s compute; train with {rival.technique}.",
+            rival.technique, best,
         )
-    against = f"from {format_bytes(e2e.required)} " if e2e is not None else ""
+
+    e2e_part = f"e2e needs {format_bytes(e2e.required)}" if e2e is not None else "e2e was not measured"
+    if rival is not None and db_vs is not None:
+        compute_part = (f"and trains a sample with {db_vs:.2f}x the FLOPs of {rival.technique} "
+                        f"({_pct(1 - db_vs)} less; margin {_pct(COMPUTE_MARGIN)})")
+    elif fallback is None and "ckpt" not in best.variants:
+        compute_part = "and no checkpointing configuration fits"
+    elif fallback is None:
+        compute_part = "and it is the only configuration that fits"
+    else:
+        compute_part = "(FLOPs not counted in this input)"
+    risk = quality_risk(best.blocks or 1)
+    risk_part = (f"B={best.blocks} is in the paper's low-risk range" if risk == "low"
+                 else f"B={best.blocks} carries {risk} quality risk in the paper's ablations: check quality")
+    target = f" on {s.target}" if s.capacity is not None else ""
+    reasons.append(Reason(
+        rule="adopt",
+        sentence=(f"Training from scratch, {best.technique} fits{target} at {format_bytes(best.required)} "
+                  f"{compute_part}; {risk_part}."),
+        numbers={"technique": best.technique, "required_bytes": best.required, "vs_ckpt": db_vs,
+                 "risk": risk, "margin": COMPUTE_MARGIN},
+    ))
     return verdict(
         "adopt",
-        f"Adopt DiffusionBlocks {best.technique}: it cuts the peak {against}to {format_bytes(best.required)}"
-        + (f", {format_bytes(ckpt.required - best.required)} below ckpt" if ckpt is not None else "")
-        + ".",
+        f"Adopt DiffusionBlocks {best.technique}: {e2e_part}; {best.technique} fits{target} at "
+        f"{format_bytes(best.required)} {compute_part}; {risk_part}.",
+        best.technique, best,
     )

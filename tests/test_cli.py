@@ -138,3 +138,18 @@ def test_fsdp_without_a_process_group_says_how_to_launch(monkeypatch):
 
 def test_parallel_suffix_only_applies_to_plain_diffusion_blocks():
     assert_user_error(invoke("run", "-t", "ckpt+parallel", "--nproc", "2"), "'+parallel'")
+
+
+def test_plan_json_carries_flops_per_sample_and_from_checkpoint_changes_the_decision():
+    import json
+
+    args = ["plan", "vit-tiny", "-b", "16", "--gpu", "cpu", "-t", "e2e,db:2"]
+    scratch = CliRunner().invoke(main, args + ["--json"])
+    kept = CliRunner().invoke(main, args + ["--json", "--from-checkpoint"])
+    assert scratch.exit_code == kept.exit_code == 0, scratch.output
+    scratch_plan, kept_plan = json.loads(scratch.stdout), json.loads(kept.stdout)
+    assert all(e["flops_per_sample"] > 0 for e in scratch_plan["entries"])
+    assert kept_plan["from_checkpoint"] is True and scratch_plan["from_checkpoint"] is False
+    assert kept_plan["verdict"]["decision"] == "not-worth-it"
+    assert any(r["rule"] == "from-checkpoint" for r in kept_plan["verdict"]["reasons"])
+    assert "Verdict" in scratch.stderr  # the table goes to stderr with --json

@@ -9,6 +9,7 @@ from dbprofile.gpus import GPUS, cublas_workspace_bytes, cublas_workspace_reserv
 from dbprofile.measure.runner import measure
 from dbprofile.plan import (
     ALLOCATOR_OVERHEAD_FRACTION,
+    ASSUMED_UTILISATION,
     CUDA_CONTEXT_BYTES,
     cuda_context_bytes,
     ModelFacts,
@@ -20,6 +21,7 @@ from dbprofile.plan import (
     plan,
     resolve_target,
     shard_zero,
+    time_per_million_samples,
 )
 from dbprofile.results import CATEGORIES, BlockMeasurement, Measurement, format_bytes
 from dbprofile.spec import SpecError
@@ -243,3 +245,38 @@ def test_cpu_prediction_matches_a_real_cpu_run_within_one_percent(preset, batch_
 @pytest.mark.parametrize("technique", ["e2e", "db:2"])
 def test_cpu_predictions_match_real_cpu_runs_across_batch_sizes(preset, batch_size, technique):
     assert _agreement(preset, batch_size, technique) <= 0.01
+
+
+# ---------------------------------------------------------------- compute
+
+
+def test_gpu_table_has_dense_peak_flops_with_sources():
+    h100 = get_gpu("H100-80GB")
+    # NVIDIA H100 SXM datasheet: 67 TFLOPS FP32, 1,979 TFLOPS BF16 with 2:4 sparsity (989.5 dense).
+    assert h100.peak_flops("fp32") == 67 * 10**12 and h100.peak_flops("bf16") == 989_500 * 10**9
+    assert get_gpu("H100-PCIe").peak_flops("fp32") == 51 * 10**12  # the PCIe card is its own entry
+    assert get_gpu("RTX-4090").peak_flops("bf16") == 165_200 * 10**9  # FP32-accumulate rate on GeForce
+    assert get_gpu("V100").peak_flops("bf16") is None  # no BF16 tensor cores
+    assert get_gpu("A10G").peak_flops("fp32") is None  # no datasheet for the AWS-only card
+    for gpu in GPUS.values():
+        assert gpu.flops_source
+        if gpu.peak_bf16_flops is not None:
+            assert gpu.peak_bf16_flops > gpu.peak_fp32_flops
+
+
+def test_plan_entries_carry_flops_a_time_estimate_and_the_memory_against_compute_chart():
+    result = plan("vit-tiny", 4, device="L4", techniques="e2e,ckpt,db:2", search_max_batch=False)
+    e2e, ckpt, db = (result.get(t) for t in ("e2e", "ckpt", "db:2"))
+    assert db.training_flops == sum(db.block_step_flops) and len(db.block_step_flops) == 2
+    assert e2e.flops_per_sample == e2e.training_flops / 4
+    assert ckpt.flops_per_sample > e2e.flops_per_sample
+    # NVIDIA L4 datasheet: 30.3 TFLOPS FP32.
+    assert result.peak_flops == 30_300 * 10**9 and result.utilisation == ASSUMED_UTILISATION
+    assert e2e.time_per_million_samples_s == pytest.approx(e2e.flops_per_sample * 1e6 / (30.3e12 * ASSUMED_UTILISATION))
+    text = repr(result)
+    assert "GFLOP/sample" in text and "1.00x" in text and "Estimated time per million samples at 40%" in text
+    assert time_per_million_samples(1e9, 10**12, devices=4, utilisation=0.5) == pytest.approx(1e9 * 1e6 / 2e12)
+    # The HTML: one point per technique, the capacity line, and the recommendation (e2e fits: not needed) ringed.
+    page = result._repr_html_()
+    assert page.count('id="mc-point-') == 3 and 'id="mc-capacity"' in page
+    assert result.verdict.recommended == "e2e" and page.count('id="mc-recommended"') == 1

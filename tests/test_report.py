@@ -391,3 +391,19 @@ def test_distributed_runs_label_each_rank():
     rows = [_measurement("e2e", 100 * MiB, 10 * MiB, extra={"rank": r, "world_size": 2}) for r in (0, 1)]
     page = render_run(RunResult(model="m", measurements=rows))
     assert "e2e rank 0" in page and "e2e rank 1" in page
+
+
+def test_memory_against_compute_follows_the_verdict_when_flops_were_counted():
+    result = make_run(cuda=True)
+    assert "tradeoff" not in parse(render_run(result)).sections  # nothing counted: no chart
+    for m, per_sample in zip(result.measurements, (100e9, 122e9, 101e9)):
+        m.training_flops = int(per_sample * m.batch_size)
+    page = render_run(result)
+    tree = parse(page)
+    assert tree.sections[:2] == ["verdict", "tradeoff"]
+    assert page.count('id="mc-point-') == 3
+    assert ">1.22x<" in page and ">1.01x<" in page and ">122.00<" in page
+    from dbprofile.verdict import judge
+
+    recommended = judge(result).recommended
+    assert ('id="mc-recommended"' in page) == (recommended is not None)

@@ -97,3 +97,14 @@ def test_outside_fake_mode_makes_real_tensors_inside_a_fake_run():
             inner = torch.linspace(0, 1, 3)
             assert not private.is_fake(inner) and inner[1].item() == 0.5
         assert private.is_fake(torch.zeros(2))
+
+
+def test_flop_formulas_dbprofile_uses_still_exist():
+    # dbprofile.measure.flops applies PyTorch's formula table and its attention formulas to the CPU kernel.
+    aten = torch.ops.aten
+    assert aten.mm in private.flop_registry and aten.convolution_backward in private.flop_registry
+    assert private.sdpa_flop_count((2, 4, 16, 8), (2, 4, 16, 8), (2, 4, 16, 8)) == 2 * 2 * 8 * 16 * 16 * 8
+    assert private.sdpa_backward_flop_count((2, 4, 16, 8), (2, 4, 16, 8), (2, 4, 16, 8), (2, 4, 16, 8)) > 0
+    # The CPU's fused attention kernel, which scaled_dot_product_attention runs on fake CPU tensors.
+    assert hasattr(aten, "_scaled_dot_product_flash_attention_for_cpu")
+    assert hasattr(aten, "_scaled_dot_product_flash_attention_for_cpu_backward")

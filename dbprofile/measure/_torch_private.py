@@ -3,9 +3,12 @@
 Everything here is an import or a thin call into a private (underscore) PyTorch module:
 fake tensors (``torch._subclasses.fake_tensor``), the Python dispatch-mode base class
 (``torch.utils._python_dispatch``), which is how PyTorch's own
-``torch.distributed._tools.mem_tracker.MemTracker`` sees every op's outputs, and the CUDA
+``torch.distributed._tools.mem_tracker.MemTracker`` sees every op's outputs, the CUDA
 caching allocator's history recorder (``torch.cuda.memory._record_memory_history`` /
-``_dump_snapshot``, the files PyTorch's memory_viz opens). ``tests/test_torch_private.py`` is
+``_dump_snapshot``, the files PyTorch's memory_viz opens), and the attention
+FLOP formulas of ``torch.utils.flop_counter`` (its ``flop_registry`` table, and
+``sdpa_flop_count`` / ``sdpa_backward_flop_count``: module names outside its ``__all__``),
+which dbprofile.measure.flops applies in a counting mode of its own. ``tests/test_torch_private.py`` is
 the canary: it exercises each name and the behaviour the tracker relies on (storage
 Python objects outliving their last Python reference while a tensor still uses them, so a
 weak reference to a storage fires exactly when its memory is freed), and fails loudly when
@@ -21,6 +24,7 @@ from typing import Iterator
 import torch
 from torch._subclasses.fake_tensor import FakeTensor, FakeTensorMode
 from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils.flop_counter import flop_registry, sdpa_backward_flop_count, sdpa_flop_count
 
 __all__ = [
     "FakeTensor",
@@ -33,6 +37,9 @@ __all__ = [
     "stop_cuda_memory_history",
     "dump_cuda_memory_snapshot",
     "outside_fake_mode",
+    "sdpa_flop_count",
+    "sdpa_backward_flop_count",
+    "flop_registry",
 ]
 
 MEMORY_HISTORY_MAX_ENTRIES = 1_000_000

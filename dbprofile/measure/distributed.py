@@ -398,6 +398,12 @@ def simulate_rank(
     worst = max(rows, key=lambda row: row.peak_bytes)
     peaks = {row.extra["rank"]: row.peak_bytes for row in rows}
     worst.extra["rank_peaks"] = [peaks[rank] for rank in stands_for]
+    if dtech.parallel and all(row.training_flops is not None for row in rows):
+        # Block-parallel ranks each train one block: together, one step of every rank trains
+        # every layer once, the same work as db:B's B block-steps on one device.
+        flops = {row.extra["rank"]: row.training_flops for row in rows}
+        worst.extra["rank_step_flops"] = [flops[rank] for rank in stands_for]
+        worst.training_flops = sum(worst.extra["rank_step_flops"])
     return worst
 
 

@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from dbprofile.report import charts
+from dbprofile.report.tradeoff import run_tradeoff_svg
 from dbprofile.results import CATEGORIES, UNIT_BYTES, Measurement, RunResult, format_bytes, write_atomic
 
 DECISION_TITLES = {
@@ -266,6 +267,36 @@ def _verdict_section(result: RunResult) -> str:
             f'<div class="headline">No verdict: {_e(missing)}. The measured facts:</div>'
             f'<ul class="facts">{facts}</ul></div>')
     return _section("verdict", "Verdict", body)
+
+
+def _tradeoff_section(result: RunResult) -> str:
+    """Memory against compute per trained sample, the capacity, and the recommendation."""
+    verdict, _ = _judge(result)
+    ok = [m for m in result.measurements if m.ok]
+    if not ok or not any(m.training_flops for m in ok):
+        return ""
+    batch = getattr(verdict, "batch_size", None) or max(m.batch_size for m in ok)
+    svg = run_tradeoff_svg(result, batch, getattr(verdict, "capacity_bytes", None),
+                           getattr(verdict, "recommended", None))
+    if svg is None:
+        return ""
+    e2e = next((m for m in ok if m.technique == "e2e" and m.batch_size == batch), None)
+    rows = []
+    for m in ok:
+        if m.batch_size != batch or m.flops_per_sample is None:
+            continue
+        ratio = f"{m.flops_per_sample / e2e.flops_per_sample:.2f}x" if e2e and e2e.flops_per_sample else "n/a"
+        time_s = m.block_steps_time_s if m.block_steps_time_s is not None else m.step_time_s
+        rows.append(f"<tr><td>{_e(_label(m, result))}</td><td class=\"num\">{m.flops_per_sample / 1e9:,.2f}</td>"
+                    f"<td class=\"num\">{_e(ratio)}</td><td class=\"num\">{_e(_ms(time_s))}</td></tr>")
+    note = ('<p class="muted">Each point is a technique at batch size ' + _e(batch) + ': the memory it needs '
+            "against the FLOPs that train every layer once on one sample (PyTorch's FlopCounterMode formulas: "
+            "matmuls, convolutions, attention; checkpointing's recomputation included; DiffusionBlocks over its B "
+            "block-steps). The dashed line is the device's capacity where it is known; the ringed point is the "
+            "verdict's recommendation.</p>")
+    table = ("<table><tr><th>technique</th><th>GFLOP per sample</th><th>vs e2e</th>"
+             f"<th>measured time (step, or B block-steps)</th></tr>{''.join(rows)}</table>")
+    return _section("tradeoff", "Memory and compute", note + _chart(svg) + table)
 
 
 # ----------------------------------------------------------------------------- run sections
@@ -614,6 +645,7 @@ def render_run(result: RunResult, html_dir: Path | None = None) -> str:
     sections = [_verdict_section(result)]
     if result.measurements:
         sections += [
+            _tradeoff_section(result),
             _peaks_section(result, labels),
             _phase_section(result, labels),
             _timeline_section(result, labels),
