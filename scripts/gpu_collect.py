@@ -6,8 +6,8 @@ For each configuration of ``dbprofile validate`` it records PyTorch's memory his
 (``torch.cuda.memory._record_memory_history``, no stack traces) from the trainer's build to
 the end of its timed steps, and stores the trace compactly: one row per allocator event
 (action code, address, size), plus the segments that existed before the configuration
-started (the cuBLAS workspaces). Traces are written per model family as compressed ``.npz``
-files; the validation rows as JSON and Markdown.
+started (the cuBLAS workspaces). All traces go into one compressed ``.npz``;
+the validation rows as JSON and Markdown.
 
 Also logs the aten ops (name, input and output dtypes and shapes) of one bf16 GPT-2 step on
 the device, so the fake run's op list can be compared with CUDA's (autocast policy).
@@ -92,11 +92,17 @@ def main() -> int:
     parser.add_argument("--time-budget", type=float, default=330.0)
     parser.add_argument("--steps", type=int, default=2, help="timed steps per unit")
     parser.add_argument("--name", default="validate", help="file name stem of the table")
+    parser.add_argument("--timing", type=float, nargs=2, default=(0.2, 1.0), metavar=("MIN_S", "MAX_S"),
+                        help="seconds of adaptive timing per technique (the runner's MIN_TIME_S / MAX_TIME_S); "
+                             "short, since this run checks memory")
     args = parser.parse_args()
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
 
+    import dbprofile.measure.runner as runner_mod
     import dbprofile.validate as validate_mod
+
+    runner_mod.MIN_TIME_S, runner_mod.MAX_TIME_S = args.timing
     from dbprofile.validate import TABLE_HEADER, format_row, summarise, validate
 
     device = torch.device(args.device)
