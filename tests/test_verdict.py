@@ -22,7 +22,6 @@ from dbprofile.verdict import (
     MIN_SAVING_FRACTION,
     NOT_NEEDED_HEADROOM,
     STATE_BOUND_SHARE,
-    TIME_SPREAD_LIMIT,
     judge,
     quality_risk,
 )
@@ -44,7 +43,7 @@ def _fired(verdict) -> set[str]:
 # ---------------------------------------------------------------- hand-made rows
 
 
-def _m(technique, params=0, grads=0, opt=0, act=0, tmp=0, status="ok", gflops=None, time=None, spread=None,
+def _m(technique, params=0, grads=0, opt=0, act=0, tmp=0, status="ok", gflops=None, time=None, iqr=None,
        block_time=None, extra=None):
     shares = {"parameters": int(params * GiB), "gradients": int(grads * GiB), "optimizer_state": int(opt * GiB),
               "activations": int(act * GiB), "temporaries": int(tmp * GiB)}
@@ -54,7 +53,7 @@ def _m(technique, params=0, grads=0, opt=0, act=0, tmp=0, status="ok", gflops=No
         error=None if ok else "CUDA out of memory. Tried to allocate 2.00 GiB",
         peak_bytes=sum(shares.values()) if ok else 0, shares=shares if ok else {},
         training_flops=None if gflops is None else int(gflops * GFLOP * 64),
-        step_time_s=time, step_time_spread_s=spread, block_steps_time_s=block_time,
+        step_time_s=time, step_time_iqr_s=iqr, block_steps_time_s=block_time,
         num_parameters=1_000_000_000 + (extra or 0), extra_parameters=extra,
     )
 
@@ -212,13 +211,15 @@ def test_small_saving_without_a_target_is_not_worth_it():
 def test_measured_time_ratio_is_quoted_only_when_the_spread_allows():
     run = _activation_bound_run()
     for m, t in zip(run.measurements, (1.0, 1.3, 0.5, 0.26)):
-        m.step_time_s, m.step_time_spread_s = t, [0.95 * t, 1.05 * t]
-    run.measurements[2].block_steps_time_s = 1.02
+        m.step_time_s, m.step_time_iqr_s = t, 0.05 * t  # IQR 5% of the median
+    run.measurements[2].block_steps_time_s, run.measurements[2].block_steps_time_iqr_s = 1.02, 0.05 * 1.02
     steady = _rule(judge(run, capacity_bytes=40 * GiB), "measured-time")
     assert steady.numbers["db:2_time_ratio"] == pytest.approx(1.02) and "(1.02x)" in steady.sentence
-    run.measurements[1].step_time_spread_s = [1.0, 1.0 + 1.3 * (TIME_SPREAD_LIMIT + 0.1)]
+    # ckpt's IQR 35% of its median: with e2e's 5% past MAX_RATIO_NOISE (20%), so no ratio is quoted.
+    run.measurements[1].step_time_iqr_s = 0.35 * 1.3
     noisy = _rule(judge(run, capacity_bytes=40 * GiB), "measured-time")
     assert "too noisy" in noisy.sentence and "ckpt 35%" in noisy.sentence
+    assert "db:2_time_ratio" not in noisy.numbers
 
 
 def test_quality_risk_quotes_the_papers_block_ablations():
@@ -267,7 +268,7 @@ def test_a_plans_situation_is_read_from_the_plan():
 
 def test_thresholds_are_fractions_and_risk_bands_are_ordered():
     for share in (ACTIVATION_BOUND_SHARE, STATE_BOUND_SHARE, MIN_SAVING_FRACTION, COMPUTE_MARGIN,
-                  NOT_NEEDED_HEADROOM, TIME_SPREAD_LIMIT):
+                  NOT_NEEDED_HEADROOM, MAX_RATIO_NOISE):
         assert 0 < share < 1
     assert 2 <= LOW_RISK_MAX_BLOCKS < HIGH_RISK_MIN_BLOCKS
 
