@@ -616,12 +616,13 @@ def plan(model, gpu, batch_size, techniques, precision, optimizer, zero_stage, w
     swept, specs = _load_models(model, set_options, seq_len, image_size)
     answers, results, codes = [], [], []
     for spec in specs:
-        # Counted on the meta device: the model as the user's code builds it, at no memory cost.
-        console.text(f"{spec.name} ({spec.description}): {count_parameters(build_on_meta(spec.build)):,} parameters")
         with console.progress(f"planning {spec.name}"):
+            # plan() checks the model first (build, loss, sys.exit), so counting after it is safe.
             result = make_plan(spec, batch_size, device=target, techniques=techniques, precision=precision,
                                optimizer=optimizer, zero_stage=zero_stage, world_size=world_size,
                                full_trace=full_trace, from_checkpoint=from_checkpoint)
+        # Counted on the meta device: the model as the user's code builds it, at no memory cost.
+        console.text(f"{spec.name} ({spec.description}): {count_parameters(build_on_meta(spec.build)):,} parameters")
         if swept:
             console.text(f"{swept} = {shape_value(spec, swept)}:")
         console.text(format_plan(result))
