@@ -131,19 +131,23 @@ def _capture_layer_calls(model):
 
 def test_llama_layers_get_rotary_tables_at_the_layout_positions_under_db():
     spec = load_model("hf:llama", TINY_LLAMA, seq_len=6)
-    model = spec.build()
-    calls = _capture_layer_calls(model)
-    blockwise = BlockwiseModel(spec, model, 2)
-    batch = spec.batch(2, "cpu")
-    blockwise.loss(batch, block=0, generator=torch.Generator().manual_seed(0))
-    (args, kwargs), = calls  # block 0 runs one layer only
-    assert args[0].shape == (2, 12, 32)  # 2T tokens
-    cos, sin = kwargs["position_embeddings"]
-    positions = SequenceLayout.interleaved(6, "cpu").positions[None]
-    expected_cos, expected_sin = model.model.model.rotary_emb(args[0], positions)
-    assert cos.shape == (1, 12, 8) and torch.equal(cos, expected_cos) and torch.equal(sin, expected_sin)
-    assert torch.equal(kwargs["position_ids"], positions)
-    assert kwargs["attention_mask"] is None  # plain causal over 2T: SDPA keeps is_causal
+    for layout, positions in (("concatenated", torch.arange(6).repeat(2)[None]),
+                              ("interleaved", SequenceLayout.interleaved(6, "cpu").positions[None])):
+        model = spec.build()
+        calls = _capture_layer_calls(model)
+        blockwise = BlockwiseModel(spec, model, 2, lm_layout=layout)
+        batch = spec.batch(2, "cpu")
+        blockwise.loss(batch, block=0, generator=torch.Generator().manual_seed(0))
+        (args, kwargs), = calls  # block 0 runs one layer only
+        assert args[0].shape == (2, 12, 32)  # 2T tokens
+        cos, sin = kwargs["position_embeddings"]
+        expected_cos, expected_sin = model.model.model.rotary_emb(args[0], positions)
+        assert cos.shape == (1, 12, 8) and torch.equal(cos, expected_cos) and torch.equal(sin, expected_sin)
+        assert torch.equal(kwargs["position_ids"], positions)
+        if layout == "interleaved":
+            assert kwargs["attention_mask"] is None  # plain causal over 2T: SDPA keeps is_causal
+        else:
+            assert kwargs["attention_mask"] is not None  # the modified causal mask of the paper's layout
 
 
 def _concatenated_layout(t: int) -> SequenceLayout:
