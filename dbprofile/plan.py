@@ -479,7 +479,8 @@ def _search_max_batch(entry: PlanEntry, predict: Callable[[int], PlanEntry], cap
     # Of the CUDA corrections only the allocator's segments grow with the tracked bytes: in the
     # proportion this entry's own prediction has (the replayed one, or the measured fraction).
     segments = entry.corrections.get("allocator_segments")
-    scale = 1 + segments / max(entry.tracked_peak_bytes, 1) if segments is not None else 1.0
+    allocated = entry.tracked_peak_bytes + entry.corrections.get("cublas_workspace", 0)
+    scale = 1 + segments / max(allocated, 1) if segments is not None else 1.0
     per_sample = variable * scale / b1
     fixed = entry.peak_bytes - per_sample * b1
     points = {b1: entry.peak_bytes}
