@@ -109,7 +109,7 @@ def friendly_errors(func):
             ) from None
         except KeyboardInterrupt as err:
             what = f" {err}" if str(err) else ""
-            click.echo(f"Interrupted{what}.", err=True)
+            click.echo(f"Interrupted{what}. A run's result JSON keeps every measurement that finished.", err=True)
             sys.exit(EXIT_TERMINATED if isinstance(err, Terminated) else EXIT_INTERRUPTED)
 
     return wrapper
@@ -438,7 +438,7 @@ def _run_one(spec, techs, drop_deeper, batch_sizes, device, steps, precision, op
 
     freeze_startup_objects()
     with output_lock(out_path):
-        _note_replaced(out_path)
+        _note_replaced(out_path, console)
         with console.progress(f"{spec.name}", total=len(techs) * len(batch_sizes)) as advance:
 
             def measured(measurement) -> None:
@@ -500,15 +500,15 @@ def _sourced_frame(sources: tuple[str, ...], runs: list[RunResult]):
     return pd.concat(frames, ignore_index=True)
 
 
-def _note_replaced(path: Path) -> None:
-    """Replacing an earlier result is normal (a rerun), but never silent: say whose it was."""
+def _note_replaced(path: Path, console: Output) -> None:
+    """Replacing an earlier result is normal (a rerun), but never silent: say whose it was (a note,
+    which -q silences)."""
     try:
         old = json.loads(path.read_text(encoding="utf-8"))
     except (OSError, ValueError):
         return
     if isinstance(old, dict):
-        click.echo(f"replacing {path} (a run of {old.get('model')!r} from {old.get('created') or 'an unknown time'})",
-                   err=True)
+        console.info(f"replacing {path} (a run of {old.get('model')!r} from {old.get('created') or 'an unknown time'})")
 
 
 

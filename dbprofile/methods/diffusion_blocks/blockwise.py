@@ -52,7 +52,12 @@ from dbprofile.methods.diffusion_blocks.conditioning import (
     wrap_layer,
     zero_linear,
 )
-from dbprofile.methods.diffusion_blocks.sequence_layout import SequenceLayout, guard_rewrite, install_rewrite
+from dbprofile.methods.diffusion_blocks.sequence_layout import (
+    SequenceLayout,
+    UnsupportedLayoutError,
+    guard_rewrite,
+    install_rewrite,
+)
 from dbprofile.methods.diffusion_blocks.schedule import (
     DEFAULT_GAMMA,
     WEIGHTINGS,
@@ -200,6 +205,7 @@ class BlockwiseModel(nn.Module):
                 "Set ModelSpec.hidden_size to the width of the residual stream."
             )
         self.hidden_size = hidden
+        self._layout_refusal: str | None = None
         if self.task == "denoising":
             # A denoising model is noise-conditioned by the protocol (model(x, noise_level, labels)).
             self.sigma_embedder = None
@@ -226,8 +232,11 @@ class BlockwiseModel(nn.Module):
         elif self.task == "causal-lm":
             # Plain attribute, not a submodule: the table already belongs to the user's model.
             object.__setattr__(self, "input_embedding", find_input_embedding(model, spec))
-            if lm_layout == "concatenated":
-                self._check_layers_take_mask(wrapped)
+            if lm_layout == "concatenated" and spec.position_adapter is None:
+                # An adapter (HF Llama) hands the layers the layout itself; other layers must take
+                # the mask as keywords. Refused per technique at its first step, not here: e2e and
+                # ckpt of the same model still run.
+                self._layout_refusal = self._layers_without_mask(wrapped)
         self.checkpoint = checkpoint
         # Per-layer runners (checkpointed or not), kept out of the module tree on purpose.
         self._runners = [CheckpointedSegment([layer]) if checkpoint else layer for layer in wrapped]
@@ -238,11 +247,12 @@ class BlockwiseModel(nn.Module):
 
     # ------------------------------------------------------------------ structure
 
-    def _check_layers_take_mask(self, wrapped: list[nn.Module]) -> None:
+    def _layers_without_mask(self, wrapped: list[nn.Module]) -> str | None:
+        """Why the concatenated layout cannot run these layers (None: it can)."""
         for layer in wrapped:
             target = layer.layer.attn.forward if isinstance(layer, AdaLNZeroBlock) else layer.layer.forward
             if not _accepts(target, LM_LAYER_KWARGS):
-                raise SpecError(
+                return (
                     f"Task 'causal-lm' of {self.spec.name!r}: the concatenated layout runs clean and noisy "
                     f"tokens side by side under a modified causal mask, which reaches each layer as the keyword "
                     f"arguments attn_mask ((2T, 2T) bool, True = may attend) and positions ((2T,) ids); "
@@ -250,6 +260,7 @@ class BlockwiseModel(nn.Module):
                     "(docs/diffusion_blocks.md shows how), or use lm_layout='interleaved' (the model's own "
                     "causal mask; technique db:B+interleaved)."
                 )
+        return None
 
     @property
     def extra_parameters(self) -> int:
@@ -447,11 +458,16 @@ class BlockwiseModel(nn.Module):
                 handles = install_rewrite(list(active), [self._user_layer(i) for i in indices], rewrite)
             elif concatenated:
                 extra = {"attn_mask": mask, "positions": positions}
+                refusal = self._layout_refusal
 
                 def add_kwargs(_module, args, kwargs):
+                    if refusal:
+                        raise UnsupportedLayoutError(refusal)
                     return args, {**kwargs, **extra}
 
-                handles = [layer.register_forward_pre_hook(add_kwargs, with_kwargs=True) for layer in active]
+                # The guard first: layers handed per-position tensors are refused with the reason.
+                handles = install_rewrite(list(active), [self._user_layer(i) for i in indices], rewrite)
+                handles += [layer.register_forward_pre_hook(add_kwargs, with_kwargs=True) for layer in active]
             else:
                 handles = install_rewrite(list(active), [self._user_layer(i) for i in indices], rewrite)
             try:
