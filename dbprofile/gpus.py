@@ -162,8 +162,12 @@ def cublas_workspace_bytes(compute_capability: tuple[int, int]) -> int:
     85.5 MiB of allocator memory held by no tensor at the start of a step, i.e. the two 32 MiB
     workspaces plus a few MiB that vary with the model.
     """
-    per_handle = 8 * 4096 * 1024 if compute_capability >= (9, 0) else 2 * 4096 * 1024 + 8 * 16 * 1024
-    return CUBLAS_HANDLES_IN_A_TRAINING_STEP * (per_handle + CUBLASLT_WORKSPACE_BYTES)
+    return CUBLAS_HANDLES_IN_A_TRAINING_STEP * (_cublas_bytes_per_handle(compute_capability) + CUBLASLT_WORKSPACE_BYTES)
+
+
+def _cublas_bytes_per_handle(compute_capability: tuple[int, int]) -> int:
+    """One handle's cuBLAS workspace under PyTorch's default CUBLAS_WORKSPACE_CONFIG."""
+    return 8 * 4096 * 1024 if compute_capability >= (9, 0) else 2 * 4096 * 1024 + 8 * 16 * 1024
 
 
 CUBLASLT_WORKSPACE_BYTES = 1024 * 1024
@@ -177,6 +181,6 @@ def cublas_workspace_reserved_bytes(compute_capability: tuple[int, int]) -> int:
     own size (requests of 10 MiB and more), each 1 MiB block a 2 MiB small-pool segment."""
     from dbprofile.measure.allocator import round_request, segment_size
 
-    per_handle = 8 * 4096 * 1024 if compute_capability >= (9, 0) else 2 * 4096 * 1024 + 8 * 16 * 1024
     return CUBLAS_HANDLES_IN_A_TRAINING_STEP * (
-        segment_size(round_request(per_handle)) + segment_size(CUBLASLT_WORKSPACE_BYTES))
+        segment_size(round_request(_cublas_bytes_per_handle(compute_capability)))
+        + segment_size(CUBLASLT_WORKSPACE_BYTES))

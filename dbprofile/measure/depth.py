@@ -37,6 +37,7 @@ from typing import Any, Callable
 
 from torch import nn
 
+from dbprofile.measure.allocator import LARGE_ROUND_BYTES
 from dbprofile.measure.fake import fake_mode
 from dbprofile.measure.tracker import StepRecord
 from dbprofile.methods.base import PHASES
@@ -46,8 +47,6 @@ from dbprofile.results import CATEGORIES, Measurement
 from dbprofile.spec import ModelSpec, get_layers
 
 TRACE_DEPTHS = (2, 3, 4)
-LARGE_ROUND_BYTES = 2 * 1024 * 1024
-"""The caching allocator's rounding of large segments (dbprofile.measure.allocator)."""
 """Layers (or layers per block / segment) of the three shallow traces: two for the line, one to check it.
 Two is the least that shows a first and a last layer apart on both sides of the inserted one."""
 

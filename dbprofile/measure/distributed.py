@@ -181,9 +181,7 @@ class ShardedTracker(Tracker):
         info = self._infos.get(id(storage))
         if info is None or info.cat is None:
             return
-        nbytes = storage.nbytes()
-        if self.round_to > 1:
-            nbytes = -(-nbytes // self.round_to) * self.round_to
+        nbytes = self._rounded(storage.nbytes())
         delta = nbytes - info.nbytes
         if delta == 0:
             return

@@ -377,9 +377,7 @@ class Tracker:
         )
         if not excluded and self._host_resident is not None:
             excluded = bool(self._host_resident(t))
-        nbytes = st.nbytes()
-        if self.round_to > 1:
-            nbytes = -(-nbytes // self.round_to) * self.round_to
+        nbytes = self._rounded(st.nbytes())
         cat = None if excluded else _TMP
         info = _Storage(nbytes, cat)
         if cat is not None and self.phase == "backward" and torch.is_grad_enabled():
@@ -428,6 +426,7 @@ class Tracker:
             )
 
     def _rounded(self, nbytes: int) -> int:
+        """``nbytes`` as counted: rounded up to ``round_to`` (512-byte blocks for CUDA)."""
         return -(-nbytes // self.round_to) * self.round_to
 
     def _scratch_alloc(self, sizes: list[int]) -> list[Any]:
