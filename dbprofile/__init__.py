@@ -1,7 +1,8 @@
 """dbprofile: measure whether DiffusionBlocks block-wise training saves memory that matters."""
 
 from dbprofile.results import BlockMeasurement, Measurement, RunResult, format_bytes
-from dbprofile.spec import ModelSpec, SpecError, load_spec, validate_spec
+from dbprofile.loading import load_spec, validate_spec
+from dbprofile.spec import ModelSpec, SpecError
 
 __version__ = "0.1.0"
 

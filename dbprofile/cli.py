@@ -273,7 +273,7 @@ def model_options(func):
 def _load_models(model, set_options, seq_len, image_size):
     """(swept shape or None, specs) for MODEL with the --set / --seq-len / --image-size options."""
     from dbprofile.models.overrides import parse_set_options
-    from dbprofile.models.sources import load_sweep
+    from dbprofile.loading import load_sweep
 
     seq_lens = parse_int_list(seq_len, "--seq-len") if seq_len else None
     image_sizes = parse_int_list(image_size, "--image-size") if image_size else None
@@ -403,7 +403,7 @@ def _run_one(spec, techs, drop_deeper, batch_sizes, device, steps, precision, op
     """Check, measure and answer for one model spec (one value of a sweep): (result, exit code), or None
     for a dry run."""
     from dbprofile.measure.runner import prepare
-    from dbprofile.models.sources import shape_value
+    from dbprofile.loading import shape_value
     from dbprofile.results import format_bytes
 
     asked = techs
@@ -602,7 +602,7 @@ def plan(model, gpu, batch_size, techniques, precision, optimizer, zero_stage, w
     misses by (``shortfall_bytes``), and the exit code is 3. Several --seq-len / --image-size values
     plan each shape (the JSON is then a list)."""
     from dbprofile.models.common import build_on_meta, count_parameters
-    from dbprofile.models.sources import shape_value
+    from dbprofile.loading import shape_value
     from dbprofile.plan import format_plan, format_plan_html, plan as make_plan
     from dbprofile.results import write_atomic
 
@@ -725,7 +725,7 @@ def _run_distributed(model, names, batch_sizes, device, steps, precision, optimi
     with the outcome."""
     from dbprofile.measure.distributed import format_ranks, in_torchrun, launch, run_distributed
     from dbprofile.methods.sharding import parse_distributed_technique
-    from dbprofile.spec import validate_spec
+    from dbprofile.loading import validate_spec
 
     for name in names:
         parse_distributed_technique(name)  # a bad name fails here, before any process starts

@@ -45,7 +45,8 @@ from dbprofile.methods.sharding import (
 )
 from dbprofile.methods.techniques import DEFAULT_TECHNIQUES, Technique, check_technique_fits
 from dbprofile.results import CATEGORIES, Measurement, Plan, PlanEntry, format_bytes, per_sample
-from dbprofile.spec import ModelSpec, SpecError, checked_spec, get_layers, load_spec
+from dbprofile.loading import checked_spec, load_spec
+from dbprofile.spec import ModelSpec, SpecError, get_layers
 
 MiB = 1024**2
 

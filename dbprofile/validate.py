@@ -119,7 +119,7 @@ def device_target(device: torch.device):
 def plan_one(model: str, batch_size: int, technique: str, precision: str, target) -> dict:
     """The planner's prediction for one configuration (fake tensors only; runs in a worker process)."""
     from dbprofile.plan import plan
-    from dbprofile.spec import load_spec
+    from dbprofile.loading import load_spec
 
     torch.set_num_threads(1)  # one fake run per worker; the workers share the machine's cores
     started = time.perf_counter()
@@ -144,7 +144,7 @@ def measure_one(model: str, batch_size: int, technique: str, precision: str, dev
                 steps: int = 2) -> ValidationRow:
     """Measure one configuration for real on ``device``."""
     from dbprofile.measure.runner import measure
-    from dbprofile.spec import load_spec
+    from dbprofile.loading import load_spec
 
     row = ValidationRow(model=model, batch_size=batch_size, technique=technique, precision=precision, status="ok")
     started = time.perf_counter()

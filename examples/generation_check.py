@@ -24,7 +24,8 @@ import torch
 from sklearn.datasets import load_digits
 from sklearn.linear_model import LogisticRegression
 
-from dbprofile.methods.diffusion_blocks import DiffusionBlocksTrainer, edm_preconditioning, inference_sigmas, sample
+from dbprofile.edm import edm_preconditioning
+from dbprofile.methods.diffusion_blocks import DiffusionBlocksTrainer, inference_sigmas, sample
 from dbprofile.methods.diffusion_blocks.sampler import euler_sample
 from dbprofile.methods.techniques import make_trainer, parse_technique
 from dbprofile.models import dit

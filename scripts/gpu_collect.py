@@ -57,7 +57,7 @@ def op_log(model: str, batch_size: int, precision: str, device: torch.device) ->
     from torch.utils._python_dispatch import TorchDispatchMode
 
     from dbprofile.methods import make_trainer, parse_techniques
-    from dbprofile.spec import load_spec
+    from dbprofile.loading import load_spec
 
     lines: list[str] = []
 

@@ -24,7 +24,7 @@ from dbprofile.methods import parse_techniques
 from dbprofile.methods.techniques import DEFAULT_TECHNIQUES
 from dbprofile.models import DEFAULT_PRESET
 from dbprofile.report import write_comparison, write_run_report
-from dbprofile.spec import load_spec
+from dbprofile.loading import load_spec
 
 DEFAULT_BATCH = 8  # `dbprofile run`'s default --batch-size
 LARGER_BATCH = 32

@@ -12,10 +12,10 @@ from dbprofile.methods.diffusion_blocks import (
     BlockwiseModel,
     DiffusionBlocksTrainer,
     OffloadDiffusionBlocksTrainer,
-    edm_preconditioning,
     predict_classes,
     sample,
 )
+from dbprofile.edm import edm_preconditioning
 from dbprofile.methods.diffusion_blocks.activations import layer_activation_bytes
 from dbprofile.methods.diffusion_blocks.blockwise import (
     concatenated_attention_mask,
@@ -576,7 +576,7 @@ def test_loss_weighting_mode_changes_the_loss_as_defined():
             losses[mode] = float(model.loss(batch, 1, generator=torch.Generator().manual_seed(5)))
     # same sigmas and noise in each: reference = mean(w) * none, and per-sample differs from both
     model = BlockwiseModel(spec, spec.build(), 2)
-    from dbprofile.methods.diffusion_blocks.schedule import loss_weight, sample_sigma
+    from dbprofile.edm import loss_weight, sample_sigma
 
     lo, hi = model.ranges[1]
     sigma = sample_sigma(4, lo, hi, generator=torch.Generator().manual_seed(5))

@@ -13,7 +13,7 @@ import dbprofile.measure.runner as runner
 from dbprofile.measure.fake import fake_mode
 from dbprofile.measure.flops import CPU_ATTENTION_FORMULAS, FlopCounter
 from dbprofile.methods import make_trainer, parse_techniques
-from dbprofile.spec import load_spec
+from dbprofile.loading import load_spec
 
 
 def _step_flops(model: str, technique: str, counter_factory) -> int:

@@ -30,7 +30,8 @@ from dbprofile.results import (
     to_standard_json,
     write_atomic,
 )
-from dbprofile.spec import SpecError, load_spec
+from dbprofile.loading import load_spec
+from dbprofile.spec import SpecError
 
 # {PRE} runs at import, {BUILD} in build(), {LOSS} at the start of the loss; `n` is the batch size
 # and CALLS collects the batch size of every loss call (so a case can strike only on the k-th call).

@@ -20,8 +20,9 @@ from dbprofile.methods.diffusion_blocks.blockwise import BlockwiseModel  # noqa:
 from dbprofile.methods.diffusion_blocks.sequence_layout import SequenceLayout  # noqa: E402
 from dbprofile.models.common import build_on_meta, count_parameters  # noqa: E402
 from dbprofile.models.hf import hf_position_adapter  # noqa: E402
-from dbprofile.models.sources import load_model  # noqa: E402
-from dbprofile.spec import SpecError, validate_spec  # noqa: E402
+from dbprofile.loading import load_model  # noqa: E402
+from dbprofile.loading import validate_spec  # noqa: E402
+from dbprofile.spec import SpecError  # noqa: E402
 
 TINY_LLAMA = {"num_hidden_layers": "2", "hidden_size": "32", "intermediate_size": "64", "num_attention_heads": "4",
               "num_key_value_heads": "2", "vocab_size": "100"}

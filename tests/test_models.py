@@ -15,7 +15,8 @@ from dbprofile.models import DEFAULT_PRESET, PRESETS, DiTConfig, GPTConfig, ViTC
 from dbprofile.models import dit as dit_module
 from dbprofile.models.common import RotaryCache, apply_rotary, build_on_meta, count_parameters
 from dbprofile.models.registry import preset_shape
-from dbprofile.spec import SpecError, get_layers, load_spec, validate_spec
+from dbprofile.loading import load_spec, validate_spec
+from dbprofile.spec import SpecError, get_layers
 
 EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
 TINY = ["vit-tiny", "vit-cifar", "dit-tiny", "gpt-tiny", "llama-tiny"]

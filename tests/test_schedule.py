@@ -9,6 +9,7 @@ import pytest
 import torch
 from scipy import stats
 
+from dbprofile import edm
 from dbprofile.methods.diffusion_blocks import schedule
 from dbprofile.spec import SpecError
 
@@ -29,7 +30,7 @@ def test_equiprobable_boundaries_match_paper(blocks):
 
 def test_equiprobable_ranges_hold_equal_mass():
     bounds = schedule.equiprobable_boundaries(5)
-    masses = torch.diff(schedule.truncated_cdf(torch.tensor(bounds, dtype=torch.float64)))
+    masses = torch.diff(edm.truncated_cdf(torch.tensor(bounds, dtype=torch.float64)))
     assert torch.allclose(masses, torch.full((5,), 0.2, dtype=torch.float64), atol=1e-9)
 
 
@@ -73,10 +74,10 @@ def test_block_count_below_one_is_rejected(blocks):
 
 def test_sampled_sigmas_follow_the_truncated_lognormal():
     gen = torch.Generator().manual_seed(1234)
-    sigma = schedule.sample_sigma(20000, generator=gen)
+    sigma = edm.sample_sigma(20000, generator=gen)
     assert sigma.shape == (20000,) and sigma.dtype == torch.float32
     assert float(sigma.min()) >= 0.002 and float(sigma.max()) <= 80.0
-    result = stats.kstest(sigma.double().numpy(), lambda s: schedule.truncated_cdf(torch.from_numpy(s)).numpy())
+    result = stats.kstest(sigma.double().numpy(), lambda s: edm.truncated_cdf(torch.from_numpy(s)).numpy())
     assert result.pvalue > 0.01
     # the test has power: the same sigmas are rejected as uniform in log space on [lo, hi]
     wrong = lambda s: (torch.log(torch.from_numpy(s) / 0.002) / math.log(80 / 0.002)).numpy()  # noqa: E731
@@ -89,21 +90,21 @@ def test_sampled_sigmas_follow_the_truncated_lognormal():
 
 def test_sampled_sigmas_stay_inside_a_block_range_and_follow_its_cdf():
     lo, hi = schedule.noise_ranges(3)[1]
-    sigma = schedule.sample_sigma(5000, lo, hi, generator=torch.Generator().manual_seed(7))
+    sigma = edm.sample_sigma(5000, lo, hi, generator=torch.Generator().manual_seed(7))
     assert float(sigma.min()) >= lo * (1 - 1e-6) and float(sigma.max()) <= hi * (1 + 1e-6)
-    cdf = lambda s: schedule.truncated_cdf(torch.from_numpy(s), lo, hi).numpy()  # noqa: E731
+    cdf = lambda s: edm.truncated_cdf(torch.from_numpy(s), lo, hi).numpy()  # noqa: E731
     assert stats.kstest(sigma.double().numpy(), cdf).pvalue > 0.01
 
 
 def test_sampling_is_reproducible_with_a_seeded_generator():
-    a = schedule.sample_sigma(8, generator=torch.Generator().manual_seed(3))
-    b = schedule.sample_sigma(8, generator=torch.Generator().manual_seed(3))
+    a = edm.sample_sigma(8, generator=torch.Generator().manual_seed(3))
+    b = edm.sample_sigma(8, generator=torch.Generator().manual_seed(3))
     assert torch.equal(a, b)
 
 
 def test_edm_preconditioning_values():
     sigma = torch.tensor([0.5, 80.0, 0.002])
-    c_skip, c_out, c_in, c_noise = schedule.edm_preconditioning(sigma)
+    c_skip, c_out, c_in, c_noise = edm.edm_preconditioning(sigma)
     assert c_skip[0] == pytest.approx(0.5) and c_out[0] == pytest.approx(0.5 * 0.5 / math.sqrt(0.5))
     assert c_in[0] == pytest.approx(1 / math.sqrt(0.5))
     assert c_noise.tolist() == pytest.approx([math.log(0.5) / 4, math.log(80) / 4, math.log(0.002) / 4])
@@ -115,7 +116,7 @@ def test_edm_preconditioning_values():
 
 
 def test_loss_weight_matches_method_md():
-    w = schedule.loss_weight(torch.tensor([80.0, 0.002, 0.5]))
+    w = edm.loss_weight(torch.tensor([80.0, 0.002, 0.5]))
     assert float(w[0]) == pytest.approx(4.0, rel=1e-3)
     assert float(w[1]) == pytest.approx(2.5e5, rel=1e-3)
     assert float(w[2]) == pytest.approx(8.0)
@@ -156,8 +157,8 @@ def test_a_sigma_on_a_block_boundary_runs_the_higher_noise_block():
     bounds = schedule.equiprobable_boundaries(4)  # ascending; block 0 has the highest range
     assert schedule.block_for_sigma(bounds[2], 4) == 1  # [bounds[2], bounds[3]) is block 1
     assert schedule.block_for_sigma(bounds[2] * 0.999, 4) == 2
-    assert schedule.block_for_sigma(schedule.SIGMA_MAX, 4) == 0
-    assert schedule.block_for_sigma(schedule.SIGMA_MIN, 4) == 3
+    assert schedule.block_for_sigma(edm.SIGMA_MAX, 4) == 0
+    assert schedule.block_for_sigma(edm.SIGMA_MIN, 4) == 3
 
 
 def test_inference_levels_match_the_reference():

@@ -15,8 +15,9 @@ from torch import nn
 from dbprofile.cli import main
 from dbprofile.measure.runner import run
 from dbprofile.methods.diffusion_blocks.sequence_layout import SequenceLayout
-from dbprofile.models.sources import load_model, load_sweep
-from dbprofile.spec import ModelSpec, SpecError, validate_spec
+from dbprofile.loading import load_model, load_sweep
+from dbprofile.loading import validate_spec
+from dbprofile.spec import ModelSpec, SpecError
 
 TECHNIQUES = ["e2e", "ckpt", "db:2", "db:2+ckpt"]
 

@@ -7,7 +7,7 @@ import pytest
 
 from dbprofile.measure.runner import run
 from dbprofile.models.common import build_on_meta, count_parameters
-from dbprofile.models.sources import load_model
+from dbprofile.loading import load_model
 from dbprofile.spec import SpecError
 
 try:

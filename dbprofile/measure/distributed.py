@@ -61,7 +61,8 @@ from dbprofile.methods.sharding import (
     parse_distributed_technique,
 )
 from dbprofile.results import CATEGORIES, UNIT_BYTES, Measurement, RunResult, pick_unit
-from dbprofile.spec import ModelSpec, SpecError, get_layers, load_spec
+from dbprofile.loading import load_spec
+from dbprofile.spec import ModelSpec, SpecError, get_layers
 
 DEFAULT_TIMEOUT_S = 300
 """How long a rank waits in a collective for the others before it gives up (a failed rank)."""

@@ -41,7 +41,8 @@ from dbprofile.measure.limits import Terminated, TimeLimitExceeded, time_limit
 from dbprofile.measure.tracker import MemoryLimitExceeded, StepRecord, Tracker
 from dbprofile.methods import DEFAULT_TECHNIQUES, Technique, check_technique_fits, make_trainer, parse_techniques
 from dbprofile.results import CATEGORIES, UNIT_BYTES, BlockMeasurement, Measurement, RunResult, pick_unit
-from dbprofile.spec import ModelSpec, SpecError, checked_spec, get_layers, load_spec
+from dbprofile.loading import checked_spec, load_spec
+from dbprofile.spec import ModelSpec, SpecError, get_layers
 
 DEFAULT_STEPS = 5
 DEFAULT_WARMUP_STEPS = 1

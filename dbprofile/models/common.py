@@ -9,9 +9,8 @@ bottom with these as its vocabulary.
 
 from __future__ import annotations
 
-import contextlib
 import math
-from typing import Callable, Iterator
+from typing import Callable
 
 import torch
 import torch.nn.functional as F
@@ -176,19 +175,6 @@ def sinusoidal_features(values: torch.Tensor, dim: int, max_period: float = 1000
     freqs = torch.exp(-math.log(max_period) * torch.arange(half, device=values.device, dtype=torch.float32) / half)
     angles = values.float()[:, None] * freqs[None, :]
     return torch.cat([torch.cos(angles), torch.sin(angles)], dim=-1)
-
-
-@contextlib.contextmanager
-def seeded(seed: int) -> Iterator[None]:
-    """Run with the CPU generator at ``seed``, restoring the caller's RNG state afterwards."""
-    with torch.random.fork_rng(devices=[]):
-        torch.default_generator.manual_seed(seed)
-        yield
-
-
-def data_generator(seed: int) -> torch.Generator:
-    """A CPU generator for batches: the same seed gives the same batch every call."""
-    return torch.Generator().manual_seed(seed)
 
 
 def build_on_meta(build: Callable[[], nn.Module]) -> nn.Module:

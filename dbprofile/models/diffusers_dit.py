@@ -21,7 +21,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from dbprofile.models.common import data_generator, seeded
+from dbprofile.seeding import data_generator, seeded
 from dbprofile.models.dit import LATENT_STD, edm_loss
 from dbprofile.models.overrides import parse_value, unknown_key
 from dbprofile.spec import Batch, ModelSpec, SpecError

@@ -20,7 +20,9 @@ from dataclasses import dataclass, replace
 import torch
 from torch import nn
 
-from dbprofile.models.common import GeluMLP, SelfAttention, data_generator, seeded, sinusoidal_features
+from dbprofile.edm import edm_preconditioning, loss_weight, sample_sigma
+from dbprofile.models.common import GeluMLP, SelfAttention, sinusoidal_features
+from dbprofile.seeding import data_generator, seeded
 from dbprofile.spec import Batch, ModelSpec
 
 
@@ -218,9 +220,6 @@ def _per_sample(values: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
 
 def edm_loss(model: nn.Module, batch: Batch, sigma_data: float = 0.5) -> torch.Tensor:
     """EDM training loss (Karras et al., 2022) with the per-sample weight w(sigma)."""
-    # Imported here: the schedule belongs to the DiffusionBlocks method, which imports the models.
-    from dbprofile.methods.diffusion_blocks.schedule import edm_preconditioning, loss_weight, sample_sigma
-
     x, labels = batch["inputs"], batch["labels"]
     sigma = sample_sigma(x.shape[0], device=x.device).to(x.dtype)
     c_skip, c_out, c_in, c_noise = edm_preconditioning(sigma, sigma_data=sigma_data)

@@ -29,9 +29,8 @@ from dbprofile.models.common import (
     RotaryCache,
     SelfAttention,
     SwiGLU,
-    data_generator,
-    seeded,
 )
+from dbprofile.seeding import data_generator, seeded
 from dbprofile.spec import Batch, ModelSpec
 
 STYLES = ("gpt2", "llama")

@@ -36,7 +36,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from dbprofile.measure._torch_private import active_fake_mode, is_fake
-from dbprofile.models.common import data_generator, seeded
+from dbprofile.seeding import data_generator, seeded
 from dbprofile.models.overrides import parse_value, unknown_key
 from dbprofile.spec import Batch, ModelSpec, SpecError
 

@@ -24,7 +24,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from dbprofile.measure._torch_private import active_fake_mode, outside_fake_mode
-from dbprofile.models.common import data_generator, seeded
+from dbprofile.seeding import data_generator, seeded
 from dbprofile.spec import Batch, ModelSpec, SpecError
 
 SEED = 0

@@ -21,7 +21,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from dbprofile.models.common import GeluMLP, ResidualBlock, SelfAttention, data_generator, seeded
+from dbprofile.models.common import GeluMLP, ResidualBlock, SelfAttention
+from dbprofile.seeding import data_generator, seeded
 from dbprofile.spec import Batch, ModelSpec
 
 POOLINGS = ("cls", "mean")

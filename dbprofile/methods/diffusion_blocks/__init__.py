@@ -1,5 +1,5 @@
 """DiffusionBlocks (METHOD.md): block-wise training of a residual network, each block a
-denoiser for one range of noise levels. ``schedule`` holds the formulas, ``conditioning`` the
+denoiser for one range of noise levels. ``schedule`` holds the partition and weightings (EDM's formulas are in ``dbprofile.edm``), ``conditioning`` the
 sigma embedder and AdaLN-Zero wrappers, ``blockwise`` the block-wise model, ``trainer`` the
 training step, ``sampler`` the Euler chain and ``activations`` the saved-bytes check."""
 
@@ -10,12 +10,9 @@ from dbprofile.methods.diffusion_blocks.schedule import (
     DEFAULT_WEIGHTING,
     WEIGHTINGS,
     block_ranges,
-    edm_preconditioning,
     equiprobable_boundaries,
     inference_sigmas,
-    loss_weight,
     noise_ranges,
-    sample_sigma,
     uniform_log_boundaries,
     weighted_loss,
 )
@@ -29,14 +26,11 @@ __all__ = [
     "OffloadDiffusionBlocksTrainer",
     "WEIGHTINGS",
     "block_ranges",
-    "edm_preconditioning",
     "equiprobable_boundaries",
     "inference_sigmas",
-    "loss_weight",
     "noise_ranges",
     "predict_classes",
     "sample",
-    "sample_sigma",
     "uniform_log_boundaries",
     "weighted_loss",
 ]

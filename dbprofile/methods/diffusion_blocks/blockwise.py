@@ -52,6 +52,7 @@ from dbprofile.methods.diffusion_blocks.conditioning import (
     wrap_layer,
     zero_linear,
 )
+from dbprofile.edm import edm_preconditioning, sample_sigma
 from dbprofile.methods.diffusion_blocks.sequence_layout import (
     SequenceLayout,
     UnsupportedLayoutError,
@@ -63,11 +64,9 @@ from dbprofile.methods.diffusion_blocks.schedule import (
     WEIGHTINGS,
     block_ranges,
     default_weighting,
-    edm_preconditioning,
-    sample_sigma,
     weighted_loss,
 )
-from dbprofile.models.common import seeded
+from dbprofile.seeding import seeded
 from dbprofile.spec import Batch, ModelSpec, SpecError, get_layers, infer_hidden_size, like_stack, set_layers
 
 

@@ -1,11 +1,9 @@
-"""The noise schedule of DiffusionBlocks (METHOD.md): the truncated log-normal over sigma,
-its equi-probability partition into B block ranges (and the uniform log-space split kept for
-the paper's ablation), the gamma overlap, sampling sigma inside a range, EDM
-preconditioning, the EDM loss weight and the three ways of applying it, and the noise
-levels of the Euler chain used at inference.
-
-Everything here is plain tensor arithmetic with no module state, so the end-to-end DiT loss
-and the DiffusionBlocks trainer share one definition of each formula.
+"""The noise schedule of DiffusionBlocks (METHOD.md): the equi-probability partition of the
+truncated log-normal over sigma into B block ranges (and the uniform log-space split kept
+for the paper's ablation), the gamma overlap, the three ways of applying EDM's loss weight,
+and the noise levels of the Euler chain used at inference. The EDM formulas themselves
+(sampling sigma, preconditioning, loss weight) live in ``dbprofile.edm``, shared with the
+end-to-end DiT loss.
 """
 
 from __future__ import annotations
@@ -14,15 +12,19 @@ import math
 
 import torch
 
+from dbprofile.edm import (
+    P_MEAN,
+    P_STD,
+    SIGMA_DATA,
+    SIGMA_MAX,
+    SIGMA_MIN,
+    loss_weight,
+    normal_cdf,
+    normal_quantile,
+    standardised_log_sigma,
+)
 from dbprofile.spec import SpecError
 
-P_MEAN = -1.2
-"""Mean of log sigma (EDM default)."""
-P_STD = 1.2
-"""Standard deviation of log sigma (EDM default)."""
-SIGMA_MIN = 0.002
-SIGMA_MAX = 80.0
-SIGMA_DATA = 0.5
 DEFAULT_GAMMA = 0.05
 
 PARTITIONS = ("equiprobable", "uniform-log")
@@ -43,21 +45,8 @@ def default_weighting(task: str) -> str:
     return TASK_WEIGHTINGS.get(task, DEFAULT_WEIGHTING)
 
 
-def _phi(x: float) -> float:
-    """Standard normal CDF."""
-    return 0.5 * math.erfc(-x / math.sqrt(2.0))
-
-
-def _phi_inv(q: float) -> float:
-    return float(torch.special.ndtri(torch.tensor(q, dtype=torch.float64)))
-
-
-def _standardise(sigma: float) -> float:
-    return (math.log(sigma) - P_MEAN) / P_STD
-
-
 def _sigma_at(q: float) -> float:
-    return math.exp(P_MEAN + P_STD * _phi_inv(q))
+    return math.exp(P_MEAN + P_STD * normal_quantile(q))
 
 
 def _check_blocks(blocks: int) -> None:
@@ -68,7 +57,7 @@ def _check_blocks(blocks: int) -> None:
 def equiprobable_boundaries(blocks: int, lo: float = SIGMA_MIN, hi: float = SIGMA_MAX) -> list[float]:
     """B+1 ascending sigma boundaries, each range holding 1/B of the truncated log-normal mass."""
     _check_blocks(blocks)
-    q_min, q_max = _phi(_standardise(lo)), _phi(_standardise(hi))
+    q_min, q_max = normal_cdf(standardised_log_sigma(lo)), normal_cdf(standardised_log_sigma(hi))
     inner = [_sigma_at(q_min + (b / blocks) * (q_max - q_min)) for b in range(1, blocks)]
     return [lo, *inner, hi]
 
@@ -112,53 +101,6 @@ def block_ranges(
     return list(reversed(noise_ranges(blocks, gamma, partition)))
 
 
-def sample_sigma(
-    n: int,
-    lo: float = SIGMA_MIN,
-    hi: float = SIGMA_MAX,
-    generator: torch.Generator | None = None,
-    device: torch.device | str | None = None,
-) -> torch.Tensor:
-    """n sigmas from the log-normal (P_MEAN, P_STD) truncated to [lo, hi], by the CDF method:
-    u ~ U(Phi(std(lo)), Phi(std(hi))), sigma = exp(P_MEAN + P_STD * Phi^-1(u)). float32, shape (n,)."""
-    if not (0 < lo <= hi):
-        raise SpecError(f"sample_sigma needs 0 < lo <= hi; got lo={lo}, hi={hi}.")
-    q_lo, q_hi = _phi(_standardise(lo)), _phi(_standardise(hi))
-    # Draw in float64 on the generator's device so a seeded generator gives the same sigmas on
-    # every device; the tail probabilities (about 1e-5 at sigma_min) need the precision.
-    gen_device = generator.device if generator is not None else (device or "cpu")
-    u = torch.rand(n, generator=generator, dtype=torch.float64, device=gen_device)
-    q = q_lo + u * (q_hi - q_lo)
-    sigma = torch.exp(P_MEAN + P_STD * torch.special.ndtri(q)).clamp(lo, hi)
-    return sigma.to(device=device if device is not None else gen_device, dtype=torch.float32)
-
-
-def truncated_cdf(sigma: torch.Tensor | float, lo: float = SIGMA_MIN, hi: float = SIGMA_MAX) -> torch.Tensor:
-    """CDF of the truncated log-normal on [lo, hi] (used by the statistical test of sampling)."""
-    s = torch.as_tensor(sigma, dtype=torch.float64)
-    q_lo, q_hi = _phi(_standardise(lo)), _phi(_standardise(hi))
-    q = torch.special.ndtr((torch.log(s) - P_MEAN) / P_STD)
-    return ((q - q_lo) / (q_hi - q_lo)).clamp(0.0, 1.0)
-
-
-def edm_preconditioning(
-    sigma: torch.Tensor, sigma_data: float = SIGMA_DATA
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """EDM's (c_skip, c_out, c_in, c_noise) for D = c_skip*z + c_out*F(c_in*z, c_noise)."""
-    sd2 = sigma_data**2
-    s2 = sigma**2
-    c_skip = sd2 / (s2 + sd2)
-    c_out = sigma * sigma_data / torch.sqrt(s2 + sd2)
-    c_in = 1.0 / torch.sqrt(s2 + sd2)
-    c_noise = torch.log(sigma) / 4.0
-    return c_skip, c_out, c_in, c_noise
-
-
-def loss_weight(sigma: torch.Tensor, sigma_data: float = SIGMA_DATA) -> torch.Tensor:
-    """EDM's lambda(sigma) = (sigma^2 + sd^2) / (sigma * sd)^2 (4.0 at sigma=80, 2.5e5 at 0.002)."""
-    return (sigma**2 + sigma_data**2) / (sigma * sigma_data) ** 2
-
-
 def weighted_loss(
     per_sample: torch.Tensor, sigma: torch.Tensor, mode: str = DEFAULT_WEIGHTING, sigma_data: float = SIGMA_DATA
 ) -> torch.Tensor:
@@ -184,7 +126,7 @@ def inference_sigmas(levels: int, lo: float = SIGMA_MIN, hi: float = SIGMA_MAX) 
     """``levels`` noise levels from hi down to lo, equally spaced in the truncated CDF
     (the reference uses levels = B; B=3 gives [80, 0.3012, 0.002]). At least two levels."""
     levels = max(int(levels), 2)
-    q_min, q_max = _phi(_standardise(lo)), _phi(_standardise(hi))
+    q_min, q_max = normal_cdf(standardised_log_sigma(lo)), normal_cdf(standardised_log_sigma(hi))
     out = []
     for i in range(levels):
         if i == 0:
