@@ -19,7 +19,8 @@ import sys
 import time
 
 from dbprofile.cli import freeze_startup_objects
-from dbprofile.measure.runner import format_table, run
+from dbprofile.measure.runner import run
+from dbprofile.report.text import run_table
 from dbprofile.methods import DEFAULT_TECHNIQUES
 from dbprofile.models import DEFAULT_PRESET, get_preset
 
@@ -35,7 +36,7 @@ def main() -> None:
     timing = [m.extra.get("timing", {}) for m in result.measurements]
     steps = sum(t.get("all_steps_s", 0.0) for t in timing)
     builds = sum(t.get("build_s", 0.0) for t in timing)
-    print(format_table(result))
+    print(run_table(result))
     print(f"{preset} at batch {batch_size}, load average {os.getloadavg()[0]:.1f} on {os.cpu_count()} cores")
     print(f"wall time: {wall:.1f} s (target < 60 s for the default run)")
     print(f"raw step times {steps:.2f} s over {sum(t.get('steps_run', 0) for t in timing)} steps, "

@@ -2,7 +2,7 @@
 
 For 2 and 4 processes on the CPU (gloo), it launches ``torchrun`` once per world size to measure
 e2e, ckpt, db:2 and db:2+ckpt under FSDP and db:N+parallel, then asks the planner
-(``dbprofile.plan.plan(..., zero_stage=3, world_size=N)``) for the same configurations and prints,
+(``dbprofile.planner.plan(..., zero_stage=3, world_size=N)``) for the same configurations and prints,
 per technique, the largest measured per-rank tracked peak, the prediction and their difference.
 The single-device peak (world size 1) is printed beside them, to show how sharding moves it, and
 so is what the planner's one-device formula (``shard_zero`` / ``block_parallel``, used when a stand-in
@@ -22,8 +22,9 @@ from pathlib import Path
 
 from dbprofile.measure.distributed import launch
 from dbprofile.measure.runner import measure
-from dbprofile.plan import plan
-from dbprofile.results import RunResult, format_bytes
+from dbprofile.planner import plan
+from dbprofile.results import RunResult
+from dbprofile.units import format_bytes
 
 FSDP_TECHNIQUES = ("e2e", "ckpt", "db:2", "db:2+ckpt")
 

@@ -10,10 +10,11 @@ import resource
 import sys
 import time
 
-from dbprofile.measure.runner import format_table, run
+from dbprofile.measure.runner import run
+from dbprofile.report.text import run_table
 from dbprofile.methods import DEFAULT_TECHNIQUES
 from dbprofile.models import get_preset, gpt
-from dbprofile.results import format_bytes
+from dbprofile.units import format_bytes
 
 
 def main() -> None:
@@ -22,7 +23,7 @@ def main() -> None:
     result = run(spec, DEFAULT_TECHNIQUES, [8], fake=True, steps=1)
     wall = time.perf_counter() - start
     rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux reports KiB
-    print(format_table(result))
+    print(run_table(result))
     print(f"wall time: {wall:.1f} s (target < 30 s)")
     print(f"peak RSS: {format_bytes(rss)} (target < 2.00 GiB)")
     failed = [m for m in result.measurements if not m.ok]

@@ -23,10 +23,11 @@ from typing import Any
 
 import click
 
-from dbprofile import __version__
+from dbprofile import units
 from dbprofile.console import NORMAL, QUIET, VERBOSE, Output
 from dbprofile.results import Plan, RunResult
 from dbprofile.spec import SpecError
+from dbprofile.version import __version__
 
 EXIT_OK = 0
 EXIT_BAD_INPUT = 2
@@ -51,7 +52,7 @@ def exit_code(answer: Any = None, *, interrupted: bool = False) -> int:
 
 def _usable(answer: Any) -> bool:
     if isinstance(answer, Plan):
-        from dbprofile.plan import nothing_fits
+        from dbprofile.planner import nothing_fits
 
         return not nothing_fits(answer)
     if isinstance(answer, RunResult):
@@ -60,9 +61,6 @@ def _usable(answer: Any) -> bool:
         return any(_usable(item) for item in answer)
     return getattr(answer, "status", None) == "ok"  # a validation row
 
-_SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(B|KiB|MiB|GiB|TiB|KB|MB|GB|TB)?\s*$", re.IGNORECASE)
-_UNITS = {"b": 1, "kib": 1024, "mib": 1024**2, "gib": 1024**3, "tib": 1024**4,
-          "kb": 1000, "mb": 1000**2, "gb": 1000**3, "tb": 1000**4}
 
 
 class UserError(click.ClickException):
@@ -145,14 +143,13 @@ def check_writable(path: Path, option: str) -> None:
 
 
 def parse_size(text: str | None) -> int | None:
-    """'24GiB', '512 MiB', '8e9'-free plain integers of bytes -> bytes."""
+    """A size the user wrote (dbprofile.units.parse_size), or None when not given."""
     if text is None:
         return None
-    match = _SIZE.match(text)
-    if not match:
-        raise UserError(f"Cannot read the size {text!r}; write it like 24GiB, 512MiB or 1073741824 (bytes).")
-    number, unit = match.groups()
-    return int(float(number) * _UNITS[(unit or "b").lower()])
+    try:
+        return units.parse_size(text)
+    except ValueError as err:
+        raise UserError(str(err)) from None
 
 
 def parse_int_list(text: str, option: str) -> list[int]:
@@ -232,15 +229,10 @@ def output_options(func):
 def models(console: Output) -> None:
     """List the built-in model presets with parameter counts, family and task."""
     from dbprofile.models import preset_table
+    from dbprofile.report.text import preset_list
 
     rows = preset_table()
-    lines = [f"{'name':<14} {'family':<6} {'task':<15} {'layers':>6} {'hidden':>6} {'parameters':>14}  description"]
-    for row in rows:
-        lines.append(
-            f"{row['name']:<14} {row['family']:<6} {row['task']:<15} {row['layers']:>6} {row['hidden_size']:>6} "
-            f"{row['parameters']:>14,}  {row['description']}"
-        )
-    console.text("\n".join(lines))
+    console.text(preset_list(rows))
     console.emit_json({"models": rows})
     console.write_csv(lambda: _frame(rows))
 
@@ -272,8 +264,8 @@ def model_options(func):
 
 def _load_models(model, set_options, seq_len, image_size):
     """(swept shape or None, specs) for MODEL with the --set / --seq-len / --image-size options."""
-    from dbprofile.models.overrides import parse_set_options
     from dbprofile.loading import load_sweep
+    from dbprofile.models.overrides import parse_set_options
 
     seq_lens = parse_int_list(seq_len, "--seq-len") if seq_len else None
     image_sizes = parse_int_list(image_size, "--image-size") if image_size else None
@@ -402,9 +394,9 @@ def _run_one(spec, techs, drop_deeper, batch_sizes, device, steps, precision, op
              no_report, dry_run, swept, memory_snapshot, per_technique_s, from_checkpoint, console: Output):
     """Check, measure and answer for one model spec (one value of a sweep): (result, exit code), or None
     for a dry run."""
-    from dbprofile.measure.runner import prepare
     from dbprofile.loading import shape_value
-    from dbprofile.results import format_bytes
+    from dbprofile.measure.runner import prepare
+    from dbprofile.units import format_bytes
 
     asked = techs
     with _loading_limit(per_technique_s):
@@ -433,8 +425,9 @@ def _run_one(spec, techs, drop_deeper, batch_sizes, device, steps, precision, op
                            "optimizer": optimizer, "dry_run": True})
         return None
 
-    from dbprofile.measure.runner import format_table, run as run_profile
-    from dbprofile.results import output_lock
+    from dbprofile.files import output_lock
+    from dbprofile.measure.runner import run as run_profile
+    from dbprofile.report.text import run_table
 
     freeze_startup_objects()
     with output_lock(out_path):
@@ -457,14 +450,12 @@ def _run_one(spec, techs, drop_deeper, batch_sizes, device, steps, precision, op
                 click.echo(f"The measurements that finished are in {out_path}, marked incomplete; "
                            f"`dbprofile report {shlex.quote(str(out_path))}` renders them.", err=True)
                 raise
-        code = _answer_run(result, out_path, no_report, format_table(result), console)
+        code = _answer_run(result, out_path, no_report, run_table(result), console)
     return result, code
 
 
 def _answer_run(result: RunResult, out_path: Path, no_report: bool, table: str, console: Output) -> int:
     """Print the table, write the HTML report and the JSON / CSV answers; returns the exit code."""
-    from dbprofile.verdict import judge
-
     files = {"json": str(out_path)}
     lines = [table, f"results: {out_path}"]
     if not no_report:
@@ -473,7 +464,7 @@ def _answer_run(result: RunResult, out_path: Path, no_report: bool, table: str, 
         files["html"] = str(write_run_report(result, out_path.with_suffix(".html")))
         lines.append(f"report:  {files['html']}")
     console.text("\n".join(lines))
-    console.emit_json({**result.to_dict(), "verdict": judge(result), "files": files})
+    console.emit_json({**result.to_dict(), "files": files})
     console.write_csv(result.to_dataframe)
     return exit_code(result)
 
@@ -534,16 +525,18 @@ def report(result, output, console: Output) -> None:
 
     --json prints the result with its verdict; --csv writes its measurements as a table."""
     from dbprofile.report import write_run_report
-    from dbprofile.verdict import judge
+    from dbprofile.verdict import judge_into
 
     html_path = Path(output) if output else Path(result).with_suffix(".html")
     if html_path.resolve() == Path(result).resolve():
         raise UserError(f"The report would overwrite its own result file {result!r}; give --output a .html path.")
     check_writable(html_path, "--output")
     run_result = _load_result(result)
+    if run_result.verdict is None:  # written before verdicts were stored with runs
+        judge_into(run_result)
     path = write_run_report(run_result, html_path)
     console.text(f"report: {path}")
-    console.emit_json({**run_result.to_dict(), "verdict": judge(run_result), "files": {"json": result, "html": str(path)}})
+    console.emit_json({**run_result.to_dict(), "files": {"json": result, "html": str(path)}})
     console.write_csv(run_result.to_dataframe)
     sys.exit(exit_code(run_result))
 
@@ -560,15 +553,18 @@ def compare(results, output, console: Output) -> None:
     --json prints every run (with its source file and verdict); --csv writes all their
     measurements, one row each, with a leading ``source`` column."""
     from dbprofile.report import write_comparison
-    from dbprofile.verdict import judge
+    from dbprofile.verdict import judge_into
 
     if any(Path(output).resolve() == Path(r).resolve() for r in results):
         raise UserError(f"--output {output!r} is one of the result files being compared; give another path.")
     check_writable(Path(output), "--output")
     runs = [_load_result(path) for path in results]
+    for run_result in runs:
+        if run_result.verdict is None:  # written before verdicts were stored with runs
+            judge_into(run_result)
     path = write_comparison(runs, Path(output), command=reproduce_command())
     console.text(f"comparison: {path}")
-    console.emit_json({"runs": [{"source": source, **r.to_dict(), "verdict": judge(r)} for source, r in zip(results, runs)],
+    console.emit_json({"runs": [{"source": source, **r.to_dict()} for source, r in zip(results, runs)],
                        "files": {"html": str(path)}})
     console.write_csv(lambda: _sourced_frame(results, runs))
     sys.exit(exit_code(runs))
@@ -601,10 +597,12 @@ def plan(model, gpu, batch_size, techniques, precision, optimizer, zero_stage, w
     When nothing fits, the table, the HTML and the JSON still come, each technique with the bytes it
     misses by (``shortfall_bytes``), and the exit code is 3. Several --seq-len / --image-size values
     plan each shape (the JSON is then a list)."""
-    from dbprofile.models.common import build_on_meta, count_parameters
+    from dbprofile.files import write_atomic
     from dbprofile.loading import shape_value
-    from dbprofile.plan import format_plan, format_plan_html, plan as make_plan
-    from dbprofile.results import write_atomic
+    from dbprofile.models.common import build_on_meta, count_parameters
+    from dbprofile.planner import plan as make_plan
+    from dbprofile.report.notebook import format_plan_html
+    from dbprofile.report.text import format_plan
 
     if batch_size < 1:
         raise UserError(f"--batch-size must be at least 1; got {batch_size}.")
@@ -669,10 +667,11 @@ def _parse_cases(text: str) -> list[tuple[str, tuple[int, ...]]]:
 def validate(cases, techniques, precisions, device, steps, time_budget, out, console: Output) -> None:
     """Check the tracker against the CUDA allocator and the planner against real runs."""
     from dbprofile import validate as v
+    from dbprofile.files import to_standard_json, write_atomic
     from dbprofile.measure.device import environment, resolve_device
     from dbprofile.methods import parse_techniques
     from dbprofile.methods.base import PRECISIONS
-    from dbprofile.results import to_standard_json, write_atomic
+    from dbprofile.report import text
 
     if steps < 1:
         raise UserError(f"--steps must be at least 1; got {steps}.")
@@ -690,22 +689,22 @@ def validate(cases, techniques, precisions, device, steps, time_budget, out, con
     header = (f"dbprofile validate on {env.get('device_name')} (driver {env.get('driver')}, CUDA {env.get('cuda_runtime')}, "
               f"torch {env.get('torch')}, dbprofile {__version__})")
     console.text(header)
-    console.text(v.TABLE_HEADER)
+    console.text(text.VALIDATION_HEADER)
     total = sum(len(sizes) for _, sizes in case_list) * len(techs) * len(precision_list)
     with console.progress("validating", total=total) as advance:
 
         def on_row(row) -> None:
-            console.text(v.format_row(row))
+            console.text(text.validation_row(row))
             advance()
 
         rows = v.validate(case_list, techs, precision_list, device=device, steps=steps, time_budget_s=time_budget,
                           on_row=on_row)
-    summary = v.summarise(rows)
+    summary = text.validation_summary(rows)
     console.text("")
     console.text(summary)
     if out:
         path = Path(out)
-        table = "\n".join([v.TABLE_HEADER, *(v.format_row(r) for r in rows)])
+        table = "\n".join([text.VALIDATION_HEADER, *(text.validation_row(r) for r in rows)])
         write_atomic(path, f"# {header}\n\nCommand: `{reproduce_command()}`\n\n{table}\n\n```\n{summary}\n```\n")
         write_atomic(path.with_suffix(".json"), to_standard_json(
             {"environment": env, "command": reproduce_command(), "rows": [r.to_dict() for r in rows]}))
@@ -723,9 +722,10 @@ def _run_distributed(model, names, batch_sizes, device, steps, precision, optimi
     Rank 0 prints the answer (and the JSON / CSV). torchrun turns any rank's non-zero exit into its
     own failure, so the ranks exit 0 and the --nproc launcher reads rank 0's result file to exit
     with the outcome."""
-    from dbprofile.measure.distributed import format_ranks, in_torchrun, launch, run_distributed
-    from dbprofile.methods.sharding import parse_distributed_technique
     from dbprofile.loading import validate_spec
+    from dbprofile.measure.distributed import in_torchrun, launch, run_distributed
+    from dbprofile.methods.sharding import parse_distributed_technique
+    from dbprofile.report.text import ranks_table
 
     for name in names:
         parse_distributed_technique(name)  # a bad name fails here, before any process starts
@@ -747,6 +747,6 @@ def _run_distributed(model, names, batch_sizes, device, steps, precision, optimi
                                  command=reproduce_command(), timeout_s=timeout_s)
     if result is None:  # ranks other than 0 report through rank 0
         return
-    code = _answer_run(result, out_path, no_report, format_ranks(result), console)
+    code = _answer_run(result, out_path, no_report, ranks_table(result), console)
     if not in_torchrun():
         sys.exit(code)

@@ -24,7 +24,13 @@ from torch import nn
 
 from dbprofile.measure.fake import fake_mode
 from dbprofile.models import DEFAULT_PRESET, PRESETS, get_preset
-from dbprofile.spec import ModelSpec, SpecError, check_loss, get_layers, infer_hidden_size
+from dbprofile.spec import (
+    ModelSpec,
+    SpecError,
+    check_loss,
+    get_layers,
+    infer_hidden_size,
+)
 
 PREFIXES = ("hf:", "diffusers:", "timm:")
 

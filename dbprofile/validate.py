@@ -28,8 +28,6 @@ from typing import Callable, Iterable
 
 import torch
 
-from dbprofile.results import format_bytes
-
 DEFAULT_CASES: tuple[tuple[str, tuple[int, ...]], ...] = (
     ("vit-b16", (32, 64)),
     ("dit-b2", (32, 64)),
@@ -118,8 +116,8 @@ def device_target(device: torch.device):
 
 def plan_one(model: str, batch_size: int, technique: str, precision: str, target) -> dict:
     """The planner's prediction for one configuration (fake tensors only; runs in a worker process)."""
-    from dbprofile.plan import plan
     from dbprofile.loading import load_spec
+    from dbprofile.planner import plan
 
     torch.set_num_threads(1)  # one fake run per worker; the workers share the machine's cores
     started = time.perf_counter()
@@ -143,8 +141,8 @@ def plan_one(model: str, batch_size: int, technique: str, precision: str, target
 def measure_one(model: str, batch_size: int, technique: str, precision: str, device: torch.device,
                 steps: int = 2) -> ValidationRow:
     """Measure one configuration for real on ``device``."""
-    from dbprofile.measure.runner import measure
     from dbprofile.loading import load_spec
+    from dbprofile.measure.runner import measure
 
     row = ValidationRow(model=model, batch_size=batch_size, technique=technique, precision=precision, status="ok")
     started = time.perf_counter()
@@ -221,52 +219,3 @@ def validate(
     return rows
 
 
-def _pct(x: float | None) -> str:
-    return "n/a" if x is None else f"{x * 100:+.1f}%"
-
-
-def _mib(n: int | None) -> str:
-    return "n/a" if n is None else format_bytes(n, "MiB", 1)
-
-
-TABLE_HEADER = (
-    "| model | batch | technique | precision | tracked | of which workspace | max allocated | tracker err "
-    "| planned allocated | plan err (allocated) | reserved | plan err (reserved) | NVML used | NVML - reserved "
-    "| plan vs tracker | step |\n"
-    "|---|---:|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"
-)
-
-
-def format_row(row: ValidationRow) -> str:
-    if row.status != "ok":
-        return (f"| {row.model} | {row.batch_size} | {row.technique} | {row.precision} | {row.status.upper()}: "
-                f"{(row.error or '')[:120]} |" + " |" * 12)
-    step = "n/a" if row.step_time_s is None else f"{row.step_time_s * 1000:.1f} ms"
-    return (
-        f"| {row.model} | {row.batch_size} | {row.technique} | {row.precision} | {_mib(row.tracked_peak_bytes)} "
-        f"| {_mib(row.workspace_bytes)} | {_mib(row.max_allocated_bytes)} | {_pct(row.tracker_error)} "
-        f"| {_mib(row.planned_allocated_bytes)} | {_pct(row.planner_error_allocated)} | {_mib(row.max_reserved_bytes)} "
-        f"| {_pct(row.planner_error_reserved)} | {_mib(row.nvml_used_bytes)} | {_mib(row.nvml_minus_reserved_bytes)} "
-        f"| {_pct(row.planner_error_tracked)} | {step} |"
-    )
-
-
-def summarise(rows: list[ValidationRow]) -> str:
-    """Worst absolute errors over the rows that ran."""
-    ok = [r for r in rows if r.status == "ok"]
-
-    def worst(name: str) -> str:
-        values = [getattr(r, name) for r in ok if getattr(r, name) is not None]
-        return "n/a" if not values else f"{max(abs(v) for v in values) * 100:.1f}%"
-
-    gaps = [r.nvml_minus_reserved_bytes for r in ok if r.nvml_minus_reserved_bytes is not None]
-    lines = [
-        f"configurations: {len(rows)} ({len(ok)} ran, {len(rows) - len(ok)} failed)",
-        f"worst |tracker - max_allocated| / max_allocated: {worst('tracker_error')}",
-        f"worst |planned - measured|: allocated {worst('planner_error_allocated')}, "
-        f"reserved {worst('planner_error_reserved')}, tensor bytes (fake vs real) {worst('planner_error_tracked')}",
-    ]
-    if gaps:
-        lines.append(f"NVML used - max reserved: {format_bytes(min(gaps))} to {format_bytes(max(gaps))} "
-                     "(CUDA context, libraries, and anything else on the card)")
-    return "\n".join(lines)

@@ -25,10 +25,11 @@ ablations (METHOD.md), the only evidence about quality dbprofile has.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
-from dbprofile.results import Plan, RunResult, format_bytes, per_sample
+from dbprofile.results import Plan, Reason, RunResult, Verdict, per_sample
+from dbprofile.units import format_bytes
 
 # ---------------------------------------------------------------- thresholds (named, documented)
 
@@ -60,7 +61,6 @@ MAX_RATIO_NOISE = 0.2
 """A measured time ratio is quoted only when the two timings' interquartile ranges, each relative to
 its median, add up to at most this: a ratio's relative spread is about the sum of its parts'."""
 
-DECISIONS = ("adopt", "not-worth-it", "not-needed", "inconclusive")
 
 # METHOD.md, "Quality vs B": the paper's ablations (L = 24 layers).
 QUALITY_ABLATIONS: dict[str, dict[int, float]] = {
@@ -76,37 +76,6 @@ QUALITY_REPORTED = {
 }
 
 STATE = ("parameters", "buffers", "gradients", "optimizer_state")
-
-
-@dataclass(kw_only=True)
-class Reason:
-    """One rule that fired: its name, the sentence shown to people, and the numbers in it."""
-
-    rule: str
-    sentence: str
-    numbers: dict[str, Any] = field(default_factory=dict)
-
-
-@dataclass(kw_only=True)
-class Verdict:
-    """The decision, a one-sentence headline, the reasons behind it, and what to train with."""
-
-    decision: str
-    """adopt | not-worth-it | not-needed | inconclusive."""
-    headline: str
-    reasons: list[Reason] = field(default_factory=list)
-    best_technique: str | None = None
-    """The DiffusionBlocks configuration the rules compared (None when there is none)."""
-    recommended: str | None = None
-    """The technique to train with: the adopted DiffusionBlocks configuration, or the alternative
-    (ckpt, e2e); None when nothing fits as asked."""
-    batch_size: int | None = None
-    """The batch size judged (a run's largest batch size with an e2e measurement; a plan's)."""
-    capacity_bytes: int | None = None
-    """The capacity the fit rules used (None: no target known)."""
-
-    def __str__(self) -> str:
-        return "\n".join([self.headline] + [f"- {r.sentence}" for r in self.reasons])
 
 
 @dataclass
@@ -749,3 +718,13 @@ def judge(result: RunResult | Plan, capacity_bytes: int | None = None, *, from_c
         f"{format_bytes(best.required)} {compute_part}; {risk_part}.",
         best.technique, best,
     )
+
+
+def judge_into(result: RunResult) -> RunResult:
+    """Judge ``result`` once and store the verdict on it (``result.verdict``). A rule that fails
+    must not cost the measurements: the verdict is then None and ``verdict_error`` says why."""
+    try:
+        result.verdict, result.verdict_error = judge(result), None
+    except Exception as err:  # noqa: BLE001 - the measurements are the result; the verdict is an extra
+        result.verdict, result.verdict_error = None, f"the verdict could not be computed ({type(err).__name__}: {err})"
+    return result

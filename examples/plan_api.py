@@ -14,7 +14,7 @@ from __future__ import annotations
 import time
 
 import dbprofile
-from dbprofile.plan import plan
+from dbprofile import plan
 
 if __name__ == "__main__":
     started = time.perf_counter()

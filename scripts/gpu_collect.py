@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
 import time
 from pathlib import Path
@@ -103,7 +102,8 @@ def main() -> int:
     import dbprofile.validate as validate_mod
 
     runner_mod.MIN_TIME_S, runner_mod.MAX_TIME_S = args.timing
-    from dbprofile.validate import TABLE_HEADER, format_row, summarise, validate
+    from dbprofile.report.text import VALIDATION_HEADER, validation_row, validation_summary
+    from dbprofile.validate import validate
 
     device = torch.device(args.device)
     cuda = device.type == "cuda"
@@ -135,12 +135,12 @@ def main() -> int:
     else:
         cases = validate_mod.DEFAULT_CASES
     rows_json: list[dict] = []
-    md = [TABLE_HEADER]
+    md = [VALIDATION_HEADER]
 
     def on_row(row):
         rows_json.append(row.to_dict())
-        md.append(format_row(row))
-        print(format_row(row), flush=True)
+        md.append(validation_row(row))
+        print(validation_row(row), flush=True)
         (out / f"{args.name}.json").write_text(json.dumps({"environment": environment, "command": command,
                                                            "rows": rows_json}, indent=1))
 
@@ -150,9 +150,9 @@ def main() -> int:
     command = "python scripts/gpu_collect.py " + " ".join(sys.argv[1:])
     started = time.perf_counter()
     rows = validate(cases=cases, device=device, steps=args.steps, time_budget_s=args.time_budget, on_row=on_row)
-    print(summarise(rows), flush=True)
+    print(validation_summary(rows), flush=True)
     md.append("")
-    md.append(summarise(rows))
+    md.append(validation_summary(rows))
     (out / f"{args.name}.md").write_text("\n".join(md) + "\n")
     print(f"validate: {time.perf_counter() - started:.0f} s", flush=True)
 

@@ -4,7 +4,7 @@ oversubscribing the 2 CI cores made steps slower, not faster; and a short timing
 import pytest
 import torch
 
-from dbprofile.measure import runner
+from dbprofile.measure import steps
 
 torch.set_num_threads(1)
 
@@ -13,5 +13,5 @@ torch.set_num_threads(1)
 def short_timing(monkeypatch):
     """Tests check what timing records, not how well: 0.05 s to 0.5 s of timed steps per
     technique instead of 1 s to 10 s keeps the suite's many real runs fast."""
-    monkeypatch.setattr(runner, "MIN_TIME_S", 0.05)
-    monkeypatch.setattr(runner, "MAX_TIME_S", 0.5)
+    monkeypatch.setattr(steps, "MIN_TIME_S", 0.05)
+    monkeypatch.setattr(steps, "MAX_TIME_S", 0.5)

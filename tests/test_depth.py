@@ -19,7 +19,8 @@ from dbprofile.measure.depth import (
 )
 from dbprofile.methods import parse_techniques
 from dbprofile.models import get_preset
-from dbprofile.plan import format_plan, plan
+from dbprofile.planner import plan
+from dbprofile.report.text import format_plan
 from _toy import toy_spec
 
 CUDA_BLOCK = 512

@@ -21,7 +21,8 @@ from dbprofile.measure.distributed import (
 )
 from dbprofile.measure.fake import fake_mode
 from dbprofile.methods.sharding import check_distributed, parse_distributed_technique
-from dbprofile.results import CATEGORIES, RunResult
+from dbprofile.results import RunResult
+from dbprofile.vocabulary import CATEGORIES
 from dbprofile.spec import SpecError
 from tests._toy import toy_spec
 
@@ -119,7 +120,7 @@ def test_failed_rank_is_reported_by_rank_zero_and_earlier_results_are_kept(two_r
 
 
 def test_planner_predicts_each_rank_peak_within_3_percent(two_ranks):
-    from dbprofile.plan import plan
+    from dbprofile.planner import plan
 
     result = plan(toy_spec(), BATCH, device="cpu", techniques=["e2e", "db:2+parallel"], zero_stage=3,
                   world_size=WORLD, search_max_batch=False)

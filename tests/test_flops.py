@@ -10,6 +10,7 @@ import torch.nn.functional as F
 from torch.utils.flop_counter import FlopCounterMode
 
 import dbprofile.measure.runner as runner
+import dbprofile.measure.steps as measure_steps
 from dbprofile.measure.fake import fake_mode
 from dbprofile.measure.flops import CPU_ATTENTION_FORMULAS, FlopCounter
 from dbprofile.methods import make_trainer, parse_techniques
@@ -72,7 +73,7 @@ def test_counting_flops_leaves_the_tracked_memory_unchanged(technique, monkeypat
     # FlopCounterMode itself changed llama-tiny's peak (it decomposes the fused RMSNorm) and, with its
     # module hooks, checkpointing's: dbprofile's counter must not.
     counted = runner.measure("llama-tiny", technique, 2, fake=True, steps=1)
-    monkeypatch.setattr(runner, "FlopCounter", _NoCount)
+    monkeypatch.setattr(measure_steps, "FlopCounter", _NoCount)
     uncounted = runner.measure("llama-tiny", technique, 2, fake=True, steps=1)
     assert counted.training_flops and uncounted.training_flops is None
     assert (counted.peak_bytes, counted.shares, counted.peak_phase) == (

@@ -21,15 +21,9 @@ from dbprofile.cli import main
 from dbprofile.measure.limits import TimeLimitExceeded, time_limit
 from dbprofile.measure.runner import run
 from dbprofile.methods.diffusion_blocks.activations import layer_activation_bytes
-from dbprofile.results import (
-    Measurement,
-    OutputBusyError,
-    ResultSchemaError,
-    RunResult,
-    output_lock,
-    to_standard_json,
-    write_atomic,
-)
+from dbprofile.files import OutputBusyError, output_lock, to_standard_json, write_atomic
+from dbprofile.results import Measurement, RunResult
+from dbprofile.schema import ResultSchemaError
 from dbprofile.loading import load_spec
 from dbprofile.spec import SpecError
 

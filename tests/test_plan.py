@@ -1,4 +1,4 @@
-"""The planner (dbprofile.plan) and the GPU table: bad input, sharding arithmetic, CUDA
+"""The planner (dbprofile.planner) and the GPU table: bad input, sharding arithmetic, CUDA
 corrections, the max-batch search, rendering, and fake predictions against real CPU runs."""
 
 from __future__ import annotations
@@ -7,7 +7,7 @@ import pytest
 
 from dbprofile.gpus import GPUS, cublas_workspace_bytes, cublas_workspace_reserved_bytes, get_gpu
 from dbprofile.measure.runner import measure
-from dbprofile.plan import (
+from dbprofile.planner import (
     ALLOCATOR_OVERHEAD_FRACTION,
     ASSUMED_UTILISATION,
     CUDA_CONTEXT_BYTES,
@@ -15,15 +15,16 @@ from dbprofile.plan import (
     ModelFacts,
     block_parallel,
     cuda_corrections,
-    format_plan,
     nothing_fits,
-    nothing_fits_summary,
     plan,
     resolve_target,
     shard_zero,
     time_per_million_samples,
 )
-from dbprofile.results import CATEGORIES, BlockMeasurement, Measurement, format_bytes
+from dbprofile.report.text import format_plan, nothing_fits_summary
+from dbprofile.results import BlockMeasurement, Measurement
+from dbprofile.units import format_bytes
+from dbprofile.vocabulary import CATEGORIES
 from dbprofile.spec import SpecError
 
 MiB = 1024**2

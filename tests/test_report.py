@@ -14,7 +14,9 @@ from html.parser import HTMLParser
 import pytest
 
 from dbprofile.report import charts, html as report_html, render_comparison, render_run, write_comparison, write_run_report
-from dbprofile.results import CATEGORIES, BlockMeasurement, Measurement, RunResult, format_bytes
+from dbprofile.results import BlockMeasurement, Measurement, RunResult
+from dbprofile.units import format_bytes
+from dbprofile.vocabulary import CATEGORIES
 
 MiB = 1024**2
 PARAMS = 2_761_728  # a 6-layer ViT-tiny-ish model

@@ -9,8 +9,9 @@ import pytest
 import torch
 
 from _toy import toy_spec
-from dbprofile.measure import runner
-from dbprofile.measure.runner import format_table, measure, run
+from dbprofile.measure import steps
+from dbprofile.measure.runner import measure, run
+from dbprofile.report.text import run_table
 from dbprofile.methods.checkpointing import CheckpointedSegment
 from dbprofile.results import RunResult
 from dbprofile.spec import SpecError
@@ -87,7 +88,7 @@ def test_step_times_are_median_with_spread():
     assert 0 <= m.step_time_iqr_s <= high - low
     # warm-up, tracked, then torch.utils.benchmark's blocks: at least four, at least `steps` steps
     assert m.extra["timing"]["steps_run"] >= 1 + 1 + 4
-    assert m.extra["timing"]["all_steps_s"] >= runner.MIN_TIME_S  # timed for at least 1 s
+    assert m.extra["timing"]["all_steps_s"] >= steps.MIN_TIME_S  # timed for at least 1 s
     assert m.status == "ok" and len(m.losses) >= m.extra["timing"]["steps_run"]  # timer warm-ups too
 
 
@@ -106,7 +107,7 @@ def test_bad_techniques_raise_spec_error_before_running(tech, message):
 def test_format_table_uses_labelled_iec_units_and_lists_failures():
     spec = toy_spec()
     result = run(spec, ["e2e", "ckpt"], [8], memory_limit=measure(spec, "ckpt", 8).peak_bytes + 1)
-    table = format_table(result)
+    table = run_table(result)
     assert "peak KiB" in table and "1 KiB = 1,024 bytes" in table
     assert "OOM" in table and "e2e @ batch 8: OOM" in table
     ckpt = result.get("ckpt")

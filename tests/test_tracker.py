@@ -11,7 +11,7 @@ from _toy import toy_spec
 from dbprofile.measure._torch_private import profiler_allocations
 from dbprofile.measure.tracker import MemoryLimitExceeded, Tracker
 from dbprofile.methods import make_trainer, parse_technique
-from dbprofile.results import CATEGORIES
+from dbprofile.vocabulary import CATEGORIES
 
 
 def _bytes(tensors) -> int:

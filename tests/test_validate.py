@@ -8,7 +8,8 @@ import torch
 from click.testing import CliRunner
 
 from dbprofile.cli import main
-from dbprofile.validate import ValidationRow, format_row, summarise, validate
+from dbprofile.report.text import validation_row, validation_summary
+from dbprofile.validate import ValidationRow, validate
 
 
 def test_planner_matches_real_cpu_run_to_the_byte():
@@ -22,8 +23,8 @@ def test_planner_matches_real_cpu_run_to_the_byte():
         assert row.planner_error_tracked == 0.0
         assert row.max_allocated_bytes is None and row.tracker_error is None  # no allocator on the CPU
         assert row.workspace_bytes == 0
-    assert "tensor bytes (fake vs real) 0.0%" in summarise(rows)
-    assert format_row(rows[0]).startswith("| vit-tiny | 4 | e2e | fp32 |")
+    assert "tensor bytes (fake vs real) 0.0%" in validation_summary(rows)
+    assert validation_row(rows[0]).startswith("| vit-tiny | 4 | e2e | fp32 |")
 
 
 def test_errors_are_relative_to_the_allocator_figures():

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import pytest
 
-from dbprofile.plan import plan
+from dbprofile.planner import plan
 from dbprofile.results import Measurement, Plan, PlanEntry, RunResult
 from dbprofile.verdict import (
     MAX_RATIO_NOISE,

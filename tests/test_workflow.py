@@ -293,7 +293,11 @@ def test_memory_snapshot_is_refused_for_distributed_runs(tmp_path):
 def test_snapshot_records_only_the_tracked_step_of_each_block(monkeypatch, tmp_path):
     """The runner's wiring, with the three CUDA calls replaced by recorders: recording starts after
     the warm-up, stops before the timed steps, and one file per block is named in the measurement."""
-    from dbprofile.measure import runner
+    import torch
+
+    from dbprofile.measure.steps import measure_into
+    from dbprofile.methods import parse_techniques
+    from dbprofile.settings import RunSettings
     from tests._toy import toy_spec
 
     events: list[str] = []
@@ -302,11 +306,11 @@ def test_snapshot_records_only_the_tracked_step_of_each_block(monkeypatch, tmp_p
     monkeypatch.setattr(_torch_private, "dump_cuda_memory_snapshot", lambda path: events.append(f"dump {Path(path).name}"))
     spec = toy_spec(name="my/toy")
     m = Measurement(technique="db:2", batch_size=2)
-    tech = runner.parse_techniques(["db:2"])[0]
-    cpu = runner.torch.device("cpu")
+    tech = parse_techniques(["db:2"])[0]
+    cpu = torch.device("cpu")
     name = lambda unit: snapshot.snapshot_path(tmp_path, spec.name, "db:2", 2, unit)  # noqa: E731
     with progress.reporting(lambda text: events.append(text.split(": ", 1)[1])):
-        runner._measure_into(m, spec, tech, 2, cpu, cpu, 1, 1, False, None, snapshot_for=name)
+        measure_into(m, spec, tech, 2, RunSettings(steps=1), dev=cpu, snapshot_for=name)
     assert events == [
         "building the model", "warm-up step 1/1 (block 1 of 2)", "warm-up step 1/1 (block 2 of 2)",
         "tracked step (block 1 of 2)", "start", "dump my-toy_db-2_b2_block0.pickle", "stop",

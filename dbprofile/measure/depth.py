@@ -40,11 +40,11 @@ from torch import nn
 from dbprofile.measure.allocator import LARGE_ROUND_BYTES
 from dbprofile.measure.fake import fake_mode
 from dbprofile.measure.tracker import StepRecord
-from dbprofile.methods.base import PHASES
 from dbprofile.methods.checkpointing import split_contiguous
 from dbprofile.methods.techniques import Technique
-from dbprofile.results import CATEGORIES, Measurement
+from dbprofile.results import Measurement
 from dbprofile.spec import ModelSpec, get_layers
+from dbprofile.vocabulary import CATEGORIES, PHASES
 
 TRACE_DEPTHS = (2, 3, 4)
 """Layers (or layers per block / segment) of the three shallow traces: two for the line, one to check it.
@@ -309,7 +309,7 @@ def _extrapolate_measurement(
     traced: list[Traced], target: int, block_layers: list[list[int]] | None, not_affine: list[str]
 ) -> Measurement:
     """One rank's measurement at ``target`` layers per unit from its three shallow traces."""
-    from dbprofile.measure.runner import _summarise, _UnitResult
+    from dbprofile.measure.steps import UnitResult, summarise
 
     (m1, t1), (m2, t2), (m3, t3) = traced
     if not (t1.keys() == t2.keys() == t3.keys()):
@@ -326,10 +326,10 @@ def _extrapolate_measurement(
     units = list(t2)
     results = {}
     for unit in units:
-        r = _UnitResult()
+        r = UnitResult()
         r.records.append(extrapolate_step([t1[unit], t2[unit], t3[unit]], TRACE_DEPTHS, target))
         results[unit] = r
-    _summarise(m, units, results, True, block_layers)
+    summarise(m, units, results, True, block_layers)
     _reserved_bytes(m, m1, m2, m3)
     return m
 

@@ -17,7 +17,6 @@ from typing import Any
 
 import torch
 
-
 SUPPORTED_DEVICES = ("cpu", "cuda")
 
 
@@ -139,14 +138,14 @@ def driver_version() -> str | None:
 
 def environment(device: torch.device | str = "cpu") -> dict[str, Any]:
     """Versions and the device a run used, for the results' ``environment``."""
-    import dbprofile
+    from dbprofile.version import __version__
 
     device = torch.device(device)
     cuda = is_cuda(device) and torch.cuda.is_available()
     return {
         "torch": torch.__version__,
         "python": sys.version.split()[0],
-        "dbprofile": dbprofile.__version__,
+        "dbprofile": __version__,
         "platform": platform.platform(),
         "device": str(device),
         "device_name": device_name(device),

@@ -65,13 +65,12 @@ import torch
 from dbprofile.measure._torch_private import TorchDispatchMode
 from dbprofile.measure.allocator import CachingAllocatorModel
 from dbprofile.measure.cuda_scratch import op_input_copies, op_scratch_allocations
-from dbprofile.methods.base import PHASES
-from dbprofile.results import CATEGORIES
+from dbprofile.vocabulary import CATEGORIES, PHASES
 
-_CAT_INDEX = {name: i for i, name in enumerate(CATEGORIES)}
-_ACT = _CAT_INDEX["activations"]
-_TMP = _CAT_INDEX["temporaries"]
-_WS = _CAT_INDEX["workspace"]
+CATEGORY_INDEX = {name: i for i, name in enumerate(CATEGORIES)}
+_ACT = CATEGORY_INDEX["activations"]
+_TMP = CATEGORY_INDEX["temporaries"]
+_WS = CATEGORY_INDEX["workspace"]
 # Roles set from what a storage is (a parameter, a gradient...) outrank how it is used.
 _ROLE_RANK = {"parameters": 0, "buffers": 1, "gradients": 2, "optimizer_state": 3, "inputs": 4}
 
@@ -473,7 +472,7 @@ class Tracker:
         if info.role is not None and _ROLE_RANK[info.role] <= _ROLE_RANK[role]:
             return
         info.role = role
-        self._move(info, _CAT_INDEX[role])
+        self._move(info, CATEGORY_INDEX[role])
 
     def _exclude(self, info: _Storage) -> None:
         with self._lock:

@@ -9,14 +9,13 @@ separately: ``[None]`` for end-to-end techniques, the block indices for Diffusio
 from __future__ import annotations
 
 import contextlib
-from typing import Callable, Iterable
+from typing import Callable, Iterable, Protocol
 
 import torch
 from torch import nn
 
 from dbprofile.spec import Batch, ModelSpec, SpecError
 
-PHASES = ("forward", "backward", "optimizer", "transfer")
 OPTIMIZERS = ("adamw", "sgd", "adafactor")
 PRECISIONS = ("fp32", "bf16")
 
@@ -65,11 +64,31 @@ def autocast_context(device: torch.device, precision: str):
     raise SpecError(f"Unknown precision {precision!r}; choose one of {', '.join(PRECISIONS)}.")
 
 
+class TrainerProtocol(Protocol):
+    """What the runner and the tracker need from a trainer: any technique's (a ``Trainer``
+    subclass), a sharded or block-parallel one (dbprofile.methods.sharding), or a user's."""
+
+    model: nn.Module
+    optimizer: torch.optim.Optimizer
+    units: list[int | None]
+    """What one step trains: ``[None]`` (the whole model) or DiffusionBlocks' block indices."""
+    extra_parameters: int | Callable[[], int] | None
+    """Parameters the technique adds to the model (DiffusionBlocks' AdaLN and embedders)."""
+    block_layers: list[list[int]] | None
+    """The layers of each unit (DiffusionBlocks), else None."""
+
+    def step(self, batch: Batch, unit: int | None = None, mark: Mark = ...) -> torch.Tensor: ...
+
+    def host_resident(self, tensor: torch.Tensor) -> bool: ...
+
+
 class Trainer:
     """One model under one technique. Subclasses define ``compute_loss``; the step is shared."""
 
     technique: str
     units: list[int | None] = [None]
+    extra_parameters: int | Callable[[], int] | None = None
+    block_layers: list[list[int]] | None = None
 
     def __init__(
         self,

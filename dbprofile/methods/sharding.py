@@ -31,9 +31,20 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from dbprofile.methods.base import GRAD_CLIP_NORM, Mark, _no_mark, autocast_context, make_optimizer
+from dbprofile.methods.base import (
+    GRAD_CLIP_NORM,
+    Mark,
+    _no_mark,
+    autocast_context,
+    make_optimizer,
+)
 from dbprofile.methods.checkpointing import CheckpointedSegment
-from dbprofile.methods.techniques import Technique, check_technique_fits, make_trainer, parse_technique
+from dbprofile.methods.techniques import (
+    Technique,
+    check_technique_fits,
+    make_trainer,
+    parse_technique,
+)
 from dbprofile.spec import Batch, ModelSpec, SpecError, get_layers
 
 PARALLEL_SUFFIX = "+parallel"

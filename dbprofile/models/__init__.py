@@ -4,7 +4,13 @@ dataclass, the model and ``make_spec(config, name=...)``; ``registry`` names the
 
 from dbprofile.models.dit import DiT, DiTConfig
 from dbprofile.models.gpt import GPT, GPTConfig
-from dbprofile.models.registry import DEFAULT_PRESET, PRESETS, get_preset, preset_shape, preset_table
+from dbprofile.models.registry import (
+    DEFAULT_PRESET,
+    PRESETS,
+    get_preset,
+    preset_shape,
+    preset_table,
+)
 from dbprofile.models.vit import ViT, ViTConfig
 
 __all__ = [

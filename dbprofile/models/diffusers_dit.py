@@ -21,9 +21,9 @@ from typing import Any
 import torch
 from torch import nn
 
-from dbprofile.seeding import data_generator, seeded
 from dbprofile.models.dit import LATENT_STD, edm_loss
 from dbprofile.models.overrides import parse_value, unknown_key
+from dbprofile.seeding import data_generator, seeded
 from dbprofile.spec import Batch, ModelSpec, SpecError
 
 CLASS_NAMES = {"dit": "DiTTransformer2DModel", "dittransformer2dmodel": "DiTTransformer2DModel"}

@@ -36,12 +36,15 @@ import torch.nn.functional as F
 from torch import nn
 
 from dbprofile.measure._torch_private import active_fake_mode, is_fake
-from dbprofile.seeding import data_generator, seeded
 from dbprofile.models.overrides import parse_value, unknown_key
+from dbprofile.seeding import data_generator, seeded
 from dbprofile.spec import Batch, ModelSpec, SpecError
 
 if TYPE_CHECKING:
-    from dbprofile.methods.diffusion_blocks.sequence_layout import CallRewrite, SequenceLayout
+    from dbprofile.methods.diffusion_blocks.sequence_layout import (
+        CallRewrite,
+        SequenceLayout,
+    )
 
 # model_type -> dotted path of the residual layers inside the transformers model. Anything not
 # listed is found by ``find_layer_stack``; the table pins the common ones so a refactor of the
@@ -410,7 +413,11 @@ def hf_position_adapter(model: nn.Module, layout: "SequenceLayout") -> "CallRewr
     active layer as the model's own forward shares its tables. Any other argument that is a
     per-position tensor for T tokens refuses DiffusionBlocks (sequence_layout.refusal)."""
     # Imported here, not at the top: the model source must not import the method at load time.
-    from dbprofile.methods.diffusion_blocks.sequence_layout import per_position_arguments, refusal, signature_names
+    from dbprofile.methods.diffusion_blocks.sequence_layout import (
+        per_position_arguments,
+        refusal,
+        signature_names,
+    )
 
     rotary = _rotary_module(model)
     positions = layout.positions[None]

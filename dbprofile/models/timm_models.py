@@ -54,7 +54,9 @@ def _typed(overrides: dict[str, str]) -> dict[str, Any]:
 
 def make_spec(name: str, overrides: dict[str, str] | None = None, image_size: int | None = None) -> ModelSpec:
     """The classification ModelSpec of ``timm:NAME`` (see the module docstring)."""
-    from dbprofile.models.hf import find_layer_stack  # the same fallback rule for every source
+    from dbprofile.models.hf import (
+        find_layer_stack,  # the same fallback rule for every source
+    )
 
     timm = require_timm()
     if not timm.is_model(name):

@@ -16,7 +16,9 @@ import matplotlib
 from matplotlib.figure import Figure
 from matplotlib.patches import Patch
 
-from dbprofile.results import CATEGORIES, UNIT_BYTES, BlockMeasurement, Measurement, pick_unit
+from dbprofile.results import BlockMeasurement, Measurement
+from dbprofile.units import UNIT_BYTES, pick_unit
+from dbprofile.vocabulary import CATEGORIES
 
 # Okabe-Ito colour-blind-safe palette; one fixed colour per category, the same in every chart.
 CATEGORY_COLOURS: dict[str, str] = {

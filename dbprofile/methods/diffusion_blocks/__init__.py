@@ -16,7 +16,10 @@ from dbprofile.methods.diffusion_blocks.schedule import (
     uniform_log_boundaries,
     weighted_loss,
 )
-from dbprofile.methods.diffusion_blocks.trainer import DiffusionBlocksTrainer, OffloadDiffusionBlocksTrainer
+from dbprofile.methods.diffusion_blocks.trainer import (
+    DiffusionBlocksTrainer,
+    OffloadDiffusionBlocksTrainer,
+)
 
 __all__ = [
     "BlockwiseModel",

@@ -42,6 +42,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from dbprofile.edm import edm_preconditioning, sample_sigma
 from dbprofile.methods.checkpointing import CheckpointedSegment, split_contiguous
 from dbprofile.methods.diffusion_blocks.conditioning import (
     AdaLNZeroBlock,
@@ -52,13 +53,6 @@ from dbprofile.methods.diffusion_blocks.conditioning import (
     wrap_layer,
     zero_linear,
 )
-from dbprofile.edm import edm_preconditioning, sample_sigma
-from dbprofile.methods.diffusion_blocks.sequence_layout import (
-    SequenceLayout,
-    UnsupportedLayoutError,
-    guard_rewrite,
-    install_rewrite,
-)
 from dbprofile.methods.diffusion_blocks.schedule import (
     DEFAULT_GAMMA,
     WEIGHTINGS,
@@ -66,8 +60,22 @@ from dbprofile.methods.diffusion_blocks.schedule import (
     default_weighting,
     weighted_loss,
 )
+from dbprofile.methods.diffusion_blocks.sequence_layout import (
+    SequenceLayout,
+    UnsupportedLayoutError,
+    guard_rewrite,
+    install_rewrite,
+)
 from dbprofile.seeding import seeded
-from dbprofile.spec import Batch, ModelSpec, SpecError, get_layers, infer_hidden_size, like_stack, set_layers
+from dbprofile.spec import (
+    Batch,
+    ModelSpec,
+    SpecError,
+    get_layers,
+    infer_hidden_size,
+    like_stack,
+    set_layers,
+)
 
 
 def _first(out):

@@ -23,7 +23,10 @@ import torch
 import torch.nn.functional as F
 
 from dbprofile.methods.diffusion_blocks.blockwise import BlockwiseModel
-from dbprofile.methods.diffusion_blocks.schedule import block_for_sigma, inference_sigmas
+from dbprofile.methods.diffusion_blocks.schedule import (
+    block_for_sigma,
+    inference_sigmas,
+)
 
 
 def _levels(model: BlockwiseModel, steps: int | None) -> list[float]:

@@ -28,25 +28,36 @@ predicted. The CUDA corrections were measured on an H100 (reports/gpu-validation
 
 from __future__ import annotations
 
-import html
 import math
 import time
 from dataclasses import dataclass
 from typing import Callable
 
 from dbprofile import progress
-from dbprofile.gpus import GPU, cublas_workspace_bytes, cublas_workspace_reserved_bytes, get_gpu
-from dbprofile.measure.tracker import CUDA_BLOCK_BYTES  # the allocator's 512-byte blocks, one definition
+from dbprofile.gpus import (
+    GPU,
+    cublas_workspace_bytes,
+    cublas_workspace_reserved_bytes,
+    get_gpu,
+)
+from dbprofile.loading import checked_spec, load_spec
+from dbprofile.measure.tracker import (
+    CUDA_BLOCK_BYTES,  # the allocator's 512-byte blocks, one definition
+)
 from dbprofile.methods.sharding import (
     PARALLEL_SUFFIX,
     SHARDING_BLOCK_PARALLEL,
     SHARDING_FSDP,
     parse_distributed_technique,
 )
-from dbprofile.methods.techniques import DEFAULT_TECHNIQUES, Technique, check_technique_fits
-from dbprofile.results import CATEGORIES, Measurement, Plan, PlanEntry, format_bytes, per_sample
-from dbprofile.loading import checked_spec, load_spec
+from dbprofile.methods.techniques import (
+    DEFAULT_TECHNIQUES,
+    Technique,
+    check_technique_fits,
+)
+from dbprofile.results import Measurement, Plan, PlanEntry, per_sample, views
 from dbprofile.spec import ModelSpec, SpecError, get_layers
+from dbprofile.vocabulary import CATEGORIES
 
 MiB = 1024**2
 
@@ -545,27 +556,6 @@ def nothing_fits(plan: Plan) -> bool:
     return not ok or (plan.capacity_bytes is not None and not any(e.fits for e in ok))
 
 
-def nothing_fits_summary(plan: Plan) -> str | None:
-    """One paragraph when nothing fits the target: by how much each technique misses, the
-    largest batch size that does fit, and what to change. None when something fits."""
-    ok = [e for e in plan.entries if e.ok]
-    if plan.capacity_bytes is None or not ok or any(e.fits for e in ok):
-        return None
-    misses = ", ".join(f"{e.technique} by {format_bytes(e.shortfall_bytes)}"
-                       for e in sorted(ok, key=lambda e: e.shortfall_bytes or 0))
-    fitting = [e for e in ok if e.max_batch_size]
-    if fitting:
-        best = max(fitting, key=lambda e: e.max_batch_size or 0)
-        hint = f" The largest batch size that fits is {best.max_batch_size} ({best.technique})."
-    else:
-        hint = " Not even batch size 1 fits with any technique."
-    return (
-        f"Nothing fits: at batch size {plan.batch_size}, {plan.device} ({format_bytes(plan.capacity_bytes)}) is "
-        f"short for every technique: {misses}.{hint} Lower the batch size, shard the state (ZeRO-3 over several "
-        "devices: --zero 3 --world-size N), or target a larger GPU."
-    )
-
-
 def fits_on(plan: Plan, gpu: str | int | GPU | None = None, technique: str | None = None) -> bool:
     """Does ``technique`` (or any technique that ran) fit ``gpu`` (or the plan's target) at the
     plan's batch size? For another GPU the CUDA corrections are recomputed for that card; the
@@ -594,142 +584,4 @@ def fits_on(plan: Plan, gpu: str | int | GPU | None = None, technique: str | Non
     return any(n <= target.capacity_bytes for n in needs)
 
 
-# ---------------------------------------------------------------- rendering
-
-
-_COLUMNS = ("parameters", "gradients", "optimizer_state", "activations", "temporaries")
-_SHORT = {"parameters": "params", "gradients": "grads", "optimizer_state": "optim", "activations": "activ",
-          "temporaries": "temps"}
-
-
-def _header(plan: Plan) -> str:
-    sharding = f", ZeRO-{plan.zero_stage} over {plan.world_size} ranks" if plan.zero_stage else (
-        f", {plan.world_size} devices" if plan.world_size > 1 else "")
-    target = plan.device if plan.capacity_bytes is None else f"{plan.device} ({format_bytes(plan.capacity_bytes)})"
-    return (f"Plan for {plan.model}: batch size {plan.batch_size} per device, {plan.precision}, {plan.optimizer}"
-            f"{sharding}; target {target}")
-
-
-_HEAD = ["technique", "peak", *[_SHORT[c] for c in _COLUMNS], "other+CUDA", "fits", "headroom", "max batch",
-         "GFLOP/sample", "vs e2e"]
-
-
-def _row(e: PlanEntry, e2e_flops: float | None) -> list[str]:
-    if not e.ok:
-        return [e.technique, e.status.upper()] + [""] * (len(_HEAD) - 2)
-    others = e.shares.get("buffers", 0) + e.shares.get("inputs", 0)
-    flops = e.flops_per_sample
-    return [
-        e.technique + (f" x{e.world_size}" if e.world_size > 1 else ""),
-        format_bytes(e.peak_bytes),
-        *[format_bytes(e.shares.get(c, 0)) for c in _COLUMNS],
-        format_bytes(others + sum(e.corrections.values())),
-        "-" if e.fits is None else ("yes" if e.fits else "NO"),
-        "-" if e.headroom_bytes is None else format_bytes(e.headroom_bytes),
-        "-" if e.max_batch_size is None else str(e.max_batch_size),
-        "-" if flops is None else f"{flops / 1e9:,.1f}",
-        "-" if flops is None or not e2e_flops else f"{flops / e2e_flops:.2f}x",
-    ]
-
-
-def _rows(plan: Plan) -> list[list[str]]:
-    e2e = plan.get("e2e")
-    e2e_flops = e2e.flops_per_sample if e2e is not None and e2e.ok else None
-    return [_row(e, e2e_flops) for e in plan.entries]
-
-
-def format_time_estimate(plan: Plan) -> str | None:
-    """One sentence: the estimated time per million samples of each technique on the target's
-    devices at the plan's assumed utilisation (None without a known peak)."""
-    timed = [e for e in plan.entries if e.ok and e.time_per_million_samples_s is not None]
-    if not timed or not plan.peak_flops or plan.utilisation is None:
-        return None
-    gpu = get_gpu(plan.device)
-    parts = [f"{e.technique} {e.time_per_million_samples_s / 3600:.2f} h"
-             + (f" on {e.world_size} devices" if e.world_size > 1 else "") for e in timed]
-    return (f"Estimated time per million samples at {round(100 * plan.utilisation)}% of the {plan.device}'s "
-            f"{plan.peak_flops / 1e12:,.1f} TFLOPS {plan.precision} peak ({gpu.flops_source}; an illustration, the "
-            "ratios are the claim): " + ", ".join(parts) + ".")
-
-
-def format_plan(plan: Plan) -> str:
-    """The plan as a text table followed by the verdict's headline and reasons."""
-    head = _HEAD
-    rows = [head] + _rows(plan)
-    widths = [max(len(r[i]) for r in rows) for i in range(len(head))]
-    lines = [_header(plan), ""]
-    for r in rows:
-        lines.append("  ".join(cell.ljust(w) if i == 0 else cell.rjust(w) for i, (cell, w) in enumerate(zip(r, widths))))
-    for e in plan.entries:
-        if not e.ok:
-            lines.append(f"{e.technique}: {e.error}")
-    if (summary := nothing_fits_summary(plan)) is not None:
-        lines += ["", summary]
-    if plan.cuda_corrections:
-        lines.append("Shares count 512-byte CUDA blocks; other+CUDA: buffers, inputs, cuBLAS workspace, "
-                     "allocator segments, CUDA context.")
-    lines.append("GFLOP/sample: training FLOPs that update every layer once per sample (DiffusionBlocks: its B "
-                 "block-steps), counted on the same fake step.")
-    estimate = format_time_estimate(plan)
-    if estimate:
-        lines.append(estimate)
-    lines += depth_lines(plan)
-    if plan.verdict is not None:
-        lines += ["", f"Verdict ({plan.verdict.decision}): {plan.verdict.headline}"]
-        lines += [f"- {r.sentence}" for r in plan.verdict.reasons]
-    return "\n".join(lines)
-
-
-def depth_lines(plan: Plan) -> list[str]:
-    """Which path each entry's fake run took (dbprofile.measure.depth): extrapolated or full trace."""
-    by_path: dict[tuple[str, str], list[str]] = {}
-    not_affine: set[str] = set()
-    for e in plan.entries:
-        info = e.extra.get("depth")
-        if info:
-            by_path.setdefault((info["path"], info["reason"]), []).append(e.technique)
-            not_affine.update(info.get("not_affine", []))
-    lines = []
-    for (path, reason), names in by_path.items():
-        if path == "extrapolated":
-            lines.append(f"Depth: {', '.join(names)} extrapolated from shallow traces ({reason}; checked to the byte "
-                         "at the deepest); --full-trace traces every layer.")
-        else:
-            lines.append(f"Depth: {', '.join(names)} traced every layer ({reason}).")
-    exact = sorted(name for name in not_affine if "allocator_model" not in name)
-    if exact:
-        lines.append(f"Depth: not affine in the depth, so not extrapolated: {', '.join(exact)}.")
-    if any("allocator_model" in name for name in not_affine):
-        lines.append("Depth: reserved memory grows in whole allocator segments, so it is estimated from the "
-                     "shallow traces' growth per layer, not extrapolated to the byte; --full-trace replays every "
-                     "layer through the allocator model.")
-    return lines
-
-
-def format_plan_html(plan: Plan) -> str:
-    """A small, self-contained HTML fragment (every string escaped) for notebooks and reports."""
-    from dbprofile.report.tradeoff import plan_tradeoff_svg
-
-    esc = html.escape
-    out = [f"<div class='dbprofile-plan'><p><b>{esc(_header(plan))}</b></p>", "<table>"]
-    out.append("<tr>" + "".join(f"<th>{esc(h)}</th>" for h in _HEAD) + "</tr>")
-    for row in _rows(plan):
-        out.append("<tr>" + "".join(f"<td>{esc(c)}</td>" for c in row) + "</tr>")
-    out.append("</table>")
-    if (summary := nothing_fits_summary(plan)) is not None:
-        out.append(f"<p class='nothing-fits'><b>{esc(summary)}</b></p>")
-    out += [f"<p>{esc(line)}</p>" for line in depth_lines(plan)]
-    estimate = format_time_estimate(plan)
-    if estimate:
-        out.append(f"<p>{esc(estimate)}</p>")
-    if plan.verdict is not None:
-        out.append(f"<p><b>{esc(plan.verdict.decision)}</b>: {esc(plan.verdict.headline)}</p><ul>")
-        out += [f"<li>{esc(r.sentence)}</li>" for r in plan.verdict.reasons]
-        out.append("</ul>")
-    svg = plan_tradeoff_svg(plan)
-    if svg is not None:
-        out.append("<p><b>Memory against compute per trained sample</b> (dashed: the target's capacity; ringed: "
-                   "the recommendation)</p>")
-        out.append(svg)
-    out.append("</div>")
-    return "\n".join(out)
+views.install_fits(fits_on)

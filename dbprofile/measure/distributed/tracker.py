@@ -1,0 +1,183 @@
+"""The tracker for DTensors and FSDP: each rank's local shards of parameters, gradients and
+optimizer state, and FSDP's collective buffers as ``communication`` (the ``FSDP::all_gather*``
+and ``FSDP::post_backward_reduce`` regions FSDP marks with ``record_function``). FSDP frees and
+re-allocates unsharded parameters with ``UntypedStorage.resize_``, which no dispatch mode sees;
+like PyTorch's own ``torch.distributed._tools.mem_tracker.MemTracker``, the tracker wraps
+``resize_`` while it is active so those bytes come and go at the right instant."""
+
+from __future__ import annotations
+
+import functools
+from typing import Any
+
+import torch
+
+from dbprofile.measure.tracker import CATEGORY_INDEX, Tracker
+
+
+_COMM = CATEGORY_INDEX["communication"]
+
+
+
+_TMP = CATEGORY_INDEX["temporaries"]
+
+
+
+# FSDP2 marks its collective work with record_function; storages made inside these regions are
+# its communication buffers (``FSDP::all_gather`` also prefixes ``FSDP::all_gather_copy_out``).
+_COMM_REGIONS = ("FSDP::all_gather", "FSDP::post_backward_reduce")
+
+
+
+_RF_ENTER = "profiler._record_function_enter_new"
+
+
+
+_RF_EXIT = "profiler._record_function_exit"
+
+
+
+_REDUCE_SCATTER = ("c10d._reduce_scatter_base_", "c10d.reduce_scatter_tensor_coalesced_")
+
+
+
+class ShardedTracker(Tracker):
+    """The dbprofile ``Tracker`` for one rank of FSDP or block-parallel training.
+
+    It counts a DTensor by its local shard (a DTensor's own storage reports the global size),
+    follows ``UntypedStorage.resize_`` (FSDP frees unsharded parameters that way), and files
+    FSDP's collective buffers under ``communication``.
+    """
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.regions: list[str] = []
+        self._original_resize = None
+
+    def __enter__(self) -> "ShardedTracker":
+        self._patch_resize()
+        try:
+            return super().__enter__()
+        except BaseException:
+            self._unpatch_resize()
+            raise
+
+    def __exit__(self, *exc: Any) -> None:
+        try:
+            super().__exit__(*exc)
+        finally:
+            self._unpatch_resize()
+
+    def _on_op(self, func: Any, args: tuple, kwargs: dict, out: Any) -> None:
+        packet = str(func.overloadpacket)
+        if packet == _RF_ENTER:
+            self.regions.append(str(args[0]) if args else "")
+        elif packet == _RF_EXIT and self.regions:
+            self.regions.pop()
+        super()._on_op(func, args, kwargs, out)
+        if packet in _REDUCE_SCATTER and args:
+            # The reduce-scatter output is what the sharded gradients are views of.
+            for t in _flat_tensors(args[0]):
+                self._assign_role(t, "gradients")
+        elif packet == "fsdp.split_with_sizes_copy":
+            # Its ``out`` tensors are the unsharded parameters (made just before, in the region).
+            for t in _flat_tensors(kwargs.get("out", args[-1] if args else ())):
+                self._to_communication(t)
+
+    # -------------------------------------------------------- DTensors and regions
+
+    def _info(self, t: torch.Tensor):
+        t = _local(t)
+        key_known = _storage_id(t) in self._infos
+        info = super()._info(t)
+        if (
+            info is not None and not key_known and info.cat == _TMP
+            and any(r.startswith(_COMM_REGIONS) for r in self.regions)
+        ):
+            self._to_communication(t, info)
+        return info
+
+    def _assign_role(self, t: torch.Tensor, role: str) -> None:
+        local = _local(t)
+        info = self._infos.get(_storage_id(local))
+        # A plain (not DTensor) parameter whose storage FSDP all-gathered is the unsharded copy a
+        # unit computes with: it stays communication, its sharded DTensor is the parameter.
+        if role == "parameters" and local is t and info is not None and info.cat == _COMM and info.role is None:
+            return
+        super()._assign_role(local, role)
+
+    def _to_communication(self, t: torch.Tensor, info=None) -> None:
+        info = info if info is not None else self._info(t)
+        if info is None or info.cat != _TMP or info.role is not None:
+            return
+        self._move(info, _COMM)
+        if self.recording and self.total == self._peak:
+            # The storage that set this peak was filed as a temporary a moment ago; the peak's
+            # total is unchanged, its split now names it correctly.
+            self._peak_shares = list(self.totals)
+
+    # -------------------------------------------------------- resize_
+
+    def _patch_resize(self) -> None:
+        original = torch.UntypedStorage.resize_
+        tracker = self
+
+        @functools.wraps(original)
+        def resize_(storage, size):
+            result = original(storage, size)
+            tracker._on_resize(storage)
+            return result
+
+        self._original_resize = original
+        torch.UntypedStorage.resize_ = resize_
+
+    def _unpatch_resize(self) -> None:
+        if self._original_resize is not None:
+            torch.UntypedStorage.resize_ = self._original_resize
+            self._original_resize = None
+
+    def _on_resize(self, storage: torch.UntypedStorage) -> None:
+        info = self._infos.get(id(storage))
+        if info is None or info.cat is None:
+            return
+        nbytes = self._rounded(storage.nbytes())
+        delta = nbytes - info.nbytes
+        if delta == 0:
+            return
+        with self._lock:
+            info.nbytes = nbytes
+            if delta > 0:
+                self._add(info.cat, delta)
+            else:
+                self.totals[info.cat] += delta
+                self.total += delta
+                if self.recording:
+                    self._record()
+
+
+
+def _local(t: torch.Tensor) -> torch.Tensor:
+    """A DTensor's local shard (whose storage holds this rank's bytes); other tensors as they are."""
+    from torch.distributed.tensor import DTensor
+
+    if isinstance(t, DTensor):
+        with torch.no_grad():
+            return t.to_local()
+    return t
+
+
+
+def _storage_id(t: torch.Tensor) -> int | None:
+    try:
+        return id(t.untyped_storage())
+    except (RuntimeError, NotImplementedError):
+        return None
+
+
+
+def _flat_tensors(obj: Any) -> list[torch.Tensor]:
+    if isinstance(obj, torch.Tensor):
+        return [obj]
+    if isinstance(obj, (list, tuple)):
+        return [t for item in obj for t in _flat_tensors(item)]
+    return []

@@ -1,0 +1,433 @@
+"""The measurement protocol of one technique on one device, shared by the single-device runner
+(``dbprofile.measure.runner``), the depth extrapolation (``depth``) and each rank of a
+distributed run (``distributed``): build the trainer, warm every unit up (one step each, so the
+optimizer holds state for everything the technique keeps: every DiffusionBlocks block), run one
+tracked step per unit (the peak and its shares: steps are deterministic, so one suffices; its
+FLOPs are counted on the same step), then time untracked steps (torch.utils.benchmark's
+adaptive repetition, so the tracker's Python overhead never reaches the times), and summarise
+the worst unit into the ``Measurement``."""
+
+from __future__ import annotations
+
+import contextlib
+import gc
+import itertools
+import math
+import statistics
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Iterator
+
+import torch
+
+from dbprofile import progress
+from dbprofile.measure import device as devices
+from dbprofile.measure import snapshot
+from dbprofile.measure.allocator import CachingAllocatorModel
+from dbprofile.measure.fake import fake_mode
+from dbprofile.measure.flops import FlopCounter
+from dbprofile.measure.tracker import MemoryLimitExceeded, StepRecord, Tracker
+from dbprofile.methods import Technique, make_trainer
+from dbprofile.methods.base import TrainerProtocol as Trainer
+from dbprofile.results import BlockMeasurement, Measurement
+from dbprofile.settings import RunSettings
+from dbprofile.spec import ModelSpec
+
+SEED = 0
+
+
+
+MIN_TIME_S = 1.0
+"""Each technique is timed for at least this long (split over DiffusionBlocks' blocks)..."""
+
+
+
+MAX_TIME_S = 10.0
+"""...and at most this long (split likewise), stopping earlier once the spread is small:"""
+
+
+
+TIMING_THRESHOLD = 0.1
+"""torch.utils.benchmark's adaptive_autorange stops when the interquartile range of its blocks is
+below this fraction of their median (and it has at least four blocks)."""
+
+
+
+class UnitResult:
+    """The measured steps of one unit (the whole model, or one block)."""
+
+    def __init__(self) -> None:
+        self.records: list[StepRecord] = []
+        self.times: list[float] = []
+        self.transfer_times: list[float] = []
+        self.tracked_times: list[float] = []
+        """Wall time of the tracked steps: against ``median``, the tracker's own cost."""
+        self.iqr: float | None = None
+        """Interquartile range of the timed steps (torch.utils.benchmark's blocks)."""
+        self.median: float | None = None
+        self.flops: int | None = None  # FLOPs of the tracked step (deterministic: one count suffices)
+
+    @property
+    def peak(self) -> StepRecord:
+        return max(self.records, key=lambda r: r.peak_bytes)
+
+
+
+class PhaseClock:
+    """Wraps the tracker's ``mark`` to time the transfer phase (db:B+offload)."""
+
+    def __init__(self, tracker: Tracker | None, dev: torch.device, sync: bool) -> None:
+        self.tracker = tracker
+        self.dev = dev
+        self.sync = sync
+        self.transfer_s = 0.0
+        self._phase: str | None = None
+        self._since = 0.0
+
+    def mark(self, phase: str) -> None:
+        self._close()
+        if self.tracker is not None:
+            self.tracker.mark(phase)
+        self._phase = phase
+        self._since = time.perf_counter()
+
+    def _close(self) -> None:
+        if self._phase == "transfer":
+            if self.sync:
+                devices.synchronize(self.dev)
+            self.transfer_s += time.perf_counter() - self._since
+        self._phase = None
+
+    def finish(self) -> float:
+        self._close()
+        return self.transfer_s
+
+
+
+def is_out_of_memory(err: BaseException) -> bool:
+    """A real allocator OOM, or the tracker's memory limit."""
+    if isinstance(err, MemoryLimitExceeded):
+        return True
+    oom_type = getattr(torch.cuda, "OutOfMemoryError", None)
+    if oom_type is not None and isinstance(err, oom_type):
+        return True
+    return isinstance(err, RuntimeError) and "out of memory" in str(err).lower()
+
+
+
+def record_failure(m: Measurement, err: BaseException) -> None:
+    """File a failed step in ``m``: ``oom`` (with the batch size tried) or ``error`` (the technique
+    and the model's message)."""
+    if is_out_of_memory(err):
+        m.status, m.error = "oom", f"out of memory at batch size {m.batch_size}: {err}"
+    elif isinstance(err, SystemExit):
+        m.status, m.error = "error", f"{m.technique}: the model's code called sys.exit({err.code!r})"
+    else:
+        m.status, m.error = "error", f"{m.technique}: {type(err).__name__}: {err}"
+
+
+
+@dataclass(kw_only=True)
+class StepContext:
+    """What every step of one measurement shares: the measurement being filled in, the model
+    spec and trainer, the batch size, the devices, and the running step count and times."""
+
+    m: Measurement
+    spec: ModelSpec
+    trainer: Trainer
+    batch_size: int
+    dev: torch.device
+    fake: bool
+    counter: Iterator[int] = field(default_factory=itertools.count)
+    """Step index across warm-up, tracked and timed steps: each step's batch seed."""
+    all_steps: list[float] = field(default_factory=list)
+    """Wall time of every step run, for the run's step count and total."""
+
+    @property
+    def sync(self) -> bool:
+        """Real CUDA steps are synchronised around the clock."""
+        return self.dev.type == "cuda" and not self.fake
+
+
+def measure_into(
+    m: Measurement,
+    spec: ModelSpec,
+    tech: Technique,
+    batch_size: int,
+    settings: RunSettings,
+    *,
+    dev: torch.device,
+    trainer_factory: Callable[[], Trainer] | None = None,
+    tracker_cls: type[Tracker] = Tracker,
+    snapshot_for: Callable[[int | None], Path] | None = None,
+    traces: dict | None = None,
+    adaptive_timing: bool = True,
+) -> None:
+    """Run the protocol (module docstring) for ``tech`` on ``dev`` and fill in ``m``.
+
+    ``trainer_factory`` and ``tracker_cls`` let dbprofile.measure.distributed run this same
+    protocol for one rank (a sharded or block-parallel trainer, a tracker that knows DTensors);
+    ``adaptive_timing=False`` times exactly ``settings.steps`` steps, as ranks that must run the
+    same collectives need, instead of torch.utils.benchmark's adaptive repetition.
+    ``snapshot_for(unit)`` names the memory snapshot file of a unit's tracked step. ``traces``,
+    a dict, receives each unit's tracked step with every point kept (for dbprofile.measure.depth)."""
+    fake = settings.fake
+    # In fake mode the tensors say "cpu" whatever the target; the tracker measures them there.
+    track_dev = torch.device("cpu") if fake else dev
+    allocator = CachingAllocatorModel() if settings.emulate_cuda else None
+    where = f"{m.technique} @ batch {m.batch_size}"
+    progress.stage(f"{where}: building the model")
+    with fake_mode() if fake else contextlib.nullcontext():
+        torch.manual_seed(SEED)
+        start = time.perf_counter()
+        if trainer_factory is not None:
+            trainer = trainer_factory()
+        else:
+            trainer = make_trainer(tech, spec, dev, precision=m.precision, optimizer=m.optimizer)
+        build_s = time.perf_counter() - start
+        m.num_parameters = sum(p.numel() for p in trainer.model.parameters())
+        extra = trainer.extra_parameters
+        m.extra_parameters = int(extra() if callable(extra) else extra) if extra is not None else None
+        units = list(trainer.units)
+        results = {unit: UnitResult() for unit in units}
+        ctx = StepContext(m=m, spec=spec, trainer=trainer, batch_size=batch_size, dev=dev, fake=fake)
+        tracker = tracker_cls(track_dev, trainer=trainer, memory_limit=settings.memory_limit,
+                              round_to=settings.round_to, allocator=allocator,
+                              model_cuda_scratch=settings.emulate_cuda, keep_trace=traces is not None)
+        # The tracker is on from the first step so every tensor that persists across steps
+        # (optimizer state, caches a model builds on first use) is seen being made.
+        with tracker:
+            # Warm-up: every unit steps (optimizer state for all of them) before any measurement.
+            for i in range(settings.warmup_steps):
+                for unit in units:
+                    progress.stage(f"{where}: warm-up step {i + 1}/{settings.warmup_steps}{of_block(unit, units)}")
+                    step(ctx, tracker, unit, None)
+            allocator_peaks: list[dict] = []
+            for unit in units:
+                progress.stage(f"{where}: tracked step{of_block(unit, units)}")
+                path = snapshot_for(unit) if snapshot_for is not None else None
+                if path is not None:
+                    m.memory_snapshots.append(str(path))
+                with snapshot.recording(path):
+                    step(ctx, tracker, unit, results[unit], track=True)
+                if traces is not None:
+                    traces[unit] = results[unit].records[-1]
+                if not fake:
+                    # Timed steps run untracked: the tracker's Python dispatch overhead must not
+                    # inflate step times. Fake steps have no meaningful time. The allocator's
+                    # peaks are read over these untracked steps only: the tracked step resets
+                    # them around every op, and the ground truth must not come from the tracker.
+                    steps = settings.steps
+                    progress.stage(f"{where}: {steps} timed step{'s' if steps > 1 else ''}{of_block(unit, units)}")
+                    with tracker.paused():
+                        devices.reset_peaks(dev)
+                        if adaptive_timing:
+                            time_unit(ctx, unit, results[unit], steps, MIN_TIME_S / len(units), MAX_TIME_S / len(units))
+                        else:
+                            for _ in range(steps):
+                                step(ctx, tracker, unit, results[unit], track=False)
+                        figures = devices.cuda_figures(dev)
+                    if figures is not None:
+                        allocator_peaks.append(figures)
+        m.cuda = worst_figures(allocator_peaks) if allocator_peaks else None
+        if allocator is not None:
+            stats = allocator.stats
+            m.extra["allocator_model"] = {
+                "peak_reserved_bytes": stats.peak_reserved_bytes,
+                "peak_allocated_bytes": stats.peak_allocated_bytes,
+                "segments": stats.segments,
+            }
+        if m.cuda is not None:
+            m.cuda["untracked_allocated_bytes"] = m.extra.pop("cuda_untracked_bytes", None)
+        block_layers = trainer.block_layers
+        all_steps = ctx.all_steps
+        del trainer, tracker, ctx
+    m.extra["timing"] = {"build_s": build_s, "all_steps_s": sum(all_steps), "steps_run": len(all_steps),
+                         "tracked_steps_s": [t for r in results.values() for t in r.tracked_times]}
+    summarise(m, units, results, fake, block_layers)
+
+
+def of_block(unit: int | None, units: list) -> str:
+    return "" if unit is None else f" (block {unit + 1} of {len(units)})"
+
+
+
+def time_unit(ctx: StepContext, unit: int | None, out: UnitResult, min_steps: int, min_time_s: float,
+              max_time_s: float) -> None:
+    """Time untracked steps of one unit with torch.utils.benchmark's adaptive_autorange: blocks of
+    steps (as many per block as make the timer's own overhead negligible) for at least ``min_time_s``
+    and four blocks, until the blocks' IQR is under TIMING_THRESHOLD of their median or ``max_time_s``
+    has passed; at least ``min_steps`` steps. Its timer synchronises CUDA around every block."""
+    from torch.utils import benchmark
+
+    m, trainer, dev = ctx.m, ctx.trainer, ctx.dev
+    step_index = next(ctx.counter)
+    torch.manual_seed(SEED + 1 + step_index)
+    batch = ctx.spec.batch(ctx.batch_size, dev)
+    clock = PhaseClock(None, dev, dev.type == "cuda")
+    losses: list[torch.Tensor] = []
+    transfers: list[float] = []
+
+    def one_step() -> None:
+        losses.append(trainer.step(batch, unit, clock.mark))
+        transfers.append(clock.finish())
+        clock.transfer_s = 0.0
+
+    # num_threads: the timer would otherwise run with one thread, unlike the training it stands for.
+    timer = benchmark.Timer("one_step()", globals={"one_step": one_step}, num_threads=torch.get_num_threads())
+    result = timer.adaptive_autorange(TIMING_THRESHOLD, min_run_time=min_time_s, max_run_time=max_time_s)
+    if result.number_per_run * len(result.raw_times) < min_steps:
+        # Slow steps: ask for the time that many steps take (the first run was a warm-up too).
+        result = timer.adaptive_autorange(TIMING_THRESHOLD, min_run_time=min_steps * result.median * 1.05,
+                                          max_run_time=max(max_time_s, min_steps * result.median * 2))
+    out.times = list(result.times)
+    out.median, out.iqr = float(result.median), float(result.iqr)
+    out.transfer_times = transfers
+    # one entry per step (a block's time shared evenly), so the run's step count and total stay right
+    n = result.number_per_run
+    ctx.all_steps.extend(t / n for t in result.raw_times for _ in range(n))
+    for value in (float(loss.detach().float()) for loss in losses):
+        m.losses.append(value)
+        if not math.isfinite(value) and m.status == "ok":
+            m.status = "nan"
+            where = f" (block {unit})" if unit is not None else ""
+            m.error = f"{m.technique}: the loss was {value} in a timed step{where}; training diverged or the model produces NaN."
+            break
+
+
+
+def worst_figures(per_unit: list[dict]) -> dict:
+    """Allocator peaks over every unit (the worst block for DiffusionBlocks); NVML from the last."""
+    worst = dict(per_unit[-1])
+    for key in ("max_memory_allocated", "max_memory_reserved"):
+        worst[key] = max(f[key] for f in per_unit)
+    return worst
+
+
+
+def step(ctx: StepContext, tracker: Tracker, unit: int | None, out: UnitResult | None, track: bool = False) -> None:
+    """One training step; ``out`` collects its peak (``track``) or its time (otherwise)."""
+    m, dev, sync = ctx.m, ctx.dev, ctx.sync
+    step_index = next(ctx.counter)
+    torch.manual_seed(SEED + 1 + step_index)
+    batch = ctx.spec.batch(ctx.batch_size, dev)
+    if track or out is None:
+        tracker.set_inputs(batch)
+    clock = PhaseClock(tracker if track or out is None else None, dev, sync)
+    if track:
+        tracker.begin_step()
+        if sync:
+            # Allocator bytes no tensor holds when the step starts (cuBLAS workspaces): the
+            # tracker counts them as workspace; kept beside max_memory_allocated to explain it.
+            held = tracker.shares()["workspace"]
+            m.extra["cuda_untracked_bytes"] = max(held, m.extra.get("cuda_untracked_bytes", 0))
+    if sync:
+        devices.synchronize(dev)
+    start = time.perf_counter()
+    # The tracked step is also the one whose FLOPs are counted: same shapes, no extra step,
+    # and never a timed step (the counter's dispatch overhead must not reach the times).
+    with FlopCounter() if track else contextlib.nullcontext() as flops:
+        loss = ctx.trainer.step(batch, unit, clock.mark)
+    if sync:
+        devices.synchronize(dev)
+    elapsed = time.perf_counter() - start
+    ctx.all_steps.append(elapsed)
+    transfer = clock.finish()
+    del batch
+    if out is not None:
+        if track:
+            out.records.append(tracker.end_step())
+            out.tracked_times.append(elapsed)
+            out.flops = flops.total
+        else:
+            out.times.append(elapsed)
+            out.transfer_times.append(transfer)
+    if not ctx.fake and isinstance(loss, torch.Tensor):
+        value = float(loss.detach().float())
+        m.losses.append(value)
+        if not math.isfinite(value) and m.status == "ok":
+            m.status = "nan"
+            where = f" (block {unit})" if unit is not None else ""
+            m.error = f"{m.technique}: the loss was {value} at step {step_index}{where}; training diverged or the model produces NaN."
+
+
+
+def summarise(m: Measurement, units: list, results: dict, fake: bool, block_layers: list | None) -> None:
+    worst_unit = max(units, key=lambda u: results[u].peak.peak_bytes)
+    worst = results[worst_unit]
+    peak = worst.peak
+    m.peak_bytes = peak.peak_bytes
+    m.shares = dict(peak.shares)
+    m.peak_phase = peak.peak_phase
+    m.timeline = peak.timeline
+    if worst.times:
+        m.step_time_s = worst.median if worst.median is not None else statistics.median(worst.times)
+        m.step_time_iqr_s = worst.iqr if worst.iqr is not None else iqr(worst.times)
+        m.step_time_spread_s = [min(worst.times), max(worst.times)]
+    unit_flops = [results[u].flops for u in units]
+    if all(f is not None for f in unit_flops):
+        # One step per unit trains every layer once: e2e's one step, DiffusionBlocks' B block-steps.
+        m.training_flops = sum(unit_flops)
+    if units != [None]:
+        m.peak_block = int(worst_unit)
+        for unit in units:
+            r = results[unit]
+            p = r.peak
+            m.blocks.append(BlockMeasurement(
+                block=int(unit),
+                layers=list(block_layers[unit]) if block_layers else [],
+                peak_bytes=p.peak_bytes,
+                shares=dict(p.shares),
+                peak_phase=p.peak_phase,
+                step_time_s=(r.median if r.median is not None else statistics.median(r.times)) if r.times else None,
+                step_time_iqr_s=(r.iqr if r.iqr is not None else iqr(r.times)) if r.times else None,
+                step_flops=r.flops,
+                transfer_time_s=statistics.median(r.transfer_times) if any(r.transfer_times) else None,
+            ))
+        if all(b.step_time_s is not None for b in m.blocks):
+            m.block_steps_time_s = sum(b.step_time_s for b in m.blocks)
+            # The blocks are timed apart; summing their IQRs is the spread if their noise moved
+            # together, an upper bound for independent noise.
+            m.block_steps_time_iqr_s = sum(b.step_time_iqr_s or 0.0 for b in m.blocks)
+            transfers = [t for u in units for t in results[u].transfer_times]
+            if any(transfers):
+                m.transfer_time_s = statistics.median(transfers)
+
+
+
+def iqr(times: list[float]) -> float:
+    """Interquartile range (torch.utils.benchmark's definition: numpy-style linear quantiles)."""
+    q = statistics.quantiles(times, n=4, method="inclusive") if len(times) > 1 else [times[0]] * 3
+    return q[2] - q[0]
+
+
+
+def activation_ratios(m: Measurement, spec: ModelSpec, tech: Technique, batch_size: int) -> None:
+    """Bytes saved for backward over the layers: one block vs the same AdaLN layers at full
+    depth (about 1/B) and vs the plain e2e model (larger: AdaLN saves more); METHOD.md."""
+    try:
+        from dbprofile.methods.diffusion_blocks.activations import (
+            layer_activation_bytes,
+        )
+    except ImportError as err:
+        m.extra["activation_ratios"] = None
+        m.extra["activation_ratios_error"] = f"layer activation counting is not available: {err}"
+        return
+    try:
+        with fake_mode():
+            # Counting saved tensors needs shapes only: fake tensors cost no memory or time.
+            m.extra["activation_ratios"] = layer_activation_bytes(
+                spec, tech.blocks, batch_size, "cpu", lm_layout=tech.lm_layout
+            )
+    except Exception as err:  # noqa: BLE001 - a missing ratio must not lose the measurement
+        m.extra["activation_ratios"] = None
+        m.extra["activation_ratios_error"] = f"{type(err).__name__}: {err}"
+
+
+
+def free_memory(dev: torch.device | str) -> None:
+    """Release what a finished technique held before the next one starts."""
+    gc.collect()
+    if torch.device(dev).type == "cuda" and torch.cuda.is_available():
+        torch.cuda.empty_cache()

@@ -1,0 +1,74 @@
+"""How a measurement runs: one settings object that the runner, the planner, the distributed
+measurement, the GPU validation and the CLI pass down, instead of the same ten arguments
+through a dozen signatures. Checked when it is made, so a bad value is refused before anything
+is built."""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from dbprofile.methods.base import OPTIMIZERS, PRECISIONS
+from dbprofile.spec import SpecError
+
+DEFAULT_STEPS = 5
+DEFAULT_WARMUP_STEPS = 1
+
+
+@dataclass(frozen=True, kw_only=True)
+class RunSettings:
+    """The settings of one measurement (every technique and batch size of a run shares them)."""
+
+    device: str = "cpu"
+    """Where to measure: 'cpu', 'cuda' or 'cuda:N'. In a fake run, the device the fake tensors
+    stand for (they are tracked on the CPU)."""
+    precision: str = "fp32"
+    """'fp32', or 'bf16' (autocast; parameters and optimizer state stay fp32)."""
+    optimizer: str = "adamw"
+    """'adamw', 'sgd' or 'adafactor': what the optimizer-state share holds."""
+    warmup_steps: int = DEFAULT_WARMUP_STEPS
+    """Untimed steps per unit before the tracked step, so the optimizer holds its state."""
+    steps: int = DEFAULT_STEPS
+    """At least this many timed steps per unit (timing adapts upwards; a fake run times none)."""
+    fake: bool = False
+    """Fake tensors (shapes only): any model size in seconds, bytes exact, no times."""
+    memory_limit: int | None = None
+    """Bytes: a tracked peak past it ends the technique as ``oom`` (a smaller card, simulated)."""
+    time_limit_s: float | None = None
+    """Seconds per technique (build, steps, ratios); past it the measurement is ``timeout``.
+    None or 0: no limit."""
+    memory_snapshot: str | Path | None = None
+    """A directory for PyTorch memory snapshots of each tracked step (CUDA only)."""
+    round_to: int | None = None
+    """Per-storage rounding of tracked bytes (the planner passes CUDA's 512 for a CUDA target)."""
+    emulate_cuda: bool = False
+    """Fake runs standing for a CUDA device: replay every allocation through the caching-allocator
+    model and follow CUDA's autocast order for the loss (dbprofile.measure.allocator, fake)."""
+
+    def __post_init__(self) -> None:
+        if self.steps < 1 or self.warmup_steps < 1:
+            raise SpecError(
+                f"steps and warmup_steps must be at least 1; got steps={self.steps}, warmup_steps={self.warmup_steps}."
+            )
+        if self.precision not in PRECISIONS:
+            raise SpecError(f"Unknown precision {self.precision!r}; choose one of {', '.join(PRECISIONS)}.")
+        if self.optimizer not in OPTIMIZERS:
+            raise SpecError(f"Unknown optimizer {self.optimizer!r}; choose one of {', '.join(OPTIMIZERS)}.")
+        if self.memory_limit is not None and self.memory_limit < 0:
+            raise SpecError(f"memory_limit is bytes, 0 or more; got {self.memory_limit}.")
+        if self.time_limit_s is not None and not self.time_limit_s >= 0:  # also refuses nan
+            raise SpecError(f"time_limit_s is seconds, 0 or more (0: no limit); got {self.time_limit_s}.")
+
+    @classmethod
+    def of(cls, settings: RunSettings | None = None, **fields: Any) -> RunSettings:
+        """``settings`` (or the defaults) with ``fields`` replaced; an unknown name is refused
+        with the list of the known ones."""
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(fields) - known)
+        if unknown:
+            raise TypeError(f"Unknown run setting(s) {', '.join(unknown)}; the settings are {', '.join(sorted(known))}.")
+        if "device" in fields and fields["device"] is not None:
+            fields["device"] = str(fields["device"])
+        return dataclasses.replace(settings or cls(), **fields)

@@ -1,0 +1,56 @@
+"""Byte units: the IEC (1024-based) units every table, chart and report uses, and the parser
+for sizes the user writes (``--memory-limit 24GiB``, ``--gpu 80GB``). Every memory figure in
+dbprofile is an integer number of bytes; a unit is applied only when presenting."""
+
+from __future__ import annotations
+
+import math
+import re
+
+KiB = 1024
+MiB = 1024**2
+GiB = 1024**3
+TiB = 1024**4
+
+UNIT_BYTES = {"B": 1, "KiB": KiB, "MiB": MiB, "GiB": GiB}
+"""The IEC units a table or chart picks from, and their size in bytes."""
+
+
+def pick_unit(max_bytes: int, smallest: str = "KiB") -> str:
+    """The one IEC unit a table or chart uses for all its numbers: the largest unit (up to GiB)
+    that ``max_bytes`` reaches, and never below ``smallest``."""
+    units = list(UNIT_BYTES)
+    for unit in reversed(units[units.index(smallest):]):
+        if max_bytes >= UNIT_BYTES[unit]:
+            return unit
+    return smallest
+
+
+def format_bytes(n: int | float | None, unit: str | None = None, digits: int = 2) -> str:
+    """IEC (1024-based) units with correct labels: 1536 -> '1.50 KiB'."""
+    if n is None or (isinstance(n, float) and math.isnan(n)):
+        return "n/a"
+    units = [*UNIT_BYTES, "TiB"]
+    if unit is not None:
+        power = units.index(unit)
+    else:
+        power = 0
+        while power < len(units) - 1 and abs(n) >= 1024 ** (power + 1):
+            power += 1
+    if power == 0:
+        return f"{int(n)} B"
+    return f"{n / 1024 ** power:.{digits}f} {units[power]}"
+
+
+_SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(B|KiB|MiB|GiB|TiB|KB|MB|GB|TB)?\s*$", re.IGNORECASE)
+_SIZE_UNITS = {"b": 1, "kib": KiB, "mib": MiB, "gib": GiB, "tib": TiB, "kb": 1000, "mb": 1000**2, "gb": 1000**3, "tb": 1000**4}
+
+
+def parse_size(text: str) -> int:
+    """'24GiB', '512 MiB', '80GB' (decimal) or a plain integer of bytes -> bytes; ValueError
+    with the accepted forms otherwise."""
+    match = _SIZE.match(text)
+    if not match:
+        raise ValueError(f"Cannot read the size {text!r}; write it like 24GiB, 512MiB or 1073741824 (bytes).")
+    number, unit = match.groups()
+    return int(float(number) * _SIZE_UNITS[(unit or "b").lower()])
