@@ -21,7 +21,7 @@ import time
 from dbprofile.cli import freeze_startup_objects
 from dbprofile.measure.runner import run
 from dbprofile.report.text import run_table
-from dbprofile.methods import DEFAULT_TECHNIQUES
+from dbprofile.techniques import DEFAULT_TECHNIQUES
 from dbprofile.models import DEFAULT_PRESET, get_preset
 
 

@@ -34,7 +34,7 @@ def measure_world(model: str, batch_size: int, world: int, out_dir: Path) -> tup
     techniques = ",".join([*FSDP_TECHNIQUES, f"db:{world}+parallel"])
     start = time.perf_counter()
     code = launch(world, [model, "-t", techniques, "-b", str(batch_size), "--fsdp", "--steps", "1", "--out", str(out)],
-                  entry="dbprofile.measure.distributed:main", env={"OMP_NUM_THREADS": "1"})
+                  entry="dbprofile.measure.distributed.launcher:main", env={"OMP_NUM_THREADS": "1"})
     if code != 0:
         sys.exit(f"torchrun with {world} processes failed (exit code {code})")
     return RunResult.load(out), time.perf_counter() - start

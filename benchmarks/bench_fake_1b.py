@@ -12,7 +12,7 @@ import time
 
 from dbprofile.measure.runner import run
 from dbprofile.report.text import run_table
-from dbprofile.methods import DEFAULT_TECHNIQUES
+from dbprofile.techniques import DEFAULT_TECHNIQUES
 from dbprofile.models import get_preset, gpt
 from dbprofile.units import format_bytes
 

@@ -239,7 +239,7 @@ def models(console: Output) -> None:
 
 def _techniques_option(techniques: str | None, blocks: str | None) -> list[str]:
     """--techniques wins; otherwise e2e, ckpt and db:B for each B of --blocks (default 2,3,4)."""
-    from dbprofile.methods import DEFAULT_TECHNIQUES
+    from dbprofile.techniques import DEFAULT_TECHNIQUES
 
     if techniques:
         return [t.strip() for t in techniques.split(",") if t.strip()]
@@ -317,7 +317,7 @@ def run(model, batch_size, device, techniques, blocks, steps, precision, optimiz
     """Profile MODEL (a preset name, file.py or file.py:name, hf:NAME, diffusers:DiT, timm:NAME;
     default: a tiny built-in ViT)."""
     from dbprofile.measure.device import resolve_device
-    from dbprofile.methods import parse_techniques
+    from dbprofile.techniques import parse_techniques
 
     batch_sizes = parse_int_list(batch_size, "--batch-size")
     if any(b < 1 for b in batch_sizes):
@@ -669,7 +669,7 @@ def validate(cases, techniques, precisions, device, steps, time_budget, out, con
     from dbprofile import validate as v
     from dbprofile.files import to_standard_json, write_atomic
     from dbprofile.measure.device import environment, resolve_device
-    from dbprofile.methods import parse_techniques
+    from dbprofile.techniques import parse_techniques
     from dbprofile.methods.base import PRECISIONS
     from dbprofile.report import text
 
@@ -724,11 +724,11 @@ def _run_distributed(model, names, batch_sizes, device, steps, precision, optimi
     with the outcome."""
     from dbprofile.loading import validate_spec
     from dbprofile.measure.distributed import in_torchrun, launch, run_distributed
-    from dbprofile.methods.sharding import parse_distributed_technique
+    from dbprofile.techniques import parse_technique
     from dbprofile.report.text import ranks_table
 
     for name in names:
-        parse_distributed_technique(name)  # a bad name fails here, before any process starts
+        parse_technique(name)  # a bad name fails here, before any process starts
     swept, specs = _load_models(model, *model_opts)
     if swept:
         raise UserError(f"A distributed run measures one shape; give --{swept.replace('_', '-')} one value.")

@@ -45,16 +45,10 @@ from dbprofile.measure.tracker import (
     CUDA_BLOCK_BYTES,  # the allocator's 512-byte blocks, one definition
 )
 from dbprofile.methods.sharding import (
-    PARALLEL_SUFFIX,
     SHARDING_BLOCK_PARALLEL,
     SHARDING_FSDP,
-    parse_distributed_technique,
 )
-from dbprofile.methods.techniques import (
-    DEFAULT_TECHNIQUES,
-    Technique,
-    check_technique_fits,
-)
+from dbprofile.techniques import DEFAULT_TECHNIQUES, PARALLEL_SUFFIX, Technique, check_technique_fits, parse_technique
 from dbprofile.results import Measurement, Plan, PlanEntry, per_sample, views
 from dbprofile.spec import ModelSpec, SpecError, get_layers
 from dbprofile.vocabulary import CATEGORIES
@@ -268,9 +262,9 @@ def _parse(names: list[str] | str | None, world_size: int, num_layers: int) -> l
         names = [n for n in names.split(",") if n.strip()]
     out: dict[str, tuple[str, Technique, bool]] = {}
     for raw in names:
-        dtech = parse_distributed_technique(str(raw))
-        check_technique_fits(dtech.technique, num_layers)
-        out.setdefault(dtech.name, (dtech.name, dtech.technique, dtech.parallel))
+        tech = parse_technique(str(raw))
+        check_technique_fits(tech, num_layers)
+        out.setdefault(tech.name, (tech.name, tech.on_one_device(), tech.parallel))
     if not out:
         raise SpecError("No technique given; pass e.g. techniques=['e2e', 'ckpt', 'db:4'].")
     return list(out.values())

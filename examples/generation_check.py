@@ -27,7 +27,8 @@ from sklearn.linear_model import LogisticRegression
 from dbprofile.edm import edm_preconditioning
 from dbprofile.methods.diffusion_blocks import DiffusionBlocksTrainer, inference_sigmas, sample
 from dbprofile.methods.diffusion_blocks.sampler import euler_sample
-from dbprofile.methods.techniques import make_trainer, parse_technique
+from dbprofile.methods import make_trainer
+from dbprofile.techniques import parse_technique
 from dbprofile.models import dit
 
 TEST_SIZE = 360

@@ -27,7 +27,8 @@ from sklearn.datasets import load_digits
 
 from dbprofile.methods.diffusion_blocks import predict_classes
 from dbprofile.methods.diffusion_blocks.sampler import held_out_block_losses
-from dbprofile.methods.techniques import make_trainer, parse_technique
+from dbprofile.methods import make_trainer
+from dbprofile.techniques import parse_technique
 from dbprofile.models.registry import PRESETS
 
 

@@ -20,8 +20,8 @@ import argparse
 from pathlib import Path
 
 from dbprofile.measure.runner import run
-from dbprofile.methods import parse_techniques
-from dbprofile.methods.techniques import DEFAULT_TECHNIQUES
+from dbprofile.techniques import parse_techniques
+from dbprofile.techniques import DEFAULT_TECHNIQUES
 from dbprofile.models import DEFAULT_PRESET
 from dbprofile.report import write_comparison, write_run_report
 from dbprofile.loading import load_spec

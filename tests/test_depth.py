@@ -17,7 +17,7 @@ from dbprofile.measure.depth import (
     simulate_fake,
     spec_at_depth,
 )
-from dbprofile.methods import parse_techniques
+from dbprofile.techniques import parse_techniques
 from dbprofile.models import get_preset
 from dbprofile.planner import plan
 from dbprofile.report.text import format_plan

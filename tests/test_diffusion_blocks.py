@@ -30,7 +30,8 @@ from dbprofile.methods.diffusion_blocks.sampler import (
     identity_block_copy,
 )
 from dbprofile.methods.diffusion_blocks.sequence_layout import UnsupportedLayoutError
-from dbprofile.methods.techniques import Technique, make_trainer, parse_technique
+from dbprofile.methods import make_trainer
+from dbprofile.techniques import Technique, parse_technique
 from dbprofile.models import dit, gpt, vit
 from dbprofile.spec import ModelSpec, SpecError, get_layers
 

@@ -20,7 +20,8 @@ from dbprofile.measure.distributed import (
     strip_nproc,
 )
 from dbprofile.measure.fake import fake_mode
-from dbprofile.methods.sharding import check_distributed, parse_distributed_technique
+from dbprofile.methods.sharding import check_distributed
+from dbprofile.techniques import parse_technique
 from dbprofile.results import RunResult
 from dbprofile.vocabulary import CATEGORIES
 from dbprofile.spec import SpecError
@@ -55,7 +56,7 @@ def two_ranks(tmp_path_factory) -> RunResult:
         WORLD,
         [f"{THIS}:rank1_fails_under_ckpt", "-t", "e2e,db:2+parallel,ckpt", "-b", str(BATCH), "--fsdp",
          "--steps", "1", "--timeout", str(TIMEOUT_S), "--out", str(out)],
-        entry="dbprofile.measure.distributed:main",
+        entry="dbprofile.measure.distributed.launcher:main",
         env={"OMP_NUM_THREADS": "1"},
     )
     assert code == 0
@@ -182,21 +183,21 @@ def test_block_parallel_needs_one_rank_per_block():
     with fake_mode():
         model = toy_spec().build()
     with pytest.raises(SpecError, match=r"exactly 2 processes; this run has 3"):
-        check_distributed(parse_distributed_technique("db:2+parallel"), toy_spec(), model, 3, fsdp=False)
+        check_distributed(parse_technique("db:2+parallel"), toy_spec(), model, 3, fsdp=False)
     with pytest.raises(SpecError, match="does not combine with --fsdp"):
-        check_distributed(parse_distributed_technique("db:2+parallel"), toy_spec(), model, 2, fsdp=True)
+        check_distributed(parse_technique("db:2+parallel"), toy_spec(), model, 2, fsdp=True)
     with pytest.raises(SpecError, match="applies to plain db:B only"):
-        parse_distributed_technique("e2e+parallel")
+        parse_technique("e2e+parallel")
 
 
 def test_world_size_that_cannot_shard_the_layers_is_refused():
     with fake_mode():
         model = toy_spec(width=8).build()  # each layer's largest parameter has 16 rows
-    check_distributed(parse_distributed_technique("e2e"), toy_spec(width=8), model, 16, fsdp=True)
+    check_distributed(parse_technique("e2e"), toy_spec(width=8), model, 16, fsdp=True)
     with pytest.raises(SpecError, match=r"World size 17 cannot shard layer 0 .* only 16 rows.*at most 16"):
-        check_distributed(parse_distributed_technique("e2e"), toy_spec(width=8), model, 17, fsdp=True)
+        check_distributed(parse_technique("e2e"), toy_spec(width=8), model, 17, fsdp=True)
     with pytest.raises(SpecError, match="offload"):
-        check_distributed(parse_distributed_technique("db:2+offload"), toy_spec(width=8), model, 2, fsdp=True)
+        check_distributed(parse_technique("db:2+offload"), toy_spec(width=8), model, 2, fsdp=True)
 
 
 def test_launch_drops_nproc_so_ranks_do_not_launch_again():

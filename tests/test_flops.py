@@ -13,7 +13,8 @@ import dbprofile.measure.runner as runner
 import dbprofile.measure.steps as measure_steps
 from dbprofile.measure.fake import fake_mode
 from dbprofile.measure.flops import CPU_ATTENTION_FORMULAS, FlopCounter
-from dbprofile.methods import make_trainer, parse_techniques
+from dbprofile.methods import make_trainer
+from dbprofile.techniques import parse_techniques
 from dbprofile.loading import load_spec
 
 

@@ -6,7 +6,7 @@ import pytest
 import torch
 from torch import nn
 
-from dbprofile.methods import check_technique_fits, parse_technique, parse_techniques
+from dbprofile.techniques import check_technique_fits, parse_technique, parse_techniques
 from dbprofile.methods.checkpointing import CheckpointedSegment, checkpoint_layers, split_contiguous
 from dbprofile.spec import SpecError
 

@@ -10,7 +10,8 @@ from torch.profiler import ProfilerActivity, profile
 from _toy import toy_spec
 from dbprofile.measure._torch_private import profiler_allocations
 from dbprofile.measure.tracker import MemoryLimitExceeded, Tracker
-from dbprofile.methods import make_trainer, parse_technique
+from dbprofile.methods import make_trainer
+from dbprofile.techniques import parse_technique
 from dbprofile.vocabulary import CATEGORIES
 
 

@@ -296,7 +296,7 @@ def test_snapshot_records_only_the_tracked_step_of_each_block(monkeypatch, tmp_p
     import torch
 
     from dbprofile.measure.steps import measure_into
-    from dbprofile.methods import parse_techniques
+    from dbprofile.techniques import parse_techniques
     from dbprofile.settings import RunSettings
     from tests._toy import toy_spec
 

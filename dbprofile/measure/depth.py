@@ -41,7 +41,7 @@ from dbprofile.measure.allocator import LARGE_ROUND_BYTES
 from dbprofile.measure.fake import fake_mode
 from dbprofile.measure.tracker import StepRecord
 from dbprofile.methods.checkpointing import split_contiguous
-from dbprofile.methods.techniques import Technique
+from dbprofile.techniques import Technique
 from dbprofile.results import Measurement
 from dbprofile.spec import ModelSpec, get_layers
 from dbprofile.vocabulary import CATEGORIES, PHASES

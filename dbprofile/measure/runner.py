@@ -31,13 +31,8 @@ from dbprofile.measure import device as devices
 from dbprofile.measure import snapshot
 from dbprofile.measure.fake import cuda_autocast_policy, fake_mode
 from dbprofile.measure.limits import Terminated, TimeLimitExceeded, time_limit
-from dbprofile.methods import (
-    DEFAULT_TECHNIQUES,
-    Technique,
-    check_technique_fits,
-    make_trainer,
-    parse_techniques,
-)
+from dbprofile.methods.factory import make_trainer
+from dbprofile.techniques import DEFAULT_TECHNIQUES, Technique, check_technique_fits, parse_techniques
 from dbprofile.measure.steps import activation_ratios, free_memory, measure_into, record_failure
 from dbprofile.results import Measurement, RunResult
 from dbprofile.settings import RunSettings

@@ -28,7 +28,8 @@ from dbprofile.measure.allocator import CachingAllocatorModel
 from dbprofile.measure.fake import fake_mode
 from dbprofile.measure.flops import FlopCounter
 from dbprofile.measure.tracker import MemoryLimitExceeded, StepRecord, Tracker
-from dbprofile.methods import Technique, make_trainer
+from dbprofile.methods.factory import make_trainer
+from dbprofile.techniques import Technique
 from dbprofile.methods.base import TrainerProtocol as Trainer
 from dbprofile.results import BlockMeasurement, Measurement
 from dbprofile.settings import RunSettings

@@ -1,19 +1,7 @@
-"""Training techniques: end-to-end, activation checkpointing and DiffusionBlocks."""
+"""Training techniques: end-to-end, activation checkpointing and DiffusionBlocks, each a
+``Trainer`` (``base``) that ``make_trainer`` builds from a parsed technique
+(``dbprofile.techniques``)."""
 
-from dbprofile.methods.techniques import (
-    DEFAULT_TECHNIQUES,
-    Technique,
-    check_technique_fits,
-    make_trainer,
-    parse_technique,
-    parse_techniques,
-)
+from dbprofile.methods.factory import make_trainer
 
-__all__ = [
-    "DEFAULT_TECHNIQUES",
-    "Technique",
-    "check_technique_fits",
-    "make_trainer",
-    "parse_technique",
-    "parse_techniques",
-]
+__all__ = ["make_trainer"]

@@ -25,7 +25,6 @@ Two ways to spread one technique over the ranks of a process group (launched by 
 from __future__ import annotations
 
 import gc
-from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
@@ -39,55 +38,21 @@ from dbprofile.methods.base import (
     make_optimizer,
 )
 from dbprofile.methods.checkpointing import CheckpointedSegment
-from dbprofile.methods.techniques import (
-    Technique,
-    check_technique_fits,
-    make_trainer,
-    parse_technique,
-)
+from dbprofile.methods.factory import make_trainer
+from dbprofile.techniques import Technique, check_technique_fits
 from dbprofile.spec import Batch, ModelSpec, SpecError, get_layers
 
-PARALLEL_SUFFIX = "+parallel"
 SHARDING_FSDP = "zero-3"
 SHARDING_BLOCK_PARALLEL = "block-parallel"
 
 
-@dataclass(frozen=True)
-class DistributedTechnique:
-    """A technique and how it is spread over the ranks: FSDP-sharded, block-parallel or neither."""
-
-    technique: Technique
-    parallel: bool = False
-
-    @property
-    def name(self) -> str:
-        return self.technique.name + (PARALLEL_SUFFIX if self.parallel else "")
-
-
-def parse_distributed_technique(text: str | Technique | DistributedTechnique) -> DistributedTechnique:
-    """``e2e``, ``ckpt``, ``db:B[+ckpt]`` and ``db:B+parallel``; SpecError for anything else."""
-    if isinstance(text, DistributedTechnique):
-        return text
-    if isinstance(text, Technique):
-        return DistributedTechnique(text)
-    raw = str(text).strip()
-    parallel = raw.endswith(PARALLEL_SUFFIX)
-    tech = parse_technique(raw[: -len(PARALLEL_SUFFIX)] if parallel else raw)
-    if parallel and (tech.kind != "db" or tech.ckpt or tech.offload):
-        raise SpecError(
-            f"Technique {raw!r}: '+parallel' (one DiffusionBlocks block per device) applies to plain db:B only, "
-            "e.g. db:4+parallel on 4 devices (under torchrun, 4 processes)."
-        )
-    return DistributedTechnique(tech, parallel)
-
-
-def check_distributed(dtech: DistributedTechnique, spec: ModelSpec, model: nn.Module, world_size: int, fsdp: bool) -> None:
+def check_distributed(dtech: Technique, spec: ModelSpec, model: nn.Module, world_size: int, fsdp: bool) -> None:
     """Input errors that need the model and the world size; raise SpecError saying how to fix them.
 
     ``model`` is the user's model as built (fake tensors are fine: only shapes are read).
     """
     layers = get_layers(model, spec.layers, spec.name)
-    tech = dtech.technique
+    tech = dtech.on_one_device()
     check_technique_fits(tech, len(layers))
     if dtech.parallel:
         if world_size != tech.blocks:
@@ -258,7 +223,7 @@ def _to_meta(module: nn.Module) -> None:
 
 
 def make_distributed_trainer(
-    dtech: DistributedTechnique,
+    dtech: Technique,
     spec: ModelSpec,
     device: torch.device,
     rank: int,
@@ -269,8 +234,8 @@ def make_distributed_trainer(
 ):
     """A ready trainer for this rank: block-parallel, FSDP-sharded, or the technique as on one device."""
     if dtech.parallel:
-        return make_block_parallel_trainer(dtech.technique, spec, device, rank, precision, optimizer)
-    trainer = make_trainer(dtech.technique, spec, device, precision=precision, optimizer=optimizer)
+        return make_block_parallel_trainer(dtech.on_one_device(), spec, device, rank, precision, optimizer)
+    trainer = make_trainer(dtech.on_one_device(), spec, device, precision=precision, optimizer=optimizer)
     if fsdp:
         shard_trainer(trainer, spec, mesh=mesh)
     return trainer

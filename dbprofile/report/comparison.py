@@ -3,7 +3,6 @@ peaks per technique, the sweep's lines, and each run's verdict."""
 
 from __future__ import annotations
 
-import re
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -23,6 +22,8 @@ from dbprofile.report.page import (
     verdict_line,
 )
 from dbprofile.results import Measurement, RunResult
+from dbprofile.spec import SpecError
+from dbprofile.techniques import parse_technique
 from dbprofile.units import format_bytes
 
 # Shapes a run may be made at (``--seq-len``, ``--image-size``), as the run's model_info names
@@ -86,11 +87,11 @@ def _series(results: Sequence[RunResult]) -> list[tuple[str, RunResult, int, dic
 
 def _technique_order(name: str) -> tuple[int, int, str]:
     """e2e, then ckpt variants, then db:B by B; unrecognised names last (sort is stable)."""
-    match = re.match(r"^(e2e|ckpt|db)(?::(\d+))?", name)
-    if not match:
+    try:
+        tech = parse_technique(name)
+    except SpecError:  # a name from another dbprofile version
         return (3, 0, "")
-    kind = ("e2e", "ckpt", "db").index(match.group(1))
-    return (kind, int(match.group(2) or 0), name)
+    return (("e2e", "ckpt", "db").index(tech.kind), tech.blocks or tech.segments or 0, name)
 
 
 

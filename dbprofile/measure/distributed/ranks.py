@@ -28,13 +28,12 @@ from dbprofile.methods.checkpointing import split_contiguous
 from dbprofile.methods.sharding import (
     SHARDING_BLOCK_PARALLEL,
     SHARDING_FSDP,
-    DistributedTechnique,
     check_distributed,
     make_distributed_trainer,
-    parse_distributed_technique,
 )
 from dbprofile.results import Measurement, RunResult
 from dbprofile.settings import RunSettings
+from dbprofile.techniques import Technique, parse_technique
 from dbprofile.spec import ModelSpec, SpecError, get_layers
 from dbprofile.verdict import judge_into
 
@@ -45,14 +44,14 @@ RESULTS_GRACE_S = 120
 # ---------------------------------------------------------------- one rank, one technique
 
 
-def _sharding(dtech: DistributedTechnique, fsdp: bool) -> str:
+def _sharding(dtech: Technique, fsdp: bool) -> str:
     """How a rank's measurement is spread: block-parallel, FSDP (zero-3) or not at all."""
     return SHARDING_BLOCK_PARALLEL if dtech.parallel else (SHARDING_FSDP if fsdp else "none")
 
 
 def measure_rank(
     spec: ModelSpec,
-    dtech: DistributedTechnique,
+    dtech: Technique,
     batch_size: int,
     dev: torch.device,
     fsdp: bool,
@@ -88,7 +87,7 @@ def measure_rank(
         return m
     try:
         # The protocol takes the built trainer (the list's only reference, so it is freed after).
-        measure_into(m, spec, dtech.technique, batch_size, dataclasses.replace(settings, fake=False), dev=dev,
+        measure_into(m, spec, dtech.on_one_device(), batch_size, dataclasses.replace(settings, fake=False), dev=dev,
                      trainer_factory=built_trainers.pop, tracker_cls=ShardedTracker,
                      adaptive_timing=False)  # every rank must run the same steps (collectives)
         m.extra["timing"]["build_s"] = build_s
@@ -128,7 +127,7 @@ def _fake_world(world_size: int):
 
 def simulate_rank(
     spec: ModelSpec | str,
-    technique: str | DistributedTechnique,
+    technique: str | Technique,
     batch_size: int,
     world_size: int,
     settings: RunSettings | None = None,
@@ -153,7 +152,7 @@ def simulate_rank(
     settings = dataclasses.replace(settings, fake=True, steps=1)
     precision, optimizer = settings.precision, settings.optimizer
     spec = spec if isinstance(spec, ModelSpec) else load_spec(spec)
-    dtech = parse_distributed_technique(technique)
+    dtech = parse_technique(technique)
     fsdp = fsdp and not dtech.parallel
     with fake_mode():
         model = spec.build()
@@ -170,7 +169,7 @@ def simulate_rank(
                             extra={"rank": rank, "world_size": world_size, "sharding": _sharding(dtech, fsdp)})
             traces: dict | None = {} if per_rank is not None else None
             # The runner's protocol on fake tensors (it enters fake mode before calling the factory).
-            measure_into(m, spec, dtech.technique, batch_size, settings, dev=cpu,
+            measure_into(m, spec, dtech.on_one_device(), batch_size, settings, dev=cpu,
                          trainer_factory=lambda rank=rank: make_distributed_trainer(
                              dtech, spec, cpu, rank, fsdp, precision=precision, optimizer=optimizer, mesh=mesh),
                          tracker_cls=ShardedTracker, traces=traces)
@@ -227,7 +226,7 @@ def run_distributed(
     settings = RunSettings.of(settings, **setting_fields)
     spec = spec if isinstance(spec, ModelSpec) else load_spec(spec)
     names = [t for t in techniques.split(",") if t.strip()] if isinstance(techniques, str) else list(techniques)
-    dtechs = list({d.name: d for d in map(parse_distributed_technique, names)}.values())
+    dtechs = list({d.name: d for d in map(parse_technique, names)}.values())
     if not dtechs:
         raise SpecError("No technique given; pass e.g. e2e,ckpt,db:2 (or db:B+parallel).")
     sizes = [batch_size] if isinstance(batch_size, int) else list(batch_size)
@@ -249,7 +248,7 @@ def run_distributed(
             dist.destroy_process_group()
 
 
-def _run_ranks(spec: ModelSpec, dtechs: list[DistributedTechnique], sizes: list[int], settings: RunSettings, *,
+def _run_ranks(spec: ModelSpec, dtechs: list[Technique], sizes: list[int], settings: RunSettings, *,
                rank: int, world: int, dev: torch.device, fsdp: bool, out: str | Path | None, command: str,
                timeout_s: float) -> RunResult | None:
     with fake_mode():  # shape checks only: no memory

@@ -1,21 +1,25 @@
-"""Technique names and their parsing: ``e2e``, ``ckpt``, ``ckpt:k``, ``db:B``, ``db:B+ckpt``,
+"""Technique names and their one parser: ``e2e``, ``ckpt``, ``ckpt:k``, ``db:B``, ``db:B+ckpt``,
 ``db:B+offload``, ``db:B+interleaved`` (causal LMs: the flash-attention-compatible token
-layout), variants combinable. One parsed ``Technique`` is what the runner, the planner and the reports
-pass around; ``make_trainer`` turns it into a ready ``Trainer``."""
+layout), variants combinable, and ``db:B+parallel`` (one block per device). One parsed
+``Technique`` is what the runner, the planner, the distributed measurement, the verdict and
+the reports pass around; ``dbprofile.methods.make_trainer`` turns it into a ready trainer.
+This module is a leaf: it imports nothing of dbprofile but the error type."""
 
 from __future__ import annotations
 
+import dataclasses
 import re
 from dataclasses import dataclass
 
-import torch
+from dbprofile.spec import SpecError
 
-from dbprofile.spec import ModelSpec, SpecError
+_PATTERN = re.compile(r"^(e2e|ckpt|db)(?::(\d+))?((?:\+(?:ckpt|offload|interleaved|parallel))*)$")
 
-_PATTERN = re.compile(r"^(e2e|ckpt|db)(?::(\d+))?((?:\+(?:ckpt|offload|interleaved))*)$")
+PARALLEL_SUFFIX = "+parallel"
 
 DEFAULT_TECHNIQUES = ("e2e", "ckpt", "db:2", "db:3", "db:4")
-HELP = "e2e, ckpt, ckpt:K (K checkpointed segments), db:B, db:B+ckpt, db:B+offload, db:B+interleaved (causal LMs)"
+HELP = ("e2e, ckpt, ckpt:K (K checkpointed segments), db:B, db:B+ckpt, db:B+offload, db:B+interleaved (causal LMs), "
+        "db:B+parallel (one block per device)")
 
 
 @dataclass(frozen=True)
@@ -28,6 +32,7 @@ class Technique:
     ckpt: bool = False  # db:B+ckpt
     offload: bool = False  # db:B+offload
     interleaved: bool = False  # db:B+interleaved: causal-lm tokens interleaved under the plain causal mask
+    parallel: bool = False  # db:B+parallel: one block per device (B devices)
 
     @property
     def name(self) -> str:
@@ -40,7 +45,17 @@ class Technique:
             + ("+ckpt" if self.ckpt else "")
             + ("+offload" if self.offload else "")
             + ("+interleaved" if self.interleaved else "")
+            + (PARALLEL_SUFFIX if self.parallel else "")
         )
+
+    @property
+    def variants(self) -> list[str]:
+        """The ``+`` variants in the name's order, e.g. ``['ckpt']`` for db:4+ckpt."""
+        return self.name.split("+")[1:]
+
+    def on_one_device(self) -> Technique:
+        """The same technique without ``+parallel``: what each device of a block-parallel run trains."""
+        return dataclasses.replace(self, parallel=False)
 
     @property
     def lm_layout(self) -> str:
@@ -63,6 +78,11 @@ def parse_technique(text: str) -> Technique:
         raise SpecError(f"Unknown technique {text!r}. Techniques are: {HELP}.")
     kind, number, suffix = match.group(1), match.group(2), match.group(3)
     extras = [s for s in suffix.split("+") if s]
+    if "parallel" in extras and (kind != "db" or "ckpt" in extras or "offload" in extras):
+        raise SpecError(
+            f"Technique {raw!r}: '+parallel' (one DiffusionBlocks block per device) applies to plain db:B only, "
+            "e.g. db:4+parallel on 4 devices (under torchrun, 4 processes)."
+        )
     if kind != "db" and extras:
         raise SpecError(f"Unknown technique {text!r}: '+ckpt', '+offload' and '+interleaved' apply to db:B only. Techniques are: {HELP}.")
     if len(set(extras)) != len(extras):
@@ -81,11 +101,12 @@ def parse_technique(text: str) -> Technique:
     if blocks < 1:
         raise SpecError(f"Technique {text!r}: DiffusionBlocks needs B >= 1 blocks.")
     return Technique(
-        "db", blocks=blocks, ckpt="ckpt" in extras, offload="offload" in extras, interleaved="interleaved" in extras
+        "db", blocks=blocks, ckpt="ckpt" in extras, offload="offload" in extras, interleaved="interleaved" in extras,
+        parallel="parallel" in extras,
     )
 
 
-def parse_techniques(texts: str | list[str] | tuple[str, ...]) -> list[Technique]:
+def parse_techniques(texts: str | list[str | Technique] | tuple[str | Technique, ...]) -> list[Technique]:
     """Parse a comma-separated string or a list of names; duplicates are dropped in order."""
     if isinstance(texts, str):
         texts = [t for t in texts.split(",") if t.strip()]
@@ -110,23 +131,3 @@ def check_technique_fits(tech: Technique, num_layers: int) -> None:
             f"Technique {tech.name!r} asks for B={tech.blocks} blocks but the model has {num_layers} "
             f"layers; use db:B with 1 <= B <= {num_layers}."
         )
-
-
-def make_trainer(
-    tech: Technique,
-    spec: ModelSpec,
-    device: torch.device,
-    precision: str = "fp32",
-    optimizer: str = "adamw",
-    lr: float = 1e-3,
-):
-    """Build the model and wrap it for ``tech``; returns a Trainer on ``device``."""
-    if tech.kind in ("e2e", "ckpt"):
-        from dbprofile.methods.checkpointing import CheckpointTrainer
-        from dbprofile.methods.e2e import EndToEndTrainer
-
-        cls = EndToEndTrainer if tech.kind == "e2e" else CheckpointTrainer
-        return cls.create(tech, spec, device, precision=precision, optimizer=optimizer, lr=lr)
-    from dbprofile.methods.diffusion_blocks import DiffusionBlocksTrainer
-
-    return DiffusionBlocksTrainer.create(tech, spec, device, precision=precision, optimizer=optimizer, lr=lr)
