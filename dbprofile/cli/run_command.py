@@ -1,0 +1,287 @@
+"""``dbprofile run``: check the model, measure each technique (one device, or every rank under
+torchrun), write the JSON and the HTML report, and print the table and the verdict."""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import json
+import math
+import os
+import re
+import shlex
+import sys
+from pathlib import Path
+
+import click
+
+from dbprofile.cli.app import (
+    EXIT_OK, FROM_CHECKPOINT_HELP, UserError, check_writable,
+    exit_code, freeze_startup_objects, friendly_errors, load_models, main, model_options, output_options,
+    parse_int_list, parse_size, reproduce_command,
+)
+from dbprofile.console import QUIET, Output
+from dbprofile.results import RunResult
+
+
+def _techniques_option(techniques: str | None, blocks: str | None) -> list[str]:
+    """--techniques wins; otherwise e2e, ckpt and db:B for each B of --blocks (default 2,3,4)."""
+    from dbprofile.techniques import DEFAULT_TECHNIQUES
+
+    if techniques:
+        return [t.strip() for t in techniques.split(",") if t.strip()]
+    if blocks:
+        return ["e2e", "ckpt"] + [f"db:{b}" for b in parse_int_list(blocks, "--blocks")]
+    return list(DEFAULT_TECHNIQUES)
+
+
+
+def _safe_name(text: str) -> str:
+    return re.sub(r"[^A-Za-z0-9_.-]+", "-", text).strip("-") or "model"
+
+
+
+@main.command()
+@click.argument("model", required=False)
+@click.option("--batch-size", "-b", default="8", show_default=True,
+              help="Batch size, or several comma-separated (16,32,64).")
+@click.option("--device", default="cpu", show_default=True, help="cpu, cuda or cuda:N.")
+@click.option("--techniques", "-t", default=None,
+              help="Comma-separated: e2e, ckpt, ckpt:K, db:B, db:B+ckpt, db:B+offload, db:B+interleaved (causal LMs). "
+                   "Default: e2e,ckpt,db:2,db:3,db:4.")
+@click.option("--blocks", default=None, help="Shortcut: e2e, ckpt and db:B for each B given (e.g. 2,4,6).")
+@click.option("--steps", default=5, show_default=True, type=int,
+              help="Fewest timed steps per technique (per block); timing also runs at least 1 s and until "
+                   "the spread is small (torch.utils.benchmark adaptive_autorange).")
+@click.option("--precision", type=click.Choice(["fp32", "bf16"]), default="fp32", show_default=True)
+@click.option("--optimizer", type=click.Choice(["adamw", "sgd", "adafactor"]), default="adamw", show_default=True)
+@click.option("--fake", is_flag=True, help="Fake tensors: shapes and bytes only, no real allocation or timing.")
+@click.option("--memory-limit", default=None, help="Treat a technique whose live bytes pass this (e.g. 2GiB) as OOM.")
+@click.option("--out", "-o", default=None, type=click.Path(dir_okay=False),
+              help="Result JSON path (default reports/<model>.json); the HTML report is written beside it.")
+@click.option("--no-report", is_flag=True, help="Write only the JSON, no HTML report.")
+@click.option("--dry-run", is_flag=True, help="Validate the model and print what would be measured.")
+@click.option("--memory-snapshot", default=None, type=click.Path(file_okay=False),
+              help="CUDA only: write PyTorch's memory snapshot of each technique's tracked step to this folder "
+                   "(open at pytorch.org/memory_viz); the report links them.")
+@click.option("--fsdp", is_flag=True,
+              help="Shard with FSDP2 (fully_shard per layer) across the ranks of a torchrun launch.")
+@click.option("--nproc", type=click.IntRange(min=1), default=None,
+              help="Launch N processes with torchrun on this machine (for --fsdp and db:B+parallel).")
+@click.option("--timeout", "timeout_s", default=600.0, show_default=True, type=float,
+              help="Seconds one technique may run (build, warm-up, steps) before it is recorded as timed out "
+                   "and the run moves on; also bounds loading and checking the model. 0: no limit. Under "
+                   "--fsdp/--nproc, also how long a rank waits for the others in a collective.")
+@click.option("--from-checkpoint", is_flag=True, help=FROM_CHECKPOINT_HELP)
+@model_options
+@output_options
+@friendly_errors
+def run(model, batch_size, device, techniques, blocks, steps, precision, optimizer, fake, memory_limit, out,
+        no_report, dry_run, memory_snapshot, fsdp, nproc, timeout_s, from_checkpoint, set_options,
+        seq_len, image_size, console: Output) -> None:
+    """Profile MODEL (a preset name, file.py or file.py:name, hf:NAME, diffusers:DiT, timm:NAME;
+    default: a tiny built-in ViT)."""
+    from dbprofile.measure.device import resolve_device
+    from dbprofile.techniques import parse_techniques
+
+    batch_sizes = parse_int_list(batch_size, "--batch-size")
+    if any(b < 1 for b in batch_sizes):
+        raise UserError(f"--batch-size must be at least 1; got {batch_size}.")
+    if steps < 1:
+        raise UserError(f"--steps must be at least 1; got {steps}.")
+    if not timeout_s >= 0:  # also refuses nan
+        raise UserError(f"--timeout is seconds, 0 or more (0: no limit); got {timeout_s}.")
+    if math.isinf(timeout_s):
+        timeout_s = 0.0
+    limit = parse_size(memory_limit)
+    if limit is not None and limit < 1:
+        raise UserError(f"--memory-limit must be at least 1 byte; got {memory_limit!r}.")
+    if out is not None and Path(out).suffix.lower() == ".html":
+        raise UserError(f"--out names the result JSON (the HTML report is written beside it); got {out!r}. "
+                        "Give a .json path.")
+    names = _techniques_option(techniques, blocks)
+    resolve_device(device)
+    distributed = fsdp or nproc is not None or any(n.strip().endswith("+parallel") for n in names)
+    if memory_snapshot is not None:
+        if distributed:
+            raise UserError("--memory-snapshot records one process's CUDA allocator and is not available for "
+                            "distributed runs (--fsdp, --nproc, db:B+parallel) yet; profile one device with it.")
+        import torch
+
+        from dbprofile.measure.snapshot import check_snapshot_device
+
+        check_snapshot_device(torch.device(device), fake)
+    if distributed:
+        # A process group needs a finite timeout: "no limit" becomes a week.
+        _run_distributed(model, names, batch_sizes, device, steps, precision, optimizer, out, no_report,
+                         fsdp, nproc, timeout_s or 7 * 24 * 3600.0, console, (set_options, seq_len, image_size))
+        return
+    techs = parse_techniques(names)
+    per_technique_s = timeout_s or None
+    with _loading_limit(per_technique_s):
+        swept, specs = load_models(model, set_options, seq_len, image_size)
+    results, codes = [], []
+    for spec in specs:
+        answered = _run_one(spec, techs, not techniques and not blocks, batch_sizes, device, steps, precision,
+                            optimizer, fake, limit, out, no_report, dry_run, swept, memory_snapshot,
+                            per_technique_s, from_checkpoint, console)
+        if answered is not None:
+            results.append(answered[0])
+            codes.append(answered[1])
+    if swept and results and not no_report:
+        from dbprofile.report import write_comparison
+
+        # The comparison of the runs draws peak memory against the swept value.
+        base = Path(out).with_suffix("") if out else Path("reports") / _safe_name(specs[0].name)
+        path = write_comparison(results, Path(f"{base}-{swept}-sweep.html"), command=reproduce_command())
+        console.text(f"sweep:   {path}")
+    if codes:
+        # A sweep answered if any of its runs did (exit 3 only when every run had nothing to show).
+        sys.exit(min(codes))
+
+
+
+@contextlib.contextmanager
+def _loading_limit(seconds: float | None):
+    """The per-technique time limit around loading and checking a model, as one paragraph when hit."""
+    from dbprofile.measure.limits import TimeLimitExceeded, time_limit
+
+    try:
+        with time_limit(seconds, "loading and checking the model"):
+            yield
+    except TimeLimitExceeded as err:
+        raise UserError(
+            f"{str(err).capitalize()} (--timeout): the model file, build(), batch() or loss() did not finish, "
+            "perhaps an endless loop. Fix the model, or raise --timeout if it is only slow."
+        ) from None
+
+
+
+def _run_one(spec, techs, drop_deeper, batch_sizes, device, steps, precision, optimizer, fake, limit, out,
+             no_report, dry_run, swept, memory_snapshot, per_technique_s, from_checkpoint, console: Output):
+    """Check, measure and answer for one model spec (one value of a sweep): (result, exit code), or None
+    for a dry run."""
+    from dbprofile.loading import shape_value
+    from dbprofile.measure.runner import prepare
+    from dbprofile.units import format_bytes
+
+    asked = techs
+    with _loading_limit(per_technique_s):
+        # The default set adapts to shallow models; techniques asked for by name never do.
+        spec, techs, facts = prepare(spec, asked, precision, optimizer, drop_deeper=drop_deeper)
+    dropped = [t.name for t in asked if t not in techs]
+    if dropped:
+        console.info(f"skipping {', '.join(dropped)}: the model has only {facts['num_layers']} layers")
+    console.text(
+        f"{spec.name}: {spec.family} {spec.task}, {facts['num_layers']} residual layers at {spec.layers!r}, "
+        f"hidden {facts['hidden_size']}, {facts['parameters']:,} parameters\n"
+        f"techniques: {', '.join(t.name for t in techs)}; batch sizes: {', '.join(map(str, batch_sizes))}; "
+        f"device {device}{' (fake tensors)' if fake else ''}, {precision}, {optimizer}"
+    )
+    if facts["not_residual"]:
+        console.info(f"note: {facts['not_residual']}")
+    out_path = Path(out) if out else Path("reports") / f"{_safe_name(spec.name)}.json"
+    if swept:
+        out_path = out_path.with_name(f"{out_path.stem}-{swept}-{shape_value(spec, swept)}{out_path.suffix}")
+    check_writable(out_path, "--out")
+    if not no_report:
+        check_writable(out_path.with_suffix(".html"), "the HTML report beside --out")
+    if dry_run:
+        console.emit_json({"model": spec.name, "model_info": facts, "techniques": [t.name for t in techs],
+                           "batch_sizes": batch_sizes, "device": device, "fake": fake, "precision": precision,
+                           "optimizer": optimizer, "dry_run": True})
+        return None
+
+    from dbprofile.files import output_lock
+    from dbprofile.measure.runner import run as run_profile
+    from dbprofile.report.text import run_table
+
+    freeze_startup_objects()
+    with output_lock(out_path):
+        _note_replaced(out_path, console)
+        with console.progress(f"{spec.name}", total=len(techs) * len(batch_sizes)) as advance:
+
+            def measured(measurement) -> None:
+                state = format_bytes(measurement.peak_bytes) if measurement.ok else measurement.status.upper()
+                console.info(f"  measured {measurement.technique} @ batch {measurement.batch_size}: {state}")
+                advance()
+
+            try:
+                result = run_profile(
+                    spec, techs, batch_sizes, device=device, precision=precision, optimizer=optimizer,
+                    steps=steps, fake=fake, memory_limit=limit, out=out_path, on_measurement=measured,
+                    command=reproduce_command(), memory_snapshot=memory_snapshot,
+                    time_limit_s=per_technique_s, facts=facts, from_checkpoint=from_checkpoint,
+                )
+            except KeyboardInterrupt:
+                click.echo(f"The measurements that finished are in {out_path}, marked incomplete; "
+                           f"`dbprofile report {shlex.quote(str(out_path))}` renders them.", err=True)
+                raise
+        code = _answer_run(result, out_path, no_report, run_table(result), console)
+    return result, code
+
+
+
+def _answer_run(result: RunResult, out_path: Path, no_report: bool, table: str, console: Output) -> int:
+    """Print the table, write the HTML report and the JSON / CSV answers; returns the exit code."""
+    files = {"json": str(out_path)}
+    lines = [table, f"results: {out_path}"]
+    if not no_report:
+        from dbprofile.report import write_run_report
+
+        files["html"] = str(write_run_report(result, out_path.with_suffix(".html")))
+        lines.append(f"report:  {files['html']}")
+    console.text("\n".join(lines))
+    console.emit_json({**result.to_dict(), "files": files})
+    console.write_csv(result.to_dataframe)
+    return exit_code(result)
+
+
+
+def _note_replaced(path: Path, console: Output) -> None:
+    """Replacing an earlier result is normal (a rerun), but never silent: say whose it was (a note,
+    which -q silences)."""
+    try:
+        old = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return
+    if isinstance(old, dict):
+        console.info(f"replacing {path} (a run of {old.get('model')!r} from {old.get('created') or 'an unknown time'})")
+
+
+
+def _run_distributed(model, names, batch_sizes, device, steps, precision, optimizer, out, no_report,
+                     fsdp, nproc, timeout_s, console: Output, model_opts=(None, None, None)) -> None:
+    """Per-rank profiling under torchrun: relaunch with --nproc, or measure on this rank.
+
+    Rank 0 prints the answer (and the JSON / CSV). torchrun turns any rank's non-zero exit into its
+    own failure, so the ranks exit 0 and the --nproc launcher reads rank 0's result file to exit
+    with the outcome."""
+    from dbprofile.loading import validate_spec
+    from dbprofile.measure.distributed import in_torchrun, launch, run_distributed
+    from dbprofile.techniques import parse_technique
+    from dbprofile.report.text import ranks_table
+
+    for name in names:
+        parse_technique(name)  # a bad name fails here, before any process starts
+    swept, specs = load_models(model, *model_opts)
+    if swept:
+        raise UserError(f"A distributed run measures one shape; give --{swept.replace('_', '-')} one value.")
+    spec = specs[0]
+    out_path = Path(out) if out else Path("reports") / f"{_safe_name(spec.name)}-distributed.json"
+    if not in_torchrun() and nproc is not None:
+        code = launch(nproc, sys.argv[1:])
+        sys.exit(code if code != EXIT_OK or not out_path.exists() else exit_code(RunResult.load(out_path)))
+    validate_spec(spec)
+    check_writable(out_path, "--out")
+    if os.environ.get("RANK", "0") != "0":  # one display and one set of notes: rank 0's
+        console = dataclasses.replace(console, verbosity=QUIET)
+    with console.progress(f"{spec.name} on every rank"):
+        result = run_distributed(spec, names, batch_sizes, fsdp=fsdp, device=device,
+                                 precision=precision, optimizer=optimizer, steps=steps, out=out_path,
+                                 command=reproduce_command(), timeout_s=timeout_s)
+    if result is None:  # ranks other than 0 report through rank 0
+        return
+    code = _answer_run(result, out_path, no_report, ranks_table(result), console)
+    if not in_torchrun():
+        sys.exit(code)
