@@ -20,9 +20,9 @@ import time
 
 from dbprofile.cli import freeze_startup_objects
 from dbprofile.measure.runner import run
+from dbprofile.models import DEFAULT_PRESET, get_preset
 from dbprofile.report.text import run_table
 from dbprofile.techniques import DEFAULT_TECHNIQUES
-from dbprofile.models import DEFAULT_PRESET, get_preset
 
 
 def main() -> None:

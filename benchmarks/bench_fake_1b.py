@@ -11,9 +11,9 @@ import sys
 import time
 
 from dbprofile.measure.runner import run
+from dbprofile.models import get_preset, gpt
 from dbprofile.report.text import run_table
 from dbprofile.techniques import DEFAULT_TECHNIQUES
-from dbprofile.models import get_preset, gpt
 from dbprofile.units import format_bytes
 
 

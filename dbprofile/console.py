@@ -22,9 +22,10 @@ import json
 import logging
 import math
 import sys
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import Any
 
 import click
 
@@ -87,7 +88,7 @@ class Output:
         """Chatter about the work (files written, what is skipped): stderr, hidden by -q."""
         log.info(message)
 
-    def emit_json(self, document: dict[str, Any]) -> None:
+    def emit_json(self, document: dict[str, Any] | list[dict[str, Any]]) -> None:
         """The whole answer as one JSON document on stdout (only with --json)."""
         if self.json_mode:
             click.echo(json.dumps(standard_json(document), indent=1, allow_nan=False))

@@ -76,7 +76,7 @@ def load_model(
     """Any model source with the command line's options applied: ecosystem models take
     ``--set`` and shapes directly; presets and files take the shapes their spec declares
     (``ModelSpec.shapes``)."""
-    if is_ecosystem_source(source):
+    if source is not None and is_ecosystem_source(source):
         return load_ecosystem(source, overrides, seq_len=seq_len, image_size=image_size)
     if overrides:
         raise SpecError(

@@ -13,8 +13,8 @@ from __future__ import annotations
 
 import contextlib
 import logging
+from collections.abc import Callable, Iterator
 from contextvars import ContextVar
-from typing import Callable, Iterator
 
 log = logging.getLogger("dbprofile")
 

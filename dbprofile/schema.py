@@ -41,7 +41,11 @@ def check_value(value: Any, hint: Any, where: str) -> None:
         except ResultSchemaError:
             fail(where, f"{describe(inner)} or null", value)
         return
-    if is_dataclass(hint):
+    if origin is typing.Literal:
+        if value not in args:
+            fail(where, "one of " + ", ".join(map(str, args)), value)
+        return
+    if isinstance(hint, type) and is_dataclass(hint):
         if not isinstance(value, dict):
             fail(where, "an object", value)
         check_fields(hint, value, f"{where}.")

@@ -11,8 +11,9 @@ call conventions per task (what DiffusionBlocks relies on) are in ``docs/protoco
 
 from __future__ import annotations
 
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
-from typing import Any, Callable, Iterable
+from typing import Any
 
 import torch
 from torch import nn
@@ -68,11 +69,11 @@ class ModelSpec:
     """One line for listings."""
     extra: dict[str, Any] = field(default_factory=dict)
     """Free-form facts for reports (e.g. sequence length, image size)."""
-    at_depth: Callable[[int], "ModelSpec"] | None = None
+    at_depth: Callable[[int], ModelSpec] | None = None
     """The same model with another number of residual layers, for the planner's depth extrapolation
     (dbprofile.measure.depth); the built-in families set it. None: the planner cuts a full build's
     layer list instead, which works for any model that loops over ``layers``."""
-    shapes: dict[str, Callable[[int], "ModelSpec"]] = field(default_factory=dict)
+    shapes: dict[str, Callable[[int], ModelSpec]] = field(default_factory=dict)
     """Shapes the command line may change (``seq_len``, ``image_size``): each maps to a function
     returning this model's spec at that value (``--seq-len`` / ``--image-size``)."""
     position_adapter: Callable[..., Any] | None = None
@@ -111,7 +112,7 @@ def get_layers(model: nn.Module, path: str, spec_name: str = "model") -> LayerSt
     """Follow the dotted ``layers`` path to an nn.ModuleList or nn.Sequential; raise SpecError
     naming the missing part."""
     obj: Any = model
-    walked = []
+    walked: list[str] = []
     for part in path.split("."):
         if not hasattr(obj, part):
             children = [n for n, _ in obj.named_children()] if isinstance(obj, nn.Module) else []

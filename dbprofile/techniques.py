@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import re
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 from dbprofile.spec import SpecError
@@ -70,8 +71,11 @@ class Technique:
         return self.name
 
 
-def parse_technique(text: str) -> Technique:
-    """Parse one technique name; raise SpecError with the accepted forms when it is wrong."""
+def parse_technique(text: str | Technique) -> Technique:
+    """Parse one technique name (a parsed one passes through); raise SpecError with the accepted
+    forms when it is wrong."""
+    if isinstance(text, Technique):
+        return text
     raw = text.strip()
     match = _PATTERN.match(raw)
     if not match:
@@ -106,13 +110,13 @@ def parse_technique(text: str) -> Technique:
     )
 
 
-def parse_techniques(texts: str | list[str | Technique] | tuple[str | Technique, ...]) -> list[Technique]:
+def parse_techniques(texts: str | Sequence[str | Technique]) -> list[Technique]:
     """Parse a comma-separated string or a list of names; duplicates are dropped in order."""
     if isinstance(texts, str):
         texts = [t for t in texts.split(",") if t.strip()]
     seen: dict[str, Technique] = {}
     for text in texts:
-        tech = parse_technique(text) if not isinstance(text, Technique) else text
+        tech = parse_technique(text)
         seen.setdefault(tech.name, tech)
     if not seen:
         raise SpecError(f"No technique given. Techniques are: {HELP}.")

@@ -22,9 +22,9 @@ from __future__ import annotations
 import multiprocessing
 import os
 import time
+from collections.abc import Callable, Iterable, Sequence
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import asdict, dataclass
-from typing import Callable, Iterable
 
 import torch
 
@@ -163,7 +163,7 @@ def measure_one(model: str, batch_size: int, technique: str, precision: str, dev
 
 
 def validate(
-    cases: Iterable[tuple[str, Iterable[int]]] = DEFAULT_CASES,
+    cases: Iterable[tuple[str, Sequence[int]]] = DEFAULT_CASES,
     techniques: Iterable[str] = DEFAULT_TECHNIQUES,
     precisions: Iterable[str] = DEFAULT_PRECISIONS,
     device: str | torch.device = "cuda",

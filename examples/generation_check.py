@@ -25,11 +25,11 @@ from sklearn.datasets import load_digits
 from sklearn.linear_model import LogisticRegression
 
 from dbprofile.edm import edm_preconditioning
+from dbprofile.methods import make_trainer
 from dbprofile.methods.diffusion_blocks import DiffusionBlocksTrainer, inference_sigmas, sample
 from dbprofile.methods.diffusion_blocks.sampler import euler_sample
-from dbprofile.methods import make_trainer
-from dbprofile.techniques import parse_technique
 from dbprofile.models import dit
+from dbprofile.techniques import parse_technique
 
 TEST_SIZE = 360
 

@@ -25,11 +25,11 @@ import numpy as np
 import torch
 from sklearn.datasets import load_digits
 
+from dbprofile.methods import make_trainer
 from dbprofile.methods.diffusion_blocks import predict_classes
 from dbprofile.methods.diffusion_blocks.sampler import held_out_block_losses
-from dbprofile.methods import make_trainer
-from dbprofile.techniques import parse_technique
 from dbprofile.models.registry import PRESETS
+from dbprofile.techniques import parse_technique
 
 
 def digits(device: str = "cpu", test_size: int = 360, seed: int = 0):

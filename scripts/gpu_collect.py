@@ -55,9 +55,9 @@ def op_log(model: str, batch_size: int, precision: str, device: torch.device) ->
     """aten ops of one e2e step: name, input dtypes/shapes, output dtypes/shapes."""
     from torch.utils._python_dispatch import TorchDispatchMode
 
+    from dbprofile.loading import load_spec
     from dbprofile.methods import make_trainer
     from dbprofile.techniques import parse_techniques
-    from dbprofile.loading import load_spec
 
     lines: list[str] = []
 

@@ -19,12 +19,11 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from dbprofile.loading import load_spec
 from dbprofile.measure.runner import run
-from dbprofile.techniques import parse_techniques
-from dbprofile.techniques import DEFAULT_TECHNIQUES
 from dbprofile.models import DEFAULT_PRESET
 from dbprofile.report import write_comparison, write_run_report
-from dbprofile.loading import load_spec
+from dbprofile.techniques import DEFAULT_TECHNIQUES, parse_techniques
 
 DEFAULT_BATCH = 8  # `dbprofile run`'s default --batch-size
 LARGER_BATCH = 32

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from _toy import toy_spec
 from torch import nn
 
 from dbprofile.measure.depth import (
@@ -17,11 +18,10 @@ from dbprofile.measure.depth import (
     simulate_fake,
     spec_at_depth,
 )
-from dbprofile.techniques import parse_techniques
 from dbprofile.models import get_preset
 from dbprofile.planner import plan
 from dbprofile.report.text import format_plan
-from _toy import toy_spec
+from dbprofile.techniques import parse_techniques
 
 CUDA_BLOCK = 512
 

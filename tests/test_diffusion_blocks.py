@@ -8,6 +8,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from dbprofile.edm import edm_preconditioning
+from dbprofile.methods import make_trainer
 from dbprofile.methods.diffusion_blocks import (
     BlockwiseModel,
     DiffusionBlocksTrainer,
@@ -15,7 +17,6 @@ from dbprofile.methods.diffusion_blocks import (
     predict_classes,
     sample,
 )
-from dbprofile.edm import edm_preconditioning
 from dbprofile.methods.diffusion_blocks.activations import layer_activation_bytes
 from dbprofile.methods.diffusion_blocks.blockwise import (
     concatenated_attention_mask,
@@ -30,10 +31,9 @@ from dbprofile.methods.diffusion_blocks.sampler import (
     identity_block_copy,
 )
 from dbprofile.methods.diffusion_blocks.sequence_layout import UnsupportedLayoutError
-from dbprofile.methods import make_trainer
-from dbprofile.techniques import Technique, parse_technique
 from dbprofile.models import dit, gpt, vit
 from dbprofile.spec import ModelSpec, SpecError, get_layers
+from dbprofile.techniques import Technique, parse_technique
 
 CPU = torch.device("cpu")
 
@@ -355,7 +355,7 @@ def test_vit_features_pool_the_final_norm_output():
         model = vit.ViT(config)
         images = torch.randn(2, 1, 8, 8)
         hidden = {}
-        model.norm.register_forward_hook(lambda _m, _a, out: hidden.setdefault("h", out))
+        model.norm.register_forward_hook(lambda _m, _a, out, hidden=hidden: hidden.setdefault("h", out))
         feats = model.features(images)
         want = hidden["h"][:, 0] if pooling == "cls" else hidden["h"][:, 1:].mean(dim=1)
         assert torch.equal(feats, want)

@@ -21,10 +21,10 @@ from dbprofile.measure.distributed import (
 )
 from dbprofile.measure.fake import fake_mode
 from dbprofile.methods.sharding import check_distributed
-from dbprofile.techniques import parse_technique
 from dbprofile.results import RunResult
-from dbprofile.vocabulary import CATEGORIES
 from dbprofile.spec import SpecError
+from dbprofile.techniques import parse_technique
+from dbprofile.vocabulary import CATEGORIES
 from tests._toy import toy_spec
 
 ROOT = Path(__file__).resolve().parent.parent

@@ -3,8 +3,8 @@
 from __future__ import annotations
 
 import torch
-
 from _toy import toy_spec
+
 from dbprofile.measure.fake import fake_mode, is_fake
 from dbprofile.measure.runner import measure
 

@@ -11,11 +11,11 @@ from torch.utils.flop_counter import FlopCounterMode
 
 import dbprofile.measure.runner as runner
 import dbprofile.measure.steps as measure_steps
+from dbprofile.loading import load_spec
 from dbprofile.measure.fake import fake_mode
 from dbprofile.measure.flops import CPU_ATTENTION_FORMULAS, FlopCounter
 from dbprofile.methods import make_trainer
 from dbprofile.techniques import parse_techniques
-from dbprofile.loading import load_spec
 
 
 def _step_flops(model: str, technique: str, counter_factory) -> int:

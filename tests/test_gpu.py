@@ -10,7 +10,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from dbprofile.validate import measure_one, plan_one, device_target
+from dbprofile.validate import device_target, measure_one, plan_one
 
 pytestmark = [
     pytest.mark.gpu,

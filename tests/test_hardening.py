@@ -18,13 +18,13 @@ import pytest
 from click.testing import CliRunner
 
 from dbprofile.cli import main
+from dbprofile.files import OutputBusyError, output_lock, to_standard_json, write_atomic
+from dbprofile.loading import load_spec
 from dbprofile.measure.limits import TimeLimitExceeded, time_limit
 from dbprofile.measure.runner import run
 from dbprofile.methods.diffusion_blocks.activations import layer_activation_bytes
-from dbprofile.files import OutputBusyError, output_lock, to_standard_json, write_atomic
 from dbprofile.results import Measurement, RunResult
 from dbprofile.schema import ResultSchemaError
-from dbprofile.loading import load_spec
 from dbprofile.spec import SpecError
 
 # {PRE} runs at import, {BUILD} in build(), {LOSS} at the start of the loss; `n` is the batch size

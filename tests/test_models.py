@@ -11,11 +11,11 @@ from pathlib import Path
 import pytest
 import torch
 
+from dbprofile.loading import load_spec, validate_spec
 from dbprofile.models import DEFAULT_PRESET, PRESETS, DiTConfig, GPTConfig, ViTConfig, get_preset, preset_table
 from dbprofile.models import dit as dit_module
 from dbprofile.models.common import RotaryCache, apply_rotary, build_on_meta, count_parameters
 from dbprofile.models.registry import preset_shape
-from dbprofile.loading import load_spec, validate_spec
 from dbprofile.spec import SpecError, get_layers
 
 EXAMPLES = Path(__file__).resolve().parents[1] / "examples"

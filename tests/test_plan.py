@@ -11,9 +11,9 @@ from dbprofile.planner import (
     ALLOCATOR_OVERHEAD_FRACTION,
     ASSUMED_UTILISATION,
     CUDA_CONTEXT_BYTES,
-    cuda_context_bytes,
     ModelFacts,
     block_parallel,
+    cuda_context_bytes,
     cuda_corrections,
     nothing_fits,
     plan,
@@ -23,9 +23,9 @@ from dbprofile.planner import (
 )
 from dbprofile.report.text import format_plan, nothing_fits_summary
 from dbprofile.results import BlockMeasurement, Measurement
+from dbprofile.spec import SpecError
 from dbprofile.units import format_bytes
 from dbprofile.vocabulary import CATEGORIES
-from dbprofile.spec import SpecError
 
 MiB = 1024**2
 GiB = 1024**3

@@ -13,7 +13,8 @@ from html.parser import HTMLParser
 
 import pytest
 
-from dbprofile.report import charts, html as report_html, render_comparison, render_run, write_comparison, write_run_report
+from dbprofile.report import charts, render_comparison, render_run, write_comparison, write_run_report
+from dbprofile.report.page import show_bytes
 from dbprofile.results import BlockMeasurement, Measurement, RunResult
 from dbprofile.units import format_bytes
 from dbprofile.vocabulary import CATEGORIES
@@ -215,7 +216,7 @@ def test_numbers_shown_equal_the_json_values():
     shown = {(int(c["attrs"]["data-bytes"]), c["text"]) for c in cells}
     for m in result.measurements:
         assert (m.peak_bytes, format_bytes(m.peak_bytes, unit)) in shown
-        for cat, n in m.shares.items():
+        for n in m.shares.values():
             if n:
                 assert (n, format_bytes(n, unit)) in shown
         for b in m.blocks:
@@ -228,9 +229,9 @@ def test_numbers_shown_equal_the_json_values():
 
 
 def test_amounts_too_small_for_the_table_unit_keep_their_own_unit():
-    assert report_html.show_bytes(3_112, "MiB") == format_bytes(3_112) == "3.04 KiB"
-    assert report_html.show_bytes(0, "MiB") == "0 B"
-    assert report_html.show_bytes(393_344, "MiB") == format_bytes(393_344, "MiB") == "0.38 MiB"
+    assert show_bytes(3_112, "MiB") == format_bytes(3_112) == "3.04 KiB"
+    assert show_bytes(0, "MiB") == "0 B"
+    assert show_bytes(393_344, "MiB") == format_bytes(393_344, "MiB") == "0.38 MiB"
     result = make_run(techniques=("e2e", "ckpt"))
     result.measurements[1].shares["buffers"] = 3_112
     result.measurements[1].shares["inputs"] -= 3_112

@@ -7,12 +7,12 @@ import json
 
 import pytest
 import torch
-
 from _toy import toy_spec
+
 from dbprofile.measure import steps
 from dbprofile.measure.runner import measure, run
-from dbprofile.report.text import run_table
 from dbprofile.methods.checkpointing import CheckpointedSegment
+from dbprofile.report.text import run_table
 from dbprofile.results import RunResult
 from dbprofile.spec import SpecError
 

@@ -13,10 +13,9 @@ from click.testing import CliRunner
 from torch import nn
 
 from dbprofile.cli import main
+from dbprofile.loading import load_model, load_sweep, validate_spec
 from dbprofile.measure.runner import run
 from dbprofile.methods.diffusion_blocks.sequence_layout import SequenceLayout
-from dbprofile.loading import load_model, load_sweep
-from dbprofile.loading import validate_spec
 from dbprofile.spec import ModelSpec, SpecError
 
 TECHNIQUES = ["e2e", "ckpt", "db:2", "db:2+ckpt"]
@@ -161,8 +160,8 @@ def test_seq_len_and_image_size_reshape_presets():
 
 def test_a_spec_without_declared_shapes_refuses_seq_len(tmp_path):
     path = tmp_path / "model.py"
-    path.write_text("import sys; sys.path.insert(0, %r)\nfrom _toy import toy_spec\nspec = toy_spec()\n"
-                    % str(__import__("pathlib").Path(__file__).parent))
+    tests_dir = str(__import__("pathlib").Path(__file__).parent)
+    path.write_text(f"import sys; sys.path.insert(0, {tests_dir!r})\nfrom _toy import toy_spec\nspec = toy_spec()\n")
     with pytest.raises(SpecError, match="declares which shapes may change.*allows neither"):
         load_model(str(path), seq_len=16)
     with pytest.raises(SpecError, match="ModelSpec.shapes names 'length'"):

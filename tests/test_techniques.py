@@ -6,9 +6,9 @@ import pytest
 import torch
 from torch import nn
 
-from dbprofile.techniques import check_technique_fits, parse_technique, parse_techniques
 from dbprofile.methods.checkpointing import CheckpointedSegment, checkpoint_layers, split_contiguous
 from dbprofile.spec import SpecError
+from dbprofile.techniques import check_technique_fits, parse_technique, parse_techniques
 
 
 @pytest.mark.parametrize(

@@ -5,9 +5,9 @@ from __future__ import annotations
 
 import pytest
 
+from dbprofile.loading import load_model
 from dbprofile.measure.runner import run
 from dbprofile.models.common import build_on_meta, count_parameters
-from dbprofile.loading import load_model
 from dbprofile.spec import SpecError
 
 try:

@@ -1,7 +1,7 @@
-"""Canary for the private PyTorch behaviour dbprofile relies on (dbprofile/measure/_torch_private.py).
+"""Canary for the private PyTorch behaviour dbprofile relies on (dbprofile/torch_internals.py).
 
 If one of these fails after a PyTorch upgrade, the tracker's numbers can no longer be trusted:
-fix _torch_private.py (and the tracker) before anything else.
+fix torch_internals.py (and the tracker) before anything else.
 """
 
 from __future__ import annotations
@@ -12,7 +12,7 @@ import torch
 from torch.profiler import ProfilerActivity, profile
 from torch.utils.checkpoint import checkpoint
 
-from dbprofile.measure import _torch_private as private
+from dbprofile import torch_internals as private
 
 
 def test_fake_tensor_mode_makes_fake_tensors_with_real_storage_sizes():
@@ -42,7 +42,7 @@ def test_storage_object_lives_while_a_tensor_uses_it_and_weakref_fires_on_free()
     for make in (lambda: torch.randn(10), lambda: _fake_randn(10)):
         fired = []
         t = make()
-        ref = weakref.ref(t.untyped_storage(), lambda _r: fired.append(1))
+        ref = weakref.ref(t.untyped_storage(), lambda _r, fired=fired: fired.append(1))
         view = t[2:]
         assert view.untyped_storage() is ref()  # views share one Python storage object
         del t

@@ -5,13 +5,13 @@ from __future__ import annotations
 
 import pytest
 import torch
+from _toy import toy_spec
 from torch.profiler import ProfilerActivity, profile
 
-from _toy import toy_spec
-from dbprofile.measure._torch_private import profiler_allocations
 from dbprofile.measure.tracker import MemoryLimitExceeded, Tracker
 from dbprofile.methods import make_trainer
 from dbprofile.techniques import parse_technique
+from dbprofile.torch_internals import profiler_allocations
 from dbprofile.vocabulary import CATEGORIES
 
 

@@ -13,17 +13,17 @@ import pytest
 from dbprofile.planner import plan
 from dbprofile.results import Measurement, Plan, PlanEntry, RunResult
 from dbprofile.verdict import (
-    MAX_RATIO_NOISE,
-    ratio_is_clear,
     ACTIVATION_BOUND_SHARE,
     COMPUTE_MARGIN,
     HIGH_RISK_MIN_BLOCKS,
     LOW_RISK_MAX_BLOCKS,
+    MAX_RATIO_NOISE,
     MIN_SAVING_FRACTION,
     NOT_NEEDED_HEADROOM,
     STATE_BOUND_SHARE,
     judge,
     quality_risk,
+    ratio_is_clear,
 )
 
 GiB = 1024**3

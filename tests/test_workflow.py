@@ -11,10 +11,10 @@ import pandas as pd
 import pytest
 from click.testing import CliRunner
 
-from dbprofile import progress
+from dbprofile import progress, torch_internals
 from dbprofile.cli import EXIT_INTERRUPTED, EXIT_NOTHING_FITS, EXIT_OK, exit_code, main
 from dbprofile.console import Output, standard_json
-from dbprofile.measure import _torch_private, snapshot
+from dbprofile.measure import snapshot
 from dbprofile.measure.runner import measure
 from dbprofile.results import Measurement, Plan, PlanEntry, RunResult
 from dbprofile.spec import SpecError
@@ -296,14 +296,14 @@ def test_snapshot_records_only_the_tracked_step_of_each_block(monkeypatch, tmp_p
     import torch
 
     from dbprofile.measure.steps import measure_into
-    from dbprofile.techniques import parse_techniques
     from dbprofile.settings import RunSettings
+    from dbprofile.techniques import parse_techniques
     from tests._toy import toy_spec
 
     events: list[str] = []
-    monkeypatch.setattr(_torch_private, "start_cuda_memory_history", lambda: events.append("start"))
-    monkeypatch.setattr(_torch_private, "stop_cuda_memory_history", lambda: events.append("stop"))
-    monkeypatch.setattr(_torch_private, "dump_cuda_memory_snapshot", lambda path: events.append(f"dump {Path(path).name}"))
+    monkeypatch.setattr(torch_internals, "start_cuda_memory_history", lambda: events.append("start"))
+    monkeypatch.setattr(torch_internals, "stop_cuda_memory_history", lambda: events.append("stop"))
+    monkeypatch.setattr(torch_internals, "dump_cuda_memory_snapshot", lambda path: events.append(f"dump {Path(path).name}"))
     spec = toy_spec(name="my/toy")
     m = Measurement(technique="db:2", batch_size=2)
     tech = parse_techniques(["db:2"])[0]
@@ -324,9 +324,9 @@ def test_snapshot_records_only_the_tracked_step_of_each_block(monkeypatch, tmp_p
 
 def test_snapshot_is_written_even_when_the_step_fails(monkeypatch, tmp_path):
     events: list[str] = []
-    monkeypatch.setattr(_torch_private, "start_cuda_memory_history", lambda: events.append("start"))
-    monkeypatch.setattr(_torch_private, "stop_cuda_memory_history", lambda: events.append("stop"))
-    monkeypatch.setattr(_torch_private, "dump_cuda_memory_snapshot", lambda path: events.append("dump"))
+    monkeypatch.setattr(torch_internals, "start_cuda_memory_history", lambda: events.append("start"))
+    monkeypatch.setattr(torch_internals, "stop_cuda_memory_history", lambda: events.append("stop"))
+    monkeypatch.setattr(torch_internals, "dump_cuda_memory_snapshot", lambda path: events.append("dump"))
     with pytest.raises(RuntimeError, match="CUDA out of memory"):
         with snapshot.recording(tmp_path / "sub" / "x.pickle"):
             raise RuntimeError("CUDA out of memory")

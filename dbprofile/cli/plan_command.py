@@ -9,8 +9,15 @@ from pathlib import Path
 import click
 
 from dbprofile.cli.app import (
-    FROM_CHECKPOINT_HELP, UserError, check_writable,
-    exit_code, friendly_errors, load_models, main, model_options, output_options,
+    FROM_CHECKPOINT_HELP,
+    UserError,
+    check_writable,
+    exit_code,
+    friendly_errors,
+    load_models,
+    main,
+    model_options,
+    output_options,
     parse_size,
 )
 from dbprofile.console import Output

@@ -9,8 +9,12 @@ from pathlib import Path
 import click
 
 from dbprofile.cli.app import (
-    UserError, check_writable,
-    exit_code, friendly_errors, main, output_options,
+    UserError,
+    check_writable,
+    exit_code,
+    friendly_errors,
+    main,
+    output_options,
     reproduce_command,
 )
 from dbprofile.console import Output

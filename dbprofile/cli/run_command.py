@@ -16,9 +16,20 @@ from pathlib import Path
 import click
 
 from dbprofile.cli.app import (
-    EXIT_OK, FROM_CHECKPOINT_HELP, UserError, check_writable,
-    exit_code, freeze_startup_objects, friendly_errors, load_models, main, model_options, output_options,
-    parse_int_list, parse_size, reproduce_command,
+    EXIT_OK,
+    FROM_CHECKPOINT_HELP,
+    UserError,
+    check_writable,
+    exit_code,
+    freeze_startup_objects,
+    friendly_errors,
+    load_models,
+    main,
+    model_options,
+    output_options,
+    parse_int_list,
+    parse_size,
+    reproduce_command,
 )
 from dbprofile.console import QUIET, Output
 from dbprofile.results import RunResult
@@ -259,8 +270,8 @@ def _run_distributed(model, names, batch_sizes, device, steps, precision, optimi
     with the outcome."""
     from dbprofile.loading import validate_spec
     from dbprofile.measure.distributed import in_torchrun, launch, run_distributed
-    from dbprofile.techniques import parse_technique
     from dbprofile.report.text import ranks_table
+    from dbprofile.techniques import parse_technique
 
     for name in names:
         parse_technique(name)  # a bad name fails here, before any process starts

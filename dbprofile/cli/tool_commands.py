@@ -9,9 +9,15 @@ from pathlib import Path
 import click
 
 from dbprofile.cli.app import (
-    UserError, check_writable,
-    exit_code, friendly_errors, main, output_options,
-    parse_int_list, reproduce_command, rows_frame,
+    UserError,
+    check_writable,
+    exit_code,
+    friendly_errors,
+    main,
+    output_options,
+    parse_int_list,
+    reproduce_command,
+    rows_frame,
 )
 from dbprofile.console import Output
 from dbprofile.version import __version__
@@ -61,9 +67,9 @@ def validate(cases, techniques, precisions, device, steps, time_budget, out, con
     from dbprofile import validate as v
     from dbprofile.files import to_standard_json, write_atomic
     from dbprofile.measure.device import environment, resolve_device
-    from dbprofile.techniques import parse_techniques
     from dbprofile.methods.base import PRECISIONS
     from dbprofile.report import text
+    from dbprofile.techniques import parse_techniques
 
     if steps < 1:
         raise UserError(f"--steps must be at least 1; got {steps}.")

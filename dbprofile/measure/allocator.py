@@ -72,8 +72,8 @@ class _Block:
     small: bool
     segment: int
     allocated: bool = False
-    prev: "_Block | None" = None
-    next: "_Block | None" = None
+    prev: _Block | None = None
+    next: _Block | None = None
 
     def key(self) -> tuple[int, int]:
         return (self.size, self.addr)
@@ -170,7 +170,7 @@ class CachingAllocatorModel:
 
     def empty_cache(self) -> None:
         """Give back every segment with nothing allocated in it (``torch.cuda.empty_cache``)."""
-        for key, block in list(self._free_blocks.items()):
+        for block in list(self._free_blocks.values()):
             if block.prev is None and block.next is None:
                 self._remove_free(block)
                 self.stats.reserved_bytes -= block.size

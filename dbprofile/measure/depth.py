@@ -31,9 +31,10 @@ traced at depths B * m + r, where they are unequal the same way.
 from __future__ import annotations
 
 import copy
+from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from difflib import SequenceMatcher
-from typing import Any, Callable
+from typing import Any
 
 from torch import nn
 
@@ -41,9 +42,9 @@ from dbprofile.measure.allocator import LARGE_ROUND_BYTES
 from dbprofile.measure.fake import fake_mode
 from dbprofile.measure.tracker import StepRecord
 from dbprofile.methods.checkpointing import split_contiguous
-from dbprofile.techniques import Technique
 from dbprofile.results import Measurement
 from dbprofile.spec import ModelSpec, get_layers
+from dbprofile.techniques import Technique
 from dbprofile.vocabulary import CATEGORIES, PHASES
 
 TRACE_DEPTHS = (2, 3, 4)

@@ -18,13 +18,14 @@ Example::
 from __future__ import annotations
 
 import contextlib
-from typing import Any, Iterator
+from collections.abc import Iterator
+from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch.overrides import TorchFunctionMode
 
-from dbprofile.measure._torch_private import fake_tensor_mode, is_fake
+from dbprofile.torch_internals import fake_tensor_mode, is_fake
 
 __all__ = ["fake_mode", "is_fake", "cuda_autocast_policy"]
 

@@ -38,11 +38,12 @@ the same attention work.
 
 from __future__ import annotations
 
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import torch
 
-from dbprofile.measure._torch_private import (
+from dbprofile.torch_internals import (
     TorchDispatchMode,
     flop_registry,
     sdpa_backward_flop_count,

@@ -20,9 +20,10 @@ from __future__ import annotations
 
 import contextlib
 import functools
+from collections.abc import Callable, Sequence
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any
 
 import torch
 
@@ -31,13 +32,14 @@ from dbprofile.measure import device as devices
 from dbprofile.measure import snapshot
 from dbprofile.measure.fake import cuda_autocast_policy, fake_mode
 from dbprofile.measure.limits import Terminated, TimeLimitExceeded, time_limit
-from dbprofile.methods.factory import make_trainer
-from dbprofile.techniques import DEFAULT_TECHNIQUES, Technique, check_technique_fits, parse_techniques
 from dbprofile.measure.steps import activation_ratios, free_memory, measure_into, record_failure
+from dbprofile.methods.factory import make_trainer
 from dbprofile.results import Measurement, RunResult
 from dbprofile.settings import RunSettings
 from dbprofile.spec import ModelSpec, SpecError, get_layers
+from dbprofile.techniques import DEFAULT_TECHNIQUES, Technique, check_technique_fits, parse_techniques
 from dbprofile.verdict import judge_into
+
 
 def num_layers(spec: ModelSpec) -> int:
     """How many residual layers the model has (built with fake tensors: no memory)."""
@@ -131,7 +133,7 @@ def prepare(
     db = [t for t in techs if t.is_diffusion_blocks]
     if db:
         # One DiffusionBlocks configuration suffices: the conventions it checks do not depend on B.
-        tech = parse_techniques([f"db:{min(t.blocks for t in db)}"])[0]
+        tech = parse_techniques([f"db:{min(t.blocks or 1 for t in db)}"])[0]
         cpu = torch.device("cpu")
         with fake_mode():
             try:

@@ -7,19 +7,19 @@ writes it to ``path`` as the pickle that PyTorch's memory viewer opens
 step in it, one file per technique (per block for DiffusionBlocks, whose blocks differ); the
 timed steps run outside it, so recording never slows the step times. The snapshot is written
 even when the step fails: the picture of memory at an out-of-memory error is the one people
-want most. The private PyTorch calls live in ``_torch_private``.
+want most. The private PyTorch calls live in ``torch_internals``.
 """
 
 from __future__ import annotations
 
 import contextlib
 import re
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Iterator
 
 import torch
 
-from dbprofile.measure import _torch_private as private
+from dbprofile import torch_internals as private
 from dbprofile.spec import SpecError
 
 VIEWER_URL = "https://pytorch.org/memory_viz"

@@ -15,9 +15,9 @@ import itertools
 import math
 import statistics
 import time
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Iterator
 
 import torch
 
@@ -28,12 +28,12 @@ from dbprofile.measure.allocator import CachingAllocatorModel
 from dbprofile.measure.fake import fake_mode
 from dbprofile.measure.flops import FlopCounter
 from dbprofile.measure.tracker import MemoryLimitExceeded, StepRecord, Tracker
-from dbprofile.methods.factory import make_trainer
-from dbprofile.techniques import Technique
 from dbprofile.methods.base import TrainerProtocol as Trainer
+from dbprofile.methods.factory import make_trainer
 from dbprofile.results import BlockMeasurement, Measurement
 from dbprofile.settings import RunSettings
 from dbprofile.spec import ModelSpec
+from dbprofile.techniques import Technique
 
 SEED = 0
 
@@ -340,7 +340,7 @@ def step(ctx: StepContext, tracker: Tracker, unit: int | None, out: UnitResult |
         if track:
             out.records.append(tracker.end_step())
             out.tracked_times.append(elapsed)
-            out.flops = flops.total
+            out.flops = flops.total if flops is not None else None
         else:
             out.times.append(elapsed)
             out.transfer_times.append(transfer)
@@ -386,8 +386,9 @@ def summarise(m: Measurement, units: list, results: dict, fake: bool, block_laye
                 step_flops=r.flops,
                 transfer_time_s=statistics.median(r.transfer_times) if any(r.transfer_times) else None,
             ))
-        if all(b.step_time_s is not None for b in m.blocks):
-            m.block_steps_time_s = sum(b.step_time_s for b in m.blocks)
+        block_times = [b.step_time_s for b in m.blocks if b.step_time_s is not None]
+        if len(block_times) == len(m.blocks):
+            m.block_steps_time_s = sum(block_times)
             # The blocks are timed apart; summing their IQRs is the spread if their noise moved
             # together, an upper bound for independent noise.
             m.block_steps_time_iqr_s = sum(b.step_time_iqr_s or 0.0 for b in m.blocks)
@@ -414,6 +415,8 @@ def activation_ratios(m: Measurement, spec: ModelSpec, tech: Technique, batch_si
     except ImportError as err:
         m.extra["activation_ratios"] = None
         m.extra["activation_ratios_error"] = f"layer activation counting is not available: {err}"
+        return
+    if tech.blocks is None:  # only DiffusionBlocks has blocks to compare
         return
     try:
         with fake_mode():

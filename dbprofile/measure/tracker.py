@@ -57,14 +57,15 @@ from __future__ import annotations
 import contextlib
 import threading
 import weakref
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
-from typing import Any, Callable, Iterator
+from typing import Any
 
 import torch
 
-from dbprofile.measure._torch_private import TorchDispatchMode
 from dbprofile.measure.allocator import CachingAllocatorModel
 from dbprofile.measure.cuda_scratch import op_input_copies, op_scratch_allocations
+from dbprofile.torch_internals import TorchDispatchMode
 from dbprofile.vocabulary import CATEGORIES, PHASES
 
 CATEGORY_INDEX = {name: i for i, name in enumerate(CATEGORIES)}
@@ -118,7 +119,7 @@ class _Saved:
 
     __slots__ = ("tensor", "info", "tracker")
 
-    def __init__(self, tensor: torch.Tensor, info: _Storage | None, tracker: "Tracker") -> None:
+    def __init__(self, tensor: torch.Tensor, info: _Storage | None, tracker: Tracker) -> None:
         self.tensor = tensor
         self.info = info
         self.tracker = tracker
@@ -132,7 +133,7 @@ class _Saved:
 
 
 class _Mode(TorchDispatchMode):
-    def __init__(self, tracker: "Tracker") -> None:
+    def __init__(self, tracker: Tracker) -> None:
         super().__init__()
         self.tracker = tracker
 
@@ -233,7 +234,7 @@ class Tracker:
 
     # ------------------------------------------------------------ context
 
-    def __enter__(self) -> "Tracker":
+    def __enter__(self) -> Tracker:
         self.refresh()
         self._hooks = torch.autograd.graph.saved_tensors_hooks(self._pack, self._unpack)
         self._hooks.__enter__()

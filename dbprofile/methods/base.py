@@ -9,7 +9,8 @@ separately: ``[None]`` for end-to-end techniques, the block indices for Diffusio
 from __future__ import annotations
 
 import contextlib
-from typing import Callable, Iterable, Protocol
+from collections.abc import Callable, Iterable
+from typing import Protocol
 
 import torch
 from torch import nn
@@ -26,7 +27,7 @@ GRAD_CLIP_NORM = 1.0
 Mark = Callable[[str], None]
 
 
-def _no_mark(_phase: str) -> None:
+def no_mark(_phase: str) -> None:
     return None
 
 
@@ -120,7 +121,7 @@ class Trainer:
         """True for host-side copies an offloading technique keeps off the device (none here)."""
         return False
 
-    def step(self, batch: Batch, unit: int | None = None, mark: Mark = _no_mark) -> torch.Tensor:
+    def step(self, batch: Batch, unit: int | None = None, mark: Mark = no_mark) -> torch.Tensor:
         """One training step: forward, backward, clip, optimizer step. Returns the detached loss."""
         mark("forward")
         with autocast_context(self.device, self.precision):

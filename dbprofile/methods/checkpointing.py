@@ -64,7 +64,7 @@ class CheckpointTrainer(Trainer):
     technique = "ckpt"
 
     @classmethod
-    def create(cls, tech, spec: ModelSpec, device: torch.device, **kwargs) -> "CheckpointTrainer":
+    def create(cls, tech, spec: ModelSpec, device: torch.device, **kwargs) -> CheckpointTrainer:
         model = to_device(spec.build(), device)
         checkpoint_layers(model, spec.layers, tech.segments)
         trainer = cls(spec, model, device, **kwargs)

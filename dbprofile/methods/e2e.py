@@ -12,7 +12,7 @@ class EndToEndTrainer(Trainer):
     technique = "e2e"
 
     @classmethod
-    def create(cls, tech, spec: ModelSpec, device: torch.device, **kwargs) -> "EndToEndTrainer":
+    def create(cls, tech, spec: ModelSpec, device: torch.device, **kwargs) -> EndToEndTrainer:
         model = to_device(spec.build(), device)
         get_layers(model, spec.layers, spec.name)
         trainer = cls(spec, model, device, **kwargs)

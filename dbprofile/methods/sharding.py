@@ -33,14 +33,14 @@ from torch import nn
 from dbprofile.methods.base import (
     GRAD_CLIP_NORM,
     Mark,
-    _no_mark,
     autocast_context,
     make_optimizer,
+    no_mark,
 )
 from dbprofile.methods.checkpointing import CheckpointedSegment
 from dbprofile.methods.factory import make_trainer
-from dbprofile.techniques import Technique, check_technique_fits
 from dbprofile.spec import Batch, ModelSpec, SpecError, get_layers
+from dbprofile.techniques import Technique, check_technique_fits
 
 SHARDING_FSDP = "zero-3"
 SHARDING_BLOCK_PARALLEL = "block-parallel"
@@ -154,7 +154,7 @@ def _block_parallel_class():
         sharding = SHARDING_BLOCK_PARALLEL
         group = None
 
-        def step(self, batch: Batch, unit: int | None = None, mark: Mark = _no_mark) -> torch.Tensor:
+        def step(self, batch: Batch, unit: int | None = None, mark: Mark = no_mark) -> torch.Tensor:
             block = self.units[0] if unit is None else unit
             mark("forward")
             with autocast_context(self.device, self.precision):

@@ -10,7 +10,7 @@ bottom with these as its vocabulary.
 from __future__ import annotations
 
 import math
-from typing import Callable
+from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
@@ -75,7 +75,7 @@ class RotaryCache:
             self._tables[key] = table
         return table
 
-    def __deepcopy__(self, memo: dict) -> "RotaryCache":
+    def __deepcopy__(self, memo: dict) -> RotaryCache:
         # A copied model gets its own empty cache (tables are cheap to rebuild).
         return RotaryCache(self.head_dim, self.theta)
 

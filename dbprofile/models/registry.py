@@ -11,7 +11,8 @@ from __future__ import annotations
 
 import difflib
 import functools
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 from dbprofile.models import dit, gpt, vit
 from dbprofile.models.common import build_on_meta, count_parameters
@@ -111,7 +112,7 @@ def get_preset(name: str) -> ModelSpec:
     return PRESETS[name]()
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def preset_shape(name: str) -> tuple[int, int]:
     """(parameter count, number of residual layers) of a preset, from a meta-device build."""
     spec = get_preset(name)

@@ -23,9 +23,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from dbprofile.measure._torch_private import active_fake_mode, outside_fake_mode
 from dbprofile.seeding import data_generator, seeded
 from dbprofile.spec import Batch, ModelSpec, SpecError
+from dbprofile.torch_internals import active_fake_mode, outside_fake_mode
 
 SEED = 0
 

@@ -3,12 +3,11 @@ model of the peak in the batch size, confirmed by fake runs), and ``fits_on`` fo
 
 from __future__ import annotations
 
-from typing import Callable
+from collections.abc import Callable
 
 from dbprofile.gpus import GPU
 from dbprofile.planner.targets import Target, cuda_corrections, resolve_target
 from dbprofile.results import Plan, PlanEntry
-
 
 BATCH_DEPENDENT = ("activations", "temporaries", "inputs")
 """Shares that grow with the batch size; the others (parameters, buffers, gradients, optimizer

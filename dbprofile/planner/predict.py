@@ -4,8 +4,9 @@ shares, add the CUDA corrections, and say what fits (the package docstring has t
 
 from __future__ import annotations
 
+import functools
 import time
-from typing import Callable
+from collections.abc import Callable
 
 from dbprofile import progress
 from dbprofile.gpus import (
@@ -19,14 +20,13 @@ from dbprofile.methods.sharding import (
     SHARDING_BLOCK_PARALLEL,
     SHARDING_FSDP,
 )
-from dbprofile.techniques import DEFAULT_TECHNIQUES, PARALLEL_SUFFIX, Technique, check_technique_fits, parse_technique
 from dbprofile.planner.fit import entry_corrections, find_max_batch, set_fit
 from dbprofile.planner.targets import ASSUMED_UTILISATION, resolve_target, time_per_million_samples
 from dbprofile.planner.zero import block_parallel, model_facts, shard_zero
 from dbprofile.results import Measurement, Plan, PlanEntry, per_sample
 from dbprofile.spec import ModelSpec, SpecError
+from dbprofile.techniques import DEFAULT_TECHNIQUES, PARALLEL_SUFFIX, Technique, check_technique_fits, parse_technique
 from dbprofile.vocabulary import CATEGORIES
-
 
 FULL_TRACE_BELOW_PARAMETER_BYTES = 4 * 1024**3
 """For a CUDA target, models with less parameter memory than this (about 1B fp32 parameters) are
@@ -164,7 +164,8 @@ def plan(
         if key not in simulated:
             progress.stage(f"planning {name} at batch {b}: one rank simulated on fake tensors")
             try:
-                simulated[key] = simulate_fake(spec, name, tech, b, tech.blocks if parallel else world_size,
+                ranks = (tech.blocks or 1) if parallel else world_size
+                simulated[key] = simulate_fake(spec, name, tech, b, ranks,
                                                layers=facts.num_layers, not_identical=not_identical,
                                                parallel=parallel, full_trace=full_trace, precision=precision,
                                                optimizer=optimizer, round_to=round_to)
@@ -189,7 +190,7 @@ def plan(
                                       [blk.step_flops for blk in m.blocks if blk.step_flops is not None])
         if sim is not None:  # already one rank's shares
             shares = dict(sim.shares)
-            entry.world_size = tech.blocks if parallel else world_size
+            entry.world_size = (tech.blocks or 1) if parallel else world_size
             entry.sharding = SHARDING_BLOCK_PARALLEL if parallel else SHARDING_FSDP
             entry.extra["sharding_model"] = "simulated"
         elif parallel:
@@ -214,8 +215,8 @@ def plan(
     for name, tech, parallel in wanted:
         entry = predict(name, tech, parallel, batch_size)
         if entry.ok and search_max_batch and target.capacity_bytes is not None:
-            find_max_batch(entry, lambda b, n=name, t=tech, p=parallel: predict(n, t, p, b),
-                              target.capacity_bytes, confirm_max_batch)
+            find_max_batch(entry, functools.partial(predict, name, tech, parallel), target.capacity_bytes,
+                           confirm_max_batch)
         entries.append(entry)
 
     result = Plan(

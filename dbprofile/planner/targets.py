@@ -11,7 +11,6 @@ from dbprofile.gpus import GPU, cublas_workspace_bytes, cublas_workspace_reserve
 from dbprofile.spec import SpecError
 from dbprofile.units import MiB
 
-
 MEASURED_CUDA_CONTEXT_BYTES = {"H100-80GB": 1257 * MiB, "H200-141GB": 1392 * MiB}
 """Device memory outside the caching allocator, per card where it was measured: the CUDA context
 (driver state, the kernels loaded lazily) and the libraries' modules (cuBLAS, cuDNN), as NVML used

@@ -83,7 +83,9 @@ def block_parallel(m: Measurement, facts: ModelFacts) -> tuple[dict[str, int], i
     extra_per_layer = (m.extra_parameters or 0) * bytes_per_param / max(facts.num_layers, 1)
     layer_bytes = [b + extra_per_layer for b in facts.layer_bytes]
     blocks = m.blocks or []
-    candidates = [(b.block, b.shares, set(b.layers)) for b in blocks] or [(m.peak_block, m.shares, set(range(facts.num_layers)))]
+    candidates: list[tuple[int | None, dict[str, int], set[int]]] = [
+        (b.block, b.shares, set(b.layers)) for b in blocks
+    ] or [(m.peak_block, m.shares, set(range(facts.num_layers)))]
     worst: tuple[dict[str, int], int | None] | None = None
     for index, shares, active in candidates:
         inactive = int(sum(b for i, b in enumerate(layer_bytes) if i not in active))

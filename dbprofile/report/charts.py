@@ -8,6 +8,7 @@ would still carry markup it did not draw."""
 
 from __future__ import annotations
 
+import contextlib
 import io
 import re
 from collections.abc import Sequence
@@ -47,6 +48,11 @@ _RC = {
     "axes.spines.top": False,
     "axes.spines.right": False,
 }
+def chart_style() -> contextlib.AbstractContextManager:
+    """Matplotlib settings every chart draws under (text stays text, no math parsing)."""
+    return matplotlib.rc_context(_RC)
+
+
 # Markup matplotlib never draws. Text content is escaped ('<' becomes '&lt;'), so only a real
 # tag can match; a model name that merely contains "onload=" as text does not.
 _UNSAFE = re.compile(r"<\s*(script|foreignobject|iframe|object|embed)|<[^>]*(\son\w+\s*=|javascript:)", re.IGNORECASE)
@@ -85,16 +91,16 @@ def svg_from_figure(fig: Figure, name: str) -> str:
     return svg
 
 
-def _figure(width: float, height: float) -> Figure:
-    with matplotlib.rc_context(_RC):
+def new_figure(width: float, height: float) -> Figure:
+    with chart_style():
         return Figure(figsize=(width, height), dpi=100)
 
 
-def _present_categories(share_dicts: Sequence[dict[str, int]]) -> list[str]:
+def present_categories(share_dicts: Sequence[dict[str, int]]) -> list[str]:
     return [c for c in CATEGORIES if any(s.get(c, 0) for s in share_dicts)]
 
 
-def _category_legend(fig: Figure, categories: Sequence[str], ncol: int | None = None) -> None:
+def category_legend(fig: Figure, categories: Sequence[str], ncol: int | None = None) -> None:
     handles = [Patch(facecolor=CATEGORY_COLOURS[c], label=category_label(c)) for c in categories]
     fig.legend(handles=handles, loc="lower center", ncol=ncol or min(len(handles), 7), frameon=False,
                bbox_to_anchor=(0.5, 1.0))
@@ -106,13 +112,13 @@ def peak_bars(measurements: Sequence[Measurement], labels: Sequence[str]) -> str
     Each bar segment carries the SVG id ``peak-bar-<i>-<category>`` (i = the measurement's
     position), so tests and readers of the SVG can find it. Failed measurements get no bar,
     only their status written where the bar would be."""
-    with matplotlib.rc_context(_RC):
+    with chart_style():
         n = len(measurements)
-        fig = _figure(8.0, 0.9 + 0.45 * n)
+        fig = new_figure(8.0, 0.9 + 0.45 * n)
         ax = fig.add_subplot()
         unit = pick_unit(max((m.peak_bytes for m in measurements if m.ok), default=0))
         scale = UNIT_BYTES[unit]
-        categories = _present_categories([m.shares for m in measurements if m.ok])
+        categories = present_categories([m.shares for m in measurements if m.ok])
         rows = list(range(n))[::-1]  # first measurement at the top
         largest = max((m.peak_bytes for m in measurements if m.ok), default=0) / scale or 1.0
         for i, (m, y) in enumerate(zip(measurements, rows)):
@@ -137,7 +143,7 @@ def peak_bars(measurements: Sequence[Measurement], labels: Sequence[str]) -> str
         ax.grid(axis="x", color="#dddddd", linewidth=0.6)
         ax.set_axisbelow(True)
         if categories:
-            _category_legend(fig, categories)
+            category_legend(fig, categories)
         return svg_from_figure(fig, "peak-bars")
 
 
@@ -155,10 +161,10 @@ def timelines(measurements: Sequence[Measurement], labels: Sequence[str]) -> str
     items = [(m, label) for m, label in zip(measurements, labels) if m.ok and m.timeline.get("points")]
     if not items:
         return None
-    with matplotlib.rc_context(_RC):
+    with chart_style():
         cols = min(3, len(items))
         nrows = -(-len(items) // cols)
-        fig = _figure(3.0 * cols + 0.6, 2.3 * nrows + 0.3)
+        fig = new_figure(3.0 * cols + 0.6, 2.3 * nrows + 0.3)
         axes = fig.subplots(nrows, cols, sharey=True, squeeze=False)
         top = max(max(sum(p[1:]) for p in m.timeline["points"]) for m, _ in items)
         unit = pick_unit(int(top))
@@ -202,7 +208,7 @@ def timelines(measurements: Sequence[Measurement], labels: Sequence[str]) -> str
         for k in range(len(items), nrows * cols):
             axes[k // cols][k % cols].set_visible(False)
         fig.tight_layout()
-        _category_legend(fig, [c for c in CATEGORIES if c in used])
+        category_legend(fig, [c for c in CATEGORIES if c in used])
         return svg_from_figure(fig, "timelines")
 
 
@@ -210,12 +216,12 @@ def block_bars(m: Measurement, title: str) -> str:
     """A stacked bar per DiffusionBlocks block (the block's own worst step), the reported
     (largest) block outlined."""
     blocks: list[BlockMeasurement] = m.blocks
-    with matplotlib.rc_context(_RC):
-        fig = _figure(min(2.2 + 0.8 * len(blocks), 8.0), 2.8)
+    with chart_style():
+        fig = new_figure(min(2.2 + 0.8 * len(blocks), 8.0), 2.8)
         ax = fig.add_subplot()
         unit = pick_unit(max(b.peak_bytes for b in blocks))
         scale = UNIT_BYTES[unit]
-        categories = _present_categories([b.shares for b in blocks])
+        categories = present_categories([b.shares for b in blocks])
         worst = max(blocks, key=lambda b: b.peak_bytes).block
         for i, b in enumerate(blocks):
             bottom = 0.0
@@ -230,14 +236,14 @@ def block_bars(m: Measurement, title: str) -> str:
             if b.block == worst:
                 ax.bar([i], [bottom], width=0.6, fill=False, edgecolor="#222222", linewidth=1.4)
             ax.text(i, bottom, f"{b.peak_bytes / scale:.2f}", ha="center", va="bottom", fontsize=8)
-        ax.set_xticks(range(len(blocks)), [f"block {b.block}\nlayers {_span(b.layers)}" for b in blocks])
+        ax.set_xticks(range(len(blocks)), [f"block {b.block}\nlayers {layer_span(b.layers)}" for b in blocks])
         ax.set_ylabel(f"peak ({unit})")
         ax.set_title(title, fontsize=9)
         ax.margins(y=0.15)
         return svg_from_figure(fig, f"blocks-{title}")
 
 
-def _span(layers: Sequence[int]) -> str:
+def layer_span(layers: Sequence[int]) -> str:
     if not layers:
         return "-"
     if list(layers) == list(range(layers[0], layers[-1] + 1)):
@@ -248,9 +254,9 @@ def _span(layers: Sequence[int]) -> str:
 def step_times(rows: Sequence[tuple[str, float, list[float] | None]], baseline_s: float | None) -> str:
     """Horizontal bars of seconds per row (label, median, [min, max] or None); with a
     baseline (the e2e step) each bar is annotated with its ratio to it."""
-    with matplotlib.rc_context(_RC):
+    with chart_style():
         n = len(rows)
-        fig = _figure(8.0, 0.7 + 0.4 * n)
+        fig = new_figure(8.0, 0.7 + 0.4 * n)
         ax = fig.add_subplot()
         ys = list(range(n))[::-1]
         largest = max(r[1] for r in rows) or 1.0
@@ -273,107 +279,3 @@ def step_times(rows: Sequence[tuple[str, float, list[float] | None]], baseline_s
         return svg_from_figure(fig, "step-times")
 
 
-def comparison_peaks(techniques: Sequence[str], series: Sequence[tuple[str, dict[str, Measurement]]]) -> str:
-    """Grouped bars: for each technique, one bar per series (a run at one batch size) with
-    its peak; a series that ran out of memory or failed shows its status instead of a bar."""
-    with matplotlib.rc_context(_RC):
-        fig = _figure(max(6.0, 1.0 + 1.1 * len(techniques) * max(1, len(series)) ** 0.5), 3.4)
-        ax = fig.add_subplot()
-        peaks = [m.peak_bytes for _, ms in series for m in ms.values() if m.ok]
-        unit = pick_unit(max(peaks, default=0))
-        scale = UNIT_BYTES[unit]
-        top = max(peaks, default=0) / scale or 1.0
-        width = 0.8 / max(1, len(series))
-        for s, (label, ms) in enumerate(series):
-            colour = SERIES_COLOURS[s % len(SERIES_COLOURS)]
-            for t, tech in enumerate(techniques):
-                x = t - 0.4 + width * (s + 0.5)
-                m = ms.get(tech)
-                if m is None:
-                    continue
-                if m.ok:
-                    bars = ax.bar([x], [m.peak_bytes / scale], width=width * 0.92, color=colour)
-                    bars[0].set_gid(f"cmp-bar-{s}-{t}")
-                else:
-                    ax.text(x, top * 0.02, m.status.upper(), rotation=90, ha="center", va="bottom",
-                            color="#B00020", fontweight="bold", fontsize=8)
-            ax.bar([0], [0], color=colour, label=label)  # legend entry
-        ax.set_xticks(range(len(techniques)), list(techniques))
-        ax.set_ylabel(f"peak memory ({unit})")
-        ax.set_ylim(0, top * 1.1)
-        ax.grid(axis="y", color="#dddddd", linewidth=0.6)
-        ax.set_axisbelow(True)
-        ax.legend(frameon=False, loc="upper left", bbox_to_anchor=(1.0, 1.0))
-        return svg_from_figure(fig, "comparison-peaks")
-
-
-def sweep_lines(xlabel: str, series: Sequence[tuple[str, Sequence[tuple[int, Measurement]]]]) -> str:
-    """Peak memory against a swept shape (sequence length, image size): one line per technique
-    through its measurements; a value where the technique failed (OOM, error) is marked on the
-    axis with its status instead of a point."""
-    with matplotlib.rc_context(_RC):
-        fig = _figure(7.0, 3.4)
-        ax = fig.add_subplot()
-        peaks = [m.peak_bytes for _, points in series for _, m in points if m.ok]
-        unit = pick_unit(max(peaks, default=0))
-        scale = UNIT_BYTES[unit]
-        top = max(peaks, default=0) / scale or 1.0
-        for s, (technique, points) in enumerate(series):
-            colour = SERIES_COLOURS[s % len(SERIES_COLOURS)]
-            ok = [(x, m.peak_bytes / scale) for x, m in points if m.ok]
-            if ok:
-                ax.plot([p[0] for p in ok], [p[1] for p in ok], marker="o", color=colour, label=technique)
-            for x, m in points:
-                if not m.ok:
-                    ax.text(x, top * 0.02, m.status.upper(), rotation=90, ha="center", va="bottom",
-                            color="#B00020", fontweight="bold", fontsize=8)
-        xs = sorted({x for _, points in series for x, _ in points})
-        ax.set_xticks(xs, [str(x) for x in xs])
-        ax.set_xlabel(xlabel)
-        ax.set_ylabel(f"peak memory ({unit})")
-        ax.set_ylim(0, top * 1.1)
-        ax.grid(color="#dddddd", linewidth=0.6)
-        ax.set_axisbelow(True)
-        ax.legend(frameon=False, loc="upper left", bbox_to_anchor=(1.0, 1.0))
-        return svg_from_figure(fig, "sweep-lines")
-
-
-def memory_vs_compute(points: Sequence[tuple[str, int, float]], capacity_bytes: int | None,
-                      recommended: str | None, x_label: str) -> str:
-    """The trade-off at a glance: each technique as a point of the device memory it needs (y)
-    against its compute per trained sample (x), the target's capacity as a dashed line, and the
-    recommended technique ringed. ``points`` are (technique, bytes, compute); each marker carries
-    the SVG id ``mc-point-<i>`` (i = its position) and the recommended one ``mc-recommended``."""
-    with matplotlib.rc_context(_RC):
-        fig = _figure(6.4, 3.6)
-        ax = fig.add_subplot()
-        top = max([b for _, b, _ in points] + ([capacity_bytes] if capacity_bytes else []), default=0)
-        unit = pick_unit(top)
-        scale = UNIT_BYTES[unit]
-        for i, (name, nbytes, compute) in enumerate(points):
-            fits = capacity_bytes is None or nbytes <= capacity_bytes
-            colour = "#1a7f37" if fits else "#B00020"
-            marker = ax.scatter([compute], [nbytes / scale], s=36, color=colour, zorder=3)
-            marker.set_gid(f"mc-point-{i}")
-            ax.annotate(name, (compute, nbytes / scale), textcoords="offset points", xytext=(6, 4), fontsize=8)
-            if name == recommended:
-                ring = ax.scatter([compute], [nbytes / scale], s=220, facecolors="none", edgecolors="#222222",
-                                  linewidths=1.6, zorder=4)
-                ring.set_gid("mc-recommended")
-                ax.annotate("recommended", (compute, nbytes / scale), textcoords="offset points", xytext=(6, -12),
-                            fontsize=8, fontweight="bold")
-        if capacity_bytes:
-            line = ax.axhline(capacity_bytes / scale, color="#444444", linestyle="--", linewidth=1.0)
-            line.set_gid("mc-capacity")
-            ax.text(1.0, capacity_bytes / scale, f" capacity {capacity_bytes / scale:.2f} {unit}",
-                    transform=ax.get_yaxis_transform(), va="center", ha="left", fontsize=8)
-        xs = [c for _, _, c in points]
-        if xs:
-            span = max(xs) - min(xs) or max(xs) or 1.0
-            ax.set_xlim(min(xs) - 0.12 * span, max(xs) + 0.35 * span)
-        ax.set_ylim(0, top / scale * 1.15 if top else 1.0)
-        ax.set_xlabel(x_label)
-        ax.set_ylabel(f"device memory needed ({unit})")
-        ax.grid(color="#eeeeee", linewidth=0.6)
-        ax.set_axisbelow(True)
-        return svg_from_figure(fig, "memory-vs-compute")

@@ -7,7 +7,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from dbprofile.files import write_atomic
-from dbprofile.report import charts
+from dbprofile.report.comparison_charts import comparison_peaks, sweep_lines
 from dbprofile.report.page import (
     bytes_cell,
     change_vs,
@@ -24,7 +24,7 @@ from dbprofile.report.page import (
 from dbprofile.results import Measurement, RunResult
 from dbprofile.spec import SpecError
 from dbprofile.techniques import parse_technique
-from dbprofile.units import format_bytes
+from dbprofile.units import format_bytes, pick_unit
 
 # Shapes a run may be made at (``--seq-len``, ``--image-size``), as the run's model_info names
 # them, with the axis label of a sweep over them.
@@ -55,7 +55,7 @@ def _sweep_section(results: Sequence[RunResult], key: str) -> str:
         series = [(tech, [(r.model_info[key], m) for r in ordered for m in r.measurements
                           if m.technique == tech and m.batch_size == bs]) for tech in techniques]
         title = f"<h3>batch {bs}</h3>" if len(batches) > 1 else ""
-        charts_html.append(title + chart_html(charts.sweep_lines(SHAPES[key], series)))
+        charts_html.append(title + chart_html(sweep_lines(SHAPES[key], series)))
     note = (f'<p class="muted">Peak memory of each technique against the {esc(humanise(key))}; each point is '
             "the run at that value (the table below has every number).</p>")
     return section_html("sweep", f"Peak against {esc(humanise(key))}", note + "".join(charts_html))
@@ -107,7 +107,7 @@ def render_comparison(results: list[RunResult], command: str | None = None) -> s
     sections = []
 
     summary = []
-    for label, r, bs, ms in series:
+    for label, r, _batch_size, ms in series:
         verdict, _ = stored_verdict(r)
         ok = [m for m in ms.values() if m.ok]
         bad = [m for m in ms.values() if not m.ok]
@@ -132,10 +132,10 @@ def render_comparison(results: list[RunResult], command: str | None = None) -> s
     if swept:
         sections.append(_sweep_section([r for r in results if r.measurements], swept))
     if series:
-        svg = charts.comparison_peaks(techniques, [(label, ms) for label, _, _, ms in series])
+        svg = comparison_peaks(techniques, [(label, ms) for label, _, _, ms in series])
         sections.append(section_html("peaks", "Peak memory per technique", chart_html(svg)))
 
-    unit = charts.pick_unit(max((m.peak_bytes for _, _, _, ms in series for m in ms.values() if m.ok), default=0))
+    unit = pick_unit(max((m.peak_bytes for _, _, _, ms in series for m in ms.values() if m.ok), default=0))
     head = "".join(f"<th>{esc(label)}</th>" for label, _, _, _ in series)
     rows = []
     for tech in techniques:

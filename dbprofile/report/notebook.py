@@ -25,6 +25,7 @@ from dbprofile.report.text import (
 )
 from dbprofile.report.tradeoff import plan_tradeoff_svg
 from dbprofile.results import Plan, RunResult, views
+from dbprofile.units import pick_unit
 
 
 def render_run_summary(result: RunResult) -> str:
@@ -32,7 +33,7 @@ def render_run_summary(result: RunResult) -> str:
     and reasons, and one row per measurement with its peak, largest share, phase and step time."""
     verdict, missing = stored_verdict(result)
     out = [f"<div class='dbprofile-run'><p><b>{esc(result.model)}</b>: {subtitle(result)}</p>"]
-    unit = charts.pick_unit(max((m.peak_bytes for m in result.measurements if m.ok), default=0))
+    unit = pick_unit(max((m.peak_bytes for m in result.measurements if m.ok), default=0))
     head = ["technique", "batch", "status", "peak", "largest share", "peak phase", "step time"]
     out.append("<table><tr>" + "".join(f"<th>{h}</th>" for h in head) + "</tr>")
     for label, m in zip((technique_label(m, result) for m in result.measurements), result.measurements):

@@ -161,7 +161,7 @@ def format_time_estimate(plan: Plan) -> str | None:
     if not timed or not plan.peak_flops or plan.utilisation is None:
         return None
     gpu = get_gpu(plan.device)
-    parts = [f"{e.technique} {e.time_per_million_samples_s / 3600:.2f} h"
+    parts = [f"{e.technique} {(e.time_per_million_samples_s or 0) / 3600:.2f} h"
              + (f" on {e.world_size} devices" if e.world_size > 1 else "") for e in timed]
     return (f"Estimated time per million samples at {round(100 * plan.utilisation)}% of the {plan.device}'s "
             f"{plan.peak_flops / 1e12:,.1f} TFLOPS {plan.precision} peak ({gpu.flops_source}; an illustration, the "

@@ -5,8 +5,11 @@ relative to e2e when e2e is among them (else in GFLOP per sample), drawn by
 
 from __future__ import annotations
 
-from dbprofile.report import charts
+from collections.abc import Sequence
+
+from dbprofile.report.charts import chart_style, new_figure, svg_from_figure
 from dbprofile.results import Plan, RunResult
+from dbprofile.units import UNIT_BYTES, pick_unit
 
 
 def tradeoff_points(rows: list[tuple[str, int, float | None]]) -> tuple[list[tuple[str, int, float]], str]:
@@ -27,7 +30,7 @@ def plan_tradeoff_svg(plan: Plan) -> str | None:
     if not points:
         return None
     recommended = getattr(plan.verdict, "recommended", None)
-    return charts.memory_vs_compute(points, plan.capacity_bytes, recommended, label)
+    return memory_vs_compute(points, plan.capacity_bytes, recommended, label)
 
 
 def run_tradeoff_svg(result: RunResult, batch_size: int, capacity_bytes: int | None,
@@ -38,4 +41,45 @@ def run_tradeoff_svg(result: RunResult, batch_size: int, capacity_bytes: int | N
     points, label = tradeoff_points(rows)
     if not points:
         return None
-    return charts.memory_vs_compute(points, capacity_bytes, recommended, label)
+    return memory_vs_compute(points, capacity_bytes, recommended, label)
+
+
+def memory_vs_compute(points: Sequence[tuple[str, int, float]], capacity_bytes: int | None,
+                      recommended: str | None, x_label: str) -> str:
+    """The trade-off at a glance: each technique as a point of the device memory it needs (y)
+    against its compute per trained sample (x), the target's capacity as a dashed line, and the
+    recommended technique ringed. ``points`` are (technique, bytes, compute); each marker carries
+    the SVG id ``mc-point-<i>`` (i = its position) and the recommended one ``mc-recommended``."""
+    with chart_style():
+        fig = new_figure(6.4, 3.6)
+        ax = fig.add_subplot()
+        top = max([b for _, b, _ in points] + ([capacity_bytes] if capacity_bytes else []), default=0)
+        unit = pick_unit(top)
+        scale = UNIT_BYTES[unit]
+        for i, (name, nbytes, compute) in enumerate(points):
+            fits = capacity_bytes is None or nbytes <= capacity_bytes
+            colour = "#1a7f37" if fits else "#B00020"
+            marker = ax.scatter([compute], [nbytes / scale], s=36, color=colour, zorder=3)
+            marker.set_gid(f"mc-point-{i}")
+            ax.annotate(name, (compute, nbytes / scale), textcoords="offset points", xytext=(6, 4), fontsize=8)
+            if name == recommended:
+                ring = ax.scatter([compute], [nbytes / scale], s=220, facecolors="none", edgecolors="#222222",
+                                  linewidths=1.6, zorder=4)
+                ring.set_gid("mc-recommended")
+                ax.annotate("recommended", (compute, nbytes / scale), textcoords="offset points", xytext=(6, -12),
+                            fontsize=8, fontweight="bold")
+        if capacity_bytes:
+            line = ax.axhline(capacity_bytes / scale, color="#444444", linestyle="--", linewidth=1.0)
+            line.set_gid("mc-capacity")
+            ax.text(1.0, capacity_bytes / scale, f" capacity {capacity_bytes / scale:.2f} {unit}",
+                    transform=ax.get_yaxis_transform(), va="center", ha="left", fontsize=8)
+        xs = [c for _, _, c in points]
+        if xs:
+            span = max(xs) - min(xs) or max(xs) or 1.0
+            ax.set_xlim(min(xs) - 0.12 * span, max(xs) + 0.35 * span)
+        ax.set_ylim(0, top / scale * 1.15 if top else 1.0)
+        ax.set_xlabel(x_label)
+        ax.set_ylabel(f"device memory needed ({unit})")
+        ax.grid(color="#eeeeee", linewidth=0.6)
+        ax.set_axisbelow(True)
+        return svg_from_figure(fig, "memory-vs-compute")

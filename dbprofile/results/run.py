@@ -129,7 +129,7 @@ class Measurement:
         return self.shares.get(category, 0) / self.peak_bytes if self.peak_bytes else 0.0
 
     @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> "Measurement":
+    def from_dict(cls, data: dict[str, Any]) -> Measurement:
         data = dict(data)
         data["blocks"] = [BlockMeasurement(**known_fields(BlockMeasurement, b)) for b in data.get("blocks", [])]
         return cls(**known_fields(cls, data))
@@ -181,7 +181,7 @@ class RunResult:
         return write_atomic(path, self.to_json())
 
     @classmethod
-    def from_dict(cls, data: Any) -> "RunResult":
+    def from_dict(cls, data: Any) -> RunResult:
         """Build from parsed JSON; ``ResultSchemaError`` names the first field that is wrong."""
         validate_result(data)
         data = dict(data)
@@ -191,7 +191,7 @@ class RunResult:
         return cls(**known_fields(cls, data))
 
     @classmethod
-    def load(cls, path: str | Path) -> "RunResult":
+    def load(cls, path: str | Path) -> RunResult:
         path = Path(path)
         try:
             data = json.loads(path.read_text(encoding="utf-8"))

@@ -40,7 +40,7 @@ class Verdict:
         return "\n".join([self.headline] + [f"- {r.sentence}" for r in self.reasons])
 
     @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> "Verdict":
+    def from_dict(cls, data: dict[str, Any]) -> Verdict:
         """From a result file's JSON: the reasons back as ``Reason`` objects."""
         data = dict(data)
         data["reasons"] = [Reason(**r) for r in data.get("reasons", [])]

@@ -7,7 +7,8 @@ empty table; without them a result still shows its type and size."""
 
 from __future__ import annotations
 
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 _text: dict[str, Callable[[Any], str]] = {}
 _html: dict[str, Callable[[Any], str]] = {}

@@ -146,7 +146,8 @@ def situation_of(result: RunResult | Plan, capacity_bytes: int | None, from_chec
         rows = rows_from_plan(result)
         capacity = capacity_bytes if capacity_bytes is not None else result.capacity_bytes
         target = result.device if capacity_bytes is None and result.device not in ("custom", "cpu") else "the target"
-        stored_checkpoint, stored_devices, batch = result.from_checkpoint, result.world_size, result.batch_size
+        stored_checkpoint, stored_devices = result.from_checkpoint, result.world_size
+        batch: int | None = result.batch_size
     elif isinstance(result, RunResult):
         rows, env_capacity = rows_from_run(result)
         capacity = capacity_bytes if capacity_bytes is not None else env_capacity

@@ -5,18 +5,34 @@ once, when the run ends. The package docstring gives the decisions and what each
 
 from __future__ import annotations
 
-
 from dbprofile.results import Plan, Reason, RunResult, Verdict
+from dbprofile.units import format_bytes
 from dbprofile.verdict.evidence import Row, cheapest_row, compute_ratio, row_fits, situation_of
 from dbprofile.verdict.reasons import (
-    gflops_text, pct, quality_risk, reason_composition, reason_compute_table, reason_costs, reason_db_overhead,
-    reason_failures, reason_fit, reason_measured_times, reason_parallel, reason_quality, reason_state_bound,
+    gflops_text,
+    pct,
+    quality_risk,
+    reason_composition,
+    reason_compute_table,
+    reason_costs,
+    reason_db_overhead,
+    reason_failures,
+    reason_fit,
+    reason_measured_times,
+    reason_parallel,
+    reason_quality,
+    reason_state_bound,
 )
 from dbprofile.verdict.thresholds import (
-    ACTIVATION_BOUND_SHARE, COMPUTE_MARGIN, HIGH_RISK_MIN_BLOCKS, MIN_SAVING_FRACTION, NOT_NEEDED_HEADROOM, STATE,
+    ACTIVATION_BOUND_SHARE,
+    COMPUTE_MARGIN,
+    HIGH_RISK_MIN_BLOCKS,
+    MIN_SAVING_FRACTION,
+    NOT_NEEDED_HEADROOM,
+    STATE,
     STATE_BOUND_SHARE,
 )
-from dbprofile.units import format_bytes
+from dbprofile.vocabulary import Decision
 
 
 def judge(result: RunResult | Plan, capacity_bytes: int | None = None, *, from_checkpoint: bool | None = None,
@@ -45,7 +61,7 @@ def judge(result: RunResult | Plan, capacity_bytes: int | None = None, *, from_c
     if table is not None:
         reasons.append(table)
 
-    def verdict(decision: str, headline: str, recommended: str | None, best: Row | None = None) -> Verdict:
+    def verdict(decision: Decision, headline: str, recommended: str | None, best: Row | None = None) -> Verdict:
         return Verdict(decision=decision, headline=headline, reasons=reasons,
                        best_technique=best.technique if best is not None else None, recommended=recommended,
                        batch_size=s.batch_size, capacity_bytes=s.capacity)

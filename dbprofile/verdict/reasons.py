@@ -9,8 +9,13 @@ from dbprofile.results import Reason
 from dbprofile.units import format_bytes
 from dbprofile.verdict.evidence import Row, Situation, compute_ratio
 from dbprofile.verdict.thresholds import (
-    HIGH_RISK_MIN_BLOCKS, LOW_RISK_MAX_BLOCKS, MAX_RATIO_NOISE,
-    QUALITY_ABLATIONS, QUALITY_REPORTED, STATE, STATE_BOUND_SHARE,
+    HIGH_RISK_MIN_BLOCKS,
+    LOW_RISK_MAX_BLOCKS,
+    MAX_RATIO_NOISE,
+    QUALITY_ABLATIONS,
+    QUALITY_REPORTED,
+    STATE,
+    STATE_BOUND_SHARE,
 )
 
 

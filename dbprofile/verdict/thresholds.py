@@ -3,7 +3,6 @@ and the paper's quality figures the quality rule quotes (METHOD.md)."""
 
 from __future__ import annotations
 
-
 NOT_NEEDED_HEADROOM = 0.1
 """e2e fits with at least this share of the capacity free: no memory technique is needed. Below it a
 fit is not safe: the allocator's reserved-over-allocated overhead ranged 2% to 35% on an H100

@@ -11,7 +11,6 @@ import torch.distributed as dist
 
 from dbprofile.spec import SpecError
 
-
 DEFAULT_TIMEOUT_S = 300
 """How long a rank waits in a collective for the others before it gives up (a failed rank)."""
 

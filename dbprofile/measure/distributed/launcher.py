@@ -9,7 +9,7 @@ import os
 import shlex
 import subprocess
 import sys
-from typing import Sequence
+from collections.abc import Sequence
 
 import torch.distributed as dist
 

@@ -9,10 +9,12 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import functools
 import time
+from collections.abc import Sequence
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 import torch
 import torch.distributed as dist
@@ -33,8 +35,8 @@ from dbprofile.methods.sharding import (
 )
 from dbprofile.results import Measurement, RunResult
 from dbprofile.settings import RunSettings
-from dbprofile.techniques import Technique, parse_technique
 from dbprofile.spec import ModelSpec, SpecError, get_layers
+from dbprofile.techniques import Technique, parse_technique
 from dbprofile.verdict import judge_into
 
 RESULTS_GRACE_S = 120
@@ -169,9 +171,9 @@ def simulate_rank(
                             extra={"rank": rank, "world_size": world_size, "sharding": _sharding(dtech, fsdp)})
             traces: dict | None = {} if per_rank is not None else None
             # The runner's protocol on fake tensors (it enters fake mode before calling the factory).
-            measure_into(m, spec, dtech.on_one_device(), batch_size, settings, dev=cpu,
-                         trainer_factory=lambda rank=rank: make_distributed_trainer(
-                             dtech, spec, cpu, rank, fsdp, precision=precision, optimizer=optimizer, mesh=mesh),
+            build = functools.partial(make_distributed_trainer, dtech, spec, cpu, rank, fsdp, precision=precision,
+                                      optimizer=optimizer, mesh=mesh)
+            measure_into(m, spec, dtech.on_one_device(), batch_size, settings, dev=cpu, trainer_factory=build,
                          tracker_cls=ShardedTracker, traces=traces)
             rows.append(m)
             if per_rank is not None:
@@ -281,8 +283,8 @@ def _run_ranks(spec: ModelSpec, dtechs: list[Technique], sizes: list[int], setti
         progress.stage(f"{d.name} @ batch {batch_size}: gathering the measurements of {world} ranks")
         gathered: list[Any] | None = [None] * world if rank == 0 else None
         dist.gather_object(m, gathered, dst=0, group=results_group)
-        verdict = [None]
-        if rank == 0:
+        stop_reason: list[str | None] = [None]
+        if result is not None and gathered is not None:  # rank 0
             for r, row in enumerate(gathered):
                 if not row.ok and row.error and not row.error.startswith(f"rank {r}"):
                     row.error = f"rank {r}: {row.error}"
@@ -298,13 +300,13 @@ def _run_ranks(spec: ModelSpec, dtechs: list[Technique], sizes: list[int], setti
                 r = next((r for r, _ in failed if r not in waited), failed[0][0])
                 for w in waited:
                     gathered[w].error += f" (rank {w} waited in a collective for rank {r}, which failed)"
-                verdict[0] = (f"rank {r} failed in {d.name}, so the ranks' collectives may be out of step; "
-                              "the remaining techniques were not run")
+                stop_reason[0] = (f"rank {r} failed in {d.name}, so the ranks' collectives may be out of step; "
+                                  "the remaining techniques were not run")
             judge_into(result)  # on the measurements so far: the saved file always carries one
             if out is not None:
                 result.save(out)
-        dist.broadcast_object_list(verdict, src=0, group=results_group)
-        stopped = stopped or verdict[0]
+        dist.broadcast_object_list(stop_reason, src=0, group=results_group)
+        stopped = stopped or stop_reason[0]
     dist.barrier(group=results_group)
     return result
 

@@ -8,12 +8,12 @@ like PyTorch's own ``torch.distributed._tools.mem_tracker.MemTracker``, the trac
 from __future__ import annotations
 
 import functools
+from collections.abc import Callable
 from typing import Any
 
 import torch
 
 from dbprofile.measure.tracker import CATEGORY_INDEX, Tracker
-
 
 _COMM = CATEGORY_INDEX["communication"]
 
@@ -52,12 +52,13 @@ class ShardedTracker(Tracker):
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         self.regions: list[str] = []
-        self._original_resize = None
+        self._original_resize: Callable[..., Any] | None = None
 
-    def __enter__(self) -> "ShardedTracker":
+    def __enter__(self) -> ShardedTracker:
         self._patch_resize()
         try:
-            return super().__enter__()
+            super().__enter__()
+            return self
         except BaseException:
             self._unpatch_resize()
             raise
@@ -99,7 +100,8 @@ class ShardedTracker(Tracker):
 
     def _assign_role(self, t: torch.Tensor, role: str) -> None:
         local = _local(t)
-        info = self._infos.get(_storage_id(local))
+        key = _storage_id(local)
+        info = self._infos.get(key) if key is not None else None
         # A plain (not DTensor) parameter whose storage FSDP all-gathered is the unsharded copy a
         # unit computes with: it stays communication, its sharded DTensor is the parameter.
         if role == "parameters" and local is t and info is not None and info.cat == _COMM and info.role is None:
@@ -129,11 +131,12 @@ class ShardedTracker(Tracker):
             return result
 
         self._original_resize = original
-        torch.UntypedStorage.resize_ = resize_
+        # The patch is the point (module docstring); torch's stubs type resize_ as a fixed method.
+        torch.UntypedStorage.resize_ = resize_  # type: ignore[method-assign, assignment]
 
     def _unpatch_resize(self) -> None:
         if self._original_resize is not None:
-            torch.UntypedStorage.resize_ = self._original_resize
+            torch.UntypedStorage.resize_ = self._original_resize  # type: ignore[method-assign]
             self._original_resize = None
 
     def _on_resize(self, storage: torch.UntypedStorage) -> None:

@@ -13,7 +13,7 @@ are left out.
 from __future__ import annotations
 
 import contextlib
-from typing import Callable, Iterator
+from collections.abc import Callable, Iterator
 
 import torch
 from torch import nn
@@ -105,7 +105,7 @@ def layer_activation_bytes(
     for block in range(blocks):
         layers = [model._runners[i] for i in model.block_layers[block]]
         gen = torch.Generator(device=device).manual_seed(block)
-        per_block.append(_measure(model, layers, lambda: model.loss(batch, block, generator=gen)))
+        per_block.append(_measure(model, layers, lambda block=block, gen=gen: model.loss(batch, block, generator=gen)))
     everything = list(range(len(model.layers)))
     gen = torch.Generator(device=device).manual_seed(0)
     full_bytes = _measure(

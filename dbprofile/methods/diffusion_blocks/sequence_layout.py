@@ -16,8 +16,9 @@ model is never run with positions or a mask that do not match its sequence.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, Callable
+from typing import Any
 
 import torch
 from torch import nn
@@ -62,14 +63,14 @@ class SequenceLayout:
         return torch.ones(s, s, dtype=torch.bool, device=self.positions.device).tril()
 
     @classmethod
-    def interleaved(cls, tokens: int, device: torch.device | str) -> "SequenceLayout":
+    def interleaved(cls, tokens: int, device: torch.device | str) -> SequenceLayout:
         """[c_0, n_0, c_1, n_1, ...] under plain causal masking: both the clean token c_i and the
         noisy target n_i stand at position i (n_i = c_in*z_i + c_i carries c_i's position)."""
         positions = torch.arange(tokens, device=device).repeat_interleave(2)
         return cls(tokens=tokens, positions=positions, allowed=None)
 
     @classmethod
-    def concatenated(cls, tokens: int, allowed: torch.Tensor, positions: torch.Tensor) -> "SequenceLayout":
+    def concatenated(cls, tokens: int, allowed: torch.Tensor, positions: torch.Tensor) -> SequenceLayout:
         """[c_0..c_{T-1}, n_0..n_{T-1}] under the modified causal mask ``allowed`` (the paper's layout;
         dbprofile.methods.diffusion_blocks.blockwise builds the mask and the positions)."""
         return cls(tokens=tokens, positions=positions, allowed=allowed)

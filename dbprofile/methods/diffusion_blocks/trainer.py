@@ -17,7 +17,7 @@ import random
 import torch
 from torch import nn
 
-from dbprofile.methods.base import Mark, Trainer, _no_mark, to_device
+from dbprofile.methods.base import Mark, Trainer, no_mark, to_device
 from dbprofile.methods.diffusion_blocks.blockwise import LABEL_INIT_STD, BlockwiseModel
 from dbprofile.methods.diffusion_blocks.schedule import DEFAULT_GAMMA
 from dbprofile.spec import Batch, ModelSpec
@@ -56,7 +56,7 @@ class DiffusionBlocksTrainer(Trainer):
         cond_dim: int | None = None,
         label_init_std: float = LABEL_INIT_STD,
         seed: int = 0,
-    ) -> "DiffusionBlocksTrainer":
+    ) -> DiffusionBlocksTrainer:
         device = torch.device(device)
         model = BlockwiseModel(
             spec,
@@ -168,11 +168,11 @@ class OffloadDiffusionBlocksTrainer(DiffusionBlocksTrainer):
                     self._state_host[slot].copy_(state[key])
                 state[key] = self._state_host[slot]
 
-    def block_resident(self, block: int) -> "_Resident":
+    def block_resident(self, block: int) -> _Resident:
         """Context manager: block ``block`` on the device for evaluation, back on the host after."""
         return _Resident(self, block)
 
-    def step(self, batch: Batch, unit: int | None = None, mark: Mark = _no_mark) -> torch.Tensor:
+    def step(self, batch: Batch, unit: int | None = None, mark: Mark = no_mark) -> torch.Tensor:
         block = self.pick_block() if unit is None else unit
         mark("transfer")
         self.move_in(block)

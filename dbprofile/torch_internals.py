@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import contextlib
 import inspect
-from typing import Iterator
+from collections.abc import Iterator
 
 import torch
 from torch._subclasses.fake_tensor import FakeTensor, FakeTensorMode
@@ -87,7 +87,7 @@ def outside_fake_mode() -> Iterator[None]:
         yield
 
 
-def profiler_allocations(prof: "torch.profiler.profile") -> list[tuple[int, int]]:
+def profiler_allocations(prof: torch.profiler.profile) -> list[tuple[int, int]]:
     """(time in ns, bytes: + allocated / - freed) for every allocator event a
     ``torch.profiler.profile(profile_memory=True)`` recorded, in time order. The public
     ``prof.events()`` attributes most of them to ops and drops them; the raw kineto results
