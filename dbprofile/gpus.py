@@ -27,8 +27,7 @@ import re
 from dataclasses import dataclass
 
 from dbprofile.spec import SpecError
-
-MiB = 1024**2
+from dbprofile.units import MiB
 
 
 @dataclass(frozen=True)

@@ -10,8 +10,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from dbprofile.methods.base import OPTIMIZERS, PRECISIONS
 from dbprofile.spec import SpecError
+from dbprofile.vocabulary import OPTIMIZERS, PRECISIONS
 
 DEFAULT_STEPS = 5
 DEFAULT_WARMUP_STEPS = 1

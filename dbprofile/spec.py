@@ -80,7 +80,7 @@ class ModelSpec:
     """For causal-lm models whose forward computes per-position tensors outside the layers (rotary
     tables, 4-D masks): ``adapter(model, layout)`` returns ``rewrite(layer, args, kwargs) -> (args,
     kwargs)``, which gives each active layer what matches a DiffusionBlocks ``SequenceLayout``
-    (dbprofile.methods.diffusion_blocks.sequence_layout; docs/protocol.md). None: such models are
+    (dbprofile.sequence_layout; docs/protocol.md). None: such models are
     refused for DiffusionBlocks with a message, e2e and ckpt still run."""
 
     def __post_init__(self) -> None:

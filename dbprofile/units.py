@@ -54,3 +54,10 @@ def parse_size(text: str) -> int:
         raise ValueError(f"Cannot read the size {text!r}; write it like 24GiB, 512MiB or 1073741824 (bytes).")
     number, unit = match.groups()
     return int(float(number) * _SIZE_UNITS[(unit or "b").lower()])
+
+
+def format_gflop(flops: float) -> str:
+    """FLOPs in GFLOP, readable at every scale: '1,234.5', '12.3', '0.0123' (a tiny model's
+    work is never shown as a bare 0.0)."""
+    gflop = flops / 1e9
+    return f"{gflop:,.1f}" if abs(gflop) >= 10 else f"{gflop:.3g}"

@@ -42,6 +42,14 @@ Decision = Literal["adopt", "not-worth-it", "not-needed", "inconclusive"]
 DECISIONS: tuple[Decision, ...] = get_args(Decision)
 """The verdict's decisions (dbprofile.verdict, docs/verdict.md)."""
 
+Precision = Literal["fp32", "bf16"]
+PRECISIONS: tuple[Precision, ...] = get_args(Precision)
+"""Training precisions: fp32, or bf16 autocast (parameters and optimizer state stay fp32)."""
+
+OptimizerName = Literal["adamw", "sgd", "adafactor"]
+OPTIMIZERS: tuple[OptimizerName, ...] = get_args(OptimizerName)
+"""The optimizers a technique trains with (what the optimizer-state share holds)."""
+
 CudaCorrection = Literal["cublas_workspace", "allocator_segments", "cuda_context"]
 CUDA_CORRECTIONS: tuple[CudaCorrection, ...] = get_args(CudaCorrection)
 """The planner's corrections for a CUDA target, in ``PlanEntry.corrections`` (dbprofile.planner)."""

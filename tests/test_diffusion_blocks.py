@@ -30,8 +30,8 @@ from dbprofile.methods.diffusion_blocks.sampler import (
     held_out_block_losses,
     identity_block_copy,
 )
-from dbprofile.methods.diffusion_blocks.sequence_layout import UnsupportedLayoutError
 from dbprofile.models import dit, gpt, vit
+from dbprofile.sequence_layout import UnsupportedLayoutError
 from dbprofile.spec import ModelSpec, SpecError, get_layers
 from dbprofile.techniques import Technique, parse_technique
 

@@ -18,9 +18,9 @@ from dbprofile.cli import main  # noqa: E402
 from dbprofile.loading import load_model, validate_spec  # noqa: E402
 from dbprofile.measure.runner import run  # noqa: E402
 from dbprofile.methods.diffusion_blocks.blockwise import BlockwiseModel  # noqa: E402
-from dbprofile.methods.diffusion_blocks.sequence_layout import SequenceLayout  # noqa: E402
 from dbprofile.models.common import build_on_meta, count_parameters  # noqa: E402
 from dbprofile.models.hf import hf_position_adapter  # noqa: E402
+from dbprofile.sequence_layout import SequenceLayout  # noqa: E402
 from dbprofile.spec import SpecError  # noqa: E402
 
 TINY_LLAMA = {"num_hidden_layers": "2", "hidden_size": "32", "intermediate_size": "64", "num_attention_heads": "4",

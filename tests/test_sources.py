@@ -15,7 +15,7 @@ from torch import nn
 from dbprofile.cli import main
 from dbprofile.loading import load_model, load_sweep, validate_spec
 from dbprofile.measure.runner import run
-from dbprofile.methods.diffusion_blocks.sequence_layout import SequenceLayout
+from dbprofile.sequence_layout import SequenceLayout
 from dbprofile.spec import ModelSpec, SpecError
 
 TECHNIQUES = ["e2e", "ckpt", "db:2", "db:2+ckpt"]

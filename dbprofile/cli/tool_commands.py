@@ -67,9 +67,9 @@ def validate(cases, techniques, precisions, device, steps, time_budget, out, con
     from dbprofile import validate as v
     from dbprofile.files import to_standard_json, write_atomic
     from dbprofile.measure.device import environment, resolve_device
-    from dbprofile.methods.base import PRECISIONS
     from dbprofile.report import text
     from dbprofile.techniques import parse_techniques
+    from dbprofile.vocabulary import PRECISIONS
 
     if steps < 1:
         raise UserError(f"--steps must be at least 1; got {steps}.")

@@ -16,9 +16,7 @@ import torch
 from torch import nn
 
 from dbprofile.spec import Batch, ModelSpec, SpecError
-
-OPTIMIZERS = ("adamw", "sgd", "adafactor")
-PRECISIONS = ("fp32", "bf16")
+from dbprofile.vocabulary import OPTIMIZERS, PRECISIONS
 
 # Every technique clips the gradient norm at 1.0: DiffusionBlocks needs it (METHOD.md), and
 # applying it everywhere keeps the per-step work (and its temporaries) comparable.

@@ -40,7 +40,7 @@ from dbprofile.spec import Batch, ModelSpec, SpecError
 from dbprofile.torch_internals import active_fake_mode, is_fake
 
 if TYPE_CHECKING:
-    from dbprofile.methods.diffusion_blocks.sequence_layout import (
+    from dbprofile.sequence_layout import (
         CallRewrite,
         SequenceLayout,
     )
@@ -313,7 +313,7 @@ def hf_position_adapter(model: nn.Module, layout: SequenceLayout) -> CallRewrite
     active layer as the model's own forward shares its tables. Any other argument that is a
     per-position tensor for T tokens refuses DiffusionBlocks (sequence_layout.refusal)."""
     # Imported here, not at the top: the model source must not import the method at load time.
-    from dbprofile.methods.diffusion_blocks.sequence_layout import (
+    from dbprofile.sequence_layout import (
         per_position_arguments,
         refusal,
         signature_names,

@@ -26,9 +26,10 @@ from dbprofile.planner.zero import block_parallel, model_facts, shard_zero
 from dbprofile.results import Measurement, Plan, PlanEntry, per_sample
 from dbprofile.spec import ModelSpec, SpecError
 from dbprofile.techniques import DEFAULT_TECHNIQUES, PARALLEL_SUFFIX, Technique, check_technique_fits, parse_technique
+from dbprofile.units import GiB
 from dbprofile.vocabulary import CATEGORIES
 
-FULL_TRACE_BELOW_PARAMETER_BYTES = 4 * 1024**3
+FULL_TRACE_BELOW_PARAMETER_BYTES = 4 * GiB
 """For a CUDA target, models with less parameter memory than this (about 1B fp32 parameters) are
 traced at full depth: the allocator replay's reserved bytes come in whole segments and were 5-8% off
 when estimated from shallow traces (ViT-B/16, GPT-2 small), while the full trace costs seconds.

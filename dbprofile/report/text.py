@@ -11,7 +11,7 @@ from typing import Any
 
 from dbprofile.gpus import get_gpu
 from dbprofile.results import Plan, PlanEntry, RunResult, views
-from dbprofile.units import UNIT_BYTES, format_bytes, pick_unit
+from dbprofile.units import UNIT_BYTES, format_bytes, format_gflop, pick_unit
 from dbprofile.validate import ValidationRow
 from dbprofile.vocabulary import CATEGORIES
 
@@ -58,7 +58,7 @@ def run_table(result: RunResult) -> str:
             phase += f" (block {m.peak_block})"
         times = [f"{t:.4f}" if t is not None else "-" for t in
                  (m.step_time_s, m.step_time_iqr_s, m.block_steps_time_s, m.block_steps_time_iqr_s)]
-        gflops = f"{m.flops_per_sample / 1e9:.4g}" if m.flops_per_sample is not None else "-"
+        gflops = format_gflop(m.flops_per_sample) if m.flops_per_sample is not None else "-"
         name = m.technique + (" NaN" if m.status == "nan" else "")
         rows.append([name, str(m.batch_size)] + figs + [phase, *times, gflops])
     lines = aligned(rows, left={0, *range(len(head) - 6, len(head))})
@@ -143,7 +143,7 @@ def _row(e: PlanEntry, e2e_flops: float | None) -> list[str]:
         "-" if e.fits is None else ("yes" if e.fits else "NO"),
         "-" if e.headroom_bytes is None else format_bytes(e.headroom_bytes),
         "-" if e.max_batch_size is None else str(e.max_batch_size),
-        "-" if flops is None else f"{flops / 1e9:,.1f}",
+        "-" if flops is None else format_gflop(flops),
         "-" if flops is None or not e2e_flops else f"{flops / e2e_flops:.2f}x",
     ]
 

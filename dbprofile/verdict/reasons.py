@@ -6,7 +6,7 @@ from __future__ import annotations
 from typing import Any
 
 from dbprofile.results import Reason
-from dbprofile.units import format_bytes
+from dbprofile.units import format_bytes, format_gflop
 from dbprofile.verdict.evidence import Row, Situation, compute_ratio
 from dbprofile.verdict.thresholds import (
     HIGH_RISK_MIN_BLOCKS,
@@ -33,7 +33,7 @@ def params_text(n: int) -> str:
 
 
 def gflops_text(flops: float) -> str:
-    return f"{flops / 1e9:,.1f} GFLOP"
+    return f"{format_gflop(flops)} GFLOP"
 
 
 

@@ -60,13 +60,13 @@ from dbprofile.methods.diffusion_blocks.schedule import (
     default_weighting,
     weighted_loss,
 )
-from dbprofile.methods.diffusion_blocks.sequence_layout import (
+from dbprofile.seeding import seeded
+from dbprofile.sequence_layout import (
     SequenceLayout,
     UnsupportedLayoutError,
     guard_rewrite,
     install_rewrite,
 )
-from dbprofile.seeding import seeded
 from dbprofile.spec import (
     Batch,
     ModelSpec,
