@@ -130,11 +130,11 @@ def test_activation_ratios_are_computed_through_the_cli(tmp_path):
 
 def test_activation_ratios_on_a_conv_patch_embedding_preset():
     """The reported failure: 'Couldn't swap Conv2d.weight' on vit-tiny under the runner's fake mode."""
-    from dbprofile.measure.runner import _activation_ratios
+    from dbprofile.measure.steps import activation_ratios
     from dbprofile.techniques import parse_techniques
 
     m = Measurement(technique="db:2", batch_size=2)
-    _activation_ratios(m, load_spec("vit-tiny"), parse_techniques(["db:2"])[0], 2, "cpu", False)
+    activation_ratios(m, load_spec("vit-tiny"), parse_techniques(["db:2"])[0], 2)
     assert "activation_ratios_error" not in m.extra
     assert m.extra["activation_ratios"]["ratio_vs_full_depth_adaln"] == pytest.approx(0.5, abs=0.01)
 
@@ -497,12 +497,12 @@ def test_spec_errors_that_slip_past_the_checks_are_that_techniques_error(tmp_pat
 
 def test_a_closed_stdout_ends_quietly_with_141(monkeypatch):
     """`dbprofile models | head -1`: the reader went away; no 'Cannot use: Broken pipe' paragraph."""
-    import dbprofile.cli as cli
+    import click
 
     def closed(*args, **kwargs):
         raise BrokenPipeError(32, "Broken pipe")
 
-    monkeypatch.setattr(cli.click, "echo", closed)
+    monkeypatch.setattr(click, "echo", closed)
     result = invoke("models")
     assert result.exit_code == 141 and "Broken pipe" not in result.output
 

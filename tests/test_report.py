@@ -8,15 +8,15 @@ import re
 import shutil
 import subprocess
 import sys
-import types
 from html.parser import HTMLParser
 
 import pytest
 
 from dbprofile.report import charts, render_comparison, render_run, write_comparison, write_run_report
 from dbprofile.report.page import show_bytes
-from dbprofile.results import BlockMeasurement, Measurement, RunResult
+from dbprofile.results import BlockMeasurement, Measurement, Reason, RunResult, Verdict
 from dbprofile.units import format_bytes
+from dbprofile.verdict import judge_into
 from dbprofile.vocabulary import CATEGORIES
 
 MiB = 1024**2
@@ -160,18 +160,16 @@ def test_without_verdict_module_the_page_leads_with_measured_facts(monkeypatch):
     assert "all 3 block-steps 1.09x" in verdict["text"]  # 0.0555 / 0.0507
 
 
-def _fake_verdict_module(decision: str, headline: str, sentence: str) -> types.ModuleType:
-    """A stand-in for dbprofile.verdict with the documented interface (judge -> Verdict)."""
-    module = types.ModuleType("dbprofile.verdict")
-    reason = types.SimpleNamespace(rule="activations-dominate", sentence=sentence, numbers={"fraction": 0.78})
-    module.judge = lambda result: types.SimpleNamespace(decision=decision, headline=headline, reasons=[reason])
-    return module
+def _judged(result: RunResult, decision: str, headline: str, sentence: str) -> RunResult:
+    """``result`` with a stored verdict of our choosing (pages show the verdict a run stored)."""
+    reason = Reason(rule="activations-dominate", sentence=sentence, numbers={"fraction": 0.78})
+    result.verdict = Verdict(decision=decision, headline=headline, reasons=[reason])
+    return result
 
 
-def test_verdict_is_rendered_first_with_its_reasons_escaped(monkeypatch):
-    module = _fake_verdict_module("adopt", "Adopt db:3: it cuts the peak by 46% <b>", "activations are 78% of the e2e peak")
-    monkeypatch.setitem(sys.modules, "dbprofile.verdict", module)
-    page = render_run(make_run())
+def test_verdict_is_rendered_first_with_its_reasons_escaped():
+    args = ("adopt", "Adopt db:3: it cuts the peak by 46% <b>", "activations are 78% of the e2e peak")
+    page = render_run(_judged(make_run(), *args))
     tree = parse(page)
     assert tree.sections[0] == "verdict"
     box = next(el for el in tree.elements if el["tag"] == "div" and "verdict" in el["attrs"].get("class", ""))
@@ -179,16 +177,18 @@ def test_verdict_is_rendered_first_with_its_reasons_escaped(monkeypatch):
     assert "Adopt DiffusionBlocks" in box["text"]
     assert "Adopt db:3: it cuts the peak by 46% <b>" in box["text"] and "&lt;b&gt;" in page
     assert "activations are 78% of the e2e peak" in box["text"] and "activations-dominate" in box["text"]
-    cmp_tree = parse(render_comparison([make_run(), make_run(batch_size=128)]))
+    cmp_tree = parse(render_comparison([_judged(make_run(), *args), _judged(make_run(batch_size=128), *args)]))
     summary = next(el for el in cmp_tree.elements if el["attrs"].get("id") == "summary")
     assert summary["text"].count("Verdict: Adopt DiffusionBlocks") == 2
 
 
 def test_a_failing_verdict_does_not_hide_the_measurements(monkeypatch):
-    module = types.ModuleType("dbprofile.verdict")
-    module.judge = lambda result: 1 / 0
-    monkeypatch.setitem(sys.modules, "dbprofile.verdict", module)
-    tree = parse(render_run(make_run()))
+    import dbprofile.verdict.decide as decide
+
+    monkeypatch.setattr(decide, "judge", lambda result: 1 / 0)
+    result = decide.judge_into(make_run())
+    assert result.verdict is None and result.measurements
+    tree = parse(render_run(result))
     verdict = next(el for el in tree.elements if el["attrs"].get("id") == "verdict")
     assert "could not be computed (ZeroDivisionError" in verdict["text"]
     assert "peaks" in tree.sections
@@ -401,6 +401,7 @@ def test_memory_against_compute_follows_the_verdict_when_flops_were_counted():
     assert "tradeoff" not in parse(render_run(result)).sections  # nothing counted: no chart
     for m, per_sample in zip(result.measurements, (100e9, 122e9, 101e9)):
         m.training_flops = int(per_sample * m.batch_size)
+    judge_into(result)  # as the runner does when a run ends
     page = render_run(result)
     tree = parse(page)
     assert tree.sections[:2] == ["verdict", "tradeoff"]

@@ -18,6 +18,7 @@ from dbprofile.measure import snapshot
 from dbprofile.measure.runner import measure
 from dbprofile.results import Measurement, Plan, PlanEntry, RunResult
 from dbprofile.spec import SpecError
+from dbprofile.verdict import judge_into
 
 TOY = f"{Path(__file__).parent / '_toy.py'}:toy_spec"
 GiB = 1024**3
@@ -262,6 +263,7 @@ def test_run_result_repr_html_is_a_compact_escaped_table_with_the_verdict():
                     step_time_s=0.01),
         Measurement(technique="db:2", batch_size=8, status="oom", error="out of memory"),
     ])
+    judge_into(result)  # as the runner does when a run ends
     page = result._repr_html_()
     assert "&lt;b&gt;net&lt;/b&gt;" in page and "<b>net</b>" not in page
     assert "<td>e2e</td>" in page and "activations 75%" in page and "10.0 ms" in page and "<td>oom</td>" in page

@@ -23,7 +23,7 @@ e2e), or None when nothing fits as asked. The quality figures are the paper's bl
 ablations (METHOD.md), the only evidence about quality dbprofile has.
 """
 
-from dbprofile.verdict.judge import judge, judge_into
+from dbprofile.verdict.decide import judge, judge_into
 from dbprofile.verdict.reasons import quality_risk, ratio_is_clear
 from dbprofile.verdict.thresholds import (
     ACTIVATION_BOUND_SHARE,
