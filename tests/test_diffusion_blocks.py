@@ -18,10 +18,6 @@ from dbprofile.methods.diffusion_blocks import (
     sample,
 )
 from dbprofile.methods.diffusion_blocks.activations import layer_activation_bytes
-from dbprofile.methods.diffusion_blocks.blockwise import (
-    concatenated_attention_mask,
-    concatenated_positions,
-)
 from dbprofile.methods.diffusion_blocks.conditioning import (
     AdaLNZeroBlock,
     GenericAdaLNZero,
@@ -29,6 +25,10 @@ from dbprofile.methods.diffusion_blocks.conditioning import (
 from dbprofile.methods.diffusion_blocks.sampler import (
     held_out_block_losses,
     identity_block_copy,
+)
+from dbprofile.methods.diffusion_blocks.task_targets import (
+    concatenated_attention_mask,
+    concatenated_positions,
 )
 from dbprofile.models import dit, gpt, vit
 from dbprofile.sequence_layout import UnsupportedLayoutError

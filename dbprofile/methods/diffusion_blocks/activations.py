@@ -19,7 +19,8 @@ import torch
 from torch import nn
 
 from dbprofile.methods.base import to_device
-from dbprofile.methods.diffusion_blocks.blockwise import LM_LAYOUTS, BlockwiseModel
+from dbprofile.methods.diffusion_blocks.blockwise import BlockwiseModel
+from dbprofile.methods.diffusion_blocks.task_targets import LM_LAYOUTS
 from dbprofile.spec import ModelSpec, get_layers
 
 
@@ -103,13 +104,13 @@ def layer_activation_bytes(
     model = to_device(BlockwiseModel(spec, spec.build(), blocks, **layout), device)
     per_block = []
     for block in range(blocks):
-        layers = [model._runners[i] for i in model.block_layers[block]]
+        layers = [model.layer_runners[i] for i in model.block_layers[block]]
         gen = torch.Generator(device=device).manual_seed(block)
         per_block.append(_measure(model, layers, lambda block=block, gen=gen: model.loss(batch, block, generator=gen)))
     everything = list(range(len(model.layers)))
     gen = torch.Generator(device=device).manual_seed(0)
     full_bytes = _measure(
-        model, list(model._runners), lambda: model.loss(batch, 0, generator=gen, layer_indices=everything)
+        model, list(model.layer_runners), lambda: model.loss(batch, 0, generator=gen, layer_indices=everything)
     )
     worst = max(per_block)
     return {

@@ -35,7 +35,6 @@ reasons in docs/diffusion_blocks.md):
 from __future__ import annotations
 
 import contextlib
-import inspect
 from collections.abc import Iterator
 
 import torch
@@ -60,6 +59,20 @@ from dbprofile.methods.diffusion_blocks.schedule import (
     default_weighting,
     weighted_loss,
 )
+from dbprofile.methods.diffusion_blocks.task_targets import (
+    LABEL_INIT_STD,
+    LM_LAYER_KWARGS,
+    LM_LAYOUTS,
+    accepts_keywords,
+    broadcast_per_sample,
+    check_batch,
+    concatenated_attention_mask,
+    concatenated_positions,
+    find_input_embedding,
+    first_output,
+    has_readout,
+    replace_first_output,
+)
 from dbprofile.seeding import seeded
 from dbprofile.sequence_layout import (
     SequenceLayout,
@@ -76,80 +89,6 @@ from dbprofile.spec import (
     like_stack,
     set_layers,
 )
-
-
-def _first(out):
-    return out[0] if isinstance(out, (tuple, list)) else out
-
-
-def _replace_first(out, new):
-    return (new, *out[1:]) if isinstance(out, (tuple, list)) else new
-
-
-def _per_sample(values: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
-    """(N,) -> (N, 1, ..., 1) broadcastable against ``like``."""
-    return values.reshape(values.shape[0], *([1] * (like.dim() - 1)))
-
-
-LABEL_INIT_STD = 0.02
-"""Std of the classification label table's initial rows, the authors' N(0, 0.02). The rows
-are L2-normalised before use, so the scale only sets how fast AdamW (whose steps are about
-lr in size whatever the scale) moves the targets; docs/diffusion_blocks.md has the measured
-effect."""
-
-LM_LAYOUTS = ("concatenated", "interleaved")
-"""How the causal-lm task lays out clean and noisy tokens (module doc); the first is the default."""
-LM_LAYER_KWARGS = ("attn_mask", "positions")
-"""Keyword arguments every layer receives in the concatenated layout (docs/diffusion_blocks.md)."""
-
-
-def concatenated_attention_mask(tokens: int, device: torch.device | str | None = None) -> torch.Tensor:
-    """(2T, 2T) boolean mask, True where a query may attend, for [clean_0..T-1, noisy_0..T-1]:
-    clean tokens are causal among themselves, noisy token i sees clean tokens 0..i and itself."""
-    causal = torch.ones(tokens, tokens, dtype=torch.bool, device=device).tril()
-    mask = torch.zeros(2 * tokens, 2 * tokens, dtype=torch.bool, device=device)
-    mask[:tokens, :tokens] = causal
-    mask[tokens:, :tokens] = causal
-    mask[tokens:, tokens:] = torch.eye(tokens, dtype=torch.bool, device=device)
-    return mask
-
-
-def concatenated_positions(tokens: int, device: torch.device | str | None = None) -> torch.Tensor:
-    """(2T,) position ids [0..T-1, 0..T-1]: noisy token i sits at the position of the token it predicts from."""
-    return torch.arange(tokens, device=device).repeat(2)
-
-
-def _accepts(fn, names: tuple[str, ...]) -> bool:
-    """True when ``fn`` takes every keyword in ``names`` (or **kwargs)."""
-    try:
-        params = inspect.signature(fn).parameters.values()
-    except (TypeError, ValueError):
-        return False
-    if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params):
-        return True
-    given = {p.name for p in params}
-    return all(name in given for name in names)
-
-
-def find_input_embedding(model: nn.Module, spec: ModelSpec) -> nn.Module:
-    """The model's own token embedding, (vocabulary x d): ``get_input_embeddings()`` when the
-    model has it (Hugging Face and the built-in GPT), else its only ``nn.Embedding`` with
-    ``num_classes`` rows. DiffusionBlocks builds the causal-lm target from it."""
-    getter = getattr(model, "get_input_embeddings", None)
-    if callable(getter):
-        table = getter()
-        if isinstance(getattr(table, "weight", None), torch.Tensor):
-            return table
-    candidates = [m for m in model.modules() if isinstance(m, nn.Embedding) and m.num_embeddings == spec.num_classes]
-    if len(candidates) == 1:
-        return candidates[0]
-    found = "none" if not candidates else f"{len(candidates)}"
-    raise SpecError(
-        f"Task 'causal-lm' of {spec.name!r}: DiffusionBlocks builds its noisy targets from the model's own "
-        f"token embedding, but the model has no get_input_embeddings() and {found} nn.Embedding with "
-        f"num_classes={spec.num_classes} rows. Add a get_input_embeddings() method returning the token "
-        "embedding module, or set ModelSpec.num_classes to the vocabulary size."
-    )
 
 
 class BlockwiseModel(nn.Module):
@@ -228,7 +167,7 @@ class BlockwiseModel(nn.Module):
         self.native_readout = False
         if self.task == "classification":
             self.label_embedding = nn.Parameter(torch.randn(spec.num_classes, hidden) * label_init_std)
-            self.native_readout = _has_readout(model)
+            self.native_readout = has_readout(model)
             if self.native_readout:
                 # Final sigma-conditioned AdaLN (shift, scale) before the classifier; it and the
                 # classifier start at zero, as in the authors' ``_init_dit``.
@@ -246,7 +185,7 @@ class BlockwiseModel(nn.Module):
                 self._layout_refusal = self._layers_without_mask(wrapped)
         self.checkpoint = checkpoint
         # Per-layer runners (checkpointed or not), kept out of the module tree on purpose.
-        self._runners = [CheckpointedSegment([layer]) if checkpoint else layer for layer in wrapped]
+        self.layer_runners = [CheckpointedSegment([layer]) if checkpoint else layer for layer in wrapped]
         self._checked_layers: set[int] = set()
         self.block_residency = contextlib.nullcontext
         """Context manager factory ``(block) -> ctx`` that makes a block's parameters resident
@@ -258,7 +197,7 @@ class BlockwiseModel(nn.Module):
         """Why the concatenated layout cannot run these layers (None: it can)."""
         for layer in wrapped:
             target = layer.layer.attn.forward if isinstance(layer, AdaLNZeroBlock) else layer.layer.forward
-            if not _accepts(target, LM_LAYER_KWARGS):
+            if not accepts_keywords(target, LM_LAYER_KWARGS):
                 return (
                     f"Task 'causal-lm' of {self.spec.name!r}: the concatenated layout runs clean and noisy "
                     f"tokens side by side under a modified causal mask, which reaches each layer as the keyword "
@@ -297,7 +236,7 @@ class BlockwiseModel(nn.Module):
     @contextlib.contextmanager
     def running(self, indices: list[int]) -> Iterator[nn.ModuleList]:
         """Install a ModuleList of only these layers in the user's model, restoring the full list after."""
-        active = like_stack(self.layers, (self._runners[i] for i in indices))
+        active = like_stack(self.layers, (self.layer_runners[i] for i in indices))
         # The first time a layer runs, check it keeps the hidden shape (a residual layer). These
         # hooks are registered before the task's hooks, so they see the layer's own output.
         unchecked = [pos for pos, i in enumerate(indices) if i not in self._checked_layers]
@@ -313,29 +252,6 @@ class BlockwiseModel(nn.Module):
 
     # ------------------------------------------------------------------ training
 
-    def check_batch(self, batch: Batch) -> None:
-        """Raise SpecError when the batch does not fit the task's conventions (docs/protocol.md)."""
-        task, name = self.task, self.spec.name
-        if "inputs" not in batch:
-            raise SpecError(f"The batch of {name!r} has no 'inputs'; ModelSpec.batch must return a dict with 'inputs'.")
-        if task == "denoising":
-            if not batch["inputs"].is_floating_point():
-                raise SpecError(
-                    f"Task 'denoising' of {name!r} needs floating-point clean data in batch['inputs']; got "
-                    f"{batch['inputs'].dtype}. Use task='classification' or 'causal-lm' for discrete data."
-                )
-            return
-        targets = batch.get("targets")
-        want = "(N,)" if task == "classification" else "(N, T)"
-        ndim = 1 if task == "classification" else 2
-        if targets is None or targets.is_floating_point() or targets.is_complex() or targets.dim() != ndim:
-            got = "no 'targets'" if targets is None else f"{targets.dtype} targets of shape {list(targets.shape)}"
-            raise SpecError(
-                f"Task {task!r} of {name!r} needs integer class ids of shape {want} in batch['targets']; the "
-                f"batch has {got}. Fix ModelSpec.batch, or set ModelSpec.task to the task that matches the "
-                "targets (continuous targets: 'denoising')."
-            )
-
     def loss(
         self,
         batch: Batch,
@@ -349,7 +265,7 @@ class BlockwiseModel(nn.Module):
         ``layer_indices`` runs other layers under the same construction (the activation check
         runs all of them: the same sigma-conditioned model at full depth). ``weighting``
         overrides the model's weighting (evaluation reports the unweighted loss)."""
-        self.check_batch(batch)
+        check_batch(self.task, self.spec.name, batch)
         inputs = batch["inputs"]
         device = inputs.device
         lo, hi = self.ranges[block]
@@ -369,7 +285,7 @@ class BlockwiseModel(nn.Module):
             per_sample = per_sample.view(targets.shape).mean(dim=1)
         else:
             x0 = inputs
-            z = x0 + _per_sample(sigma, x0) * self._noise(x0, generator)
+            z = x0 + broadcast_per_sample(sigma, x0) * self._noise(x0, generator)
             d = self.denoise(z, sigma, indices, batch.get("labels"))
             per_sample = ((d.float() - x0.float()) ** 2).flatten(1).mean(dim=1)
         return weighted_loss(per_sample, sigma, weighting or self.weighting)
@@ -424,9 +340,9 @@ class BlockwiseModel(nn.Module):
             return (h, *args[1:])
 
         def post(_module, _args, out):
-            h = _first(out)
+            h = first_output(out)
             d = c_skip[:, None] * z + c_out[:, None] * h[:, 0].float()
-            return _replace_first(out, torch.cat([d.to(h.dtype)[:, None, :], h[:, 1:]], dim=1))
+            return replace_first_output(out, torch.cat([d.to(h.dtype)[:, None, :], h[:, 1:]], dim=1))
 
         with self.running(indices) as active:
             return self._call_with_hooks(active, pre, post, inputs)
@@ -445,10 +361,10 @@ class BlockwiseModel(nn.Module):
             return (doubled.reshape(n, 2 * t, h.shape[-1]), *args[1:])
 
         def post(_module, _args, out):
-            h = _first(out)
+            h = first_output(out)
             f = h[:, t:] if concatenated else h.view(n, t, 2, h.shape[-1])[:, :, 1]
             d = c_skip[:, None, None] * z + c_out[:, None, None] * f.float()
-            return _replace_first(out, d.to(h.dtype))
+            return replace_first_output(out, d.to(h.dtype))
 
         if concatenated:
             mask = concatenated_attention_mask(t, inputs.device)
@@ -495,11 +411,11 @@ class BlockwiseModel(nn.Module):
         """D(z, sigma) = c_skip*z + c_out*model(c_in*z, c_noise, labels), with only these layers."""
         c_skip, c_out, c_in, c_noise = self._condition(sigma)
         with self.running(indices):
-            f = self.model(_per_sample(c_in, z) * z, c_noise, labels)
-        return _per_sample(c_skip, z) * z + _per_sample(c_out, z) * f.float()
+            f = self.model(broadcast_per_sample(c_in, z) * z, c_noise, labels)
+        return broadcast_per_sample(c_skip, z) * z + broadcast_per_sample(c_out, z) * f.float()
 
     def _check_shape(self, module, args, out) -> None:
-        x, y = args[0] if args else None, _first(out)
+        x, y = args[0] if args else None, first_output(out)
         if isinstance(x, torch.Tensor) and isinstance(y, torch.Tensor) and x.shape != y.shape:
             raise SpecError(
                 f"A layer of {self.spec.layers!r} in {self.spec.name!r} maps shape {list(x.shape)} to "
@@ -512,9 +428,3 @@ class BlockwiseModel(nn.Module):
         return self.model(*args, **kwargs)
 
 
-def _has_readout(model: nn.Module) -> bool:
-    """True for a classifier with the readout protocol: ``features(inputs, cls=...)`` -> (N, d)
-    and a linear ``head`` (the built-in ViT)."""
-    features = getattr(model, "features", None)
-    head = getattr(model, "head", None)
-    return callable(features) and isinstance(head, nn.Linear) and _accepts(features, ("cls",))

@@ -18,8 +18,9 @@ import torch
 from torch import nn
 
 from dbprofile.methods.base import Mark, Trainer, no_mark, to_device
-from dbprofile.methods.diffusion_blocks.blockwise import LABEL_INIT_STD, BlockwiseModel
+from dbprofile.methods.diffusion_blocks.blockwise import BlockwiseModel
 from dbprofile.methods.diffusion_blocks.schedule import DEFAULT_GAMMA
+from dbprofile.methods.diffusion_blocks.task_targets import LABEL_INIT_STD
 from dbprofile.spec import Batch, ModelSpec
 
 
