@@ -130,7 +130,7 @@ def check_technique_fits(tech: Technique, num_layers: int) -> None:
             f"Technique {tech.name!r} asks for {tech.segments} checkpointed segments but the model has "
             f"{num_layers} layers; use ckpt:K with 1 <= K <= {num_layers}."
         )
-    if tech.kind == "db" and tech.blocks > num_layers:
+    if tech.kind == "db" and tech.blocks is not None and tech.blocks > num_layers:
         raise SpecError(
             f"Technique {tech.name!r} asks for B={tech.blocks} blocks but the model has {num_layers} "
             f"layers; use db:B with 1 <= B <= {num_layers}."

@@ -92,8 +92,14 @@ def profiler_allocations(prof: torch.profiler.profile) -> list[tuple[int, int]]:
     ``torch.profiler.profile(profile_memory=True)`` recorded, in time order. The public
     ``prof.events()`` attributes most of them to ops and drops them; the raw kineto results
     keep each one. Used by the tests as the allocator's ground truth on the CPU."""
+    if prof.profiler is None or prof.profiler.kineto_results is None:
+        raise RuntimeError(
+            "profiler_allocations needs a finished profile: call it after the "
+            "`with torch.profiler.profile(...)` block exits."
+        )
     events = prof.profiler.kineto_results.events()
-    allocs = [(e.start_ns(), e.nbytes()) for e in events if e.name() == "[memory]"]
+    # _KinetoEvent.nbytes exists at run time but is missing from torch's stub (_C/_autograd.pyi).
+    allocs = [(e.start_ns(), e.nbytes()) for e in events if e.name() == "[memory]"]  # type: ignore[attr-defined]
     allocs.sort(key=lambda item: item[0])
     return allocs
 

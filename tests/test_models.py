@@ -285,6 +285,15 @@ def test_llama_defaults_follow_the_llama_recipe():
     assert GPTConfig().tie_embeddings is True and GPTConfig().ffn_size == 3072
 
 
+def test_gpt_refuses_a_config_whose_ffn_size_was_reset_to_none():
+    from dbprofile.models.gpt import GPT
+
+    config = GPTConfig(num_layers=1, hidden_size=64, num_heads=2, vocab_size=32, context_length=16)
+    config.ffn_size = None  # after __post_init__ derived it
+    with pytest.raises(ValueError, match="ffn_size is None"):
+        GPT(config)
+
+
 @pytest.mark.parametrize(
     "source, layers",
     [("vit_custom.py", 8), ("vit_custom.py:deeper", 16), ("custom_resmlp.py", 6)],

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import weakref
 
+import pytest
 import torch
 from torch.profiler import ProfilerActivity, profile
 from torch.utils.checkpoint import checkpoint
@@ -71,6 +72,11 @@ def test_profiler_allocator_events_are_readable():
         del t
     allocs = private.profiler_allocations(prof)
     assert (4000 in [n for _, n in allocs]) and (-4000 in [n for _, n in allocs])
+
+
+def test_profiler_allocations_of_an_unfinished_profile_says_so():
+    with pytest.raises(RuntimeError, match="needs a finished profile"):
+        private.profiler_allocations(profile(activities=[ProfilerActivity.CPU], profile_memory=True))
 
 
 def test_active_fake_mode_detects_the_mode():

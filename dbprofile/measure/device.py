@@ -107,7 +107,8 @@ def _nvml_handle(device: torch.device | str):
 def _pci_bus_id(index: int) -> str | None:
     try:
         props = torch.cuda.get_device_properties(index)
-        return f"{props.pci_domain_id:08x}:{props.pci_bus_id:02x}:{props.pci_device_id:02x}.0"
+        # The pci_* fields exist on CUDA builds but are missing from torch's _CudaDeviceProperties stub.
+        return f"{props.pci_domain_id:08x}:{props.pci_bus_id:02x}:{props.pci_device_id:02x}.0"  # type: ignore[attr-defined]
     except Exception:
         return None
 

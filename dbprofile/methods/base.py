@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import Callable, Iterable
-from typing import Protocol
+from typing import Protocol, TypeVar
 
 import torch
 from torch import nn
@@ -43,7 +43,10 @@ def make_optimizer(name: str, params: Iterable[nn.Parameter], lr: float = 1e-3) 
     raise SpecError(f"Unknown optimizer {name!r}; choose one of {', '.join(OPTIMIZERS)}.")
 
 
-def to_device(model: nn.Module, device: torch.device) -> nn.Module:
+ModuleT = TypeVar("ModuleT", bound=nn.Module)
+
+
+def to_device(model: ModuleT, device: torch.device) -> ModuleT:
     """``model.to(device)``, skipped when every tensor is already there: a module built
     under dbprofile's fake mode (fake tensors on the CPU) cannot be ``.to()``-ed on recent
     PyTorch (its parameters are swapped, which fake-tensor weak references forbid)."""

@@ -3,6 +3,8 @@ layer (``ckpt``) or around k contiguous segments of layers (``ckpt:k``)."""
 
 from __future__ import annotations
 
+from typing import cast
+
 import torch
 from torch import nn
 from torch.utils.checkpoint import checkpoint
@@ -36,7 +38,7 @@ class CheckpointedSegment(nn.Module):
         try:
             return super().__getattr__(name)
         except AttributeError:
-            layers = self._modules["layers"]
+            layers = cast(nn.ModuleList, self._modules["layers"])  # set in __init__ (read here without __getattr__)
             if len(layers) == 1:
                 return getattr(layers[0], name)
             raise

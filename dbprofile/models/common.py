@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -135,7 +136,7 @@ class SelfAttention(nn.Module):
                 cos, sin = cos[positions], sin[positions]
             q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
         grouped = self.num_kv_heads != self.num_heads
-        extra = {"enable_gqa": True} if grouped else {}
+        extra: dict[str, Any] = {"enable_gqa": True} if grouped else {}
         if attn_mask is None:
             y = F.scaled_dot_product_attention(q, k, v, is_causal=self.causal, **extra)
         else:

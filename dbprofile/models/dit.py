@@ -16,6 +16,7 @@ D = c_skip z + c_out F(c_in z, c_noise), loss = mean over samples of w(sigma) * 
 from __future__ import annotations
 
 from dataclasses import dataclass, replace
+from typing import cast
 
 import torch
 from torch import nn
@@ -105,7 +106,8 @@ class NoiseLevelEmbedder(nn.Module):
 
     def forward(self, noise_level: torch.Tensor) -> torch.Tensor:
         features = sinusoidal_features(noise_level, self.frequency_size)
-        return self.mlp(features.to(self.mlp[0].weight.dtype))
+        first = cast(nn.Linear, self.mlp[0])  # the Sequential built in __init__ starts with a Linear
+        return self.mlp(features.to(first.weight.dtype))
 
 
 class LabelEmbedder(nn.Module):
@@ -184,17 +186,21 @@ class DiT(nn.Module):
             if isinstance(module, nn.Linear):
                 nn.init.xavier_uniform_(module.weight)
                 nn.init.zeros_(module.bias)
+        # The casts name what __init__ built: a Conv2d with its default bias, Linears at
+        # positions 0 and 2 of the timestep MLP and last in every adaLN modulation, DiTBlocks.
         w = self.x_embedder.weight
         nn.init.xavier_uniform_(w.view(w.shape[0], -1))
-        nn.init.zeros_(self.x_embedder.bias)
+        nn.init.zeros_(cast(torch.Tensor, self.x_embedder.bias))
         nn.init.normal_(self.y_embedder.table.weight, std=0.02)
-        nn.init.normal_(self.t_embedder.mlp[0].weight, std=0.02)
-        nn.init.normal_(self.t_embedder.mlp[2].weight, std=0.02)
+        nn.init.normal_(cast(nn.Linear, self.t_embedder.mlp[0]).weight, std=0.02)
+        nn.init.normal_(cast(nn.Linear, self.t_embedder.mlp[2]).weight, std=0.02)
         for block in self.blocks:
-            nn.init.zeros_(block.adaLN_modulation[-1].weight)
-            nn.init.zeros_(block.adaLN_modulation[-1].bias)
-        nn.init.zeros_(self.final_layer.adaLN_modulation[-1].weight)
-        nn.init.zeros_(self.final_layer.adaLN_modulation[-1].bias)
+            modulation = cast(nn.Linear, cast(DiTBlock, block).adaLN_modulation[-1])
+            nn.init.zeros_(modulation.weight)
+            nn.init.zeros_(modulation.bias)
+        final_modulation = cast(nn.Linear, self.final_layer.adaLN_modulation[-1])
+        nn.init.zeros_(final_modulation.weight)
+        nn.init.zeros_(final_modulation.bias)
         nn.init.zeros_(self.final_layer.linear.weight)
         nn.init.zeros_(self.final_layer.linear.bias)
 

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, replace
+from typing import cast
 
 import torch
 import torch.nn.functional as F
@@ -108,6 +109,9 @@ class GPT(nn.Module):
         super().__init__()
         self.config = config
         d, llama = config.hidden_size, config.style == "llama"
+        if config.ffn_size is None:  # __post_init__ derives it; only a later assignment can undo that
+            raise ValueError("GPTConfig.ffn_size is None after construction; set it to a positive integer.")
+        ffn_size = config.ffn_size
         self.tok_embed = nn.Embedding(config.vocab_size, d)
         self.pos_embed = None if llama else nn.Embedding(config.context_length, d)
         rotary = RotaryCache(d // config.num_heads, config.rope_theta) if llama else None
@@ -120,7 +124,7 @@ class GPT(nn.Module):
                 d, config.num_heads, num_kv_heads=config.num_kv_heads, bias=not llama, causal=True, rotary=rotary
             )
             # GPT-2 uses the tanh approximation of GELU ("gelu_new" in its released code).
-            mlp = SwiGLU(d, config.ffn_size) if llama else GeluMLP(d, config.ffn_size, approximate="tanh")
+            mlp = SwiGLU(d, ffn_size) if llama else GeluMLP(d, ffn_size, approximate="tanh")
             return ResidualBlock(norm(), attn, norm(), mlp)
 
         self.blocks = nn.ModuleList(block() for _ in range(config.num_layers))
@@ -140,8 +144,10 @@ class GPT(nn.Module):
             if isinstance(module, nn.Linear) and module.bias is not None:
                 nn.init.zeros_(module.bias)
         for block in self.blocks:
-            nn.init.normal_(block.attn.proj.weight, std=residual_std)
-            out = block.mlp.down if isinstance(block.mlp, SwiGLU) else block.mlp.fc2
+            # block() in __init__ builds every layer: SelfAttention, then SwiGLU (llama) or GeluMLP (gpt2).
+            attn, mlp = cast(SelfAttention, block.attn), cast("SwiGLU | GeluMLP", block.mlp)
+            nn.init.normal_(attn.proj.weight, std=residual_std)
+            out = mlp.down if isinstance(mlp, SwiGLU) else mlp.fc2
             nn.init.normal_(out.weight, std=residual_std)
 
     def get_input_embeddings(self) -> nn.Embedding:

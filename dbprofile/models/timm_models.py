@@ -97,8 +97,8 @@ def make_spec(name: str, overrides: dict[str, str] | None = None, image_size: in
     if image_size is not None:
         height = width = image_size
     classes = meta.num_classes
-    if not classes:
-        raise SpecError(f"timm:{name} has no classifier head (num_classes=0); pass --set num_classes=N.")
+    if not isinstance(classes, int) or not classes:
+        raise SpecError(f"timm:{name} has no classifier head (num_classes={classes!r}); pass --set num_classes=N.")
 
     def batch(batch_size: int, device: torch.device | str) -> Batch:
         gen = data_generator(SEED)

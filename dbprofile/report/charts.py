@@ -12,6 +12,7 @@ import contextlib
 import io
 import re
 from collections.abc import Sequence
+from typing import TYPE_CHECKING, Any
 
 import matplotlib
 from matplotlib.figure import Figure
@@ -20,6 +21,9 @@ from matplotlib.patches import Patch
 from dbprofile.results import BlockMeasurement, Measurement
 from dbprofile.units import UNIT_BYTES, pick_unit
 from dbprofile.vocabulary import CATEGORIES
+
+if TYPE_CHECKING:  # annotation only: matplotlib 3.6 and 3.7 (supported) have no matplotlib.typing
+    from matplotlib.typing import RcKeyType
 
 # Okabe-Ito colour-blind-safe palette; one fixed colour per category, the same in every chart.
 CATEGORY_COLOURS: dict[str, str] = {
@@ -41,7 +45,7 @@ PHASE_COLOURS = {"forward": "#f2f2f2", "backward": "#e3ecf6", "optimizer": "#fbe
 # survives) to keep the inline SVG small.
 MAX_TIMELINE_POINTS = 160
 
-_RC = {
+_RC: dict[RcKeyType, Any] = {
     "svg.fonttype": "none",  # text stays text: small, selectable, and escaped by matplotlib
     "text.parse_math": False,  # a '$' in a user's model or technique name is literal
     "font.size": 9,

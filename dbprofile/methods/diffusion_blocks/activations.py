@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import Callable, Iterator
+from typing import Any
 
 import torch
 from torch import nn
@@ -100,7 +101,7 @@ def layer_activation_bytes(
     plain_layers = list(get_layers(plain, spec.layers, spec.name))
     plain_bytes = _measure(plain, plain_layers, lambda: spec.loss(plain, batch))
 
-    layout = {"lm_layout": lm_layout} if spec.task == "causal-lm" else {}
+    layout: dict[str, Any] = {"lm_layout": lm_layout} if spec.task == "causal-lm" else {}
     model = to_device(BlockwiseModel(spec, spec.build(), blocks, **layout), device)
     per_block = []
     for block in range(blocks):

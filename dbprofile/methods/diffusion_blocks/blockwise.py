@@ -35,7 +35,7 @@ reasons in docs/diffusion_blocks.md):
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 
 import torch
 import torch.nn.functional as F
@@ -187,7 +187,7 @@ class BlockwiseModel(nn.Module):
         # Per-layer runners (checkpointed or not), kept out of the module tree on purpose.
         self.layer_runners = [CheckpointedSegment([layer]) if checkpoint else layer for layer in wrapped]
         self._checked_layers: set[int] = set()
-        self.block_residency = contextlib.nullcontext
+        self.block_residency: Callable[[int], contextlib.AbstractContextManager[object]] = contextlib.nullcontext
         """Context manager factory ``(block) -> ctx`` that makes a block's parameters resident
         for evaluation; the offloading trainer replaces it."""
 

@@ -20,6 +20,8 @@ With the zero init every wrapped layer starts as the identity (gate 0), as AdaLN
 
 from __future__ import annotations
 
+from typing import Protocol, cast
+
 import torch
 from torch import nn
 
@@ -27,6 +29,15 @@ from dbprofile.models.common import sinusoidal_features
 from dbprofile.spec import SpecError
 
 NATIVE_PARTS = ("norm1", "attn", "norm2", "mlp")
+
+
+class NativeBlock(Protocol):
+    """What ``is_native_block`` checks a layer has: the four sub-modules of a pre-norm block."""
+
+    norm1: nn.Module
+    attn: nn.Module
+    norm2: nn.Module
+    mlp: nn.Module
 
 
 class SigmaEmbedder(nn.Module):
@@ -39,7 +50,8 @@ class SigmaEmbedder(nn.Module):
 
     def forward(self, c_noise: torch.Tensor) -> torch.Tensor:
         features = sinusoidal_features(c_noise.reshape(-1), self.frequency_dim)
-        return self.mlp(features.to(self.mlp[0].weight.dtype))
+        first = cast(nn.Linear, self.mlp[0])  # the Sequential built in __init__ starts with a Linear
+        return self.mlp(features.to(first.weight.dtype))
 
 
 class ConditioningContext:
@@ -103,9 +115,9 @@ class AdaLNZeroBlock(nn.Module):
     def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
         mods = _per_sample(self.modulation(nn.functional.silu(self.context.get())), x)
         b1, a1, g1, b2, a2, g2 = mods.to(x.dtype).chunk(6, dim=-1)
-        layer = self.layer
+        layer = cast(NativeBlock, self.layer)  # wrap_layer chose this wrapper because is_native_block(layer)
         attn_out = layer.attn(layer.norm1(x) * (1 + a1) + b1, *args, **kwargs)
-        _check_shape(attn_out, x, layer)
+        _check_shape(attn_out, x, self.layer)
         h = x + g1 * attn_out
         return h + g2 * layer.mlp(layer.norm2(h) * (1 + a2) + b2)
 

@@ -62,8 +62,7 @@ def predict_classes(
         labels = model.label_embedding if table == "raw" else F.normalize(model.label_embedding, dim=-1)
         levels = _levels(model, steps)
         z = math.sqrt(1.0 + levels[0] ** 2) * _randn((n, labels.shape[1]), generator, device)
-        logits = None
-        for i, s in enumerate(levels):
+        for i, s in enumerate(levels):  # inference_sigmas gives at least two levels, so logits is set
             block = _block_at(model, s)
             sigma = torch.full((n,), s, device=device)
             with model.block_residency(block):
@@ -140,7 +139,7 @@ def identity_block_copy(model: BlockwiseModel, block: int) -> BlockwiseModel:
     clone = copy.deepcopy(model)
     clone.block_residency = contextlib.nullcontext
     for i in clone.block_layers[block]:
-        for param in clone.layers[i].modulation.parameters():
+        for param in clone.layers[i].get_submodule("modulation").parameters():
             param.data = torch.zeros_like(param.data)
     return clone
 
