@@ -13,6 +13,7 @@ are left out.
 from __future__ import annotations
 
 import contextlib
+import functools
 from collections.abc import Callable, Iterator
 from typing import Any
 
@@ -107,7 +108,8 @@ def layer_activation_bytes(
     for block in range(blocks):
         layers = [model.layer_runners[i] for i in model.block_layers[block]]
         gen = torch.Generator(device=device).manual_seed(block)
-        per_block.append(_measure(model, layers, lambda block=block, gen=gen: model.loss(batch, block, generator=gen)))
+        # partial binds this iteration's block and generator (a lambda with defaults defeats mypy's inference)
+        per_block.append(_measure(model, layers, functools.partial(model.loss, batch, block, generator=gen)))
     everything = list(range(len(model.layers)))
     gen = torch.Generator(device=device).manual_seed(0)
     full_bytes = _measure(
