@@ -36,6 +36,7 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import Callable, Iterator
+from typing import cast
 
 import torch
 import torch.nn.functional as F
@@ -82,6 +83,7 @@ from dbprofile.sequence_layout import (
 )
 from dbprofile.spec import (
     Batch,
+    LayerStack,
     ModelSpec,
     SpecError,
     get_layers,
@@ -93,6 +95,9 @@ from dbprofile.spec import (
 
 class BlockwiseModel(nn.Module):
     """A residual model prepared for DiffusionBlocks training and sampling (see module doc)."""
+
+    input_embedding: nn.Module
+    """causal-lm: the model's own token embedding (a plain attribute, not a second submodule)."""
 
     def __init__(
         self,
@@ -151,27 +156,29 @@ class BlockwiseModel(nn.Module):
                 "Set ModelSpec.hidden_size to the width of the residual stream."
             )
         self.hidden_size = hidden
+        # Known for every task that reads it (the check above); None only for denoising.
+        width = cast(int, hidden)
         self._layout_refusal: str | None = None
         if self.task == "denoising":
             # A denoising model is noise-conditioned by the protocol (model(x, noise_level, labels)).
             self.sigma_embedder = None
             wrapped = list(layers)
         else:
-            cond_dim = cond_dim or default_cond_dim(hidden)
+            cond_dim = cond_dim or default_cond_dim(width)
             self.sigma_embedder = SigmaEmbedder(cond_dim)
-            wrapped = [wrap_layer(layer, hidden, cond_dim, self.context) for layer in layers]
+            wrapped = [wrap_layer(layer, width, cond_dim, self.context) for layer in layers]
         # Registered here as well as inside the user's model, so parameters() always sees every
         # layer, even while the user's model holds only the active block.
         self.layers = like_stack(layers, wrapped)
         set_layers(model, spec.layers, self.layers)
         self.native_readout = False
         if self.task == "classification":
-            self.label_embedding = nn.Parameter(torch.randn(spec.num_classes, hidden) * label_init_std)
+            self.label_embedding = nn.Parameter(torch.randn(spec.num_classes, width) * label_init_std)
             self.native_readout = has_readout(model)
             if self.native_readout:
                 # Final sigma-conditioned AdaLN (shift, scale) before the classifier; it and the
                 # classifier start at zero, as in the authors' ``_init_dit``.
-                self.final_modulation = zero_linear(cond_dim, 2 * hidden)
+                self.final_modulation = zero_linear(cond_dim, 2 * width)
                 nn.init.zeros_(model.head.weight)
                 if model.head.bias is not None:
                     nn.init.zeros_(model.head.bias)
@@ -196,7 +203,8 @@ class BlockwiseModel(nn.Module):
     def _layers_without_mask(self, wrapped: list[nn.Module]) -> str | None:
         """Why the concatenated layout cannot run these layers (None: it can)."""
         for layer in wrapped:
-            target = layer.layer.attn.forward if isinstance(layer, AdaLNZeroBlock) else layer.layer.forward
+            inner = cast(nn.Module, layer.layer)
+            target = cast(nn.Module, inner.attn).forward if isinstance(layer, AdaLNZeroBlock) else inner.forward
             if not accepts_keywords(target, LM_LAYER_KWARGS):
                 return (
                     f"Task 'causal-lm' of {self.spec.name!r}: the concatenated layout runs clean and noisy "
@@ -234,7 +242,7 @@ class BlockwiseModel(nn.Module):
         return [p for p in self.parameters() if id(p) not in in_layers]
 
     @contextlib.contextmanager
-    def running(self, indices: list[int]) -> Iterator[nn.ModuleList]:
+    def running(self, indices: list[int]) -> Iterator[LayerStack]:
         """Install a ModuleList of only these layers in the user's model, restoring the full list after."""
         active = like_stack(self.layers, (self.layer_runners[i] for i in indices))
         # The first time a layer runs, check it keeps the hidden shape (a residual layer). These
@@ -304,7 +312,7 @@ class BlockwiseModel(nn.Module):
             self.context.cond = self.sigma_embedder(c_noise)
         return c_skip, c_out, c_in, c_noise
 
-    def _call_with_hooks(self, active: nn.ModuleList, pre, post, *args) -> torch.Tensor:
+    def _call_with_hooks(self, active: LayerStack, pre, post, *args) -> torch.Tensor:
         handles = [active[0].register_forward_pre_hook(pre), active[-1].register_forward_hook(post)]
         try:
             return self.model(*args)
