@@ -135,6 +135,16 @@ def test_plan_says_which_path_each_technique_took():
     assert "Depth: db:4 traced every layer (tracing all 10 layers costs less than traces at 10, 14, 18)" in text
 
 
+def test_a_full_trace_forced_by_the_small_model_rule_says_so_not_asked_for():
+    p = plan(get_preset("llama-tiny").at_depth(4), 2, device="H100-80GB", techniques=["e2e"], search_max_batch=False)
+    assert p.entries[0].extra["depth"]["path"] == PATH_FULL
+    assert "Depth: e2e traced every layer (parameter memory under 4.00 GiB on a GPU target: traced in full so the " \
+           "allocator replay covers every layer)." in format_plan(p)
+    asked = plan(get_preset("llama-tiny").at_depth(4), 2, device="H100-80GB", techniques=["e2e"],
+                 search_max_batch=False, full_trace=True)
+    assert asked.entries[0].extra["depth"]["reason"] == "asked for a full trace"
+
+
 def test_block_parallel_simulates_one_rank_per_distinct_block_and_it_stands_for_the_others(monkeypatch):
     from dbprofile.measure import distributed
 

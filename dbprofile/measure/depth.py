@@ -343,6 +343,7 @@ def by_depth(
     *,
     group: int | None = None,
     full_trace: bool = False,
+    full_trace_reason: str | None = None,
 ) -> list[Measurement]:
     """Each simulated rank's measurement of ``tech`` at ``layers`` layers, extrapolated from three
     shallow traces where that is exact, else traced in full; ``extra['depth']`` says which and why.
@@ -350,6 +351,8 @@ def by_depth(
     ``trace(depth, keep)`` runs the technique on the model cut to ``depth`` layers (None: the full
     model) and returns (measurement, unit traces) per rank, keeping every point when ``keep``.
     ``group``: layers that grow together (B for DiffusionBlocks and block-parallel, k for ckpt:k).
+    ``full_trace_reason``: why the full trace was forced, where the caller decided it (the plan's
+    small-model rule), instead of "asked for a full trace".
     """
     group = group or granularity(tech)
     # Uneven parts (split_contiguous gives the first `rest` parts one layer more) stay uneven the same
@@ -357,7 +360,7 @@ def by_depth(
     per_part, rest = divmod(layers, group)
     depths = [group * m + rest for m in TRACE_DEPTHS]
     if full_trace:
-        reason = "asked for a full trace"
+        reason = full_trace_reason or "asked for a full trace"
     elif not_identical is not None:
         reason = f"the residual layers are not identical: {not_identical}"
     elif sum(depths) >= layers:
@@ -400,6 +403,7 @@ def measure_fake(
     layers: int,
     not_identical: str | None,
     full_trace: bool = False,
+    full_trace_reason: str | None = None,
     precision: str = "fp32",
     optimizer: str = "adamw",
     round_to: int | None = None,
@@ -417,7 +421,7 @@ def measure_fake(
                     round_to=round_to, warmup_steps=1, steps=1, traces=traces, emulate_cuda=emulate_cuda)
         return [(m, traces or {})]
 
-    return by_depth(trace, tech, layers, not_identical, full_trace=full_trace)[0]
+    return by_depth(trace, tech, layers, not_identical, full_trace=full_trace, full_trace_reason=full_trace_reason)[0]
 
 
 def simulate_fake(
@@ -431,6 +435,7 @@ def simulate_fake(
     not_identical: str | None,
     parallel: bool,
     full_trace: bool = False,
+    full_trace_reason: str | None = None,
     precision: str = "fp32",
     optimizer: str = "adamw",
     round_to: int | None = None,
@@ -453,7 +458,7 @@ def simulate_fake(
 
     # Block-parallel: B ranks, one block each, so the blocks grow by one layer per step of depth.
     rows = by_depth(trace, tech, layers, not_identical, group=world_size if parallel else None,
-                    full_trace=full_trace)
+                    full_trace=full_trace, full_trace_reason=full_trace_reason)
     if rows[0].extra["depth"]["path"] == PATH_FULL:
         return rows[0]
     worst = max(rows, key=lambda row: row.peak_bytes)

@@ -26,7 +26,7 @@ from dbprofile.planner.zero import block_parallel, model_facts, shard_zero
 from dbprofile.results import Measurement, Plan, PlanEntry, per_sample
 from dbprofile.spec import ModelSpec, SpecError
 from dbprofile.techniques import DEFAULT_TECHNIQUES, PARALLEL_SUFFIX, Technique, check_technique_fits, parse_technique
-from dbprofile.units import GiB
+from dbprofile.units import GiB, format_bytes
 from dbprofile.vocabulary import CATEGORIES
 
 FULL_TRACE_BELOW_PARAMETER_BYTES = 4 * GiB
@@ -115,10 +115,13 @@ def plan(
     facts = model_facts(spec)
     from dbprofile.measure.depth import measure_fake, simulate_fake
 
-    if target.cuda and facts.total_bytes < FULL_TRACE_BELOW_PARAMETER_BYTES:
+    full_trace_reason = None
+    if target.cuda and facts.total_bytes < FULL_TRACE_BELOW_PARAMETER_BYTES and not full_trace:
         # Reserved memory (the allocator replay) extrapolates only approximately in the depth; a model
         # this small traces in full in seconds, so it gets the replay of every layer.
         full_trace = True
+        full_trace_reason = (f"parameter memory under {format_bytes(FULL_TRACE_BELOW_PARAMETER_BYTES)} on a GPU "
+                             "target: traced in full so the allocator replay covers every layer")
 
     not_identical = facts.not_identical
     wanted = parse_requested(techniques, world_size, facts.num_layers)
@@ -135,8 +138,9 @@ def plan(
                 # Fake runs are deterministic: one warm-up (optimizer state) and one measured step.
                 if measure_fn is None:
                     runs[key] = measure_fake(spec, tech, b, layers=facts.num_layers, not_identical=not_identical,
-                                             full_trace=full_trace, precision=precision, optimizer=optimizer,
-                                             round_to=round_to, emulate_cuda=target.cuda)
+                                             full_trace=full_trace, full_trace_reason=full_trace_reason,
+                                             precision=precision, optimizer=optimizer, round_to=round_to,
+                                             emulate_cuda=target.cuda)
                 else:
                     runs[key] = run(spec, tech.name, b, device="cpu", precision=precision, optimizer=optimizer,
                                     fake=True, layers=facts.num_layers, round_to=round_to,
@@ -168,7 +172,8 @@ def plan(
                 ranks = (tech.blocks or 1) if parallel else world_size
                 simulated[key] = simulate_fake(spec, name, tech, b, ranks,
                                                layers=facts.num_layers, not_identical=not_identical,
-                                               parallel=parallel, full_trace=full_trace, precision=precision,
+                                               parallel=parallel, full_trace=full_trace,
+                                               full_trace_reason=full_trace_reason, precision=precision,
                                                optimizer=optimizer, round_to=round_to)
             except SpecError:
                 raise
