@@ -68,6 +68,9 @@ class _NoCount:
     def __exit__(self, *args):
         return None
 
+    def count(self, *args):  # the tracker feeds its counter every op (Tracker.counting)
+        return None
+
 
 @pytest.mark.parametrize("technique", ["e2e", "ckpt"])
 def test_counting_flops_leaves_the_tracked_memory_unchanged(technique, monkeypatch):

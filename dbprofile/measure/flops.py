@@ -87,7 +87,13 @@ class FlopCounter(TorchDispatchMode):
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
         out = func(*args, **kwargs)
+        self.count(func, args, kwargs, out)
+        return out
+
+    def count(self, func: Any, args: tuple, kwargs: dict, out: Any) -> None:
+        """Add the FLOPs of one op that has run. The memory tracker calls this from its own dispatch
+        mode (``Tracker.flops``), so a tracked step is counted without a second mode on the stack:
+        each mode costs a Python round trip per op, about as much as the tracker's own work."""
         formula = self._formulas.get(func._overloadpacket)
         if formula is not None:
             self.total += int(formula(*args, **kwargs, out_val=out))
-        return out

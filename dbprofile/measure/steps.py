@@ -192,6 +192,7 @@ def measure_into(
         m.extra_parameters = int(extra() if callable(extra) else extra) if extra is not None else None
         units = list(trainer.units)
         results = {unit: UnitResult() for unit in units}
+        timed_s = 0.0
         ctx = StepContext(m=m, spec=spec, trainer=trainer, batch_size=batch_size, dev=dev, fake=fake)
         tracker = tracker_cls(track_dev, trainer=trainer, memory_limit=settings.memory_limit,
                               round_to=settings.round_to, allocator=allocator,
@@ -224,7 +225,10 @@ def measure_into(
                     with tracker.paused():
                         devices.reset_peaks(dev)
                         if adaptive_timing:
+                            before = len(ctx.all_steps)
                             time_unit(ctx, unit, results[unit], steps, MIN_TIME_S / len(units), MAX_TIME_S / len(units))
+                            # the timer's raw step times (its block-size estimate and loop are not in all_steps)
+                            timed_s += sum(ctx.all_steps[before:])
                         else:
                             for _ in range(steps):
                                 step(ctx, tracker, unit, results[unit], track=False)
@@ -245,7 +249,8 @@ def measure_into(
         all_steps = ctx.all_steps
         del trainer, tracker, ctx
     m.extra["timing"] = {"build_s": build_s, "all_steps_s": sum(all_steps), "steps_run": len(all_steps),
-                         "tracked_steps_s": [t for r in results.values() for t in r.tracked_times]}
+                         "tracked_steps_s": [t for r in results.values() for t in r.tracked_times],
+                         "timed_steps_s": timed_s}
     summarise(m, units, results, fake, block_layers)
 
 
@@ -327,8 +332,9 @@ def step(ctx: StepContext, tracker: Tracker, unit: int | None, out: UnitResult |
         devices.synchronize(dev)
     start = time.perf_counter()
     # The tracked step is also the one whose FLOPs are counted: same shapes, no extra step,
-    # and never a timed step (the counter's dispatch overhead must not reach the times).
-    with FlopCounter() if track else contextlib.nullcontext() as flops:
+    # and never a timed step (the counter's dispatch overhead must not reach the times). The
+    # tracker's own dispatch mode feeds the counter: one mode per op instead of two.
+    with tracker.counting(FlopCounter()) if track else contextlib.nullcontext() as flops:
         loss = ctx.trainer.step(batch, unit, clock.mark)
     if sync:
         devices.synchronize(dev)

@@ -140,22 +140,26 @@ class _Mode(TorchDispatchMode):
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         tracker = self.tracker
         tracker.op = func
+        kwargs = kwargs or {}
         if not tracker.sample_allocator:
             if tracker.model_cuda_scratch:
-                return self._with_cuda_scratch(func, args, kwargs or {})
-            out = func(*args, **(kwargs or {}))
-            tracker._on_op(func, args, kwargs or {}, out)
-            return out
-        # CUDA: the allocator's peak inside this one op shows scratch memory a kernel takes and
-        # gives back before returning (no tensor ever holds it, so only the allocator sees it).
-        dev = tracker.device
-        allocated_before = torch.cuda.memory_allocated(dev)
-        total_before = tracker.total
-        torch.cuda.reset_peak_memory_stats(dev)
-        out = func(*args, **(kwargs or {}))
-        in_op_peak = torch.cuda.max_memory_allocated(dev)
-        tracker._on_op(func, args, kwargs or {}, out)
-        tracker._on_op_peak(total_before + in_op_peak - allocated_before)
+                out = self._with_cuda_scratch(func, args, kwargs)
+            else:
+                out = func(*args, **kwargs)
+                tracker._on_op(func, args, kwargs, out)
+        else:
+            # CUDA: the allocator's peak inside this one op shows scratch memory a kernel takes and
+            # gives back before returning (no tensor ever holds it, so only the allocator sees it).
+            dev = tracker.device
+            allocated_before = torch.cuda.memory_allocated(dev)
+            total_before = tracker.total
+            torch.cuda.reset_peak_memory_stats(dev)
+            out = func(*args, **kwargs)
+            in_op_peak = torch.cuda.max_memory_allocated(dev)
+            tracker._on_op(func, args, kwargs, out)
+            tracker._on_op_peak(total_before + in_op_peak - allocated_before)
+        if tracker.flops is not None:
+            tracker.flops.count(func, args, kwargs, out)
         return out
 
 
@@ -221,6 +225,8 @@ class Tracker:
         """Also keep every point with the op that made it (StepRecord.trace), for depth extrapolation."""
         self.op: Any = None
         """The op the dispatch mode is running (or ran last): the tag of a kept trace point."""
+        self.flops: Any = None
+        """A dbprofile.measure.flops.FlopCounter that this mode feeds every op it sees (``counting``)."""
         self._ops: list[Any] = []
         self.phase_snapshots: list[tuple[str, dict[str, int]]] = []
         """(phase entered, bytes by category) at every mark() of a recorded step."""
@@ -265,6 +271,16 @@ class Tracker:
             self._mode.__enter__()
 
     # ------------------------------------------------------------ public
+
+    @contextlib.contextmanager
+    def counting(self, flops: Any) -> Iterator[Any]:
+        """Feed every op this tracker sees to ``flops`` (a FlopCounter) while inside: the same ops a
+        FlopCounter mode of its own would count, without a second dispatch mode's cost per op."""
+        self.flops = flops
+        try:
+            yield flops
+        finally:
+            self.flops = None
 
     def mark(self, phase: str) -> None:
         """Phase boundary (called by the Trainer): rescan roles, note the phase."""
