@@ -4,6 +4,7 @@ finish, DiffusionBlocks is measured per block, and the table is labelled in IEC 
 from __future__ import annotations
 
 import json
+import os
 
 import pytest
 import torch
@@ -120,6 +121,10 @@ def test_run_result_round_trips_through_json(tmp_path):
     data = json.loads((tmp_path / "r.json").read_text())
     assert data["measurements"][0]["peak_bytes"] == result.measurements[0].peak_bytes
     assert data["environment"]["torch"] == torch.__version__
+    # what else ran matters to every CPU timing: the record says how busy the machine was
+    env = data["environment"]
+    assert env["torch_threads"] == torch.get_num_threads() and env["cpu_count"] == os.cpu_count()
+    assert isinstance(env["load_average_start"], float) and isinstance(env["load_average_end"], float)
 
 
 def test_device_facts_are_unavailable_not_a_crash_off_cuda():

@@ -11,6 +11,7 @@ unavailable (no GPU, no driver, no ``pynvml``) is ``None``; nothing here raises,
 
 from __future__ import annotations
 
+import os
 import platform
 import sys
 from typing import Any
@@ -153,4 +154,17 @@ def environment(device: torch.device | str = "cpu") -> dict[str, Any]:
         "device_capacity_bytes": device_capacity(device),
         "cuda_runtime": torch.version.cuda if cuda else None,
         "driver": driver_version() if cuda else None,
+        # CPU timings depend on what else runs: a step on a loaded machine (other processes on the
+        # cores torch's threads use) took 30x its idle time here, so the load is part of the record.
+        "cpu_count": os.cpu_count(),
+        "torch_threads": torch.get_num_threads(),
+        "load_average_start": load_average(),
     }
+
+
+def load_average() -> float | None:
+    """The 1-minute load average (runnable processes), where the OS reports one."""
+    try:
+        return round(os.getloadavg()[0], 2)
+    except (AttributeError, OSError):  # Windows has no load average
+        return None

@@ -232,6 +232,7 @@ def run(
             result.save(out)
         raise
     result.complete, result.incomplete_reason = True, None
+    result.environment["load_average_end"] = devices.load_average()
     judge_into(result)
     if out is not None:
         result.save(out)
