@@ -93,6 +93,27 @@ def test_step_times_are_median_with_spread():
     assert m.status == "ok" and len(m.losses) >= m.extra["timing"]["steps_run"]  # timer warm-ups too
 
 
+def test_too_few_timed_steps_get_more_blocks_and_keep_the_timed_ones(monkeypatch):
+    from torch.utils import benchmark
+
+    calls = []
+    adaptive = benchmark.Timer.adaptive_autorange
+
+    def counted(self, *args, **kwargs):
+        calls.append(kwargs)
+        return adaptive(self, *args, **kwargs)
+
+    monkeypatch.setattr(benchmark.Timer, "adaptive_autorange", counted)
+    monkeypatch.setattr(steps, "MIN_TIME_S", 0.001)
+    monkeypatch.setattr(steps, "MAX_TIME_S", 0.002)  # the adaptive loop stops after a few blocks
+    m = measure(toy_spec(), "e2e", 8, steps=400)
+    timing = m.extra["timing"]
+    # one adaptive run, then blocks of its size until 400 timed steps: none thrown away
+    assert len(calls) == 1
+    assert timing["steps_run"] - 2 >= 400  # less the warm-up and the tracked step
+    assert 0 < timing["timed_steps_s"] < timing["all_steps_s"] - sum(timing["tracked_steps_s"])
+
+
 def test_block_steps_carry_the_sum_of_the_blocks_spreads():
     m = measure(toy_spec(depth=4), "db:2", 8)
     assert m.block_steps_time_iqr_s == pytest.approx(sum(b.step_time_iqr_s for b in m.blocks))

@@ -283,10 +283,14 @@ def time_unit(ctx: StepContext, unit: int | None, out: UnitResult, min_steps: in
     # num_threads: the timer would otherwise run with one thread, unlike the training it stands for.
     timer = benchmark.Timer("one_step()", globals={"one_step": one_step}, num_threads=torch.get_num_threads())
     result = timer.adaptive_autorange(TIMING_THRESHOLD, min_run_time=min_time_s, max_run_time=max_time_s)
-    if result.number_per_run * len(result.raw_times) < min_steps:
-        # Slow steps: ask for the time that many steps take (the first run was a warm-up too).
-        result = timer.adaptive_autorange(TIMING_THRESHOLD, min_run_time=min_steps * result.median * 1.05,
-                                          max_run_time=max(max_time_s, min_steps * result.median * 2))
+    raw, per_block = list(result.raw_times), result.number_per_run
+    if per_block * len(raw) < min_steps:
+        # Slow steps: more blocks of the same size until there are min_steps, keeping the blocks
+        # already timed (a second adaptive_autorange would estimate its block size again and
+        # throw them away: 4 to 6 slow steps of overhead per technique).
+        while per_block * len(raw) < min_steps:
+            raw.append(_time_block(one_step, per_block, dev))
+        result = benchmark.Measurement(per_block, raw, result.task_spec, result.metadata)
     out.times = list(result.times)
     out.median, out.iqr = float(result.median), float(result.iqr)
     out.transfer_times = transfers
@@ -301,6 +305,23 @@ def time_unit(ctx: StepContext, unit: int | None, out: UnitResult, min_steps: in
             m.error = f"{m.technique}: the loss was {value} in a timed step{where}; training diverged or the model produces NaN."
             break
 
+
+
+def _time_block(one_step: Callable[[], None], number: int, dev: torch.device) -> float:
+    """``number`` steps timed as torch.utils.benchmark times a block: garbage collection off (as
+    timeit does), CUDA synchronised before and after."""
+    collecting = gc.isenabled()
+    gc.disable()
+    try:
+        devices.synchronize(dev)
+        start = time.perf_counter()
+        for _ in range(number):
+            one_step()
+        devices.synchronize(dev)
+        return time.perf_counter() - start
+    finally:
+        if collecting:
+            gc.enable()
 
 
 def worst_figures(per_unit: list[dict]) -> dict:
