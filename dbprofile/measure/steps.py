@@ -27,6 +27,7 @@ from dbprofile.measure import snapshot
 from dbprofile.measure.allocator import CachingAllocatorModel
 from dbprofile.measure.fake import fake_mode
 from dbprofile.measure.flops import FlopCounter
+from dbprofile.measure.timing import time_block
 from dbprofile.measure.tracker import MemoryLimitExceeded, StepRecord, Tracker
 from dbprofile.methods.base import TrainerProtocol as Trainer
 from dbprofile.methods.factory import make_trainer
@@ -289,7 +290,7 @@ def time_unit(ctx: StepContext, unit: int | None, out: UnitResult, min_steps: in
         # already timed (a second adaptive_autorange would estimate its block size again and
         # throw them away: 4 to 6 slow steps of overhead per technique).
         while per_block * len(raw) < min_steps:
-            raw.append(_time_block(one_step, per_block, dev))
+            raw.append(time_block(one_step, per_block, dev))
         result = benchmark.Measurement(per_block, raw, result.task_spec, result.metadata)
     out.times = list(result.times)
     out.median, out.iqr = float(result.median), float(result.iqr)
@@ -305,23 +306,6 @@ def time_unit(ctx: StepContext, unit: int | None, out: UnitResult, min_steps: in
             m.error = f"{m.technique}: the loss was {value} in a timed step{where}; training diverged or the model produces NaN."
             break
 
-
-
-def _time_block(one_step: Callable[[], None], number: int, dev: torch.device) -> float:
-    """``number`` steps timed as torch.utils.benchmark times a block: garbage collection off (as
-    timeit does), CUDA synchronised before and after."""
-    collecting = gc.isenabled()
-    gc.disable()
-    try:
-        devices.synchronize(dev)
-        start = time.perf_counter()
-        for _ in range(number):
-            one_step()
-        devices.synchronize(dev)
-        return time.perf_counter() - start
-    finally:
-        if collecting:
-            gc.enable()
 
 
 def worst_figures(per_unit: list[dict]) -> dict:
