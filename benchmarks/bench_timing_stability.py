@@ -51,7 +51,7 @@ def main() -> None:
             out = Path(tmp) / f"run{i}.json"
             cmd = [sys.executable, "-m", "dbprofile", "run", *([preset] if preset else []),
                    *(["-b", batch] if batch else []), "-o", str(out), "--no-report", "-q"]
-            subprocess.run(cmd, check=True)
+            subprocess.run(cmd, check=True, stdout=subprocess.DEVNULL)  # the tables; the ratios follow
             data = json.loads(out.read_text())
             env = data.get("environment", {})
             per_run.append(ratios(data))
