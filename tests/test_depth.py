@@ -41,8 +41,10 @@ def _assert_same(fast, full):
     assert fast.shares == full.shares
     assert (fast.peak_phase, fast.peak_block) == (full.peak_phase, full.peak_block)
     assert (fast.num_parameters, fast.extra_parameters) == (full.num_parameters, full.extra_parameters)
-    assert [(b.block, b.layers, b.peak_bytes, b.shares) for b in fast.blocks] == \
-           [(b.block, b.layers, b.peak_bytes, b.shares) for b in full.blocks]
+    assert [(b.block, b.layers, b.peak_bytes, b.shares, b.step_flops) for b in fast.blocks] == \
+           [(b.block, b.layers, b.peak_bytes, b.shares, b.step_flops) for b in full.blocks]
+    # the FLOPs grow with the depth too (they were the second depth's before)
+    assert fast.training_flops == full.training_flops
 
 
 @pytest.mark.parametrize("technique", ["e2e", "db:2", pytest.param("ckpt", marks=pytest.mark.slow),

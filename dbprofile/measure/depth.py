@@ -329,10 +329,18 @@ def _extrapolate_measurement(
     for unit in units:
         r = UnitResult()
         r.records.append(extrapolate_step([t1[unit], t2[unit], t3[unit]], TRACE_DEPTHS, target))
+        # Each unit's FLOPs (matmuls and attention per layer) on the same line, checked at m3.
+        r.flops = _extrapolate_value(*(_unit_flops(x).get(unit) for x in (m1, m2, m3)), grow,
+                                     f"training_flops[{unit}]", not_affine)
         results[unit] = r
     summarise(m, units, results, True, block_layers)
     _reserved_bytes(m, m1, m2, m3)
     return m
+
+
+def _unit_flops(m: Measurement) -> dict[int | None, int | None]:
+    """The FLOPs of each unit's tracked step: DiffusionBlocks' block-steps, else the one step."""
+    return {b.block: b.step_flops for b in m.blocks} if m.blocks else {None: m.training_flops}
 
 
 def by_depth(
