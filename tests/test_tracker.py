@@ -8,7 +8,8 @@ import torch
 from _toy import toy_spec
 from torch.profiler import ProfilerActivity, profile
 
-from dbprofile.measure.tracker import MemoryLimitExceeded, Tracker
+from dbprofile.measure.tracker import Tracker
+from dbprofile.measure.tracking import MemoryLimitExceeded
 from dbprofile.methods import make_trainer
 from dbprofile.techniques import parse_technique
 from dbprofile.torch_internals import profiler_allocations
@@ -142,6 +143,9 @@ def test_memory_limit_aborts_the_step_from_inside():
 
 def test_host_resident_and_other_device_tensors_are_not_counted():
     class Owner:  # stands in for an offload trainer: its float64 tensors are "host copies"
+        model = torch.nn.Module()  # holds nothing, so only the tensors below are tracked
+        optimizer = None
+
         @staticmethod
         def host_resident(t):
             return t.dtype == torch.float64

@@ -33,19 +33,17 @@ from __future__ import annotations
 import copy
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
-from difflib import SequenceMatcher
 from typing import Any
 
 from torch import nn
 
 from dbprofile.measure.allocator import LARGE_ROUND_BYTES
 from dbprofile.measure.fake import fake_mode
-from dbprofile.measure.tracker import StepRecord
+from dbprofile.measure.step_extrapolation import NotAffine, extrapolate_step
 from dbprofile.methods.checkpointing import split_contiguous
 from dbprofile.results import Measurement
 from dbprofile.spec import ModelSpec, get_layers
 from dbprofile.techniques import Technique
-from dbprofile.vocabulary import CATEGORIES, PHASES
 
 TRACE_DEPTHS = (2, 3, 4)
 """Layers (or layers per block / segment) of the three shallow traces: two for the line, one to check it.
@@ -134,130 +132,6 @@ def granularity(tech: Technique) -> int:
 # ---------------------------------------------------------------- the trace side
 
 
-class NotAffine(ValueError):
-    """The shallow traces do not line up (another structure, or bytes off the line at the check depth)."""
-
-
-def _line(v1: list[int], v2: list[int], steps: int) -> list[int]:
-    """The point ``steps`` depths past v1 on the line through v1 and v2 (one depth apart)."""
-    return [a + (b - a) * steps for a, b in zip(v1, v2)]
-
-
-def _with_deltas(tags: list, values: list[list[int]]) -> list[tuple]:
-    out, before = [], [0] * len(values[0]) if values else []
-    for tag, value in zip(tags, values):
-        out.append((*tag, tuple(b - a for a, b in zip(before, value))))
-        before = value
-    return out
-
-
-SHORT_MATCH = 4
-"""Matching points between two mismatches up to this many are re-aligned with them (see _insertions)."""
-
-
-def _insertions(fine1: list, fine2: list, coarse1: list, coarse2: list) -> list[tuple[int, int, int]]:
-    """Where the deeper step's extra points go: (position in the shallow step, start in the deeper
-    one, how many), aligning first by (phase, op, bytes added per category), which tells one
-    parameter's optimizer update from another's; a point whose bytes change with depth (the vector
-    of one norm per parameter that gradient clipping stacks) mismatches there, so each mismatched
-    stretch is re-aligned by (phase, op) alone, its same-length replacements kept as the same
-    instants (the line check decides)."""
-    codes = SequenceMatcher(None, fine1, fine2, autojunk=False).get_opcodes()
-    out: list[tuple[int, int, int]] = []
-    i = 0
-    while i < len(codes):
-        op, i1, i2, j1, j2 = codes[i]
-        if op == "equal":
-            i += 1
-            continue
-        if op == "insert" and (i + 1 == len(codes) or codes[i + 1][0] == "equal"):
-            out.append((i1, j1, j2 - j1))
-            i += 1
-            continue
-        # a stretch of mismatches, with matches of at most SHORT_MATCH points between them
-        k = i
-        while k + 1 < len(codes) and (codes[k + 1][0] != "equal" or (
-                codes[k + 1][2] - codes[k + 1][1] <= SHORT_MATCH and k + 2 < len(codes))):
-            k += 1
-        a1, b1, a2, b2 = i1, codes[k][2], j1, codes[k][4]
-        for sub, s1, e1, s2, e2 in SequenceMatcher(None, coarse1[a1:b1], coarse2[a2:b2], autojunk=False).get_opcodes():
-            if sub == "insert":
-                out.append((a1 + s1, a2 + s2, e2 - s2))
-            elif sub == "delete" or (sub == "replace" and e1 - s1 != e2 - s2):
-                raise NotAffine("a deeper step is not the shallow step with runs of points inserted")
-        i = k + 1
-    return out
-
-
-def extrapolate_step(records: list[StepRecord], depths: tuple[int, ...], target: int) -> StepRecord:
-    """One unit's tracked step at ``target`` (layers per unit) from its traces at three consecutive
-    ``depths``. Raises NotAffine when the traces do not line up or the check depth is off the line.
-
-    The tracked points are tagged (phase, op). The deeper trace is the shallowest one with runs of
-    points inserted, one run per loop over the layers (the forward, the backward, and the optimizer's
-    loops over parameters); the third depth must be the same with each run inserted twice, and every
-    point outside the runs must lie on one line through the three depths. At the target those points
-    are extrapolated along their lines, and each loop's inserted runs hold bytes affine in their
-    index, so the first and the last run (from the runs at the second and third depth) are the
-    loop's extremes; the peak is the largest of all these points, the first in time on a tie."""
-    m1, m2, m3 = depths
-    if not (m2 == m1 + 1 and m3 == m2 + 1):
-        raise ValueError(f"the trace depths must be three consecutive integers; got {depths}")
-    tags = [[(point[0], op) for op, point in (r.trace or [])] for r in records]
-    values = [[point[1:] for _, point in (r.trace or [])] for r in records]
-    (t1, t2, t3), (v1, v2, v3) = tags, values
-    if not t1:
-        raise NotAffine("the tracked steps recorded no points")
-    inserts = _insertions(_with_deltas(t1, v1), _with_deltas(t2, v2), t1, t2)
-    # Walk t1 in time order, building t3's expected tags (each run twice) and the candidates.
-    expected3: list = []
-    where3: dict[int, int] = {}
-    candidates: list[tuple[str, int, int, int]] = []  # ("point", j, j2, j3) or ("run", j2, j3, length)
-    shift2 = 0
-    pending = list(inserts)
-    for j in range(len(t1) + 1):
-        while pending and pending[0][0] == j:
-            _, start2, length = pending.pop(0)
-            candidates.append(("run", start2, len(expected3), length))
-            expected3 += t2[start2:start2 + length] * 2
-            shift2 += length
-        if j < len(t1):
-            where3[j] = len(expected3)
-            candidates.append(("point", j, j + shift2, len(expected3)))
-            expected3.append(t1[j])
-    if expected3 != t3:
-        raise NotAffine("the third depth is not the shallow step with each run inserted twice")
-    grow = target - m1
-    best: list[int] | None = None
-    best_phase = -1
-    for kind, a, b, c in candidates:
-        if kind == "point":
-            if _line(v1[a], v2[b], 2) != v3[c]:
-                raise NotAffine(f"the bytes in phase {_phase_name(t1[a][0])} are not affine in the depth")
-            points = [(t1[a][0], _line(v1[a], v2[b], grow))]
-        else:
-            start2, start3, length = a, b, c
-            last = grow - 1  # index of the last inserted run at the target
-            points = []
-            for k in (0, last) if last > 0 else (0,):
-                for o in range(length):
-                    at2, at3, next3 = v2[start2 + o], v3[start3 + o], v3[start3 + length + o]
-                    # run k at the target: run 0 at depth m2, moved along the depth, plus k rep steps
-                    points.append((t2[start2 + o][0], [x2 + (x3 - x2) * (target - m2) + (y3 - x3) * k
-                                                       for x2, x3, y3 in zip(at2, at3, next3)]))
-        for phase, value in points:
-            if min(value) < 0:
-                raise NotAffine("a share would be negative at full depth")
-            # strictly larger: the tracker's peak is the first instant that reaches the maximum
-            if best is None or sum(value) > sum(best):
-                best, best_phase = value, phase
-    assert best is not None
-    shares = {name: best[i] for i, name in enumerate(CATEGORIES)}
-    return StepRecord(peak_bytes=sum(best), shares=shares, peak_phase=_phase_name(best_phase), timeline={})
-
-
-def _phase_name(index: int) -> str | None:
-    return PHASES[index] if 0 <= index < len(PHASES) else None
 # ---------------------------------------------------------------- measurements
 
 
@@ -297,11 +171,14 @@ def _reserved_bytes(m: Measurement, m1: Measurement, m2: Measurement, m3: Measur
     model = m.extra.get("allocator_model")
     if not all(isinstance(f, dict) for f in figures) or not isinstance(model, dict):
         return
-    a, b, c = (f.get("peak_reserved_bytes") for f in figures)
-    if model.get("peak_reserved_bytes") is not None or not all(isinstance(v, int) for v in (a, b, c)):
+    reserved = [f.get("peak_reserved_bytes") for f in figures if isinstance(f, dict)]
+    deepest = reserved[-1]
+    if model.get("peak_reserved_bytes") is not None or not all(isinstance(v, int) for v in reserved):
+        return
+    if not isinstance(deepest, int):
         return
     # Keep the deepest trace's reserved-over-peak proportion (its segment overhead) at the target.
-    estimate = int(c * m.peak_bytes / m3.peak_bytes) if m3.peak_bytes else c
+    estimate = int(deepest * m.peak_bytes / m3.peak_bytes) if m3.peak_bytes else deepest
     model["peak_reserved_bytes"] = -(-estimate // LARGE_ROUND_BYTES) * LARGE_ROUND_BYTES
     model["extrapolated"] = True
 
@@ -330,8 +207,8 @@ def _extrapolate_measurement(
         r = UnitResult()
         r.records.append(extrapolate_step([t1[unit], t2[unit], t3[unit]], TRACE_DEPTHS, target))
         # Each unit's FLOPs (matmuls and attention per layer) on the same line, checked at m3.
-        r.flops = _extrapolate_value(*(_unit_flops(x).get(unit) for x in (m1, m2, m3)), grow,
-                                     f"training_flops[{unit}]", not_affine)
+        f1, f2, f3 = (_unit_flops(x).get(unit) for x in (m1, m2, m3))
+        r.flops = _extrapolate_value(f1, f2, f3, grow, f"training_flops[{unit}]", not_affine)
         results[unit] = r
     summarise(m, units, results, True, block_layers)
     _reserved_bytes(m, m1, m2, m3)
@@ -383,7 +260,8 @@ def by_depth(
                 raise NotAffine(f"a shallow trace failed ({failed[0].status}: {failed[0].error})")
             if len({len(per_rank) for per_rank in runs}) != 1:
                 raise NotAffine("the simulated ranks differ between depths")
-            block_layers = ([list(r) for r in split_contiguous(layers, tech.blocks)] if tech.kind == "db" else None)
+            block_layers = ([list(r) for r in split_contiguous(layers, tech.blocks)] if tech.blocks is not None
+                            else None)
             out = [
                 _extrapolate_measurement([runs[0][rank], runs[1][rank], runs[2][rank]], per_part,
                                          block_layers, not_affine)

@@ -28,7 +28,8 @@ from dbprofile.measure.allocator import CachingAllocatorModel
 from dbprofile.measure.fake import fake_mode
 from dbprofile.measure.flops import FlopCounter
 from dbprofile.measure.timing import time_block
-from dbprofile.measure.tracker import MemoryLimitExceeded, StepRecord, Tracker
+from dbprofile.measure.tracker import Tracker
+from dbprofile.measure.tracking import MemoryLimitExceeded, StepRecord
 from dbprofile.methods.base import TrainerProtocol as Trainer
 from dbprofile.methods.factory import make_trainer
 from dbprofile.results import BlockMeasurement, Measurement

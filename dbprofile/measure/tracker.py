@@ -1,182 +1,45 @@
 """The memory tracker: live tensor bytes on one device, split into dbprofile's categories.
 
-It works the way PyTorch's ``torch.distributed._tools.mem_tracker.MemTracker`` does: a
-dispatch mode sees the outputs of every op, each new storage is counted once (views share
-it) by its ``untyped_storage().nbytes()``, and a weak reference to the storage removes its
-bytes the moment the storage is freed. MemTracker's own categories do not fit ours (its
-ACT means "created in forward", ours means "saved for backward", and it has no inputs), so
-the classification is dbprofile's:
-
-- ``parameters``, ``buffers``: the model's (and the optimizer's) parameters and buffers;
-- ``gradients``: ``p.grad``, recognised by ``register_post_accumulate_grad_hook``;
-- ``optimizer_state``: tensors in ``optimizer.state`` (rescanned after each optimizer step);
-- ``inputs``: the batch (``set_inputs``);
-- ``activations``: storages held by the autograd graph for backward, seen through an
-  outer ``saved_tensors_hooks`` (this includes the segment inputs that non-reentrant
-  checkpointing saves) plus tensors recomputed for backward by checkpointing (op outputs
-  made with grad mode on during the backward phase);
-- ``temporaries``: everything else op outputs hold (the loss, gradients of activations,
-  the optimizer's scratch tensors, ...);
-- ``workspace`` (CUDA only): allocator bytes no tensor holds. At the start of a step,
-  ``memory_allocated`` minus the tracked tensors (the cuBLAS handles' workspaces); and, for
-  the instant of each op, its in-kernel peak (``reset_peak_memory_stats`` before the op,
-  ``max_memory_allocated`` after) above what its outputs hold: scratch that attention
-  backward or a cuDNN convolution takes and frees inside the op. Without it the tracker ran
-  up to 9.8% under ``max_memory_allocated`` on an H100; with it, within 0.3%
-  (reports/gpu-validation-h100.md). The runner reads the allocator's own peaks over separate
-  untracked steps, so that comparison does not use the tracker's resets.
-
-A storage has one category at a time, so the categories always sum to the live total and
-the shares at the instant of the peak sum to the peak exactly. Fake tensors have storages
-with the same ``nbytes``, so a fake run tracks the same bytes as a real CPU run.
-
-On CUDA each storage is counted rounded up to a multiple of 512 bytes: the caching
-allocator never hands out a smaller block (``kMinBlockSize``), and ``max_memory_allocated``
-counts those rounded blocks, so without the rounding the many small tensors (biases,
-norms, scalars, step counters) would be undercounted.
-
-Usage::
-
-    tracker = Tracker(torch.device("cpu"), trainer=trainer)
-    with tracker:
-        batch = spec.batch(8, "cpu")
-        tracker.set_inputs(batch)
-        tracker.begin_step()
-        trainer.step(batch, mark=tracker.mark)
-        record = tracker.end_step()   # peak_bytes, shares, peak_phase, timeline
-
-Known limitations: memory an op allocates and frees inside one kernel (workspaces) is seen
-on a real CUDA device only (``workspace``), not on the CPU or in fake runs;
-``UntypedStorage.resize_`` is not seen by this tracker (single-device training steps do not
-use it; the sharded tracker in dbprofile.measure.distributed follows it for FSDP); tensors
-that are made with the dispatch mode disabled are counted from their first use by an op.
+A dispatch mode sees the outputs of every op (as PyTorch's own ``MemTracker`` does); each new
+storage is counted once by its ``untyped_storage().nbytes()`` (rounded up to CUDA's 512-byte
+blocks on a CUDA target) and removed when a weak reference sees it freed. Each storage has one
+category at a time (parameters, buffers, gradients, optimizer state, inputs, activations saved
+for backward, temporaries, CUDA workspace), so the categories sum to the live total and the
+shares at the peak sum to the peak exactly. docs/tracker.md gives the rules of each category,
+the CUDA workspace and rounding, the usage and the known limitations; the records it keeps are
+in dbprofile.measure.tracking.
 """
 
 from __future__ import annotations
 
 import contextlib
+import functools
 import threading
 import weakref
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 
 from dbprofile.measure.allocator import CachingAllocatorModel
-from dbprofile.measure.cuda_scratch import op_input_copies, op_scratch_allocations
-from dbprofile.torch_internals import TorchDispatchMode
+from dbprofile.measure.tracker_mode import SavedSlot, TrackingMode
+from dbprofile.measure.tracking import (
+    ACTIVATIONS,
+    CATEGORY_INDEX,
+    CUDA_BLOCK_BYTES,
+    DEFAULT_TIMELINE_POINTS,
+    ROLE_RANK,
+    TEMPORARIES,
+    WORKSPACE,
+    MemoryLimitExceeded,
+    StepRecord,
+    StorageInfo,
+    downsample,
+    tensors_in,
+    trainer_parameters,
+)
+from dbprofile.methods.base import TrainerProtocol
 from dbprofile.vocabulary import CATEGORIES, PHASES
-
-CATEGORY_INDEX = {name: i for i, name in enumerate(CATEGORIES)}
-_ACT = CATEGORY_INDEX["activations"]
-_TMP = CATEGORY_INDEX["temporaries"]
-_WS = CATEGORY_INDEX["workspace"]
-# Roles set from what a storage is (a parameter, a gradient...) outrank how it is used.
-_ROLE_RANK = {"parameters": 0, "buffers": 1, "gradients": 2, "optimizer_state": 3, "inputs": 4}
-
-CUDA_BLOCK_BYTES = 512
-"""c10/cuda/CUDACachingAllocator.cpp ``kMinBlockSize``: every block the caching allocator hands out
-is rounded up to a multiple of 512 bytes, and max_memory_allocated counts the rounded blocks."""
-DEFAULT_TIMELINE_POINTS = 240
-
-
-class MemoryLimitExceeded(RuntimeError):
-    """Raised inside a step when live tracked bytes exceed the tracker's memory limit."""
-
-
-@dataclass
-class StepRecord:
-    """The peak of one tracked step and the bytes by category at that instant."""
-
-    peak_bytes: int
-    shares: dict[str, int]
-    peak_phase: str | None
-    timeline: dict[str, Any] = field(default_factory=dict)
-    trace: list[tuple[Any, list[int]]] | None = None
-    """With ``keep_trace``: every point of the step, not downsampled, as (the op that was running,
-    [phase index, bytes per category...]). dbprofile.measure.depth aligns these across depths."""
-
-
-class _Storage:
-    """What the tracker knows about one live storage."""
-
-    __slots__ = ("nbytes", "cat", "role", "saved", "recomputed", "ref", "block", "__weakref__")
-
-    def __init__(self, nbytes: int, cat: int | None) -> None:
-        self.nbytes = nbytes
-        self.block: Any = None  # its block in the allocator model, when one is replayed
-        self.cat = cat  # category index, or None when excluded (other device, host copy)
-        self.role: str | None = None
-        self.saved = 0  # how many saved-for-backward slots hold this storage
-        self.recomputed = False
-        self.ref: weakref.ref | None = None
-
-
-class _Saved:
-    """What the pack hook hands autograd: the tensor, plus a count on its storage that
-    drops when autograd releases the saved slot (after the node's backward)."""
-
-    __slots__ = ("tensor", "info", "tracker")
-
-    def __init__(self, tensor: torch.Tensor, info: _Storage | None, tracker: Tracker) -> None:
-        self.tensor = tensor
-        self.info = info
-        self.tracker = tracker
-
-    def __del__(self) -> None:
-        info = self.info
-        if info is not None:
-            info.saved -= 1
-            if info.saved == 0:
-                self.tracker._reclassify(info)
-
-
-class _Mode(TorchDispatchMode):
-    def __init__(self, tracker: Tracker) -> None:
-        super().__init__()
-        self.tracker = tracker
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        tracker = self.tracker
-        tracker.op = func
-        kwargs = kwargs or {}
-        if not tracker.sample_allocator:
-            if tracker.model_cuda_scratch:
-                out = self._with_cuda_scratch(func, args, kwargs)
-            else:
-                out = func(*args, **kwargs)
-                tracker._on_op(func, args, kwargs, out)
-        else:
-            # CUDA: the allocator's peak inside this one op shows scratch memory a kernel takes and
-            # gives back before returning (no tensor ever holds it, so only the allocator sees it).
-            dev = tracker.device
-            allocated_before = torch.cuda.memory_allocated(dev)
-            total_before = tracker.total
-            torch.cuda.reset_peak_memory_stats(dev)
-            out = func(*args, **kwargs)
-            in_op_peak = torch.cuda.max_memory_allocated(dev)
-            tracker._on_op(func, args, kwargs, out)
-            tracker._on_op_peak(total_before + in_op_peak - allocated_before)
-        if tracker.flops is not None:
-            tracker.flops.count(func, args, kwargs, out)
-        return out
-
-
-    def _with_cuda_scratch(self, func, args, kwargs):
-        """A fake op with the scratch its CUDA kernel would take: input copies before its outputs,
-        buffers after them; all of it given back before the op returns."""
-        tracker = self.tracker
-        before = op_input_copies(func, args)
-        blocks = tracker._scratch_alloc(before)
-        out = func(*args, **kwargs)
-        tracker._on_op(func, args, kwargs, out)
-        after = op_scratch_allocations(func, args, kwargs)
-        blocks += tracker._scratch_alloc(after)
-        if before or after:
-            tracker._on_op_peak(tracker.total + sum(tracker._rounded(n) for n in before + after))
-        tracker._scratch_free(blocks)
-        return out
 
 
 class Tracker:
@@ -186,7 +49,7 @@ class Tracker:
         self,
         device: torch.device | str,
         *,
-        trainer: Any = None,
+        trainer: TrainerProtocol | None = None,
         memory_limit: int | None = None,
         timeline_points: int = DEFAULT_TIMELINE_POINTS,
         round_to: int | None = None,
@@ -208,9 +71,10 @@ class Tracker:
         # round_to overrides the device's rounding: the planner tracks fake CPU tensors as the
         # CUDA allocator would count them (512-byte blocks).
         self.round_to = round_to if round_to is not None else (CUDA_BLOCK_BYTES if self.device.type == "cuda" else 1)
-        host = getattr(trainer, "host_resident", None) if trainer is not None else None
-        self._host_resident: Callable[[torch.Tensor], bool] | None = host if callable(host) else None
-        self._infos: dict[int, _Storage] = {}
+        self._host_resident: Callable[[torch.Tensor], bool] | None = (
+            trainer.host_resident if trainer is not None else None
+        )
+        self._infos: dict[int, StorageInfo] = {}
         self._lock = threading.RLock()
         self.totals = [0] * len(CATEGORIES)
         self.total = 0
@@ -233,7 +97,7 @@ class Tracker:
         self._grad_hooked: set[int] = set()
         self._opt_hooked: set[int] = set()
         self._handles: list[Any] = []
-        self._mode: _Mode | None = None
+        self._mode: TrackingMode | None = None
         self._hooks: Any = None
         self.sample_allocator = self.device.type == "cuda" and torch.cuda.is_available()
         """On a real CUDA device the allocator's counters are read around every op (``workspace``)."""
@@ -244,13 +108,14 @@ class Tracker:
         self.refresh()
         self._hooks = torch.autograd.graph.saved_tensors_hooks(self._pack, self._unpack)
         self._hooks.__enter__()
-        self._mode = _Mode(self)
+        self._mode = TrackingMode(self)
         self._mode.__enter__()
         return self
 
     def __exit__(self, *exc: Any) -> None:
-        self._mode.__exit__(*exc)
-        self._hooks.__exit__(*exc)
+        if self._mode is not None:
+            self._mode.__exit__(*exc)
+            self._hooks.__exit__(*exc)
         self._mode = None
         for handle in self._handles:
             handle.remove()
@@ -262,13 +127,17 @@ class Tracker:
     def paused(self) -> Iterator[None]:
         """Run code untracked (timing steps): no dispatch mode, no saved-tensor hooks.
         Storages already tracked still leave the count when they are freed."""
-        self._mode.__exit__(None, None, None)
-        self._hooks.__exit__(None, None, None)
+        mode, hooks = self._mode, self._hooks
+        if mode is None:  # not inside the tracker: nothing to pause
+            yield
+            return
+        mode.__exit__(None, None, None)
+        hooks.__exit__(None, None, None)
         try:
             yield
         finally:
-            self._hooks.__enter__()
-            self._mode.__enter__()
+            hooks.__enter__()
+            mode.__enter__()
 
     # ------------------------------------------------------------ public
 
@@ -294,7 +163,7 @@ class Tracker:
 
     def set_inputs(self, batch: Any) -> None:
         """Classify the batch's tensors as ``inputs``."""
-        for t in _tensors(batch):
+        for t in tensors_in(batch):
             self._assign_role(t, "inputs")
 
     def begin_step(self) -> None:
@@ -304,10 +173,10 @@ class Tracker:
             # Allocator bytes no tensor holds at the start of the step: the cuBLAS handles'
             # workspaces (one per thread that ran a matmul, kept for the process's life).
             torch.cuda.synchronize(self.device)
-            held = int(torch.cuda.memory_allocated(self.device)) - (self.total - self.totals[_WS])
+            held = int(torch.cuda.memory_allocated(self.device)) - (self.total - self.totals[WORKSPACE])
             with self._lock:
-                delta = max(held, 0) - self.totals[_WS]
-                self.totals[_WS] += delta
+                delta = max(held, 0) - self.totals[WORKSPACE]
+                self.totals[WORKSPACE] += delta
                 self.total += delta
         self.recording = True
         self.phase_snapshots = []
@@ -321,7 +190,7 @@ class Tracker:
         self.refresh()
         self._record()
         self.recording = False
-        shares = {name: self._peak_shares[i] for i, name in enumerate(CATEGORIES)}
+        shares: dict[str, int] = {name: self._peak_shares[i] for i, name in enumerate(CATEGORIES)}
         trace = list(zip(self._ops, self._points)) if self.keep_trace else None
         return StepRecord(
             peak_bytes=self._peak,
@@ -330,7 +199,7 @@ class Tracker:
             timeline={
                 "categories": list(CATEGORIES),
                 "phases": list(PHASES),
-                "points": _downsample(self._points, self.timeline_points),
+                "points": downsample(self._points, self.timeline_points),
             },
             trace=trace,
         )
@@ -344,7 +213,7 @@ class Tracker:
         trainer = self.trainer
         if trainer is None:
             return
-        params = _trainer_parameters(trainer)
+        params = trainer_parameters(trainer)
         for p in params:
             self._assign_role(p, "parameters")
             if p.grad is not None:
@@ -352,11 +221,9 @@ class Tracker:
             if p.requires_grad and id(p) not in self._grad_hooked:
                 self._grad_hooked.add(id(p))
                 self._handles.append(p.register_post_accumulate_grad_hook(self._on_grad))
-        model = getattr(trainer, "model", None)
-        if isinstance(model, torch.nn.Module):
-            for b in model.buffers():
-                self._assign_role(b, "buffers")
-        optimizer = getattr(trainer, "optimizer", None)
+        for b in trainer.model.buffers():
+            self._assign_role(b, "buffers")
+        optimizer = trainer.optimizer
         if optimizer is not None:
             if id(optimizer) not in self._opt_hooked:
                 self._opt_hooked.add(id(optimizer))
@@ -377,7 +244,7 @@ class Tracker:
         if param.grad is not None:
             self._assign_role(param.grad, "gradients")
 
-    def _info(self, t: torch.Tensor) -> _Storage | None:
+    def _info(self, t: torch.Tensor) -> StorageInfo | None:
         """The record for t's storage, creating it (as a temporary) the first time."""
         try:
             st = t.untyped_storage()
@@ -393,14 +260,14 @@ class Tracker:
         )
         if not excluded and self._host_resident is not None:
             excluded = bool(self._host_resident(t))
-        nbytes = self._rounded(st.nbytes())
-        cat = None if excluded else _TMP
-        info = _Storage(nbytes, cat)
+        nbytes = self.rounded(st.nbytes())
+        cat = None if excluded else TEMPORARIES
+        info = StorageInfo(nbytes, cat)
         if cat is not None and self.phase == "backward" and torch.is_grad_enabled():
             # Grad mode on inside backward: checkpointing recomputes a forward for backward.
             info.recomputed = True
-            info.cat = cat = _ACT
-        info.ref = weakref.ref(st, lambda _r, key=key, info=info: self._on_free(key, info))
+            info.cat = cat = ACTIVATIONS
+        info.ref = weakref.ref(st, functools.partial(self._freed, key, info))
         with self._lock:
             self._infos[key] = info
             if cat is not None:
@@ -409,7 +276,11 @@ class Tracker:
                 self._add(cat, nbytes)
         return info
 
-    def _on_free(self, key: int, info: _Storage) -> None:
+    def _freed(self, key: int, info: StorageInfo, _ref: Any) -> None:
+        """The storage's weak reference fired: it was freed."""
+        self._on_free(key, info)
+
+    def _on_free(self, key: int, info: StorageInfo) -> None:
         with self._lock:
             if self._infos.get(key) is info:
                 del self._infos[key]
@@ -421,8 +292,8 @@ class Tracker:
                 if self.recording:
                     self._record()
 
-    def _release_block(self, info: _Storage) -> None:
-        if info.block is not None:
+    def _release_block(self, info: StorageInfo) -> None:
+        if info.block is not None and self.allocator is not None:
             self.allocator.free(info.block)
             info.block = None
 
@@ -441,33 +312,35 @@ class Tracker:
                 f"of {self.memory_limit} bytes"
             )
 
-    def _rounded(self, nbytes: int) -> int:
+    def rounded(self, nbytes: int) -> int:
         """``nbytes`` as counted: rounded up to ``round_to`` (512-byte blocks for CUDA)."""
         return -(-nbytes // self.round_to) * self.round_to
 
-    def _scratch_alloc(self, sizes: list[int]) -> list[Any]:
+    def scratch_alloc(self, sizes: list[int]) -> list[Any]:
         """Predicted in-op scratch, in the allocator model (the peak is the caller's)."""
         if self.allocator is None:
             return []
         return [self.allocator.malloc(n) for n in sizes]
 
-    def _scratch_free(self, blocks: list[Any]) -> None:
+    def scratch_free(self, blocks: list[Any]) -> None:
+        if self.allocator is None:  # no model, so scratch_alloc handed out no blocks
+            return
         for block in reversed(blocks):
             self.allocator.free(block)
 
-    def _on_op_peak(self, in_op_total: int) -> None:
+    def on_op_peak(self, in_op_total: int) -> None:
         """An op's in-kernel peak above what its outputs hold counts, for that instant, as workspace."""
         extra = in_op_total - self.total
         if extra <= 0:
             return
         with self._lock:
-            self._add(_WS, extra)
-            self.totals[_WS] -= extra
+            self._add(WORKSPACE, extra)
+            self.totals[WORKSPACE] -= extra
             self.total -= extra
             if self.recording:
                 self._record()
 
-    def _move(self, info: _Storage, cat: int) -> None:
+    def _move(self, info: StorageInfo, cat: int) -> None:
         with self._lock:
             if info.cat is None or info.cat == cat:
                 return
@@ -486,12 +359,12 @@ class Tracker:
             # offload trainer fills it, then registers it): drop it from the device's count.
             self._exclude(info)
             return
-        if info.role is not None and _ROLE_RANK[info.role] <= _ROLE_RANK[role]:
+        if info.role is not None and ROLE_RANK[info.role] <= ROLE_RANK[role]:
             return
         info.role = role
         self._move(info, CATEGORY_INDEX[role])
 
-    def _exclude(self, info: _Storage) -> None:
+    def _exclude(self, info: StorageInfo) -> None:
         with self._lock:
             if info.cat is None:
                 return
@@ -502,12 +375,12 @@ class Tracker:
             if self.recording:
                 self._record()
 
-    def _reclassify(self, info: _Storage) -> None:
+    def reclassify(self, info: StorageInfo) -> None:
         if info.cat is None or info.role is not None:
             return
-        self._move(info, _ACT if (info.saved > 0 or info.recomputed) else _TMP)
+        self._move(info, ACTIVATIONS if (info.saved > 0 or info.recomputed) else TEMPORARIES)
 
-    def _on_op(self, func: Any, args: tuple, kwargs: dict, out: Any) -> None:
+    def on_op(self, func: Any, args: tuple, kwargs: dict, out: Any) -> None:
         """Called after every op the dispatch mode sees. The base tracker reads its outputs; the
         sharded tracker (dbprofile.measure.distributed) also reads FSDP's regions and collectives."""
         self._on_output(out)
@@ -520,15 +393,15 @@ class Tracker:
                 if isinstance(item, torch.Tensor):
                     self._info(item)
 
-    def _pack(self, t: torch.Tensor) -> _Saved:
+    def _pack(self, t: torch.Tensor) -> SavedSlot:
         info = self._info(t)
         if info is not None:
             info.saved += 1
-            self._reclassify(info)
-        return _Saved(t, info, self)
+            self.reclassify(info)
+        return SavedSlot(t, info, self)
 
     @staticmethod
-    def _unpack(saved: _Saved) -> torch.Tensor:
+    def _unpack(saved: SavedSlot) -> torch.Tensor:
         return saved.tensor
 
     def _record(self) -> None:
@@ -537,42 +410,3 @@ class Tracker:
             self._ops.append(self.op)
 
 
-def _trainer_parameters(trainer: Any) -> list[torch.Tensor]:
-    """Parameters of the trainer's model and its optimizer, each once."""
-    seen: dict[int, torch.Tensor] = {}
-    model = getattr(trainer, "model", None)
-    if isinstance(model, torch.nn.Module):
-        for p in model.parameters():
-            seen.setdefault(id(p), p)
-    optimizer = getattr(trainer, "optimizer", None)
-    if optimizer is not None:
-        for group in optimizer.param_groups:
-            for p in group["params"]:
-                seen.setdefault(id(p), p)
-    return list(seen.values())
-
-
-def _tensors(obj: Any) -> list[torch.Tensor]:
-    if isinstance(obj, torch.Tensor):
-        return [obj]
-    if isinstance(obj, dict):
-        return [t for v in obj.values() for t in _tensors(v)]
-    if isinstance(obj, (list, tuple)):
-        return [t for v in obj for t in _tensors(v)]
-    return []
-
-
-def _downsample(points: list[list[int]], limit: int) -> list[list[int]]:
-    """At most ``limit`` points: the largest-total point of each of ``limit`` equal runs
-    (so the peak always survives), plus the first and last."""
-    if len(points) <= limit:
-        return points
-    keep = limit - 2
-    inner = points[1:-1]
-    out = [points[0]]
-    for i in range(keep):
-        chunk = inner[i * len(inner) // keep:(i + 1) * len(inner) // keep]
-        if chunk:
-            out.append(max(chunk, key=lambda p: sum(p[1:])))
-    out.append(points[-1])
-    return out

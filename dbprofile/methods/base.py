@@ -68,16 +68,27 @@ def autocast_context(device: torch.device, precision: str):
 
 class TrainerProtocol(Protocol):
     """What the runner and the tracker need from a trainer: any technique's (a ``Trainer``
-    subclass), a sharded or block-parallel one (dbprofile.methods.sharding), or a user's."""
+    subclass), a sharded or block-parallel one (dbprofile.methods.sharding), or a user's.
+    Read-only, so a trainer may hold narrower types (a ``Trainer`` always has an optimizer)."""
 
-    model: nn.Module
-    optimizer: torch.optim.Optimizer
-    units: list[int | None]
-    """What one step trains: ``[None]`` (the whole model) or DiffusionBlocks' block indices."""
-    extra_parameters: int | Callable[[], int] | None
-    """Parameters the technique adds to the model (DiffusionBlocks' AdaLN and embedders)."""
-    block_layers: list[list[int]] | None
-    """The layers of each unit (DiffusionBlocks), else None."""
+    @property
+    def model(self) -> nn.Module: ...
+
+    @property
+    def optimizer(self) -> torch.optim.Optimizer | None:
+        """None for a trainer that steps no optimizer of its own (the tracker then tracks no state)."""
+
+    @property
+    def units(self) -> list[int | None]:
+        """What one step trains: ``[None]`` (the whole model) or DiffusionBlocks' block indices."""
+
+    @property
+    def extra_parameters(self) -> int | Callable[[], int] | None:
+        """Parameters the technique adds to the model (DiffusionBlocks' AdaLN and embedders)."""
+
+    @property
+    def block_layers(self) -> list[list[int]] | None:
+        """The layers of each unit (DiffusionBlocks), else None."""
 
     def step(self, batch: Batch, unit: int | None = None, mark: Mark = ...) -> torch.Tensor: ...
 

@@ -13,9 +13,7 @@ from dbprofile.gpus import (
     GPU,
 )
 from dbprofile.loading import checked_spec, load_spec
-from dbprofile.measure.tracker import (
-    CUDA_BLOCK_BYTES,  # the allocator's 512-byte blocks, one definition
-)
+from dbprofile.measure.tracking import CUDA_BLOCK_BYTES  # the allocator's 512-byte blocks, one definition
 from dbprofile.methods.sharding import (
     SHARDING_BLOCK_PARALLEL,
     SHARDING_FSDP,

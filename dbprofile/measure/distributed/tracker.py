@@ -13,13 +13,14 @@ from typing import Any
 
 import torch
 
-from dbprofile.measure.tracker import CATEGORY_INDEX, Tracker
+from dbprofile.measure.tracker import Tracker
+from dbprofile.measure.tracking import CATEGORY_INDEX
 
 _COMM = CATEGORY_INDEX["communication"]
 
 
 
-_TMP = CATEGORY_INDEX["temporaries"]
+TEMPORARIES = CATEGORY_INDEX["temporaries"]
 
 
 
@@ -69,13 +70,13 @@ class ShardedTracker(Tracker):
         finally:
             self._unpatch_resize()
 
-    def _on_op(self, func: Any, args: tuple, kwargs: dict, out: Any) -> None:
+    def on_op(self, func: Any, args: tuple, kwargs: dict, out: Any) -> None:
         packet = str(func.overloadpacket)
         if packet == _RF_ENTER:
             self.regions.append(str(args[0]) if args else "")
         elif packet == _RF_EXIT and self.regions:
             self.regions.pop()
-        super()._on_op(func, args, kwargs, out)
+        super().on_op(func, args, kwargs, out)
         if packet in _REDUCE_SCATTER and args:
             # The reduce-scatter output is what the sharded gradients are views of.
             for t in _flat_tensors(args[0]):
@@ -92,7 +93,7 @@ class ShardedTracker(Tracker):
         key_known = _storage_id(t) in self._infos
         info = super()._info(t)
         if (
-            info is not None and not key_known and info.cat == _TMP
+            info is not None and not key_known and info.cat == TEMPORARIES
             and any(r.startswith(_COMM_REGIONS) for r in self.regions)
         ):
             self._to_communication(t, info)
@@ -110,7 +111,7 @@ class ShardedTracker(Tracker):
 
     def _to_communication(self, t: torch.Tensor, info=None) -> None:
         info = info if info is not None else self._info(t)
-        if info is None or info.cat != _TMP or info.role is not None:
+        if info is None or info.cat != TEMPORARIES or info.role is not None:
             return
         self._move(info, _COMM)
         if self.recording and self.total == self._peak:
@@ -143,7 +144,7 @@ class ShardedTracker(Tracker):
         info = self._infos.get(id(storage))
         if info is None or info.cat is None:
             return
-        nbytes = self._rounded(storage.nbytes())
+        nbytes = self.rounded(storage.nbytes())
         delta = nbytes - info.nbytes
         if delta == 0:
             return

@@ -1,0 +1,120 @@
+"""What the tracker keeps (dbprofile.measure.tracker): one record per live storage, the record
+of a tracked step, the category indices and role ranks, the CUDA block size, and small helpers
+(the tensors in a batch, a trainer's parameters, a timeline thinned to a few hundred points)."""
+
+from __future__ import annotations
+
+import weakref
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from dbprofile.methods.base import TrainerProtocol
+from dbprofile.vocabulary import CATEGORIES
+
+CATEGORY_INDEX: dict[str, int] = {name: i for i, name in enumerate(CATEGORIES)}
+
+
+
+ACTIVATIONS = CATEGORY_INDEX["activations"]
+
+
+
+TEMPORARIES = CATEGORY_INDEX["temporaries"]
+
+
+
+WORKSPACE = CATEGORY_INDEX["workspace"]
+
+
+
+# Roles set from what a storage is (a parameter, a gradient...) outrank how it is used.
+ROLE_RANK = {"parameters": 0, "buffers": 1, "gradients": 2, "optimizer_state": 3, "inputs": 4}
+
+
+
+CUDA_BLOCK_BYTES = 512
+"""c10/cuda/CUDACachingAllocator.cpp ``kMinBlockSize``: every block the caching allocator hands out
+is rounded up to a multiple of 512 bytes, and max_memory_allocated counts the rounded blocks."""
+
+
+
+DEFAULT_TIMELINE_POINTS = 240
+
+
+
+class MemoryLimitExceeded(RuntimeError):
+    """Raised inside a step when live tracked bytes exceed the tracker's memory limit."""
+
+
+
+@dataclass
+class StepRecord:
+    """The peak of one tracked step and the bytes by category at that instant."""
+
+    peak_bytes: int
+    shares: dict[str, int]
+    peak_phase: str | None
+    timeline: dict[str, Any] = field(default_factory=dict)
+    trace: list[tuple[Any, list[int]]] | None = None
+    """With ``keep_trace``: every point of the step, not downsampled, as (the op that was running,
+    [phase index, bytes per category...]). dbprofile.measure.depth aligns these across depths."""
+
+
+
+class StorageInfo:
+    """What the tracker knows about one live storage."""
+
+    __slots__ = ("nbytes", "cat", "role", "saved", "recomputed", "ref", "block", "__weakref__")
+
+    def __init__(self, nbytes: int, cat: int | None) -> None:
+        self.nbytes = nbytes
+        self.block: Any = None  # its block in the allocator model, when one is replayed
+        self.cat = cat  # category index, or None when excluded (other device, host copy)
+        self.role: str | None = None
+        self.saved = 0  # how many saved-for-backward slots hold this storage
+        self.recomputed = False
+        self.ref: weakref.ref | None = None
+
+
+
+def trainer_parameters(trainer: TrainerProtocol) -> list[torch.Tensor]:
+    """Parameters of the trainer's model and its optimizer, each once."""
+    seen: dict[int, torch.Tensor] = {}
+    for p in trainer.model.parameters():
+        seen.setdefault(id(p), p)
+    optimizer = trainer.optimizer
+    if optimizer is not None:
+        for group in optimizer.param_groups:
+            for p in group["params"]:
+                seen.setdefault(id(p), p)
+    return list(seen.values())
+
+
+
+def tensors_in(obj: Any) -> list[torch.Tensor]:
+    if isinstance(obj, torch.Tensor):
+        return [obj]
+    if isinstance(obj, dict):
+        return [t for v in obj.values() for t in tensors_in(v)]
+    if isinstance(obj, (list, tuple)):
+        return [t for v in obj for t in tensors_in(v)]
+    return []
+
+
+
+def downsample(points: list[list[int]], limit: int) -> list[list[int]]:
+    """At most ``limit`` points: the largest-total point of each of ``limit`` equal runs
+    (so the peak always survives), plus the first and last."""
+    if len(points) <= limit:
+        return points
+    keep = limit - 2
+    inner = points[1:-1]
+    out = [points[0]]
+    for i in range(keep):
+        chunk = inner[i * len(inner) // keep:(i + 1) * len(inner) // keep]
+        if chunk:
+            out.append(max(chunk, key=lambda p: sum(p[1:])))
+    out.append(points[-1])
+    return out
