@@ -130,7 +130,7 @@ def test_activation_ratios_are_computed_through_the_cli(tmp_path):
 
 def test_activation_ratios_on_a_conv_patch_embedding_preset():
     """The reported failure: 'Couldn't swap Conv2d.weight' on vit-tiny under the runner's fake mode."""
-    from dbprofile.measure.steps import activation_ratios
+    from dbprofile.measure.runner import activation_ratios
     from dbprofile.techniques import parse_techniques
 
     m = Measurement(technique="db:2", batch_size=2)

@@ -3,12 +3,7 @@ torchrun), write the JSON and the HTML report, and print the table and the verdi
 
 from __future__ import annotations
 
-import contextlib
-import dataclasses
-import json
 import math
-import os
-import re
 import shlex
 import sys
 from pathlib import Path
@@ -16,11 +11,9 @@ from pathlib import Path
 import click
 
 from dbprofile.cli.app import (
-    EXIT_OK,
     FROM_CHECKPOINT_HELP,
     UserError,
     check_writable,
-    exit_code,
     freeze_startup_objects,
     friendly_errors,
     load_models,
@@ -31,8 +24,12 @@ from dbprofile.cli.app import (
     parse_size,
     reproduce_command,
 )
-from dbprofile.console import QUIET, Output
+from dbprofile.cli.run_support import answer_run, loading_limit, note_replaced, run_distributed_command, safe_name
+from dbprofile.console import Output
 from dbprofile.results import RunResult
+from dbprofile.settings import RunSettings
+from dbprofile.spec import ModelSpec
+from dbprofile.techniques import Technique
 
 
 def _techniques_option(techniques: str | None, blocks: str | None) -> list[str]:
@@ -45,10 +42,6 @@ def _techniques_option(techniques: str | None, blocks: str | None) -> list[str]:
         return ["e2e", "ckpt"] + [f"db:{b}" for b in parse_int_list(blocks, "--blocks")]
     return list(DEFAULT_TECHNIQUES)
 
-
-
-def _safe_name(text: str) -> str:
-    return re.sub(r"[^A-Za-z0-9_.-]+", "-", text).strip("-") or "model"
 
 
 
@@ -122,20 +115,22 @@ def run(model, batch_size, device, techniques, blocks, steps, precision, optimiz
         from dbprofile.measure.snapshot import check_snapshot_device
 
         check_snapshot_device(torch.device(device), fake)
+    settings = RunSettings(device=device, precision=precision, optimizer=optimizer, steps=steps, fake=fake,
+                           memory_limit=limit, time_limit_s=timeout_s or None, memory_snapshot=memory_snapshot)
     if distributed:
         # A process group needs a finite timeout: "no limit" becomes a week.
-        _run_distributed(model, names, batch_sizes, device, steps, precision, optimizer, out, no_report,
-                         fsdp, nproc, timeout_s or 7 * 24 * 3600.0, console, (set_options, seq_len, image_size))
+        run_distributed_command((model, set_options, seq_len, image_size), names, batch_sizes, settings, out=out,
+                                no_report=no_report, fsdp=fsdp, nproc=nproc, timeout_s=timeout_s or 7 * 24 * 3600.0,
+                                console=console)
         return
     techs = parse_techniques(names)
-    per_technique_s = timeout_s or None
-    with _loading_limit(per_technique_s):
+    with loading_limit(settings.time_limit_s):
         swept, specs = load_models(model, set_options, seq_len, image_size)
     results, codes = [], []
     for spec in specs:
-        answered = _run_one(spec, techs, not techniques and not blocks, batch_sizes, device, steps, precision,
-                            optimizer, fake, limit, out, no_report, dry_run, swept, memory_snapshot,
-                            per_technique_s, from_checkpoint, console)
+        answered = _run_one(spec, techs, settings, batch_sizes=batch_sizes, drop_deeper=not techniques and not blocks,
+                            out=out, no_report=no_report, dry_run=dry_run, swept=swept,
+                            from_checkpoint=from_checkpoint, console=console)
         if answered is not None:
             results.append(answered[0])
             codes.append(answered[1])
@@ -143,7 +138,7 @@ def run(model, batch_size, device, techniques, blocks, steps, precision, optimiz
         from dbprofile.report import write_comparison
 
         # The comparison of the runs draws peak memory against the swept value.
-        base = Path(out).with_suffix("") if out else Path("reports") / _safe_name(specs[0].name)
+        base = Path(out).with_suffix("") if out else Path("reports") / safe_name(specs[0].name)
         path = write_comparison(results, Path(f"{base}-{swept}-sweep.html"), command=reproduce_command())
         console.text(f"sweep:   {path}")
     if codes:
@@ -152,32 +147,18 @@ def run(model, batch_size, device, techniques, blocks, steps, precision, optimiz
 
 
 
-@contextlib.contextmanager
-def _loading_limit(seconds: float | None):
-    """The per-technique time limit around loading and checking a model, as one paragraph when hit."""
-    from dbprofile.measure.limits import TimeLimitExceeded, time_limit
-
-    try:
-        with time_limit(seconds, "loading and checking the model"):
-            yield
-    except TimeLimitExceeded as err:
-        raise UserError(
-            f"{str(err).capitalize()} (--timeout): the model file, build(), batch() or loss() did not finish, "
-            "perhaps an endless loop. Fix the model, or raise --timeout if it is only slow."
-        ) from None
-
-
-
-def _run_one(spec, techs, drop_deeper, batch_sizes, device, steps, precision, optimizer, fake, limit, out,
-             no_report, dry_run, swept, memory_snapshot, per_technique_s, from_checkpoint, console: Output):
+def _run_one(spec: ModelSpec, techs: list[Technique], settings: RunSettings, *, batch_sizes: list[int],
+             drop_deeper: bool, out: str | None, no_report: bool, dry_run: bool, swept: str | None,
+             from_checkpoint: bool, console: Output) -> tuple[RunResult, int] | None:
     """Check, measure and answer for one model spec (one value of a sweep): (result, exit code), or None
     for a dry run."""
+    device, precision, optimizer, fake = settings.device, settings.precision, settings.optimizer, settings.fake
     from dbprofile.loading import shape_value
     from dbprofile.measure.runner import prepare
     from dbprofile.units import format_bytes
 
     asked = techs
-    with _loading_limit(per_technique_s):
+    with loading_limit(settings.time_limit_s):
         # The default set adapts to shallow models; techniques asked for by name never do.
         spec, techs, facts = prepare(spec, asked, precision, optimizer, drop_deeper=drop_deeper)
     dropped = [t.name for t in asked if t not in techs]
@@ -191,7 +172,7 @@ def _run_one(spec, techs, drop_deeper, batch_sizes, device, steps, precision, op
     )
     if facts["not_residual"]:
         console.info(f"note: {facts['not_residual']}")
-    out_path = Path(out) if out else Path("reports") / f"{_safe_name(spec.name)}.json"
+    out_path = Path(out) if out else Path("reports") / f"{safe_name(spec.name)}.json"
     if swept:
         out_path = out_path.with_name(f"{out_path.stem}-{swept}-{shape_value(spec, swept)}{out_path.suffix}")
     check_writable(out_path, "--out")
@@ -209,7 +190,7 @@ def _run_one(spec, techs, drop_deeper, batch_sizes, device, steps, precision, op
 
     freeze_startup_objects()
     with output_lock(out_path):
-        _note_replaced(out_path, console)
+        note_replaced(out_path, console)
         with console.progress(f"{spec.name}", total=len(techs) * len(batch_sizes)) as advance:
 
             def measured(measurement) -> None:
@@ -219,80 +200,15 @@ def _run_one(spec, techs, drop_deeper, batch_sizes, device, steps, precision, op
 
             try:
                 result = run_profile(
-                    spec, techs, batch_sizes, device=device, precision=precision, optimizer=optimizer,
-                    steps=steps, fake=fake, memory_limit=limit, out=out_path, on_measurement=measured,
-                    command=reproduce_command(), memory_snapshot=memory_snapshot,
-                    time_limit_s=per_technique_s, facts=facts, from_checkpoint=from_checkpoint,
+                    spec, techs, batch_sizes, settings, out=out_path, on_measurement=measured,
+                    command=reproduce_command(), facts=facts, from_checkpoint=from_checkpoint,
                 )
             except KeyboardInterrupt:
                 click.echo(f"The measurements that finished are in {out_path}, marked incomplete; "
                            f"`dbprofile report {shlex.quote(str(out_path))}` renders them.", err=True)
                 raise
-        code = _answer_run(result, out_path, no_report, run_table(result), console)
+        code = answer_run(result, out_path, no_report, run_table(result), console)
     return result, code
 
 
 
-def _answer_run(result: RunResult, out_path: Path, no_report: bool, table: str, console: Output) -> int:
-    """Print the table, write the HTML report and the JSON / CSV answers; returns the exit code."""
-    files = {"json": str(out_path)}
-    lines = [table, f"results: {out_path}"]
-    if not no_report:
-        from dbprofile.report import write_run_report
-
-        files["html"] = str(write_run_report(result, out_path.with_suffix(".html")))
-        lines.append(f"report:  {files['html']}")
-    console.text("\n".join(lines))
-    console.emit_json({**result.to_dict(), "files": files})
-    console.write_csv(result.to_dataframe)
-    return exit_code(result)
-
-
-
-def _note_replaced(path: Path, console: Output) -> None:
-    """Replacing an earlier result is normal (a rerun), but never silent: say whose it was (a note,
-    which -q silences)."""
-    try:
-        old = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, ValueError):
-        return
-    if isinstance(old, dict):
-        console.info(f"replacing {path} (a run of {old.get('model')!r} from {old.get('created') or 'an unknown time'})")
-
-
-
-def _run_distributed(model, names, batch_sizes, device, steps, precision, optimizer, out, no_report,
-                     fsdp, nproc, timeout_s, console: Output, model_opts=(None, None, None)) -> None:
-    """Per-rank profiling under torchrun: relaunch with --nproc, or measure on this rank.
-
-    Rank 0 prints the answer (and the JSON / CSV). torchrun turns any rank's non-zero exit into its
-    own failure, so the ranks exit 0 and the --nproc launcher reads rank 0's result file to exit
-    with the outcome."""
-    from dbprofile.loading import validate_spec
-    from dbprofile.measure.distributed import in_torchrun, launch, run_distributed
-    from dbprofile.report.text import ranks_table
-    from dbprofile.techniques import parse_technique
-
-    for name in names:
-        parse_technique(name)  # a bad name fails here, before any process starts
-    swept, specs = load_models(model, *model_opts)
-    if swept:
-        raise UserError(f"A distributed run measures one shape; give --{swept.replace('_', '-')} one value.")
-    spec = specs[0]
-    out_path = Path(out) if out else Path("reports") / f"{_safe_name(spec.name)}-distributed.json"
-    if not in_torchrun() and nproc is not None:
-        code = launch(nproc, sys.argv[1:])
-        sys.exit(code if code != EXIT_OK or not out_path.exists() else exit_code(RunResult.load(out_path)))
-    validate_spec(spec)
-    check_writable(out_path, "--out")
-    if os.environ.get("RANK", "0") != "0":  # one display and one set of notes: rank 0's
-        console = dataclasses.replace(console, verbosity=QUIET)
-    with console.progress(f"{spec.name} on every rank"):
-        result = run_distributed(spec, names, batch_sizes, fsdp=fsdp, device=device,
-                                 precision=precision, optimizer=optimizer, steps=steps, out=out_path,
-                                 command=reproduce_command(), timeout_s=timeout_s)
-    if result is None:  # ranks other than 0 report through rank 0
-        return
-    code = _answer_run(result, out_path, no_report, ranks_table(result), console)
-    if not in_torchrun():
-        sys.exit(code)

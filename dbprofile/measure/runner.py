@@ -30,9 +30,10 @@ import torch
 from dbprofile.loading import checked_spec, load_spec
 from dbprofile.measure import device as devices
 from dbprofile.measure import snapshot
+from dbprofile.measure.failures import free_memory, record_failure
 from dbprofile.measure.fake import cuda_autocast_policy, fake_mode
 from dbprofile.measure.limits import Terminated, TimeLimitExceeded, time_limit
-from dbprofile.measure.steps import activation_ratios, free_memory, measure_into, record_failure
+from dbprofile.measure.steps import measure_into
 from dbprofile.methods.factory import make_trainer
 from dbprofile.results import Measurement, RunResult
 from dbprofile.settings import RunSettings
@@ -244,3 +245,27 @@ def _progress(todo: list[tuple[Technique, int]], done: int) -> str:
     return f"{done} of {len(todo)} measurements finished" + (f"; not measured: {missing}" if missing else "")
 
 
+
+
+def activation_ratios(m: Measurement, spec: ModelSpec, tech: Technique, batch_size: int) -> None:
+    """Bytes saved for backward over the layers: one block vs the same AdaLN layers at full
+    depth (about 1/B) and vs the plain e2e model (larger: AdaLN saves more); METHOD.md."""
+    try:
+        from dbprofile.methods.diffusion_blocks.activations import (
+            layer_activation_bytes,
+        )
+    except ImportError as err:
+        m.extra["activation_ratios"] = None
+        m.extra["activation_ratios_error"] = f"layer activation counting is not available: {err}"
+        return
+    if tech.blocks is None:  # only DiffusionBlocks has blocks to compare
+        return
+    try:
+        with fake_mode():
+            # Counting saved tensors needs shapes only: fake tensors cost no memory or time.
+            m.extra["activation_ratios"] = layer_activation_bytes(
+                spec, tech.blocks, batch_size, "cpu", lm_layout=tech.lm_layout
+            )
+    except Exception as err:  # noqa: BLE001 - a missing ratio must not lose the measurement
+        m.extra["activation_ratios"] = None
+        m.extra["activation_ratios_error"] = f"{type(err).__name__}: {err}"

@@ -10,7 +10,6 @@ the worst unit into the ``Measurement``."""
 from __future__ import annotations
 
 import contextlib
-import gc
 import itertools
 import math
 import statistics
@@ -29,7 +28,7 @@ from dbprofile.measure.fake import fake_mode
 from dbprofile.measure.flops import FlopCounter
 from dbprofile.measure.timing import time_block
 from dbprofile.measure.tracker import Tracker
-from dbprofile.measure.tracking import MemoryLimitExceeded, StepRecord
+from dbprofile.measure.tracking import StepRecord
 from dbprofile.methods.base import TrainerProtocol as Trainer
 from dbprofile.methods.factory import make_trainer
 from dbprofile.results import BlockMeasurement, Measurement
@@ -40,21 +39,17 @@ from dbprofile.techniques import Technique
 SEED = 0
 
 
-
 MIN_TIME_S = 1.0
 """Each technique is timed for at least this long (split over DiffusionBlocks' blocks)..."""
-
 
 
 MAX_TIME_S = 10.0
 """...and at most this long (split likewise), stopping earlier once the spread is small:"""
 
 
-
 TIMING_THRESHOLD = 0.1
 """torch.utils.benchmark's adaptive_autorange stops when the interquartile range of its blocks is
 below this fraction of their median (and it has at least four blocks)."""
-
 
 
 class UnitResult:
@@ -74,7 +69,6 @@ class UnitResult:
     @property
     def peak(self) -> StepRecord:
         return max(self.records, key=lambda r: r.peak_bytes)
-
 
 
 class PhaseClock:
@@ -105,30 +99,6 @@ class PhaseClock:
     def finish(self) -> float:
         self._close()
         return self.transfer_s
-
-
-
-def is_out_of_memory(err: BaseException) -> bool:
-    """A real allocator OOM, or the tracker's memory limit."""
-    if isinstance(err, MemoryLimitExceeded):
-        return True
-    oom_type = getattr(torch.cuda, "OutOfMemoryError", None)
-    if oom_type is not None and isinstance(err, oom_type):
-        return True
-    return isinstance(err, RuntimeError) and "out of memory" in str(err).lower()
-
-
-
-def record_failure(m: Measurement, err: BaseException) -> None:
-    """File a failed step in ``m``: ``oom`` (with the batch size tried) or ``error`` (the technique
-    and the model's message)."""
-    if is_out_of_memory(err):
-        m.status, m.error = "oom", f"out of memory at batch size {m.batch_size}: {err}"
-    elif isinstance(err, SystemExit):
-        m.status, m.error = "error", f"{m.technique}: the model's code called sys.exit({err.code!r})"
-    else:
-        m.status, m.error = "error", f"{m.technique}: {type(err).__name__}: {err}"
-
 
 
 @dataclass(kw_only=True)
@@ -260,7 +230,6 @@ def of_block(unit: int | None, units: list) -> str:
     return "" if unit is None else f" (block {unit + 1} of {len(units)})"
 
 
-
 def time_unit(ctx: StepContext, unit: int | None, out: UnitResult, min_steps: int, min_time_s: float,
               max_time_s: float) -> None:
     """Time untracked steps of one unit with torch.utils.benchmark's adaptive_autorange: blocks of
@@ -308,14 +277,12 @@ def time_unit(ctx: StepContext, unit: int | None, out: UnitResult, min_steps: in
             break
 
 
-
 def worst_figures(per_unit: list[dict]) -> dict:
     """Allocator peaks over every unit (the worst block for DiffusionBlocks); NVML from the last."""
     worst = dict(per_unit[-1])
     for key in ("max_memory_allocated", "max_memory_reserved"):
         worst[key] = max(f[key] for f in per_unit)
     return worst
-
 
 
 def step(ctx: StepContext, tracker: Tracker, unit: int | None, out: UnitResult | None, track: bool = False) -> None:
@@ -365,7 +332,6 @@ def step(ctx: StepContext, tracker: Tracker, unit: int | None, out: UnitResult |
             m.error = f"{m.technique}: the loss was {value} at step {step_index}{where}; training diverged or the model produces NaN."
 
 
-
 def summarise(m: Measurement, units: list, results: dict, fake: bool, block_layers: list | None) -> None:
     worst_unit = max(units, key=lambda u: results[u].peak.peak_bytes)
     worst = results[worst_unit]
@@ -409,41 +375,9 @@ def summarise(m: Measurement, units: list, results: dict, fake: bool, block_laye
                 m.transfer_time_s = statistics.median(transfers)
 
 
-
 def iqr(times: list[float]) -> float:
     """Interquartile range (torch.utils.benchmark's definition: numpy-style linear quantiles)."""
     q = statistics.quantiles(times, n=4, method="inclusive") if len(times) > 1 else [times[0]] * 3
     return q[2] - q[0]
 
 
-
-def activation_ratios(m: Measurement, spec: ModelSpec, tech: Technique, batch_size: int) -> None:
-    """Bytes saved for backward over the layers: one block vs the same AdaLN layers at full
-    depth (about 1/B) and vs the plain e2e model (larger: AdaLN saves more); METHOD.md."""
-    try:
-        from dbprofile.methods.diffusion_blocks.activations import (
-            layer_activation_bytes,
-        )
-    except ImportError as err:
-        m.extra["activation_ratios"] = None
-        m.extra["activation_ratios_error"] = f"layer activation counting is not available: {err}"
-        return
-    if tech.blocks is None:  # only DiffusionBlocks has blocks to compare
-        return
-    try:
-        with fake_mode():
-            # Counting saved tensors needs shapes only: fake tensors cost no memory or time.
-            m.extra["activation_ratios"] = layer_activation_bytes(
-                spec, tech.blocks, batch_size, "cpu", lm_layout=tech.lm_layout
-            )
-    except Exception as err:  # noqa: BLE001 - a missing ratio must not lose the measurement
-        m.extra["activation_ratios"] = None
-        m.extra["activation_ratios_error"] = f"{type(err).__name__}: {err}"
-
-
-
-def free_memory(dev: torch.device | str) -> None:
-    """Release what a finished technique held before the next one starts."""
-    gc.collect()
-    if torch.device(dev).type == "cuda" and torch.cuda.is_available():
-        torch.cuda.empty_cache()

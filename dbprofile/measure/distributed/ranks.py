@@ -24,8 +24,9 @@ from dbprofile.loading import load_spec
 from dbprofile.measure import device as devices
 from dbprofile.measure.distributed.group import DEFAULT_TIMEOUT_S, init_process_group
 from dbprofile.measure.distributed.tracker import ShardedTracker
+from dbprofile.measure.failures import free_memory, record_failure
 from dbprofile.measure.fake import fake_mode
-from dbprofile.measure.steps import SEED, free_memory, measure_into, record_failure
+from dbprofile.measure.steps import SEED, measure_into
 from dbprofile.methods.checkpointing import split_contiguous
 from dbprofile.methods.sharding import (
     SHARDING_BLOCK_PARALLEL,
