@@ -8,12 +8,13 @@ gradient clipping at 1.0). Prints the test accuracy and wall time of each, the
 DiffusionBlocks accuracy read through the Euler chain, and per block its held-out
 cross-entropy at sigmas of its own range against the same block reset to zero init
 (identity), paired (same sigmas and noise) over 8 noise draws per test image, so a block
-that learned nothing shows. The chain reads D from the raw label
+that learned nothing shows, and the first block's accuracy alone at sigma 10 (inside its
+training draws) and 80 (where the chain starts, beyond them). The chain reads D from the raw label
 table as the authors' sampler does; the accuracy with the normalised table is printed beside
 it. With several seeds it prints each seed and the mean per technique: on a 360-image test
 set one seed moves accuracy by points, so compare means.
 
-    python examples/learning_check.py                 # e2e, db:2, db:3, seed 0 (about 4.5 min on 2 idle cores)
+    python examples/learning_check.py                 # e2e, db:2, db:3, seed 0 (about 5 min, one thread, shared machine)
     python examples/learning_check.py --seeds 0,1,2   # the README's table: 3 seeds and their means
     python examples/learning_check.py --runs db:2 --weighting none
 """
