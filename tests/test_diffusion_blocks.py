@@ -21,6 +21,7 @@ from dbprofile.methods.diffusion_blocks.activations import layer_activation_byte
 from dbprofile.methods.diffusion_blocks.conditioning import (
     AdaLNZeroBlock,
     GenericAdaLNZero,
+    modulation_of,
 )
 from dbprofile.methods.diffusion_blocks.sampler import (
     held_out_block_losses,
@@ -260,7 +261,7 @@ def test_generic_wrapper_modulates_input_and_gates_the_delta():
     cond = torch.randn(2, wrapper.modulation.in_features)
     model.context.cond = cond
     x = torch.randn(2, 3, 16)
-    shift, scale, gate = wrapper.modulation(F.silu(cond))[:, None, :].chunk(3, dim=-1)
+    shift, scale, gate = F.silu(wrapper.modulation(F.silu(cond)))[:, None, :].chunk(3, dim=-1)
     x_mod = x * (1 + scale) + shift
     want = x + gate * (wrapper.layer(x_mod, scale=0.5) - x_mod)
     # extra arguments reach the wrapped layer
@@ -268,7 +269,7 @@ def test_generic_wrapper_modulates_input_and_gates_the_delta():
     assert not torch.allclose(wrapper(x, scale=0.5), wrapper(x))
 
 
-def test_native_wrapper_follows_dits_adaln_zero():
+def test_native_wrapper_follows_the_authors_adaln_zero():
     model = BlockwiseModel(tiny_vit(), tiny_vit().build(), 2)
     wrapper = model.layers[0]
     torch.manual_seed(2)
@@ -276,11 +277,27 @@ def test_native_wrapper_follows_dits_adaln_zero():
     cond = torch.randn(2, wrapper.modulation.in_features)
     model.context.cond = cond
     x = torch.randn(2, 17, 32)
-    b1, a1, g1, b2, a2, g2 = wrapper.modulation(F.silu(cond))[:, None, :].chunk(6, dim=-1)
+    # the authors' AdaLN: SiLU on the modulation's output too
+    b1, a1, g1, b2, a2, g2 = F.silu(wrapper.modulation(F.silu(cond)))[:, None, :].chunk(6, dim=-1)
     blk = wrapper.layer
     h = x + g1 * blk.attn(blk.norm1(x) * (1 + a1) + b1)
     want = h + g2 * blk.mlp(blk.norm2(h) * (1 + a2) + b2)
     assert torch.allclose(wrapper(x), want, atol=1e-6)
+
+
+def test_sigma_embedder_and_modulation_follow_the_authors_code():
+    model = BlockwiseModel(tiny_vit(), tiny_vit().build(), 2)
+    # _init_dit: the embedder's Linear weights N(0, 0.02), biases zero
+    for linear in (model.sigma_embedder.mlp[0], model.sigma_embedder.mlp[2]):
+        assert linear.bias.abs().sum() == 0 and 0.018 < float(linear.weight.detach().std()) < 0.022
+    # their AdaLN is SiLU(Linear(SiLU(cond))): every shift, scale and gate >= min SiLU = -0.2785
+    linear = model.layers[0].modulation
+    torch.manual_seed(3)
+    nn.init.normal_(linear.weight, std=3.0)
+    nn.init.normal_(linear.bias, std=3.0)
+    with torch.no_grad():
+        mods = modulation_of(linear, torch.randn(64, linear.in_features))
+    assert float(mods.min()) >= -0.2785 and float(mods.max()) > 1.0
 
 
 def test_extra_parameters_are_counted_per_model():
@@ -344,7 +361,7 @@ def test_vit_readout_follows_the_authors_code(pooling):
         f = vit_model.features(inputs, cls=c_in[:, None] * z)
     d = c_out[:, None] * f + c_skip[:, None] * z
     cond = F.silu(model.sigma_embedder(c_noise))
-    shift, scale = model.final_modulation(cond).chunk(2, dim=-1)
+    shift, scale = F.silu(model.final_modulation(cond)).chunk(2, dim=-1)
     assert torch.allclose(logits, vit_model.head(d * (1 + scale) + shift), atol=1e-5)
 
 

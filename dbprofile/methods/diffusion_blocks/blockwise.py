@@ -50,6 +50,7 @@ from dbprofile.methods.diffusion_blocks.conditioning import (
     GenericAdaLNZero,
     SigmaEmbedder,
     default_cond_dim,
+    modulation_of,
     wrap_layer,
     zero_linear,
 )
@@ -331,8 +332,7 @@ class BlockwiseModel(nn.Module):
             with self.running(indices):
                 f = self.model.features(inputs, cls=noisy_in)
             d = c_out[:, None] * f.float() + c_skip[:, None] * z
-            cond = nn.functional.silu(self.context.get())
-            shift, scale = self.final_modulation(cond).float().chunk(2, dim=-1)
+            shift, scale = modulation_of(self.final_modulation, self.context.get()).float().chunk(2, dim=-1)
             head = self.model.head
             return head((d * (1 + scale) + shift).to(head.weight.dtype))
 

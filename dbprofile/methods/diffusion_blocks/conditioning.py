@@ -8,7 +8,7 @@ positional and keyword arguments still reach the wrapped layer). Two wrappers ex
 
 - ``AdaLNZeroBlock`` (native) for pre-norm transformer blocks with ``norm1``, ``attn``,
   ``norm2``, ``mlp`` (the built-in ViT/GPT blocks, and look-alikes): a zero-initialised
-  Linear(cond -> 6d) gives shift/scale/gate for both branches,
+  Linear(cond -> 6d) gives shift/scale/gate for both branches (``modulation_of``),
   ``h = x + g1*attn(norm1(x)*(1+a1)+b1); out = h + g2*mlp(norm2(h)*(1+a2)+b2)`` (DiT's form).
 - ``GenericAdaLNZero`` for any other residual layer ``f(x) = x + delta(x)``: a
   zero-initialised Linear(cond -> 3d) gives shift/scale/gate and
@@ -16,6 +16,9 @@ positional and keyword arguments still reach the wrapped layer). Two wrappers ex
   input is modulated and its residual delta is gated.
 
 With the zero init every wrapped layer starts as the identity (gate 0), as AdaLN-Zero does.
+The modulation is the authors' ``AdaLN``: SiLU(Linear(SiLU(cond))), a SiLU on the output as
+well as on the input (DiT has only the input one), so shift, scale and gate stay above
+-0.278; docs/diffusion_blocks.md, "Sigma conditioning".
 """
 
 from __future__ import annotations
@@ -40,13 +43,21 @@ class NativeBlock(Protocol):
     mlp: nn.Module
 
 
+EMBEDDER_INIT_STD = 0.02
+"""Std of the sigma embedder's Linear weights (biases zero), as the authors' ``_init_dit``."""
+
+
 class SigmaEmbedder(nn.Module):
     """c_noise (N,) -> conditioning (N, cond_dim): sinusoidal features -> Linear -> SiLU -> Linear."""
 
     def __init__(self, cond_dim: int, frequency_dim: int = 256) -> None:
         super().__init__()
         self.frequency_dim = frequency_dim
-        self.mlp = nn.Sequential(nn.Linear(frequency_dim, cond_dim), nn.SiLU(), nn.Linear(cond_dim, cond_dim))
+        first, second = nn.Linear(frequency_dim, cond_dim), nn.Linear(cond_dim, cond_dim)
+        for linear in (first, second):
+            nn.init.normal_(linear.weight, std=EMBEDDER_INIT_STD)
+            nn.init.zeros_(linear.bias)
+        self.mlp = nn.Sequential(first, nn.SiLU(), second)
 
     def forward(self, c_noise: torch.Tensor) -> torch.Tensor:
         features = sinusoidal_features(c_noise.reshape(-1), self.frequency_dim)
@@ -74,6 +85,12 @@ def zero_linear(in_features: int, out_features: int) -> nn.Linear:
     nn.init.zeros_(layer.weight)
     nn.init.zeros_(layer.bias)
     return layer
+
+
+def modulation_of(linear: nn.Linear, cond: torch.Tensor) -> torch.Tensor:
+    """The authors' AdaLN modulation of the conditioning: SiLU(Linear(SiLU(cond))). Zero at
+    zero init, like DiT's Linear(SiLU(cond)), but bounded below by -0.278."""
+    return nn.functional.silu(linear(nn.functional.silu(cond)))
 
 
 def _per_sample(mod: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
@@ -113,7 +130,7 @@ class AdaLNZeroBlock(nn.Module):
         self.context = context
 
     def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
-        mods = _per_sample(self.modulation(nn.functional.silu(self.context.get())), x)
+        mods = _per_sample(modulation_of(self.modulation, self.context.get()), x)
         b1, a1, g1, b2, a2, g2 = mods.to(x.dtype).chunk(6, dim=-1)
         layer = cast(NativeBlock, self.layer)  # wrap_layer chose this wrapper because is_native_block(layer)
         attn_out = layer.attn(layer.norm1(x) * (1 + a1) + b1, *args, **kwargs)
@@ -132,7 +149,7 @@ class GenericAdaLNZero(nn.Module):
         self.context = context
 
     def forward(self, x: torch.Tensor, *args, **kwargs):
-        mods = _per_sample(self.modulation(nn.functional.silu(self.context.get())), x)
+        mods = _per_sample(modulation_of(self.modulation, self.context.get()), x)
         shift, scale, gate = mods.to(x.dtype).chunk(3, dim=-1)
         x_mod = x * (1 + scale) + shift
         out = self.layer(x_mod, *args, **kwargs)

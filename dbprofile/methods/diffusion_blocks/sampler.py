@@ -145,9 +145,16 @@ def identity_block_copy(model: BlockwiseModel, block: int) -> BlockwiseModel:
 
 
 @torch.no_grad()
-def held_out_block_losses(model: BlockwiseModel, batch: dict, seed: int = 0) -> list[tuple[float, float]]:
+def held_out_block_losses(
+    model: BlockwiseModel, batch: dict, seed: int = 0, draws: int = 1
+) -> list[tuple[float, float]]:
     """Per block, the unweighted held-out loss at sigmas drawn from its own range: (trained,
-    zero-initialised block). A block that learned nothing shows as trained >= zero-init."""
+    zero-initialised block). A block that learned nothing shows as trained >= zero-init.
+    Both see the same sigmas and noise (a paired comparison); ``draws`` > 1 repeats the batch
+    with fresh draws, which the lowest-noise block needs: its loss comes from the few
+    samples near the top of its range, where the noisy label is ambiguous."""
+    if draws > 1:
+        batch = {key: value.repeat(draws, *([1] * (value.dim() - 1))) for key, value in batch.items()}
     was_training = model.training
     model.eval()
     out = []
