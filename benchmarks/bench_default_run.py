@@ -101,12 +101,16 @@ def main() -> None:
     timed_steps = sum(t.get("timed_steps_s", 0.0) for t in timing)
     print(run_table(result))
     load_after = os.getloadavg()
-    print(f"{preset} at batch {batch_size}, load average {load_before[0]:.1f} before, {load_after[0]:.1f} after, "
-          f"on {os.cpu_count()} cores, {torch.get_num_threads()} torch threads")
+    print(
+        f"{preset} at batch {batch_size}, load average {load_before[0]:.1f} before, {load_after[0]:.1f} after, "
+        f"on {os.cpu_count()} cores, {torch.get_num_threads()} torch threads"
+    )
     print(f"wall time: {wall:.1f} s (target < 60 s for the default run)")
-    print(f"raw step times {all_steps:.2f} s over {sum(t.get('steps_run', 0) for t in timing)} steps (warm-up "
-          f"{all_steps - tracked - timed_steps:.2f} s, tracked {tracked:.2f} s, timed {timed_steps:.2f} s), "
-          f"model builds {builds:.2f} s")
+    print(
+        f"raw step times {all_steps:.2f} s over {sum(t.get('steps_run', 0) for t in timing)} steps (warm-up "
+        f"{all_steps - tracked - timed_steps:.2f} s, tracked {tracked:.2f} s, timed {timed_steps:.2f} s), "
+        f"model builds {builds:.2f} s"
+    )
     print(f"overhead ratio wall / (steps + builds): {wall / (all_steps + builds):.2f} (target <= 1.5)")
     rest = wall - all_steps - builds
     loop = spent.pop(LOOP, 0.0) - timed_steps
@@ -119,8 +123,10 @@ def main() -> None:
         tracked_times = m.extra.get("timing", {}).get("tracked_steps_s") or []
         untracked = m.step_time_s if not m.blocks else statistics.median(b.step_time_s for b in m.blocks)
         if tracked_times and untracked:
-            print(f"  {m.technique}: tracked step {statistics.median(tracked_times):.4f} s vs untracked "
-                  f"{untracked:.4f} s: {statistics.median(tracked_times) / untracked:.2f}x")
+            print(
+                f"  {m.technique}: tracked step {statistics.median(tracked_times):.4f} s vs untracked "
+                f"{untracked:.4f} s: {statistics.median(tracked_times) / untracked:.2f}x"
+            )
     print(f"dispatch modes per tracked op: {dispatch_modes_per_tracked_op()}")
 
 

@@ -33,8 +33,12 @@ def measure_world(model: str, batch_size: int, world: int, out_dir: Path) -> tup
     out = out_dir / f"world{world}.json"
     techniques = ",".join([*FSDP_TECHNIQUES, f"db:{world}+parallel"])
     start = time.perf_counter()
-    code = launch(world, [model, "-t", techniques, "-b", str(batch_size), "--fsdp", "--steps", "1", "--out", str(out)],
-                  entry="dbprofile.measure.distributed.launcher:main", env={"OMP_NUM_THREADS": "1"})
+    code = launch(
+        world,
+        [model, "-t", techniques, "-b", str(batch_size), "--fsdp", "--steps", "1", "--out", str(out)],
+        entry="dbprofile.measure.distributed.launcher:main",
+        env={"OMP_NUM_THREADS": "1"},
+    )
     if code != 0:
         sys.exit(f"torchrun with {world} processes failed (exit code {code})")
     return RunResult.load(out), time.perf_counter() - start
@@ -49,18 +53,35 @@ def main() -> None:
     worlds = [int(w) for w in args.worlds.split(",")]
     single = plan(args.model, args.batch_size, device="cpu", techniques=list(FSDP_TECHNIQUES), search_max_batch=False)
     print(f"{args.model}, batch {args.batch_size} per rank, CPU/gloo: per-rank tracked peak, measured vs planned")
-    print(f"{'world':>5}  {'technique':<14} {'1 device':>10} {'measured':>10} {'planned':>10} {'diff B':>7} "
-          f"{'formula':>10} {'diff':>8}  ranks measured")
+    print(
+        f"{'world':>5}  {'technique':<14} {'1 device':>10} {'measured':>10} {'planned':>10} {'diff B':>7} "
+        f"{'formula':>10} {'diff':>8}  ranks measured"
+    )
     worst = 0.0
     with tempfile.TemporaryDirectory() as tmp:
         for world in worlds:
             result, wall = measure_world(args.model, args.batch_size, world, Path(tmp))
             names = [*FSDP_TECHNIQUES, f"db:{world}+parallel"]
-            predicted = plan(args.model, args.batch_size, device="cpu", techniques=names, zero_stage=3,
-                             world_size=world, search_max_batch=False)
+            predicted = plan(
+                args.model,
+                args.batch_size,
+                device="cpu",
+                techniques=names,
+                zero_stage=3,
+                world_size=world,
+                search_max_batch=False,
+            )
             # An explicit measure_fn makes the planner shard the one-device shares by formula.
-            formula = plan(args.model, args.batch_size, device="cpu", techniques=names, zero_stage=3,
-                           world_size=world, search_max_batch=False, measure_fn=measure)
+            formula = plan(
+                args.model,
+                args.batch_size,
+                device="cpu",
+                techniques=names,
+                zero_stage=3,
+                world_size=world,
+                search_max_batch=False,
+                measure_fn=measure,
+            )
             for name in names:
                 rows = [m for m in result.measurements if m.technique == name]
                 bad = [m for m in rows if not m.ok]
@@ -76,12 +97,16 @@ def main() -> None:
                 ranks = " ".join(format_bytes(m.peak_bytes) for m in sorted(rows, key=lambda m: m.extra["rank"]))
                 base = format_bytes(one.tracked_peak_bytes) if one and "+parallel" not in name else "-"
                 rough = formula.get(name).tracked_peak_bytes
-                print(f"{world:>5}  {name:<14} {base:>10} {format_bytes(measured):>10} "
-                      f"{format_bytes(entry.tracked_peak_bytes):>10} {entry.tracked_peak_bytes - measured:>+7d} "
-                      f"{format_bytes(rough):>10} {(rough - measured) / measured:>+8.2%}  {ranks}")
+                print(
+                    f"{world:>5}  {name:<14} {base:>10} {format_bytes(measured):>10} "
+                    f"{format_bytes(entry.tracked_peak_bytes):>10} {entry.tracked_peak_bytes - measured:>+7d} "
+                    f"{format_bytes(rough):>10} {(rough - measured) / measured:>+8.2%}  {ranks}"
+                )
             print(f"       ({world} processes measured in {wall:.1f} s)")
-    print(f"largest |planned - measured| / measured: {worst:.3%} (the check asks for at most 3%); "
-          "formula: the planner's one-device arithmetic")
+    print(
+        f"largest |planned - measured| / measured: {worst:.3%} (the check asks for at most 3%); "
+        "formula: the planner's one-device arithmetic"
+    )
 
 
 if __name__ == "__main__":

@@ -34,8 +34,14 @@ def llama_1b(tokens: int):
     """The llama-1b preset's shape with ``tokens`` tokens per sequence (its context is 2048)."""
     base = get_preset("llama-1b")
     config = gpt.GPTConfig(
-        style="llama", vocab_size=32000, context_length=tokens, num_layers=22, hidden_size=2048,
-        num_heads=32, num_kv_heads=4, ffn_size=5632,
+        style="llama",
+        vocab_size=32000,
+        context_length=tokens,
+        num_layers=22,
+        hidden_size=2048,
+        num_heads=32,
+        num_kv_heads=4,
+        ffn_size=5632,
     )
     return gpt.make_spec(config, name=f"llama-1b@{tokens}", description=base.description)
 

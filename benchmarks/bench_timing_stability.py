@@ -34,8 +34,11 @@ def ratios(data: dict) -> dict[str, tuple[float, float]]:
     for name, m in ms.items():
         if name == "e2e":
             continue
-        time, iqr = (m.get("block_steps_time_s"), m.get("block_steps_time_iqr_s")) if m.get("blocks") else (
-            m.get("step_time_s"), m.get("step_time_iqr_s"))
+        time, iqr = (
+            (m.get("block_steps_time_s"), m.get("block_steps_time_iqr_s"))
+            if m.get("blocks")
+            else (m.get("step_time_s"), m.get("step_time_iqr_s"))
+        )
         if time:
             out[name] = (time / base, base_spread + (iqr or 0.0) / time)
     return out
@@ -49,15 +52,27 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         for i in range(runs):
             out = Path(tmp) / f"run{i}.json"
-            cmd = [sys.executable, "-m", "dbprofile", "run", *([preset] if preset else []),
-                   *(["-b", batch] if batch else []), "-o", str(out), "--no-report", "-q"]
+            cmd = [
+                sys.executable,
+                "-m",
+                "dbprofile",
+                "run",
+                *([preset] if preset else []),
+                *(["-b", batch] if batch else []),
+                "-o",
+                str(out),
+                "--no-report",
+                "-q",
+            ]
             subprocess.run(cmd, check=True, stdout=subprocess.DEVNULL)  # the tables; the ratios follow
             data = json.loads(out.read_text())
             env = data.get("environment", {})
             per_run.append(ratios(data))
-            print(f"run {i + 1}: load average {env.get('load_average_start')} at start, "
-                  f"{env.get('load_average_end')} at end; {env.get('torch_threads')} torch threads on "
-                  f"{env.get('cpu_count')} CPUs")
+            print(
+                f"run {i + 1}: load average {env.get('load_average_start')} at start, "
+                f"{env.get('load_average_end')} at end; {env.get('torch_threads')} torch threads on "
+                f"{env.get('cpu_count')} CPUs"
+            )
             for name, (ratio, spread) in per_run[-1].items():
                 print(f"  {name} / e2e: {ratio:.2f}x (timings' IQRs add up to {spread:.0%} of the ratio)")
     print("agreement between runs (largest / smallest - 1):")
@@ -65,8 +80,9 @@ def main() -> None:
         values = [r[name][0] for r in per_run if name in r]
         apart = max(values) / min(values) - 1
         verdict = "within" if apart <= MAX_APART else "NOT within"
-        print(f"  {name} / e2e: {', '.join(f'{v:.2f}x' for v in values)}: {apart:.0%} apart ({verdict} "
-              f"{MAX_APART:.0%})")
+        print(
+            f"  {name} / e2e: {', '.join(f'{v:.2f}x' for v in values)}: {apart:.0%} apart ({verdict} {MAX_APART:.0%})"
+        )
 
 
 if __name__ == "__main__":

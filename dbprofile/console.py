@@ -160,5 +160,11 @@ def _rich_handler() -> logging.Handler:
     from rich.highlighter import NullHighlighter
     from rich.logging import RichHandler
 
-    return RichHandler(console=_stderr_console(), show_time=False, show_level=False, show_path=False,
-                       markup=False, highlighter=NullHighlighter())
+    return RichHandler(
+        console=_stderr_console(),
+        show_time=False,
+        show_level=False,
+        show_path=False,
+        markup=False,
+        highlighter=NullHighlighter(),
+    )

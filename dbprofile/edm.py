@@ -22,6 +22,7 @@ SIGMA_MIN = 0.002
 SIGMA_MAX = 80.0
 SIGMA_DATA = 0.5
 
+
 def normal_cdf(x: float) -> float:
     """Standard normal CDF."""
     return 0.5 * math.erfc(-x / math.sqrt(2.0))

@@ -58,13 +58,27 @@ class GPU:
 TERA = 10**12
 
 
-def _gpu(name: str, mib: int, cc: tuple[int, int], fp32_tflops: float | None, bf16_tflops: float | None,
-         flops_source: str, source: str = "nvidia-smi") -> GPU:
+def _gpu(
+    name: str,
+    mib: int,
+    cc: tuple[int, int],
+    fp32_tflops: float | None,
+    bf16_tflops: float | None,
+    flops_source: str,
+    source: str = "nvidia-smi",
+) -> GPU:
     def flops(tflops: float | None) -> int | None:
         return None if tflops is None else int(round(tflops * TERA))
 
-    return GPU(name=name, capacity_bytes=mib * MiB, compute_capability=cc, source=source,
-               peak_fp32_flops=flops(fp32_tflops), peak_bf16_flops=flops(bf16_tflops), flops_source=flops_source)
+    return GPU(
+        name=name,
+        capacity_bytes=mib * MiB,
+        compute_capability=cc,
+        source=source,
+        peak_fp32_flops=flops(fp32_tflops),
+        peak_bf16_flops=flops(bf16_tflops),
+        flops_source=flops_source,
+    )
 
 
 # Datasheets quote tensor-core rates "with sparsity" (2:4), twice the dense rate: halved here.
@@ -182,4 +196,5 @@ def cublas_workspace_reserved_bytes(compute_capability: tuple[int, int]) -> int:
 
     return CUBLAS_HANDLES_IN_A_TRAINING_STEP * (
         segment_size(round_request(_cublas_bytes_per_handle(compute_capability)))
-        + segment_size(CUBLASLT_WORKSPACE_BYTES))
+        + segment_size(CUBLASLT_WORKSPACE_BYTES)
+    )

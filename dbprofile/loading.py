@@ -51,7 +51,9 @@ def load_ecosystem(
     """The ModelSpec of an ecosystem model, built from its configuration only (no weights)."""
     prefix, _, name = source.partition(":")
     if not name:
-        raise SpecError(f"{source!r} names no model: write {prefix}:NAME, e.g. hf:gpt2, diffusers:DiT, timm:vit_base_patch16_224.")
+        raise SpecError(
+            f"{source!r} names no model: write {prefix}:NAME, e.g. hf:gpt2, diffusers:DiT, timm:vit_base_patch16_224."
+        )
     if prefix == "hf":
         from dbprofile.models import hf
 
@@ -209,13 +211,10 @@ def _load_file(path: Path, obj_name: str | None) -> ModelSpec:
             raise SpecError(_exit_message(f"Calling {name}() from {str(path)!r}", err, path)) from None
         except Exception as err:
             line = _user_line(err, path)
-            raise SpecError(
-                f"Calling {name}() from {str(path)!r} failed{line}: {type(err).__name__}: {err}."
-            ) from None
+            raise SpecError(f"Calling {name}() from {str(path)!r} failed{line}: {type(err).__name__}: {err}.") from None
     if not isinstance(obj, ModelSpec):
         raise SpecError(
-            f"{str(path)}:{name} is a {type(obj).__name__}, not a dbprofile.ModelSpec "
-            "(or a function returning one)."
+            f"{str(path)}:{name} is a {type(obj).__name__}, not a dbprofile.ModelSpec (or a function returning one)."
         )
     return obj
 
@@ -226,7 +225,7 @@ def _exit_message(what: str, err: SystemExit, path: Path | None = None) -> str:
     line = _user_line(err, path) if path is not None else ""
     return (
         f"{what} called sys.exit({err.code!r}){line}, which would end dbprofile without measuring anything. "
-        "A model file must only define things; put script code under `if __name__ == \"__main__\":` "
+        'A model file must only define things; put script code under `if __name__ == "__main__":` '
         "and raise an exception instead of exiting."
     )
 
@@ -274,6 +273,7 @@ def validate_spec(spec: ModelSpec, max_blocks: int | None = None, require_residu
                 out = output[0] if isinstance(output, (tuple, list)) else output
                 if inp is not None and isinstance(out, torch.Tensor):
                     shapes.append((index, tuple(inp.shape), tuple(out.shape)))
+
             return hook
 
         handles = [layer.register_forward_hook(check(i)) for i, layer in enumerate(layers)]

@@ -135,6 +135,7 @@ def install_rewrite(runners: list[nn.Module], inner: list[nn.Module], rewrite: C
     def make(layer: nn.Module):
         def hook(_module, args, kwargs):
             return rewrite(layer, args, kwargs)
+
         return hook
 
     return [runner.register_forward_pre_hook(make(layer), with_kwargs=True) for runner, layer in zip(runners, inner)]

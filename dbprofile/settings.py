@@ -68,7 +68,9 @@ class RunSettings:
         known = {f.name for f in dataclasses.fields(cls)}
         unknown = sorted(set(fields) - known)
         if unknown:
-            raise TypeError(f"Unknown run setting(s) {', '.join(unknown)}; the settings are {', '.join(sorted(known))}.")
+            raise TypeError(
+                f"Unknown run setting(s) {', '.join(unknown)}; the settings are {', '.join(sorted(known))}."
+            )
         if "device" in fields and fields["device"] is not None:
             fields["device"] = str(fields["device"])
         return dataclasses.replace(settings or cls(), **fields)

@@ -90,9 +90,7 @@ class ModelSpec:
             if not callable(getattr(self, attr)):
                 raise SpecError(f"ModelSpec.{attr} must be callable; got {getattr(self, attr)!r}.")
         if self.task not in TASKS:
-            raise SpecError(
-                f"ModelSpec.task is {self.task!r}; it must be one of {', '.join(TASKS)}."
-            )
+            raise SpecError(f"ModelSpec.task is {self.task!r}; it must be one of {', '.join(TASKS)}.")
         if not isinstance(self.layers, str) or not self.layers:
             raise SpecError("ModelSpec.layers must be a dotted path such as 'blocks' or 'transformer.h'.")
         unknown = sorted(set(self.shapes) - set(SHAPES))

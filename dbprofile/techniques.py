@@ -19,8 +19,10 @@ _PATTERN = re.compile(r"^(e2e|ckpt|db)(?::(\d+))?((?:\+(?:ckpt|offload|interleav
 PARALLEL_SUFFIX = "+parallel"
 
 DEFAULT_TECHNIQUES = ("e2e", "ckpt", "db:2", "db:3", "db:4")
-HELP = ("e2e, ckpt, ckpt:K (K checkpointed segments), db:B, db:B+ckpt, db:B+offload, db:B+interleaved (causal LMs), "
-        "db:B+parallel (one block per device)")
+HELP = (
+    "e2e, ckpt, ckpt:K (K checkpointed segments), db:B, db:B+ckpt, db:B+offload, db:B+interleaved (causal LMs), "
+    "db:B+parallel (one block per device)"
+)
 
 
 @dataclass(frozen=True)
@@ -88,7 +90,9 @@ def parse_technique(text: str | Technique) -> Technique:
             "e.g. db:4+parallel on 4 devices (under torchrun, 4 processes)."
         )
     if kind != "db" and extras:
-        raise SpecError(f"Unknown technique {text!r}: '+ckpt', '+offload' and '+interleaved' apply to db:B only. Techniques are: {HELP}.")
+        raise SpecError(
+            f"Unknown technique {text!r}: '+ckpt', '+offload' and '+interleaved' apply to db:B only. Techniques are: {HELP}."
+        )
     if len(set(extras)) != len(extras):
         raise SpecError(f"Technique {text!r} repeats a variant.")
     if kind == "e2e":
@@ -105,7 +109,11 @@ def parse_technique(text: str | Technique) -> Technique:
     if blocks < 1:
         raise SpecError(f"Technique {text!r}: DiffusionBlocks needs B >= 1 blocks.")
     return Technique(
-        "db", blocks=blocks, ckpt="ckpt" in extras, offload="offload" in extras, interleaved="interleaved" in extras,
+        "db",
+        blocks=blocks,
+        ckpt="ckpt" in extras,
+        offload="offload" in extras,
+        interleaved="interleaved" in extras,
         parallel="parallel" in extras,
     )
 

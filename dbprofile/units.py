@@ -20,7 +20,7 @@ def pick_unit(max_bytes: int, smallest: str = "KiB") -> str:
     """The one IEC unit a table or chart uses for all its numbers: the largest unit (up to GiB)
     that ``max_bytes`` reaches, and never below ``smallest``."""
     units = list(UNIT_BYTES)
-    for unit in reversed(units[units.index(smallest):]):
+    for unit in reversed(units[units.index(smallest) :]):
         if max_bytes >= UNIT_BYTES[unit]:
             return unit
     return smallest
@@ -39,11 +39,21 @@ def format_bytes(n: int | float | None, unit: str | None = None, digits: int = 2
             power += 1
     if power == 0:
         return f"{int(n)} B"
-    return f"{n / 1024 ** power:.{digits}f} {units[power]}"
+    return f"{n / 1024**power:.{digits}f} {units[power]}"
 
 
 _SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(B|KiB|MiB|GiB|TiB|KB|MB|GB|TB)?\s*$", re.IGNORECASE)
-_SIZE_UNITS = {"b": 1, "kib": KiB, "mib": MiB, "gib": GiB, "tib": TiB, "kb": 1000, "mb": 1000**2, "gb": 1000**3, "tb": 1000**4}
+_SIZE_UNITS = {
+    "b": 1,
+    "kib": KiB,
+    "mib": MiB,
+    "gib": GiB,
+    "tib": TiB,
+    "kb": 1000,
+    "mb": 1000**2,
+    "gb": 1000**3,
+    "tb": 1000**4,
+}
 
 
 def parse_size(text: str) -> int:

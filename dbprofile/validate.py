@@ -97,8 +97,13 @@ class ValidationRow:
 
     def to_dict(self) -> dict:
         data = asdict(self)
-        for name in ("tracker_error", "planner_error_tracked",
-                     "planner_error_allocated", "planner_error_reserved", "nvml_minus_reserved_bytes"):
+        for name in (
+            "tracker_error",
+            "planner_error_tracked",
+            "planner_error_allocated",
+            "planner_error_reserved",
+            "nvml_minus_reserved_bytes",
+        ):
             data[name] = getattr(self, name)
         return data
 
@@ -110,8 +115,12 @@ def device_target(device: torch.device):
     if device.type != "cuda":
         return "cpu"
     props = torch.cuda.get_device_properties(device)
-    return GPU(name=props.name, capacity_bytes=int(props.total_memory),
-               compute_capability=(props.major, props.minor), source="torch.cuda")
+    return GPU(
+        name=props.name,
+        capacity_bytes=int(props.total_memory),
+        compute_capability=(props.major, props.minor),
+        source="torch.cuda",
+    )
 
 
 def plan_one(model: str, batch_size: int, technique: str, precision: str, target) -> dict:
@@ -122,8 +131,14 @@ def plan_one(model: str, batch_size: int, technique: str, precision: str, target
     torch.set_num_threads(1)  # one fake run per worker; the workers share the machine's cores
     started = time.perf_counter()
     try:
-        entry = plan(load_spec(model), batch_size, device=target, techniques=[technique],
-                     precision=precision, search_max_batch=False).entries[0]
+        entry = plan(
+            load_spec(model),
+            batch_size,
+            device=target,
+            techniques=[technique],
+            precision=precision,
+            search_max_batch=False,
+        ).entries[0]
     except Exception as err:  # a planner failure is a finding, not a reason to skip the measurement
         return {"error": f"plan: {type(err).__name__}: {err}", "plan_seconds": time.perf_counter() - started}
     if not entry.ok:
@@ -138,8 +153,9 @@ def plan_one(model: str, batch_size: int, technique: str, precision: str, target
     }
 
 
-def measure_one(model: str, batch_size: int, technique: str, precision: str, device: torch.device,
-                steps: int = 2) -> ValidationRow:
+def measure_one(
+    model: str, batch_size: int, technique: str, precision: str, device: torch.device, steps: int = 2
+) -> ValidationRow:
     """Measure one configuration for real on ``device``."""
     from dbprofile.loading import load_spec
     from dbprofile.measure.runner import measure
@@ -181,8 +197,10 @@ def validate(
     if device.type == "cuda" and not torch.cuda.is_available():
         from dbprofile.spec import SpecError
 
-        raise SpecError("dbprofile validate --device cuda needs a CUDA GPU, and torch sees none. "
-                        "Run it on a GPU machine, or pass --device cpu to compare the planner with the tracker only.")
+        raise SpecError(
+            "dbprofile validate --device cuda needs a CUDA GPU, and torch sees none. "
+            "Run it on a GPU machine, or pass --device cpu to compare the planner with the tracker only."
+        )
     started = time.perf_counter()
     # Breadth first: every model at its first batch size in the first precision before any second
     # batch size, so a run cut short by the time budget still covers every family.
@@ -217,5 +235,3 @@ def validate(
             if on_row is not None:
                 on_row(row)
     return rows
-
-

@@ -135,12 +135,18 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=1000, help="end-to-end steps; db:B gets B times as many")
     parser.add_argument("--batch-size", type=int, default=64)
     parser.add_argument("--lr", type=float, default=LR, help="constant AdamW learning rate (the authors' 1e-3)")
-    parser.add_argument("--weight-decay", type=float, default=WEIGHT_DECAY, help="AdamW weight decay (the authors' 0.01)")
+    parser.add_argument(
+        "--weight-decay", type=float, default=WEIGHT_DECAY, help="AdamW weight decay (the authors' 0.01)"
+    )
     parser.add_argument("--draws", type=int, default=DRAWS, help="noise draws per test image for the block losses")
     parser.add_argument("--weighting", default=None, help="reference | per-sample | none (default: the library's)")
     parser.add_argument("--seeds", default="0", help="comma-separated seeds (data order, noise, block choice)")
-    parser.add_argument("--label-init-std", type=float, default=None,
-                        help="std of the label table's initial rows (default: the authors' 0.02)")
+    parser.add_argument(
+        "--label-init-std",
+        type=float,
+        default=None,
+        help="std of the label table's initial rows (default: the authors' 0.02)",
+    )
     parser.add_argument("--threads", type=int, default=2, help="torch CPU threads")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
@@ -156,7 +162,13 @@ def main() -> None:
             tech = parse_technique(technique)
             steps = args.steps * (tech.blocks if tech.is_diffusion_blocks else 1)
             trainer, accuracy, seconds, block_losses = train(
-                technique, steps, args.batch_size, args.lr, seed, args.weight_decay, args.draws,
+                technique,
+                steps,
+                args.batch_size,
+                args.lr,
+                seed,
+                args.weight_decay,
+                args.draws,
                 **(options if tech.is_diffusion_blocks else {}),
             )
             accuracies[technique].append(accuracy)
@@ -173,7 +185,9 @@ def main() -> None:
     if len(seeds) > 1:
         for technique, values in accuracies.items():
             each = ", ".join(f"{100 * v:.1f}" for v in values)
-            print(f"mean {technique}: {100 * sum(values) / len(values):.1f}% over seeds {args.seeds} ({each})", flush=True)
+            print(
+                f"mean {technique}: {100 * sum(values) / len(values):.1f}% over seeds {args.seeds} ({each})", flush=True
+            )
     print(f"total: {time.perf_counter() - total:.0f} s", flush=True)
 
 

@@ -30,9 +30,12 @@ if __name__ == "__main__":
     print(result)  # the table, then the verdict and its reasons
     print()
     # best_technique is the DiffusionBlocks configuration the rules weighed, adopted or not.
-    print(f"decision: {result.verdict.decision} (DiffusionBlocks configuration weighed: "
-          f"{result.verdict.best_technique})")
+    print(
+        f"decision: {result.verdict.decision} (DiffusionBlocks configuration weighed: {result.verdict.best_technique})"
+    )
     for entry in result.entries:
-        print(f"{entry.technique}: {dbprofile.format_bytes(entry.peak_bytes)} per device, "
-              f"largest batch size that fits: {entry.max_batch_size}")
+        print(
+            f"{entry.technique}: {dbprofile.format_bytes(entry.peak_bytes)} per device, "
+            f"largest batch size that fits: {entry.max_batch_size}"
+        )
     print(f"planned in {time.perf_counter() - started:.1f} s")

@@ -28,8 +28,17 @@ from pathlib import Path
 import numpy as np
 import torch
 
-ACTIONS = ("alloc", "free_requested", "free_completed", "segment_alloc", "segment_free",
-           "segment_map", "segment_unmap", "snapshot", "oom")
+ACTIONS = (
+    "alloc",
+    "free_requested",
+    "free_completed",
+    "segment_alloc",
+    "segment_free",
+    "segment_map",
+    "segment_unmap",
+    "snapshot",
+    "oom",
+)
 
 
 def compact_trace(snapshot: dict, device_index: int) -> dict[str, np.ndarray]:
@@ -45,9 +54,16 @@ def compact_trace(snapshot: dict, device_index: int) -> dict[str, np.ndarray]:
 
 def segments_table(snapshot: dict, device_index: int) -> np.ndarray:
     """Segments at snapshot time: (address, total size, allocated bytes, is large pool)."""
-    rows = [(int(s["address"]), int(s["total_size"]), int(s["allocated_size"]),
-             1 if s.get("segment_type") == "large" else 0)
-            for s in snapshot["segments"] if s.get("device", device_index) == device_index]
+    rows = [
+        (
+            int(s["address"]),
+            int(s["total_size"]),
+            int(s["allocated_size"]),
+            1 if s.get("segment_type") == "large" else 0,
+        )
+        for s in snapshot["segments"]
+        if s.get("device", device_index) == device_index
+    ]
     return np.array(rows, dtype=np.int64).reshape(-1, 4)
 
 
@@ -92,9 +108,15 @@ def main() -> int:
     parser.add_argument("--time-budget", type=float, default=330.0)
     parser.add_argument("--steps", type=int, default=2, help="timed steps per unit")
     parser.add_argument("--name", default="validate", help="file name stem of the table")
-    parser.add_argument("--timing", type=float, nargs=2, default=(0.2, 1.0), metavar=("MIN_S", "MAX_S"),
-                        help="seconds of adaptive timing per technique (the runner's MIN_TIME_S / MAX_TIME_S); "
-                             "short, since this run checks memory")
+    parser.add_argument(
+        "--timing",
+        type=float,
+        nargs=2,
+        default=(0.2, 1.0),
+        metavar=("MIN_S", "MAX_S"),
+        help="seconds of adaptive timing per technique (the runner's MIN_TIME_S / MAX_TIME_S); "
+        "short, since this run checks memory",
+    )
     args = parser.parse_args()
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -115,8 +137,9 @@ def main() -> int:
         key = f"{model}|{batch_size}|{technique}|{precision}"
         if cuda:
             before = torch.cuda.memory._snapshot()  # segments held already (cuBLAS workspaces)
-            torch.cuda.memory._record_memory_history(enabled="all", context=None, stacks="python",
-                                                     max_entries=5_000_000, clear_history=True)
+            torch.cuda.memory._record_memory_history(
+                enabled="all", context=None, stacks="python", max_entries=5_000_000, clear_history=True
+            )
         row = measure_one(model, batch_size, technique, precision, dev, steps=steps)
         if cuda:
             after = torch.cuda.memory._snapshot()
@@ -124,8 +147,10 @@ def main() -> int:
             idx = device.index or 0
             arrays = compact_trace(after, idx)
             arrays["initial_segments"] = segments_table(before, idx)
-            arrays["peaks"] = np.array([row.max_allocated_bytes or -1, row.max_reserved_bytes or -1,
-                                        row.tracked_peak_bytes or -1], dtype=np.int64)
+            arrays["peaks"] = np.array(
+                [row.max_allocated_bytes or -1, row.max_reserved_bytes or -1, row.tracked_peak_bytes or -1],
+                dtype=np.int64,
+            )
             traces[key] = arrays
             print(f"  trace {key}: {len(arrays['action'])} events", flush=True)
         return row
@@ -142,8 +167,9 @@ def main() -> int:
         rows_json.append(row.to_dict())
         md.append(validation_row(row))
         print(validation_row(row), flush=True)
-        (out / f"{args.name}.json").write_text(json.dumps({"environment": environment, "command": command,
-                                                           "rows": rows_json}, indent=1))
+        (out / f"{args.name}.json").write_text(
+            json.dumps({"environment": environment, "command": command, "rows": rows_json}, indent=1)
+        )
 
     from dbprofile.measure.device import environment as device_environment
 
@@ -160,8 +186,9 @@ def main() -> int:
     # Traces of every configuration in one compressed file (run 1's were 0.5-0.7 MiB per family).
     if traces:
         path = out / f"{args.name}-traces.npz"
-        np.savez_compressed(path, **{f"{key}|{name}": arr for key, arrays in traces.items()
-                                     for name, arr in arrays.items()})
+        np.savez_compressed(
+            path, **{f"{key}|{name}": arr for key, arrays in traces.items() for name, arr in arrays.items()}
+        )
         print(f"{path.name}: {path.stat().st_size / 2**20:.1f} MiB", flush=True)
 
     # CUDA's op list for a bf16 language-model step (the autocast policy around the loss).

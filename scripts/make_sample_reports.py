@@ -33,8 +33,11 @@ def main(argv: list[str] | None = None) -> list[Path]:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N (default cpu)")
     parser.add_argument("--out-dir", default="reports", help="folder for the reports (default reports/)")
-    parser.add_argument("--batch-sizes", default=f"{DEFAULT_BATCH},{LARGER_BATCH}",
-                        help=f"the two batch sizes to compare (default {DEFAULT_BATCH},{LARGER_BATCH})")
+    parser.add_argument(
+        "--batch-sizes",
+        default=f"{DEFAULT_BATCH},{LARGER_BATCH}",
+        help=f"the two batch sizes to compare (default {DEFAULT_BATCH},{LARGER_BATCH})",
+    )
     parser.add_argument("--steps", type=int, default=2, help="measured steps per technique (default 2)")
     args = parser.parse_args(argv)
 

@@ -70,6 +70,12 @@ def toy_spec(
         return out
 
     return ModelSpec(
-        name=name, build=build, batch=batch, loss=loss, layers="blocks",
-        task="classification", num_classes=classes, hidden_size=width,
+        name=name,
+        build=build,
+        batch=batch,
+        loss=loss,
+        layers="blocks",
+        task="classification",
+        num_classes=classes,
+        hidden_size=width,
     )

@@ -68,12 +68,12 @@ def test_rounding_and_segment_sizes_follow_the_caching_allocator():
 
 def test_blocks_split_reuse_and_merge():
     alloc = CachingAllocatorModel()
-    a = alloc.malloc(3 * MiB)          # new 20 MiB segment, split
-    b = alloc.malloc(4 * MiB)          # from the remainder, no new segment
+    a = alloc.malloc(3 * MiB)  # new 20 MiB segment, split
+    b = alloc.malloc(4 * MiB)  # from the remainder, no new segment
     assert alloc.stats.segments == 1 and alloc.stats.reserved_bytes == 20 * MiB
     alloc.free(a)
-    alloc.free(b)                      # merges back into one 20 MiB free block
-    c = alloc.malloc(15 * MiB)         # fits the merged block: still one segment
+    alloc.free(b)  # merges back into one 20 MiB free block
+    c = alloc.malloc(15 * MiB)  # fits the merged block: still one segment
     assert alloc.stats.segments == 1 and c.size == 15 * MiB
     alloc.free(c)
     alloc.empty_cache()
@@ -112,11 +112,14 @@ def test_replaying_recorded_h200_runs_reproduces_their_reserved_peak():
     assert all(abs(e) <= 0.07 for e in errors.values()), errors
 
 
-@pytest.mark.parametrize("outputs, expected", [
-    (3072, 138412032),   # ViT-B/16 MLP fc1 bias gradient, batch 32 x 197 tokens (H200 trace)
-    (2304, 116785152),   # ViT-B/16 qkv bias gradient
-    (768, 38928384),     # ViT-B/16 projection / fc2 bias gradient
-])
+@pytest.mark.parametrize(
+    "outputs, expected",
+    [
+        (3072, 138412032),  # ViT-B/16 MLP fc1 bias gradient, batch 32 x 197 tokens (H200 trace)
+        (2304, 116785152),  # ViT-B/16 qkv bias gradient
+        (768, 38928384),  # ViT-B/16 projection / fc2 bias gradient
+    ],
+)
 def test_reduction_staging_buffer_matches_the_h200_trace(outputs, expected):
     tokens = 32 * 197
     buffer, semaphores = reduction_scratch([tokens, outputs], [outputs, 1], [0], 4)
@@ -132,7 +135,7 @@ def test_gpt2_bias_gradients_need_the_same_buffers_at_any_batch_size():
 
 def test_small_or_row_wise_reductions_need_no_buffer():
     assert reduction_scratch([64, 768], [768, 1], [1], 4) == (0, 0)  # along the contiguous dim
-    assert reduction_scratch([8, 16], [16, 1], [0], 4) == (0, 0)     # too few inputs per output
+    assert reduction_scratch([8, 16], [16, 1], [0], 4) == (0, 0)  # too few inputs per output
     x = torch.empty(32 * 197, 3072)
     sizes = op_scratch_allocations(torch.ops.aten.sum.dim_IntList, (x, [0]), {})
     assert sizes == [138412032, 96]

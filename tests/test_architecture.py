@@ -15,8 +15,24 @@ MAX_MODULE_LINES = 450
 
 # A module may import from its own layer and the layers below it (docs/architecture.md).
 LAYERS = [
-    ("leaves", {"spec", "vocabulary", "units", "files", "schema", "version", "seeding", "edm", "techniques",
-                "sequence_layout", "torch_internals", "progress", "settings"}),
+    (
+        "leaves",
+        {
+            "spec",
+            "vocabulary",
+            "units",
+            "files",
+            "schema",
+            "version",
+            "seeding",
+            "edm",
+            "techniques",
+            "sequence_layout",
+            "torch_internals",
+            "progress",
+            "settings",
+        },
+    ),
     ("data", {"results", "verdict"}),
     ("models", {"models"}),
     ("methods", {"methods"}),
@@ -139,5 +155,9 @@ def test_no_module_imports_another_modules_private_names():
     for module, path in MODULES.items():
         for node in ast.walk(ast.parse(path.read_text())):
             if isinstance(node, ast.ImportFrom) and (node.module or "").startswith("dbprofile"):
-                private += [f"{module}: {node.module}.{a.name}" for a in node.names if a.name.startswith("_") and not a.name.endswith("__")]
+                private += [
+                    f"{module}: {node.module}.{a.name}"
+                    for a in node.names
+                    if a.name.startswith("_") and not a.name.endswith("__")
+                ]
     assert private == []

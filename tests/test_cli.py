@@ -42,7 +42,9 @@ GOOD_MODEL = textwrap.dedent(
 
 def write_model(tmp_path, layer="nn.Linear(8, 8)", layers_path="'layers'", name="model.py", text=None):
     path = tmp_path / name
-    path.write_text(text if text is not None else GOOD_MODEL.replace("LAYERS_PATH", layers_path).replace("LAYER", layer))
+    path.write_text(
+        text if text is not None else GOOD_MODEL.replace("LAYERS_PATH", layers_path).replace("LAYER", layer)
+    )
     return str(path)
 
 
@@ -100,8 +102,10 @@ def test_layers_path_not_a_modulelist(tmp_path):
 
 def test_layers_that_change_shape_are_not_residual(tmp_path):
     text = GOOD_MODEL.replace("LAYERS_PATH", "'layers'").replace("LAYER", "nn.Linear(8, 8)")
-    text = text.replace("self.layers = nn.ModuleList([nn.Linear(8, 8) for _ in range(3)])",
-                        "self.layers = nn.ModuleList([nn.Linear(8, 8), nn.Linear(8, 6), nn.Linear(6, 8)])")
+    text = text.replace(
+        "self.layers = nn.ModuleList([nn.Linear(8, 8) for _ in range(3)])",
+        "self.layers = nn.ModuleList([nn.Linear(8, 8), nn.Linear(8, 6), nn.Linear(6, 8)])",
+    )
     path = write_model(tmp_path, text=text)
     assert_user_error(invoke("run", path, "--dry-run"), "not shape-preserving", "Layer 1")
 

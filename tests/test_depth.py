@@ -30,8 +30,9 @@ def _both(spec, technique, batch_size=2, round_to=None):
     layers, different = identical_layers(spec)
     tech = parse_techniques([technique])[0]
     fast = measure_fake(spec, tech, batch_size, layers=layers, not_identical=different, round_to=round_to)
-    full = measure_fake(spec, tech, batch_size, layers=layers, not_identical=different, round_to=round_to,
-                        full_trace=True)
+    full = measure_fake(
+        spec, tech, batch_size, layers=layers, not_identical=different, round_to=round_to, full_trace=True
+    )
     return fast, full
 
 
@@ -41,14 +42,17 @@ def _assert_same(fast, full):
     assert fast.shares == full.shares
     assert (fast.peak_phase, fast.peak_block) == (full.peak_phase, full.peak_block)
     assert (fast.num_parameters, fast.extra_parameters) == (full.num_parameters, full.extra_parameters)
-    assert [(b.block, b.layers, b.peak_bytes, b.shares, b.step_flops) for b in fast.blocks] == \
-           [(b.block, b.layers, b.peak_bytes, b.shares, b.step_flops) for b in full.blocks]
+    assert [(b.block, b.layers, b.peak_bytes, b.shares, b.step_flops) for b in fast.blocks] == [
+        (b.block, b.layers, b.peak_bytes, b.shares, b.step_flops) for b in full.blocks
+    ]
     # the FLOPs grow with the depth too (they were the second depth's before)
     assert fast.training_flops == full.training_flops
 
 
-@pytest.mark.parametrize("technique", ["e2e", "db:2", pytest.param("ckpt", marks=pytest.mark.slow),
-                                       pytest.param("db:2+ckpt", marks=pytest.mark.slow)])
+@pytest.mark.parametrize(
+    "technique",
+    ["e2e", "db:2", pytest.param("ckpt", marks=pytest.mark.slow), pytest.param("db:2+ckpt", marks=pytest.mark.slow)],
+)
 def test_extrapolated_llama_equals_the_full_trace_to_the_byte(technique):
     fast, full = _both(get_preset("llama-tiny").at_depth(20), technique, round_to=CUDA_BLOCK)
     assert fast.extra["depth"]["path"] == PATH_EXTRAPOLATED
@@ -113,8 +117,9 @@ def test_uneven_blocks_extrapolate_from_depths_that_are_uneven_the_same_way():
 
 
 def test_a_model_shallower_than_the_three_traces_together_is_traced_in_full():
-    m = measure_fake(get_preset("llama-tiny").at_depth(10), parse_techniques(["db:4"])[0], 2, layers=10,
-                     not_identical=None)
+    m = measure_fake(
+        get_preset("llama-tiny").at_depth(10), parse_techniques(["db:4"])[0], 2, layers=10, not_identical=None
+    )
     assert m.extra["depth"]["path"] == PATH_FULL
     assert m.extra["depth"]["reason"] == "tracing all 10 layers costs less than traces at 10, 14, 18"
 
@@ -122,16 +127,20 @@ def test_a_model_shallower_than_the_three_traces_together_is_traced_in_full():
 def test_integer_figures_extrapolate_and_a_non_affine_one_is_named_and_dropped():
     not_affine: list[str] = []
     # depths 2, 3, 4 -> target 2 + 10 = 12: flops 100 + 10 * depth is affine, "allocator" is not.
-    out = _extrapolate_value({"flops": 120, "allocator": 4096, "name": "x"},
-                             {"flops": 130, "allocator": 4096, "name": "y"},
-                             {"flops": 140, "allocator": 6144, "name": "z"}, 10, "extra", not_affine)
+    out = _extrapolate_value(
+        {"flops": 120, "allocator": 4096, "name": "x"},
+        {"flops": 130, "allocator": 4096, "name": "y"},
+        {"flops": 140, "allocator": 6144, "name": "z"},
+        10,
+        "extra",
+        not_affine,
+    )
     assert out == {"flops": 220, "allocator": None, "name": "y"}
     assert not_affine == ["extra.allocator"]
 
 
 def test_plan_says_which_path_each_technique_took():
-    p = plan(get_preset("llama-tiny").at_depth(10), 2, device="cpu", techniques=["e2e", "db:4"],
-             search_max_batch=False)
+    p = plan(get_preset("llama-tiny").at_depth(10), 2, device="cpu", techniques=["e2e", "db:4"], search_max_batch=False)
     text = format_plan(p)
     assert "Depth: e2e extrapolated from shallow traces (10 identical layers, traced at 2, 3, 4" in text
     assert "Depth: db:4 traced every layer (tracing all 10 layers costs less than traces at 10, 14, 18)" in text
@@ -140,10 +149,18 @@ def test_plan_says_which_path_each_technique_took():
 def test_a_full_trace_forced_by_the_small_model_rule_says_so_not_asked_for():
     p = plan(get_preset("llama-tiny").at_depth(4), 2, device="H100-80GB", techniques=["e2e"], search_max_batch=False)
     assert p.entries[0].extra["depth"]["path"] == PATH_FULL
-    assert "Depth: e2e traced every layer (parameter memory under 4.00 GiB on a GPU target: traced in full so the " \
-           "allocator replay covers every layer)." in format_plan(p)
-    asked = plan(get_preset("llama-tiny").at_depth(4), 2, device="H100-80GB", techniques=["e2e"],
-                 search_max_batch=False, full_trace=True)
+    assert (
+        "Depth: e2e traced every layer (parameter memory under 4.00 GiB on a GPU target: traced in full so the "
+        "allocator replay covers every layer)." in format_plan(p)
+    )
+    asked = plan(
+        get_preset("llama-tiny").at_depth(4),
+        2,
+        device="H100-80GB",
+        techniques=["e2e"],
+        search_max_batch=False,
+        full_trace=True,
+    )
     assert asked.entries[0].extra["depth"]["reason"] == "asked for a full trace"
 
 

@@ -41,7 +41,9 @@ CPU = torch.device("cpu")
 
 def tiny_vit(layers: int = 4) -> ModelSpec:
     return vit.make_spec(
-        vit.ViTConfig(image_size=8, patch_size=2, channels=1, num_classes=10, num_layers=layers, hidden_size=32, num_heads=2)
+        vit.ViTConfig(
+            image_size=8, patch_size=2, channels=1, num_classes=10, num_layers=layers, hidden_size=32, num_heads=2
+        )
     )
 
 
@@ -128,8 +130,11 @@ def test_blocks_are_contiguous_and_drop_no_layer():
 
 def test_make_trainer_builds_every_diffusion_blocks_variant():
     spec = tiny_vit()
-    for name, cls in (("db:2", DiffusionBlocksTrainer), ("db:2+ckpt", DiffusionBlocksTrainer),
-                      ("db:2+offload", OffloadDiffusionBlocksTrainer)):
+    for name, cls in (
+        ("db:2", DiffusionBlocksTrainer),
+        ("db:2+ckpt", DiffusionBlocksTrainer),
+        ("db:2+offload", OffloadDiffusionBlocksTrainer),
+    ):
         trainer = make_trainer(parse_technique(name), spec, CPU)
         assert type(trainer) is cls and trainer.technique == name
         assert torch.isfinite(trainer.step(spec.batch(4, CPU)))
@@ -335,8 +340,16 @@ def test_gpt2_small_adds_only_the_adaln_modulation_and_sigma_embedder():
 
 def _vit_readout_inputs(pooling: str = "cls"):
     spec = vit.make_spec(
-        vit.ViTConfig(image_size=8, patch_size=2, channels=1, num_classes=10, num_layers=4, hidden_size=32,
-                      num_heads=2, pooling=pooling)
+        vit.ViTConfig(
+            image_size=8,
+            patch_size=2,
+            channels=1,
+            num_classes=10,
+            num_layers=4,
+            hidden_size=32,
+            num_heads=2,
+            pooling=pooling,
+        )
     )
     model = BlockwiseModel(spec, spec.build(), 2)
     torch.manual_seed(1)
@@ -367,8 +380,16 @@ def test_vit_readout_follows_the_authors_code(pooling):
 
 def test_vit_features_pool_the_final_norm_output():
     for pooling in ("cls", "mean"):
-        config = vit.ViTConfig(image_size=8, patch_size=2, channels=1, num_classes=10, num_layers=2,
-                               hidden_size=32, num_heads=2, pooling=pooling)
+        config = vit.ViTConfig(
+            image_size=8,
+            patch_size=2,
+            channels=1,
+            num_classes=10,
+            num_layers=2,
+            hidden_size=32,
+            num_heads=2,
+            pooling=pooling,
+        )
         model = vit.ViT(config)
         images = torch.randn(2, 1, 8, 8)
         hidden = {}
@@ -501,9 +522,14 @@ def _user_lm_spec(takes_mask: bool) -> ModelSpec:
         return {"inputs": tokens[:, :-1].to(device), "targets": tokens[:, 1:].to(device)}
 
     return ModelSpec(
-        name="user-lm", build=lambda: _UserLM(takes_mask=takes_mask), batch=batch,
+        name="user-lm",
+        build=lambda: _UserLM(takes_mask=takes_mask),
+        batch=batch,
         loss=lambda m, b: F.cross_entropy(m(b["inputs"]).flatten(0, 1), b["targets"].flatten()),
-        layers="blocks", task="causal-lm", hidden_size=16, num_classes=20,
+        layers="blocks",
+        task="causal-lm",
+        hidden_size=16,
+        num_classes=20,
     )
 
 
@@ -552,7 +578,7 @@ def test_causal_lm_runs_on_clean_and_noisy_tokens_without_leaks(layout, style):
     # under the modified mask a noisy token sees no other noisy token: later positions ignore z_k
     # too; interleaved under the plain causal mask, later positions see n_k (harmless: they
     # already see the clean token it denoises)
-    later_change = float((logits[:, k + 1:] - logits2[:, k + 1:]).abs().max().detach())
+    later_change = float((logits[:, k + 1 :] - logits2[:, k + 1 :]).abs().max().detach())
     if layout == "concatenated":
         assert later_change < 1e-6
     else:
@@ -713,8 +739,9 @@ def test_classification_chain_follows_the_authors_sampler():
 def test_denoising_chain_returns_samples_of_the_requested_shape():
     spec = tiny_dit()
     model = BlockwiseModel(spec, spec.build(), 2)
-    out = sample(model, (3, 4, 8, 8), labels=torch.tensor([0, 1, 2]), steps=5,
-                 generator=torch.Generator().manual_seed(0))
+    out = sample(
+        model, (3, 4, 8, 8), labels=torch.tensor([0, 1, 2]), steps=5, generator=torch.Generator().manual_seed(0)
+    )
     assert out.shape == (3, 4, 8, 8) and torch.isfinite(out).all()
 
 
@@ -787,7 +814,9 @@ def test_diffusion_blocks_steps_run_under_fake_tensors(technique):
         trainer.step(batch)  # a random block: must not read tensor values
         trainer.step(batch, unit=1)
         on_host = sum(trainer.host_resident(p) for p in trainer.model.parameters())
-    assert on_host == (sum(1 for b in range(2) for _ in trainer.model.block_parameters(b)) if "offload" in technique else 0)
+    assert on_host == (
+        sum(1 for b in range(2) for _ in trainer.model.block_parameters(b)) if "offload" in technique else 0
+    )
 
 
 gpu = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")

@@ -54,8 +54,20 @@ def two_ranks(tmp_path_factory) -> RunResult:
     out = tmp_path_factory.mktemp("dist") / "run.json"
     code = launch(
         WORLD,
-        [f"{THIS}:rank1_fails_under_ckpt", "-t", "e2e,db:2+parallel,ckpt", "-b", str(BATCH), "--fsdp",
-         "--steps", "1", "--timeout", str(TIMEOUT_S), "--out", str(out)],
+        [
+            f"{THIS}:rank1_fails_under_ckpt",
+            "-t",
+            "e2e,db:2+parallel,ckpt",
+            "-b",
+            str(BATCH),
+            "--fsdp",
+            "--steps",
+            "1",
+            "--timeout",
+            str(TIMEOUT_S),
+            "--out",
+            str(out),
+        ],
         entry="dbprofile.measure.distributed.launcher:main",
         env={"OMP_NUM_THREADS": "1"},
     )
@@ -68,7 +80,14 @@ def _rows(result: RunResult, technique: str):
 
 
 def test_every_rank_reports_one_row_per_technique_with_shares_summing_to_its_peak(two_ranks):
-    assert [m.technique for m in two_ranks.measurements] == ["e2e", "e2e", "db:2+parallel", "db:2+parallel", "ckpt", "ckpt"]
+    assert [m.technique for m in two_ranks.measurements] == [
+        "e2e",
+        "e2e",
+        "db:2+parallel",
+        "db:2+parallel",
+        "ckpt",
+        "ckpt",
+    ]
     assert two_ranks.environment["world_size"] == WORLD
     for m in _rows(two_ranks, "e2e") + _rows(two_ranks, "db:2+parallel"):
         assert m.ok, m.error
@@ -123,11 +142,22 @@ def test_failed_rank_is_reported_by_rank_zero_and_earlier_results_are_kept(two_r
 def test_planner_predicts_each_rank_peak_within_3_percent(two_ranks):
     from dbprofile.planner import plan
 
-    result = plan(toy_spec(), BATCH, device="cpu", techniques=["e2e", "db:2+parallel"], zero_stage=3,
-                  world_size=WORLD, search_max_batch=False)
+    result = plan(
+        toy_spec(),
+        BATCH,
+        device="cpu",
+        techniques=["e2e", "db:2+parallel"],
+        zero_stage=3,
+        world_size=WORLD,
+        search_max_batch=False,
+    )
     for entry in result.entries:
         measured = max(m.peak_bytes for m in _rows(two_ranks, entry.technique))
-        assert abs(entry.tracked_peak_bytes - measured) <= 0.03 * measured, (entry.technique, entry.tracked_peak_bytes, measured)
+        assert abs(entry.tracked_peak_bytes - measured) <= 0.03 * measured, (
+            entry.technique,
+            entry.tracked_peak_bytes,
+            measured,
+        )
 
 
 def test_simulated_rank_tracks_the_same_bytes_as_the_real_rank(two_ranks):
@@ -155,7 +185,9 @@ def test_tracker_follows_storage_resize_as_fsdp_frees_and_reallocates():
         assert tracker.total == 0
         t.untyped_storage().resize_(4000)
         assert tracker.total == 4000 and sum(tracker.shares().values()) == 4000
-    assert torch.UntypedStorage.resize_.__name__ == "resize_" and not hasattr(torch.UntypedStorage.resize_, "__wrapped__")
+    assert torch.UntypedStorage.resize_.__name__ == "resize_" and not hasattr(
+        torch.UntypedStorage.resize_, "__wrapped__"
+    )
 
 
 def test_simulated_fsdp_rank_of_four_holds_a_quarter_of_the_parameters():

@@ -31,13 +31,15 @@ def _step_flops(model: str, technique: str, counter_factory) -> int:
     return counter.get_total_flops() if isinstance(counter, FlopCounterMode) else counter.total
 
 
-@pytest.mark.parametrize("model, technique", [("vit-tiny", "e2e"), ("gpt-tiny", "ckpt"), ("llama-tiny", "db:2"),
-                                              ("dit-tiny", "ckpt")])
+@pytest.mark.parametrize(
+    "model, technique", [("vit-tiny", "e2e"), ("gpt-tiny", "ckpt"), ("llama-tiny", "db:2"), ("dit-tiny", "ckpt")]
+)
 def test_counter_totals_equal_pytorchs_flop_counter_mode(model, technique, monkeypatch):
     for formula in CPU_ATTENTION_FORMULAS.values():  # FlopCounterMode must hand them tensors, not shapes
         monkeypatch.setattr(formula, "_get_raw", True, raising=False)
-    reference = _step_flops(model, technique,
-                            lambda: FlopCounterMode(display=False, custom_mapping=CPU_ATTENTION_FORMULAS))
+    reference = _step_flops(
+        model, technique, lambda: FlopCounterMode(display=False, custom_mapping=CPU_ATTENTION_FORMULAS)
+    )
     assert reference > 0
     assert _step_flops(model, technique, FlopCounter) == reference
 
@@ -81,7 +83,10 @@ def test_counting_flops_leaves_the_tracked_memory_unchanged(technique, monkeypat
     uncounted = runner.measure("llama-tiny", technique, 2, fake=True, steps=1)
     assert counted.training_flops and uncounted.training_flops is None
     assert (counted.peak_bytes, counted.shares, counted.peak_phase) == (
-        uncounted.peak_bytes, uncounted.shares, uncounted.peak_phase)
+        uncounted.peak_bytes,
+        uncounted.shares,
+        uncounted.peak_phase,
+    )
 
 
 def test_real_and_fake_runs_count_the_same_flops_per_block():
@@ -100,8 +105,9 @@ def test_flops_per_sample_do_not_depend_on_the_batch_size():
 
 def test_vit_ckpt_and_diffusion_blocks_against_e2e():
     """The same bounds as ViT-B/16's below, on the 6-layer vit-tiny (db:3: B=3 of 6 layers)."""
-    per_sample = {t: runner.measure("vit-tiny", t, 2, fake=True, steps=1).flops_per_sample
-                  for t in ("e2e", "ckpt", "db:3")}
+    per_sample = {
+        t: runner.measure("vit-tiny", t, 2, fake=True, steps=1).flops_per_sample for t in ("e2e", "ckpt", "db:3")
+    }
     assert 1.2 <= per_sample["ckpt"] / per_sample["e2e"] <= 1.4
     assert 0.95 <= per_sample["db:3"] / per_sample["e2e"] <= 1.2
 
@@ -109,8 +115,9 @@ def test_vit_ckpt_and_diffusion_blocks_against_e2e():
 @pytest.mark.slow
 def test_vit_b16_ckpt_and_db4_against_e2e():
     """ViT-B/16 at batch 64 (counted at batch 2: per-sample FLOPs are exactly linear in the batch)."""
-    per_sample = {t: runner.measure("vit-b16", t, 2, fake=True, steps=1).flops_per_sample
-                  for t in ("e2e", "ckpt", "db:4")}
+    per_sample = {
+        t: runner.measure("vit-b16", t, 2, fake=True, steps=1).flops_per_sample for t in ("e2e", "ckpt", "db:4")
+    }
     # e2e: 3x a forward of 2 * 17.6 GMACs (timm's published 17.6 "GFLOPs" of ViT-B/16 are MACs).
     assert per_sample["e2e"] == pytest.approx(3 * 2 * 17.6e9, rel=0.01)
     assert 1.2 <= per_sample["ckpt"] / per_sample["e2e"] <= 1.4

@@ -112,8 +112,23 @@ def test_run_command_links_the_snapshots_from_its_report(tmp_path):
     from dbprofile.cli import main
 
     out, snaps = tmp_path / "r.json", tmp_path / "snaps"
-    result = CliRunner().invoke(main, ["run", "vit-tiny", "--device", "cuda", "-t", "e2e,db:2", "--steps", "1",
-                                       "-o", str(out), "--memory-snapshot", str(snaps)])
+    result = CliRunner().invoke(
+        main,
+        [
+            "run",
+            "vit-tiny",
+            "--device",
+            "cuda",
+            "-t",
+            "e2e,db:2",
+            "--steps",
+            "1",
+            "-o",
+            str(out),
+            "--memory-snapshot",
+            str(snaps),
+        ],
+    )
     assert result.exit_code == 0, result.output
     names = sorted(p.name for p in snaps.iterdir())
     assert names == ["vit-tiny_db-2_b8_block0.pickle", "vit-tiny_db-2_b8_block1.pickle", "vit-tiny_e2e_b8.pickle"]

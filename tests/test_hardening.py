@@ -75,8 +75,9 @@ MODEL = textwrap.dedent(
 PLAIN_LAYERS = "nn.Linear(8, 8) for _ in range(3)"  # no norm: the hidden width must come from the traced state
 
 
-def model_file(tmp_path, name="model.py", pre="pass", build="pass", loss="pass", layers=PLAIN_LAYERS,
-               tokens="", read="[:, 0]") -> str:
+def model_file(
+    tmp_path, name="model.py", pre="pass", build="pass", loss="pass", layers=PLAIN_LAYERS, tokens="", read="[:, 0]"
+) -> str:
     path = tmp_path / name
     body = {"BUILD": build, "LOSS": loss}
     body = {key: textwrap.indent(text, "    ").lstrip() for key, text in body.items()}  # inside a def
@@ -98,8 +99,10 @@ def assert_exit(result, code, *fragments):
 
 def strict_json(text: str):
     """Parse as a strict parser would: NaN and Infinity are not JSON."""
+
     def refuse(constant):
         raise ValueError(f"not standard JSON: {constant}")
+
     return json.loads(text, parse_constant=refuse)
 
 
@@ -121,7 +124,8 @@ def test_activation_ratios_are_computed_through_the_cli(tmp_path):
     spec = dataclasses.replace(load_spec(str(tmp_path / "model.py")), hidden_size=8)
     direct = layer_activation_bytes(spec, 3, 8)
     assert {k: ratios[k] for k in ("block_layers_bytes", "full_depth_adaln_bytes", "plain_layers_bytes")} == {
-        k: direct[k] for k in ("block_layers_bytes", "full_depth_adaln_bytes", "plain_layers_bytes")}
+        k: direct[k] for k in ("block_layers_bytes", "full_depth_adaln_bytes", "plain_layers_bytes")
+    }
     # 3 layers, one per block: the worst block (the first also holds the injected noisy target) saves
     # a little more than a third of what the same layers save at full depth.
     assert 1 / 3 < ratios["ratio_vs_full_depth_adaln"] < 0.4
@@ -235,8 +239,11 @@ def test_model_file_that_exits_at_import_is_an_error_not_success(tmp_path, code)
 
 
 def test_model_that_exits_in_build_or_loss_is_an_error(tmp_path):
-    assert_exit(invoke("run", model_file(tmp_path, build="sys.exit(5)"), "--dry-run"), 2,
-                "Building model 'toy' called sys.exit(5)")
+    assert_exit(
+        invoke("run", model_file(tmp_path, build="sys.exit(5)"), "--dry-run"),
+        2,
+        "Building model 'toy' called sys.exit(5)",
+    )
     assert_exit(invoke("run", model_file(tmp_path, loss="sys.exit(0)"), "--dry-run"), 2, "called sys.exit(0)")
 
 
@@ -260,8 +267,13 @@ def test_ctrl_c_while_importing_a_model_file_exits_130(tmp_path):
 
 
 def valid_result() -> dict:
-    m = Measurement(technique="e2e", batch_size=4, peak_bytes=100, shares={"parameters": 60, "activations": 40},
-                    timeline={"categories": ["parameters"], "phases": ["forward"], "points": [[0, 60]]})
+    m = Measurement(
+        technique="e2e",
+        batch_size=4,
+        peak_bytes=100,
+        shares={"parameters": 60, "activations": 40},
+        timeline={"categories": ["parameters"], "phases": ["forward"], "points": [[0, 60]]},
+    )
     return json.loads(RunResult(model="m", measurements=[m]).to_json())
 
 
@@ -273,20 +285,34 @@ def mutated(change) -> object:
 MALFORMED = {
     "array": (lambda d: [1, 2], "the top level is an array"),
     "no model": (lambda d: d.pop("model") and None, "the field model is missing"),
-    "peak lots": (lambda d: d["measurements"][0].update(peak_bytes="lots"),
-                  'measurements[0].peak_bytes should be an integer, but it is a string "lots"'),
+    "peak lots": (
+        lambda d: d["measurements"][0].update(peak_bytes="lots"),
+        'measurements[0].peak_bytes should be an integer, but it is a string "lots"',
+    ),
     "shares null": (lambda d: d["measurements"][0].update(shares=None), "measurements[0].shares should be an object"),
-    "share negative": (lambda d: d["measurements"][0]["shares"].update(activations=-1),
-                       "measurements[0].shares.activations should be a byte count"),
-    "batch true": (lambda d: d["measurements"][0].update(batch_size=True), "measurements[0].batch_size should be an integer"),
-    "batch zero": (lambda d: d["measurements"][0].update(batch_size=0), "measurements[0].batch_size should be at least 1"),
+    "share negative": (
+        lambda d: d["measurements"][0]["shares"].update(activations=-1),
+        "measurements[0].shares.activations should be a byte count",
+    ),
+    "batch true": (
+        lambda d: d["measurements"][0].update(batch_size=True),
+        "measurements[0].batch_size should be an integer",
+    ),
+    "batch zero": (
+        lambda d: d["measurements"][0].update(batch_size=0),
+        "measurements[0].batch_size should be at least 1",
+    ),
     "status": (lambda d: d["measurements"][0].update(status="great"), "measurements[0].status should be one of ok"),
     "measurements object": (lambda d: d.update(measurements={}), "measurements should be a list of objects"),
     "measurement string": (lambda d: d.update(measurements=["e2e"]), "measurements[0] should be an object"),
-    "timeline point": (lambda d: d["measurements"][0]["timeline"]["points"].append([0]),
-                       "measurements[0].timeline.points[1] should be [phase index, then 1 byte counts]"),
-    "cuda figure": (lambda d: d["measurements"][0].update(cuda={"max_memory_allocated": "1GiB"}),
-                    "measurements[0].cuda.max_memory_allocated should be an integer or null"),
+    "timeline point": (
+        lambda d: d["measurements"][0]["timeline"]["points"].append([0]),
+        "measurements[0].timeline.points[1] should be [phase index, then 1 byte counts]",
+    ),
+    "cuda figure": (
+        lambda d: d["measurements"][0].update(cuda={"max_memory_allocated": "1GiB"}),
+        "measurements[0].cuda.max_memory_allocated should be an integer or null",
+    ),
     "parameters": (lambda d: d["model_info"].update(parameters="many"), "model_info.parameters should be an integer"),
     "schema": (lambda d: d.update(schema_version=99), "schema_version 99"),
 }
@@ -318,10 +344,16 @@ def test_valid_result_still_loads():
 # ---------------------------------------------------------------- 6. devices torch does not accept
 
 
-@pytest.mark.parametrize("device, message", [
-    ("tpu", "torch does not accept it"), ("cuda:x", "torch does not accept it"), ("", "torch does not accept it"),
-    ("meta", "not one dbprofile measures on"), ("mps", "not one dbprofile measures on"),
-])
+@pytest.mark.parametrize(
+    "device, message",
+    [
+        ("tpu", "torch does not accept it"),
+        ("cuda:x", "torch does not accept it"),
+        ("", "torch does not accept it"),
+        ("meta", "not one dbprofile measures on"),
+        ("mps", "not one dbprofile measures on"),
+    ],
+)
 def test_unknown_devices_are_one_paragraph(device, message):
     for command in (["run", "vit-tiny", "--dry-run", "--device", device], ["validate", "--device", device]):
         assert_exit(invoke(*command), 2, message, "--device cpu")
@@ -330,12 +362,15 @@ def test_unknown_devices_are_one_paragraph(device, message):
 # ---------------------------------------------------------------- 7. loss mistakes
 
 
-@pytest.mark.parametrize("loss, message", [
-    ('return nn.functional.cross_entropy(m(b["inputs"]), b["targets"], reduction="none")', "not a scalar"),
-    ('return nn.functional.cross_entropy(m(b["inputs"]), b["targets"]).detach()', "does not require grad"),
-    ("return 3", "returned int 3, not a tensor"),
-    ('return b["targets"].sum()', "a loss is floating point"),
-])
+@pytest.mark.parametrize(
+    "loss, message",
+    [
+        ('return nn.functional.cross_entropy(m(b["inputs"]), b["targets"], reduction="none")', "not a scalar"),
+        ('return nn.functional.cross_entropy(m(b["inputs"]), b["targets"]).detach()', "does not require grad"),
+        ("return 3", "returned int 3, not a tensor"),
+        ('return b["targets"].sum()', "a loss is floating point"),
+    ],
+)
 def test_loss_mistakes_stop_before_any_technique_is_measured(tmp_path, loss, message):
     out = tmp_path / "r.json"
     result = invoke(*run_args(model_file(tmp_path, loss=loss), out, "-t", "e2e,db:2"))
@@ -348,8 +383,9 @@ def test_loss_mistakes_stop_before_any_technique_is_measured(tmp_path, loss, mes
 
 def test_a_nan_loss_writes_standard_json(tmp_path):
     out = tmp_path / "r.json"
-    result = invoke(*run_args(model_file(tmp_path, loss='return m(b["inputs"]).sum() * float("nan")'), out,
-                              "-t", "e2e"))
+    result = invoke(
+        *run_args(model_file(tmp_path, loss='return m(b["inputs"]).sum() * float("nan")'), out, "-t", "e2e")
+    )
     assert_exit(result, 3)  # answered, but the only technique failed (README: exit codes)
     m = strict_json(out.read_text())["measurements"][0]
     # warm-up, tracked and the (adaptively many) timed steps: every loss non-finite, each written as null
@@ -429,15 +465,25 @@ def test_ctrl_c_exits_130_and_marks_the_result_incomplete(tmp_path):
     out = tmp_path / "r.json"
     # The first loss call at batch size 3 is e2e's warm-up there, after every technique at batch 8
     # finished (timing repeats steps adaptively, so calls are counted by batch size, not number).
-    result = invoke(*run_args(model_file(tmp_path, loss="if CALLS.count(3) == 1: raise KeyboardInterrupt"), out,
-                              "-t", "e2e,ckpt,db:2", "-b", "8,3"))
+    result = invoke(
+        *run_args(
+            model_file(tmp_path, loss="if CALLS.count(3) == 1: raise KeyboardInterrupt"),
+            out,
+            "-t",
+            "e2e,ckpt,db:2",
+            "-b",
+            "8,3",
+        )
+    )
     assert result.exit_code == 130, result.output
     assert "marked incomplete" in result.output
     data = strict_json(out.read_text())
     assert data["complete"] is False
-    assert data["incomplete_reason"] == ("interrupted (Ctrl-C) while measuring e2e at batch size 3; 3 of 6 "
-                                         "measurements finished; not measured: e2e @ batch 3, ckpt @ batch 3, "
-                                         "db:2 @ batch 3")
+    assert data["incomplete_reason"] == (
+        "interrupted (Ctrl-C) while measuring e2e at batch size 3; 3 of 6 "
+        "measurements finished; not measured: e2e @ batch 3, ckpt @ batch 3, "
+        "db:2 @ batch 3"
+    )
     assert [m["technique"] for m in data["measurements"]] == ["e2e", "ckpt", "db:2"]
 
     html = tmp_path / "r.html"
@@ -451,8 +497,14 @@ def test_ctrl_c_exits_130_and_marks_the_result_incomplete(tmp_path):
 def test_a_result_saved_mid_run_says_it_is_not_complete(tmp_path):
     out = tmp_path / "r.json"
     seen = []
-    run(load_spec(model_file(tmp_path)), ["e2e", "ckpt"], 2, steps=1, out=out,
-        on_measurement=lambda m: seen.append(strict_json(out.read_text())))
+    run(
+        load_spec(model_file(tmp_path)),
+        ["e2e", "ckpt"],
+        2,
+        steps=1,
+        out=out,
+        on_measurement=lambda m: seen.append(strict_json(out.read_text())),
+    )
     assert [(d["complete"], d["incomplete_reason"]) for d in seen] == [
         (False, "still running (or killed); 1 of 2 measurements finished; not measured: ckpt @ batch 2"),
         (False, "still running (or killed); 2 of 2 measurements finished"),
@@ -465,8 +517,12 @@ def test_sigterm_to_a_real_run_exits_143_and_marks_the_result_incomplete(tmp_pat
     """The signal path end to end, in a real process (slow: it imports torch)."""
     out = tmp_path / "r.json"
     model = model_file(tmp_path, loss="if CALLS.count(8) == 4: time.sleep(600)")
-    proc = subprocess.Popen([sys.executable, "-m", "dbprofile", *run_args(model, out, "-t", "e2e,ckpt")],
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "dbprofile", *run_args(model, out, "-t", "e2e,ckpt")],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
     for line in proc.stdout:
         if "measured e2e" in line:
             break
@@ -474,7 +530,9 @@ def test_sigterm_to_a_real_run_exits_143_and_marks_the_result_incomplete(tmp_pat
     output = proc.communicate(timeout=60)[0]
     assert proc.returncode == 143, output
     data = strict_json(out.read_text())
-    assert data["complete"] is False and data["incomplete_reason"].startswith("terminated (SIGTERM) while measuring ckpt")
+    assert data["complete"] is False and data["incomplete_reason"].startswith(
+        "terminated (SIGTERM) while measuring ckpt"
+    )
 
 
 def test_spec_errors_that_slip_past_the_checks_are_that_techniques_error(tmp_path, monkeypatch):
@@ -518,12 +576,20 @@ def test_validate_writes_its_table_and_standard_json_atomically(tmp_path, monkey
     """The writing half of `dbprofile validate --out` (the measuring half needs a GPU or minutes)."""
     import dbprofile.validate as v
 
-    row = v.ValidationRow(model="vit-tiny", batch_size=2, technique="e2e", precision="fp32", status="ok",
-                          tracked_peak_bytes=100, step_time_s=float("nan"))
+    row = v.ValidationRow(
+        model="vit-tiny",
+        batch_size=2,
+        technique="e2e",
+        precision="fp32",
+        status="ok",
+        tracked_peak_bytes=100,
+        step_time_s=float("nan"),
+    )
     monkeypatch.setattr(v, "validate", lambda *args, on_row=None, **kwargs: [row])
     out = tmp_path / "val.md"
-    result = invoke("validate", "--device", "cpu", "--cases", "vit-tiny:2", "-t", "e2e", "--precisions", "fp32",
-                    "-o", out)
+    result = invoke(
+        "validate", "--device", "cpu", "--cases", "vit-tiny:2", "-t", "e2e", "--precisions", "fp32", "-o", out
+    )
     assert_exit(result, 0, f"written: {out}")
     assert "| vit-tiny | 2 | e2e | fp32 |" in out.read_text()
     rows = strict_json((tmp_path / "val.json").read_text())["rows"]

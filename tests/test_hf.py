@@ -23,18 +23,33 @@ from dbprofile.models.hf import hf_position_adapter  # noqa: E402
 from dbprofile.sequence_layout import SequenceLayout  # noqa: E402
 from dbprofile.spec import SpecError  # noqa: E402
 
-TINY_LLAMA = {"num_hidden_layers": "2", "hidden_size": "32", "intermediate_size": "64", "num_attention_heads": "4",
-              "num_key_value_heads": "2", "vocab_size": "100"}
+TINY_LLAMA = {
+    "num_hidden_layers": "2",
+    "hidden_size": "32",
+    "intermediate_size": "64",
+    "num_attention_heads": "4",
+    "num_key_value_heads": "2",
+    "vocab_size": "100",
+}
 TINY_GPT2 = {"n_layer": "2", "n_embd": "32", "n_head": "4", "vocab_size": "100"}
-TINY_VIT = {"num_hidden_layers": "2", "hidden_size": "32", "num_attention_heads": "4", "intermediate_size": "64",
-            "image_size": "16", "patch_size": "8"}
+TINY_VIT = {
+    "num_hidden_layers": "2",
+    "hidden_size": "32",
+    "num_attention_heads": "4",
+    "intermediate_size": "64",
+    "image_size": "16",
+    "patch_size": "8",
+}
 
 
-@pytest.mark.parametrize("source, overrides, published", [
-    ("hf:gpt2", {}, 124_439_808),
-    ("hf:llama", {}, 6_738_415_616),  # transformers' LlamaConfig defaults are Llama-2-7B's shape
-    ("hf:vit", {"num_labels": "1000"}, 86_567_656),  # ViT-B/16, 1000 classes
-])
+@pytest.mark.parametrize(
+    "source, overrides, published",
+    [
+        ("hf:gpt2", {}, 124_439_808),
+        ("hf:llama", {}, 6_738_415_616),  # transformers' LlamaConfig defaults are Llama-2-7B's shape
+        ("hf:vit", {"num_labels": "1000"}, 86_567_656),  # ViT-B/16, 1000 classes
+    ],
+)
 def test_meta_parameter_counts_equal_transformers(source, overrides, published):
     spec = load_model(source, overrides)
     assert count_parameters(build_on_meta(spec.build)) == published
@@ -42,7 +57,12 @@ def test_meta_parameter_counts_equal_transformers(source, overrides, published):
 
 def test_architecture_decides_task_layers_and_shapes():
     llama = load_model("hf:llama", TINY_LLAMA, seq_len=16)
-    assert (llama.task, llama.layers, llama.hidden_size, llama.num_classes) == ("causal-lm", "model.model.layers", 32, 100)
+    assert (llama.task, llama.layers, llama.hidden_size, llama.num_classes) == (
+        "causal-lm",
+        "model.model.layers",
+        32,
+        100,
+    )
     assert llama.batch(3, "cpu")["inputs"].shape == (3, 16)
     gpt2 = load_model("hf:gpt2", TINY_GPT2)
     assert gpt2.layers == "model.transformer.h" and gpt2.extra["sequence_length"] == 1024  # n_positions
@@ -71,7 +91,8 @@ def test_config_resolution_offline(tmp_path, monkeypatch):
     config.save_pretrained(tmp_path)
     from_dir = load_model(f"hf:{tmp_path}")
     assert count_parameters(build_on_meta(from_dir.build)) == count_parameters(
-        transformers.AutoModelForCausalLM.from_config(config))
+        transformers.AutoModelForCausalLM.from_config(config)
+    )
     assert load_model(f"hf:{tmp_path / 'config.json'}").layers == "model.transformer.h"
     with pytest.raises(SpecError, match="Close model types: llama"):
         load_model("hf:lama")
@@ -92,11 +113,13 @@ def test_transformers_missing_is_one_paragraph(monkeypatch):
 
 
 def test_cli_errors_for_hf_names_and_keys():
-    for args, fragment in ((["hf:gpt-2"], "Close model types: gpt2"),
-                           (["hf:gpt2", "--set", "nosuch=1"], "has no field 'nosuch'"),
-                           (["hf:gpt2", "--set", "n_layer=1.5"], "n_layer takes an integer"),
-                           (["hf:gpt2", "--seq-len", "2048"], "n_positions=1024"),
-                           (["hf:vit", "--seq-len", "64"], "--seq-len applies to language models")):
+    for args, fragment in (
+        (["hf:gpt-2"], "Close model types: gpt2"),
+        (["hf:gpt2", "--set", "nosuch=1"], "has no field 'nosuch'"),
+        (["hf:gpt2", "--set", "n_layer=1.5"], "n_layer takes an integer"),
+        (["hf:gpt2", "--seq-len", "2048"], "n_positions=1024"),
+        (["hf:vit", "--seq-len", "64"], "--seq-len applies to language models"),
+    ):
         result = CliRunner().invoke(main, ["run", *args, "--dry-run"])
         assert result.exit_code == 2, result.output
         assert fragment in result.output and "Traceback" not in result.output
@@ -131,14 +154,16 @@ def _capture_layer_calls(model):
 
 def test_llama_layers_get_rotary_tables_at_the_layout_positions_under_db():
     spec = load_model("hf:llama", TINY_LLAMA, seq_len=6)
-    for layout, positions in (("concatenated", torch.arange(6).repeat(2)[None]),
-                              ("interleaved", SequenceLayout.interleaved(6, "cpu").positions[None])):
+    for layout, positions in (
+        ("concatenated", torch.arange(6).repeat(2)[None]),
+        ("interleaved", SequenceLayout.interleaved(6, "cpu").positions[None]),
+    ):
         model = spec.build()
         calls = _capture_layer_calls(model)
         blockwise = BlockwiseModel(spec, model, 2, lm_layout=layout)
         batch = spec.batch(2, "cpu")
         blockwise.loss(batch, block=0, generator=torch.Generator().manual_seed(0))
-        (args, kwargs), = calls  # block 0 runs one layer only
+        ((args, kwargs),) = calls  # block 0 runs one layer only
         assert args[0].shape == (2, 12, 32)  # 2T tokens
         cos, sin = kwargs["position_embeddings"]
         expected_cos, expected_sin = model.model.model.rotary_emb(args[0], positions)
@@ -184,7 +209,7 @@ def test_adapter_masks_agree_between_sdpa_and_eager_and_do_not_leak():
         changed = hidden.clone()
         changed[0, t - 1] += 1.0
         moved = layer(changed, *new_args[1:], **new_kwargs)
-        assert torch.allclose(moved[0, t:2 * t - 1], outputs[implementation][0, t:2 * t - 1])
+        assert torch.allclose(moved[0, t : 2 * t - 1], outputs[implementation][0, t : 2 * t - 1])
         assert not torch.allclose(moved[0, 2 * t - 1], outputs[implementation][0, 2 * t - 1])
     assert torch.allclose(outputs["sdpa"], outputs["eager"], atol=1e-5)
 
@@ -203,6 +228,7 @@ def test_diffusers_dit_runs_every_technique_from_its_config(tmp_path):
     config["_class_name"] = "DiTTransformer2DModel"
     (tmp_path / "config.json").write_text(json.dumps({k: v for k, v in config.items() if not k.startswith("_use")}))
     assert count_parameters(build_on_meta(load_model(f"hf:{tmp_path}").build)) == count_parameters(
-        build_on_meta(spec.build))
+        build_on_meta(spec.build)
+    )
     with pytest.raises(SpecError, match="has no field 'depth'"):
         load_model("diffusers:DiT", {"depth": "2"})

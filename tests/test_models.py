@@ -101,7 +101,11 @@ def test_preset_table_rows_describe_every_preset():
     assert [row["name"] for row in rows] == list(PRESETS)
     by_name = {row["name"]: row for row in rows}
     assert by_name["gpt2-medium"]["layers"] == 24 and by_name["gpt2-medium"]["hidden_size"] == 1024
-    assert {by_name[n]["task"] for n in ("vit-b16", "dit-b2", "llama-7b")} == {"classification", "denoising", "causal-lm"}
+    assert {by_name[n]["task"] for n in ("vit-b16", "dit-b2", "llama-7b")} == {
+        "classification",
+        "denoising",
+        "causal-lm",
+    }
     for row in rows:
         assert set(row) == {"name", "family", "task", "parameters", "layers", "hidden_size", "description"}
         assert isinstance(row["parameters"], int) and row["parameters"] > 0

@@ -93,11 +93,30 @@ def test_block_parallel_keeps_the_shared_parts_and_one_blocks_layers():
     # Plain db:2: all 600 parameter bytes and 1200 optimizer bytes resident; the model has no
     # extra parameters here, so each device keeps 200 (rest) + 2 x 100 (its block).
     blocks = [
-        BlockMeasurement(block=0, layers=[0, 1], peak_bytes=2000, shares={"parameters": 600, "optimizer_state": 1200, "activations": 200}, peak_phase="backward"),
-        BlockMeasurement(block=1, layers=[2, 3], peak_bytes=2100, shares={"parameters": 600, "optimizer_state": 1200, "activations": 300}, peak_phase="backward"),
+        BlockMeasurement(
+            block=0,
+            layers=[0, 1],
+            peak_bytes=2000,
+            shares={"parameters": 600, "optimizer_state": 1200, "activations": 200},
+            peak_phase="backward",
+        ),
+        BlockMeasurement(
+            block=1,
+            layers=[2, 3],
+            peak_bytes=2100,
+            shares={"parameters": 600, "optimizer_state": 1200, "activations": 300},
+            peak_phase="backward",
+        ),
     ]
-    m = Measurement(technique="db:2", batch_size=4, peak_bytes=2100, shares=blocks[1].shares, blocks=blocks,
-                    num_parameters=150, extra_parameters=0)
+    m = Measurement(
+        technique="db:2",
+        batch_size=4,
+        peak_bytes=2100,
+        shares=blocks[1].shares,
+        blocks=blocks,
+        num_parameters=150,
+        extra_parameters=0,
+    )
     shares, block = block_parallel(m, facts)
     assert block == 1
     assert shares == {"parameters": 400, "optimizer_state": 800, "activations": 300}
@@ -112,7 +131,9 @@ def test_cuda_corrections_name_each_effect():
     assert cuda_context_bytes("NVIDIA H100 80GB HBM3") == 1257 * MiB
     assert cuda_context_bytes("some future card") == CUDA_CONTEXT_BYTES == 1392 * MiB
     # Without an allocator replay (sharded shares, stand-in runners): the measured median fraction.
-    assert corrections["allocator_segments"] == pytest.approx(ALLOCATOR_OVERHEAD_FRACTION * (10 * GiB + 66 * MiB), abs=1)
+    assert corrections["allocator_segments"] == pytest.approx(
+        ALLOCATOR_OVERHEAD_FRACTION * (10 * GiB + 66 * MiB), abs=1
+    )
     # With one: the replay's reserved bytes plus the workspaces' segments, less what is allocated.
     replayed = cuda_corrections(10 * GiB, target, replayed_reserved_bytes=10 * GiB + 40 * MiB)
     assert replayed["allocator_segments"] == 40 * MiB + 68 * MiB - 66 * MiB
@@ -129,10 +150,22 @@ def _linear_runner(calls):
     def run(spec, technique, batch_size, **kwargs):
         calls.append((technique, batch_size, kwargs.get("round_to")))
         per_sample = 2 * MiB // (2 if technique.startswith("db") else 1)
-        shares = {"parameters": MiB // 4, "gradients": MiB // 4, "optimizer_state": MiB // 2,
-                  "activations": per_sample * batch_size}
-        return Measurement(technique=technique, batch_size=batch_size, fake=True, peak_bytes=sum(shares.values()),
-                           shares=shares, peak_phase="backward", num_parameters=65536, extra_parameters=0)
+        shares = {
+            "parameters": MiB // 4,
+            "gradients": MiB // 4,
+            "optimizer_state": MiB // 2,
+            "activations": per_sample * batch_size,
+        }
+        return Measurement(
+            technique=technique,
+            batch_size=batch_size,
+            fake=True,
+            peak_bytes=sum(shares.values()),
+            shares=shares,
+            peak_phase="backward",
+            num_parameters=65536,
+            extra_parameters=0,
+        )
 
     return run
 
@@ -143,9 +176,16 @@ def test_max_batch_search_confirms_the_linear_prediction_in_one_run():
     result = plan("gpt-tiny", 8, device=capacity, techniques=["e2e"], measure_fn=_linear_runner(calls))
     e2e = result.get("e2e")
     # peak(b) = (1 MiB + 2 MiB * b + 64 MiB workspace) * (1 + overhead) + context <= capacity.
-    expected = max(b for b in range(1, 200)
-                   if CUDA_CONTEXT_BYTES + int(-(-((MiB + 2 * MiB * b + 66 * MiB) * ALLOCATOR_OVERHEAD_FRACTION) // 1))
-                   + MiB + 2 * MiB * b + 66 * MiB <= capacity)
+    expected = max(
+        b
+        for b in range(1, 200)
+        if CUDA_CONTEXT_BYTES
+        + int(-(-((MiB + 2 * MiB * b + 66 * MiB) * ALLOCATOR_OVERHEAD_FRACTION) // 1))
+        + MiB
+        + 2 * MiB * b
+        + 66 * MiB
+        <= capacity
+    )
     assert e2e.max_batch_size == expected
     assert [c[1] for c in calls] == [8, expected]  # the plan's batch size, then one confirming run
     assert all(c[2] == 512 for c in calls)  # a CUDA target tracks 512-byte blocks
@@ -204,8 +244,15 @@ def test_plan_to_dataframe_has_one_row_per_technique_with_every_byte_figure():
 
 def test_zero3_plan_shards_per_device_and_block_parallel_uses_b_devices():
     calls: list = []
-    result = plan("gpt-tiny", 4, device="cpu", techniques=["e2e", "db:2+parallel"], zero_stage=3, world_size=8,
-                  measure_fn=_linear_runner(calls))
+    result = plan(
+        "gpt-tiny",
+        4,
+        device="cpu",
+        techniques=["e2e", "db:2+parallel"],
+        zero_stage=3,
+        world_size=8,
+        measure_fn=_linear_runner(calls),
+    )
     e2e, par = result.get("e2e"), result.get("db:2+parallel")
     assert e2e.sharding == "zero-3" and e2e.world_size == 8
     assert e2e.shares["optimizer_state"] == MiB // 2 // 8

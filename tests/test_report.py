@@ -49,51 +49,112 @@ def _timeline(activation_peak: int) -> dict:
 
 def _measurement(technique: str, activations: int, temporaries: int, **kw) -> Measurement:
     shares = kw.pop("shares", None) or _shares(activations, temporaries)
-    return Measurement(technique=technique, batch_size=kw.pop("batch_size", 64), shares=shares,
-                       peak_bytes=sum(shares.values()), num_parameters=PARAMS, **kw)
+    return Measurement(
+        technique=technique,
+        batch_size=kw.pop("batch_size", 64),
+        shares=shares,
+        peak_bytes=sum(shares.values()),
+        num_parameters=PARAMS,
+        **kw,
+    )
 
 
-def make_run(model: str = "vit-tiny", batch_size: int = 64, cuda: bool = False, oom: str | None = None,
-             techniques: tuple[str, ...] = ("e2e", "ckpt", "db:3")) -> RunResult:
+def make_run(
+    model: str = "vit-tiny",
+    batch_size: int = 64,
+    cuda: bool = False,
+    oom: str | None = None,
+    techniques: tuple[str, ...] = ("e2e", "ckpt", "db:3"),
+) -> RunResult:
     """A realistic hand-built run: e2e, ckpt, and DiffusionBlocks with per-block figures."""
     device = "cuda:0" if cuda else "cpu"
     scale = batch_size / 64
     ms: list[Measurement] = []
     for tech in techniques:
         if tech == oom:
-            ms.append(Measurement(technique=tech, batch_size=batch_size, device=device, status="oom",
-                                  error="CUDA out of memory. Tried to allocate 2.00 GiB <in block 0>"))
+            ms.append(
+                Measurement(
+                    technique=tech,
+                    batch_size=batch_size,
+                    device=device,
+                    status="oom",
+                    error="CUDA out of memory. Tried to allocate 2.00 GiB <in block 0>",
+                )
+            )
             continue
         if tech == "e2e":
-            m = _measurement("e2e", int(188 * MiB * scale), int(12 * MiB * scale), batch_size=batch_size,
-                             device=device, peak_phase="backward", timeline=_timeline(int(188 * MiB * scale)),
-                             step_time_s=0.0507, step_time_spread_s=[0.0498, 0.0531])
+            m = _measurement(
+                "e2e",
+                int(188 * MiB * scale),
+                int(12 * MiB * scale),
+                batch_size=batch_size,
+                device=device,
+                peak_phase="backward",
+                timeline=_timeline(int(188 * MiB * scale)),
+                step_time_s=0.0507,
+                step_time_spread_s=[0.0498, 0.0531],
+            )
         elif tech == "ckpt":
-            m = _measurement("ckpt", int(41 * MiB * scale), int(30 * MiB * scale), batch_size=batch_size,
-                             device=device, peak_phase="backward", timeline=_timeline(int(41 * MiB * scale)),
-                             step_time_s=0.0688, step_time_spread_s=[0.0671, 0.0702])
+            m = _measurement(
+                "ckpt",
+                int(41 * MiB * scale),
+                int(30 * MiB * scale),
+                batch_size=batch_size,
+                device=device,
+                peak_phase="backward",
+                timeline=_timeline(int(41 * MiB * scale)),
+                step_time_s=0.0688,
+                step_time_spread_s=[0.0671, 0.0702],
+            )
         else:
             blocks = []
             for b, (layers, act) in enumerate([([0, 1], 78), ([2, 3], 74), ([4, 5], 76)]):
                 sh = _shares(int(act * MiB * scale), int(9 * MiB * scale), params=P_BYTES + 221_184)
-                blocks.append(BlockMeasurement(block=b, layers=layers, peak_bytes=sum(sh.values()), shares=sh,
-                                               peak_phase="backward", step_time_s=0.0181 + 0.0004 * b))
+                blocks.append(
+                    BlockMeasurement(
+                        block=b,
+                        layers=layers,
+                        peak_bytes=sum(sh.values()),
+                        shares=sh,
+                        peak_phase="backward",
+                        step_time_s=0.0181 + 0.0004 * b,
+                    )
+                )
             worst = max(blocks, key=lambda x: x.peak_bytes)
-            m = Measurement(technique=tech, batch_size=batch_size, device=device, peak_bytes=worst.peak_bytes,
-                            shares=dict(worst.shares), peak_phase="backward", peak_block=worst.block, blocks=blocks,
-                            timeline=_timeline(int(78 * MiB * scale)), step_time_s=0.0189,
-                            step_time_spread_s=[0.0179, 0.0195], block_steps_time_s=0.0555,
-                            num_parameters=PARAMS, extra_parameters=55_296,
-                            extra={"ratio_vs_full_depth_adaln": 0.334, "ratio_vs_plain_e2e": 0.43})
+            m = Measurement(
+                technique=tech,
+                batch_size=batch_size,
+                device=device,
+                peak_bytes=worst.peak_bytes,
+                shares=dict(worst.shares),
+                peak_phase="backward",
+                peak_block=worst.block,
+                blocks=blocks,
+                timeline=_timeline(int(78 * MiB * scale)),
+                step_time_s=0.0189,
+                step_time_spread_s=[0.0179, 0.0195],
+                block_steps_time_s=0.0555,
+                num_parameters=PARAMS,
+                extra_parameters=55_296,
+                extra={"ratio_vs_full_depth_adaln": 0.334, "ratio_vs_plain_e2e": 0.43},
+            )
         if cuda:
-            m.cuda = {"max_memory_allocated": m.peak_bytes + 3_584, "max_memory_reserved": m.peak_bytes + 44 * MiB,
-                      "nvml_used_bytes": m.peak_bytes + 44 * MiB + 517 * MiB}
+            m.cuda = {
+                "max_memory_allocated": m.peak_bytes + 3_584,
+                "max_memory_reserved": m.peak_bytes + 44 * MiB,
+                "nvml_used_bytes": m.peak_bytes + 44 * MiB + 517 * MiB,
+            }
         ms.append(m)
     return RunResult(
         model=model,
         model_info={"family": "vit", "task": "classification", "num_layers": 6, "parameters": PARAMS},
-        environment={"torch": "2.11.0+cu130" if cuda else "2.13.0+cpu", "python": "3.11.2", "dbprofile": "0.1.0",
-                     "device_name": "NVIDIA H100 80GB HBM3" if cuda else "cpu", "driver": "580.65" if cuda else None},
+        environment={
+            "torch": "2.11.0+cu130" if cuda else "2.13.0+cpu",
+            "python": "3.11.2",
+            "dbprofile": "0.1.0",
+            "device_name": "NVIDIA H100 80GB HBM3" if cuda else "cpu",
+            "driver": "580.65" if cuda else None,
+        },
         command=f"dbprofile run {model} --batch-size {batch_size} --techniques {','.join(techniques)}",
         created="2026-01-05T10:00:00",
         measurements=ms,
@@ -141,8 +202,18 @@ def _numbers_table(tree: _Tree) -> list[dict]:
 
 def test_verdict_section_comes_first_and_sections_follow_the_reading_order():
     tree = parse(render_run(make_run(cuda=True)))
-    assert tree.sections == ["verdict", "peaks", "phase", "timelines", "blocks", "times", "numbers", "cuda",
-                             "environment", "reproduce"]
+    assert tree.sections == [
+        "verdict",
+        "peaks",
+        "phase",
+        "timelines",
+        "blocks",
+        "times",
+        "numbers",
+        "cuda",
+        "environment",
+        "reproduce",
+    ]
     verdict = next(el for el in tree.elements if el["attrs"].get("id") == "verdict")
     assert "verdict" in verdict["text"].lower()
 
@@ -321,7 +392,9 @@ def test_compare_renders_runs_with_different_technique_sets_and_an_oom():
     numbers = next(el for el in tree.elements if el["attrs"].get("id") == "numbers")
     assert "OOM" in numbers["text"] and "not run" in numbers["text"]
     cells = _numbers_table(tree)
-    assert {int(c["attrs"]["data-bytes"]) for c in cells} == {m.peak_bytes for r in (a, b) for m in r.measurements if m.ok}
+    assert {int(c["attrs"]["data-bytes"]) for c in cells} == {
+        m.peak_bytes for r in (a, b) for m in r.measurements if m.ok
+    }
     # One grouped bar per completed (series, technique): a has 3, b has 3 minus the OOM.
     assert len(set(re.findall(r'id="cmp-bar-(\d+)-(\d+)"', page))) == 5
 
@@ -347,8 +420,9 @@ def test_run_with_several_batch_sizes_labels_each_bar_with_its_batch():
 
 def test_failed_and_empty_runs_still_render():
     result = make_run(techniques=("e2e", "db:2"))
-    result.measurements[1] = Measurement(technique="db:2", batch_size=64, status="nan",
-                                         error="loss is nan at step 3", step_time_s=float("nan"))
+    result.measurements[1] = Measurement(
+        technique="db:2", batch_size=64, status="nan", error="loss is nan at step 3", step_time_s=float("nan")
+    )
     tree = parse(render_run(result))
     numbers = next(el for el in tree.elements if el["attrs"].get("id") == "numbers")
     assert "nan" in numbers["text"] and "loss is nan at step 3" in numbers["text"]
@@ -378,10 +452,21 @@ def test_headless_chromium_renders_the_report_to_png(tmp_path):
     page = write_run_report(make_run(cuda=True), tmp_path / "run.html")
     png = tmp_path / "run.png"
     proc = subprocess.run(
-        [CHROMIUM, "--headless", "--no-sandbox", "--disable-gpu", "--no-first-run",
-         "--disable-background-networking", "--hide-scrollbars", "--window-size=1100,2400",
-         f"--screenshot={png}", page.as_uri()],
-        capture_output=True, text=True, timeout=120,
+        [
+            CHROMIUM,
+            "--headless",
+            "--no-sandbox",
+            "--disable-gpu",
+            "--no-first-run",
+            "--disable-background-networking",
+            "--hide-scrollbars",
+            "--window-size=1100,2400",
+            f"--screenshot={png}",
+            page.as_uri(),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=120,
     )
     assert proc.returncode == 0, proc.stderr[-2000:]
     data = png.read_bytes()

@@ -49,12 +49,21 @@ class Residual(nn.Module):
 def _classifier_spec(model_cls, name: str) -> ModelSpec:
     def batch(n, device):
         gen = torch.Generator().manual_seed(0)
-        return {"inputs": torch.randn(n, 3, 6, generator=gen).to(device),
-                "targets": torch.randint(0, 5, (n,), generator=gen).to(device)}
+        return {
+            "inputs": torch.randn(n, 3, 6, generator=gen).to(device),
+            "targets": torch.randint(0, 5, (n,), generator=gen).to(device),
+        }
 
-    return ModelSpec(name=name, build=model_cls, batch=batch,
-                     loss=lambda m, b: F.cross_entropy(m(b["inputs"]), b["targets"]),
-                     layers="blocks", task="classification", num_classes=5, hidden_size=16)
+    return ModelSpec(
+        name=name,
+        build=model_cls,
+        batch=batch,
+        loss=lambda m, b: F.cross_entropy(m(b["inputs"]), b["targets"]),
+        layers="blocks",
+        task="classification",
+        num_classes=5,
+        hidden_size=16,
+    )
 
 
 class KwargsNet(nn.Module):
@@ -122,9 +131,16 @@ def _table_spec() -> ModelSpec:
         tokens = torch.randint(0, 50, (n, 9), generator=torch.Generator().manual_seed(0))
         return {"inputs": tokens[:, :-1].to(device), "targets": tokens[:, 1:].to(device)}
 
-    return ModelSpec(name="table-lm", build=TableLM, batch=batch,
-                     loss=lambda m, b: F.cross_entropy(m(b["inputs"]).flatten(0, 1), b["targets"].flatten()),
-                     layers="blocks", task="causal-lm", num_classes=50, hidden_size=16)
+    return ModelSpec(
+        name="table-lm",
+        build=TableLM,
+        batch=batch,
+        loss=lambda m, b: F.cross_entropy(m(b["inputs"]).flatten(0, 1), b["targets"].flatten()),
+        layers="blocks",
+        task="causal-lm",
+        num_classes=50,
+        hidden_size=16,
+    )
 
 
 def test_per_position_tensors_without_an_adapter_refuse_db_but_e2e_and_ckpt_run():
@@ -165,14 +181,37 @@ def test_a_spec_without_declared_shapes_refuses_seq_len(tmp_path):
     with pytest.raises(SpecError, match="declares which shapes may change.*allows neither"):
         load_model(str(path), seq_len=16)
     with pytest.raises(SpecError, match="ModelSpec.shapes names 'length'"):
-        ModelSpec(name="x", build=nn.Module, batch=lambda n, d: {}, loss=lambda m, b: 0, layers="a",
-                  task="denoising", shapes={"length": lambda n: None})
+        ModelSpec(
+            name="x",
+            build=nn.Module,
+            batch=lambda n, d: {},
+            loss=lambda m, b: 0,
+            layers="a",
+            task="denoising",
+            shapes={"length": lambda n: None},
+        )
 
 
 def test_seq_len_sweep_writes_one_run_per_value_and_a_peak_against_length_chart(tmp_path):
     out = tmp_path / "gpt.json"
-    result = CliRunner().invoke(main, ["run", "gpt-tiny", "--seq-len", "16,32", "-t", "e2e,db:2", "-b", "2",
-                                       "--fake", "--steps", "1", "-o", str(out)])
+    result = CliRunner().invoke(
+        main,
+        [
+            "run",
+            "gpt-tiny",
+            "--seq-len",
+            "16,32",
+            "-t",
+            "e2e,db:2",
+            "-b",
+            "2",
+            "--fake",
+            "--steps",
+            "1",
+            "-o",
+            str(out),
+        ],
+    )
     assert result.exit_code == 0, result.output
     peaks = {}
     for n in (16, 32):
@@ -182,14 +221,16 @@ def test_seq_len_sweep_writes_one_run_per_value_and_a_peak_against_length_chart(
     assert peaks[32]["e2e"] > peaks[16]["e2e"] and peaks[32]["db:2"] > peaks[16]["db:2"]
     page = (tmp_path / "gpt-seq_len-sweep.html").read_text()
     assert "Peak against sequence length" in page and "sequence length (tokens)" in page
-    sweep = page[page.index('id="sweep"'):page.index('id="peaks"')]
+    sweep = page[page.index('id="sweep"') : page.index('id="peaks"')]
     assert sweep.count("<svg") == 1 and "db:2" in sweep and "e2e" in sweep  # one line per technique, labelled
 
 
 def test_bad_shape_options_are_one_paragraph_errors():
-    for args, fragment in ((["--seq-len", "abc"], "--seq-len takes comma-separated integers"),
-                           (["--seq-len", "0"], "--seq-len must be at least 1"),
-                           (["--set", "oops"], "--set takes KEY=VALUE")):
+    for args, fragment in (
+        (["--seq-len", "abc"], "--seq-len takes comma-separated integers"),
+        (["--seq-len", "0"], "--seq-len must be at least 1"),
+        (["--set", "oops"], "--set takes KEY=VALUE"),
+    ):
         result = CliRunner().invoke(main, ["run", "gpt-tiny", "--dry-run", *args])
         assert result.exit_code == 2, result.output
         assert fragment in result.output and "Traceback" not in result.output

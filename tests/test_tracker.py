@@ -159,4 +159,3 @@ def test_host_resident_and_other_device_tensors_are_not_counted():
         del kept, view
         assert tracker.total == 0
     del host, other
-

@@ -14,8 +14,7 @@ from dbprofile.validate import ValidationRow, validate
 
 def test_planner_matches_real_cpu_run_to_the_byte():
     seen: list[ValidationRow] = []
-    rows = validate([("vit-tiny", (4,))], ["e2e", "db:2"], ["fp32"], device="cpu", plan_workers=1,
-                    on_row=seen.append)
+    rows = validate([("vit-tiny", (4,))], ["e2e", "db:2"], ["fp32"], device="cpu", plan_workers=1, on_row=seen.append)
     assert [r.technique for r in rows] == ["e2e", "db:2"] and seen == rows
     for row in rows:
         assert row.status == "ok", row.error
@@ -28,10 +27,21 @@ def test_planner_matches_real_cpu_run_to_the_byte():
 
 
 def test_errors_are_relative_to_the_allocator_figures():
-    row = ValidationRow(model="m", batch_size=1, technique="e2e", precision="fp32", status="ok",
-                        tracked_peak_bytes=990, workspace_bytes=90, max_allocated_bytes=1000,
-                        max_reserved_bytes=1100, nvml_used_bytes=2100, planned_tracked_bytes=909,
-                        planned_allocated_bytes=1020, planned_reserved_bytes=1122)
+    row = ValidationRow(
+        model="m",
+        batch_size=1,
+        technique="e2e",
+        precision="fp32",
+        status="ok",
+        tracked_peak_bytes=990,
+        workspace_bytes=90,
+        max_allocated_bytes=1000,
+        max_reserved_bytes=1100,
+        nvml_used_bytes=2100,
+        planned_tracked_bytes=909,
+        planned_allocated_bytes=1020,
+        planned_reserved_bytes=1122,
+    )
     assert row.tracker_error == pytest.approx(-0.01)
     assert row.planner_error_tracked == pytest.approx(0.01)  # against tensor bytes: 990 - 90
     assert row.planner_error_allocated == pytest.approx(0.02)

@@ -43,41 +43,87 @@ def _fired(verdict) -> set[str]:
 # ---------------------------------------------------------------- hand-made rows
 
 
-def _m(technique, params=0, grads=0, opt=0, act=0, tmp=0, status="ok", gflops=None, time=None, iqr=None,
-       block_time=None, extra=None):
-    shares = {"parameters": int(params * GiB), "gradients": int(grads * GiB), "optimizer_state": int(opt * GiB),
-              "activations": int(act * GiB), "temporaries": int(tmp * GiB)}
+def _m(
+    technique,
+    params=0,
+    grads=0,
+    opt=0,
+    act=0,
+    tmp=0,
+    status="ok",
+    gflops=None,
+    time=None,
+    iqr=None,
+    block_time=None,
+    extra=None,
+):
+    shares = {
+        "parameters": int(params * GiB),
+        "gradients": int(grads * GiB),
+        "optimizer_state": int(opt * GiB),
+        "activations": int(act * GiB),
+        "temporaries": int(tmp * GiB),
+    }
     ok = status == "ok"
     return Measurement(
-        technique=technique, batch_size=64, status=status,
+        technique=technique,
+        batch_size=64,
+        status=status,
         error=None if ok else "CUDA out of memory. Tried to allocate 2.00 GiB",
-        peak_bytes=sum(shares.values()) if ok else 0, shares=shares if ok else {},
+        peak_bytes=sum(shares.values()) if ok else 0,
+        shares=shares if ok else {},
         training_flops=None if gflops is None else int(gflops * GFLOP * 64),
-        step_time_s=time, step_time_iqr_s=iqr, block_steps_time_s=block_time,
-        num_parameters=1_000_000_000 + (extra or 0), extra_parameters=extra,
+        step_time_s=time,
+        step_time_iqr_s=iqr,
+        block_steps_time_s=block_time,
+        num_parameters=1_000_000_000 + (extra or 0),
+        extra_parameters=extra,
     )
 
 
 def _activation_bound_run() -> RunResult:
     # e2e 61 GiB (70% activations), ckpt 36 GiB, db:2 38 GiB, db:4 24.9 GiB. FLOPs per sample as a
     # ViT's: ckpt 1.22x e2e, DiffusionBlocks about 1.01x.
-    return RunResult(model="dit-xl2", model_info={"task": "denoising"}, measurements=[
-        _m("e2e", 4, 4, 8, 43, 2, gflops=100),
-        _m("ckpt", 4, 4, 8, 18, 2, gflops=122),
-        _m("db:2", 4, 2, 8, 22, 2, gflops=101, extra=30_000_000),
-        _m("db:4", 4, 1, 8, 9.9, 2, gflops=102, extra=30_000_000),
-    ])
+    return RunResult(
+        model="dit-xl2",
+        model_info={"task": "denoising"},
+        measurements=[
+            _m("e2e", 4, 4, 8, 43, 2, gflops=100),
+            _m("ckpt", 4, 4, 8, 18, 2, gflops=122),
+            _m("db:2", 4, 2, 8, 22, 2, gflops=101, extra=30_000_000),
+            _m("db:4", 4, 1, 8, 9.9, 2, gflops=102, extra=30_000_000),
+        ],
+    )
 
 
 def _as_plan(run: RunResult, capacity: int | None, devices: int = 1, **kwargs) -> Plan:
-    entries = [PlanEntry(technique=m.technique, batch_size=m.batch_size, status=m.status, error=m.error,
-                         tracked_peak_bytes=m.peak_bytes, shares=m.shares, peak_bytes=m.peak_bytes,
-                         num_parameters=m.num_parameters, extra_parameters=m.extra_parameters,
-                         training_flops=m.training_flops, flops_per_sample=m.flops_per_sample,
-                         world_size=int(m.technique[3:].split("+")[0]) if "parallel" in m.technique else 1)
-               for m in run.measurements]
-    return Plan(model=run.model, model_info=run.model_info, device="custom", capacity_bytes=capacity,
-                batch_size=64, world_size=devices, entries=entries, **kwargs)
+    entries = [
+        PlanEntry(
+            technique=m.technique,
+            batch_size=m.batch_size,
+            status=m.status,
+            error=m.error,
+            tracked_peak_bytes=m.peak_bytes,
+            shares=m.shares,
+            peak_bytes=m.peak_bytes,
+            num_parameters=m.num_parameters,
+            extra_parameters=m.extra_parameters,
+            training_flops=m.training_flops,
+            flops_per_sample=m.flops_per_sample,
+            world_size=int(m.technique[3:].split("+")[0]) if "parallel" in m.technique else 1,
+        )
+        for m in run.measurements
+    ]
+    return Plan(
+        model=run.model,
+        model_info=run.model_info,
+        device="custom",
+        capacity_bytes=capacity,
+        batch_size=64,
+        world_size=devices,
+        entries=entries,
+        **kwargs,
+    )
 
 
 def test_adopt_needs_e2e_not_fitting_a_low_risk_b_fitting_and_less_compute_than_ckpt():
@@ -142,9 +188,14 @@ def test_when_ckpt_does_not_fit_a_fitting_diffusion_blocks_is_adopted_whatever_i
 
 
 def test_only_high_risk_block_counts_fitting_is_not_worth_it():
-    run = RunResult(model="m", measurements=[
-        _m("e2e", 1, 1, 2, 40, 1, gflops=100), _m("db:2", 1, 1, 2, 20, 1, gflops=101),
-        _m("db:8", 1, 1, 2, 5, 1, gflops=104)])
+    run = RunResult(
+        model="m",
+        measurements=[
+            _m("e2e", 1, 1, 2, 40, 1, gflops=100),
+            _m("db:2", 1, 1, 2, 20, 1, gflops=101),
+            _m("db:8", 1, 1, 2, 5, 1, gflops=104),
+        ],
+    )
     verdict = judge(run, capacity_bytes=15 * GiB)
     assert quality_risk(8) == "high" and HIGH_RISK_MIN_BLOCKS <= 8
     assert verdict.decision == "not-worth-it" and verdict.best_technique == "db:8" and verdict.recommended is None
@@ -152,8 +203,11 @@ def test_only_high_risk_block_counts_fitting_is_not_worth_it():
 
 
 def test_db_with_ckpt_is_adopted_only_when_nothing_else_fits():
-    rows = [_m("e2e", 1, 1, 2, 40, 1, gflops=100), _m("db:2", 1, 1, 2, 20, 1, gflops=101),
-            _m("db:2+ckpt", 1, 1, 2, 3, 1, gflops=125)]
+    rows = [
+        _m("e2e", 1, 1, 2, 40, 1, gflops=100),
+        _m("db:2", 1, 1, 2, 20, 1, gflops=101),
+        _m("db:2+ckpt", 1, 1, 2, 3, 1, gflops=125),
+    ]
     verdict = judge(RunResult(model="m", measurements=rows), capacity_bytes=10 * GiB)
     assert verdict.decision == "adopt" and verdict.recommended == "db:2+ckpt"
     assert "only configuration that fits" in verdict.headline
@@ -162,9 +216,14 @@ def test_db_with_ckpt_is_adopted_only_when_nothing_else_fits():
 
 
 def test_optimizer_bound_model_is_not_worth_it_and_names_the_alternatives():
-    run = RunResult(model="big", measurements=[
-        _m("e2e", 10, 10, 40, 3, 1, gflops=100), _m("ckpt", 10, 10, 40, 0.5, 1, gflops=122),
-        _m("db:4", 10, 3, 40, 1, 1, gflops=102)])
+    run = RunResult(
+        model="big",
+        measurements=[
+            _m("e2e", 10, 10, 40, 3, 1, gflops=100),
+            _m("ckpt", 10, 10, 40, 0.5, 1, gflops=122),
+            _m("db:4", 10, 3, 40, 1, 1, gflops=102),
+        ],
+    )
     verdict = judge(run)
     assert verdict.decision == "not-worth-it" and verdict.recommended == "ckpt"
     reason = _rule(verdict, "state-bound")
@@ -267,8 +326,14 @@ def test_a_plans_situation_is_read_from_the_plan():
 
 
 def test_thresholds_are_fractions_and_risk_bands_are_ordered():
-    for share in (ACTIVATION_BOUND_SHARE, STATE_BOUND_SHARE, MIN_SAVING_FRACTION, COMPUTE_MARGIN,
-                  NOT_NEEDED_HEADROOM, MAX_RATIO_NOISE):
+    for share in (
+        ACTIVATION_BOUND_SHARE,
+        STATE_BOUND_SHARE,
+        MIN_SAVING_FRACTION,
+        COMPUTE_MARGIN,
+        NOT_NEEDED_HEADROOM,
+        MAX_RATIO_NOISE,
+    ):
         assert 0 < share < 1
     assert 2 <= LOW_RISK_MAX_BLOCKS < HIGH_RISK_MIN_BLOCKS
 
@@ -342,8 +407,14 @@ def test_gpt_decision_table_head_and_doubled_sequence_make_db_costlier_than_ckpt
 @pytest.mark.parametrize("from_checkpoint", [False, True])
 def test_vit_l16_on_an_rtx_4090_follows_the_rules_from_its_predicted_figures(from_checkpoint):
     """The issue's first case, planned for real (the fast decision tables above cover the same rules)."""
-    p = plan("vit-l16", 64, device="RTX-4090", techniques="e2e,ckpt,db:2,db:3,db:4,db:4+offload",
-             search_max_batch=False, from_checkpoint=from_checkpoint)
+    p = plan(
+        "vit-l16",
+        64,
+        device="RTX-4090",
+        techniques="e2e,ckpt,db:2,db:3,db:4,db:4+offload",
+        search_max_batch=False,
+        from_checkpoint=from_checkpoint,
+    )
     e2e, ckpt = p.get("e2e"), p.get("ckpt")
     low_risk = [e for e in p.entries if e.technique in ("db:2", "db:3") and e.fits]
     tight = e2e.peak_bytes > (1 - NOT_NEEDED_HEADROOM) * p.capacity_bytes

@@ -94,8 +94,21 @@ def test_run_csv_has_the_columns_and_values_of_to_dataframe(tmp_path):
 
 def test_plan_where_nothing_fits_answers_with_the_shortfall_exit_3_and_writes_its_files(tmp_path):
     html, csv = tmp_path / "plan.html", tmp_path / "plan.csv"
-    result = invoke("plan", "vit-tiny", "-b", "8", "--gpu", "1GiB", "-t", "e2e,db:2", "--json",
-                    "--html", str(html), "--csv", str(csv))
+    result = invoke(
+        "plan",
+        "vit-tiny",
+        "-b",
+        "8",
+        "--gpu",
+        "1GiB",
+        "-t",
+        "e2e,db:2",
+        "--json",
+        "--html",
+        str(html),
+        "--csv",
+        str(csv),
+    )
     assert_clean(result, EXIT_NOTHING_FITS)
     answer = json.loads(result.stdout)
     assert answer["capacity_bytes"] == GiB
@@ -136,9 +149,18 @@ def test_validate_json_and_csv_carry_every_row_and_exit_3_when_all_failed(monkey
     """The command's output path, with the device work replaced (test_validate.py runs the real one)."""
     from dbprofile import validate as v
 
-    rows = [v.ValidationRow(model="vit-tiny", batch_size=2, technique="e2e", precision="fp32", status="ok",
-                            tracked_peak_bytes=1000, max_allocated_bytes=1010),
-            v.ValidationRow(model="vit-tiny", batch_size=2, technique="db:2", precision="fp32", status="oom")]
+    rows = [
+        v.ValidationRow(
+            model="vit-tiny",
+            batch_size=2,
+            technique="e2e",
+            precision="fp32",
+            status="ok",
+            tracked_peak_bytes=1000,
+            max_allocated_bytes=1010,
+        ),
+        v.ValidationRow(model="vit-tiny", batch_size=2, technique="db:2", precision="fp32", status="oom"),
+    ]
 
     def fake_validate(*args, on_row, **kwargs):
         for row in rows:
@@ -166,12 +188,16 @@ def test_json_is_standard_json_without_nan():
 
 def test_exit_code_maps_each_outcome():
     def run_with(*statuses: str) -> RunResult:
-        return RunResult(model="m", measurements=[Measurement(technique="e2e", batch_size=1, status=s)
-                                                  for s in statuses])
+        return RunResult(
+            model="m", measurements=[Measurement(technique="e2e", batch_size=1, status=s) for s in statuses]
+        )
 
     def plan_with(*fits: bool | None, capacity: int | None = GiB) -> Plan:
-        return Plan(model="m", capacity_bytes=capacity,
-                    entries=[PlanEntry(technique=f"t{i}", batch_size=1, fits=f) for i, f in enumerate(fits)])
+        return Plan(
+            model="m",
+            capacity_bytes=capacity,
+            entries=[PlanEntry(technique=f"t{i}", batch_size=1, fits=f) for i, f in enumerate(fits)],
+        )
 
     assert exit_code(run_with("oom", "ok")) == EXIT_OK
     assert exit_code(run_with("oom", "error", "nan")) == EXIT_NOTHING_FITS
@@ -204,9 +230,13 @@ def test_verbose_logs_every_stage_and_quiet_prints_only_the_answer(tmp_path):
     args = ["run", TOY, "-t", "db:2", "--steps", "1", "-o", str(tmp_path / "v.json"), "--no-report"]
     verbose = invoke(*args, "-v")
     assert_clean(verbose, EXIT_OK)
-    for stage in ("db:2 @ batch 8: building the model", "db:2 @ batch 8: warm-up step 1/1 (block 2 of 2)",
-                  "db:2 @ batch 8: tracked step (block 1 of 2)", "db:2 @ batch 8: 1 timed step (block 2 of 2)",
-                  "measured db:2 @ batch 8"):
+    for stage in (
+        "db:2 @ batch 8: building the model",
+        "db:2 @ batch 8: warm-up step 1/1 (block 2 of 2)",
+        "db:2 @ batch 8: tracked step (block 1 of 2)",
+        "db:2 @ batch 8: 1 timed step (block 2 of 2)",
+        "measured db:2 @ batch 8",
+    ):
         assert stage in verbose.stderr, verbose.stderr
     quiet = invoke(*args, "-q")
     assert_clean(quiet, EXIT_OK)
@@ -258,11 +288,15 @@ def test_progress_display_draws_stages_on_a_terminal_and_nothing_elsewhere(monke
 
 def test_run_result_repr_html_is_a_compact_escaped_table_with_the_verdict():
     shares = {"parameters": 100, "activations": 300}
-    result = RunResult(model="<b>net</b>", measurements=[
-        Measurement(technique="e2e", batch_size=8, peak_bytes=400, shares=shares, peak_phase="backward",
-                    step_time_s=0.01),
-        Measurement(technique="db:2", batch_size=8, status="oom", error="out of memory"),
-    ])
+    result = RunResult(
+        model="<b>net</b>",
+        measurements=[
+            Measurement(
+                technique="e2e", batch_size=8, peak_bytes=400, shares=shares, peak_phase="backward", step_time_s=0.01
+            ),
+            Measurement(technique="db:2", batch_size=8, status="oom", error="out of memory"),
+        ],
+    )
     judge_into(result)  # as the runner does when a run ends
     page = result._repr_html_()
     assert "&lt;b&gt;net&lt;/b&gt;" in page and "<b>net</b>" not in page
@@ -305,7 +339,9 @@ def test_snapshot_records_only_the_tracked_step_of_each_block(monkeypatch, tmp_p
     events: list[str] = []
     monkeypatch.setattr(torch_internals, "start_cuda_memory_history", lambda: events.append("start"))
     monkeypatch.setattr(torch_internals, "stop_cuda_memory_history", lambda: events.append("stop"))
-    monkeypatch.setattr(torch_internals, "dump_cuda_memory_snapshot", lambda path: events.append(f"dump {Path(path).name}"))
+    monkeypatch.setattr(
+        torch_internals, "dump_cuda_memory_snapshot", lambda path: events.append(f"dump {Path(path).name}")
+    )
     spec = toy_spec(name="my/toy")
     m = Measurement(technique="db:2", batch_size=2)
     tech = parse_techniques(["db:2"])[0]
@@ -314,13 +350,24 @@ def test_snapshot_records_only_the_tracked_step_of_each_block(monkeypatch, tmp_p
     with progress.reporting(lambda text: events.append(text.split(": ", 1)[1])):
         measure_into(m, spec, tech, 2, RunSettings(steps=1), dev=cpu, snapshot_for=name)
     assert events == [
-        "building the model", "warm-up step 1/1 (block 1 of 2)", "warm-up step 1/1 (block 2 of 2)",
-        "tracked step (block 1 of 2)", "start", "dump my-toy_db-2_b2_block0.pickle", "stop",
+        "building the model",
+        "warm-up step 1/1 (block 1 of 2)",
+        "warm-up step 1/1 (block 2 of 2)",
+        "tracked step (block 1 of 2)",
+        "start",
+        "dump my-toy_db-2_b2_block0.pickle",
+        "stop",
         "1 timed step (block 1 of 2)",
-        "tracked step (block 2 of 2)", "start", "dump my-toy_db-2_b2_block1.pickle", "stop",
+        "tracked step (block 2 of 2)",
+        "start",
+        "dump my-toy_db-2_b2_block1.pickle",
+        "stop",
         "1 timed step (block 2 of 2)",
     ]
-    assert [Path(p).name for p in m.memory_snapshots] == ["my-toy_db-2_b2_block0.pickle", "my-toy_db-2_b2_block1.pickle"]
+    assert [Path(p).name for p in m.memory_snapshots] == [
+        "my-toy_db-2_b2_block0.pickle",
+        "my-toy_db-2_b2_block1.pickle",
+    ]
     assert snapshot.snapshot_path(tmp_path, "vit", "e2e", 8, None).name == "vit_e2e_b8.pickle"
 
 
@@ -342,12 +389,26 @@ def test_report_links_each_snapshot_relative_to_the_page(tmp_path):
     from dbprofile.report import write_run_report
 
     snaps = tmp_path / "snaps"
-    result = RunResult(model="toy", measurements=[
-        Measurement(technique="e2e", batch_size=8, peak_bytes=10, shares={"activations": 10},
-                    memory_snapshots=[str(snaps / "toy_e2e_b8.pickle")]),
-        Measurement(technique="db:2", batch_size=8, peak_bytes=8, shares={"activations": 8}, peak_block=1,
-                    memory_snapshots=[str(snaps / "b0.pickle"), str(snaps / "b1.pickle")]),
-    ])
+    result = RunResult(
+        model="toy",
+        measurements=[
+            Measurement(
+                technique="e2e",
+                batch_size=8,
+                peak_bytes=10,
+                shares={"activations": 10},
+                memory_snapshots=[str(snaps / "toy_e2e_b8.pickle")],
+            ),
+            Measurement(
+                technique="db:2",
+                batch_size=8,
+                peak_bytes=8,
+                shares={"activations": 8},
+                peak_block=1,
+                memory_snapshots=[str(snaps / "b0.pickle"), str(snaps / "b1.pickle")],
+            ),
+        ],
+    )
     page = write_run_report(result, tmp_path / "report" / "toy.html").read_text()
     assert 'href="../snaps/toy_e2e_b8.pickle"' in page
     assert '<a href="../snaps/b1.pickle">block 1</a> (the reported peak)' in page

@@ -119,8 +119,9 @@ def check_writable(path: Path, option: str) -> None:
     while not ancestor.exists() and ancestor != ancestor.parent:
         ancestor = ancestor.parent
     if not ancestor.is_dir():
-        raise UserError(f"Cannot write {option} {str(path)!r}: {str(ancestor)!r} is a file, not a folder. "
-                        f"Choose another {option}.")
+        raise UserError(
+            f"Cannot write {option} {str(path)!r}: {str(ancestor)!r} is a file, not a folder. Choose another {option}."
+        )
     try:
         if ancestor == path.parent:  # it exists: try it for real (permissions, read-only mounts, /proc)
             fd, probe = tempfile.mkstemp(dir=ancestor, prefix=".dbprofile-write-check-")
@@ -129,8 +130,10 @@ def check_writable(path: Path, option: str) -> None:
         elif not os.access(ancestor, os.W_OK | os.X_OK):
             raise PermissionError(13, "permission denied")
     except OSError as err:
-        raise UserError(f"Cannot write {option} {str(path)!r}: the folder {str(ancestor)!r} is not writable "
-                        f"({err.strerror or err}). Choose another {option}.") from None
+        raise UserError(
+            f"Cannot write {option} {str(path)!r}: the folder {str(ancestor)!r} is not writable "
+            f"({err.strerror or err}). Choose another {option}."
+        ) from None
     if path.exists() and not os.access(path, os.W_OK):
         raise UserError(
             f"Cannot write {option} {str(path)!r}: the file exists and may not be changed (read-only or immutable). "
@@ -168,8 +171,10 @@ def freeze_startup_objects() -> None:
     gc.freeze()
 
 
-FROM_CHECKPOINT_HELP = ("The team must continue from an existing end-to-end checkpoint: the verdict rules "
-                        "DiffusionBlocks out (it trains from scratch). Default: training from scratch.")
+FROM_CHECKPOINT_HELP = (
+    "The team must continue from an existing end-to-end checkpoint: the verdict rules "
+    "DiffusionBlocks out (it trains from scratch). Default: training from scratch."
+)
 
 
 def reproduce_command() -> str:
@@ -201,18 +206,30 @@ def output_options(func):
     """--json, --csv FILE, -q and -v for a command; it receives ``console`` (a console.Output) and
     runs with the ``dbprofile`` logger routed to stderr at the chosen level."""
 
-    @click.option("--json", "json_mode", is_flag=True,
-                  help="Print the full answer as JSON on stdout; the human-readable text goes to stderr.")
-    @click.option("--csv", "csv_path", default=None, type=click.Path(dir_okay=False),
-                  help="Also write the flat table (one row per measurement or technique) as CSV to this file.")
+    @click.option(
+        "--json",
+        "json_mode",
+        is_flag=True,
+        help="Print the full answer as JSON on stdout; the human-readable text goes to stderr.",
+    )
+    @click.option(
+        "--csv",
+        "csv_path",
+        default=None,
+        type=click.Path(dir_okay=False),
+        help="Also write the flat table (one row per measurement or technique) as CSV to this file.",
+    )
     @click.option("--quiet", "-q", is_flag=True, help="No progress display and no notes, warnings only.")
     @click.option("--verbose", "-v", is_flag=True, help="Log every stage of the work (builds, warm-ups, steps).")
     @functools.wraps(func)
     def wrapper(*args, json_mode: bool, csv_path: str | None, quiet: bool, verbose: bool, **kwargs):
         if quiet and verbose:
             raise UserError("--quiet and --verbose contradict each other; pass one of them.")
-        console = Output(json_mode=json_mode, csv_path=Path(csv_path) if csv_path else None,
-                         verbosity=QUIET if quiet else VERBOSE if verbose else NORMAL)
+        console = Output(
+            json_mode=json_mode,
+            csv_path=Path(csv_path) if csv_path else None,
+            verbosity=QUIET if quiet else VERBOSE if verbose else NORMAL,
+        )
         with console.logging_configured():
             return func(*args, console=console, **kwargs)
 
@@ -221,15 +238,24 @@ def output_options(func):
 
 def model_options(func):
     """--set, --seq-len and --image-size: the model's config and shapes, for run and plan."""
-    func = click.option("--image-size", default=None,
-                        help="Image side of a vision model (a DiT's latent side); several comma-separated "
-                             "values sweep it (run).")(func)
-    func = click.option("--seq-len", default=None,
-                        help="Sequence length of a language model; several comma-separated values sweep it "
-                             "(run), e.g. 256,512,1024.")(func)
-    func = click.option("--set", "set_options", multiple=True, metavar="KEY=VALUE",
-                        help="Override a config field of an hf:, diffusers: or timm: model (repeatable), "
-                             "e.g. --set num_hidden_layers=4.")(func)
+    func = click.option(
+        "--image-size",
+        default=None,
+        help="Image side of a vision model (a DiT's latent side); several comma-separated values sweep it (run).",
+    )(func)
+    func = click.option(
+        "--seq-len",
+        default=None,
+        help="Sequence length of a language model; several comma-separated values sweep it (run), e.g. 256,512,1024.",
+    )(func)
+    func = click.option(
+        "--set",
+        "set_options",
+        multiple=True,
+        metavar="KEY=VALUE",
+        help="Override a config field of an hf:, diffusers: or timm: model (repeatable), "
+        "e.g. --set num_hidden_layers=4.",
+    )(func)
     return func
 
 
@@ -247,5 +273,3 @@ def rows_frame(rows: list[dict]):
     import pandas as pd
 
     return pd.DataFrame(rows)
-
-

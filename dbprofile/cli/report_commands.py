@@ -31,23 +31,25 @@ def _sourced_frame(sources: tuple[str, ...], runs: list[RunResult]):
     return pd.concat(frames, ignore_index=True)
 
 
-
 def _load_result(path: str):
     """Read a result file (schema-checked); an incomplete run is said so on stderr."""
     from dbprofile.results import RunResult
 
     result = RunResult.load(path)
     if not result.complete:
-        click.echo(f"note: {path} is an incomplete run ({result.incomplete_reason or 'reason not recorded'}); "
-                   "the report covers the measurements that finished.", err=True)
+        click.echo(
+            f"note: {path} is an incomplete run ({result.incomplete_reason or 'reason not recorded'}); "
+            "the report covers the measurements that finished.",
+            err=True,
+        )
     return result
-
 
 
 @main.command()
 @click.argument("result", type=click.Path(dir_okay=False))
-@click.option("--output", "-o", default=None, type=click.Path(dir_okay=False),
-              help="HTML path (default: beside the JSON).")
+@click.option(
+    "--output", "-o", default=None, type=click.Path(dir_okay=False), help="HTML path (default: beside the JSON)."
+)
 @output_options
 @friendly_errors
 def report(result, output, console: Output) -> None:
@@ -71,11 +73,9 @@ def report(result, output, console: Output) -> None:
     sys.exit(exit_code(run_result))
 
 
-
 @main.command()
 @click.argument("results", nargs=-1, required=True, type=click.Path(dir_okay=False))
-@click.option("--output", "-o", default="reports/comparison.html", show_default=True,
-              type=click.Path(dir_okay=False))
+@click.option("--output", "-o", default="reports/comparison.html", show_default=True, type=click.Path(dir_okay=False))
 @output_options
 @friendly_errors
 def compare(results, output, console: Output) -> None:
@@ -95,7 +95,8 @@ def compare(results, output, console: Output) -> None:
             judge_into(run_result)
     path = write_comparison(runs, Path(output), command=reproduce_command())
     console.text(f"comparison: {path}")
-    console.emit_json({"runs": [{"source": source, **r.to_dict()} for source, r in zip(results, runs)],
-                       "files": {"html": str(path)}})
+    console.emit_json(
+        {"runs": [{"source": source, **r.to_dict()} for source, r in zip(results, runs)], "files": {"html": str(path)}}
+    )
     console.write_csv(lambda: _sourced_frame(results, runs))
     sys.exit(exit_code(runs))

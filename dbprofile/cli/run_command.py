@@ -43,46 +43,95 @@ def _techniques_option(techniques: str | None, blocks: str | None) -> list[str]:
     return list(DEFAULT_TECHNIQUES)
 
 
-
-
 @main.command()
 @click.argument("model", required=False)
-@click.option("--batch-size", "-b", default="8", show_default=True,
-              help="Batch size, or several comma-separated (16,32,64).")
+@click.option(
+    "--batch-size", "-b", default="8", show_default=True, help="Batch size, or several comma-separated (16,32,64)."
+)
 @click.option("--device", default="cpu", show_default=True, help="cpu, cuda or cuda:N.")
-@click.option("--techniques", "-t", default=None,
-              help="Comma-separated: e2e, ckpt, ckpt:K, db:B, db:B+ckpt, db:B+offload, db:B+interleaved (causal LMs). "
-                   "Default: e2e,ckpt,db:2,db:3,db:4.")
+@click.option(
+    "--techniques",
+    "-t",
+    default=None,
+    help="Comma-separated: e2e, ckpt, ckpt:K, db:B, db:B+ckpt, db:B+offload, db:B+interleaved (causal LMs). "
+    "Default: e2e,ckpt,db:2,db:3,db:4.",
+)
 @click.option("--blocks", default=None, help="Shortcut: e2e, ckpt and db:B for each B given (e.g. 2,4,6).")
-@click.option("--steps", default=5, show_default=True, type=int,
-              help="Fewest timed steps per technique (per block); timing also runs at least 1 s and until "
-                   "the spread is small (torch.utils.benchmark adaptive_autorange).")
+@click.option(
+    "--steps",
+    default=5,
+    show_default=True,
+    type=int,
+    help="Fewest timed steps per technique (per block); timing also runs at least 1 s and until "
+    "the spread is small (torch.utils.benchmark adaptive_autorange).",
+)
 @click.option("--precision", type=click.Choice(["fp32", "bf16"]), default="fp32", show_default=True)
 @click.option("--optimizer", type=click.Choice(["adamw", "sgd", "adafactor"]), default="adamw", show_default=True)
 @click.option("--fake", is_flag=True, help="Fake tensors: shapes and bytes only, no real allocation or timing.")
 @click.option("--memory-limit", default=None, help="Treat a technique whose live bytes pass this (e.g. 2GiB) as OOM.")
-@click.option("--out", "-o", default=None, type=click.Path(dir_okay=False),
-              help="Result JSON path (default reports/<model>.json); the HTML report is written beside it.")
+@click.option(
+    "--out",
+    "-o",
+    default=None,
+    type=click.Path(dir_okay=False),
+    help="Result JSON path (default reports/<model>.json); the HTML report is written beside it.",
+)
 @click.option("--no-report", is_flag=True, help="Write only the JSON, no HTML report.")
 @click.option("--dry-run", is_flag=True, help="Validate the model and print what would be measured.")
-@click.option("--memory-snapshot", default=None, type=click.Path(file_okay=False),
-              help="CUDA only: write PyTorch's memory snapshot of each technique's tracked step to this folder "
-                   "(open at pytorch.org/memory_viz); the report links them.")
-@click.option("--fsdp", is_flag=True,
-              help="Shard with FSDP2 (fully_shard per layer) across the ranks of a torchrun launch.")
-@click.option("--nproc", type=click.IntRange(min=1), default=None,
-              help="Launch N processes with torchrun on this machine (for --fsdp and db:B+parallel).")
-@click.option("--timeout", "timeout_s", default=600.0, show_default=True, type=float,
-              help="Seconds one technique may run (build, warm-up, steps) before it is recorded as timed out "
-                   "and the run moves on; also bounds loading and checking the model. 0: no limit. Under "
-                   "--fsdp/--nproc, also how long a rank waits for the others in a collective.")
+@click.option(
+    "--memory-snapshot",
+    default=None,
+    type=click.Path(file_okay=False),
+    help="CUDA only: write PyTorch's memory snapshot of each technique's tracked step to this folder "
+    "(open at pytorch.org/memory_viz); the report links them.",
+)
+@click.option(
+    "--fsdp", is_flag=True, help="Shard with FSDP2 (fully_shard per layer) across the ranks of a torchrun launch."
+)
+@click.option(
+    "--nproc",
+    type=click.IntRange(min=1),
+    default=None,
+    help="Launch N processes with torchrun on this machine (for --fsdp and db:B+parallel).",
+)
+@click.option(
+    "--timeout",
+    "timeout_s",
+    default=600.0,
+    show_default=True,
+    type=float,
+    help="Seconds one technique may run (build, warm-up, steps) before it is recorded as timed out "
+    "and the run moves on; also bounds loading and checking the model. 0: no limit. Under "
+    "--fsdp/--nproc, also how long a rank waits for the others in a collective.",
+)
 @click.option("--from-checkpoint", is_flag=True, help=FROM_CHECKPOINT_HELP)
 @model_options
 @output_options
 @friendly_errors
-def run(model, batch_size, device, techniques, blocks, steps, precision, optimizer, fake, memory_limit, out,
-        no_report, dry_run, memory_snapshot, fsdp, nproc, timeout_s, from_checkpoint, set_options,
-        seq_len, image_size, console: Output) -> None:
+def run(
+    model,
+    batch_size,
+    device,
+    techniques,
+    blocks,
+    steps,
+    precision,
+    optimizer,
+    fake,
+    memory_limit,
+    out,
+    no_report,
+    dry_run,
+    memory_snapshot,
+    fsdp,
+    nproc,
+    timeout_s,
+    from_checkpoint,
+    set_options,
+    seq_len,
+    image_size,
+    console: Output,
+) -> None:
     """Profile MODEL (a preset name, file.py or file.py:name, hf:NAME, diffusers:DiT, timm:NAME;
     default: a tiny built-in ViT)."""
     from dbprofile.measure.device import resolve_device
@@ -101,36 +150,66 @@ def run(model, batch_size, device, techniques, blocks, steps, precision, optimiz
     if limit is not None and limit < 1:
         raise UserError(f"--memory-limit must be at least 1 byte; got {memory_limit!r}.")
     if out is not None and Path(out).suffix.lower() == ".html":
-        raise UserError(f"--out names the result JSON (the HTML report is written beside it); got {out!r}. "
-                        "Give a .json path.")
+        raise UserError(
+            f"--out names the result JSON (the HTML report is written beside it); got {out!r}. Give a .json path."
+        )
     names = _techniques_option(techniques, blocks)
     resolve_device(device)
     distributed = fsdp or nproc is not None or any(n.strip().endswith("+parallel") for n in names)
     if memory_snapshot is not None:
         if distributed:
-            raise UserError("--memory-snapshot records one process's CUDA allocator and is not available for "
-                            "distributed runs (--fsdp, --nproc, db:B+parallel) yet; profile one device with it.")
+            raise UserError(
+                "--memory-snapshot records one process's CUDA allocator and is not available for "
+                "distributed runs (--fsdp, --nproc, db:B+parallel) yet; profile one device with it."
+            )
         import torch
 
         from dbprofile.measure.snapshot import check_snapshot_device
 
         check_snapshot_device(torch.device(device), fake)
-    settings = RunSettings(device=device, precision=precision, optimizer=optimizer, steps=steps, fake=fake,
-                           memory_limit=limit, time_limit_s=timeout_s or None, memory_snapshot=memory_snapshot)
+    settings = RunSettings(
+        device=device,
+        precision=precision,
+        optimizer=optimizer,
+        steps=steps,
+        fake=fake,
+        memory_limit=limit,
+        time_limit_s=timeout_s or None,
+        memory_snapshot=memory_snapshot,
+    )
     if distributed:
         # A process group needs a finite timeout: "no limit" becomes a week.
-        run_distributed_command((model, set_options, seq_len, image_size), names, batch_sizes, settings, out=out,
-                                no_report=no_report, fsdp=fsdp, nproc=nproc, timeout_s=timeout_s or 7 * 24 * 3600.0,
-                                console=console)
+        run_distributed_command(
+            (model, set_options, seq_len, image_size),
+            names,
+            batch_sizes,
+            settings,
+            out=out,
+            no_report=no_report,
+            fsdp=fsdp,
+            nproc=nproc,
+            timeout_s=timeout_s or 7 * 24 * 3600.0,
+            console=console,
+        )
         return
     techs = parse_techniques(names)
     with loading_limit(settings.time_limit_s):
         swept, specs = load_models(model, set_options, seq_len, image_size)
     results, codes = [], []
     for spec in specs:
-        answered = _run_one(spec, techs, settings, batch_sizes=batch_sizes, drop_deeper=not techniques and not blocks,
-                            out=out, no_report=no_report, dry_run=dry_run, swept=swept,
-                            from_checkpoint=from_checkpoint, console=console)
+        answered = _run_one(
+            spec,
+            techs,
+            settings,
+            batch_sizes=batch_sizes,
+            drop_deeper=not techniques and not blocks,
+            out=out,
+            no_report=no_report,
+            dry_run=dry_run,
+            swept=swept,
+            from_checkpoint=from_checkpoint,
+            console=console,
+        )
         if answered is not None:
             results.append(answered[0])
             codes.append(answered[1])
@@ -146,10 +225,20 @@ def run(model, batch_size, device, techniques, blocks, steps, precision, optimiz
         sys.exit(min(codes))
 
 
-
-def _run_one(spec: ModelSpec, techs: list[Technique], settings: RunSettings, *, batch_sizes: list[int],
-             drop_deeper: bool, out: str | None, no_report: bool, dry_run: bool, swept: str | None,
-             from_checkpoint: bool, console: Output) -> tuple[RunResult, int] | None:
+def _run_one(
+    spec: ModelSpec,
+    techs: list[Technique],
+    settings: RunSettings,
+    *,
+    batch_sizes: list[int],
+    drop_deeper: bool,
+    out: str | None,
+    no_report: bool,
+    dry_run: bool,
+    swept: str | None,
+    from_checkpoint: bool,
+    console: Output,
+) -> tuple[RunResult, int] | None:
     """Check, measure and answer for one model spec (one value of a sweep): (result, exit code), or None
     for a dry run."""
     device, precision, optimizer, fake = settings.device, settings.precision, settings.optimizer, settings.fake
@@ -179,9 +268,19 @@ def _run_one(spec: ModelSpec, techs: list[Technique], settings: RunSettings, *, 
     if not no_report:
         check_writable(out_path.with_suffix(".html"), "the HTML report beside --out")
     if dry_run:
-        console.emit_json({"model": spec.name, "model_info": facts, "techniques": [t.name for t in techs],
-                           "batch_sizes": batch_sizes, "device": device, "fake": fake, "precision": precision,
-                           "optimizer": optimizer, "dry_run": True})
+        console.emit_json(
+            {
+                "model": spec.name,
+                "model_info": facts,
+                "techniques": [t.name for t in techs],
+                "batch_sizes": batch_sizes,
+                "device": device,
+                "fake": fake,
+                "precision": precision,
+                "optimizer": optimizer,
+                "dry_run": True,
+            }
+        )
         return None
 
     from dbprofile.files import output_lock
@@ -200,15 +299,22 @@ def _run_one(spec: ModelSpec, techs: list[Technique], settings: RunSettings, *, 
 
             try:
                 result = run_profile(
-                    spec, techs, batch_sizes, settings, out=out_path, on_measurement=measured,
-                    command=reproduce_command(), facts=facts, from_checkpoint=from_checkpoint,
+                    spec,
+                    techs,
+                    batch_sizes,
+                    settings,
+                    out=out_path,
+                    on_measurement=measured,
+                    command=reproduce_command(),
+                    facts=facts,
+                    from_checkpoint=from_checkpoint,
                 )
             except KeyboardInterrupt:
-                click.echo(f"The measurements that finished are in {out_path}, marked incomplete; "
-                           f"`dbprofile report {shlex.quote(str(out_path))}` renders them.", err=True)
+                click.echo(
+                    f"The measurements that finished are in {out_path}, marked incomplete; "
+                    f"`dbprofile report {shlex.quote(str(out_path))}` renders them.",
+                    err=True,
+                )
                 raise
         code = answer_run(result, out_path, no_report, run_table(result), console)
     return result, code
-
-
-

@@ -22,8 +22,6 @@ def safe_name(text: str) -> str:
     return re.sub(r"[^A-Za-z0-9_.-]+", "-", text).strip("-") or "model"
 
 
-
-
 @contextlib.contextmanager
 def loading_limit(seconds: float | None):
     """The per-technique time limit around loading and checking a model, as one paragraph when hit."""
@@ -37,9 +35,6 @@ def loading_limit(seconds: float | None):
             f"{str(err).capitalize()} (--timeout): the model file, build(), batch() or loss() did not finish, "
             "perhaps an endless loop. Fix the model, or raise --timeout if it is only slow."
         ) from None
-
-
-
 
 
 def answer_run(result: RunResult, out_path: Path, no_report: bool, table: str, console: Output) -> int:
@@ -57,7 +52,6 @@ def answer_run(result: RunResult, out_path: Path, no_report: bool, table: str, c
     return exit_code(result)
 
 
-
 def note_replaced(path: Path, console: Output) -> None:
     """Replacing an earlier result is normal (a rerun), but never silent: say whose it was (a note,
     which -q silences)."""
@@ -69,10 +63,19 @@ def note_replaced(path: Path, console: Output) -> None:
         console.info(f"replacing {path} (a run of {old.get('model')!r} from {old.get('created') or 'an unknown time'})")
 
 
-
-def run_distributed_command(model_opts: tuple, names: list[str], batch_sizes: list[int], settings: RunSettings, *,
-                            out: str | None, no_report: bool, fsdp: bool, nproc: int | None, timeout_s: float,
-                            console: Output) -> None:
+def run_distributed_command(
+    model_opts: tuple,
+    names: list[str],
+    batch_sizes: list[int],
+    settings: RunSettings,
+    *,
+    out: str | None,
+    no_report: bool,
+    fsdp: bool,
+    nproc: int | None,
+    timeout_s: float,
+    console: Output,
+) -> None:
     """Per-rank profiling under torchrun: relaunch with --nproc, or measure on this rank.
 
     Rank 0 prints the answer (and the JSON / CSV). torchrun turns any rank's non-zero exit into its
@@ -98,8 +101,17 @@ def run_distributed_command(model_opts: tuple, names: list[str], batch_sizes: li
     if os.environ.get("RANK", "0") != "0":  # one display and one set of notes: rank 0's
         console = dataclasses.replace(console, verbosity=QUIET)
     with console.progress(f"{spec.name} on every rank"):
-        result = run_distributed(spec, names, batch_sizes, settings, fsdp=fsdp, device=settings.device, out=out_path,
-                                 command=reproduce_command(), timeout_s=timeout_s)
+        result = run_distributed(
+            spec,
+            names,
+            batch_sizes,
+            settings,
+            fsdp=fsdp,
+            device=settings.device,
+            out=out_path,
+            command=reproduce_command(),
+            timeout_s=timeout_s,
+        )
     if result is None:  # ranks other than 0 report through rank 0
         return
     code = answer_run(result, out_path, no_report, ranks_table(result), console)

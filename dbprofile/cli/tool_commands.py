@@ -37,7 +37,6 @@ def models(console: Output) -> None:
     console.write_csv(lambda: rows_frame(rows))
 
 
-
 def _parse_cases(text: str) -> list[tuple[str, tuple[int, ...]]]:
     """'vit-b16:32,64;gpt2-small:4' -> [('vit-b16', (32, 64)), ('gpt2-small', (4,))]."""
     cases = []
@@ -49,17 +48,22 @@ def _parse_cases(text: str) -> list[tuple[str, tuple[int, ...]]]:
     return cases
 
 
-
 @main.command()
-@click.option("--cases", default=None,
-              help="MODEL:BATCH,BATCH;... (default vit-b16:32,64;dit-b2:32,64;gpt2-small:4,8).")
+@click.option(
+    "--cases", default=None, help="MODEL:BATCH,BATCH;... (default vit-b16:32,64;dit-b2:32,64;gpt2-small:4,8)."
+)
 @click.option("--techniques", "-t", default=None, help="Default e2e,ckpt,db:2,db:4,db:4+offload.")
 @click.option("--precisions", default="fp32,bf16", show_default=True)
 @click.option("--device", default="cuda", show_default=True)
 @click.option("--steps", default=2, show_default=True, type=int)
 @click.option("--time-budget", default=None, type=float, help="Seconds after which no new case starts.")
-@click.option("--out", "-o", default=None, type=click.Path(dir_okay=False),
-              help="Also write the table as Markdown here (and the rows as JSON beside it).")
+@click.option(
+    "--out",
+    "-o",
+    default=None,
+    type=click.Path(dir_okay=False),
+    help="Also write the table as Markdown here (and the rows as JSON beside it).",
+)
 @output_options
 @friendly_errors
 def validate(cases, techniques, precisions, device, steps, time_budget, out, console: Output) -> None:
@@ -84,8 +88,10 @@ def validate(cases, techniques, precisions, device, steps, time_budget, out, con
     if not precision_list or any(p not in PRECISIONS for p in precision_list):
         raise UserError(f"--precisions takes a comma-separated list of {', '.join(PRECISIONS)}; got {precisions!r}.")
     env = environment(device)
-    header = (f"dbprofile validate on {env.get('device_name')} (driver {env.get('driver')}, CUDA {env.get('cuda_runtime')}, "
-              f"torch {env.get('torch')}, dbprofile {__version__})")
+    header = (
+        f"dbprofile validate on {env.get('device_name')} (driver {env.get('driver')}, CUDA {env.get('cuda_runtime')}, "
+        f"torch {env.get('torch')}, dbprofile {__version__})"
+    )
     console.text(header)
     console.text(text.VALIDATION_HEADER)
     total = sum(len(sizes) for _, sizes in case_list) * len(techs) * len(precision_list)
@@ -95,8 +101,9 @@ def validate(cases, techniques, precisions, device, steps, time_budget, out, con
             console.text(text.validation_row(row))
             advance()
 
-        rows = v.validate(case_list, techs, precision_list, device=device, steps=steps, time_budget_s=time_budget,
-                          on_row=on_row)
+        rows = v.validate(
+            case_list, techs, precision_list, device=device, steps=steps, time_budget_s=time_budget, on_row=on_row
+        )
     summary = text.validation_summary(rows)
     console.text("")
     console.text(summary)
@@ -104,10 +111,13 @@ def validate(cases, techniques, precisions, device, steps, time_budget, out, con
         path = Path(out)
         table = "\n".join([text.VALIDATION_HEADER, *(text.validation_row(r) for r in rows)])
         write_atomic(path, f"# {header}\n\nCommand: `{reproduce_command()}`\n\n{table}\n\n```\n{summary}\n```\n")
-        write_atomic(path.with_suffix(".json"), to_standard_json(
-            {"environment": env, "command": reproduce_command(), "rows": [r.to_dict() for r in rows]}))
+        write_atomic(
+            path.with_suffix(".json"),
+            to_standard_json({"environment": env, "command": reproduce_command(), "rows": [r.to_dict() for r in rows]}),
+        )
         console.text(f"written: {path}")
-    console.emit_json({"environment": env, "command": reproduce_command(), "rows": [r.to_dict() for r in rows],
-                       "summary": summary})
+    console.emit_json(
+        {"environment": env, "command": reproduce_command(), "rows": [r.to_dict() for r in rows], "summary": summary}
+    )
     console.write_csv(lambda: rows_frame([r.to_dict() for r in rows]))
     sys.exit(exit_code(rows))

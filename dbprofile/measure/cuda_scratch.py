@@ -44,7 +44,10 @@ MAX_VALUES_PER_THREAD = 256
 _aten = torch.ops.aten
 # Reductions through gpu_reduce_kernel whose accumulator is float (double for double inputs).
 _FLOAT_ACCUMULATING = {
-    _aten.sum.dim_IntList, _aten.sum.default, _aten.mean.dim, _aten.mean.default,
+    _aten.sum.dim_IntList,
+    _aten.sum.default,
+    _aten.mean.dim,
+    _aten.mean.default,
     _aten.linalg_vector_norm.default,
 }
 # Reductions whose accumulator is the input type itself.
@@ -89,8 +92,13 @@ def _output_vec_size(num_outputs_dim: int, kept: list[tuple[int, int, bool]]) ->
     return vec
 
 
-def reduction_scratch(shape: list[int], strides: list[int], reduced_dims: list[int],
-                      accumulator_bytes: int, multiprocessors: int = DEFAULT_MULTIPROCESSORS) -> tuple[int, int]:
+def reduction_scratch(
+    shape: list[int],
+    strides: list[int],
+    reduced_dims: list[int],
+    accumulator_bytes: int,
+    multiprocessors: int = DEFAULT_MULTIPROCESSORS,
+) -> tuple[int, int]:
     """(staging buffer bytes, semaphore bytes) one CUDA reduction allocates; (0, 0) if none.
     ``strides`` in elements; ``reduced_dims`` empty means every dimension."""
     ndim = len(shape)
@@ -146,8 +154,10 @@ def reduction_scratch(shape: list[int], strides: list[int], reduced_dims: list[i
     values_per_thread = _div_up(inputs_per_output, step_input)
     if not (split_across_warps and values_per_thread >= MAX_VALUES_PER_THREAD and grid_x <= target_grid):
         return 0, 0
-    ctas = max(_div_up(values_per_thread, MAX_VALUES_PER_THREAD),
-               min(_div_up(target_grid, grid_x), _div_up(values_per_thread, MIN_VALUES_PER_THREAD)))
+    ctas = max(
+        _div_up(values_per_thread, MAX_VALUES_PER_THREAD),
+        min(_div_up(target_grid, grid_x), _div_up(values_per_thread, MIN_VALUES_PER_THREAD)),
+    )
     if ctas <= 1:
         return 0, 0
     buffer = accumulator_bytes * num_outputs * ctas
@@ -160,8 +170,9 @@ ATTENTION_KEY_TILE = 256
 """Rows per tile of memory-efficient attention's backward workspace (fitted, see below)."""
 
 
-def attention_backward_scratch(batch: int, heads: int, seq: int, head_dim: int, dtype: torch.dtype,
-                               masked: bool) -> int:
+def attention_backward_scratch(
+    batch: int, heads: int, seq: int, head_dim: int, dtype: torch.dtype, masked: bool
+) -> int:
     """The workspace of scaled-dot-product attention's backward on an sm90 GPU (H100, H200).
 
     Fitted to the H200 allocator traces (head dim 64; ViT-B/16 197 tokens, DiT-B/2 256, GPT-2
@@ -187,9 +198,11 @@ def attention_backward_scratch(batch: int, heads: int, seq: int, head_dim: int, 
 
 _ATTENTION_BACKWARD = {
     getattr(_aten, name).default
-    for name in ("_scaled_dot_product_flash_attention_for_cpu_backward",
-                 "_scaled_dot_product_flash_attention_backward",
-                 "_scaled_dot_product_efficient_attention_backward")
+    for name in (
+        "_scaled_dot_product_flash_attention_for_cpu_backward",
+        "_scaled_dot_product_flash_attention_backward",
+        "_scaled_dot_product_efficient_attention_backward",
+    )
     if hasattr(_aten, name)
 }
 
@@ -211,8 +224,13 @@ def op_input_copies(func: Any, args: tuple) -> list[int]:
     [32, 256, 768]) before its output, in forward and backward; the CPU kernels seen by a fake
     run make no such copy."""
     positions = _CONTIGUOUS_INPUTS.get(func, ())
-    return [t.numel() * t.element_size() for i in positions if i < len(args)
-            for t in (args[i],) if isinstance(t, torch.Tensor) and not t.is_contiguous()]
+    return [
+        t.numel() * t.element_size()
+        for i in positions
+        if i < len(args)
+        for t in (args[i],)
+        if isinstance(t, torch.Tensor) and not t.is_contiguous()
+    ]
 
 
 def op_scratch_allocations(func: Any, args: tuple, kwargs: dict) -> list[int]:

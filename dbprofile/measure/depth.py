@@ -69,8 +69,13 @@ class DepthInfo:
     not_affine: list[str] = field(default_factory=list)
 
     def as_dict(self) -> dict[str, Any]:
-        return {"path": self.path, "layers": self.layers, "reason": self.reason, "traced_depths": self.depths,
-                "not_affine": self.not_affine}
+        return {
+            "path": self.path,
+            "layers": self.layers,
+            "reason": self.reason,
+            "traced_depths": self.depths,
+            "not_affine": self.not_affine,
+        }
 
 
 # ---------------------------------------------------------------- the model side
@@ -147,7 +152,9 @@ def _extrapolate_value(a: Any, b: Any, c: Any, grow: int, path: str, not_affine:
     if isinstance(b, dict) and isinstance(a, dict) and isinstance(c, dict):
         return {k: _extrapolate_value(a.get(k), v, c.get(k), grow, f"{path}.{k}", not_affine) for k, v in b.items()}
     if isinstance(b, list) and isinstance(a, list) and isinstance(c, list) and len(a) == len(b) == len(c):
-        return [_extrapolate_value(x, y, z, grow, f"{path}[{i}]", not_affine) for i, (x, y, z) in enumerate(zip(a, b, c))]
+        return [
+            _extrapolate_value(x, y, z, grow, f"{path}[{i}]", not_affine) for i, (x, y, z) in enumerate(zip(a, b, c))
+        ]
     return b
 
 
@@ -196,8 +203,9 @@ def _extrapolate_measurement(
     m = copy.deepcopy(m2)
     m.blocks, m.timeline = [], {}
     for name in ("num_parameters", "extra_parameters"):
-        setattr(m, name, _extrapolate_value(getattr(m1, name), getattr(m2, name), getattr(m3, name), grow, name,
-                                            not_affine))
+        setattr(
+            m, name, _extrapolate_value(getattr(m1, name), getattr(m2, name), getattr(m3, name), grow, name, not_affine)
+        )
     m.extra = _extrapolate_value(m1.extra, m2.extra, m3.extra, grow, "extra", not_affine)
     if isinstance(m.extra.get("activation_ratios"), dict):
         _activation_ratios(m.extra["activation_ratios"])
@@ -260,18 +268,23 @@ def by_depth(
                 raise NotAffine(f"a shallow trace failed ({failed[0].status}: {failed[0].error})")
             if len({len(per_rank) for per_rank in runs}) != 1:
                 raise NotAffine("the simulated ranks differ between depths")
-            block_layers = ([list(r) for r in split_contiguous(layers, tech.blocks)] if tech.blocks is not None
-                            else None)
+            block_layers = [list(r) for r in split_contiguous(layers, tech.blocks)] if tech.blocks is not None else None
             out = [
-                _extrapolate_measurement([runs[0][rank], runs[1][rank], runs[2][rank]], per_part,
-                                         block_layers, not_affine)
+                _extrapolate_measurement(
+                    [runs[0][rank], runs[1][rank], runs[2][rank]], per_part, block_layers, not_affine
+                )
                 for rank in range(len(runs[0]))
             ]
         except NotAffine as err:
             reason = f"the shallow traces did not extrapolate exactly ({err})"
         else:
-            info = DepthInfo(PATH_EXTRAPOLATED, layers, f"{layers} identical layers, traced at {', '.join(map(str, depths))}",
-                             depths, sorted(set(not_affine)))
+            info = DepthInfo(
+                PATH_EXTRAPOLATED,
+                layers,
+                f"{layers} identical layers, traced at {', '.join(map(str, depths))}",
+                depths,
+                sorted(set(not_affine)),
+            )
             for m in out:
                 m.extra["depth"] = info.as_dict()
             return out
@@ -302,9 +315,21 @@ def measure_fake(
 
     def trace(depth: int | None, keep: bool) -> list[Traced]:
         traces: dict | None = {} if keep else None
-        m = measure(spec if depth is None else spec_at_depth(spec, depth), tech, batch_size, device="cpu",
-                    precision=precision, optimizer=optimizer, fake=True, layers=depth or layers,
-                    round_to=round_to, warmup_steps=1, steps=1, traces=traces, emulate_cuda=emulate_cuda)
+        m = measure(
+            spec if depth is None else spec_at_depth(spec, depth),
+            tech,
+            batch_size,
+            device="cpu",
+            precision=precision,
+            optimizer=optimizer,
+            fake=True,
+            layers=depth or layers,
+            round_to=round_to,
+            warmup_steps=1,
+            steps=1,
+            traces=traces,
+            emulate_cuda=emulate_cuda,
+        )
         return [(m, traces or {})]
 
     return by_depth(trace, tech, layers, not_identical, full_trace=full_trace, full_trace_reason=full_trace_reason)[0]
@@ -333,18 +358,39 @@ def simulate_fake(
 
     def trace(depth: int | None, keep: bool) -> list[Traced]:
         if not keep:  # the full trace: simulate_rank's own worst rank and rank_peaks
-            return [(simulate_rank(spec, name, batch_size, world_size, precision=precision, optimizer=optimizer,
-                                   round_to=round_to), {})]
+            return [
+                (
+                    simulate_rank(
+                        spec, name, batch_size, world_size, precision=precision, optimizer=optimizer, round_to=round_to
+                    ),
+                    {},
+                )
+            ]
         rows: list = []
-        simulate_rank(spec_at_depth(spec, depth or layers), name, batch_size, world_size,
-                      precision=precision, optimizer=optimizer, round_to=round_to, per_rank=rows)
+        simulate_rank(
+            spec_at_depth(spec, depth or layers),
+            name,
+            batch_size,
+            world_size,
+            precision=precision,
+            optimizer=optimizer,
+            round_to=round_to,
+            per_rank=rows,
+        )
         for m, _ in rows:
             m.extra.pop("rank_peaks", None)  # set on that depth's worst rank only; recomputed below
         return rows
 
     # Block-parallel: B ranks, one block each, so the blocks grow by one layer per step of depth.
-    rows = by_depth(trace, tech, layers, not_identical, group=world_size if parallel else None,
-                    full_trace=full_trace, full_trace_reason=full_trace_reason)
+    rows = by_depth(
+        trace,
+        tech,
+        layers,
+        not_identical,
+        group=world_size if parallel else None,
+        full_trace=full_trace,
+        full_trace_reason=full_trace_reason,
+    )
     if rows[0].extra["depth"]["path"] == PATH_FULL:
         return rows[0]
     worst = max(rows, key=lambda row: row.peak_bytes)

@@ -33,7 +33,9 @@ def resolve_device(device: torch.device | str) -> torch.device:
     except (RuntimeError, TypeError, ValueError):
         raise SpecError(f"Unknown device {str(device)!r}: torch does not accept it. {fix}") from None
     if dev.type not in SUPPORTED_DEVICES:
-        raise SpecError(f"Device {str(device)!r} is not one dbprofile measures on (it tracks cpu and cuda memory). {fix}")
+        raise SpecError(
+            f"Device {str(device)!r} is not one dbprofile measures on (it tracks cpu and cuda memory). {fix}"
+        )
     if dev.type == "cuda":
         if not torch.cuda.is_available():
             raise SpecError(f"Device {str(device)!r} needs a CUDA GPU, and torch sees none here. {fix}")

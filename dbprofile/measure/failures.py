@@ -23,7 +23,6 @@ def is_out_of_memory(err: BaseException) -> bool:
     return isinstance(err, RuntimeError) and "out of memory" in str(err).lower()
 
 
-
 def record_failure(m: Measurement, err: BaseException) -> None:
     """File a failed step in ``m``: ``oom`` (with the batch size tried) or ``error`` (the technique
     and the model's message)."""
@@ -33,7 +32,6 @@ def record_failure(m: Measurement, err: BaseException) -> None:
         m.status, m.error = "error", f"{m.technique}: the model's code called sys.exit({err.code!r})"
     else:
         m.status, m.error = "error", f"{m.technique}: {type(err).__name__}: {err}"
-
 
 
 def free_memory(dev: torch.device | str) -> None:

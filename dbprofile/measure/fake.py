@@ -43,19 +43,63 @@ _LOW_PRECISION = (torch.bfloat16, torch.float16)
 # CUDA's autocast runs these in fp32 (aten/src/ATen/autocast_mode.cpp, the CUDA "fp32" list):
 # lower-precision floating inputs are cast to fp32 first. CPU autocast leaves them at bf16.
 _FP32_FUNCTIONS = {
-    F.layer_norm, F.group_norm, F.softplus, F.cosine_similarity, F.kl_div, F.poisson_nll_loss,
-    F.smooth_l1_loss, F.huber_loss, F.l1_loss, F.mse_loss, F.binary_cross_entropy_with_logits,
-    F.nll_loss, torch.cdist, torch.dist, torch.renorm, torch.logsumexp, torch.Tensor.logsumexp,
-    *(getattr(owner, name) for name in ("exp", "expm1", "log", "log10", "log2", "log1p", "reciprocal",
-                                         "rsqrt", "sinh", "cosh", "tan", "acos", "asin", "erfinv", "pow")
-      for owner in (torch, torch.Tensor)),
-    torch.Tensor.__pow__, torch.Tensor.__rpow__,
+    F.layer_norm,
+    F.group_norm,
+    F.softplus,
+    F.cosine_similarity,
+    F.kl_div,
+    F.poisson_nll_loss,
+    F.smooth_l1_loss,
+    F.huber_loss,
+    F.l1_loss,
+    F.mse_loss,
+    F.binary_cross_entropy_with_logits,
+    F.nll_loss,
+    torch.cdist,
+    torch.dist,
+    torch.renorm,
+    torch.logsumexp,
+    torch.Tensor.logsumexp,
+    *(
+        getattr(owner, name)
+        for name in (
+            "exp",
+            "expm1",
+            "log",
+            "log10",
+            "log2",
+            "log1p",
+            "reciprocal",
+            "rsqrt",
+            "sinh",
+            "cosh",
+            "tan",
+            "acos",
+            "asin",
+            "erfinv",
+            "pow",
+        )
+        for owner in (torch, torch.Tensor)
+    ),
+    torch.Tensor.__pow__,
+    torch.Tensor.__rpow__,
 }
 # ...and these with an fp32 output dtype unless one is given (the "fp32_set_opt_dtype" list).
 _FP32_OUTPUT_FUNCTIONS = {
-    F.softmax, F.log_softmax, torch.softmax, torch.log_softmax, torch.Tensor.softmax,
-    torch.Tensor.log_softmax, torch.cumsum, torch.Tensor.cumsum, torch.cumprod, torch.Tensor.cumprod,
-    torch.prod, torch.Tensor.prod, torch.linalg.vector_norm, torch.linalg.matrix_norm,
+    F.softmax,
+    F.log_softmax,
+    torch.softmax,
+    torch.log_softmax,
+    torch.Tensor.softmax,
+    torch.Tensor.log_softmax,
+    torch.cumsum,
+    torch.Tensor.cumsum,
+    torch.cumprod,
+    torch.Tensor.cumprod,
+    torch.prod,
+    torch.Tensor.prod,
+    torch.linalg.vector_norm,
+    torch.linalg.matrix_norm,
 }
 
 
@@ -101,8 +145,12 @@ class _CudaAutocastPolicy(TorchFunctionMode):
     def _cross_entropy(func: Any, args: tuple, kwargs: dict) -> Any:
         logits = args[0] if args else kwargs.get("input")
         rest = {k: v for k, v in kwargs.items() if k != "input"}
-        if isinstance(logits, torch.Tensor) and logits.dtype in _LOW_PRECISION \
-                and not rest.get("label_smoothing", 0.0) and len(args) <= 2:
+        if (
+            isinstance(logits, torch.Tensor)
+            and logits.dtype in _LOW_PRECISION
+            and not rest.get("label_smoothing", 0.0)
+            and len(args) <= 2
+        ):
             target = args[1] if len(args) > 1 else rest.pop("target")
             rest.pop("target", None)
             rest.pop("label_smoothing", None)  # zero here: nll_loss has no such argument

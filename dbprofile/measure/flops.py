@@ -114,8 +114,9 @@ def _shapes(value: Any) -> Any:
     if isinstance(value, torch.Tensor):
         return value.shape
     if isinstance(value, (tuple, list)):
-        return type(value)(_shapes(v) for v in value) if type(value) in (tuple, list) else tuple(
-            _shapes(v) for v in value)
+        return (
+            type(value)(_shapes(v) for v in value) if type(value) in (tuple, list) else tuple(_shapes(v) for v in value)
+        )
     if isinstance(value, dict):
         return {k: _shapes(v) for k, v in value.items()}
     return value

@@ -78,11 +78,16 @@ def measure(
     snapshot_for: Callable[[int | None], Path] | None = None
     if settings.memory_snapshot is not None:
         snapshot.check_snapshot_device(dev, fake)
-        snapshot_for = functools.partial(snapshot.snapshot_path, settings.memory_snapshot, spec.name, tech.name,
-                                         batch_size)
+        snapshot_for = functools.partial(
+            snapshot.snapshot_path, settings.memory_snapshot, spec.name, tech.name, batch_size
+        )
     m = Measurement(
-        technique=tech.name, batch_size=batch_size, precision=settings.precision, optimizer=settings.optimizer,
-        device=str(dev), fake=fake,
+        technique=tech.name,
+        batch_size=batch_size,
+        precision=settings.precision,
+        optimizer=settings.optimizer,
+        device=str(dev),
+        fake=fake,
     )
     time_limit_s = settings.time_limit_s or None
     with time_limit(time_limit_s, f"{tech.name} at batch size {batch_size}") as limit:
@@ -97,8 +102,10 @@ def measure(
         except (Exception, SystemExit, TimeLimitExceeded) as err:  # noqa: BLE001 - a failure is a result
             if limit.expired:
                 m.status = "timeout"
-                m.error = (f"{tech.name}: stopped after the time limit of {time_limit_s:g} s per technique; building "
-                           "the model or a training step did not finish. Raise --timeout if it is only slow.")
+                m.error = (
+                    f"{tech.name}: stopped after the time limit of {time_limit_s:g} s per technique; building "
+                    "the model or a training step did not finish. Raise --timeout if it is only slow."
+                )
             else:
                 record_failure(m, err)
             del err
@@ -144,8 +151,10 @@ def prepare(
             except SpecError:
                 raise
             except SystemExit as err:
-                raise SpecError(f"A DiffusionBlocks step of {spec.name!r} (on fake tensors, before measuring) called "
-                                f"sys.exit({err.code!r}); the model's code must raise an exception instead.") from None
+                raise SpecError(
+                    f"A DiffusionBlocks step of {spec.name!r} (on fake tensors, before measuring) called "
+                    f"sys.exit({err.code!r}); the model's code must raise an exception instead."
+                ) from None
             except Exception:  # noqa: BLE001 - an op fake tensors cannot run is no fault of the model;
                 pass  # the real measurement will run it, and record any real failure as that technique's error
     return spec, list(techs), facts
@@ -190,8 +199,11 @@ def run(
     result = RunResult(
         model=spec.name,
         model_info={
-            "family": spec.family, "task": spec.task, "num_layers": layer_count,
-            "hidden_size": spec.hidden_size, "description": spec.description,
+            "family": spec.family,
+            "task": spec.task,
+            "num_layers": layer_count,
+            "hidden_size": spec.hidden_size,
+            "description": spec.description,
             # The shapes --seq-len / --image-size set, so a sweep's runs can be told apart and drawn.
             **{key: spec.extra[key] for key in ("sequence_length", "image_size", "latent_size") if key in spec.extra},
         },
@@ -210,9 +222,16 @@ def run(
             except SpecError as err:
                 # prepare() checked what every technique needs; whatever it could not foresee is
                 # this technique's error, and must not throw away the rest of the run.
-                m = Measurement(technique=tech.name, batch_size=batch_size, precision=settings.precision,
-                                optimizer=settings.optimizer, device=str(device), fake=settings.fake, status="error",
-                                error=f"{tech.name}: {err}")
+                m = Measurement(
+                    technique=tech.name,
+                    batch_size=batch_size,
+                    precision=settings.precision,
+                    optimizer=settings.optimizer,
+                    device=str(device),
+                    fake=settings.fake,
+                    status="error",
+                    error=f"{tech.name}: {err}",
+                )
             if m.num_parameters is not None and "parameters" not in result.model_info and tech.kind == "e2e":
                 result.model_info["parameters"] = m.num_parameters
             result.measurements.append(m)
@@ -243,8 +262,6 @@ def run(
 def _progress(todo: list[tuple[Technique, int]], done: int) -> str:
     missing = ", ".join(f"{t.name} @ batch {b}" for t, b in todo[done:])
     return f"{done} of {len(todo)} measurements finished" + (f"; not measured: {missing}" if missing else "")
-
-
 
 
 def activation_ratios(m: Measurement, spec: ModelSpec, tech: Technique, batch_size: int) -> None:

@@ -16,11 +16,9 @@ class NotAffine(ValueError):
     """The shallow traces do not line up (another structure, or bytes off the line at the check depth)."""
 
 
-
 def _line(v1: list[int], v2: list[int], steps: int) -> list[int]:
     """The point ``steps`` depths past v1 on the line through v1 and v2 (one depth apart)."""
     return [a + (b - a) * steps for a, b in zip(v1, v2)]
-
 
 
 def _with_deltas(tags: list, values: list[list[int]]) -> list[tuple]:
@@ -31,10 +29,8 @@ def _with_deltas(tags: list, values: list[list[int]]) -> list[tuple]:
     return out
 
 
-
 SHORT_MATCH = 4
 """Matching points between two mismatches up to this many are re-aligned with them (see _insertions)."""
-
 
 
 def _insertions(fine1: list, fine2: list, coarse1: list, coarse2: list) -> list[tuple[int, int, int]]:
@@ -58,8 +54,9 @@ def _insertions(fine1: list, fine2: list, coarse1: list, coarse2: list) -> list[
             continue
         # a stretch of mismatches, with matches of at most SHORT_MATCH points between them
         k = i
-        while k + 1 < len(codes) and (codes[k + 1][0] != "equal" or (
-                codes[k + 1][2] - codes[k + 1][1] <= SHORT_MATCH and k + 2 < len(codes))):
+        while k + 1 < len(codes) and (
+            codes[k + 1][0] != "equal" or (codes[k + 1][2] - codes[k + 1][1] <= SHORT_MATCH and k + 2 < len(codes))
+        ):
             k += 1
         a1, b1, a2, b2 = i1, codes[k][2], j1, codes[k][4]
         for sub, s1, e1, s2, e2 in SequenceMatcher(None, coarse1[a1:b1], coarse2[a2:b2], autojunk=False).get_opcodes():
@@ -69,7 +66,6 @@ def _insertions(fine1: list, fine2: list, coarse1: list, coarse2: list) -> list[
                 raise NotAffine("a deeper step is not the shallow step with runs of points inserted")
         i = k + 1
     return out
-
 
 
 def extrapolate_step(records: list[StepRecord], depths: tuple[int, ...], target: int) -> StepRecord:
@@ -102,7 +98,7 @@ def extrapolate_step(records: list[StepRecord], depths: tuple[int, ...], target:
         while pending and pending[0][0] == j:
             _, start2, length = pending.pop(0)
             candidates.append(("run", start2, len(expected3), length))
-            expected3 += t2[start2:start2 + length] * 2
+            expected3 += t2[start2 : start2 + length] * 2
             shift2 += length
         if j < len(t1):
             where3[j] = len(expected3)
@@ -126,8 +122,12 @@ def extrapolate_step(records: list[StepRecord], depths: tuple[int, ...], target:
                 for o in range(length):
                     at2, at3, next3 = v2[start2 + o], v3[start3 + o], v3[start3 + length + o]
                     # run k at the target: run 0 at depth m2, moved along the depth, plus k rep steps
-                    points.append((t2[start2 + o][0], [x2 + (x3 - x2) * (target - m2) + (y3 - x3) * k
-                                                       for x2, x3, y3 in zip(at2, at3, next3)]))
+                    points.append(
+                        (
+                            t2[start2 + o][0],
+                            [x2 + (x3 - x2) * (target - m2) + (y3 - x3) * k for x2, x3, y3 in zip(at2, at3, next3)],
+                        )
+                    )
         for phase, value in points:
             if min(value) < 0:
                 raise NotAffine("a share would be negative at full depth")
@@ -137,7 +137,6 @@ def extrapolate_step(records: list[StepRecord], depths: tuple[int, ...], target:
     assert best is not None
     shares: dict[str, int] = {name: best[i] for i, name in enumerate(CATEGORIES)}
     return StepRecord(peak_bytes=sum(best), shares=shares, peak_phase=phase_name(best_phase), timeline={})
-
 
 
 def phase_name(index: int) -> str | None:

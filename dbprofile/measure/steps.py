@@ -166,9 +166,15 @@ def measure_into(
         results = {unit: UnitResult() for unit in units}
         timed_s = 0.0
         ctx = StepContext(m=m, spec=spec, trainer=trainer, batch_size=batch_size, dev=dev, fake=fake)
-        tracker = tracker_cls(track_dev, trainer=trainer, memory_limit=settings.memory_limit,
-                              round_to=settings.round_to, allocator=allocator,
-                              model_cuda_scratch=settings.emulate_cuda, keep_trace=traces is not None)
+        tracker = tracker_cls(
+            track_dev,
+            trainer=trainer,
+            memory_limit=settings.memory_limit,
+            round_to=settings.round_to,
+            allocator=allocator,
+            model_cuda_scratch=settings.emulate_cuda,
+            keep_trace=traces is not None,
+        )
         # The tracker is on from the first step so every tensor that persists across steps
         # (optimizer state, caches a model builds on first use) is seen being made.
         with tracker:
@@ -220,9 +226,13 @@ def measure_into(
         block_layers = trainer.block_layers
         all_steps = ctx.all_steps
         del trainer, tracker, ctx
-    m.extra["timing"] = {"build_s": build_s, "all_steps_s": sum(all_steps), "steps_run": len(all_steps),
-                         "tracked_steps_s": [t for r in results.values() for t in r.tracked_times],
-                         "timed_steps_s": timed_s}
+    m.extra["timing"] = {
+        "build_s": build_s,
+        "all_steps_s": sum(all_steps),
+        "steps_run": len(all_steps),
+        "tracked_steps_s": [t for r in results.values() for t in r.tracked_times],
+        "timed_steps_s": timed_s,
+    }
     summarise(m, units, results, fake, block_layers)
 
 
@@ -230,8 +240,9 @@ def of_block(unit: int | None, units: list) -> str:
     return "" if unit is None else f" (block {unit + 1} of {len(units)})"
 
 
-def time_unit(ctx: StepContext, unit: int | None, out: UnitResult, min_steps: int, min_time_s: float,
-              max_time_s: float) -> None:
+def time_unit(
+    ctx: StepContext, unit: int | None, out: UnitResult, min_steps: int, min_time_s: float, max_time_s: float
+) -> None:
     """Time untracked steps of one unit with torch.utils.benchmark's adaptive_autorange: blocks of
     steps (as many per block as make the timer's own overhead negligible) for at least ``min_time_s``
     and four blocks, until the blocks' IQR is under TIMING_THRESHOLD of their median or ``max_time_s``
@@ -353,17 +364,19 @@ def summarise(m: Measurement, units: list, results: dict, fake: bool, block_laye
         for unit in units:
             r = results[unit]
             p = r.peak
-            m.blocks.append(BlockMeasurement(
-                block=int(unit),
-                layers=list(block_layers[unit]) if block_layers else [],
-                peak_bytes=p.peak_bytes,
-                shares=dict(p.shares),
-                peak_phase=p.peak_phase,
-                step_time_s=(r.median if r.median is not None else statistics.median(r.times)) if r.times else None,
-                step_time_iqr_s=(r.iqr if r.iqr is not None else iqr(r.times)) if r.times else None,
-                step_flops=r.flops,
-                transfer_time_s=statistics.median(r.transfer_times) if any(r.transfer_times) else None,
-            ))
+            m.blocks.append(
+                BlockMeasurement(
+                    block=int(unit),
+                    layers=list(block_layers[unit]) if block_layers else [],
+                    peak_bytes=p.peak_bytes,
+                    shares=dict(p.shares),
+                    peak_phase=p.peak_phase,
+                    step_time_s=(r.median if r.median is not None else statistics.median(r.times)) if r.times else None,
+                    step_time_iqr_s=(r.iqr if r.iqr is not None else iqr(r.times)) if r.times else None,
+                    step_flops=r.flops,
+                    transfer_time_s=statistics.median(r.transfer_times) if any(r.transfer_times) else None,
+                )
+            )
         block_times = [b.step_time_s for b in m.blocks if b.step_time_s is not None]
         if len(block_times) == len(m.blocks):
             m.block_steps_time_s = sum(block_times)
@@ -379,5 +392,3 @@ def iqr(times: list[float]) -> float:
     """Interquartile range (torch.utils.benchmark's definition: numpy-style linear quantiles)."""
     q = statistics.quantiles(times, n=4, method="inclusive") if len(times) > 1 else [times[0]] * 3
     return q[2] - q[0]
-
-

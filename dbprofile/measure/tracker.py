@@ -227,9 +227,7 @@ class Tracker:
         if optimizer is not None:
             if id(optimizer) not in self._opt_hooked:
                 self._opt_hooked.add(id(optimizer))
-                self._handles.append(
-                    optimizer.register_step_post_hook(lambda *_: self._scan_optimizer(optimizer))
-                )
+                self._handles.append(optimizer.register_step_post_hook(lambda *_: self._scan_optimizer(optimizer)))
             self._scan_optimizer(optimizer)
 
     # ------------------------------------------------------------ internals
@@ -255,9 +253,7 @@ class Tracker:
         if info is not None:
             return info
         dev = t.device
-        excluded = dev.type != self.device.type or (
-            self.device.index is not None and dev.index != self.device.index
-        )
+        excluded = dev.type != self.device.type or (self.device.index is not None and dev.index != self.device.index)
         if not excluded and self._host_resident is not None:
             excluded = bool(self._host_resident(t))
         nbytes = self.rounded(st.nbytes())
@@ -408,5 +404,3 @@ class Tracker:
         self._points.append([self._phase_index, *self.totals])
         if self.keep_trace:
             self._ops.append(self.op)
-
-

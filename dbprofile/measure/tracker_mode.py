@@ -57,7 +57,6 @@ class SavedSlot:
                 self.tracker.reclassify(info)
 
 
-
 class TrackingMode(TorchDispatchMode):
     def __init__(self, tracker: TrackerHooks) -> None:
         super().__init__()
@@ -87,7 +86,6 @@ class TrackingMode(TorchDispatchMode):
         if tracker.flops is not None:
             tracker.flops.count(func, args, kwargs, out)
         return out
-
 
     def _with_cuda_scratch(self, func, args, kwargs):
         """A fake op with the scratch its CUDA kernel would take: input copies before its outputs,

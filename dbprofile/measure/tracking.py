@@ -16,22 +16,17 @@ from dbprofile.vocabulary import CATEGORIES
 CATEGORY_INDEX: dict[str, int] = {name: i for i, name in enumerate(CATEGORIES)}
 
 
-
 ACTIVATIONS = CATEGORY_INDEX["activations"]
-
 
 
 TEMPORARIES = CATEGORY_INDEX["temporaries"]
 
 
-
 WORKSPACE = CATEGORY_INDEX["workspace"]
-
 
 
 # Roles set from what a storage is (a parameter, a gradient...) outrank how it is used.
 ROLE_RANK = {"parameters": 0, "buffers": 1, "gradients": 2, "optimizer_state": 3, "inputs": 4}
-
 
 
 CUDA_BLOCK_BYTES = 512
@@ -39,14 +34,11 @@ CUDA_BLOCK_BYTES = 512
 is rounded up to a multiple of 512 bytes, and max_memory_allocated counts the rounded blocks."""
 
 
-
 DEFAULT_TIMELINE_POINTS = 240
-
 
 
 class MemoryLimitExceeded(RuntimeError):
     """Raised inside a step when live tracked bytes exceed the tracker's memory limit."""
-
 
 
 @dataclass
@@ -60,7 +52,6 @@ class StepRecord:
     trace: list[tuple[Any, list[int]]] | None = None
     """With ``keep_trace``: every point of the step, not downsampled, as (the op that was running,
     [phase index, bytes per category...]). dbprofile.measure.depth aligns these across depths."""
-
 
 
 class StorageInfo:
@@ -78,7 +69,6 @@ class StorageInfo:
         self.ref: weakref.ref | None = None
 
 
-
 def trainer_parameters(trainer: TrainerProtocol) -> list[torch.Tensor]:
     """Parameters of the trainer's model and its optimizer, each once."""
     seen: dict[int, torch.Tensor] = {}
@@ -92,7 +82,6 @@ def trainer_parameters(trainer: TrainerProtocol) -> list[torch.Tensor]:
     return list(seen.values())
 
 
-
 def tensors_in(obj: Any) -> list[torch.Tensor]:
     if isinstance(obj, torch.Tensor):
         return [obj]
@@ -101,7 +90,6 @@ def tensors_in(obj: Any) -> list[torch.Tensor]:
     if isinstance(obj, (list, tuple)):
         return [t for v in obj for t in tensors_in(v)]
     return []
-
 
 
 def downsample(points: list[list[int]], limit: int) -> list[list[int]]:
@@ -113,7 +101,7 @@ def downsample(points: list[list[int]], limit: int) -> list[list[int]]:
     inner = points[1:-1]
     out = [points[0]]
     for i in range(keep):
-        chunk = inner[i * len(inner) // keep:(i + 1) * len(inner) // keep]
+        chunk = inner[i * len(inner) // keep : (i + 1) * len(inner) // keep]
         if chunk:
             out.append(max(chunk, key=lambda p: sum(p[1:])))
     out.append(points[-1])

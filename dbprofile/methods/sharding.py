@@ -216,7 +216,9 @@ def _to_meta(module: nn.Module) -> None:
     for sub in module.modules():
         for name, param in sub._parameters.items():
             if param is not None:
-                sub._parameters[name] = nn.Parameter(torch.empty_like(param, device="meta"), requires_grad=param.requires_grad)
+                sub._parameters[name] = nn.Parameter(
+                    torch.empty_like(param, device="meta"), requires_grad=param.requires_grad
+                )
         for name, buf in sub._buffers.items():
             if buf is not None:
                 sub._buffers[name] = torch.empty_like(buf, device="meta")

@@ -67,7 +67,7 @@ class RotaryCache:
             return self._tables[key]
         # Frequencies theta^(-2i/d), i = 0..d/2-1, as in RoFormer and Llama; float32 for accuracy.
         exponents = torch.arange(0, self.head_dim, 2, device=device, dtype=torch.float32) / self.head_dim
-        inv_freq = self.theta ** -exponents
+        inv_freq = self.theta**-exponents
         angles = torch.outer(torch.arange(length, device=device, dtype=torch.float32), inv_freq)
         angles = torch.cat([angles, angles], dim=-1)  # (T, head_dim), "rotate half" layout
         table = (angles.cos().to(dtype), angles.sin().to(dtype))

@@ -105,7 +105,9 @@ def make_spec(
     shape = {**defaults, **kwargs}
     channels, size, classes = shape["in_channels"], shape["sample_size"], shape["num_embeds_ada_norm"]
     if not classes:
-        raise SpecError("diffusers DiT needs num_embeds_ada_norm (its number of classes) for class-conditional training.")
+        raise SpecError(
+            "diffusers DiT needs num_embeds_ada_norm (its number of classes) for class-conditional training."
+        )
 
     def build() -> nn.Module:
         with seeded(SEED):

@@ -55,8 +55,16 @@ class DiTConfig:
     """Seed for the initial weights and the random batch."""
 
     def __post_init__(self) -> None:
-        for name in ("input_size", "in_channels", "patch_size", "num_classes", "num_layers",
-                     "hidden_size", "num_heads", "frequency_size"):
+        for name in (
+            "input_size",
+            "in_channels",
+            "patch_size",
+            "num_classes",
+            "num_layers",
+            "hidden_size",
+            "num_heads",
+            "frequency_size",
+        ):
             if not isinstance(getattr(self, name), int) or getattr(self, name) < 1:
                 raise ValueError(f"DiTConfig.{name} must be a positive integer; got {getattr(self, name)!r}.")
         if self.input_size % self.patch_size:
@@ -100,9 +108,7 @@ class NoiseLevelEmbedder(nn.Module):
     def __init__(self, hidden_size: int, frequency_size: int) -> None:
         super().__init__()
         self.frequency_size = frequency_size
-        self.mlp = nn.Sequential(
-            nn.Linear(frequency_size, hidden_size), nn.SiLU(), nn.Linear(hidden_size, hidden_size)
-        )
+        self.mlp = nn.Sequential(nn.Linear(frequency_size, hidden_size), nn.SiLU(), nn.Linear(hidden_size, hidden_size))
 
     def forward(self, noise_level: torch.Tensor) -> torch.Tensor:
         features = sinusoidal_features(noise_level, self.frequency_size)
@@ -172,9 +178,7 @@ class DiT(nn.Module):
         self.y_embedder = LabelEmbedder(config.num_classes, d, config.class_dropout_prob)
         # Fixed, not learned (as in DiT), so a buffer: it takes no gradient or optimizer state.
         self.register_buffer("pos_embed", sincos_positions(d, config.grid_size).unsqueeze(0), persistent=False)
-        self.blocks = nn.ModuleList(
-            DiTBlock(d, config.num_heads, config.mlp_ratio) for _ in range(config.num_layers)
-        )
+        self.blocks = nn.ModuleList(DiTBlock(d, config.num_heads, config.mlp_ratio) for _ in range(config.num_layers))
         self.final_layer = FinalLayer(d, p, config.in_channels)
         self._init_weights()
 
@@ -292,4 +296,3 @@ def published_parameter_count(config: DiTConfig, published: float) -> float:
     output_channels_dropped = d * p * p * c + p * p * c
     frozen_positions = config.num_patches * d
     return published - output_channels_dropped - frozen_positions
-

@@ -239,10 +239,19 @@ def _causal_spec(name, overrides, config, seq_len, label, common) -> ModelSpec:
         return F.cross_entropy(logits.flatten(0, 1), batch["targets"].flatten())
 
     return ModelSpec(
-        **common, batch=batch, loss=loss, task="causal-lm", num_classes=vocab,
+        **common,
+        batch=batch,
+        loss=loss,
+        task="causal-lm",
+        num_classes=vocab,
         description=f"{label}: {config.model_type} causal LM, {config.num_hidden_layers} layers, sequence {t}",
-        extra={"source": f"hf:{name}", "sequence_length": t, "vocab_size": vocab,
-               "attention": getattr(config, "_attn_implementation", None), "overrides": dict(overrides)},
+        extra={
+            "source": f"hf:{name}",
+            "sequence_length": t,
+            "vocab_size": vocab,
+            "attention": getattr(config, "_attn_implementation", None),
+            "overrides": dict(overrides),
+        },
         shapes={"seq_len": lambda n: make_spec(name, overrides, seq_len=n)},
         position_adapter=hf_position_adapter,
     )
@@ -275,7 +284,11 @@ def _classifier_spec(name, overrides, config, label, common) -> ModelSpec:
 
     plain = {k: v for k, v in overrides.items() if k != "image_size"}
     return ModelSpec(
-        **common, batch=batch, loss=loss, task="classification", num_classes=classes,
+        **common,
+        batch=batch,
+        loss=loss,
+        task="classification",
+        num_classes=classes,
         description=f"{label}: {config.model_type} image classifier, {size}px, {classes} classes",
         extra={"source": f"hf:{name}", "image_size": size, "overrides": dict(plain)},
         shapes={"image_size": lambda n: make_spec(name, plain, image_size=n)},
@@ -343,12 +356,17 @@ def hf_position_adapter(model: nn.Module, layout: SequenceLayout) -> CallRewrite
         # Whatever this adapter does not rebuild must not be a per-position tensor for T tokens.
         left = per_position_arguments(
             tuple(None if name else a for name, a in zip(positional, args, strict=True)),
-            {k: v for k, v in kwargs.items() if k not in REBUILT}, layout.tokens, names)
+            {k: v for k, v in kwargs.items() if k not in REBUILT},
+            layout.tokens,
+            names,
+        )
         if left:
             raise refusal(type(model).__name__, left, layout.tokens, layout.length)
         hidden = args[0]
-        new_args = tuple(a if i == 0 or name is None else rebuilt(name, a, hidden)
-                         for i, (name, a) in enumerate(zip(positional, args, strict=True)))
+        new_args = tuple(
+            a if i == 0 or name is None else rebuilt(name, a, hidden)
+            for i, (name, a) in enumerate(zip(positional, args, strict=True))
+        )
         new_kwargs = {k: rebuilt(k, v, hidden) if k in REBUILT else v for k, v in kwargs.items()}
         return new_args, new_kwargs
 

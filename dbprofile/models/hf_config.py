@@ -27,7 +27,6 @@ def require_transformers() -> Any:
     return transformers
 
 
-
 @contextlib.contextmanager
 def quiet_transformers() -> Iterator[None]:
     """Silence transformers' logging (config sanity warnings about token ids of random-size
@@ -42,13 +41,11 @@ def quiet_transformers() -> Iterator[None]:
         logging.set_verbosity(level)
 
 
-
 def _read_json(path: Path) -> dict[str, Any]:
     try:
         return json.loads(path.read_text())
     except (OSError, json.JSONDecodeError) as err:
         raise SpecError(f"Cannot read the model config {str(path)!r}: {err}. Pass a valid config.json.") from None
-
 
 
 def raw_config(name: str) -> tuple[dict[str, Any], str]:
@@ -80,13 +77,13 @@ def raw_config(name: str) -> tuple[dict[str, Any], str]:
         f" If {name!r} is a hub id, its config is not in the local cache and dbprofile never downloads at run "
         f"time: fetch it with `huggingface-cli download {name} config.json` (or save the config.json and pass "
         "its directory)."
-        if "/" in name else ""
+        if "/" in name
+        else ""
     )
     raise SpecError(
         f"hf:{name} is not a local config, a cached hub id or a model_type transformers "
         f"{transformers.__version__} knows.{hint}{hub} A local directory holding config.json also works."
     )
-
 
 
 def make_config(data: dict[str, Any], overrides: dict[str, str], source: str) -> Any:

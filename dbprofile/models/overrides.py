@@ -27,6 +27,7 @@ def parse_set_options(items: Iterable[str]) -> dict[str, str]:
 
 def parse_value(key: str, text: str, current: Any) -> Any:
     """``text`` as the type of the field's ``current`` value; SpecError when it does not parse."""
+
     def wrong(kind: str) -> SpecError:
         return SpecError(f"--set {key}={text}: {key} takes {kind} (it is {current!r} now).")
 

@@ -62,7 +62,9 @@ def make_spec(name: str, overrides: dict[str, str] | None = None, image_size: in
     if not timm.is_model(name):
         close = difflib.get_close_matches(name, timm.list_models(), n=3, cutoff=0.6)
         hint = f" Close names: {', '.join(close)}." if close else ""
-        raise SpecError(f"timm:{name} is not a model timm {timm.__version__} knows.{hint} `timm.list_models()` lists them.")
+        raise SpecError(
+            f"timm:{name} is not a model timm {timm.__version__} knows.{hint} `timm.list_models()` lists them."
+        )
     overrides = dict(overrides or {})
     kwargs = _typed(overrides)
     if image_size is not None:
@@ -91,7 +93,9 @@ def make_spec(name: str, overrides: dict[str, str] | None = None, image_size: in
         meta = create()
     path = find_layer_stack(meta)
     if path is None:
-        raise SpecError(f"timm:{name}: cannot find a stack of residual layers (a ModuleList or Sequential of one class).")
+        raise SpecError(
+            f"timm:{name}: cannot find a stack of residual layers (a ModuleList or Sequential of one class)."
+        )
     cfg = getattr(meta, "pretrained_cfg", None) or {}
     channels, height, width = cfg.get("input_size", (3, 224, 224))
     if image_size is not None:

@@ -60,13 +60,9 @@ class ViTConfig:
             if not isinstance(getattr(self, name), int) or getattr(self, name) < 1:
                 raise ValueError(f"ViTConfig.{name} must be a positive integer; got {getattr(self, name)!r}.")
         if self.image_size % self.patch_size:
-            raise ValueError(
-                f"ViTConfig.patch_size={self.patch_size} must divide image_size={self.image_size}."
-            )
+            raise ValueError(f"ViTConfig.patch_size={self.patch_size} must divide image_size={self.image_size}.")
         if self.hidden_size % self.num_heads:
-            raise ValueError(
-                f"ViTConfig.num_heads={self.num_heads} must divide hidden_size={self.hidden_size}."
-            )
+            raise ValueError(f"ViTConfig.num_heads={self.num_heads} must divide hidden_size={self.hidden_size}.")
         if self.mlp_ratio <= 0:
             raise ValueError(f"ViTConfig.mlp_ratio must be positive; got {self.mlp_ratio}.")
         if self.pooling not in POOLINGS:

@@ -14,12 +14,10 @@ BATCH_DEPENDENT = ("activations", "temporaries", "inputs")
 state) and the CUDA corrections other than the allocator's fraction do not."""
 
 
-
 MAX_CONFIRM_RUNS = 3
 
 MISS_MARGIN = 0.005
 """After a confirming run misses, the next guess aims this fraction of the capacity lower."""
-
 
 
 def find_max_batch(entry: PlanEntry, predict: Callable[[int], PlanEntry], capacity: int, confirm: bool) -> None:
@@ -85,13 +83,11 @@ def find_max_batch(entry: PlanEntry, predict: Callable[[int], PlanEntry], capaci
     }
 
 
-
 def entry_corrections(entry: PlanEntry, target: Target) -> dict[str, int]:
     """``cuda_corrections`` for a planned entry on ``target``. The allocator replay (carried in
     ``entry.extra``) describes the one-device run; sharded shares get the fraction."""
     replay = entry.extra.get("allocator_model") if entry.sharding == "none" else None
     return cuda_corrections(entry.tracked_peak_bytes, target, replay["peak_reserved_bytes"] if replay else None)
-
 
 
 def set_fit(entry: PlanEntry, capacity: int | None) -> None:
@@ -104,12 +100,10 @@ def set_fit(entry: PlanEntry, capacity: int | None) -> None:
     entry.shortfall_bytes = max(-entry.headroom_bytes, 0)
 
 
-
 def nothing_fits(plan: Plan) -> bool:
     """The plan has a target capacity and no technique that ran fits it (or none ran at all)."""
     ok = [e for e in plan.entries if e.ok]
     return not ok or (plan.capacity_bytes is not None and not any(e.fits for e in ok))
-
 
 
 def fits_on(plan: Plan, gpu: str | int | GPU | None = None, technique: str | None = None) -> bool:

@@ -1,7 +1,6 @@
 """``plan()``: run the real training code of every technique in fake-tensor mode, shard the
 shares, add the CUDA corrections, and say what fits (the package docstring has the method)."""
 
-
 from __future__ import annotations
 
 import functools
@@ -36,7 +35,9 @@ Larger models are extrapolated (dbprofile.measure.depth), their reserved bytes e
 MeasureFn = Callable[..., Measurement]
 
 
-def parse_requested(names: list[str] | str | None, world_size: int, num_layers: int) -> list[tuple[str, Technique, bool]]:
+def parse_requested(
+    names: list[str] | str | None, world_size: int, num_layers: int
+) -> list[tuple[str, Technique, bool]]:
     """(display name, technique to run, block-parallel?) per requested technique."""
     if names is None:
         names = list(DEFAULT_TECHNIQUES)
@@ -118,8 +119,10 @@ def plan(
         # Reserved memory (the allocator replay) extrapolates only approximately in the depth; a model
         # this small traces in full in seconds, so it gets the replay of every layer.
         full_trace = True
-        full_trace_reason = (f"parameter memory under {format_bytes(FULL_TRACE_BELOW_PARAMETER_BYTES)} on a GPU "
-                             "target: traced in full so the allocator replay covers every layer")
+        full_trace_reason = (
+            f"parameter memory under {format_bytes(FULL_TRACE_BELOW_PARAMETER_BYTES)} on a GPU "
+            "target: traced in full so the allocator replay covers every layer"
+        )
 
     not_identical = facts.not_identical
     wanted = parse_requested(techniques, world_size, facts.num_layers)
@@ -135,19 +138,40 @@ def plan(
             try:
                 # Fake runs are deterministic: one warm-up (optimizer state) and one measured step.
                 if measure_fn is None:
-                    runs[key] = measure_fake(spec, tech, b, layers=facts.num_layers, not_identical=not_identical,
-                                             full_trace=full_trace, full_trace_reason=full_trace_reason,
-                                             precision=precision, optimizer=optimizer, round_to=round_to,
-                                             emulate_cuda=target.cuda)
+                    runs[key] = measure_fake(
+                        spec,
+                        tech,
+                        b,
+                        layers=facts.num_layers,
+                        not_identical=not_identical,
+                        full_trace=full_trace,
+                        full_trace_reason=full_trace_reason,
+                        precision=precision,
+                        optimizer=optimizer,
+                        round_to=round_to,
+                        emulate_cuda=target.cuda,
+                    )
                 else:
-                    runs[key] = run(spec, tech.name, b, device="cpu", precision=precision, optimizer=optimizer,
-                                    fake=True, layers=facts.num_layers, round_to=round_to,
-                                    warmup_steps=1, steps=1, emulate_cuda=target.cuda)
+                    runs[key] = run(
+                        spec,
+                        tech.name,
+                        b,
+                        device="cpu",
+                        precision=precision,
+                        optimizer=optimizer,
+                        fake=True,
+                        layers=facts.num_layers,
+                        round_to=round_to,
+                        warmup_steps=1,
+                        steps=1,
+                        emulate_cuda=target.cuda,
+                    )
             except SpecError:
                 raise
             except Exception as err:  # recorded, not fatal: the other techniques still plan
-                runs[key] = Measurement(technique=tech.name, batch_size=b, status="error", fake=True,
-                                        error=f"{type(err).__name__}: {err}")
+                runs[key] = Measurement(
+                    technique=tech.name, batch_size=b, status="error", fake=True, error=f"{type(err).__name__}: {err}"
+                )
         return runs[key]
 
     simulated: dict[tuple[str, int], Measurement] = {}
@@ -168,30 +192,50 @@ def plan(
             progress.stage(f"planning {name} at batch {b}: one rank simulated on fake tensors")
             try:
                 ranks = (tech.blocks or 1) if parallel else world_size
-                simulated[key] = simulate_fake(spec, name, tech, b, ranks,
-                                               layers=facts.num_layers, not_identical=not_identical,
-                                               parallel=parallel, full_trace=full_trace,
-                                               full_trace_reason=full_trace_reason, precision=precision,
-                                               optimizer=optimizer, round_to=round_to)
+                simulated[key] = simulate_fake(
+                    spec,
+                    name,
+                    tech,
+                    b,
+                    ranks,
+                    layers=facts.num_layers,
+                    not_identical=not_identical,
+                    parallel=parallel,
+                    full_trace=full_trace,
+                    full_trace_reason=full_trace_reason,
+                    precision=precision,
+                    optimizer=optimizer,
+                    round_to=round_to,
+                )
             except SpecError:
                 raise
             except Exception as err:  # recorded, not fatal, as in fake_run
-                simulated[key] = Measurement(technique=name, batch_size=b, status="error", fake=True,
-                                             error=f"{type(err).__name__}: {err}")
+                simulated[key] = Measurement(
+                    technique=name, batch_size=b, status="error", fake=True, error=f"{type(err).__name__}: {err}"
+                )
         return simulated[key]
 
     def predict(name: str, tech: Technique, parallel: bool, b: int) -> PlanEntry:
         sim = sharded_run(name, tech, parallel, b)
         m = sim if sim is not None else fake_run(tech, b)
-        entry = PlanEntry(technique=name, batch_size=b, status=m.status, error=m.error,
-                          num_parameters=m.num_parameters, extra_parameters=m.extra_parameters,
-                          peak_phase=m.peak_phase, peak_block=m.peak_block, extra=dict(m.extra))
+        entry = PlanEntry(
+            technique=name,
+            batch_size=b,
+            status=m.status,
+            error=m.error,
+            num_parameters=m.num_parameters,
+            extra_parameters=m.extra_parameters,
+            peak_phase=m.peak_phase,
+            peak_block=m.peak_block,
+            extra=dict(m.extra),
+        )
         if not m.ok:
             return entry
         # Counted on the same fake step as the memory: whole-model work per batch, whatever the sharding.
         entry.training_flops = m.training_flops
-        entry.block_step_flops = list(m.extra.get("rank_step_flops") or
-                                      [blk.step_flops for blk in m.blocks if blk.step_flops is not None])
+        entry.block_step_flops = list(
+            m.extra.get("rank_step_flops") or [blk.step_flops for blk in m.blocks if blk.step_flops is not None]
+        )
         if sim is not None:  # already one rank's shares
             shares = dict(sim.shares)
             entry.world_size = (tech.blocks or 1) if parallel else world_size
@@ -211,22 +255,28 @@ def plan(
         entry.peak_bytes = entry.tracked_peak_bytes + sum(entry.corrections.values())
         set_fit(entry, target.capacity_bytes)
         entry.flops_per_sample = per_sample(entry.training_flops, b)
-        entry.time_per_million_samples_s = time_per_million_samples(entry.flops_per_sample, peak_flops,
-                                                                    entry.world_size)
+        entry.time_per_million_samples_s = time_per_million_samples(
+            entry.flops_per_sample, peak_flops, entry.world_size
+        )
         return entry
 
     entries = []
     for name, tech, parallel in wanted:
         entry = predict(name, tech, parallel, batch_size)
         if entry.ok and search_max_batch and target.capacity_bytes is not None:
-            find_max_batch(entry, functools.partial(predict, name, tech, parallel), target.capacity_bytes,
-                           confirm_max_batch)
+            find_max_batch(
+                entry, functools.partial(predict, name, tech, parallel), target.capacity_bytes, confirm_max_batch
+            )
         entries.append(entry)
 
     result = Plan(
         model=spec.name,
-        model_info={"family": spec.family, "task": spec.task, "num_layers": facts.num_layers,
-                    "parameter_bytes": facts.total_bytes},
+        model_info={
+            "family": spec.family,
+            "task": spec.task,
+            "num_layers": facts.num_layers,
+            "parameter_bytes": facts.total_bytes,
+        },
         device=target.name,
         capacity_bytes=target.capacity_bytes,
         batch_size=batch_size,
@@ -245,4 +295,3 @@ def plan(
     result.verdict = judge(result)
     result.elapsed_s = time.perf_counter() - started
     return result
-

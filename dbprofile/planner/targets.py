@@ -20,11 +20,9 @@ torch 2.11.0+cu130). H100 80GB HBM3: 1247 to 1257 MiB over 60 configurations
 It grows by about 10 MiB as more kernels load during a run, so the largest figure is used."""
 
 
-
 CUDA_CONTEXT_BYTES = max(MEASURED_CUDA_CONTEXT_BYTES.values())
 """For a card not measured: the largest measured figure (older stacks report less, 287 MB right
 after init, pytorch/pytorch#86509, but a training step loads far more kernels)."""
-
 
 
 def cuda_context_bytes(gpu_name: str) -> int:
@@ -40,7 +38,6 @@ def cuda_context_bytes(gpu_name: str) -> int:
     return CUDA_CONTEXT_BYTES
 
 
-
 ALLOCATOR_OVERHEAD_FRACTION = 0.11
 """Reserved minus allocated, as a share of allocated: segments are 2 MiB for blocks <= 1 MiB, 20 MiB
 for blocks < 10 MiB, and larger requests are rounded up to 2 MiB (kSmallBuffer, kLargeBuffer,
@@ -51,10 +48,8 @@ addresses, so this is the median measured on an H100 (reports/gpu-validation-h10
 reports out of memory, so the fit decision does not hinge on this estimate."""
 
 
-
 UNKNOWN_GPU_COMPUTE_CAPABILITY = (9, 0)
 """A capacity given in bytes says nothing about the card; assume the larger (sm90) cuBLAS workspace."""
-
 
 
 ASSUMED_UTILISATION = 0.4
@@ -62,7 +57,6 @@ ASSUMED_UTILISATION = 0.4
 time. Large transformer training on A100/H100 reports 30-55% model FLOPs utilisation (PaLM 46%,
 Megatron-LM 52% on A100 for its largest models); 40% is a round middle. The ratios between techniques
 do not depend on it; absolute times do, and are labelled as estimates."""
-
 
 
 @dataclass(frozen=True)
@@ -75,7 +69,6 @@ class Target:
     compute_capability: tuple[int, int] | None = None
     gpu: GPU | None = None
     """The table entry (None for a capacity in bytes or the CPU): its peak FLOPS."""
-
 
 
 def resolve_target(device: str | int | GPU) -> Target:
@@ -94,7 +87,6 @@ def resolve_target(device: str | int | GPU) -> Target:
         return resolve_target(int(device.strip()))
     gpu = get_gpu(str(device))
     return Target(gpu.name, gpu.capacity_bytes, True, gpu.compute_capability, gpu)
-
 
 
 def cuda_corrections(tracked_bytes: int, target: Target, replayed_reserved_bytes: int | None = None) -> dict[str, int]:
@@ -124,9 +116,9 @@ def cuda_corrections(tracked_bytes: int, target: Target, replayed_reserved_bytes
     }
 
 
-
-def time_per_million_samples(flops_per_sample: float | None, peak_flops: int | None, devices: int,
-                              utilisation: float = ASSUMED_UTILISATION) -> float | None:
+def time_per_million_samples(
+    flops_per_sample: float | None, peak_flops: int | None, devices: int, utilisation: float = ASSUMED_UTILISATION
+) -> float | None:
     """Seconds to train on a million samples with ``devices`` devices each sustaining ``utilisation``
     of ``peak_flops``: an illustration of FLOPs as time (None when either figure is unknown)."""
     if flops_per_sample is None or not peak_flops:

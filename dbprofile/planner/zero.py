@@ -25,7 +25,6 @@ class ModelFacts:
         return sum(self.layer_bytes) + self.rest_bytes
 
 
-
 def model_facts(spec: ModelSpec) -> ModelFacts:
     from dbprofile.measure.depth import stack_difference
     from dbprofile.measure.fake import fake_mode
@@ -36,17 +35,18 @@ def model_facts(spec: ModelSpec) -> ModelFacts:
         per_layer = tuple(sum(p.numel() * p.element_size() for p in layer.parameters()) for layer in layers)
         total = sum(p.numel() * p.element_size() for p in model.parameters())
         different = stack_difference(list(layers))
-    return ModelFacts(layer_bytes=per_layer, rest_bytes=total - sum(per_layer), num_layers=len(per_layer),
-                      not_identical=different)
-
+    return ModelFacts(
+        layer_bytes=per_layer, rest_bytes=total - sum(per_layer), num_layers=len(per_layer), not_identical=different
+    )
 
 
 def ceil_div(n: int, d: int) -> int:
     return -(-n // d)
 
 
-
-def shard_zero(shares: dict[str, int], stage: int, world_size: int, unit_bytes: int, peak_phase: str | None) -> dict[str, int]:
+def shard_zero(
+    shares: dict[str, int], stage: int, world_size: int, unit_bytes: int, peak_phase: str | None
+) -> dict[str, int]:
     """Per-device shares under ZeRO ``stage`` over ``world_size`` ranks.
 
     Stage 1 shards optimizer state, 2 also gradients, 3 also parameters (FSDP FULL_SHARD).
@@ -66,7 +66,6 @@ def shard_zero(shares: dict[str, int], stage: int, world_size: int, unit_bytes: 
         params = shares.get("parameters", 0)
         out["parameters"] = ceil_div(params, world_size) + min(unit_bytes, params)
     return out
-
 
 
 def block_parallel(m: Measurement, facts: ModelFacts) -> tuple[dict[str, int], int | None]:

@@ -52,6 +52,8 @@ _RC: dict[RcKeyType, Any] = {
     "axes.spines.top": False,
     "axes.spines.right": False,
 }
+
+
 def chart_style() -> contextlib.AbstractContextManager:
     """Matplotlib settings every chart draws under (text stays text, no math parsing)."""
     return matplotlib.rc_context(_RC)
@@ -83,10 +85,14 @@ def svg_from_figure(fig: Figure, name: str) -> str:
     and so is the metadata block (it only names matplotlib and the date)."""
     buf = io.StringIO()
     with matplotlib.rc_context({**_RC, "svg.hashsalt": name}):
-        fig.savefig(buf, format="svg", bbox_inches="tight",
-                    metadata={"Date": None, "Creator": None, "Format": None, "Type": None})
+        fig.savefig(
+            buf,
+            format="svg",
+            bbox_inches="tight",
+            metadata={"Date": None, "Creator": None, "Format": None, "Type": None},
+        )
     svg = buf.getvalue()
-    svg = svg[svg.index("<svg"):]
+    svg = svg[svg.index("<svg") :]
     # Path coordinates to 0.1 pt (invisible on screen) and no line breaks inside them: the
     # timelines' areas shrink from hundreds of kilobytes to tens.
     svg = _PATH_DATA.sub(lambda m: ' d="' + _round_path(m.group(1)) + '"', svg)
@@ -106,8 +112,9 @@ def present_categories(share_dicts: Sequence[dict[str, int]]) -> list[str]:
 
 def category_legend(fig: Figure, categories: Sequence[str], ncol: int | None = None) -> None:
     handles = [Patch(facecolor=CATEGORY_COLOURS[c], label=category_label(c)) for c in categories]
-    fig.legend(handles=handles, loc="lower center", ncol=ncol or min(len(handles), 7), frameon=False,
-               bbox_to_anchor=(0.5, 1.0))
+    fig.legend(
+        handles=handles, loc="lower center", ncol=ncol or min(len(handles), 7), frameon=False, bbox_to_anchor=(0.5, 1.0)
+    )
 
 
 def peak_bars(measurements: Sequence[Measurement], labels: Sequence[str]) -> str:
@@ -127,16 +134,24 @@ def peak_bars(measurements: Sequence[Measurement], labels: Sequence[str]) -> str
         largest = max((m.peak_bytes for m in measurements if m.ok), default=0) / scale or 1.0
         for i, (m, y) in enumerate(zip(measurements, rows)):
             if not m.ok:
-                ax.text(0, y, f"  {m.status.upper()}: no peak measured", va="center", ha="left",
-                        color="#B00020", fontweight="bold")
+                ax.text(
+                    0,
+                    y,
+                    f"  {m.status.upper()}: no peak measured",
+                    va="center",
+                    ha="left",
+                    color="#B00020",
+                    fontweight="bold",
+                )
                 continue
             left = 0.0
             for cat in categories:
                 width = m.shares.get(cat, 0) / scale
                 if width <= 0:
                     continue
-                bars = ax.barh([y], [width], left=left, color=CATEGORY_COLOURS[cat], height=0.62,
-                               edgecolor="white", linewidth=0.5)
+                bars = ax.barh(
+                    [y], [width], left=left, color=CATEGORY_COLOURS[cat], height=0.62, edgecolor="white", linewidth=0.5
+                )
                 bars[0].set_gid(f"peak-bar-{i}-{cat}")
                 left += width
             ax.text(left + largest * 0.01, y, f"{m.peak_bytes / scale:.2f} {unit}", va="center", ha="left")
@@ -155,7 +170,7 @@ def _thin(points: list[list[float]]) -> list[list[float]]:
     if len(points) <= MAX_TIMELINE_POINTS:
         return points
     size = -(-len(points) // MAX_TIMELINE_POINTS)
-    return [max(points[s:s + size], key=lambda p: sum(p[1:])) for s in range(0, len(points), size)]
+    return [max(points[s : s + size], key=lambda p: sum(p[1:])) for s in range(0, len(points), size)]
 
 
 def timelines(measurements: Sequence[Measurement], labels: Sequence[str]) -> str | None:
@@ -188,8 +203,17 @@ def timelines(measurements: Sequence[Measurement], labels: Sequence[str]) -> str
                     phase = phases[idx] if 0 <= idx < len(phases) else ""
                     ax.axvspan(start - 0.5, j - 0.5, color=PHASE_COLOURS.get(phase, "#f7f7f7"), lw=0)
                     if j - start >= 0.12 * len(points):  # a label on a sliver would overlap its neighbour
-                        ax.text((start + j - 1) / 2, 1.0, phase, transform=ax.get_xaxis_transform(),
-                                ha="center", va="bottom", fontsize=7, color="#555555", clip_on=False)
+                        ax.text(
+                            (start + j - 1) / 2,
+                            1.0,
+                            phase,
+                            transform=ax.get_xaxis_transform(),
+                            ha="center",
+                            va="bottom",
+                            fontsize=7,
+                            color="#555555",
+                            clip_on=False,
+                        )
                     start = j
             order = [c for c in CATEGORIES if c in cats] + [c for c in cats if c not in CATEGORIES]
             ys, colours = [], []
@@ -233,8 +257,15 @@ def block_bars(m: Measurement, title: str) -> str:
                 height = b.shares.get(cat, 0) / scale
                 if height <= 0:
                     continue
-                bars = ax.bar([i], [height], bottom=bottom, color=CATEGORY_COLOURS[cat], width=0.6,
-                              edgecolor="white", linewidth=0.5)
+                bars = ax.bar(
+                    [i],
+                    [height],
+                    bottom=bottom,
+                    color=CATEGORY_COLOURS[cat],
+                    width=0.6,
+                    edgecolor="white",
+                    linewidth=0.5,
+                )
                 bars[0].set_gid(f"block-bar-{i}-{cat}")
                 bottom += height
             if b.block == worst:
@@ -268,8 +299,14 @@ def step_times(rows: Sequence[tuple[str, float, list[float] | None]], baseline_s
             xerr = None
             if spread and len(spread) == 2:
                 xerr = [[max(median - spread[0], 0)], [max(spread[1] - median, 0)]]
-            ax.barh([y], [median], color="#4C72B0" if "block-step" not in label else "#8172B3", height=0.6,
-                    xerr=xerr, error_kw={"ecolor": "#333333", "capsize": 2, "lw": 0.8})
+            ax.barh(
+                [y],
+                [median],
+                color="#4C72B0" if "block-step" not in label else "#8172B3",
+                height=0.6,
+                xerr=xerr,
+                error_kw={"ecolor": "#333333", "capsize": 2, "lw": 0.8},
+            )
             note = f"{median * 1000:.1f} ms"
             if baseline_s:
                 note += f"  ({median / baseline_s:.2f}x e2e)"
@@ -281,5 +318,3 @@ def step_times(rows: Sequence[tuple[str, float, list[float] | None]], baseline_s
         ax.grid(axis="x", color="#dddddd", linewidth=0.6)
         ax.set_axisbelow(True)
         return svg_from_figure(fig, "step-times")
-
-

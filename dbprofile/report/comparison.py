@@ -28,9 +28,11 @@ from dbprofile.units import format_bytes, pick_unit
 
 # Shapes a run may be made at (``--seq-len``, ``--image-size``), as the run's model_info names
 # them, with the axis label of a sweep over them.
-SHAPES = {"sequence_length": "sequence length (tokens)", "image_size": "image size (pixels)",
-          "latent_size": "latent size (latent pixels)"}
-
+SHAPES = {
+    "sequence_length": "sequence length (tokens)",
+    "image_size": "image size (pixels)",
+    "latent_size": "latent size (latent pixels)",
+}
 
 
 def swept_shape(results: Sequence[RunResult]) -> str | None:
@@ -45,21 +47,31 @@ def swept_shape(results: Sequence[RunResult]) -> str | None:
     return None
 
 
-
 def _sweep_section(results: Sequence[RunResult], key: str) -> str:
     techniques = sorted(dict.fromkeys(m.technique for r in results for m in r.measurements), key=_technique_order)
     ordered = sorted(results, key=lambda r: r.model_info[key])
     batches = sorted({m.batch_size for r in results for m in r.measurements})
     charts_html = []
     for bs in batches:
-        series = [(tech, [(r.model_info[key], m) for r in ordered for m in r.measurements
-                          if m.technique == tech and m.batch_size == bs]) for tech in techniques]
+        series = [
+            (
+                tech,
+                [
+                    (r.model_info[key], m)
+                    for r in ordered
+                    for m in r.measurements
+                    if m.technique == tech and m.batch_size == bs
+                ],
+            )
+            for tech in techniques
+        ]
         title = f"<h3>batch {bs}</h3>" if len(batches) > 1 else ""
         charts_html.append(title + chart_html(sweep_lines(SHAPES[key], series)))
-    note = (f'<p class="muted">Peak memory of each technique against the {esc(humanise(key))}; each point is '
-            "the run at that value (the table below has every number).</p>")
+    note = (
+        f'<p class="muted">Peak memory of each technique against the {esc(humanise(key))}; each point is '
+        "the run at that value (the table below has every number).</p>"
+    )
     return section_html("sweep", f"Peak against {esc(humanise(key))}", note + "".join(charts_html))
-
 
 
 def _series(results: Sequence[RunResult]) -> list[tuple[str, RunResult, int, dict[str, Measurement]]]:
@@ -71,8 +83,21 @@ def _series(results: Sequence[RunResult]) -> list[tuple[str, RunResult, int, dic
         for bs in dict.fromkeys(m.batch_size for m in r.measurements):
             ms = {m.technique: m for m in r.measurements if m.batch_size == bs}
             first = next(iter(ms.values()))
-            raw.append((i, r, bs, ms, {"model": r.model, "shape": shape, "device": first.device,
-                                         "precision": first.precision, "batch": f"batch {bs}"}))
+            raw.append(
+                (
+                    i,
+                    r,
+                    bs,
+                    ms,
+                    {
+                        "model": r.model,
+                        "shape": shape,
+                        "device": first.device,
+                        "precision": first.precision,
+                        "batch": f"batch {bs}",
+                    },
+                )
+            )
     varying = [k for k in ("model", "shape", "device", "precision", "batch") if len({s[4][k] for s in raw}) > 1]
     out = []
     for i, r, bs, ms, keys in raw:
@@ -84,7 +109,6 @@ def _series(results: Sequence[RunResult]) -> list[tuple[str, RunResult, int, dic
     return out
 
 
-
 def _technique_order(name: str) -> tuple[int, int, str]:
     """e2e, then ckpt variants, then db:B by B; unrecognised names last (sort is stable)."""
     try:
@@ -92,7 +116,6 @@ def _technique_order(name: str) -> tuple[int, int, str]:
     except SpecError:  # a name from another dbprofile version
         return (3, 0, "")
     return (("e2e", "ckpt", "db").index(tech.kind), tech.blocks or tech.segments or 0, name)
-
 
 
 def render_comparison(results: list[RunResult], command: str | None = None) -> str:
@@ -171,19 +194,26 @@ def render_comparison(results: list[RunResult], command: str | None = None) -> s
         devices = ", ".join(sorted({m.device for m in r.measurements}))
         batches = ", ".join(str(b) for b in sorted({m.batch_size for m in r.measurements}))
         run_rows.append(
-            f"<tr><td>{i + 1}</td><td class=\"nw\">{esc(r.model)}</td><td class=\"nw\">{esc(devices)}</td>"
+            f'<tr><td>{i + 1}</td><td class="nw">{esc(r.model)}</td><td class="nw">{esc(devices)}</td>'
             f"<td>{esc(batches)}</td><td>{esc(env.get('device_name', env.get('device', '')))}</td>"
-            f"<td class=\"nw\">{esc(env.get('torch', ''))}</td><td class=\"nw\">{esc(r.created)}</td>"
-            f"<td><code>{esc(r.command)}</code>{incomplete_note(r)}</td></tr>")
-    runs = ("<table><tr><th>run</th><th>model</th><th>device</th><th>batch</th><th>device name</th><th>torch</th>"
-            f"<th>created</th><th>command</th></tr>{''.join(run_rows)}</table>")
+            f'<td class="nw">{esc(env.get("torch", ""))}</td><td class="nw">{esc(r.created)}</td>'
+            f"<td><code>{esc(r.command)}</code>{incomplete_note(r)}</td></tr>"
+        )
+    runs = (
+        "<table><tr><th>run</th><th>model</th><th>device</th><th>batch</th><th>device name</th><th>torch</th>"
+        f"<th>created</th><th>command</th></tr>{''.join(run_rows)}</table>"
+    )
     sections.append(section_html("runs", "The runs", runs))
     if command:
-        sections.append(section_html("reproduce", "Reproduce",
-                                 f"<p>This command rebuilds the comparison:</p><pre><code>{esc(command)}</code></pre>"))
+        sections.append(
+            section_html(
+                "reproduce",
+                "Reproduce",
+                f"<p>This command rebuilds the comparison:</p><pre><code>{esc(command)}</code></pre>",
+            )
+        )
     models = ", ".join(dict.fromkeys(r.model for r in results))
     return page_html(f"dbprofile comparison: {models}", f"{len(results)} runs, {len(series)} series", sections)
-
 
 
 def write_comparison(results: list[RunResult], path: str | Path, command: str | None = None) -> Path:

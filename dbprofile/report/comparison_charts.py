@@ -36,8 +36,17 @@ def comparison_peaks(techniques: Sequence[str], series: Sequence[tuple[str, dict
                     bars = ax.bar([x], [m.peak_bytes / scale], width=width * 0.92, color=colour)
                     bars[0].set_gid(f"cmp-bar-{s}-{t}")
                 else:
-                    ax.text(x, top * 0.02, m.status.upper(), rotation=90, ha="center", va="bottom",
-                            color="#B00020", fontweight="bold", fontsize=8)
+                    ax.text(
+                        x,
+                        top * 0.02,
+                        m.status.upper(),
+                        rotation=90,
+                        ha="center",
+                        va="bottom",
+                        color="#B00020",
+                        fontweight="bold",
+                        fontsize=8,
+                    )
             ax.bar([0], [0], color=colour, label=label)  # legend entry
         ax.set_xticks(range(len(techniques)), list(techniques))
         ax.set_ylabel(f"peak memory ({unit})")
@@ -46,7 +55,6 @@ def comparison_peaks(techniques: Sequence[str], series: Sequence[tuple[str, dict
         ax.set_axisbelow(True)
         ax.legend(frameon=False, loc="upper left", bbox_to_anchor=(1.0, 1.0))
         return svg_from_figure(fig, "comparison-peaks")
-
 
 
 def sweep_lines(xlabel: str, series: Sequence[tuple[str, Sequence[tuple[int, Measurement]]]]) -> str:
@@ -67,8 +75,17 @@ def sweep_lines(xlabel: str, series: Sequence[tuple[str, Sequence[tuple[int, Mea
                 ax.plot([p[0] for p in ok], [p[1] for p in ok], marker="o", color=colour, label=technique)
             for x, m in points:
                 if not m.ok:
-                    ax.text(x, top * 0.02, m.status.upper(), rotation=90, ha="center", va="bottom",
-                            color="#B00020", fontweight="bold", fontsize=8)
+                    ax.text(
+                        x,
+                        top * 0.02,
+                        m.status.upper(),
+                        rotation=90,
+                        ha="center",
+                        va="bottom",
+                        color="#B00020",
+                        fontweight="bold",
+                        fontsize=8,
+                    )
         xs = sorted({x for _, points in series for x, _ in points})
         ax.set_xticks(xs, [str(x) for x in xs])
         ax.set_xlabel(xlabel)

@@ -30,10 +30,8 @@ CUDA_GAP_EXPLANATION = (
 )
 
 
-
 TRACKER_TOLERANCE = 0.02
 """DESIGN.md: the tracker's peak must match max_memory_allocated within 2%; beyond it the page warns."""
-
 
 
 def numbers_section(result: RunResult, labels: list[str]) -> str:
@@ -65,8 +63,13 @@ def numbers_section(result: RunResult, labels: list[str]) -> str:
     if any(m.step_time_iqr_s is not None for m in ms):
         row("step time IQR", (text(milliseconds(m.step_time_iqr_s)) for m in ms))
     if any(m.step_time_spread_s for m in ms):
-        row("step time min-max", (text(" - ".join(milliseconds(s) for s in m.step_time_spread_s) if m.step_time_spread_s else "n/a")
-                                  for m in ms))
+        row(
+            "step time min-max",
+            (
+                text(" - ".join(milliseconds(s) for s in m.step_time_spread_s) if m.step_time_spread_s else "n/a")
+                for m in ms
+            ),
+        )
     if any(m.block_steps_time_s is not None for m in ms):
         row("B block-steps time", (text(milliseconds(m.block_steps_time_s)) for m in ms))
         row("B block-steps IQR", (text(milliseconds(m.block_steps_time_iqr_s)) for m in ms))
@@ -75,8 +78,11 @@ def numbers_section(result: RunResult, labels: list[str]) -> str:
     if any(m.num_parameters is not None for m in ms):
         row("parameter count", (text("n/a" if m.num_parameters is None else f"{m.num_parameters:,}") for m in ms))
     if any(m.extra_parameters is not None for m in ms):
-        row("extra parameter count", (text("" if m.extra_parameters is None else f"{m.extra_parameters:,}") for m in ms),
-            "parameters the technique adds to the model (AdaLN-Zero modulation, sigma embedder)")
+        row(
+            "extra parameter count",
+            (text("" if m.extra_parameters is None else f"{m.extra_parameters:,}") for m in ms),
+            "parameters the technique adds to the model (AdaLN-Zero modulation, sigma embedder)",
+        )
     for key in ("precision", "optimizer", "device"):
         row(key, (text(getattr(m, key)) for m in ms))
     if any(m.fake for m in ms):
@@ -100,12 +106,13 @@ def numbers_section(result: RunResult, labels: list[str]) -> str:
             notes.setdefault(("error", m.error), []).append(label)
     table = f'<div class="wide"><table class="numbers"><tr><th></th>{head}</tr>{"".join(rows)}</table></div>'
     if notes:
-        items = "".join(f"<li><strong>{esc(', '.join(who))}</strong>, {esc(key)}: {esc(value)}</li>"
-                        for (key, value), who in notes.items())
+        items = "".join(
+            f"<li><strong>{esc(', '.join(who))}</strong>, {esc(key)}: {esc(value)}</li>"
+            for (key, value), who in notes.items()
+        )
         table += f'<ul class="notes">{items}</ul>'
 
     return section_html("numbers", "Every number", table)
-
 
 
 def _flatten(extra: dict[str, Any], prefix: str = "") -> dict[str, Any]:
@@ -121,13 +128,11 @@ def _flatten(extra: dict[str, Any], prefix: str = "") -> dict[str, Any]:
     return out
 
 
-
 def _peak_vs_e2e(m: Measurement, result: RunResult) -> str:
     base = e2e_baseline(m, result)
     if not m.ok or base is None:
         return "n/a"
     return "baseline" if base is m else change_vs(m.peak_bytes, base.peak_bytes)
-
 
 
 def _extra_value(key: str, value: Any) -> str:
@@ -146,14 +151,14 @@ def _extra_value(key: str, value: Any) -> str:
     return str(value)
 
 
-
 def cuda_section(result: RunResult, labels: list[str]) -> str:
     items = [(m, label) for m, label in zip(result.measurements, labels) if m.cuda]
     if not items:
         return ""
     # The unit fits the tensor figures; NVML's (context included) may read large in it, which is the point.
-    unit = pick_unit(max(int((m.cuda or {}).get(k) or 0) for m, _ in items
-                                for k in ("max_memory_allocated", "max_memory_reserved")))
+    unit = pick_unit(
+        max(int((m.cuda or {}).get(k) or 0) for m, _ in items for k in ("max_memory_allocated", "max_memory_reserved"))
+    )
     rows = []
     off: list[str] = []
     for m, label in items:
@@ -162,17 +167,22 @@ def cuda_section(result: RunResult, labels: list[str]) -> str:
         agree = f"{100 * (m.peak_bytes - alloc) / alloc:+.2f}%" if m.ok and alloc else "n/a"
         if m.ok and alloc and abs(m.peak_bytes - alloc) > TRACKER_TOLERANCE * alloc:
             off.append(label)
-        rows.append(f"<tr><td>{esc(label)}</td>{bytes_cell(m.peak_bytes if m.ok else None, unit)}{bytes_cell(alloc, unit)}"
-                    f"{bytes_cell(reserved, unit)}{bytes_cell(nvml, unit)}<td class=\"num\">{esc(agree)}</td></tr>")
-    table = ("<table><tr><th>technique</th><th>tracked peak</th><th>max allocated</th><th>max reserved</th>"
-             "<th>NVML used</th><th>tracked vs allocated</th></tr>" + "".join(rows) + "</table>")
+        rows.append(
+            f"<tr><td>{esc(label)}</td>{bytes_cell(m.peak_bytes if m.ok else None, unit)}{bytes_cell(alloc, unit)}"
+            f'{bytes_cell(reserved, unit)}{bytes_cell(nvml, unit)}<td class="num">{esc(agree)}</td></tr>'
+        )
+    table = (
+        "<table><tr><th>technique</th><th>tracked peak</th><th>max allocated</th><th>max reserved</th>"
+        "<th>NVML used</th><th>tracked vs allocated</th></tr>" + "".join(rows) + "</table>"
+    )
     warning = ""
     if off:
-        warning = (f'<p class="warn">The tracked peak differs from the allocator\'s max allocated by more than '
-                   f"{TRACKER_TOLERANCE:.0%} for {esc(', '.join(off))}: the category shares above do not account for "
-                   "all the memory on the device, so read them with care.</p>")
+        warning = (
+            f'<p class="warn">The tracked peak differs from the allocator\'s max allocated by more than '
+            f"{TRACKER_TOLERANCE:.0%} for {esc(', '.join(off))}: the category shares above do not account for "
+            "all the memory on the device, so read them with care.</p>"
+        )
     return section_html("cuda", "CUDA allocator and NVML", f"<p>{esc(CUDA_GAP_EXPLANATION)}</p>" + table + warning)
-
 
 
 def _snapshot_href(path: str, html_dir: Path | None) -> str:
@@ -184,7 +194,6 @@ def _snapshot_href(path: str, html_dir: Path | None) -> str:
         except ValueError:  # another drive (Windows)
             pass
     return Path(path).resolve().as_uri()
-
 
 
 def snapshots_section(result: RunResult, labels: list[str], html_dir: Path | None) -> str:
@@ -202,12 +211,13 @@ def snapshots_section(result: RunResult, labels: list[str], html_dir: Path | Non
             items.append(f"<li><strong>{esc(label)}</strong>: {', '.join(links)}</li>")
     if not items:
         return ""
-    body = (f'<p>PyTorch\'s own record of every CUDA allocation and free during each tracked step, with the Python '
-            f'stack that made it. Open a file at <a href="{esc(VIEWER_URL)}">{esc(VIEWER_URL)}</a> (drag it in; the '
-            "page reads it locally, nothing is uploaded) to see the allocator's timeline and its segments.</p>"
-            f"<ul>{''.join(items)}</ul>")
+    body = (
+        f"<p>PyTorch's own record of every CUDA allocation and free during each tracked step, with the Python "
+        f'stack that made it. Open a file at <a href="{esc(VIEWER_URL)}">{esc(VIEWER_URL)}</a> (drag it in; the '
+        "page reads it locally, nothing is uploaded) to see the allocator's timeline and its segments.</p>"
+        f"<ul>{''.join(items)}</ul>"
+    )
     return section_html("snapshots", "PyTorch memory snapshots", body)
-
 
 
 def _env_value(key: str, value: Any) -> str:
@@ -218,18 +228,21 @@ def _env_value(key: str, value: Any) -> str:
     return str(value)
 
 
-
 def env_section(result: RunResult) -> str:
     pairs = [(k, v) for k, v in result.environment.items()]
     if result.created:
         pairs.append(("created", result.created))
     body = "".join(f"<dt>{esc(humanise(k))}</dt><dd>{esc(_env_value(k, v))}</dd>" for k, v in pairs)
-    return section_html("environment", "Environment", f'<dl class="env">{body}</dl>' if body else
-                    '<p class="muted">The run recorded no environment.</p>')
-
+    return section_html(
+        "environment",
+        "Environment",
+        f'<dl class="env">{body}</dl>' if body else '<p class="muted">The run recorded no environment.</p>',
+    )
 
 
 def command_section(result: RunResult) -> str:
     if not result.command:
         return section_html("reproduce", "Reproduce", '<p class="muted">The run recorded no command.</p>')
-    return section_html("reproduce", "Reproduce", f"<p>This command repeats the run:</p><pre><code>{esc(result.command)}</code></pre>")
+    return section_html(
+        "reproduce", "Reproduce", f"<p>This command repeats the run:</p><pre><code>{esc(result.command)}</code></pre>"
+    )

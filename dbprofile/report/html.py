@@ -72,8 +72,10 @@ def _facts(result: RunResult) -> list[str]:
                 f"optimizer state together {percent(resident, m.peak_bytes)}."
             )
             continue
-        text = (f"{label} peaks at {format_bytes(m.peak_bytes)} ({change_vs(m.peak_bytes, base.peak_bytes)} vs e2e); "
-                f"its largest share is {charts.category_label(cat)} ({frac:.0%})")
+        text = (
+            f"{label} peaks at {format_bytes(m.peak_bytes)} ({change_vs(m.peak_bytes, base.peak_bytes)} vs e2e); "
+            f"its largest share is {charts.category_label(cat)} ({frac:.0%})"
+        )
         if base.step_time_s and m.step_time_s:
             unit = "one block-step" if m.blocks or m.block_steps_time_s else "a step"
             text += f"; {unit} takes {m.step_time_s / base.step_time_s:.2f}x an e2e step"
@@ -89,10 +91,12 @@ def _facts(result: RunResult) -> list[str]:
 
 def _incomplete_html(result: RunResult) -> str:
     """An interrupted or killed run says so first: its verdict, if any, covers only what finished."""
-    return (f'<div class="verdict incomplete"><div class="decision">Incomplete run</div>'
-            f'<div class="headline">This run did not finish: {esc(result.incomplete_reason or "the reason was not recorded")}.'
-            f'</div><p>The page shows the {len(result.measurements)} measurement(s) that finished; '
-            "run the command below again for the rest.</p></div>")
+    return (
+        f'<div class="verdict incomplete"><div class="decision">Incomplete run</div>'
+        f'<div class="headline">This run did not finish: {esc(result.incomplete_reason or "the reason was not recorded")}.'
+        f"</div><p>The page shows the {len(result.measurements)} measurement(s) that finished; "
+        "run the command below again for the rest.</p></div>"
+    )
 
 
 def _verdict_section(result: RunResult) -> str:
@@ -108,9 +112,11 @@ def _verdict_section(result: RunResult) -> str:
     if verdict is not None:
         return section_html("verdict", "Verdict", verdict_html(verdict))
     facts = "".join(f"<li>{esc(f)}</li>" for f in _facts(result)) or "<li>No measurements in this run.</li>"
-    body = (f'<div class="verdict inconclusive"><div class="decision">No verdict available</div>'
-            f'<div class="headline">No verdict: {esc(missing)}. The measured facts:</div>'
-            f'<ul class="facts">{facts}</ul></div>')
+    body = (
+        f'<div class="verdict inconclusive"><div class="decision">No verdict available</div>'
+        f'<div class="headline">No verdict: {esc(missing)}. The measured facts:</div>'
+        f'<ul class="facts">{facts}</ul></div>'
+    )
     return section_html("verdict", "Verdict", body)
 
 
@@ -121,8 +127,9 @@ def _tradeoff_section(result: RunResult) -> str:
     if not ok or not any(m.training_flops for m in ok):
         return ""
     batch = getattr(verdict, "batch_size", None) or max(m.batch_size for m in ok)
-    svg = run_tradeoff_svg(result, batch, getattr(verdict, "capacity_bytes", None),
-                           getattr(verdict, "recommended", None))
+    svg = run_tradeoff_svg(
+        result, batch, getattr(verdict, "capacity_bytes", None), getattr(verdict, "recommended", None)
+    )
     if svg is None:
         return ""
     e2e = next((m for m in ok if m.technique == "e2e" and m.batch_size == batch), None)
@@ -132,15 +139,21 @@ def _tradeoff_section(result: RunResult) -> str:
             continue
         ratio = f"{m.flops_per_sample / e2e.flops_per_sample:.2f}x" if e2e and e2e.flops_per_sample else "n/a"
         time_s = m.block_steps_time_s if m.block_steps_time_s is not None else m.step_time_s
-        rows.append(f"<tr><td>{esc(technique_label(m, result))}</td><td class=\"num\">{m.flops_per_sample / 1e9:,.2f}</td>"
-                    f"<td class=\"num\">{esc(ratio)}</td><td class=\"num\">{esc(milliseconds(time_s))}</td></tr>")
-    note = ('<p class="muted">Each point is a technique at batch size ' + esc(batch) + ': the memory it needs '
-            "against the FLOPs that train every layer once on one sample (PyTorch's FlopCounterMode formulas: "
-            "matmuls, convolutions, attention; checkpointing's recomputation included; DiffusionBlocks over its B "
-            "block-steps). The dashed line is the device's capacity where it is known; the ringed point is the "
-            "verdict's recommendation.</p>")
-    table = ("<table><tr><th>technique</th><th>GFLOP per sample</th><th>vs e2e</th>"
-             f"<th>measured time (step, or B block-steps)</th></tr>{''.join(rows)}</table>")
+        rows.append(
+            f'<tr><td>{esc(technique_label(m, result))}</td><td class="num">{m.flops_per_sample / 1e9:,.2f}</td>'
+            f'<td class="num">{esc(ratio)}</td><td class="num">{esc(milliseconds(time_s))}</td></tr>'
+        )
+    note = (
+        '<p class="muted">Each point is a technique at batch size ' + esc(batch) + ": the memory it needs "
+        "against the FLOPs that train every layer once on one sample (PyTorch's FlopCounterMode formulas: "
+        "matmuls, convolutions, attention; checkpointing's recomputation included; DiffusionBlocks over its B "
+        "block-steps). The dashed line is the device's capacity where it is known; the ringed point is the "
+        "verdict's recommendation.</p>"
+    )
+    table = (
+        "<table><tr><th>technique</th><th>GFLOP per sample</th><th>vs e2e</th>"
+        f"<th>measured time (step, or B block-steps)</th></tr>{''.join(rows)}</table>"
+    )
     return section_html("tradeoff", "Memory and compute", note + chart_html(svg) + table)
 
 
@@ -149,11 +162,15 @@ def _tradeoff_section(result: RunResult) -> str:
 
 def _peaks_section(result: RunResult, labels: list[str]) -> str:
     svg = charts.peak_bars(result.measurements, labels)
-    note = ('<p class="muted">Each bar is the largest total of live tensor bytes during a measured training step, '
-            "split by what the bytes are at that instant; for DiffusionBlocks, the worst block.</p>")
+    note = (
+        '<p class="muted">Each bar is the largest total of live tensor bytes during a measured training step, '
+        "split by what the bytes are at that instant; for DiffusionBlocks, the worst block.</p>"
+    )
     if any(m.cuda for m in result.measurements):
-        note += ('<p class="muted">On CUDA the device needs more than these tensor bytes: the allocator\'s reserved '
-                 'memory and NVML\'s figure are in the CUDA section below.</p>')
+        note += (
+            '<p class="muted">On CUDA the device needs more than these tensor bytes: the allocator\'s reserved '
+            "memory and NVML's figure are in the CUDA section below.</p>"
+        )
     return section_html("peaks", "Peak memory per technique", note + chart_html(svg))
 
 
@@ -161,7 +178,7 @@ def _phase_section(result: RunResult, labels: list[str]) -> str:
     rows = []
     for m, label in zip(result.measurements, labels):
         if not m.ok:
-            rows.append(f"<tr><td>{esc(label)}</td><td class=\"bad\" colspan=\"3\">{esc(m.status.upper())}</td></tr>")
+            rows.append(f'<tr><td>{esc(label)}</td><td class="bad" colspan="3">{esc(m.status.upper())}</td></tr>')
             continue
         phase = m.peak_phase or "n/a"
         where = esc(phase)
@@ -171,18 +188,23 @@ def _phase_section(result: RunResult, labels: list[str]) -> str:
             where += f" of block {esc(m.peak_block)}{esc(layers)}"
         cat, frac = largest_share(m)
         swatch = f'<span class="swatch" style="background:{charts.CATEGORY_COLOURS.get(cat, "#ffffff")}"></span>'
-        rows.append(f"<tr><td>{esc(label)}</td><td>{where}</td><td>{esc(PHASE_MEANING.get(phase, ''))}</td>"
-                    f"<td>{swatch}{esc(charts.category_label(cat))} {frac:.0%}</td></tr>")
-    table = ("<table><tr><th>technique</th><th>peak happens in</th><th>what is live then</th>"
-             f"<th>largest share at the peak</th></tr>{''.join(rows)}</table>")
+        rows.append(
+            f"<tr><td>{esc(label)}</td><td>{where}</td><td>{esc(PHASE_MEANING.get(phase, ''))}</td>"
+            f"<td>{swatch}{esc(charts.category_label(cat))} {frac:.0%}</td></tr>"
+        )
+    table = (
+        "<table><tr><th>technique</th><th>peak happens in</th><th>what is live then</th>"
+        f"<th>largest share at the peak</th></tr>{''.join(rows)}</table>"
+    )
     return section_html("phase", "When the peak happens", table)
 
 
 def _timeline_section(result: RunResult, labels: list[str]) -> str:
     svg = charts.timelines(result.measurements, labels)
     if svg is None:
-        return section_html("timelines", "Memory through one step",
-                        '<p class="muted">This run recorded no per-step timelines.</p>')
+        return section_html(
+            "timelines", "Memory through one step", '<p class="muted">This run recorded no per-step timelines.</p>'
+        )
     note = '<p class="muted">Live bytes by category as one measured step runs; shading marks the phases.</p>'
     return section_html("timelines", "Memory through one step", note + chart_html(svg))
 
@@ -199,14 +221,20 @@ def _blocks_section(result: RunResult, labels: list[str]) -> str:
         rows = []
         for b in m.blocks:
             cells = "".join(bytes_cell(b.shares.get(c, 0), unit) for c in cats)
-            rows.append(f"<tr><td>{esc(b.block)}</td><td>{esc(charts.layer_span(b.layers))}</td>{bytes_cell(b.peak_bytes, unit)}"
-                        f"{cells}<td>{esc(b.peak_phase)}</td><td class=\"num\">{esc(milliseconds(b.step_time_s))}</td></tr>")
-        parts.append(f"<table><tr><th>block</th><th>layers</th><th>peak</th>{head}<th>phase</th>"
-                     f"<th>step time</th></tr>{''.join(rows)}</table>")
+            rows.append(
+                f"<tr><td>{esc(b.block)}</td><td>{esc(charts.layer_span(b.layers))}</td>{bytes_cell(b.peak_bytes, unit)}"
+                f'{cells}<td>{esc(b.peak_phase)}</td><td class="num">{esc(milliseconds(b.step_time_s))}</td></tr>'
+            )
+        parts.append(
+            f"<table><tr><th>block</th><th>layers</th><th>peak</th>{head}<th>phase</th>"
+            f"<th>step time</th></tr>{''.join(rows)}</table>"
+        )
     if not parts:
         return ""
-    note = ('<p class="muted">Each block trains on its own; the outlined bar is the block with the largest peak, '
-            "the one reported above. The first and last blocks also hold the embeddings and the head.</p>")
+    note = (
+        '<p class="muted">Each block trains on its own; the outlined bar is the block with the largest peak, '
+        "the one reported above. The first and last blocks also hold the embeddings and the head.</p>"
+    )
     return section_html("blocks", "DiffusionBlocks per block", note + "\n".join(parts))
 
 
@@ -229,24 +257,30 @@ def _times_section(result: RunResult, labels: list[str]) -> str:
             rows.append((bl, m.block_steps_time_s, None))
             table.append(_time_row(bl, m.block_steps_time_s, m.block_steps_time_iqr_s, base_t, base_iqr))
         if m.transfer_time_s is not None:
-            table.append(f"<tr><td>{esc(label)} (host-device transfer per step)</td>"
-                         f"<td class=\"num\">{esc(milliseconds(m.transfer_time_s))}</td><td></td><td class=\"num\"></td></tr>")
+            table.append(
+                f"<tr><td>{esc(label)} (host-device transfer per step)</td>"
+                f'<td class="num">{esc(milliseconds(m.transfer_time_s))}</td><td></td><td class="num"></td></tr>'
+            )
     if not rows:
         return section_html("times", "Step time", '<p class="muted">No step times were measured.</p>')
     try:
         from dbprofile.verdict import MAX_RATIO_NOISE
-        noisy = (f"; a ratio is marked noisy when the two timings' IQRs, relative to their medians, add up to "
-                 f"more than {MAX_RATIO_NOISE:.0%}")
+
+        noisy = (
+            f"; a ratio is marked noisy when the two timings' IQRs, relative to their medians, add up to "
+            f"more than {MAX_RATIO_NOISE:.0%}"
+        )
     except ImportError:
         noisy = ""
     e2e_times = {m.batch_size: m.step_time_s for m in result.measurements if m.technique == "e2e" and m.ok}
     baseline = next(iter(e2e_times.values())) if len(e2e_times) == 1 else None
-    note = ('<p class="muted">A DiffusionBlocks step trains one block; B block-steps update every layer once, '
-            "the fair unit against one e2e step. Times are medians of untracked steps timed by "
-            "torch.utils.benchmark (at least 1 s per technique, until the interquartile range is under 10% of "
-            f"the median or 10 s per unit){noisy}.</p>")
-    tab = (f"<table><tr><th>what</th><th>median time</th><th>IQR</th><th>vs e2e step</th></tr>"
-           f"{''.join(table)}</table>")
+    note = (
+        '<p class="muted">A DiffusionBlocks step trains one block; B block-steps update every layer once, '
+        "the fair unit against one e2e step. Times are medians of untracked steps timed by "
+        "torch.utils.benchmark (at least 1 s per technique, until the interquartile range is under 10% of "
+        f"the median or 10 s per unit){noisy}.</p>"
+    )
+    tab = f"<table><tr><th>what</th><th>median time</th><th>IQR</th><th>vs e2e step</th></tr>{''.join(table)}</table>"
     return section_html("times", "Step time", note + chart_html(charts.step_times(rows, baseline)) + tab)
 
 
@@ -259,8 +293,10 @@ def _time_row(label: str, time_s: float, iqr_s: float | None, base_s: float | No
         ratio = f"{time_s / base_s:.2f}x"
         if not ratio_is_clear(time_s, iqr_s, base_s, base_iqr_s):
             ratio += " (noisy)"
-    return (f"<tr><td>{esc(label)}</td><td class=\"num\">{esc(milliseconds(time_s))}</td><td class=\"num\">{esc(iqr)}</td>"
-            f"<td class=\"num\">{esc(ratio)}</td></tr>")
+    return (
+        f'<tr><td>{esc(label)}</td><td class="num">{esc(milliseconds(time_s))}</td><td class="num">{esc(iqr)}</td>'
+        f'<td class="num">{esc(ratio)}</td></tr>'
+    )
 
 
 # ----------------------------------------------------------------------------- public API
@@ -291,5 +327,3 @@ def render_run(result: RunResult, html_dir: Path | None = None) -> str:
 def write_run_report(result: RunResult, path: str | Path) -> Path:
     """Render ``result`` and write it to ``path`` (folders created); returns the path."""
     return write_atomic(path, render_run(result, html_dir=Path(path).parent))
-
-

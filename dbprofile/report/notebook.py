@@ -75,8 +75,10 @@ def format_plan_html(plan: Plan) -> str:
         out.append("</ul>")
     svg = plan_tradeoff_svg(plan)
     if svg is not None:
-        out.append("<p><b>Memory against compute per trained sample</b> (dashed: the target's capacity; ringed: "
-                   "the recommendation)</p>")
+        out.append(
+            "<p><b>Memory against compute per trained sample</b> (dashed: the target's capacity; ringed: "
+            "the recommendation)</p>"
+        )
         out.append(svg)
     out.append("</div>")
     return "\n".join(out)

@@ -23,7 +23,6 @@ DECISION_TITLES = {
 }
 
 
-
 CSS = """
 body{font-family:-apple-system,"Segoe UI",Roboto,"DejaVu Sans",Arial,sans-serif;color:#1d1d1f;
  max-width:1040px;margin:0 auto;padding:24px 28px 60px;line-height:1.45;background:#fff}
@@ -51,11 +50,9 @@ dl.env dt{color:#555}dl.env dd{margin:0;font-family:monospace;word-break:break-a
 """
 
 
-
 def esc(value: Any) -> str:
     """HTML-escape anything (quotes too, so the result is safe inside attributes)."""
     return html.escape(str(value), quote=True)
-
 
 
 def technique_label(m: Measurement, result: RunResult) -> str:
@@ -69,12 +66,10 @@ def technique_label(m: Measurement, result: RunResult) -> str:
     return label
 
 
-
 def e2e_baseline(m: Measurement, result: RunResult) -> Measurement | None:
     """The e2e measurement at the same batch size, when it completed."""
     base = result.get("e2e", m.batch_size)
     return base if base is not None and base.ok else None
-
 
 
 def show_bytes(n: int, unit: str) -> str:
@@ -84,17 +79,14 @@ def show_bytes(n: int, unit: str) -> str:
     return format_bytes(n, unit) if abs(n) >= scale / 100 else format_bytes(n)
 
 
-
 def bytes_cell(n: int | None, unit: str) -> str:
     if n is None:
         return '<td class="num">n/a</td>'
     return f'<td class="num" data-bytes="{int(n)}" title="{int(n):,} bytes">{esc(show_bytes(int(n), unit))}</td>'
 
 
-
 def percent(part: float, whole: float) -> str:
     return f"{100 * part / whole:.0f}%" if whole else "n/a"
-
 
 
 def change_vs(new: float, old: float) -> str:
@@ -104,13 +96,11 @@ def change_vs(new: float, old: float) -> str:
     return f"{100 * (new - old) / old:+.0f}%"
 
 
-
 def milliseconds(seconds: float | None) -> str:
     """A duration: milliseconds below a second, seconds above."""
     if seconds is None or (isinstance(seconds, float) and math.isnan(seconds)):
         return "n/a"
     return f"{seconds * 1000:.1f} ms" if seconds < 1 else f"{seconds:.2f} s"
-
 
 
 def largest_share(m: Measurement) -> tuple[str, float]:
@@ -120,20 +110,16 @@ def largest_share(m: Measurement) -> tuple[str, float]:
     return cat, m.share_fraction(cat)
 
 
-
 def humanise(key: str) -> str:
     return key.replace("_", " ")
-
 
 
 def section_html(anchor: str, title: str, body: str) -> str:
     return f'<section id="{anchor}">\n<h2>{esc(title)}</h2>\n{body}\n</section>'
 
 
-
 def chart_html(svg: str) -> str:
     return f'<div class="chart">{svg}</div>'
-
 
 
 def page_html(title: str, subtitle: str, sections: Iterable[str]) -> str:
@@ -141,14 +127,13 @@ def page_html(title: str, subtitle: str, sections: Iterable[str]) -> str:
 
     body = "\n".join(s for s in sections if s)
     return (
-        "<!DOCTYPE html>\n<html lang=\"en\">\n<head>\n<meta charset=\"utf-8\">\n"
-        "<meta name=\"viewport\" content=\"width=device-width, initial-scale=1\">\n"
+        '<!DOCTYPE html>\n<html lang="en">\n<head>\n<meta charset="utf-8">\n'
+        '<meta name="viewport" content="width=device-width, initial-scale=1">\n'
         f"<title>{esc(title)}</title>\n<style>{CSS}</style>\n</head>\n<body>\n"
-        f"<h1>{esc(title)}</h1>\n<p class=\"sub\">{subtitle}</p>\n{body}\n"
-        f"<p class=\"muted\">Report written by dbprofile {esc(__version__)}. Sizes use IEC units "
+        f'<h1>{esc(title)}</h1>\n<p class="sub">{subtitle}</p>\n{body}\n'
+        f'<p class="muted">Report written by dbprofile {esc(__version__)}. Sizes use IEC units '
         "(1 MiB = 1024<sup>2</sup> bytes); hover a number for its exact bytes.</p>\n</body>\n</html>\n"
     )
-
 
 
 def verdict_html(verdict: Any) -> str:
@@ -166,7 +151,6 @@ def verdict_html(verdict: Any) -> str:
     )
 
 
-
 def verdict_line(verdict: Any) -> str:
     """The headline, prefixed with the decision unless the headline already starts with it."""
     decision = str(getattr(verdict, "decision", ""))
@@ -175,12 +159,10 @@ def verdict_line(verdict: Any) -> str:
     return headline if headline.lower().startswith(title.lower()) else f"{title}: {headline}"
 
 
-
 def incomplete_note(result: RunResult) -> str:
     if result.complete:
         return ""
-    return f'<div><strong>incomplete:</strong> {esc(result.incomplete_reason or "reason not recorded")}</div>'
-
+    return f"<div><strong>incomplete:</strong> {esc(result.incomplete_reason or 'reason not recorded')}</div>"
 
 
 def subtitle(result: RunResult) -> str:
@@ -205,7 +187,6 @@ def subtitle(result: RunResult) -> str:
     return " · ".join(parts)
 
 
-
 def stored_verdict(result: RunResult) -> tuple[Verdict | None, str | None]:
     """(the verdict stored with the run, None), or (None, why there is none). The verdict is
     computed once when a run ends (dbprofile.measure.runner.run); pages only show it."""
@@ -213,5 +194,7 @@ def stored_verdict(result: RunResult) -> tuple[Verdict | None, str | None]:
         return result.verdict, None
     if result.verdict_error:
         return None, result.verdict_error
-    return None, ("none was stored with this run (it is still measuring, or it was written by an older "
-                  "dbprofile: `dbprofile report` judges such files)")
+    return None, (
+        "none was stored with this run (it is still measuring, or it was written by an older "
+        "dbprofile: `dbprofile report` judges such files)"
+    )

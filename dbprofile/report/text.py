@@ -21,7 +21,9 @@ def aligned(rows: Sequence[Sequence[str]], left: Collection[int] = (0,)) -> list
     (names, phases), the others flush right (numbers); no trailing spaces."""
     widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
     return [
-        "  ".join(cell.ljust(width) if i in left else cell.rjust(width) for i, (cell, width) in enumerate(zip(row, widths))).rstrip()
+        "  ".join(
+            cell.ljust(width) if i in left else cell.rjust(width) for i, (cell, width) in enumerate(zip(row, widths))
+        ).rstrip()
         for row in rows
     ]
 
@@ -30,9 +32,15 @@ def aligned(rows: Sequence[Sequence[str]], left: Collection[int] = (0,)) -> list
 
 
 SHORT_CATEGORY = {
-    "parameters": "params", "buffers": "buffers", "gradients": "grads", "optimizer_state": "optim",
-    "activations": "acts", "temporaries": "temps", "inputs": "inputs",
-    "workspace": "wkspace", "communication": "comm",
+    "parameters": "params",
+    "buffers": "buffers",
+    "gradients": "grads",
+    "optimizer_state": "optim",
+    "activations": "acts",
+    "temporaries": "temps",
+    "inputs": "inputs",
+    "workspace": "wkspace",
+    "communication": "comm",
 }
 
 
@@ -45,8 +53,11 @@ def run_table(result: RunResult) -> str:
     # workspace (CUDA) and communication (FSDP) only get a column where some row has them.
     optional = ("workspace", "communication")
     cats = [c for c in CATEGORIES if c not in optional or any(m.shares.get(c, 0) for m in ok)]
-    head = ["technique", "batch", f"peak {unit}"] + [SHORT_CATEGORY[c] for c in cats] + ["phase", "step s", "IQR",
-                                                                                 "B steps s", "IQR", "GFLOP/sample"]
+    head = (
+        ["technique", "batch", f"peak {unit}"]
+        + [SHORT_CATEGORY[c] for c in cats]
+        + ["phase", "step s", "IQR", "B steps s", "IQR", "GFLOP/sample"]
+    )
     rows = [head]
     for m in result.measurements:
         if m.status not in ("ok", "nan"):
@@ -56,14 +67,19 @@ def run_table(result: RunResult) -> str:
         phase = m.peak_phase or ""
         if m.peak_block is not None:
             phase += f" (block {m.peak_block})"
-        times = [f"{t:.4f}" if t is not None else "-" for t in
-                 (m.step_time_s, m.step_time_iqr_s, m.block_steps_time_s, m.block_steps_time_iqr_s)]
+        times = [
+            f"{t:.4f}" if t is not None else "-"
+            for t in (m.step_time_s, m.step_time_iqr_s, m.block_steps_time_s, m.block_steps_time_iqr_s)
+        ]
         gflops = format_gflop(m.flops_per_sample) if m.flops_per_sample is not None else "-"
         name = m.technique + (" NaN" if m.status == "nan" else "")
         rows.append([name, str(m.batch_size)] + figs + [phase, *times, gflops])
     lines = aligned(rows, left={0, *range(len(head) - 6, len(head))})
-    notes = [f"{m.technique} @ batch {m.batch_size}: {m.status.upper()}: {m.error}"
-             for m in result.measurements if m.status != "ok" and m.error]
+    notes = [
+        f"{m.technique} @ batch {m.batch_size}: {m.status.upper()}: {m.error}"
+        for m in result.measurements
+        if m.status != "ok" and m.error
+    ]
     device = result.environment.get("device_name") or result.environment.get("device", "")
     fake = " (fake tensors)" if any(m.fake for m in result.measurements) else ""
     bytes_per_unit = f" (1 {unit} = {scale:,} bytes)" if scale > 1 else ""
@@ -84,12 +100,25 @@ def ranks_table(result: RunResult) -> str:
         if not m.ok:
             rows.append([m.technique, rank, m.status.upper()] + [""] * (len(head) - 3))
             continue
-        rows.append([m.technique, rank, f"{m.peak_bytes / scale:.2f}",
-                     *[f"{m.shares.get(c, 0) / scale:.2f}" for c in CATEGORIES], m.peak_phase or ""])
+        rows.append(
+            [
+                m.technique,
+                rank,
+                f"{m.peak_bytes / scale:.2f}",
+                *[f"{m.shares.get(c, 0) / scale:.2f}" for c in CATEGORIES],
+                m.peak_phase or "",
+            ]
+        )
     lines = aligned(rows, left={0, len(head) - 1})
     world = result.environment.get("world_size", "?")
-    notes = [f"{m.technique} rank {m.extra.get('rank')}: {m.status.upper()}: {m.error}" for m in result.measurements if not m.ok]
-    return "\n".join([f"{result.model}, {world} ranks: per-rank peak of tracked tensor memory, in {unit}", *lines, *notes])
+    notes = [
+        f"{m.technique} rank {m.extra.get('rank')}: {m.status.upper()}: {m.error}"
+        for m in result.measurements
+        if not m.ok
+    ]
+    return "\n".join(
+        [f"{result.model}, {world} ranks: per-rank peak of tracked tensor memory, in {unit}", *lines, *notes]
+    )
 
 
 # ---------------------------------------------------------------- plans
@@ -101,8 +130,9 @@ def nothing_fits_summary(plan: Plan) -> str | None:
     ok = [e for e in plan.entries if e.ok]
     if plan.capacity_bytes is None or not ok or any(e.fits for e in ok):
         return None
-    misses = ", ".join(f"{e.technique} by {format_bytes(e.shortfall_bytes)}"
-                       for e in sorted(ok, key=lambda e: e.shortfall_bytes or 0))
+    misses = ", ".join(
+        f"{e.technique} by {format_bytes(e.shortfall_bytes)}" for e in sorted(ok, key=lambda e: e.shortfall_bytes or 0)
+    )
     fitting = [e for e in ok if e.max_batch_size]
     if fitting:
         best = max(fitting, key=lambda e: e.max_batch_size or 0)
@@ -118,16 +148,31 @@ def nothing_fits_summary(plan: Plan) -> str | None:
 
 PLAN_COLUMNS = ("parameters", "gradients", "optimizer_state", "activations", "temporaries")
 
+
 def plan_header(plan: Plan) -> str:
-    sharding = f", ZeRO-{plan.zero_stage} over {plan.world_size} ranks" if plan.zero_stage else (
-        f", {plan.world_size} devices" if plan.world_size > 1 else "")
+    sharding = (
+        f", ZeRO-{plan.zero_stage} over {plan.world_size} ranks"
+        if plan.zero_stage
+        else (f", {plan.world_size} devices" if plan.world_size > 1 else "")
+    )
     target = plan.device if plan.capacity_bytes is None else f"{plan.device} ({format_bytes(plan.capacity_bytes)})"
-    return (f"Plan for {plan.model}: batch size {plan.batch_size} per device, {plan.precision}, {plan.optimizer}"
-            f"{sharding}; target {target}")
+    return (
+        f"Plan for {plan.model}: batch size {plan.batch_size} per device, {plan.precision}, {plan.optimizer}"
+        f"{sharding}; target {target}"
+    )
 
 
-PLAN_HEAD = ["technique", "peak", *[SHORT_CATEGORY[c] for c in PLAN_COLUMNS], "other+CUDA", "fits", "headroom", "max batch",
-         "GFLOP/sample", "vs e2e"]
+PLAN_HEAD = [
+    "technique",
+    "peak",
+    *[SHORT_CATEGORY[c] for c in PLAN_COLUMNS],
+    "other+CUDA",
+    "fits",
+    "headroom",
+    "max batch",
+    "GFLOP/sample",
+    "vs e2e",
+]
 
 
 def _row(e: PlanEntry, e2e_flops: float | None) -> list[str]:
@@ -161,11 +206,16 @@ def format_time_estimate(plan: Plan) -> str | None:
     if not timed or not plan.peak_flops or plan.utilisation is None:
         return None
     gpu = get_gpu(plan.device)
-    parts = [f"{e.technique} {(e.time_per_million_samples_s or 0) / 3600:.2f} h"
-             + (f" on {e.world_size} devices" if e.world_size > 1 else "") for e in timed]
-    return (f"Estimated time per million samples at {round(100 * plan.utilisation)}% of the {plan.device}'s "
-            f"{plan.peak_flops / 1e12:,.1f} TFLOPS {plan.precision} peak ({gpu.flops_source}; an illustration, the "
-            "ratios are the claim): " + ", ".join(parts) + ".")
+    parts = [
+        f"{e.technique} {(e.time_per_million_samples_s or 0) / 3600:.2f} h"
+        + (f" on {e.world_size} devices" if e.world_size > 1 else "")
+        for e in timed
+    ]
+    return (
+        f"Estimated time per million samples at {round(100 * plan.utilisation)}% of the {plan.device}'s "
+        f"{plan.peak_flops / 1e12:,.1f} TFLOPS {plan.precision} peak ({gpu.flops_source}; an illustration, the "
+        "ratios are the claim): " + ", ".join(parts) + "."
+    )
 
 
 def format_plan(plan: Plan) -> str:
@@ -177,10 +227,14 @@ def format_plan(plan: Plan) -> str:
     if (summary := nothing_fits_summary(plan)) is not None:
         lines += ["", summary]
     if plan.cuda_corrections:
-        lines.append("Shares count 512-byte CUDA blocks; other+CUDA: buffers, inputs, cuBLAS workspace, "
-                     "allocator segments, CUDA context.")
-    lines.append("GFLOP/sample: training FLOPs that update every layer once per sample (DiffusionBlocks: its B "
-                 "block-steps), counted on the same fake step.")
+        lines.append(
+            "Shares count 512-byte CUDA blocks; other+CUDA: buffers, inputs, cuBLAS workspace, "
+            "allocator segments, CUDA context."
+        )
+    lines.append(
+        "GFLOP/sample: training FLOPs that update every layer once per sample (DiffusionBlocks: its B "
+        "block-steps), counted on the same fake step."
+    )
     estimate = format_time_estimate(plan)
     if estimate:
         lines.append(estimate)
@@ -203,17 +257,21 @@ def depth_lines(plan: Plan) -> list[str]:
     lines = []
     for (path, reason), names in by_path.items():
         if path == "extrapolated":
-            lines.append(f"Depth: {', '.join(names)} extrapolated from shallow traces ({reason}; checked to the byte "
-                         "at the deepest); --full-trace traces every layer.")
+            lines.append(
+                f"Depth: {', '.join(names)} extrapolated from shallow traces ({reason}; checked to the byte "
+                "at the deepest); --full-trace traces every layer."
+            )
         else:
             lines.append(f"Depth: {', '.join(names)} traced every layer ({reason}).")
     exact = sorted(name for name in not_affine if "allocator_model" not in name)
     if exact:
         lines.append(f"Depth: not affine in the depth, so not extrapolated: {', '.join(exact)}.")
     if any("allocator_model" in name for name in not_affine):
-        lines.append("Depth: reserved memory grows in whole allocator segments, so it is estimated from the "
-                     "shallow traces' growth per layer, not extrapolated to the byte; --full-trace replays every "
-                     "layer through the allocator model.")
+        lines.append(
+            "Depth: reserved memory grows in whole allocator segments, so it is estimated from the "
+            "shallow traces' growth per layer, not extrapolated to the byte; --full-trace replays every "
+            "layer through the allocator model."
+        )
     return lines
 
 
@@ -241,8 +299,10 @@ VALIDATION_HEADER = (
 
 def validation_row(row: ValidationRow) -> str:
     if row.status != "ok":
-        return (f"| {row.model} | {row.batch_size} | {row.technique} | {row.precision} | {row.status.upper()}: "
-                f"{(row.error or '')[:120]} |" + " |" * 12)
+        return (
+            f"| {row.model} | {row.batch_size} | {row.technique} | {row.precision} | {row.status.upper()}: "
+            f"{(row.error or '')[:120]} |" + " |" * 12
+        )
     step = "n/a" if row.step_time_s is None else f"{row.step_time_s * 1000:.1f} ms"
     return (
         f"| {row.model} | {row.batch_size} | {row.technique} | {row.precision} | {_mib(row.tracked_peak_bytes)} "
@@ -269,8 +329,10 @@ def validation_summary(rows: list[ValidationRow]) -> str:
         f"reserved {worst('planner_error_reserved')}, tensor bytes (fake vs real) {worst('planner_error_tracked')}",
     ]
     if gaps:
-        lines.append(f"NVML used - max reserved: {format_bytes(min(gaps))} to {format_bytes(max(gaps))} "
-                     "(CUDA context, libraries, and anything else on the card)")
+        lines.append(
+            f"NVML used - max reserved: {format_bytes(min(gaps))} to {format_bytes(max(gaps))} "
+            "(CUDA context, libraries, and anything else on the card)"
+        )
     return "\n".join(lines)
 
 

@@ -17,10 +17,14 @@ def tradeoff_points(rows: list[tuple[str, int, float | None]]) -> tuple[list[tup
     counted = [(name, nbytes, flops) for name, nbytes, flops in rows if flops]
     e2e = next((flops for name, _, flops in counted if name == "e2e"), None)
     if e2e:
-        return ([(name, nbytes, flops / e2e) for name, nbytes, flops in counted],
-                "training FLOPs per sample, relative to e2e (DiffusionBlocks: its B block-steps)")
-    return ([(name, nbytes, flops / 1e9) for name, nbytes, flops in counted],
-            "training GFLOP per sample (DiffusionBlocks: its B block-steps)")
+        return (
+            [(name, nbytes, flops / e2e) for name, nbytes, flops in counted],
+            "training FLOPs per sample, relative to e2e (DiffusionBlocks: its B block-steps)",
+        )
+    return (
+        [(name, nbytes, flops / 1e9) for name, nbytes, flops in counted],
+        "training GFLOP per sample (DiffusionBlocks: its B block-steps)",
+    )
 
 
 def plan_tradeoff_svg(plan: Plan) -> str | None:
@@ -33,19 +37,24 @@ def plan_tradeoff_svg(plan: Plan) -> str | None:
     return memory_vs_compute(points, plan.capacity_bytes, recommended, label)
 
 
-def run_tradeoff_svg(result: RunResult, batch_size: int, capacity_bytes: int | None,
-                     recommended: str | None) -> str | None:
+def run_tradeoff_svg(
+    result: RunResult, batch_size: int, capacity_bytes: int | None, recommended: str | None
+) -> str | None:
     """The chart for the measurements of one batch size (None when no FLOPs were counted)."""
-    rows = [(m.technique, m.peak_bytes, m.flops_per_sample) for m in result.measurements
-            if m.ok and m.batch_size == batch_size]
+    rows = [
+        (m.technique, m.peak_bytes, m.flops_per_sample)
+        for m in result.measurements
+        if m.ok and m.batch_size == batch_size
+    ]
     points, label = tradeoff_points(rows)
     if not points:
         return None
     return memory_vs_compute(points, capacity_bytes, recommended, label)
 
 
-def memory_vs_compute(points: Sequence[tuple[str, int, float]], capacity_bytes: int | None,
-                      recommended: str | None, x_label: str) -> str:
+def memory_vs_compute(
+    points: Sequence[tuple[str, int, float]], capacity_bytes: int | None, recommended: str | None, x_label: str
+) -> str:
     """The trade-off at a glance: each technique as a point of the device memory it needs (y)
     against its compute per trained sample (x), the target's capacity as a dashed line, and the
     recommended technique ringed. ``points`` are (technique, bytes, compute); each marker carries
@@ -63,16 +72,36 @@ def memory_vs_compute(points: Sequence[tuple[str, int, float]], capacity_bytes: 
             marker.set_gid(f"mc-point-{i}")
             ax.annotate(name, (compute, nbytes / scale), textcoords="offset points", xytext=(6, 4), fontsize=8)
             if name == recommended:
-                ring = ax.scatter([compute], [nbytes / scale], s=220, facecolors="none", edgecolors="#222222",
-                                  linewidths=1.6, zorder=4)
+                ring = ax.scatter(
+                    [compute],
+                    [nbytes / scale],
+                    s=220,
+                    facecolors="none",
+                    edgecolors="#222222",
+                    linewidths=1.6,
+                    zorder=4,
+                )
                 ring.set_gid("mc-recommended")
-                ax.annotate("recommended", (compute, nbytes / scale), textcoords="offset points", xytext=(6, -12),
-                            fontsize=8, fontweight="bold")
+                ax.annotate(
+                    "recommended",
+                    (compute, nbytes / scale),
+                    textcoords="offset points",
+                    xytext=(6, -12),
+                    fontsize=8,
+                    fontweight="bold",
+                )
         if capacity_bytes:
             line = ax.axhline(capacity_bytes / scale, color="#444444", linestyle="--", linewidth=1.0)
             line.set_gid("mc-capacity")
-            ax.text(1.0, capacity_bytes / scale, f" capacity {capacity_bytes / scale:.2f} {unit}",
-                    transform=ax.get_yaxis_transform(), va="center", ha="left", fontsize=8)
+            ax.text(
+                1.0,
+                capacity_bytes / scale,
+                f" capacity {capacity_bytes / scale:.2f} {unit}",
+                transform=ax.get_yaxis_transform(),
+                va="center",
+                ha="left",
+                fontsize=8,
+            )
         xs = [c for _, _, c in points]
         if xs:
             span = max(xs) - min(xs) or max(xs) or 1.0

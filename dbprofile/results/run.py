@@ -202,7 +202,9 @@ class RunResult:
         except PermissionError:
             raise ValueError(f"Result file {str(path)!r} cannot be read (permission denied).") from None
         except UnicodeDecodeError:
-            raise ValueError(f"Result file {str(path)!r} is not text (not UTF-8); pass the .json file a run wrote.") from None
+            raise ValueError(
+                f"Result file {str(path)!r} is not text (not UTF-8); pass the .json file a run wrote."
+            ) from None
         except (json.JSONDecodeError, RecursionError) as err:
             raise ValueError(f"Result file {str(path)!r} is not valid JSON ({err}).") from None
         try:
@@ -277,8 +279,7 @@ def validate_result(data: Any) -> None:
     field, e.g. ``measurements[0].peak_bytes should be an integer, but it is "lots"``."""
     if not isinstance(data, dict):
         raise ResultSchemaError(
-            f"the top level is {show(data)}, not a JSON object. "
-            "Pass a .json file written by `dbprofile run`."
+            f"the top level is {show(data)}, not a JSON object. Pass a .json file written by `dbprofile run`."
         )
     version = data.get("schema_version")
     if version != SCHEMA_VERSION:

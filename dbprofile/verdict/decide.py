@@ -2,7 +2,6 @@
 (dbprofile.verdict.evidence) and returns a ``Verdict``; ``judge_into`` stores it on a run
 once, when the run ends. The package docstring gives the decisions and what each means."""
 
-
 from __future__ import annotations
 
 from dbprofile.results import Plan, Reason, RunResult, Verdict
@@ -35,8 +34,13 @@ from dbprofile.verdict.thresholds import (
 from dbprofile.vocabulary import Decision
 
 
-def judge(result: RunResult | Plan, capacity_bytes: int | None = None, *, from_checkpoint: bool | None = None,
-          devices: int | None = None) -> Verdict:
+def judge(
+    result: RunResult | Plan,
+    capacity_bytes: int | None = None,
+    *,
+    from_checkpoint: bool | None = None,
+    devices: int | None = None,
+) -> Verdict:
     """Apply the rules to a measured run or a plan. ``capacity_bytes`` overrides the target's capacity,
     ``from_checkpoint`` and ``devices`` the situation stored in the result (training from scratch and
     the plan's world size by default)."""
@@ -62,71 +66,98 @@ def judge(result: RunResult | Plan, capacity_bytes: int | None = None, *, from_c
         reasons.append(table)
 
     def verdict(decision: Decision, headline: str, recommended: str | None, best: Row | None = None) -> Verdict:
-        return Verdict(decision=decision, headline=headline, reasons=reasons,
-                       best_technique=best.technique if best is not None else None, recommended=recommended,
-                       batch_size=s.batch_size, capacity_bytes=s.capacity)
+        return Verdict(
+            decision=decision,
+            headline=headline,
+            reasons=reasons,
+            best_technique=best.technique if best is not None else None,
+            recommended=recommended,
+            batch_size=s.batch_size,
+            capacity_bytes=s.capacity,
+        )
 
     # Not needed: end-to-end already fits with room to spare.
     if e2e is not None and s.capacity is not None and s.capacity - e2e.required >= NOT_NEEDED_HEADROOM * s.capacity:
         spare = s.capacity - e2e.required
-        reasons.append(Reason(
-            rule="fits-e2e",
-            sentence=(
-                f"e2e already fits on {s.target} with {format_bytes(spare)} ({pct(spare / s.capacity)}) to spare "
-                f"(threshold {pct(NOT_NEEDED_HEADROOM)}); no memory technique is needed unless the batch size or the "
-                "depth grows."
-            ),
-            numbers={"e2e_required_bytes": e2e.required, "capacity_bytes": s.capacity, "headroom_bytes": spare,
-                     "threshold": NOT_NEEDED_HEADROOM},
-        ))
-        return verdict("not-needed", f"Not needed: e2e already fits on {s.target} with {format_bytes(spare)} to spare.",
-                       "e2e")
+        reasons.append(
+            Reason(
+                rule="fits-e2e",
+                sentence=(
+                    f"e2e already fits on {s.target} with {format_bytes(spare)} ({pct(spare / s.capacity)}) to spare "
+                    f"(threshold {pct(NOT_NEEDED_HEADROOM)}); no memory technique is needed unless the batch size or the "
+                    "depth grows."
+                ),
+                numbers={
+                    "e2e_required_bytes": e2e.required,
+                    "capacity_bytes": s.capacity,
+                    "headroom_bytes": spare,
+                    "threshold": NOT_NEEDED_HEADROOM,
+                },
+            )
+        )
+        return verdict(
+            "not-needed", f"Not needed: e2e already fits on {s.target} with {format_bytes(spare)} to spare.", "e2e"
+        )
     if e2e is not None and s.capacity is not None and e2e.required <= s.capacity:
         spare = s.capacity - e2e.required
-        reasons.append(Reason(
-            rule="e2e-tight",
-            sentence=(
-                f"e2e fits on {s.target} with only {format_bytes(spare)} ({pct(spare / s.capacity)}) to spare, below "
-                f"the {pct(NOT_NEEDED_HEADROOM)} headroom a fit needs to be safe; it is weighed as not fitting."
-            ),
-            numbers={"e2e_required_bytes": e2e.required, "headroom_bytes": spare, "threshold": NOT_NEEDED_HEADROOM},
-        ))
+        reasons.append(
+            Reason(
+                rule="e2e-tight",
+                sentence=(
+                    f"e2e fits on {s.target} with only {format_bytes(spare)} ({pct(spare / s.capacity)}) to spare, below "
+                    f"the {pct(NOT_NEEDED_HEADROOM)} headroom a fit needs to be safe; it is weighed as not fitting."
+                ),
+                numbers={"e2e_required_bytes": e2e.required, "headroom_bytes": spare, "threshold": NOT_NEEDED_HEADROOM},
+            )
+        )
     elif e2e is not None and s.capacity is not None and e2e.max_batch_size is not None and s.batch_size:
-        reasons.append(Reason(
-            rule="e2e-does-not-fit",
-            sentence=(f"e2e does not fit at batch size {s.batch_size}: the largest that fits on {s.target} is "
-                      f"{e2e.max_batch_size}."),
-            numbers={"batch_size": s.batch_size, "e2e_max_batch_size": e2e.max_batch_size},
-        ))
+        reasons.append(
+            Reason(
+                rule="e2e-does-not-fit",
+                sentence=(
+                    f"e2e does not fit at batch size {s.batch_size}: the largest that fits on {s.target} is "
+                    f"{e2e.max_batch_size}."
+                ),
+                numbers={"batch_size": s.batch_size, "e2e_max_batch_size": e2e.max_batch_size},
+            )
+        )
 
     # The alternative when DiffusionBlocks is not chosen: the cheapest non-DiffusionBlocks technique that
     # fits safely (e2e only with headroom, handled above), so ckpt or a ckpt:k.
     fallback = cheapest_row([r for r in others if r is not e2e and row_fits(r, s)])
     fallback_name = fallback.technique if fallback is not None else None
-    instead = (f"train with {fallback.technique} ({format_bytes(fallback.required)})" if fallback is not None
-               else "nothing else fits either: lower the batch size or shard the state (ZeRO-3 / FSDP)")
+    instead = (
+        f"train with {fallback.technique} ({format_bytes(fallback.required)})"
+        if fallback is not None
+        else "nothing else fits either: lower the batch size or shard the state (ZeRO-3 / FSDP)"
+    )
 
     par = reason_parallel(ok, s)
     if par is not None:
         reasons.append(par)
 
     if s.from_checkpoint:
-        reasons.append(Reason(
-            rule="from-checkpoint",
-            sentence=(
-                "The team keeps an existing end-to-end checkpoint: DiffusionBlocks trains its blocks as denoisers with "
-                "AdaLN-Zero conditioning from scratch, and the paper describes no way to convert an end-to-end model; "
-                f"so {instead}."
-            ),
-            numbers={"from_checkpoint": True, "recommended": fallback_name},
-        ))
-        return verdict("not-worth-it",
-                       f"Not worth it when keeping an end-to-end checkpoint: DiffusionBlocks trains from scratch; "
-                       f"{instead}.", fallback_name)
+        reasons.append(
+            Reason(
+                rule="from-checkpoint",
+                sentence=(
+                    "The team keeps an existing end-to-end checkpoint: DiffusionBlocks trains its blocks as denoisers with "
+                    "AdaLN-Zero conditioning from scratch, and the paper describes no way to convert an end-to-end model; "
+                    f"so {instead}."
+                ),
+                numbers={"from_checkpoint": True, "recommended": fallback_name},
+            )
+        )
+        return verdict(
+            "not-worth-it",
+            f"Not worth it when keeping an end-to-end checkpoint: DiffusionBlocks trains from scratch; {instead}.",
+            fallback_name,
+        )
 
     if not dbs:
-        return verdict("inconclusive", "Inconclusive: no DiffusionBlocks configuration was measured successfully.",
-                       fallback_name)
+        return verdict(
+            "inconclusive", "Inconclusive: no DiffusionBlocks configuration was measured successfully.", fallback_name
+        )
 
     usable = [r for r in dbs if "parallel" not in r.variants or (r.blocks or 0) <= s.devices]
     fitting = [r for r in usable if row_fits(r, s)]
@@ -136,8 +167,11 @@ def judge(result: RunResult | Plan, capacity_bytes: int | None = None, *, from_c
     if base is e2e and e2e.frac(*STATE) >= STATE_BOUND_SHARE and e2e.frac("activations") < ACTIVATION_BOUND_SHARE:
         sharded = [r for r in fitting if "offload" in r.variants or "parallel" in r.variants]
         reasons.append(reason_state_bound(e2e, sharded))
-        if not sharded or fallback is not None or any("offload" not in r.variants and "parallel" not in r.variants
-                                                      for r in fitting):
+        if (
+            not sharded
+            or fallback is not None
+            or any("offload" not in r.variants and "parallel" not in r.variants for r in fitting)
+        ):
             return verdict(
                 "not-worth-it",
                 f"Not worth it: parameters, gradients and optimizer state are {pct(e2e.frac(*STATE))} of the e2e peak "
@@ -147,14 +181,16 @@ def judge(result: RunResult | Plan, capacity_bytes: int | None = None, *, from_c
             )
         fitting = sharded  # only a configuration that moves state off the device fits
     elif base is e2e and e2e.frac("activations") >= ACTIVATION_BOUND_SHARE:
-        reasons.append(Reason(
-            rule="activation-bound",
-            sentence=(
-                f"Activation-bound: activations are {pct(e2e.frac('activations'))} of the e2e peak (threshold "
-                f"{pct(ACTIVATION_BOUND_SHARE)}), the memory DiffusionBlocks divides by about B."
-            ),
-            numbers={"activations_fraction": e2e.frac("activations"), "threshold": ACTIVATION_BOUND_SHARE},
-        ))
+        reasons.append(
+            Reason(
+                rule="activation-bound",
+                sentence=(
+                    f"Activation-bound: activations are {pct(e2e.frac('activations'))} of the e2e peak (threshold "
+                    f"{pct(ACTIVATION_BOUND_SHARE)}), the memory DiffusionBlocks divides by about B."
+                ),
+                numbers={"activations_fraction": e2e.frac("activations"), "threshold": ACTIVATION_BOUND_SHARE},
+            )
+        )
 
     if not fitting:
         smallest = min(usable or dbs, key=lambda r: r.required)
@@ -163,7 +199,8 @@ def judge(result: RunResult | Plan, capacity_bytes: int | None = None, *, from_c
             "not-worth-it",
             f"Not worth it on {s.target}: no DiffusionBlocks configuration fits (the smallest, {smallest.technique}, "
             f"needs {format_bytes(smallest.required)}); {instead}.",
-            fallback_name, smallest,
+            fallback_name,
+            smallest,
         )
 
     acceptable = [r for r in fitting if quality_risk(r.blocks or 1) != "high"]
@@ -174,7 +211,8 @@ def judge(result: RunResult | Plan, capacity_bytes: int | None = None, *, from_c
             "not-worth-it",
             f"Not worth it: only B >= {HIGH_RISK_MIN_BLOCKS} fits ({best.technique}), where the paper's quality was "
             f"worse than end-to-end on both image ablations; {instead}.",
-            fallback_name, best,
+            fallback_name,
+            best,
         )
 
     # Least quality risk first, then the fewest blocks (fewest extra block-steps), then the fewest FLOPs.
@@ -191,45 +229,62 @@ def judge(result: RunResult | Plan, capacity_bytes: int | None = None, *, from_c
 
     if s.capacity is None and e2e is not None and e2e.required:
         saving = 1 - best.required / e2e.required
-        reasons.append(Reason(
-            rule="memory",
-            sentence=(f"{best.technique} cuts the peak from {format_bytes(e2e.required)} to "
-                      f"{format_bytes(best.required)} ({pct(saving)} less; threshold {pct(MIN_SAVING_FRACTION)} "
-                      "with no target capacity)."),
-            numbers={"technique": best.technique, "saving_fraction": saving, "threshold": MIN_SAVING_FRACTION},
-        ))
+        reasons.append(
+            Reason(
+                rule="memory",
+                sentence=(
+                    f"{best.technique} cuts the peak from {format_bytes(e2e.required)} to "
+                    f"{format_bytes(best.required)} ({pct(saving)} less; threshold {pct(MIN_SAVING_FRACTION)} "
+                    "with no target capacity)."
+                ),
+                numbers={"technique": best.technique, "saving_fraction": saving, "threshold": MIN_SAVING_FRACTION},
+            )
+        )
         if saving < MIN_SAVING_FRACTION:
-            return verdict("not-worth-it",
-                           f"Not worth it: {best.technique} saves only {pct(saving)} of the e2e peak "
-                           f"(threshold {pct(MIN_SAVING_FRACTION)}).", fallback_name or "e2e", best)
+            return verdict(
+                "not-worth-it",
+                f"Not worth it: {best.technique} saves only {pct(saving)} of the e2e peak "
+                f"(threshold {pct(MIN_SAVING_FRACTION)}).",
+                fallback_name or "e2e",
+                best,
+            )
 
     # Compute against checkpointing, the alternative that also fits.
     rival = fallback if fallback is not None and fallback.flops_per_sample is not None else None
     db_vs = compute_ratio(best, rival)
     if rival is not None and db_vs is not None and db_vs > 1 - COMPUTE_MARGIN:
         more = f"{pct(db_vs - 1)} more" if db_vs >= 1 else f"only {pct(1 - db_vs)} less"
-        reasons.append(Reason(
-            rule="costlier-than-ckpt",
-            sentence=(
-                f"{best.technique} trains a sample with {gflops_text(best.flops_per_sample or 0)} against "
-                f"{rival.technique}'s {gflops_text(rival.flops_per_sample or 0)}: {db_vs:.2f}x, {more} (it must be at least "
-                f"{pct(COMPUTE_MARGIN)} less to be worth a new training method)."
-            ),
-            numbers={"technique": best.technique, "rival": rival.technique, "vs_rival": db_vs,
-                     "margin": COMPUTE_MARGIN},
-        ))
+        reasons.append(
+            Reason(
+                rule="costlier-than-ckpt",
+                sentence=(
+                    f"{best.technique} trains a sample with {gflops_text(best.flops_per_sample or 0)} against "
+                    f"{rival.technique}'s {gflops_text(rival.flops_per_sample or 0)}: {db_vs:.2f}x, {more} (it must be at least "
+                    f"{pct(COMPUTE_MARGIN)} less to be worth a new training method)."
+                ),
+                numbers={
+                    "technique": best.technique,
+                    "rival": rival.technique,
+                    "vs_rival": db_vs,
+                    "margin": COMPUTE_MARGIN,
+                },
+            )
+        )
         return verdict(
             "not-worth-it",
             f"Not worth it: {rival.technique} fits ({format_bytes(rival.required)}) and trains a sample with "
             f"{1 / db_vs:.2f}x the FLOPs of {best.technique} ({format_bytes(best.required)}), which costs {db_vs:.2f}x "
             f"{rival.technique}'s compute; train with {rival.technique}.",
-            rival.technique, best,
+            rival.technique,
+            best,
         )
 
     e2e_part = f"e2e needs {format_bytes(e2e.required)}" if e2e is not None else "e2e was not measured"
     if rival is not None and db_vs is not None:
-        compute_part = (f"and trains a sample with {db_vs:.2f}x the FLOPs of {rival.technique} "
-                        f"({pct(1 - db_vs)} less; margin {pct(COMPUTE_MARGIN)})")
+        compute_part = (
+            f"and trains a sample with {db_vs:.2f}x the FLOPs of {rival.technique} "
+            f"({pct(1 - db_vs)} less; margin {pct(COMPUTE_MARGIN)})"
+        )
     elif fallback is None and "ckpt" not in best.variants:
         compute_part = "and no checkpointing configuration fits"
     elif fallback is None:
@@ -237,21 +292,34 @@ def judge(result: RunResult | Plan, capacity_bytes: int | None = None, *, from_c
     else:
         compute_part = "(FLOPs not counted in this input)"
     risk = quality_risk(best.blocks or 1)
-    risk_part = (f"B={best.blocks} is in the paper's low-risk range" if risk == "low"
-                 else f"B={best.blocks} carries {risk} quality risk in the paper's ablations: check quality")
+    risk_part = (
+        f"B={best.blocks} is in the paper's low-risk range"
+        if risk == "low"
+        else f"B={best.blocks} carries {risk} quality risk in the paper's ablations: check quality"
+    )
     target = f" on {s.target}" if s.capacity is not None else ""
-    reasons.append(Reason(
-        rule="adopt",
-        sentence=(f"Training from scratch, {best.technique} fits{target} at {format_bytes(best.required)} "
-                  f"{compute_part}; {risk_part}."),
-        numbers={"technique": best.technique, "required_bytes": best.required, "vs_ckpt": db_vs,
-                 "risk": risk, "margin": COMPUTE_MARGIN},
-    ))
+    reasons.append(
+        Reason(
+            rule="adopt",
+            sentence=(
+                f"Training from scratch, {best.technique} fits{target} at {format_bytes(best.required)} "
+                f"{compute_part}; {risk_part}."
+            ),
+            numbers={
+                "technique": best.technique,
+                "required_bytes": best.required,
+                "vs_ckpt": db_vs,
+                "risk": risk,
+                "margin": COMPUTE_MARGIN,
+            },
+        )
+    )
     return verdict(
         "adopt",
         f"Adopt DiffusionBlocks {best.technique}: {e2e_part}; {best.technique} fits{target} at "
         f"{format_bytes(best.required)} {compute_part}; {risk_part}.",
-        best.technique, best,
+        best.technique,
+        best,
     )
 
 

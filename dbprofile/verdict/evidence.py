@@ -52,7 +52,6 @@ class Row:
         return sum(self.shares.get(c, 0) for c in categories) / self.peak if self.peak else 0.0
 
 
-
 @dataclass
 class Situation:
     """What the rules know besides the rows: the target and how the team will train."""
@@ -63,7 +62,6 @@ class Situation:
     from_checkpoint: bool
     devices: int
     batch_size: int | None
-
 
 
 def rows_from_run(result: RunResult) -> tuple[list[Row], int | None]:
@@ -99,7 +97,6 @@ def rows_from_run(result: RunResult) -> tuple[list[Row], int | None]:
     return rows, int(capacity) if capacity else None
 
 
-
 def rows_from_plan(plan: Plan) -> list[Row]:
     return [
         Row(
@@ -110,7 +107,8 @@ def rows_from_plan(plan: Plan) -> list[Row]:
             peak=e.tracked_peak_bytes,
             required=e.peak_bytes,
             shares=dict(e.shares),
-            flops_per_sample=e.flops_per_sample if e.flops_per_sample is not None
+            flops_per_sample=e.flops_per_sample
+            if e.flops_per_sample is not None
             else per_sample(e.training_flops, e.batch_size),
             extra_parameters=e.extra_parameters,
             num_parameters=e.num_parameters,
@@ -121,10 +119,8 @@ def rows_from_plan(plan: Plan) -> list[Row]:
     ]
 
 
-
 def row_fits(row: Row, s: Situation) -> bool:
     return s.capacity is None or row.required <= s.capacity
-
 
 
 def compute_ratio(row: Row, base: Row | None) -> float | None:
@@ -133,15 +129,14 @@ def compute_ratio(row: Row, base: Row | None) -> float | None:
     return row.flops_per_sample / base.flops_per_sample
 
 
-
 def cheapest_row(rows: list[Row]) -> Row | None:
     """Fewest FLOPs per sample (unknown FLOPs last), then the smallest need."""
     return min(rows, key=lambda r: (r.flops_per_sample is None, r.flops_per_sample or 0.0, r.required), default=None)
 
 
-
-def situation_of(result: RunResult | Plan, capacity_bytes: int | None, from_checkpoint: bool | None,
-               devices: int | None) -> tuple[list[Row], Situation]:
+def situation_of(
+    result: RunResult | Plan, capacity_bytes: int | None, from_checkpoint: bool | None, devices: int | None
+) -> tuple[list[Row], Situation]:
     if isinstance(result, Plan):
         rows = rows_from_plan(result)
         capacity = capacity_bytes if capacity_bytes is not None else result.capacity_bytes

@@ -23,7 +23,6 @@ def pct(x: float) -> str:
     return f"{round(100 * x)}%"
 
 
-
 def params_text(n: int) -> str:
     for scale, unit in ((1e9, "B"), (1e6, "M"), (1e3, "k")):
         if abs(n) >= scale:
@@ -31,10 +30,8 @@ def params_text(n: int) -> str:
     return str(n)
 
 
-
 def gflops_text(flops: float) -> str:
     return f"{format_gflop(flops)} GFLOP"
-
 
 
 def quality_risk(blocks: int) -> str:
@@ -42,7 +39,6 @@ def quality_risk(blocks: int) -> str:
     if blocks <= LOW_RISK_MAX_BLOCKS:
         return "low"
     return "high" if blocks >= HIGH_RISK_MIN_BLOCKS else "elevated"
-
 
 
 def reason_failures(rows: list[Row]) -> list[Reason]:
@@ -60,7 +56,6 @@ def reason_failures(rows: list[Row]) -> list[Reason]:
             )
         )
     return reasons
-
 
 
 def reason_composition(base: Row) -> Reason:
@@ -85,7 +80,6 @@ def reason_composition(base: Row) -> Reason:
     )
 
 
-
 def reason_fit(rows: list[Row], s: Situation) -> Reason:
     assert s.capacity is not None
     parts = []
@@ -99,7 +93,6 @@ def reason_fit(rows: list[Row], s: Situation) -> Reason:
         sentence=f"On {s.target} ({format_bytes(s.capacity)}): " + "; ".join(parts) + ".",
         numbers={"capacity_bytes": s.capacity, **{f"{r.technique}_required_bytes": r.required for r in rows}},
     )
-
 
 
 def reason_compute_table(rows: list[Row], e2e: Row | None) -> Reason | None:
@@ -125,7 +118,6 @@ def reason_compute_table(rows: list[Row], e2e: Row | None) -> Reason | None:
     )
 
 
-
 def reason_db_overhead(best: Row, e2e: Row | None, task: str | None) -> Reason | None:
     """Why a DiffusionBlocks sample costs what it does: stem/head per block-step, doubled LM sequence."""
     ratio = compute_ratio(best, e2e)
@@ -133,11 +125,13 @@ def reason_db_overhead(best: Row, e2e: Row | None, task: str | None) -> Reason |
         return None
     b = best.blocks
     per_block_step = ratio / b
-    why = ("the embeddings, the head and the sigma embedder run in every block-step, not once per sample"
-           if task != "causal-lm" else
-           "the embeddings and the vocabulary-sized head run in every block-step, not once per sample, and each "
-           "block runs its layers on a doubled sequence (noisy and clean tokens), which doubles their matmuls "
-           "and quadruples their attention")
+    why = (
+        "the embeddings, the head and the sigma embedder run in every block-step, not once per sample"
+        if task != "causal-lm"
+        else "the embeddings and the vocabulary-sized head run in every block-step, not once per sample, and each "
+        "block runs its layers on a doubled sequence (noisy and clean tokens), which doubles their matmuls "
+        "and quadruples their attention"
+    )
     return Reason(
         rule="compute-overhead",
         sentence=(
@@ -146,7 +140,6 @@ def reason_db_overhead(best: Row, e2e: Row | None, task: str | None) -> Reason |
         ),
         numbers={"technique": best.technique, "blocks": b, "vs_e2e": ratio, "block_step_vs_e2e": per_block_step},
     )
-
 
 
 def reason_measured_times(best: Row, e2e: Row | None, ckpt: Row | None) -> Reason | None:
@@ -163,8 +156,11 @@ def reason_measured_times(best: Row, e2e: Row | None, ckpt: Row | None) -> Reaso
     compared = [r for r in (best, ckpt) if r is not None and r.training_time_s]
     spreads = {r.technique: noise(r) for r in [e2e, *compared]}
     e2e_noise = spreads[e2e.technique]
-    noisy = {t: v for t, v in spreads.items()
-             if v is None or e2e_noise is None or (t != e2e.technique and v + e2e_noise > MAX_RATIO_NOISE)}
+    noisy = {
+        t: v
+        for t, v in spreads.items()
+        if v is None or e2e_noise is None or (t != e2e.technique and v + e2e_noise > MAX_RATIO_NOISE)
+    }
     numbers: dict[str, Any] = {"iqr_fraction": spreads, "noise_limit": MAX_RATIO_NOISE}
     if noisy:
         worst = ", ".join(f"{t} {'unknown' if v is None else pct(v)}" for t, v in spreads.items())
@@ -190,18 +186,15 @@ def reason_measured_times(best: Row, e2e: Row | None, ckpt: Row | None) -> Reaso
     )
 
 
-
 def relative_noise(time_s: float, iqr_s: float | None) -> float | None:
     """The interquartile range relative to the median; None when no spread was recorded."""
     return iqr_s / time_s if iqr_s is not None and time_s > 0 else None
-
 
 
 def ratio_is_clear(num_s: float, num_iqr_s: float | None, den_s: float, den_iqr_s: float | None) -> bool:
     """MAX_RATIO_NOISE: both spreads known and together small enough to quote num/den."""
     a, b = relative_noise(num_s, num_iqr_s), relative_noise(den_s, den_iqr_s)
     return a is not None and b is not None and a + b <= MAX_RATIO_NOISE
-
 
 
 def reason_quality(best: Row, task: str | None) -> Reason:
@@ -230,7 +223,6 @@ def reason_quality(best: Row, task: str | None) -> Reason:
     )
 
 
-
 def reason_costs(best: Row) -> Reason:
     b = best.blocks or 1
     numbers: dict[str, Any] = {"technique": best.technique, "extra_parameters": best.extra_parameters}
@@ -252,7 +244,6 @@ def reason_costs(best: Row) -> Reason:
     )
 
 
-
 def reason_parallel(rows: list[Row], s: Situation) -> Reason | None:
     """With B devices, one block per device: the memory per device and no traffic between blocks."""
     par = [r for r in rows if "parallel" in r.variants]
@@ -260,19 +251,25 @@ def reason_parallel(rows: list[Row], s: Situation) -> Reason | None:
         return None
     r = min(par, key=lambda x: x.required)
     available = r.blocks is not None and s.devices >= r.blocks
-    tail = (f"{s.devices} devices are available, so it is weighed with the rest" if available else
-            f"it needs {r.blocks} devices and {s.devices} {'is' if s.devices == 1 else 'are'} available, so it is "
-            "not weighed")
+    tail = (
+        f"{s.devices} devices are available, so it is weighed with the rest"
+        if available
+        else f"it needs {r.blocks} devices and {s.devices} {'is' if s.devices == 1 else 'are'} available, so it is "
+        "not weighed"
+    )
     return Reason(
         rule="block-parallel",
         sentence=(
             f"{r.technique} trains one block per device on {r.blocks} devices: {format_bytes(r.required)} per device, "
             "no communication between blocks (only the shared stem and head gradients are all-reduced); " + tail + "."
         ),
-        numbers={"technique": r.technique, "required_bytes": r.required, "devices_needed": r.blocks,
-                 "devices_available": s.devices},
+        numbers={
+            "technique": r.technique,
+            "required_bytes": r.required,
+            "devices_needed": r.blocks,
+            "devices_available": s.devices,
+        },
     )
-
 
 
 def reason_state_bound(base: Row, offloaded: list[Row]) -> Reason:
@@ -285,8 +282,11 @@ def reason_state_bound(base: Row, offloaded: list[Row]) -> Reason:
         "would not); shard them (ZeRO-1 for the optimizer state, ZeRO-2/3 or FSDP for gradients and parameters), "
         "offload the optimizer, or use an 8-bit optimizer."
     )
-    numbers: dict[str, Any] = {"state_fraction": base.frac(*STATE), "optimizer_state_fraction": opt,
-                               "threshold": STATE_BOUND_SHARE}
+    numbers: dict[str, Any] = {
+        "state_fraction": base.frac(*STATE),
+        "optimizer_state_fraction": opt,
+        "threshold": STATE_BOUND_SHARE,
+    }
     if offloaded:
         best = min(offloaded, key=lambda r: r.required)
         sentence += f" For comparison {best.technique} needs {format_bytes(best.required)}."

@@ -9,11 +9,9 @@ fit is not safe: the allocator's reserved-over-allocated overhead ranged 2% to 3
 (median 11%, which the plan already adds), so a prediction within 10% of the capacity can run out."""
 
 
-
 ACTIVATION_BOUND_SHARE = 0.5
 """Activations (tensors saved for backward) at least this share of the e2e peak: activation-bound,
 the memory DiffusionBlocks cuts."""
-
 
 
 STATE_BOUND_SHARE = 0.5
@@ -21,11 +19,9 @@ STATE_BOUND_SHARE = 0.5
 state-bound, memory plain DiffusionBlocks keeps resident."""
 
 
-
 MIN_SAVING_FRACTION = 0.2
 """With no target capacity to fit, DiffusionBlocks must cut the e2e peak by at least this fraction to
 be worth a new training method."""
-
 
 
 COMPUTE_MARGIN = 0.1
@@ -35,11 +31,9 @@ DiffusionBlocks adds (AdaLN modulate and gate products in every layer) and its s
 batches of work are not in them, so a smaller lead is not a reliable time saving."""
 
 
-
 LOW_RISK_MAX_BLOCKS = 3
 """B <= 3 matched or beat B=1 in every ablation of the paper (ImageNet FID 9.90/11.11 vs 12.09,
 CIFAR-10 FID 35.47/38.03 vs 39.83, LM1B MAUVE best at B=3-4)."""
-
 
 
 HIGH_RISK_MIN_BLOCKS = 6
@@ -47,11 +41,9 @@ HIGH_RISK_MIN_BLOCKS = 6
 39.83): high quality risk. B=4-5 is elevated: better on ImageNet, worse on CIFAR-10 (45.43)."""
 
 
-
 MAX_RATIO_NOISE = 0.2
 """A measured time ratio is quoted only when the two timings' interquartile ranges, each relative to
 its median, add up to at most this: a ratio's relative spread is about the sum of its parts'."""
-
 
 
 # METHOD.md, "Quality vs B": the paper's ablations (L = 24 layers).
@@ -62,14 +54,12 @@ QUALITY_ABLATIONS: dict[str, dict[int, float]] = {
 }
 
 
-
 # METHOD.md, "Quality reported": DiffusionBlocks vs end-to-end on the paper's tasks.
 QUALITY_REPORTED = {
     "classification": "ViT CIFAR-100 accuracy 59.30% vs 60.25% end-to-end, Tiny-ImageNet 36.16% vs 35.32%",
     "denoising": "DiT CIFAR-10 FID 30.59 vs 32.84 end-to-end, ImageNet-256 FID 9.00 vs 9.01",
     "causal-lm": "AR LM1B MAUVE 0.71 vs 0.50 end-to-end, OpenWebText MAUVE 0.82 vs 0.85",
 }
-
 
 
 STATE = ("parameters", "buffers", "gradients", "optimizer_state")

@@ -15,9 +15,7 @@ DEFAULT_TIMEOUT_S = 300
 """How long a rank waits in a collective for the others before it gives up (a failed rank)."""
 
 
-
 TORCHRUN_ENV = ("RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
-
 
 
 def in_torchrun() -> bool:
@@ -25,8 +23,9 @@ def in_torchrun() -> bool:
     return all(name in os.environ for name in TORCHRUN_ENV)
 
 
-
-def init_process_group(device: str | None = None, timeout_s: float = DEFAULT_TIMEOUT_S) -> tuple[int, int, torch.device]:
+def init_process_group(
+    device: str | None = None, timeout_s: float = DEFAULT_TIMEOUT_S
+) -> tuple[int, int, torch.device]:
     """Join the process group from torchrun's environment (or use one already made).
 
     Backend NCCL when CUDA is used, gloo on the CPU. Returns (rank, world size, this rank's device):

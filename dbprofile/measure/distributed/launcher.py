@@ -18,8 +18,14 @@ from dbprofile.measure.distributed.ranks import run_distributed
 from dbprofile.spec import SpecError
 
 
-def launch(nproc: int, argv: Sequence[str], *, entry: str = "dbprofile.cli:main",
-           torchrun_args: Sequence[str] = (), env: dict[str, str] | None = None) -> int:
+def launch(
+    nproc: int,
+    argv: Sequence[str],
+    *,
+    entry: str = "dbprofile.cli:main",
+    torchrun_args: Sequence[str] = (),
+    env: dict[str, str] | None = None,
+) -> int:
     """Run ``entry`` (the dbprofile CLI by default) under ``python -m torch.distributed.run
     --standalone --nproc-per-node nproc`` with ``argv`` minus any ``--nproc``; returns its exit code.
 
@@ -32,11 +38,20 @@ def launch(nproc: int, argv: Sequence[str], *, entry: str = "dbprofile.cli:main"
     module, _, func = entry.partition(":")
     code = f"import sys; from {module} import {func or 'main'} as _m; sys.exit(_m())"
     rendezvous = list(torchrun_args) or ["--standalone"]
-    cmd = [sys.executable, "-m", "torch.distributed.run", *rendezvous, f"--nproc-per-node={nproc}",
-           "--no-python", sys.executable, "-c", code, *args]
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        *rendezvous,
+        f"--nproc-per-node={nproc}",
+        "--no-python",
+        sys.executable,
+        "-c",
+        code,
+        *args,
+    ]
     run_env = {**os.environ, **(env or {})}
     return subprocess.run(cmd, env=run_env).returncode
-
 
 
 def strip_nproc(argv: list[str]) -> list[str]:
@@ -55,11 +70,11 @@ def strip_nproc(argv: list[str]) -> list[str]:
     return out
 
 
-
 def launch_command(nproc: int, argv: Sequence[str]) -> str:
     """The torchrun command line equivalent to ``launch(nproc, argv)``, for reports and docs."""
-    return shlex.join(["torchrun", "--standalone", f"--nproc-per-node={nproc}", "$(which dbprofile)", *strip_nproc(list(argv))])
-
+    return shlex.join(
+        ["torchrun", "--standalone", f"--nproc-per-node={nproc}", "$(which dbprofile)", *strip_nproc(list(argv))]
+    )
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -78,8 +93,16 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--timeout", type=float, default=DEFAULT_TIMEOUT_S)
     args = parser.parse_args(argv)
     try:
-        run_distributed(args.model, args.techniques, args.batch_size, fsdp=args.fsdp, device=args.device,
-                        steps=args.steps, out=args.out, timeout_s=args.timeout)
+        run_distributed(
+            args.model,
+            args.techniques,
+            args.batch_size,
+            fsdp=args.fsdp,
+            device=args.device,
+            steps=args.steps,
+            out=args.out,
+            timeout_s=args.timeout,
+        )
     except SpecError as err:
         sys.stderr.write(f"error: {err}\n")
         return 2

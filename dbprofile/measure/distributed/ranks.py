@@ -4,7 +4,6 @@ into one RunResult with a row per rank), and ``simulate_rank`` (one rank of a sh
 block-parallel run from ONE process on fake tensors, for the planner). The package docstring
 (dbprofile.measure.distributed) describes what a rank measures and how failures are kept."""
 
-
 from __future__ import annotations
 
 import contextlib
@@ -68,14 +67,21 @@ def measure_rank(
     """
     rank, world = dist.get_rank(), dist.get_world_size()
     precision, optimizer = settings.precision, settings.optimizer
-    m = Measurement(technique=dtech.name, batch_size=batch_size, precision=precision, optimizer=optimizer,
-                    device=str(dev), extra={"rank": rank, "world_size": world, "sharding": _sharding(dtech, fsdp)})
+    m = Measurement(
+        technique=dtech.name,
+        batch_size=batch_size,
+        precision=precision,
+        optimizer=optimizer,
+        device=str(dev),
+        extra={"rank": rank, "world_size": world, "sharding": _sharding(dtech, fsdp)},
+    )
     built_trainers = []
     try:
         torch.manual_seed(SEED)
         start = time.perf_counter()
-        built_trainers.append(make_distributed_trainer(dtech, spec, dev, rank, fsdp, precision=precision,
-                                                       optimizer=optimizer))
+        built_trainers.append(
+            make_distributed_trainer(dtech, spec, dev, rank, fsdp, precision=precision, optimizer=optimizer)
+        )
         build_s = time.perf_counter() - start
     except Exception as err:  # noqa: BLE001 - reported as this rank's row
         record_failure(m, err)
@@ -90,9 +96,17 @@ def measure_rank(
         return m
     try:
         # The protocol takes the built trainer (the list's only reference, so it is freed after).
-        measure_into(m, spec, dtech.on_one_device(), batch_size, dataclasses.replace(settings, fake=False), dev=dev,
-                     trainer_factory=built_trainers.pop, tracker_cls=ShardedTracker,
-                     adaptive_timing=False)  # every rank must run the same steps (collectives)
+        measure_into(
+            m,
+            spec,
+            dtech.on_one_device(),
+            batch_size,
+            dataclasses.replace(settings, fake=False),
+            dev=dev,
+            trainer_factory=built_trainers.pop,
+            tracker_cls=ShardedTracker,
+            adaptive_timing=False,
+        )  # every rank must run the same steps (collectives)
         m.extra["timing"]["build_s"] = build_s
     except SpecError:
         raise
@@ -167,15 +181,39 @@ def simulate_rank(
     rows = []
     with _fake_world(world_size) as mesh:
         for rank in ranks:
-            m = Measurement(technique=dtech.name, batch_size=batch_size, precision=precision, optimizer=optimizer,
-                            device="cpu", fake=True,
-                            extra={"rank": rank, "world_size": world_size, "sharding": _sharding(dtech, fsdp)})
+            m = Measurement(
+                technique=dtech.name,
+                batch_size=batch_size,
+                precision=precision,
+                optimizer=optimizer,
+                device="cpu",
+                fake=True,
+                extra={"rank": rank, "world_size": world_size, "sharding": _sharding(dtech, fsdp)},
+            )
             traces: dict | None = {} if per_rank is not None else None
             # The runner's protocol on fake tensors (it enters fake mode before calling the factory).
-            build = functools.partial(make_distributed_trainer, dtech, spec, cpu, rank, fsdp, precision=precision,
-                                      optimizer=optimizer, mesh=mesh)
-            measure_into(m, spec, dtech.on_one_device(), batch_size, settings, dev=cpu, trainer_factory=build,
-                         tracker_cls=ShardedTracker, traces=traces)
+            build = functools.partial(
+                make_distributed_trainer,
+                dtech,
+                spec,
+                cpu,
+                rank,
+                fsdp,
+                precision=precision,
+                optimizer=optimizer,
+                mesh=mesh,
+            )
+            measure_into(
+                m,
+                spec,
+                dtech.on_one_device(),
+                batch_size,
+                settings,
+                dev=cpu,
+                trainer_factory=build,
+                tracker_cls=ShardedTracker,
+                traces=traces,
+            )
             rows.append(m)
             if per_rank is not None:
                 per_rank.append((m, traces))
@@ -196,8 +234,9 @@ def representative_ranks(layers: int, blocks: int) -> list[int]:
     the last block, else the first middle rank whose block has as many layers (same bytes)."""
     sizes = [len(group) for group in split_contiguous(layers, blocks)]
     first_of_size: dict[int, int] = {}
-    return [rank if rank in (0, blocks - 1) else first_of_size.setdefault(size, rank)
-            for rank, size in enumerate(sizes)]
+    return [
+        rank if rank in (0, blocks - 1) else first_of_size.setdefault(size, rank) for rank, size in enumerate(sizes)
+    ]
 
 
 # ---------------------------------------------------------------- all ranks
@@ -243,17 +282,39 @@ def run_distributed(
     owns_group = not dist.is_initialized()
     rank, world, dev = init_process_group(device, timeout_s)
     try:
-        return _run_ranks(spec, dtechs, sizes, settings, rank=rank, world=world, dev=dev, fsdp=fsdp, out=out,
-                          command=command, timeout_s=timeout_s)
+        return _run_ranks(
+            spec,
+            dtechs,
+            sizes,
+            settings,
+            rank=rank,
+            world=world,
+            dev=dev,
+            fsdp=fsdp,
+            out=out,
+            command=command,
+            timeout_s=timeout_s,
+        )
     finally:
         # A group this call made is this call's to close (torchrun's processes then exit cleanly).
         if owns_group and dist.is_initialized():
             dist.destroy_process_group()
 
 
-def _run_ranks(spec: ModelSpec, dtechs: list[Technique], sizes: list[int], settings: RunSettings, *,
-               rank: int, world: int, dev: torch.device, fsdp: bool, out: str | Path | None, command: str,
-               timeout_s: float) -> RunResult | None:
+def _run_ranks(
+    spec: ModelSpec,
+    dtechs: list[Technique],
+    sizes: list[int],
+    settings: RunSettings,
+    *,
+    rank: int,
+    world: int,
+    dev: torch.device,
+    fsdp: bool,
+    out: str | Path | None,
+    command: str,
+    timeout_s: float,
+) -> RunResult | None:
     with fake_mode():  # shape checks only: no memory
         model = spec.build()
         for d in dtechs:
@@ -267,9 +328,15 @@ def _run_ranks(spec: ModelSpec, dtechs: list[Technique], sizes: list[int], setti
         env.update(world_size=world, backend=dist.get_backend(), fsdp=fsdp)
         result = RunResult(
             model=spec.name,
-            model_info={"family": spec.family, "task": spec.task, "num_layers": num_layers,
-                        "hidden_size": spec.hidden_size, "description": spec.description},
-            environment=env, command=command,
+            model_info={
+                "family": spec.family,
+                "task": spec.task,
+                "num_layers": num_layers,
+                "hidden_size": spec.hidden_size,
+                "description": spec.description,
+            },
+            environment=env,
+            command=command,
             created=datetime.now(timezone.utc).isoformat(timespec="seconds"),
         )
     stopped: str | None = None
@@ -277,10 +344,16 @@ def _run_ranks(spec: ModelSpec, dtechs: list[Technique], sizes: list[int], setti
         if stopped is None:
             m = measure_rank(spec, d, batch_size, dev, fsdp and not d.parallel, settings, results_group)
         else:
-            m = Measurement(technique=d.name, batch_size=batch_size, precision=settings.precision,
-                            optimizer=settings.optimizer,
-                            device=str(dev), status="error", error=f"not run: {stopped}",
-                            extra={"rank": rank, "world_size": world, "not_measured": True})
+            m = Measurement(
+                technique=d.name,
+                batch_size=batch_size,
+                precision=settings.precision,
+                optimizer=settings.optimizer,
+                device=str(dev),
+                status="error",
+                error=f"not run: {stopped}",
+                extra={"rank": rank, "world_size": world, "not_measured": True},
+            )
         progress.stage(f"{d.name} @ batch {batch_size}: gathering the measurements of {world} ranks")
         gathered: list[Any] | None = [None] * world if rank == 0 else None
         dist.gather_object(m, gathered, dst=0, group=results_group)
@@ -301,8 +374,10 @@ def _run_ranks(spec: ModelSpec, dtechs: list[Technique], sizes: list[int], setti
                 r = next((r for r, _ in failed if r not in waited), failed[0][0])
                 for w in waited:
                     gathered[w].error += f" (rank {w} waited in a collective for rank {r}, which failed)"
-                stop_reason[0] = (f"rank {r} failed in {d.name}, so the ranks' collectives may be out of step; "
-                                  "the remaining techniques were not run")
+                stop_reason[0] = (
+                    f"rank {r} failed in {d.name}, so the ranks' collectives may be out of step; "
+                    "the remaining techniques were not run"
+                )
             judge_into(result)  # on the measurements so far: the saved file always carries one
             if out is not None:
                 result.save(out)
@@ -318,4 +393,3 @@ def _timed_out(error: str | None) -> bool:
 
 
 # ---------------------------------------------------------------- launching torchrun
-

@@ -19,9 +19,7 @@ from dbprofile.measure.tracking import CATEGORY_INDEX
 _COMM = CATEGORY_INDEX["communication"]
 
 
-
 TEMPORARIES = CATEGORY_INDEX["temporaries"]
-
 
 
 # FSDP2 marks its collective work with record_function; storages made inside these regions are
@@ -29,17 +27,13 @@ TEMPORARIES = CATEGORY_INDEX["temporaries"]
 _COMM_REGIONS = ("FSDP::all_gather", "FSDP::post_backward_reduce")
 
 
-
 _RF_ENTER = "profiler._record_function_enter_new"
-
 
 
 _RF_EXIT = "profiler._record_function_exit"
 
 
-
 _REDUCE_SCATTER = ("c10d._reduce_scatter_base_", "c10d.reduce_scatter_tensor_coalesced_")
-
 
 
 class ShardedTracker(Tracker):
@@ -93,7 +87,9 @@ class ShardedTracker(Tracker):
         key_known = _storage_id(t) in self._infos
         info = super()._info(t)
         if (
-            info is not None and not key_known and info.cat == TEMPORARIES
+            info is not None
+            and not key_known
+            and info.cat == TEMPORARIES
             and any(r.startswith(_COMM_REGIONS) for r in self.regions)
         ):
             self._to_communication(t, info)
@@ -159,7 +155,6 @@ class ShardedTracker(Tracker):
                     self._record()
 
 
-
 def _local(t: torch.Tensor) -> torch.Tensor:
     """A DTensor's local shard (whose storage holds this rank's bytes); other tensors as they are."""
     from torch.distributed.tensor import DTensor
@@ -170,13 +165,11 @@ def _local(t: torch.Tensor) -> torch.Tensor:
     return t
 
 
-
 def _storage_id(t: torch.Tensor) -> int | None:
     try:
         return id(t.untyped_storage())
     except (RuntimeError, NotImplementedError):
         return None
-
 
 
 def _flat_tensors(obj: Any) -> list[torch.Tensor]:

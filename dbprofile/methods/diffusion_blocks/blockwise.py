@@ -117,7 +117,9 @@ class BlockwiseModel(nn.Module):
     ) -> None:
         super().__init__()
         with seeded(seed):  # the added parameters are deterministic, like spec.build()
-            self._setup(spec, model, blocks, gamma, partition, weighting, cond_dim, checkpoint, lm_layout, label_init_std)
+            self._setup(
+                spec, model, blocks, gamma, partition, weighting, cond_dim, checkpoint, lm_layout, label_init_std
+            )
 
     def _setup(
         self, spec, model, blocks, gamma, partition, weighting, cond_dim, checkpoint, lm_layout, label_init_std
@@ -434,5 +436,3 @@ class BlockwiseModel(nn.Module):
 
     def forward(self, *args, **kwargs):
         return self.model(*args, **kwargs)
-
-

@@ -18,16 +18,13 @@ def first_output(out):
     return out[0] if isinstance(out, (tuple, list)) else out
 
 
-
 def replace_first_output(out, new):
     return (new, *out[1:]) if isinstance(out, (tuple, list)) else new
-
 
 
 def broadcast_per_sample(values: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
     """(N,) -> (N, 1, ..., 1) broadcastable against ``like``."""
     return values.reshape(values.shape[0], *([1] * (like.dim() - 1)))
-
 
 
 LABEL_INIT_STD = 0.02
@@ -37,15 +34,12 @@ lr in size whatever the scale) moves the targets; docs/diffusion_blocks.md has t
 effect."""
 
 
-
 LM_LAYOUTS = ("concatenated", "interleaved")
 """How the causal-lm task lays out clean and noisy tokens (module doc); the first is the default."""
 
 
-
 LM_LAYER_KWARGS = ("attn_mask", "positions")
 """Keyword arguments every layer receives in the concatenated layout (docs/diffusion_blocks.md)."""
-
 
 
 def concatenated_attention_mask(tokens: int, device: torch.device | str | None = None) -> torch.Tensor:
@@ -59,11 +53,9 @@ def concatenated_attention_mask(tokens: int, device: torch.device | str | None =
     return mask
 
 
-
 def concatenated_positions(tokens: int, device: torch.device | str | None = None) -> torch.Tensor:
     """(2T,) position ids [0..T-1, 0..T-1]: noisy token i sits at the position of the token it predicts from."""
     return torch.arange(tokens, device=device).repeat(2)
-
 
 
 def accepts_keywords(fn, names: tuple[str, ...]) -> bool:
@@ -76,7 +68,6 @@ def accepts_keywords(fn, names: tuple[str, ...]) -> bool:
         return True
     given = {p.name for p in params}
     return all(name in given for name in names)
-
 
 
 def find_input_embedding(model: nn.Module, spec: ModelSpec) -> nn.Module:
@@ -98,7 +89,6 @@ def find_input_embedding(model: nn.Module, spec: ModelSpec) -> nn.Module:
         f"num_classes={spec.num_classes} rows. Add a get_input_embeddings() method returning the token "
         "embedding module, or set ModelSpec.num_classes to the vocabulary size."
     )
-
 
 
 def has_readout(model: nn.Module) -> bool:

@@ -30,7 +30,9 @@ class DiffusionBlocksTrainer(Trainer):
     technique = "db"
     model: BlockwiseModel
 
-    def __init__(self, spec: ModelSpec, model: BlockwiseModel, device: torch.device, *, seed: int = 0, **kwargs) -> None:
+    def __init__(
+        self, spec: ModelSpec, model: BlockwiseModel, device: torch.device, *, seed: int = 0, **kwargs
+    ) -> None:
         super().__init__(spec, model, device, **kwargs)
         self.units = list(range(model.num_blocks))
         self.block_layers = [list(group) for group in model.block_layers]
@@ -76,7 +78,9 @@ class DiffusionBlocksTrainer(Trainer):
         if tech.offload:
             trainer = trainer_cls(spec, model, device, seed=seed, precision=precision, optimizer=optimizer, lr=lr)
         else:
-            trainer = trainer_cls(spec, to_device(model, device), device, seed=seed, precision=precision, optimizer=optimizer, lr=lr)
+            trainer = trainer_cls(
+                spec, to_device(model, device), device, seed=seed, precision=precision, optimizer=optimizer, lr=lr
+            )
         trainer.technique = tech.name
         return trainer
 
