@@ -431,3 +431,11 @@ def test_a_time_ratio_is_quoted_at_the_noise_threshold_and_not_past_it():
     assert not ratio_is_clear(1.0, 0.1, 2.0, 0.21)
     assert not ratio_is_clear(1.0, None, 2.0, 0.0)  # no spread recorded: nothing to judge it by
     assert MAX_RATIO_NOISE == 0.2
+
+
+def test_a_saving_just_under_the_threshold_is_not_printed_as_the_threshold():
+    from dbprofile.verdict.reasons import pct_against
+
+    # The sample report at batch 32 said "saves only 20% of the e2e peak (threshold 20%)" for 19.8%.
+    assert pct_against(0.198, 0.2) == "19.8%"
+    assert pct_against(0.2, 0.2) == "20%" and pct_against(0.35, 0.2) == "35%"

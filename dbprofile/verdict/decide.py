@@ -10,6 +10,7 @@ from dbprofile.verdict.evidence import Row, cheapest_row, compute_ratio, row_fit
 from dbprofile.verdict.reasons import (
     gflops_text,
     pct,
+    pct_against,
     quality_risk,
     reason_composition,
     reason_compute_table,
@@ -234,7 +235,7 @@ def judge(
                 rule="memory",
                 sentence=(
                     f"{best.technique} cuts the peak from {format_bytes(e2e.required)} to "
-                    f"{format_bytes(best.required)} ({pct(saving)} less; threshold {pct(MIN_SAVING_FRACTION)} "
+                    f"{format_bytes(best.required)} ({pct_against(saving, MIN_SAVING_FRACTION)} less; threshold {pct(MIN_SAVING_FRACTION)} "
                     "with no target capacity)."
                 ),
                 numbers={"technique": best.technique, "saving_fraction": saving, "threshold": MIN_SAVING_FRACTION},
@@ -243,7 +244,7 @@ def judge(
         if saving < MIN_SAVING_FRACTION:
             return verdict(
                 "not-worth-it",
-                f"Not worth it: {best.technique} saves only {pct(saving)} of the e2e peak "
+                f"Not worth it: {best.technique} saves only {pct_against(saving, MIN_SAVING_FRACTION)} of the e2e peak "
                 f"(threshold {pct(MIN_SAVING_FRACTION)}).",
                 fallback_name or "e2e",
                 best,

@@ -23,6 +23,14 @@ def pct(x: float) -> str:
     return f"{round(100 * x)}%"
 
 
+def pct_against(x: float, threshold: float) -> str:
+    """``x`` as a percentage next to a threshold it is compared with: one decimal where whole
+    percents would print the two alike (a 19.8% saving is not "20%, threshold 20%")."""
+    if x != threshold and round(100 * x) == round(100 * threshold):
+        return f"{100 * x:.1f}%"
+    return pct(x)
+
+
 def params_text(n: int) -> str:
     for scale, unit in ((1e9, "B"), (1e6, "M"), (1e3, "k")):
         if abs(n) >= scale:
