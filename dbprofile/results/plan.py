@@ -9,7 +9,7 @@ from typing import Any
 from dbprofile.files import to_standard_json
 from dbprofile.results import views
 from dbprofile.results.verdict import Verdict
-from dbprofile.vocabulary import CATEGORIES, CUDA_CORRECTIONS
+from dbprofile.vocabulary import CATEGORIES, CUDA_CORRECTIONS, Status
 
 
 @dataclass(kw_only=True)
@@ -21,7 +21,7 @@ class PlanEntry:
     """Technique name; 'db:B+parallel' is DiffusionBlocks with one block per device."""
     batch_size: int
     """Batch size per device."""
-    status: str = "ok"
+    status: Status = "ok"
     """ok | error (the fake run failed; ``error`` says why)."""
     error: str | None = None
     tracked_peak_bytes: int = 0

@@ -23,7 +23,7 @@ from dbprofile.schema import (
     show,
 )
 from dbprofile.units import format_bytes
-from dbprofile.vocabulary import CATEGORIES, STATUSES
+from dbprofile.vocabulary import CATEGORIES, STATUSES, Status
 
 SCHEMA_VERSION = 1
 
@@ -69,7 +69,7 @@ class Measurement:
     optimizer: str = "adamw"
     device: str = "cpu"
     fake: bool = False
-    status: str = "ok"
+    status: Status = "ok"
     """ok | oom | error | nan (the step ran but the loss was not finite) | timeout."""
     error: str | None = None
     """The failure's message for oom / error / nan."""

@@ -8,6 +8,7 @@ from dataclasses import dataclass
 
 from dbprofile.results import Plan, RunResult, per_sample
 from dbprofile.techniques import parse_technique
+from dbprofile.vocabulary import Status
 
 
 @dataclass
@@ -15,7 +16,7 @@ class Row:
     """A measurement or a plan entry, seen the same way by the rules."""
 
     technique: str
-    status: str
+    status: Status
     error: str | None
     batch_size: int
     peak: int  # tracked peak; the shares sum to it
