@@ -71,3 +71,13 @@ def format_gflop(flops: float) -> str:
     work is never shown as a bare 0.0)."""
     gflop = flops / 1e9
     return f"{gflop:,.1f}" if abs(gflop) >= 10 else f"{gflop:.3g}"
+
+
+def format_duration(seconds: float) -> str:
+    """A duration in the unit that reads best: '45.2 s', '12.5 min', '3.40 h' (a tiny model's
+    million samples are never shown as '0.00 h')."""
+    if seconds < 60:
+        return f"{seconds:.3g} s"
+    if seconds < 3600:
+        return f"{seconds / 60:.1f} min"
+    return f"{seconds / 3600:,.2f} h"

@@ -2,7 +2,7 @@
 
 import pytest
 
-from dbprofile.units import GiB, MiB, format_bytes, format_gflop, parse_size, pick_unit
+from dbprofile.units import GiB, MiB, format_bytes, format_duration, format_gflop, parse_size, pick_unit
 
 
 def test_iec_units_and_the_unit_a_table_picks():
@@ -24,3 +24,9 @@ def test_gflop_is_readable_at_every_scale():
     assert format_gflop(12.34e9) == "12.3"
     assert format_gflop(3.21e9) == "3.21"
     assert format_gflop(12.3e6) == "0.0123"
+
+
+def test_durations_read_in_their_unit():
+    # The plan's "time per million samples" said "0.00 h" for every technique of a tiny model.
+    assert format_duration(2.0) == "2 s" and format_duration(45.25) == "45.2 s"
+    assert format_duration(750) == "12.5 min" and format_duration(12_240) == "3.40 h"

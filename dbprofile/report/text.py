@@ -11,7 +11,7 @@ from typing import Any
 
 from dbprofile.gpus import get_gpu
 from dbprofile.results import Plan, PlanEntry, RunResult, views
-from dbprofile.units import UNIT_BYTES, format_bytes, format_gflop, pick_unit
+from dbprofile.units import UNIT_BYTES, format_bytes, format_duration, format_gflop, pick_unit
 from dbprofile.validate import ValidationRow
 from dbprofile.vocabulary import CATEGORIES
 
@@ -207,7 +207,7 @@ def format_time_estimate(plan: Plan) -> str | None:
         return None
     gpu = get_gpu(plan.device)
     parts = [
-        f"{e.technique} {(e.time_per_million_samples_s or 0) / 3600:.2f} h"
+        f"{e.technique} {format_duration(e.time_per_million_samples_s or 0)}"
         + (f" on {e.world_size} devices" if e.world_size > 1 else "")
         for e in timed
     ]
