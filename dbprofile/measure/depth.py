@@ -180,9 +180,8 @@ def _reserved_bytes(m: Measurement, m1: Measurement, m2: Measurement, m3: Measur
         return
     reserved = [f.get("peak_reserved_bytes") for f in figures if isinstance(f, dict)]
     deepest = reserved[-1]
-    if model.get("peak_reserved_bytes") is not None or not all(isinstance(v, int) for v in reserved):
-        return
-    if not isinstance(deepest, int):
+    shallower_known = all(isinstance(v, int) for v in reserved[:-1])
+    if model.get("peak_reserved_bytes") is not None or not shallower_known or not isinstance(deepest, int):
         return
     # Keep the deepest trace's reserved-over-peak proportion (its segment overhead) at the target.
     estimate = int(deepest * m.peak_bytes / m3.peak_bytes) if m3.peak_bytes else deepest

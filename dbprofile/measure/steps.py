@@ -253,7 +253,7 @@ def time_unit(
     step_index = next(ctx.counter)
     torch.manual_seed(SEED + 1 + step_index)
     batch = ctx.spec.batch(ctx.batch_size, dev)
-    clock = PhaseClock(None, dev, dev.type == "cuda")
+    clock = PhaseClock(None, dev, ctx.sync)
     losses: list[torch.Tensor] = []
     transfers: list[float] = []
 

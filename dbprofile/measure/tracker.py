@@ -263,7 +263,7 @@ class Tracker:
             # Grad mode on inside backward: checkpointing recomputes a forward for backward.
             info.recomputed = True
             info.cat = cat = ACTIVATIONS
-        info.ref = weakref.ref(st, functools.partial(self._freed, key, info))
+        info.ref = weakref.ref(st, functools.partial(self._on_free, key, info))
         with self._lock:
             self._infos[key] = info
             if cat is not None:
@@ -272,11 +272,8 @@ class Tracker:
                 self._add(cat, nbytes)
         return info
 
-    def _freed(self, key: int, info: StorageInfo, _ref: Any) -> None:
+    def _on_free(self, key: int, info: StorageInfo, _ref: Any) -> None:
         """The storage's weak reference fired: it was freed."""
-        self._on_free(key, info)
-
-    def _on_free(self, key: int, info: StorageInfo) -> None:
         with self._lock:
             if self._infos.get(key) is info:
                 del self._infos[key]
