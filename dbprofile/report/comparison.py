@@ -3,7 +3,7 @@ peaks per technique, the sweep's lines, and each run's verdict."""
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 from dbprofile.files import write_atomic
@@ -118,6 +118,32 @@ def _technique_order(name: str) -> tuple[int, int, str]:
     return (("e2e", "ckpt", "db").index(tech.kind), tech.blocks or tech.segments or 0, name)
 
 
+def _technique_table(
+    title: str,
+    head: str,
+    techniques: Sequence[str],
+    series: list[tuple[str, RunResult, int, dict[str, Measurement]]],
+    ok_cell: Callable[[Measurement], str],
+    failure_title: bool = False,
+) -> str:
+    """One row per technique, one column per run: ``ok_cell`` of a finished measurement, its status
+    where it failed (with its error on hover where ``failure_title``), "not run" where it is absent."""
+    rows = []
+    for tech in techniques:
+        cells = []
+        for _, _, _, ms in series:
+            m = ms.get(tech)
+            if m is None:
+                cells.append('<td class="muted">not run</td>')
+            elif not m.ok:
+                hover = f' title="{esc(m.error or "")}"' if failure_title else ""
+                cells.append(f'<td class="bad"{hover}>{esc(m.status.upper())}</td>')
+            else:
+                cells.append(ok_cell(m))
+        rows.append(f"<tr><th>{esc(tech)}</th>{''.join(cells)}</tr>")
+    return f"<h3>{title}</h3><table><tr><th>technique</th>{head}</tr>{''.join(rows)}</table>"
+
+
 def render_comparison(results: list[RunResult], command: str | None = None) -> str:
     """The HTML page comparing runs: one series per run and batch size, a grouped chart of
     peaks per technique, a table of every peak and step time, and each run's details.
@@ -160,32 +186,12 @@ def render_comparison(results: list[RunResult], command: str | None = None) -> s
 
     unit = pick_unit(max((m.peak_bytes for _, _, _, ms in series for m in ms.values() if m.ok), default=0))
     head = "".join(f"<th>{esc(label)}</th>" for label, _, _, _ in series)
-    rows = []
-    for tech in techniques:
-        cells = []
-        for _, _, _, ms in series:
-            m = ms.get(tech)
-            if m is None:
-                cells.append('<td class="muted">not run</td>')
-            elif not m.ok:
-                cells.append(f'<td class="bad" title="{esc(m.error or "")}">{esc(m.status.upper())}</td>')
-            else:
-                cells.append(bytes_cell(m.peak_bytes, unit))
-        rows.append(f"<tr><th>{esc(tech)}</th>{''.join(cells)}</tr>")
-    peaks_table = f"<h3>Peak</h3><table><tr><th>technique</th>{head}</tr>{''.join(rows)}</table>"
-    rows = []
-    for tech in techniques:
-        cells = []
-        for _, _, _, ms in series:
-            m = ms.get(tech)
-            if m is None:
-                cells.append('<td class="muted">not run</td>')
-            elif not m.ok:
-                cells.append(f'<td class="bad">{esc(m.status.upper())}</td>')
-            else:
-                cells.append(f'<td class="num">{esc(milliseconds(m.step_time_s))}</td>')
-        rows.append(f"<tr><th>{esc(tech)}</th>{''.join(cells)}</tr>")
-    times_table = f"<h3>Step time</h3><table><tr><th>technique</th>{head}</tr>{''.join(rows)}</table>"
+    peaks_table = _technique_table(
+        "Peak", head, techniques, series, lambda m: bytes_cell(m.peak_bytes, unit), failure_title=True
+    )
+    times_table = _technique_table(
+        "Step time", head, techniques, series, lambda m: f'<td class="num">{esc(milliseconds(m.step_time_s))}</td>'
+    )
     sections.append(section_html("numbers", "Every peak and step time", peaks_table + times_table))
 
     run_rows = []

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import Any
 
 from dbprofile.report.charts import (
     SERIES_COLOURS,
@@ -12,6 +13,21 @@ from dbprofile.report.charts import (
 )
 from dbprofile.results import Measurement
 from dbprofile.units import UNIT_BYTES, pick_unit
+
+
+def _mark_failure(ax: Any, x: float, top: float, status: str) -> None:
+    """A technique that did not finish: its status, upright on the axis where its bar or point would be."""
+    ax.text(
+        x,
+        top * 0.02,
+        status.upper(),
+        rotation=90,
+        ha="center",
+        va="bottom",
+        color="#B00020",
+        fontweight="bold",
+        fontsize=8,
+    )
 
 
 def comparison_peaks(techniques: Sequence[str], series: Sequence[tuple[str, dict[str, Measurement]]]) -> str:
@@ -36,17 +52,7 @@ def comparison_peaks(techniques: Sequence[str], series: Sequence[tuple[str, dict
                     bars = ax.bar([x], [m.peak_bytes / scale], width=width * 0.92, color=colour)
                     bars[0].set_gid(f"cmp-bar-{s}-{t}")
                 else:
-                    ax.text(
-                        x,
-                        top * 0.02,
-                        m.status.upper(),
-                        rotation=90,
-                        ha="center",
-                        va="bottom",
-                        color="#B00020",
-                        fontweight="bold",
-                        fontsize=8,
-                    )
+                    _mark_failure(ax, x, top, m.status)
             ax.bar([0], [0], color=colour, label=label)  # legend entry
         ax.set_xticks(range(len(techniques)), list(techniques))
         ax.set_ylabel(f"peak memory ({unit})")
@@ -75,17 +81,7 @@ def sweep_lines(xlabel: str, series: Sequence[tuple[str, Sequence[tuple[int, Mea
                 ax.plot([p[0] for p in ok], [p[1] for p in ok], marker="o", color=colour, label=technique)
             for x, m in points:
                 if not m.ok:
-                    ax.text(
-                        x,
-                        top * 0.02,
-                        m.status.upper(),
-                        rotation=90,
-                        ha="center",
-                        va="bottom",
-                        color="#B00020",
-                        fontweight="bold",
-                        fontsize=8,
-                    )
+                    _mark_failure(ax, x, top, m.status)
         xs = sorted({x for _, points in series for x, _ in points})
         ax.set_xticks(xs, [str(x) for x in xs])
         ax.set_xlabel(xlabel)
