@@ -84,7 +84,7 @@ def judge(
             Reason(
                 rule="fits-e2e",
                 sentence=(
-                    f"e2e already fits on {s.target} with {format_bytes(spare)} ({pct(spare / s.capacity)}) to spare "
+                    f"e2e already fits on {s.target} with {format_bytes(spare)} ({pct_against(spare / s.capacity, NOT_NEEDED_HEADROOM)}) to spare "
                     f"(threshold {pct(NOT_NEEDED_HEADROOM)}); no memory technique is needed unless the batch size or the "
                     "depth grows."
                 ),
@@ -105,7 +105,7 @@ def judge(
             Reason(
                 rule="e2e-tight",
                 sentence=(
-                    f"e2e fits on {s.target} with only {format_bytes(spare)} ({pct(spare / s.capacity)}) to spare, below "
+                    f"e2e fits on {s.target} with only {format_bytes(spare)} ({pct_against(spare / s.capacity, NOT_NEEDED_HEADROOM)}) to spare, below "
                     f"the {pct(NOT_NEEDED_HEADROOM)} headroom a fit needs to be safe; it is weighed as not fitting."
                 ),
                 numbers={"e2e_required_bytes": e2e.required, "headroom_bytes": spare, "threshold": NOT_NEEDED_HEADROOM},
@@ -186,7 +186,7 @@ def judge(
             Reason(
                 rule="activation-bound",
                 sentence=(
-                    f"Activation-bound: activations are {pct(e2e.frac('activations'))} of the e2e peak (threshold "
+                    f"Activation-bound: activations are {pct_against(e2e.frac('activations'), ACTIVATION_BOUND_SHARE)} of the e2e peak (threshold "
                     f"{pct(ACTIVATION_BOUND_SHARE)}), the memory DiffusionBlocks divides by about B."
                 ),
                 numbers={"activations_fraction": e2e.frac("activations"), "threshold": ACTIVATION_BOUND_SHARE},
@@ -254,7 +254,7 @@ def judge(
     rival = fallback if fallback is not None and fallback.flops_per_sample is not None else None
     db_vs = compute_ratio(best, rival)
     if rival is not None and db_vs is not None and db_vs > 1 - COMPUTE_MARGIN:
-        more = f"{pct(db_vs - 1)} more" if db_vs >= 1 else f"only {pct(1 - db_vs)} less"
+        more = f"{pct(db_vs - 1)} more" if db_vs >= 1 else f"only {pct_against(1 - db_vs, COMPUTE_MARGIN)} less"
         reasons.append(
             Reason(
                 rule="costlier-than-ckpt",
@@ -284,7 +284,7 @@ def judge(
     if rival is not None and db_vs is not None:
         compute_part = (
             f"and trains a sample with {db_vs:.2f}x the FLOPs of {rival.technique} "
-            f"({pct(1 - db_vs)} less; margin {pct(COMPUTE_MARGIN)})"
+            f"({pct_against(1 - db_vs, COMPUTE_MARGIN)} less; margin {pct(COMPUTE_MARGIN)})"
         )
     elif fallback is None and "ckpt" not in best.variants:
         compute_part = "and no checkpointing configuration fits"

@@ -284,7 +284,7 @@ def reason_state_bound(base: Row, offloaded: list[Row]) -> Reason:
     opt, params, grads = (base.frac(c) for c in ("optimizer_state", "parameters", "gradients"))
     biggest = max((("optimizer state", opt), ("parameters", params), ("gradients", grads)), key=lambda kv: kv[1])
     sentence = (
-        f"Not worth it for memory: parameters + gradients + optimizer state are {pct(base.frac(*STATE))} of the "
+        f"Not worth it for memory: parameters + gradients + optimizer state are {pct_against(base.frac(*STATE), STATE_BOUND_SHARE)} of the "
         f"{base.technique} peak ({biggest[0]} {pct(biggest[1])}, threshold {pct(STATE_BOUND_SHARE)}); plain "
         "DiffusionBlocks leaves parameters and optimizer state resident (only +offload or one block per device "
         "would not); shard them (ZeRO-1 for the optimizer state, ZeRO-2/3 or FSDP for gradients and parameters), "
