@@ -17,6 +17,16 @@ DEFAULT_STEPS = 5
 DEFAULT_WARMUP_STEPS = 1
 
 
+def unknown_precision(precision: object) -> SpecError:
+    """The one message for a precision dbprofile does not train with (settings and trainers)."""
+    return SpecError(f"Unknown precision {precision!r}; choose one of {', '.join(PRECISIONS)}.")
+
+
+def unknown_optimizer(name: object) -> SpecError:
+    """The one message for an optimizer dbprofile does not build (settings and trainers)."""
+    return SpecError(f"Unknown optimizer {name!r}; choose one of {', '.join(OPTIMIZERS)}.")
+
+
 @dataclass(frozen=True, kw_only=True)
 class RunSettings:
     """The settings of one measurement (every technique and batch size of a run shares them)."""
@@ -53,9 +63,9 @@ class RunSettings:
                 f"steps and warmup_steps must be at least 1; got steps={self.steps}, warmup_steps={self.warmup_steps}."
             )
         if self.precision not in PRECISIONS:
-            raise SpecError(f"Unknown precision {self.precision!r}; choose one of {', '.join(PRECISIONS)}.")
+            raise unknown_precision(self.precision)
         if self.optimizer not in OPTIMIZERS:
-            raise SpecError(f"Unknown optimizer {self.optimizer!r}; choose one of {', '.join(OPTIMIZERS)}.")
+            raise unknown_optimizer(self.optimizer)
         if self.memory_limit is not None and self.memory_limit < 0:
             raise SpecError(f"memory_limit is bytes, 0 or more; got {self.memory_limit}.")
         if self.time_limit_s is not None and not self.time_limit_s >= 0:  # also refuses nan

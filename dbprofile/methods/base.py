@@ -15,8 +15,8 @@ from typing import Protocol, TypeVar
 import torch
 from torch import nn
 
+from dbprofile.settings import unknown_optimizer, unknown_precision
 from dbprofile.spec import Batch, ModelSpec, SpecError
-from dbprofile.vocabulary import OPTIMIZERS, PRECISIONS
 
 # Every technique clips the gradient norm at 1.0: DiffusionBlocks needs it (METHOD.md), and
 # applying it everywhere keeps the per-step work (and its temporaries) comparable.
@@ -40,7 +40,7 @@ def make_optimizer(name: str, params: Iterable[nn.Parameter], lr: float = 1e-3) 
         if not hasattr(torch.optim, "Adafactor"):
             raise SpecError("The adafactor optimizer needs torch>=2.5; upgrade torch or use --optimizer adamw.")
         return torch.optim.Adafactor(params, lr=lr, foreach=False)
-    raise SpecError(f"Unknown optimizer {name!r}; choose one of {', '.join(OPTIMIZERS)}.")
+    raise unknown_optimizer(name)
 
 
 ModuleT = TypeVar("ModuleT", bound=nn.Module)
@@ -63,7 +63,7 @@ def autocast_context(device: torch.device, precision: str):
         return contextlib.nullcontext()
     if precision == "bf16":
         return torch.autocast(device_type=device.type, dtype=torch.bfloat16)
-    raise SpecError(f"Unknown precision {precision!r}; choose one of {', '.join(PRECISIONS)}.")
+    raise unknown_precision(precision)
 
 
 class TrainerProtocol(Protocol):
