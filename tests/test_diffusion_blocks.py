@@ -720,7 +720,7 @@ def test_classification_chain_follows_the_authors_sampler():
     seen = []
     real = model.classification_logits
     model.classification_logits = lambda x, z, sigma, idx: (seen.append(z.clone()), real(x, z, sigma, idx))[1]
-    logits = predict_classes(model, inputs, generator=torch.Generator().manual_seed(7), return_logits=True)
+    logits = predict_classes(model, inputs, generator=torch.Generator().manual_seed(7), return_logits=True, table="raw")
     # start: N(0, 1) * sqrt(1 + 80^2)
     start = torch.randn((3, 32), generator=torch.Generator().manual_seed(7)) * (1 + 80.0**2) ** 0.5
     assert torch.allclose(seen[0], start)
@@ -730,10 +730,12 @@ def test_classification_chain_follows_the_authors_sampler():
     ratio = 0.002 / 80.0
     assert torch.allclose(seen[1], ratio * start + (1 - ratio) * d, atol=1e-5)
     assert torch.allclose(logits, real(inputs, seen[1], torch.full((3,), 0.002), model.block_layers[1]))
+    # the default: D from the L2-normalised rows, the targets the blocks were trained on
     seen.clear()
-    predict_classes(model, inputs, generator=torch.Generator().manual_seed(7), table="normalised")
+    predict_classes(model, inputs, generator=torch.Generator().manual_seed(7))
     d_normalised = first.softmax(dim=-1) @ F.normalize(model.label_embedding, dim=-1)
     assert torch.allclose(seen[1], ratio * start + (1 - ratio) * d_normalised, atol=1e-5)
+    assert not torch.allclose(seen[1], ratio * start + (1 - ratio) * d, atol=1e-5)
 
 
 def test_denoising_chain_returns_samples_of_the_requested_shape():
