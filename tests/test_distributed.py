@@ -21,7 +21,7 @@ from dbprofile.measure.distributed import (
 )
 from dbprofile.measure.fake import fake_mode
 from dbprofile.methods.sharding import check_distributed
-from dbprofile.results import RunResult
+from dbprofile.results import RunResult, model_info_of
 from dbprofile.spec import SpecError
 from dbprofile.techniques import parse_technique
 from dbprofile.vocabulary import CATEGORIES
@@ -89,6 +89,12 @@ def test_every_rank_reports_one_row_per_technique_with_shares_summing_to_its_pea
         "ckpt",
     ]
     assert two_ranks.environment["world_size"] == WORLD
+    # the same model facts as a single-device run records (one function builds both)
+    spec = rank1_fails_under_ckpt()
+    assert two_ranks.model_info == {
+        **model_info_of(spec, two_ranks.model_info["num_layers"]),
+        "parameters": sum(p.numel() for p in spec.build().parameters()),
+    }
     for m in _rows(two_ranks, "e2e") + _rows(two_ranks, "db:2+parallel"):
         assert m.ok, m.error
         assert m.extra["world_size"] == WORLD

@@ -35,7 +35,7 @@ from dbprofile.measure.fake import cuda_autocast_policy, fake_mode
 from dbprofile.measure.limits import Terminated, TimeLimitExceeded, time_limit
 from dbprofile.measure.steps import measure_into
 from dbprofile.methods.factory import make_trainer
-from dbprofile.results import Measurement, RunResult
+from dbprofile.results import Measurement, RunResult, model_info_of
 from dbprofile.settings import RunSettings
 from dbprofile.spec import ModelSpec, SpecError, get_layers
 from dbprofile.techniques import DEFAULT_TECHNIQUES, Technique, check_technique_fits, parse_techniques
@@ -198,15 +198,7 @@ def run(
         snapshot.check_snapshot_device(torch.device(device), settings.fake)
     result = RunResult(
         model=spec.name,
-        model_info={
-            "family": spec.family,
-            "task": spec.task,
-            "num_layers": layer_count,
-            "hidden_size": spec.hidden_size,
-            "description": spec.description,
-            # The shapes --seq-len / --image-size set, so a sweep's runs can be told apart and drawn.
-            **{key: spec.extra[key] for key in ("sequence_length", "image_size", "latent_size") if key in spec.extra},
-        },
+        model_info=model_info_of(spec, layer_count),
         environment=devices.environment(device),
         command=command,
         created=datetime.now(timezone.utc).isoformat(timespec="seconds"),

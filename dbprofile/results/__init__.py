@@ -9,6 +9,7 @@ from dbprofile.results.run import (
     Measurement,
     RunResult,
     known_fields,
+    model_info_of,
     per_sample,
     validate_result,
 )
@@ -26,6 +27,7 @@ __all__ = [
     "RunResult",
     "Verdict",
     "known_fields",
+    "model_info_of",
     "per_sample",
     "validate_result",
 ]

@@ -22,6 +22,7 @@ from dbprofile.schema import (
     is_instance,
     show,
 )
+from dbprofile.spec import ModelSpec
 from dbprofile.units import format_bytes
 from dbprofile.vocabulary import CATEGORIES, Status
 
@@ -133,6 +134,21 @@ class Measurement:
         data = dict(data)
         data["blocks"] = [BlockMeasurement(**known_fields(BlockMeasurement, b)) for b in data.get("blocks", [])]
         return cls(**known_fields(cls, data))
+
+
+def model_info_of(spec: ModelSpec, num_layers: int) -> dict[str, Any]:
+    """What a run records of its model (``RunResult.model_info``); the parameter count joins it
+    once the e2e measurement has counted it. One function for the single-device runner and the
+    distributed one, so their results compare key by key."""
+    return {
+        "family": spec.family,
+        "task": spec.task,
+        "num_layers": num_layers,
+        "hidden_size": spec.hidden_size,
+        "description": spec.description,
+        # The shapes --seq-len / --image-size set, so a sweep's runs can be told apart and drawn.
+        **{key: spec.extra[key] for key in ("sequence_length", "image_size", "latent_size") if key in spec.extra},
+    }
 
 
 @dataclass(kw_only=True)

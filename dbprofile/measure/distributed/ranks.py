@@ -33,7 +33,7 @@ from dbprofile.methods.sharding import (
     check_distributed,
     make_distributed_trainer,
 )
-from dbprofile.results import Measurement, RunResult
+from dbprofile.results import Measurement, RunResult, model_info_of
 from dbprofile.settings import RunSettings
 from dbprofile.spec import ModelSpec, SpecError, get_layers
 from dbprofile.techniques import Technique, parse_technique
@@ -328,13 +328,7 @@ def _run_ranks(
         env.update(world_size=world, backend=dist.get_backend(), fsdp=fsdp)
         result = RunResult(
             model=spec.name,
-            model_info={
-                "family": spec.family,
-                "task": spec.task,
-                "num_layers": num_layers,
-                "hidden_size": spec.hidden_size,
-                "description": spec.description,
-            },
+            model_info=model_info_of(spec, num_layers),
             environment=env,
             command=command,
             created=datetime.now(timezone.utc).isoformat(timespec="seconds"),
