@@ -388,8 +388,8 @@ def test_a_nan_loss_writes_standard_json(tmp_path):
     )
     assert_exit(result, 3)  # answered, but the only technique failed (README: exit codes)
     m = strict_json(out.read_text())["measurements"][0]
-    # warm-up, tracked and the (adaptively many) timed steps: every loss non-finite, each written as null
-    assert m["status"] == "nan" and len(m["losses"]) >= 3 and all(v is None for v in m["losses"])
+    # warm-up and tracked step (a technique already NaN is not timed): every loss written as null
+    assert m["status"] == "nan" and len(m["losses"]) >= 2 and all(v is None for v in m["losses"])
     assert RunResult.load(out).measurements[0].status == "nan"
 
 

@@ -439,3 +439,31 @@ def test_a_saving_just_under_the_threshold_is_not_printed_as_the_threshold():
     # The sample report at batch 32 said "saves only 20% of the e2e peak (threshold 20%)" for 19.8%.
     assert pct_against(0.198, 0.2) == "19.8%"
     assert pct_against(0.2, 0.2) == "20%" and pct_against(0.35, 0.2) == "35%"
+
+
+def test_interleaved_timing_judges_a_ratio_by_its_round_by_round_spread():
+    # A machine with two speed states 1.5x apart: every technique's own IQR spans both (about 40%),
+    # but ckpt and db:2 were timed in the same rounds as e2e, so their ratios hold round by round.
+    states = [1.0, 1.0, 1.5, 1.5, 1.0, 1.5, 1.0, 1.5]
+    run = _activation_bound_run()
+    for m, ratio in zip(run.measurements, (1.0, 1.3, 1.02, 0.26)):
+        rounds = [ratio * s for s in states]
+        m.step_time_s, m.step_time_iqr_s = 1.25 * ratio, 0.5 * ratio
+        m.extra["timing"] = {"protocol": "interleaved", "round_step_times_s": rounds}
+    run.measurements[2].block_steps_time_s, run.measurements[2].block_steps_time_iqr_s = 1.25 * 1.02, 0.5 * 1.02
+    steady = _rule(judge(run, capacity_bytes=40 * GiB), "measured-time")
+    assert "too noisy" not in steady.sentence and "timed interleaved" in steady.sentence
+    assert steady.numbers["db:2_time_ratio"] == pytest.approx(1.02)
+    assert steady.numbers["paired_ratio_iqr_fraction"]["db:2"] == pytest.approx(0.0)
+    # The same own spreads without shared rounds: the sum of the two IQRs (80%) is too noisy.
+    for m in run.measurements:
+        m.extra["timing"] = {"protocol": "sequential"}
+    apart = _rule(judge(run, capacity_bytes=40 * GiB), "measured-time")
+    assert "too noisy" in apart.sentence
+    # Shared rounds whose ratios swing (db:2 twice as slow against e2e in half of them): too noisy.
+    swinging = [1.02 * s * (2.0 if i % 2 else 1.0) for i, s in enumerate(states)]
+    for m in run.measurements:
+        m.extra["timing"] = {"protocol": "interleaved", "round_step_times_s": [t * 1.0 for t in states]}
+    run.measurements[2].extra["timing"]["round_step_times_s"] = swinging
+    swung = _rule(judge(run, capacity_bytes=40 * GiB), "measured-time")
+    assert "too noisy" in swung.sentence and "db:2/e2e" in swung.sentence

@@ -234,8 +234,10 @@ def test_verbose_logs_every_stage_and_quiet_prints_only_the_answer(tmp_path):
         "db:2 @ batch 8: building the model",
         "db:2 @ batch 8: warm-up step 1/1 (block 2 of 2)",
         "db:2 @ batch 8: tracked step (block 1 of 2)",
-        "db:2 @ batch 8: 1 timed step (block 2 of 2)",
         "measured db:2 @ batch 8",
+        # CPU techniques are timed after the memory measurements (one technique: on its own)
+        "db:2 @ batch 8: building again for the sequential timing",
+        "timing db:2 @ batch 8 (sequential)",
     ):
         assert stage in verbose.stderr, verbose.stderr
     quiet = invoke(*args, "-q")

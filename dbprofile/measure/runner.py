@@ -32,6 +32,7 @@ from dbprofile.measure import device as devices
 from dbprofile.measure import snapshot
 from dbprofile.measure.failures import free_memory, record_failure
 from dbprofile.measure.fake import cuda_autocast_policy, fake_mode
+from dbprofile.measure.interleaved import time_interleaved
 from dbprofile.measure.limits import Terminated, TimeLimitExceeded, time_limit
 from dbprofile.measure.steps import measure_into
 from dbprofile.methods.factory import make_trainer
@@ -56,6 +57,7 @@ def measure(
     *,
     layers: int | None = None,
     traces: dict | None = None,
+    timed: bool = True,
     **setting_fields: Any,
 ) -> Measurement:
     """Measure one technique at one batch size; failures come back as a status, not raised.
@@ -67,7 +69,8 @@ def measure(
     ``layers`` (the model's residual layer count) skips counting them again. ``traces``, a
     dict, receives each unit's tracked step with every point kept (StepRecord.trace), for
     dbprofile.measure.depth. ``settings.time_limit_s`` bounds the whole technique (build,
-    steps, ratios): past it the measurement is ``timeout``.
+    steps, ratios): past it the measurement is ``timeout``. ``timed=False`` leaves the timed
+    steps out (``run`` times CPU techniques afterwards, interleaved).
     """
     settings = RunSettings.of(settings, **setting_fields)
     spec = load_spec(spec) if not isinstance(spec, ModelSpec) else spec
@@ -93,7 +96,9 @@ def measure(
     with time_limit(time_limit_s, f"{tech.name} at batch size {batch_size}") as limit:
         try:
             with cuda_autocast_policy() if settings.emulate_cuda else contextlib.nullcontext():
-                measure_into(m, spec, tech, batch_size, settings, dev=dev, snapshot_for=snapshot_for, traces=traces)
+                measure_into(
+                    m, spec, tech, batch_size, settings, dev=dev, snapshot_for=snapshot_for, traces=traces, timed=timed
+                )
             if m.status == "ok" and tech.is_diffusion_blocks:
                 activation_ratios(m, spec, tech, batch_size)
         except SpecError:
@@ -207,10 +212,14 @@ def run(
     )
     todo = [(tech, batch_size) for batch_size in sizes for tech in techs]
     done = 0
+    # CPU techniques are timed after the memory measurements of their batch size, interleaved
+    # (dbprofile.measure.interleaved, docs/timing.md); CUDA ones in their own measurement, where
+    # the allocator's peaks are read over the same untracked steps.
+    interleave = not settings.fake and devices.resolve_device(device).type == "cpu"
     try:
         for tech, batch_size in todo:
             try:
-                m = measure(spec, tech, batch_size, settings, layers=layer_count)
+                m = measure(spec, tech, batch_size, settings, layers=layer_count, timed=not interleave)
             except SpecError as err:
                 # prepare() checked what every technique needs; whatever it could not foresee is
                 # this technique's error, and must not throw away the rest of the run.
@@ -233,6 +242,10 @@ def run(
                 result.save(out)
             if on_measurement is not None:
                 on_measurement(m)
+            if interleave and (done == len(todo) or todo[done][1] != batch_size):
+                time_interleaved(spec, measured_at(result, batch_size, techs), batch_size, settings.steps)
+                if out is not None:
+                    result.save(out)
     except KeyboardInterrupt as err:
         cause = "terminated (SIGTERM)" if isinstance(err, Terminated) else "interrupted (Ctrl-C)"
         if done < len(todo):
@@ -249,6 +262,12 @@ def run(
     if out is not None:
         result.save(out)
     return result
+
+
+def measured_at(result: RunResult, batch_size: int, techs: list[Technique]) -> list[tuple[Measurement, Technique]]:
+    """The run's measurements at ``batch_size`` with their techniques, in the run's order."""
+    by_name = {t.name: t for t in techs}
+    return [(m, by_name[m.technique]) for m in result.measurements if m.batch_size == batch_size]
 
 
 def _progress(todo: list[tuple[Technique, int]], done: int) -> str:

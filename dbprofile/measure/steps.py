@@ -136,6 +136,7 @@ def measure_into(
     snapshot_for: Callable[[int | None], Path] | None = None,
     traces: dict | None = None,
     adaptive_timing: bool = True,
+    timed: bool = True,
 ) -> None:
     """Run the protocol (module docstring) for ``tech`` on ``dev`` and fill in ``m``.
 
@@ -143,6 +144,8 @@ def measure_into(
     protocol for one rank (a sharded or block-parallel trainer, a tracker that knows DTensors);
     ``adaptive_timing=False`` times exactly ``settings.steps`` steps, as ranks that must run the
     same collectives need, instead of torch.utils.benchmark's adaptive repetition.
+    ``timed=False`` runs no timed steps: the single-device runner times CPU techniques afterwards,
+    interleaved (dbprofile.measure.interleaved).
     ``snapshot_for(unit)`` names the memory snapshot file of a unit's tracked step. ``traces``,
     a dict, receives each unit's tracked step with every point kept (for dbprofile.measure.depth)."""
     fake = settings.fake
@@ -193,7 +196,7 @@ def measure_into(
                     step(ctx, tracker, unit, results[unit], track=True)
                 if traces is not None:
                     traces[unit] = results[unit].records[-1]
-                if not fake:
+                if not fake and timed:
                     # Timed steps run untracked: the tracker's Python dispatch overhead must not
                     # inflate step times. Fake steps have no meaningful time. The allocator's
                     # peaks are read over these untracked steps only: the tracked step resets
@@ -279,6 +282,11 @@ def time_unit(
     # one entry per step (a block's time shared evenly), so the run's step count and total stay right
     n = result.number_per_run
     ctx.all_steps.extend(t / n for t in result.raw_times for _ in range(n))
+    record_timed_losses(m, losses, unit)
+
+
+def record_timed_losses(m: Measurement, losses: list[torch.Tensor], unit: int | None) -> None:
+    """Append the timed steps' losses to ``m``; a non-finite one makes the measurement ``nan``."""
     for value in (float(loss.detach().float()) for loss in losses):
         m.losses.append(value)
         if not math.isfinite(value) and m.status == "ok":
@@ -351,10 +359,6 @@ def summarise(m: Measurement, units: list, results: dict, fake: bool, block_laye
     m.shares = dict(peak.shares)
     m.peak_phase = peak.peak_phase
     m.timeline = peak.timeline
-    if worst.times:
-        m.step_time_s = worst.median if worst.median is not None else statistics.median(worst.times)
-        m.step_time_iqr_s = worst.iqr if worst.iqr is not None else iqr(worst.times)
-        m.step_time_spread_s = [min(worst.times), max(worst.times)]
     unit_flops = [results[u].flops for u in units]
     if all(f is not None for f in unit_flops):
         # One step per unit trains every layer once: e2e's one step, DiffusionBlocks' B block-steps.
@@ -371,21 +375,36 @@ def summarise(m: Measurement, units: list, results: dict, fake: bool, block_laye
                     peak_bytes=p.peak_bytes,
                     shares=dict(p.shares),
                     peak_phase=p.peak_phase,
-                    step_time_s=(r.median if r.median is not None else statistics.median(r.times)) if r.times else None,
-                    step_time_iqr_s=(r.iqr if r.iqr is not None else iqr(r.times)) if r.times else None,
                     step_flops=r.flops,
-                    transfer_time_s=statistics.median(r.transfer_times) if any(r.transfer_times) else None,
                 )
             )
-        block_times = [b.step_time_s for b in m.blocks if b.step_time_s is not None]
-        if len(block_times) == len(m.blocks):
-            m.block_steps_time_s = sum(block_times)
-            # The blocks are timed apart; summing their IQRs is the spread if their noise moved
-            # together, an upper bound for independent noise.
-            m.block_steps_time_iqr_s = sum(b.step_time_iqr_s or 0.0 for b in m.blocks)
-            transfers = [t for u in units for t in results[u].transfer_times]
-            if any(transfers):
-                m.transfer_time_s = statistics.median(transfers)
+    summarise_times(m, units, results, worst_unit)
+
+
+def summarise_times(m: Measurement, units: list, results: dict, worst_unit: int | None) -> None:
+    """The timed steps' medians and IQRs into ``m``: the worst unit's as the step time, and for
+    DiffusionBlocks each block's and their sum (``m.blocks`` already holds one entry per unit)."""
+    worst = results[worst_unit]
+    if worst.times:
+        m.step_time_s = worst.median if worst.median is not None else statistics.median(worst.times)
+        m.step_time_iqr_s = worst.iqr if worst.iqr is not None else iqr(worst.times)
+        m.step_time_spread_s = [min(worst.times), max(worst.times)]
+    if units == [None]:
+        return
+    for block, unit in zip(m.blocks, units):
+        r = results[unit]
+        block.step_time_s = (r.median if r.median is not None else statistics.median(r.times)) if r.times else None
+        block.step_time_iqr_s = (r.iqr if r.iqr is not None else iqr(r.times)) if r.times else None
+        block.transfer_time_s = statistics.median(r.transfer_times) if any(r.transfer_times) else None
+    block_times = [b.step_time_s for b in m.blocks if b.step_time_s is not None]
+    if len(block_times) == len(m.blocks):
+        m.block_steps_time_s = sum(block_times)
+        # The blocks are timed apart; summing their IQRs is the spread if their noise moved
+        # together, an upper bound for independent noise.
+        m.block_steps_time_iqr_s = sum(b.step_time_iqr_s or 0.0 for b in m.blocks)
+        transfers = [t for u in units for t in results[u].transfer_times]
+        if any(transfers):
+            m.transfer_time_s = statistics.median(transfers)
 
 
 def iqr(times: list[float]) -> float:

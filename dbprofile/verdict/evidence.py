@@ -27,6 +27,8 @@ class Row:
     step_time_iqr_s: float | None = None
     block_steps_time_s: float | None = None
     block_steps_time_iqr_s: float | None = None
+    round_step_times_s: list[float] | None = None
+    """Interleaved timing (dbprofile.measure.interleaved): the step (B block-steps) per round."""
     extra_parameters: int | None = None
     num_parameters: int | None = None
     devices: int = 1
@@ -89,6 +91,7 @@ def rows_from_run(result: RunResult) -> tuple[list[Row], int | None]:
                 step_time_iqr_s=m.step_time_iqr_s,
                 block_steps_time_s=m.block_steps_time_s,
                 block_steps_time_iqr_s=m.block_steps_time_iqr_s,
+                round_step_times_s=(m.extra.get("timing") or {}).get("round_step_times_s"),
                 extra_parameters=m.extra_parameters,
                 num_parameters=m.num_parameters,
             )

@@ -3,6 +3,7 @@ themselves, and the rule's name) or says nothing."""
 
 from __future__ import annotations
 
+import statistics
 from typing import Any
 
 from dbprofile.results import Reason
@@ -164,20 +165,27 @@ def reason_measured_times(best: Row, e2e: Row | None, ckpt: Row | None) -> Reaso
     compared = [r for r in (best, ckpt) if r is not None and r.training_time_s]
     spreads = {r.technique: noise(r) for r in [e2e, *compared]}
     e2e_noise = spreads[e2e.technique]
-    noisy = {
-        t: v
+    # Timed interleaved (same rounds), a ratio's spread is that of its round-by-round ratios;
+    # timed apart, about the sum of the two timings' relative spreads.
+    paired = {r.technique: paired_ratio_noise(r.round_step_times_s, e2e.round_step_times_s) for r in compared}
+    ratio_noise: dict[str, float | None] = {
+        t: paired[t] if paired[t] is not None else (None if v is None or e2e_noise is None else v + e2e_noise)
         for t, v in spreads.items()
-        if v is None or e2e_noise is None or (t != e2e.technique and v + e2e_noise > MAX_RATIO_NOISE)
+        if t != e2e.technique
     }
     numbers: dict[str, Any] = {"iqr_fraction": spreads, "noise_limit": MAX_RATIO_NOISE}
-    if noisy:
+    if any(v is not None for v in paired.values()):
+        numbers["paired_ratio_iqr_fraction"] = paired
+    if any(v is None or v > MAX_RATIO_NOISE for v in ratio_noise.values()):
         worst = ", ".join(f"{t} {'unknown' if v is None else pct(v)}" for t, v in spreads.items())
+        pairs = ", ".join(f"{t}/e2e {pct(v)}" for t, v in paired.items() if v is not None)
         return Reason(
             rule="measured-time",
             sentence=(
-                f"Measured step times are too noisy to compare (interquartile range over the timed steps: {worst}; "
-                f"a ratio is quoted when e2e's and the other's add up to at most {pct(MAX_RATIO_NOISE)} of their "
-                "medians); the FLOPs ratios above are the estimate."
+                f"Measured step times are too noisy to compare (interquartile range over the timed steps: {worst}"
+                + (f"; of the ratios round by round: {pairs}" if pairs else "")
+                + f"; a ratio is quoted when its spread is at most {pct(MAX_RATIO_NOISE)}); the FLOPs ratios above "
+                "are the estimate."
             ),
             numbers=numbers,
         )
@@ -187,11 +195,31 @@ def reason_measured_times(best: Row, e2e: Row | None, ckpt: Row | None) -> Reaso
         numbers[f"{r.technique}_time_ratio"] = ratio
         unit = f"{r.blocks} block-steps of {r.technique}" if r.blocks is not None else r.technique
         parts.append(f"{unit} take {r.training_time_s:.4g} s ({ratio:.2f}x)")
+    spread = [v for v in paired.values() if v is not None]
+    how = (
+        f" (timed interleaved, round by round; the ratios' interquartile range is at most {pct(max(spread))})"
+        if spread
+        else ""
+    )
     return Reason(
         rule="measured-time",
-        sentence=f"Measured: one e2e step takes {e2e.step_time_s:.4g} s; " + "; ".join(parts) + ".",
+        sentence=f"Measured{how}: one e2e step takes {e2e.step_time_s:.4g} s; " + "; ".join(parts) + ".",
         numbers=numbers,
     )
+
+
+def paired_ratio_noise(times: list[float] | None, e2e_times: list[float] | None) -> float | None:
+    """Interleaved timing: the interquartile range of the round-by-round ratios, relative to
+    their median. Both techniques ran in the same rounds, so a machine that changes speed for
+    tens of seconds moves both sides of each pair alike and leaves the ratio's spread small,
+    while each technique's own IQR spans both speeds. None unless both have the same rounds."""
+    if not times or not e2e_times or len(times) != len(e2e_times) or len(times) < 2:
+        return None
+    ratios = sorted(t / e for t, e in zip(times, e2e_times) if e > 0)
+    if len(ratios) < 2:
+        return None
+    q1, median, q3 = statistics.quantiles(ratios, n=4, method="inclusive")
+    return (q3 - q1) / median if median > 0 else None
 
 
 def relative_noise(time_s: float, iqr_s: float | None) -> float | None:
