@@ -44,11 +44,22 @@ __all__ = [
     "sdpa_flop_count",
     "sdpa_backward_flop_count",
     "flop_registry",
+    "dtensor_local",
 ]
 
 MEMORY_HISTORY_MAX_ENTRIES = 1_000_000
 """Allocator events kept (a ring buffer; the oldest are dropped beyond it). One training step of a
 billion-parameter model makes tens of thousands of allocations and frees, so one step fits."""
+
+
+def dtensor_local(t: torch.Tensor) -> torch.Tensor:
+    """A DTensor's local shard itself (``DTensor._local_tensor``), other tensors as they are. The
+    public ``to_local()`` of a parameter DTensor makes a fresh view of it on every call (one op
+    through every dispatch mode on the stack: a second per plan step of a sharded 70B model, where
+    the tracker asks for each parameter's shard at every phase); the storage is the same."""
+    from torch.distributed.tensor import DTensor
+
+    return t._local_tensor if isinstance(t, DTensor) else t
 
 
 def is_fake(t: torch.Tensor) -> bool:

@@ -114,3 +114,26 @@ def test_flop_formulas_dbprofile_uses_still_exist():
     # The CPU's fused attention kernel, which scaled_dot_product_attention runs on fake CPU tensors.
     assert hasattr(aten, "_scaled_dot_product_flash_attention_for_cpu")
     assert hasattr(aten, "_scaled_dot_product_flash_attention_for_cpu_backward")
+
+
+def test_dtensor_local_is_the_shard_to_local_views_and_plain_tensors_pass_through():
+    import torch.distributed as dist
+    import torch.distributed.fsdp  # noqa: F401 - registers the 'fake' backend
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.tensor import DTensor, Shard
+
+    dist.init_process_group("fake", store=dist.HashStore(), rank=0, world_size=4)
+    try:
+        mesh = init_device_mesh("cpu", (4,))
+        param = torch.nn.Parameter(DTensor.from_local(torch.zeros(3, 5), mesh, [Shard(0)]))
+        local = private.dtensor_local(param)
+        # the same storage as the public to_local(), which hands a parameter out as a fresh view
+        with torch.no_grad():
+            public = param.to_local()
+        assert local.untyped_storage().data_ptr() == public.untyped_storage().data_ptr()
+        assert local.untyped_storage().nbytes() == 3 * 5 * 4
+        assert not isinstance(local, DTensor)
+    finally:
+        dist.destroy_process_group()
+    plain = torch.ones(2)
+    assert private.dtensor_local(plain) is plain

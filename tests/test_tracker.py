@@ -159,3 +159,30 @@ def test_host_resident_and_other_device_tensors_are_not_counted():
         del kept, view
         assert tracker.total == 0
     del host, other
+
+
+def test_fake_metadata_queries_reach_the_mode_but_not_the_trackers_work_and_change_no_byte(monkeypatch):
+    """The autograd engine asks each fake tensor's device through Python dispatch (most of a fake
+    step's ops); those queries skip the tracker's per-op work, and the step's bytes are the same."""
+    from dbprofile.measure import tracker_mode
+    from dbprofile.measure.fake import fake_mode
+
+    def fake_step(metadata_ops) -> tuple[list, object]:
+        monkeypatch.setattr(tracker_mode, "METADATA_OPS", metadata_ops)
+        seen: list = []
+        with fake_mode():
+            spec, trainer, tracker = _tracked_trainer("e2e")
+            on_op = tracker.on_op
+            monkeypatch.setattr(tracker, "on_op", lambda func, *a: seen.append(func) or on_op(func, *a))
+            try:
+                record = _measured_step(spec, trainer, tracker)
+            finally:
+                tracker.__exit__(None, None, None)
+        return seen, record
+
+    device = torch.ops.prim.device.default
+    without, slow = fake_step(frozenset())
+    with_fast_path, fast = fake_step(frozenset({device}))
+    assert device in without and device not in with_fast_path
+    assert (fast.peak_bytes, fast.shares, fast.peak_phase) == (slow.peak_bytes, slow.shares, slow.peak_phase)
+    assert fast.timeline == slow.timeline

@@ -32,18 +32,29 @@ from __future__ import annotations
 
 import copy
 from collections.abc import Callable
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from typing import Any
 
-from torch import nn
-
 from dbprofile.measure.allocator import LARGE_ROUND_BYTES
-from dbprofile.measure.fake import fake_mode
+from dbprofile.measure.stack import identical_layers, spec_at_depth, stack_difference
 from dbprofile.measure.step_extrapolation import NotAffine, extrapolate_step
 from dbprofile.methods.checkpointing import split_contiguous
 from dbprofile.results import Measurement
-from dbprofile.spec import ModelSpec, get_layers
+from dbprofile.spec import ModelSpec
 from dbprofile.techniques import Technique
+
+__all__ = [
+    "PATH_EXTRAPOLATED",
+    "PATH_FULL",
+    "TRACE_DEPTHS",
+    "by_depth",
+    "granularity",
+    "identical_layers",
+    "measure_fake",
+    "simulate_fake",
+    "spec_at_depth",
+    "stack_difference",
+]
 
 TRACE_DEPTHS = (2, 3, 4)
 """Layers (or layers per block / segment) of the three shallow traces: two for the line, one to check it.
@@ -78,52 +89,6 @@ class DepthInfo:
         }
 
 
-# ---------------------------------------------------------------- the model side
-
-
-def _signature(layer: nn.Module) -> tuple:
-    return (
-        tuple((name, type(mod).__qualname__) for name, mod in layer.named_modules()),
-        tuple((name, tuple(p.shape), p.dtype, p.requires_grad) for name, p in layer.named_parameters()),
-        tuple((name, tuple(b.shape), b.dtype) for name, b in layer.named_buffers()),
-    )
-
-
-def identical_layers(spec: ModelSpec) -> tuple[int, str | None]:
-    """(number of residual layers, None if they are identical else why not), from a fake build."""
-    with fake_mode():
-        layers = list(get_layers(spec.build(), spec.layers, spec.name))
-    return len(layers), stack_difference(layers)
-
-
-def stack_difference(layers: list[nn.Module]) -> str | None:
-    """None when the layers are identical (class, module tree, parameter and buffer shapes and
-    dtypes), else how the first one that differs from layer 0 differs."""
-    first = _signature(layers[0])
-    for i, layer in enumerate(layers[1:], start=1):
-        if _signature(layer) != first:
-            what = "class" if type(layer) is not type(layers[0]) else "module tree, parameter or buffer shapes"
-            return f"layer {i} differs from layer 0 ({what})"
-    return None
-
-
-def spec_at_depth(spec: ModelSpec, layers: int) -> ModelSpec:
-    """The same model with ``layers`` residual layers: the spec's own ``at_depth``, or a full build
-    with its layer list cut to the first ``layers`` (any model whose forward loops over the list)."""
-    if spec.at_depth is not None:
-        return spec.at_depth(layers)
-    full_build = spec.build
-    parent_path, _, attr = spec.layers.rpartition(".")
-
-    def build() -> nn.Module:
-        model = full_build()
-        parent = model.get_submodule(parent_path) if parent_path else model
-        setattr(parent, attr, nn.ModuleList(list(getattr(parent, attr))[:layers]))
-        return model
-
-    return replace(spec, build=build)
-
-
 def granularity(tech: Technique) -> int:
     """How many parts the layers are split into, each growing by one layer per step of depth: B
     DiffusionBlocks blocks, k checkpointed segments, else 1 (the whole stack)."""
@@ -132,9 +97,6 @@ def granularity(tech: Technique) -> int:
     if tech.kind == "ckpt" and tech.segments:
         return tech.segments
     return 1
-
-
-# ---------------------------------------------------------------- the trace side
 
 
 # ---------------------------------------------------------------- measurements
@@ -156,14 +118,6 @@ def _extrapolate_value(a: Any, b: Any, c: Any, grow: int, path: str, not_affine:
             _extrapolate_value(x, y, z, grow, f"{path}[{i}]", not_affine) for i, (x, y, z) in enumerate(zip(a, b, c))
         ]
     return b
-
-
-def _activation_ratios(ratios: dict[str, Any]) -> None:
-    """The ratios of extrapolated byte counts (a ratio of two affine figures is not itself affine)."""
-    block, full, plain = (ratios.get(k) for k in ("block_layers_bytes", "full_depth_adaln_bytes", "plain_layers_bytes"))
-    if isinstance(block, int) and isinstance(full, int) and isinstance(plain, int):
-        ratios["ratio_vs_full_depth_adaln"] = block / full if full else float("nan")
-        ratios["ratio_vs_plain_e2e"] = block / plain if plain else float("nan")
 
 
 def _reserved_bytes(m: Measurement, m1: Measurement, m2: Measurement, m3: Measurement) -> None:
@@ -206,8 +160,6 @@ def _extrapolate_measurement(
             m, name, _extrapolate_value(getattr(m1, name), getattr(m2, name), getattr(m3, name), grow, name, not_affine)
         )
     m.extra = _extrapolate_value(m1.extra, m2.extra, m3.extra, grow, "extra", not_affine)
-    if isinstance(m.extra.get("activation_ratios"), dict):
-        _activation_ratios(m.extra["activation_ratios"])
     units = list(t2)
     results = {}
     for unit in units:
@@ -310,7 +262,7 @@ def measure_fake(
     """The runner's fake-tensor measurement of ``tech`` (one warm-up, one tracked step) at the model's
     full depth, extrapolated from shallow traces where exact (``by_depth``). ``full_trace`` forces the
     full trace: the function to call for any figure the extrapolation does not carry."""
-    from dbprofile.measure.runner import measure
+    from dbprofile.measure.runner import activation_ratios, measure
 
     def trace(depth: int | None, keep: bool) -> list[Traced]:
         traces: dict | None = {} if keep else None
@@ -328,10 +280,15 @@ def measure_fake(
             steps=1,
             traces=traces,
             emulate_cuda=emulate_cuda,
+            # DiffusionBlocks' activation ratios are counted once, at full depth, not per shallow trace.
+            count_activations=depth is None,
         )
         return [(m, traces or {})]
 
-    return by_depth(trace, tech, layers, not_identical, full_trace=full_trace, full_trace_reason=full_trace_reason)[0]
+    m = by_depth(trace, tech, layers, not_identical, full_trace=full_trace, full_trace_reason=full_trace_reason)[0]
+    if m.ok and tech.is_diffusion_blocks and m.extra["depth"]["path"] == PATH_EXTRAPOLATED:
+        activation_ratios(m, spec, tech, batch_size)
+    return m
 
 
 def simulate_fake(

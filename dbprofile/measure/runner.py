@@ -30,6 +30,7 @@ import torch
 from dbprofile.loading import checked_spec, load_spec
 from dbprofile.measure import device as devices
 from dbprofile.measure import snapshot
+from dbprofile.measure.activation_counts import activation_ratios as counted_ratios
 from dbprofile.measure.failures import free_memory, record_failure
 from dbprofile.measure.fake import cuda_autocast_policy, fake_mode
 from dbprofile.measure.interleaved import time_interleaved
@@ -58,6 +59,7 @@ def measure(
     layers: int | None = None,
     traces: dict | None = None,
     timed: bool = True,
+    count_activations: bool = True,
     **setting_fields: Any,
 ) -> Measurement:
     """Measure one technique at one batch size; failures come back as a status, not raised.
@@ -70,7 +72,9 @@ def measure(
     dict, receives each unit's tracked step with every point kept (StepRecord.trace), for
     dbprofile.measure.depth. ``settings.time_limit_s`` bounds the whole technique (build,
     steps, ratios): past it the measurement is ``timeout``. ``timed=False`` leaves the timed
-    steps out (``run`` times CPU techniques afterwards, interleaved).
+    steps out (``run`` times CPU techniques afterwards, interleaved). ``count_activations=False``
+    leaves out DiffusionBlocks' activation ratios (the depth extrapolation's shallow traces: it
+    counts them once, at full depth).
     """
     settings = RunSettings.of(settings, **setting_fields)
     spec = load_spec(spec) if not isinstance(spec, ModelSpec) else spec
@@ -99,7 +103,7 @@ def measure(
                 measure_into(
                     m, spec, tech, batch_size, settings, dev=dev, snapshot_for=snapshot_for, traces=traces, timed=timed
                 )
-            if m.status == "ok" and tech.is_diffusion_blocks:
+            if m.status == "ok" and tech.is_diffusion_blocks and count_activations:
                 activation_ratios(m, spec, tech, batch_size)
         except SpecError:
             raise
@@ -278,20 +282,12 @@ def _progress(todo: list[tuple[Technique, int]], done: int) -> str:
 def activation_ratios(m: Measurement, spec: ModelSpec, tech: Technique, batch_size: int) -> None:
     """Bytes saved for backward over the layers: one block vs the same AdaLN layers at full
     depth (about 1/B) and vs the plain e2e model (larger: AdaLN saves more); METHOD.md."""
-    try:
-        from dbprofile.methods.diffusion_blocks.activations import (
-            layer_activation_bytes,
-        )
-    except ImportError as err:
-        m.extra["activation_ratios"] = None
-        m.extra["activation_ratios_error"] = f"layer activation counting is not available: {err}"
-        return
     if tech.blocks is None:  # only DiffusionBlocks has blocks to compare
         return
     try:
         with fake_mode():
             # Counting saved tensors needs shapes only: fake tensors cost no memory or time.
-            m.extra["activation_ratios"] = layer_activation_bytes(
+            m.extra["activation_ratios"] = counted_ratios(
                 spec, tech.blocks, batch_size, "cpu", lm_layout=tech.lm_layout
             )
     except Exception as err:  # noqa: BLE001 - a missing ratio must not lose the measurement

@@ -57,6 +57,12 @@ class SavedSlot:
                 self.tracker.reclassify(info)
 
 
+METADATA_OPS = frozenset({torch.ops.prim.device.default})
+"""Ops that only read a tensor's metadata: no outputs to count, no scratch, no FLOPs. The autograd
+engine asks every fake tensor's device (a Python dispatch, unlike a real tensor's) several times per
+node: half the ops of a fake training step, so they skip the tracker's work."""
+
+
 class TrackingMode(TorchDispatchMode):
     def __init__(self, tracker: TrackerHooks) -> None:
         super().__init__()
@@ -64,8 +70,10 @@ class TrackingMode(TorchDispatchMode):
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         tracker = self.tracker
-        tracker.op = func
+        tracker.op = func  # still the tag of any point recorded before the next op (a free)
         kwargs = kwargs or {}
+        if func in METADATA_OPS:
+            return func(*args, **kwargs)
         if not tracker.sample_allocator:
             if tracker.model_cuda_scratch:
                 out = self._with_cuda_scratch(func, args, kwargs)

@@ -26,8 +26,8 @@ class ModelFacts:
 
 
 def model_facts(spec: ModelSpec) -> ModelFacts:
-    from dbprofile.measure.depth import stack_difference
     from dbprofile.measure.fake import fake_mode
+    from dbprofile.measure.stack import stack_difference
 
     with fake_mode():
         model = spec.build()

@@ -15,6 +15,7 @@ import torch
 
 from dbprofile.measure.tracker import Tracker
 from dbprofile.measure.tracking import CATEGORY_INDEX
+from dbprofile.torch_internals import dtensor_local
 
 _COMM = CATEGORY_INDEX["communication"]
 
@@ -157,12 +158,7 @@ class ShardedTracker(Tracker):
 
 def _local(t: torch.Tensor) -> torch.Tensor:
     """A DTensor's local shard (whose storage holds this rank's bytes); other tensors as they are."""
-    from torch.distributed.tensor import DTensor
-
-    if isinstance(t, DTensor):
-        with torch.no_grad():
-            return t.to_local()
-    return t
+    return dtensor_local(t)
 
 
 def _storage_id(t: torch.Tensor) -> int | None:

@@ -95,15 +95,8 @@ def layer_activation_bytes(
     """
     device = torch.device(device)
     batch = spec.batch(batch_size, device)
-
-    # to_device, not .to(): under the runner's fake mode the parameters are fake tensors,
-    # which recent PyTorch cannot swap ("_apply(): Couldn't swap Conv2d.weight").
-    plain = to_device(spec.build(), device)
-    plain_layers = list(get_layers(plain, spec.layers, spec.name))
-    plain_bytes = _measure(plain, plain_layers, lambda: spec.loss(plain, batch))
-
-    layout: dict[str, Any] = {"lm_layout": lm_layout} if spec.task == "causal-lm" else {}
-    model = to_device(BlockwiseModel(spec, spec.build(), blocks, **layout), device)
+    plain_bytes = _plain_bytes(spec, batch, device)
+    model = _blockwise(spec, blocks, device, lm_layout)
     per_block = []
     for block in range(blocks):
         layers = [model.layer_runners[i] for i in model.block_layers[block]]
@@ -115,11 +108,47 @@ def layer_activation_bytes(
     full_bytes = _measure(
         model, list(model.layer_runners), lambda: model.loss(batch, 0, generator=gen, layer_indices=everything)
     )
-    worst = max(per_block)
+    return activation_ratios_of(max(per_block), full_bytes, plain_bytes)
+
+
+def activation_ratios_of(block: int, full: int, plain: int) -> dict[str, float | int]:
+    """``layer_activation_bytes``' answer from its three byte counts."""
     return {
-        "block_layers_bytes": worst,
-        "full_depth_adaln_bytes": full_bytes,
-        "plain_layers_bytes": plain_bytes,
-        "ratio_vs_full_depth_adaln": worst / full_bytes if full_bytes else float("nan"),
-        "ratio_vs_plain_e2e": worst / plain_bytes if plain_bytes else float("nan"),
+        "block_layers_bytes": block,
+        "full_depth_adaln_bytes": full,
+        "plain_layers_bytes": plain,
+        "ratio_vs_full_depth_adaln": block / full if full else float("nan"),
+        "ratio_vs_plain_e2e": block / plain if plain else float("nan"),
     }
+
+
+def saved_layer_bytes(
+    spec: ModelSpec, batch_size: int, device: torch.device | str = "cpu", lm_layout: str = LM_LAYOUTS[0]
+) -> tuple[int, int]:
+    """(plain, conditioned): bytes the residual layers save for backward in the plain model's loss,
+    and in the sigma-conditioned model's loss run through every layer as one block. A DiffusionBlocks
+    block of q layers saves what the conditioned model of q layers does (the block's index changes
+    its noise range, not a shape), so these two counts, as functions of the depth, give all three of
+    ``layer_activation_bytes`` (dbprofile.measure.activation_counts)."""
+    device = torch.device(device)
+    batch = spec.batch(batch_size, device)
+    model = _blockwise(spec, 1, device, lm_layout)
+    gen = torch.Generator(device=device).manual_seed(0)
+    everything = list(range(len(model.layers)))
+    conditioned = _measure(
+        model, list(model.layer_runners), lambda: model.loss(batch, 0, generator=gen, layer_indices=everything)
+    )
+    return _plain_bytes(spec, batch, device), conditioned
+
+
+def _plain_bytes(spec: ModelSpec, batch: Any, device: torch.device) -> int:
+    # to_device, not .to(): under the runner's fake mode the parameters are fake tensors,
+    # which recent PyTorch cannot swap ("_apply(): Couldn't swap Conv2d.weight").
+    plain = to_device(spec.build(), device)
+    plain_layers = list(get_layers(plain, spec.layers, spec.name))
+    return _measure(plain, plain_layers, lambda: spec.loss(plain, batch))
+
+
+def _blockwise(spec: ModelSpec, blocks: int, device: torch.device, lm_layout: str) -> BlockwiseModel:
+    layout: dict[str, Any] = {"lm_layout": lm_layout} if spec.task == "causal-lm" else {}
+    return to_device(BlockwiseModel(spec, spec.build(), blocks, **layout), device)

@@ -1,0 +1,72 @@
+"""Benchmark: how long the planner takes on the issue's two commands, and whether its depth
+extrapolation agrees with the full trace.
+
+Runs each command as a user would (its own process, ``dbprofile plan ... --json``) and prints its
+wall and CPU time with the load average before and after (a loaded machine slows a run; compare the
+loads first), then each technique's path (extrapolated or full trace) and peak. With
+``--full-trace`` it also runs each command with ``--full-trace`` and prints every technique's peak
+against the full trace's (the goal: within 0.1%).
+
+    python benchmarks/bench_plan_speed.py                # llama-7b, then llama-70b (ZeRO-3 over 64)
+    python benchmarks/bench_plan_speed.py --full-trace   # and the full traces to compare with
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import resource
+import subprocess
+import sys
+import time
+
+COMMANDS = {
+    "llama-7b": ["llama-7b", "-b", "2", "--gpu", "H100-80GB"],
+    "llama-70b": ["llama-70b", "-b", "1", "--zero", "3", "--world-size", "64", "--gpu", "H100-80GB"],
+}
+GOALS_S = {"llama-7b": 5.0, "llama-70b": 15.0}
+MAX_APART = 0.001
+
+
+def plan(args: list[str]) -> tuple[dict, float, float]:
+    """(the plan's JSON, wall seconds, CPU seconds of the child) of one ``dbprofile plan`` process."""
+    before = resource.getrusage(resource.RUSAGE_CHILDREN)
+    start = time.perf_counter()
+    done = subprocess.run(
+        [sys.executable, "-m", "dbprofile", "plan", *args, "--json", "-q"], capture_output=True, text=True
+    )
+    wall = time.perf_counter() - start
+    after = resource.getrusage(resource.RUSAGE_CHILDREN)
+    if done.returncode not in (0, 3):  # 3: nothing fits, still a plan
+        sys.exit(f"dbprofile plan {' '.join(args)} failed ({done.returncode}):\n{done.stderr}")
+    cpu = (after.ru_utime - before.ru_utime) + (after.ru_stime - before.ru_stime)
+    return json.loads(done.stdout), wall, cpu
+
+
+def main() -> None:
+    full = "--full-trace" in sys.argv[1:]
+    for name, args in COMMANDS.items():
+        load = os.getloadavg()[0]
+        result, wall, cpu = plan(args)
+        print(
+            f"{name}: {wall:.1f} s wall, {cpu:.1f} s CPU (goal < {GOALS_S[name]:g} s); "
+            f"load average {load:.2f} before, {os.getloadavg()[0]:.2f} after"
+        )
+        reference = {}
+        if full:
+            traced, full_wall, _ = plan([*args, "--full-trace"])
+            reference = {e["technique"]: e for e in traced["entries"]}
+            print(f"  --full-trace: {full_wall:.1f} s wall")
+        for entry in result["entries"]:
+            depth = entry.get("extra", {}).get("depth") or {}
+            line = f"  {entry['technique']:16s} {depth.get('path', '?'):12s} peak {entry['peak_bytes']:,} B"
+            ref = reference.get(entry["technique"])
+            if ref and ref.get("peak_bytes"):
+                apart = entry["peak_bytes"] / ref["peak_bytes"] - 1
+                verdict = "ok" if abs(apart) <= MAX_APART else f"more than {MAX_APART:.1%} apart"
+                line += f"  full trace {ref['peak_bytes']:,} B ({apart:+.4%}, {verdict})"
+            print(line)
+
+
+if __name__ == "__main__":
+    main()
