@@ -34,7 +34,7 @@ from typing import Any
 import torch
 
 from dbprofile.cli import freeze_startup_objects
-from dbprofile.measure import runner, steps
+from dbprofile.measure import interleaved, runner, steps
 from dbprofile.measure.runner import run
 from dbprofile.models import DEFAULT_PRESET, get_preset
 from dbprofile.report.text import run_table
@@ -89,7 +89,8 @@ def main() -> None:
     spec = get_preset(preset)
     freeze_startup_objects()  # as `dbprofile run` does before measuring
     timed(runner, "prepare", "checks before measuring (prepare)")
-    timed(steps, "time_unit", LOOP)
+    timed(steps, "time_unit", LOOP)  # CUDA: each technique timed in its own measurement
+    timed(interleaved, "time_rounds", LOOP)  # CPU: all techniques' rounds after the memory measurements
     timed(runner, "activation_ratios", "DiffusionBlocks layer-activation counts (fake)")
     timed(runner, "free_memory", "garbage collection between techniques")
     result = run(spec, DEFAULT_TECHNIQUES, [batch_size])

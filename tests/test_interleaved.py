@@ -63,3 +63,15 @@ def test_a_failing_timing_keeps_the_memory_measurement(monkeypatch):
 def test_a_loss_that_turns_non_finite_while_timed_is_flagged():
     result = run(toy_spec(fail="nan"), ["e2e"], 8, steps=3)
     assert result.measurements[0].status == "nan"
+
+
+def test_trimmed_mean_keeps_a_mixtures_ratio_where_a_median_jumps():
+    # Two techniques timed in the same rounds on a machine with two speeds (10 and 15 ms for the
+    # first): 11 rounds fast, 9 slow. Both medians land in the fast state here, but one more slow
+    # round would move them; the trimmed means keep the ratio 1.5 and a stray burst does not move them.
+    fast, slow = [0.010] * 11, [0.015] * 9
+    e2e = fast + slow
+    other = [1.5 * t for t in e2e]
+    assert interleaved.trimmed_mean(other) / interleaved.trimmed_mean(e2e) == pytest.approx(1.5)
+    burst = e2e[:-1] + [1.0]
+    assert interleaved.trimmed_mean(burst) == pytest.approx(interleaved.trimmed_mean(e2e[:-1] + [0.015]))

@@ -9,9 +9,9 @@ torch.utils.benchmark's Timer: every technique sees every speed state in the sam
 and its median and IQR come from its own blocks.
 
 The rounds go on until every unit has at least four blocks and ``--steps`` steps and every
-technique MIN_TIME_S of timed steps, then until every unit's IQR is under TIMING_THRESHOLD of
-its median or MAX_TIME_S per technique has passed: the stopping rules of the sequential
-protocol (dbprofile.measure.steps.time_unit), applied to all techniques at once.
+technique MIN_TIME_S of timed steps (as in the sequential protocol,
+dbprofile.measure.steps.time_unit), then until every technique's ratio to the first is known
+to RATIO_PRECISION or MAX_TIME_S per technique has passed.
 
 The trainers must all fit in memory together: when the measured peaks add up to more than
 half the free host memory, each technique is timed alone instead (``protocol: sequential``).
@@ -21,7 +21,9 @@ recorded as ``extra['timing_error']``.
 
 from __future__ import annotations
 
+import math
 import os
+import statistics
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -39,6 +41,7 @@ from dbprofile.measure.steps import (
     record_timed_losses,
     summarise_times,
 )
+from dbprofile.measure.timing import time_block
 from dbprofile.methods.factory import make_trainer
 from dbprofile.results import Measurement
 from dbprofile.spec import ModelSpec
@@ -48,6 +51,10 @@ BLOCK_TARGET_S = 0.025
 """A technique's share of one round (its units' blocks together): long against the timer's own
 cost, short against a speed state (tens of seconds), so every technique sees every state."""
 MIN_BLOCKS = 4
+RATIO_PRECISION = 0.02
+"""Rounds go on until each technique's median ratio to the first is known to 2% (95% interval)."""
+TRIM = 0.1
+"""Share of blocks left out at each end of a unit's trimmed mean."""
 HOST_SHARE = 0.5
 """Interleave only while the measured peaks add up to at most this share of the free host memory."""
 
@@ -100,7 +107,7 @@ def _time_together(
         return
     try:
         progress.stage(f"timing {', '.join(m.technique for m, _ in entries)} @ batch {batch_size} ({protocol})")
-        _rounds(units, min_steps)
+        time_rounds(units, min_steps)
     except Exception as err:  # noqa: BLE001 - as above: the memory figures stand without times
         for m, _ in entries:
             m.extra["timing_error"] = f"{type(err).__name__}: {err}"
@@ -143,13 +150,13 @@ def _build_units(spec: ModelSpec, m: Measurement, tech: Technique, batch_size: i
     return units
 
 
-def _rounds(units: list[_Unit], min_steps: int) -> None:
-    from torch.utils import benchmark
-
-    timers = {
-        id(u): benchmark.Timer("one_step()", globals={"one_step": u.one_step}, num_threads=torch.get_num_threads())
-        for u in units
-    }
+def time_rounds(units: list[_Unit], min_steps: int) -> None:
+    """Round after round, one block of steps of every unit in turn, until the stopping rules
+    (module doc) hold. A block is timed as torch.utils.benchmark times one (``time_block``: gc off,
+    CUDA synchronised), without the two warm-up steps its ``Timer.timeit`` runs before every
+    block, which would triple the cost of blocks of one or two steps; its ``Measurement`` gives
+    the statistics."""
+    cpu = torch.device("cpu")
     per_technique: dict[int, list[_Unit]] = {}
     for u in units:
         per_technique.setdefault(id(u.m), []).append(u)
@@ -158,18 +165,46 @@ def _rounds(units: list[_Unit], min_steps: int) -> None:
         # together, so every technique gets the same share of each round (DiffusionBlocks' B
         # blocks split theirs, as the sequential protocol splits MIN_TIME_S)
         for u in group:
-            one = timers[id(u)].timeit(1).raw_times[0]
+            one = time_block(u.one_step, 1, cpu)
             u.number = max(1, round(BLOCK_TARGET_S / (len(group) * max(one, 1e-9))))
     start = time.perf_counter()
     limit = MAX_TIME_S * len(per_technique)
     while True:
         for u in units:
-            u.raw.append(timers[id(u)].timeit(u.number).raw_times[0])
+            u.raw.append(time_block(u.one_step, u.number, cpu))
         enough = all(len(u.raw) >= MIN_BLOCKS and len(u.raw) * u.number >= min_steps for u in units) and all(
             sum(u.timed_s for u in group) >= MIN_TIME_S for group in per_technique.values()
         )
-        if enough and (all(_steady(u) for u in units) or time.perf_counter() - start >= limit):
+        if enough and (_settled(list(per_technique.values())) or time.perf_counter() - start >= limit):
             return
+
+
+def _settled(groups: list[list[_Unit]]) -> bool:
+    """Timed alone: every unit's IQR under TIMING_THRESHOLD of its median (the sequential rule).
+    Timed together: every technique's median round-by-round ratio to the first technique (e2e
+    in a default run) is known to RATIO_PRECISION (the median's 95% interval, 1.57 * IQR /
+    sqrt(rounds), relative to it). Rounds give many small blocks, each noisier than the
+    sequential protocol's, so their own IQRs would rarely settle; what the run reports is the
+    ratios, and those narrow with every round."""
+    if len(groups) == 1:
+        return all(_steady(u) for u in groups[0])
+    reference = _round_times(groups[0])
+    for group in groups[1:]:
+        ratios = [t / r for t, r in zip(_round_times(group), reference) if r > 0]
+        if len(ratios) < MIN_BLOCKS or 1.57 * _relative_iqr(ratios) / math.sqrt(len(ratios)) > RATIO_PRECISION:
+            return False
+    return True
+
+
+def _round_times(group: list[_Unit]) -> list[float]:
+    """A technique's step per round (DiffusionBlocks: its B block-steps)."""
+    rounds = min(len(u.raw) for u in group)
+    return [sum(u.raw[r] / u.number for u in group) for r in range(rounds)]
+
+
+def _relative_iqr(values: list[float]) -> float:
+    q1, median, q3 = statistics.quantiles(values, n=4, method="inclusive")
+    return (q3 - q1) / median if median > 0 else float("inf")
 
 
 def _steady(u: _Unit) -> bool:
@@ -186,7 +221,11 @@ def _summarise(m: Measurement, units: list[_Unit], protocol: str, together: int)
     for u in units:
         measured = benchmark.Measurement(u.number, u.raw, benchmark.utils.common.TaskSpec("one_step()", ""))
         u.result.times = list(measured.times)
-        u.result.median, u.result.iqr = float(measured.median), float(measured.iqr)
+        # The "median" the tables show is a trimmed mean here (the step_time_s field keeps its name):
+        # on a machine with two speeds the blocks are a mixture of both, the same mixture for every
+        # technique timed in these rounds, so means keep their ratios while a median jumps from one
+        # speed to the other as the mixture passes one half (docs/timing.md).
+        u.result.median, u.result.iqr = trimmed_mean(list(measured.times)), float(measured.iqr)
         results[u.unit] = u.result
         record_timed_losses(m, u.losses, u.unit)
         _count_steps(m, [t / u.number for t in u.raw for _ in range(u.number)])
@@ -202,6 +241,15 @@ def _summarise(m: Measurement, units: list[_Unit], protocol: str, together: int)
     # Rounds are shared by the techniques timed together, so two of them pair round by round
     # (dbprofile.verdict.reasons.paired_ratio_noise): the speed state cancels from each pair.
     timing["round_step_times_s"] = [sum(u.raw[r] / u.number for u in units) for r in range(timing["rounds"])]
+
+
+def trimmed_mean(values: list[float], cut: float = TRIM) -> float:
+    """The mean of ``values`` without the lowest and highest ``cut`` share (a stray slow block,
+    another process's burst, must not move it)."""
+    ordered = sorted(values)
+    drop = int(cut * len(ordered))
+    kept = ordered[drop : len(ordered) - drop] or ordered
+    return sum(kept) / len(kept)
 
 
 def _count_steps(m: Measurement, times: list[float]) -> None:
