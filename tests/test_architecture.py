@@ -31,6 +31,7 @@ LAYERS = [
             "torch_internals",
             "progress",
             "settings",
+            "spread",
         },
     ),
     ("data", {"results", "verdict"}),

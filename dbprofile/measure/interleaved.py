@@ -4,9 +4,9 @@ A CPU can change speed for tens of seconds at a time (this project's 2-core VM r
 step at one of two speeds 1.5x apart), so techniques timed one after another can disagree
 with the next run on their ratios by a third, each timing steady on its own. Here every
 technique's trainer is built again after the memory measurements, and one block of steps of
-each technique, and of each DiffusionBlocks block, is timed in turn, round after round, with
-torch.utils.benchmark's Timer: every technique sees every speed state in the same proportion,
-and its median and IQR come from its own blocks.
+each technique, and of each DiffusionBlocks block, is timed in turn, round after round, as
+torch.utils.benchmark times a block: every technique sees every speed state in the same
+proportion, and its time and IQR come from its own blocks.
 
 The rounds go on until every unit has at least four blocks and ``--steps`` steps and every
 technique MIN_TIME_S of timed steps (as in the sequential protocol,
@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import math
 import os
-import statistics
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -45,6 +44,7 @@ from dbprofile.measure.timing import time_block
 from dbprofile.methods.factory import make_trainer
 from dbprofile.results import Measurement
 from dbprofile.spec import ModelSpec
+from dbprofile.spread import iqr, relative_iqr
 from dbprofile.techniques import Technique
 
 BLOCK_TARGET_S = 0.025
@@ -74,6 +74,11 @@ class _Unit:
     @property
     def timed_s(self) -> float:
         return sum(self.raw)
+
+    @property
+    def step_times(self) -> list[float]:
+        """Per-step time of each block."""
+        return [t / self.number for t in self.raw]
 
 
 def time_interleaved(
@@ -191,44 +196,33 @@ def _settled(groups: list[list[_Unit]]) -> bool:
     reference = _round_times(groups[0])
     for group in groups[1:]:
         ratios = [t / r for t, r in zip(_round_times(group), reference) if r > 0]
-        if len(ratios) < MIN_BLOCKS or 1.57 * _relative_iqr(ratios) / math.sqrt(len(ratios)) > RATIO_PRECISION:
+        if len(ratios) < MIN_BLOCKS or 1.57 * relative_iqr(ratios) / math.sqrt(len(ratios)) > RATIO_PRECISION:
             return False
     return True
 
 
 def _round_times(group: list[_Unit]) -> list[float]:
     """A technique's step per round (DiffusionBlocks: its B block-steps)."""
-    rounds = min(len(u.raw) for u in group)
-    return [sum(u.raw[r] / u.number for u in group) for r in range(rounds)]
-
-
-def _relative_iqr(values: list[float]) -> float:
-    q1, median, q3 = statistics.quantiles(values, n=4, method="inclusive")
-    return (q3 - q1) / median if median > 0 else float("inf")
+    per_unit = [u.step_times for u in group]
+    return [sum(times) for times in zip(*per_unit)]
 
 
 def _steady(u: _Unit) -> bool:
-    from torch.utils import benchmark
-
-    measured = benchmark.Measurement(u.number, u.raw, benchmark.utils.common.TaskSpec("one_step()", ""))
-    return measured.iqr <= TIMING_THRESHOLD * measured.median
+    return relative_iqr(u.step_times) <= TIMING_THRESHOLD
 
 
 def _summarise(m: Measurement, units: list[_Unit], protocol: str, together: int) -> None:
-    from torch.utils import benchmark
-
     results = {}
     for u in units:
-        measured = benchmark.Measurement(u.number, u.raw, benchmark.utils.common.TaskSpec("one_step()", ""))
-        u.result.times = list(measured.times)
+        u.result.times = u.step_times
         # The "median" the tables show is a trimmed mean here (the step_time_s field keeps its name):
         # on a machine with two speeds the blocks are a mixture of both, the same mixture for every
         # technique timed in these rounds, so means keep their ratios while a median jumps from one
         # speed to the other as the mixture passes one half (docs/timing.md).
-        u.result.median, u.result.iqr = trimmed_mean(list(measured.times)), float(measured.iqr)
+        u.result.median, u.result.iqr = trimmed_mean(u.step_times), iqr(u.step_times)
         results[u.unit] = u.result
         record_timed_losses(m, u.losses, u.unit)
-        _count_steps(m, [t / u.number for t in u.raw for _ in range(u.number)])
+        _count_steps(m, [t for t in u.step_times for _ in range(u.number)])
     keys = [u.unit for u in units]
     worst = m.peak_block if m.peak_block is not None else keys[0]
     summarise_times(m, keys, results, worst)
@@ -240,7 +234,7 @@ def _summarise(m: Measurement, units: list[_Unit], protocol: str, together: int)
     # One figure per round: the technique's step (DiffusionBlocks: its B block-steps) in that round.
     # Rounds are shared by the techniques timed together, so two of them pair round by round
     # (dbprofile.verdict.reasons.paired_ratio_noise): the speed state cancels from each pair.
-    timing["round_step_times_s"] = [sum(u.raw[r] / u.number for u in units) for r in range(timing["rounds"])]
+    timing["round_step_times_s"] = _round_times(units)
 
 
 def trimmed_mean(values: list[float], cut: float = TRIM) -> float:

@@ -34,6 +34,7 @@ from dbprofile.methods.factory import make_trainer
 from dbprofile.results import BlockMeasurement, Measurement
 from dbprofile.settings import RunSettings
 from dbprofile.spec import ModelSpec
+from dbprofile.spread import iqr
 from dbprofile.techniques import Technique
 
 SEED = 0
@@ -405,9 +406,3 @@ def summarise_times(m: Measurement, units: list, results: dict, worst_unit: int 
         transfers = [t for u in units for t in results[u].transfer_times]
         if any(transfers):
             m.transfer_time_s = statistics.median(transfers)
-
-
-def iqr(times: list[float]) -> float:
-    """Interquartile range (torch.utils.benchmark's definition: numpy-style linear quantiles)."""
-    q = statistics.quantiles(times, n=4, method="inclusive") if len(times) > 1 else [times[0]] * 3
-    return q[2] - q[0]

@@ -3,10 +3,11 @@ themselves, and the rule's name) or says nothing."""
 
 from __future__ import annotations
 
-import statistics
+import math
 from typing import Any
 
 from dbprofile.results import Reason
+from dbprofile.spread import relative_iqr
 from dbprofile.units import format_bytes, format_gflop
 from dbprofile.verdict.evidence import Row, Situation, compute_ratio
 from dbprofile.verdict.thresholds import (
@@ -215,11 +216,11 @@ def paired_ratio_noise(times: list[float] | None, e2e_times: list[float] | None)
     while each technique's own IQR spans both speeds. None unless both have the same rounds."""
     if not times or not e2e_times or len(times) != len(e2e_times) or len(times) < 2:
         return None
-    ratios = sorted(t / e for t, e in zip(times, e2e_times) if e > 0)
+    ratios = [t / e for t, e in zip(times, e2e_times) if e > 0]
     if len(ratios) < 2:
         return None
-    q1, median, q3 = statistics.quantiles(ratios, n=4, method="inclusive")
-    return (q3 - q1) / median if median > 0 else None
+    spread = relative_iqr(ratios)
+    return spread if math.isfinite(spread) else None
 
 
 def relative_noise(time_s: float, iqr_s: float | None) -> float | None:
