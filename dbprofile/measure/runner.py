@@ -199,12 +199,12 @@ def run(
     if not sizes or any(not isinstance(b, int) or b < 1 for b in sizes):
         raise SpecError(f"Batch sizes must be integers of at least 1; got {sizes}.")
     device = settings.device
-    devices.resolve_device(device)
+    dev = devices.resolve_device(device)  # a bad device string fails here, before anything runs
     if facts is None:
         spec, techs, facts = prepare(spec, techs, settings.precision, settings.optimizer)
     layer_count = facts["num_layers"]
     if settings.memory_snapshot is not None:
-        snapshot.check_snapshot_device(torch.device(device), settings.fake)
+        snapshot.check_snapshot_device(dev, settings.fake)
     result = RunResult(
         model=spec.name,
         model_info=model_info_of(spec, layer_count),
@@ -219,7 +219,7 @@ def run(
     # CPU techniques are timed after the memory measurements of their batch size, interleaved
     # (dbprofile.measure.interleaved, docs/timing.md); CUDA ones in their own measurement, where
     # the allocator's peaks are read over the same untracked steps.
-    interleave = not settings.fake and devices.resolve_device(device).type == "cpu"
+    interleave = not settings.fake and dev.type == "cpu"
     try:
         for tech, batch_size in todo:
             try:
