@@ -9,6 +9,12 @@ against the full trace's (the goal: within 0.1%).
 
     python benchmarks/bench_plan_speed.py                # llama-7b, then llama-70b (ZeRO-3 over 64)
     python benchmarks/bench_plan_speed.py --full-trace   # and the full traces to compare with
+    python benchmarks/bench_plan_speed.py --breakdown    # where the time goes, in one process
+
+``--breakdown`` runs both plans in this process and prints the fixed costs (importing dbprofile and
+torch, the first fake-tensor mode, which imports torch._dynamo, and validating the model on fake
+tensors) and each technique's fake runs (one line per run: a confirming run of the largest batch size
+is a second line), so what a plan cannot go below on this machine is measured, not guessed.
 """
 
 from __future__ import annotations
@@ -43,7 +49,51 @@ def plan(args: list[str]) -> tuple[dict, float, float]:
     return json.loads(done.stdout), wall, cpu
 
 
+def breakdown() -> None:
+    """Fixed costs, then each fake run of each plan, timed in this process (CPU seconds)."""
+    start = time.process_time()
+    import dbprofile
+    from dbprofile.loading import load_spec, validate_spec
+    from dbprofile.measure import depth
+    from dbprofile.measure.fake import fake_mode
+
+    print(f"import dbprofile (and torch): {time.process_time() - start:.2f} s")
+    start = time.process_time()
+    with fake_mode():
+        pass
+    print(f"first fake-tensor mode (imports torch._dynamo): {time.process_time() - start:.2f} s")
+    for fn in ("measure_fake", "simulate_fake"):
+        original = getattr(depth, fn)
+
+        def timed(spec, *args, _original=original, **kwargs):
+            began = time.process_time()
+            m = _original(spec, *args, **kwargs)
+            path = (m.extra.get("depth") or {}).get("path")
+            print(f"    {m.technique:16s} batch {m.batch_size:<4d} {path:12s} {time.process_time() - began:6.2f} s")
+            return m
+
+        setattr(depth, fn, timed)
+    for name, args in COMMANDS.items():
+        spec = load_spec(args[0])
+        began = time.process_time()
+        validate_spec(spec, require_residual=False)
+        print(f"{name}: validating the model on fake tensors {time.process_time() - began:.2f} s")
+        options = dict(zip(args[1::2], args[2::2]))
+        began = time.process_time()
+        dbprofile.plan(
+            spec,
+            batch_size=int(options["-b"]),
+            device=options["--gpu"],
+            zero_stage=int(options.get("--zero", 0)),
+            world_size=int(options.get("--world-size", 1)),
+        )
+        print(f"{name}: the whole plan {time.process_time() - began:.2f} s CPU")
+
+
 def main() -> None:
+    if "--breakdown" in sys.argv[1:]:
+        breakdown()
+        return
     full = "--full-trace" in sys.argv[1:]
     for name, args in COMMANDS.items():
         load = os.getloadavg()[0]

@@ -109,6 +109,7 @@ def train(
     weight_decay: float = WEIGHT_DECAY,
     draws: int = DRAWS,
     schedule: str = SCHEDULES[0],
+    layers: int | None = None,
     **db_options,
 ):
     """Train one technique on digits; returns (trainer, test accuracy, seconds, block losses).
@@ -117,6 +118,8 @@ def train(
     ``trainer.first_block_accuracy`` block 0's alone at each of ``PROBE_SIGMAS``."""
     torch.manual_seed(seed)
     spec = PRESETS["vit-tiny"]()
+    if layers is not None and spec.at_depth is not None:
+        spec = spec.at_depth(layers)
     tech = parse_technique(technique)
     if tech.is_diffusion_blocks:
         from dbprofile.methods.diffusion_blocks import DiffusionBlocksTrainer
@@ -180,6 +183,7 @@ def main() -> None:
         help="std of the label table's initial rows (default: the authors' 0.02)",
     )
     parser.add_argument("--threads", type=int, default=2, help="torch CPU threads")
+    parser.add_argument("--layers", type=int, default=None, help="residual layers of the ViT (default: the preset's 6)")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     options = {"weighting": args.weighting} if args.weighting else {}
@@ -202,6 +206,7 @@ def main() -> None:
                 args.weight_decay,
                 args.draws,
                 args.schedule,
+                args.layers,
                 **(options if tech.is_diffusion_blocks else {}),
             )
             accuracies[technique].append(accuracy)

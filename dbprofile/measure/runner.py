@@ -227,15 +227,14 @@ def run(
             except SpecError as err:
                 # prepare() checked what every technique needs; whatever it could not foresee is
                 # this technique's error, and must not throw away the rest of the run.
-                m = Measurement(
-                    technique=tech.name,
-                    batch_size=batch_size,
+                m = Measurement.failed(
+                    tech.name,
+                    batch_size,
+                    f"{tech.name}: {err}",
                     precision=settings.precision,
                     optimizer=settings.optimizer,
                     device=str(device),
                     fake=settings.fake,
-                    status="error",
-                    error=f"{tech.name}: {err}",
                 )
             if m.num_parameters is not None and "parameters" not in result.model_info and tech.kind == "e2e":
                 result.model_info["parameters"] = m.num_parameters

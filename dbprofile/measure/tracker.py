@@ -277,13 +277,7 @@ class Tracker:
         with self._lock:
             if self._infos.get(key) is info:
                 del self._infos[key]
-            if info.cat is not None:
-                self.totals[info.cat] -= info.nbytes
-                self.total -= info.nbytes
-                info.cat = None
-                self._release_block(info)
-                if self.recording:
-                    self._record()
+            self._uncount(info)
 
     def _release_block(self, info: StorageInfo) -> None:
         if info.block is not None and self.allocator is not None:
@@ -359,14 +353,18 @@ class Tracker:
 
     def _exclude(self, info: StorageInfo) -> None:
         with self._lock:
-            if info.cat is None:
-                return
-            self.totals[info.cat] -= info.nbytes
-            self.total -= info.nbytes
-            info.cat = None
-            self._release_block(info)
-            if self.recording:
-                self._record()
+            self._uncount(info)
+
+    def _uncount(self, info: StorageInfo) -> None:
+        """Take a counted storage out of the totals (freed, or excluded); the caller holds the lock."""
+        if info.cat is None:
+            return
+        self.totals[info.cat] -= info.nbytes
+        self.total -= info.nbytes
+        info.cat = None
+        self._release_block(info)
+        if self.recording:
+            self._record()
 
     def reclassify(self, info: StorageInfo) -> None:
         if info.cat is None or info.role is not None:

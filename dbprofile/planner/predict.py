@@ -169,9 +169,7 @@ def plan(
             except SpecError:
                 raise
             except Exception as err:  # recorded, not fatal: the other techniques still plan
-                runs[key] = Measurement(
-                    technique=tech.name, batch_size=b, status="error", fake=True, error=f"{type(err).__name__}: {err}"
-                )
+                runs[key] = Measurement.failed(tech.name, b, f"{type(err).__name__}: {err}", fake=True)
         return runs[key]
 
     simulated: dict[tuple[str, int], Measurement] = {}
@@ -210,9 +208,7 @@ def plan(
             except SpecError:
                 raise
             except Exception as err:  # recorded, not fatal, as in fake_run
-                simulated[key] = Measurement(
-                    technique=name, batch_size=b, status="error", fake=True, error=f"{type(err).__name__}: {err}"
-                )
+                simulated[key] = Measurement.failed(name, b, f"{type(err).__name__}: {err}", fake=True)
         return simulated[key]
 
     def predict(name: str, tech: Technique, parallel: bool, b: int) -> PlanEntry:

@@ -130,6 +130,13 @@ class Measurement:
         return self.shares.get(category, 0) / self.peak_bytes if self.peak_bytes else 0.0
 
     @classmethod
+    def failed(cls, technique: str, batch_size: int, error: str, **fields: Any) -> Measurement:
+        """A measurement that produced no figures: ``status`` 'error' unless ``fields`` says otherwise
+        (the runner's, the planner's and the distributed ranks' failures, made one way)."""
+        fields.setdefault("status", "error")
+        return cls(technique=technique, batch_size=batch_size, error=error, **fields)
+
+    @classmethod
     def from_dict(cls, data: dict[str, Any]) -> Measurement:
         data = dict(data)
         data["blocks"] = [BlockMeasurement(**known_fields(BlockMeasurement, b)) for b in data.get("blocks", [])]

@@ -338,14 +338,13 @@ def _run_ranks(
         if stopped is None:
             m = measure_rank(spec, d, batch_size, dev, fsdp and not d.parallel, settings, results_group)
         else:
-            m = Measurement(
-                technique=d.name,
-                batch_size=batch_size,
+            m = Measurement.failed(
+                d.name,
+                batch_size,
+                f"not run: {stopped}",
                 precision=settings.precision,
                 optimizer=settings.optimizer,
                 device=str(dev),
-                status="error",
-                error=f"not run: {stopped}",
                 extra={"rank": rank, "world_size": world, "not_measured": True},
             )
         progress.stage(f"{d.name} @ batch {batch_size}: gathering the measurements of {world} ranks")
