@@ -23,6 +23,7 @@ image is 0.28 points and one seed moves accuracy by points, so compare means.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import math
 import time
 
@@ -34,7 +35,10 @@ from sklearn.datasets import load_digits
 from dbprofile.methods import make_trainer
 from dbprofile.methods.diffusion_blocks import predict_classes
 from dbprofile.methods.diffusion_blocks.sampler import held_out_block_losses
+from dbprofile.models.common import GeluMLP, SelfAttention
 from dbprofile.models.registry import PRESETS
+from dbprofile.models.vit import ViT
+from dbprofile.spec import ModelSpec
 from dbprofile.techniques import parse_technique
 
 
@@ -83,6 +87,22 @@ def learning_rate(step: int, steps: int, peak: float, schedule: str) -> float:
     return floor + (peak - floor) * 0.5 * (1.0 + math.cos(math.pi * progress))
 
 
+def with_dropout(spec: ModelSpec, p: float) -> ModelSpec:
+    """``spec`` whose ViT trains with dropout ``p`` (ViTConfig.dropout: embeddings, attention
+    probabilities, each branch's output; the authors' ViT uses 0.1), end-to-end and DiffusionBlocks
+    alike: the modules read their ``dropout`` at every forward."""
+    build = spec.build
+
+    def build_with_dropout() -> torch.nn.Module:
+        model = build()
+        for module in model.modules():
+            if isinstance(module, (ViT, SelfAttention, GeluMLP)):
+                module.dropout = p
+        return model
+
+    return dataclasses.replace(spec, build=build_with_dropout)
+
+
 @torch.no_grad()
 def first_block_accuracy(model, inputs: torch.Tensor, targets: torch.Tensor, sigma: float, seed: int = 0) -> float:
     """Test accuracy of block 0 (the highest-noise block) alone at one sigma, z = x0 + sigma*eps.
@@ -110,6 +130,7 @@ def train(
     draws: int = DRAWS,
     schedule: str = SCHEDULES[0],
     layers: int | None = None,
+    dropout: float = 0.0,
     **db_options,
 ):
     """Train one technique on digits; returns (trainer, test accuracy, seconds, block losses).
@@ -120,6 +141,8 @@ def train(
     spec = PRESETS["vit-tiny"]()
     if layers is not None and spec.at_depth is not None:
         spec = spec.at_depth(layers)
+    if dropout:
+        spec = with_dropout(spec, dropout)
     tech = parse_technique(technique)
     if tech.is_diffusion_blocks:
         from dbprofile.methods.diffusion_blocks import DiffusionBlocksTrainer
@@ -184,6 +207,7 @@ def main() -> None:
     )
     parser.add_argument("--threads", type=int, default=2, help="torch CPU threads")
     parser.add_argument("--layers", type=int, default=None, help="residual layers of the ViT (default: the preset's 6)")
+    parser.add_argument("--dropout", type=float, default=0.0, help="ViT dropout in training (the authors' 0.1)")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     options = {"weighting": args.weighting} if args.weighting else {}
@@ -207,6 +231,7 @@ def main() -> None:
                 args.draws,
                 args.schedule,
                 args.layers,
+                args.dropout,
                 **(options if tech.is_diffusion_blocks else {}),
             )
             accuracies[technique].append(accuracy)

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import math
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -209,6 +210,38 @@ def test_dit_label_dropout_uses_the_null_class_only_in_training():
     assert not (model.y_embedder(labels) == model.y_embedder.table.weight[10]).all(dim=1).any()
 
 
+def test_vit_dropout_acts_only_in_training_and_costs_nothing_when_off():
+    from dbprofile.models.vit import ViT, make_spec
+
+    config = ViTConfig(
+        image_size=8, patch_size=2, channels=1, num_classes=10, num_layers=2, hidden_size=32, num_heads=4
+    )
+    images = torch.randn(16, 1, 8, 8)
+    with_dropout = ViT(replace(config, dropout=0.3)).train()
+    torch.manual_seed(0)
+    assert not torch.equal(with_dropout(images), with_dropout(images))  # a fresh mask per call
+    with_dropout.eval()
+    assert torch.equal(with_dropout(images), with_dropout(images))
+    # Dropout 0 (every preset) runs no dropout op: a traced training step is the same ops as before.
+    spec = make_spec(config)
+    model = spec.build().train()
+    ops: list[str] = []
+
+    class Ops(torch.utils._python_dispatch.TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            ops.append(str(func))
+            return func(*args, **(kwargs or {}))
+
+    with Ops():
+        spec.loss(model, spec.batch(4, "cpu")).backward()
+    assert not any("dropout" in op or "bernoulli" in op for op in ops)
+    model.blocks[0].attn.dropout = 0.3
+    ops.clear()
+    with Ops():
+        spec.loss(model, spec.batch(4, "cpu")).backward()
+    assert any("dropout" in op or "bernoulli" in op for op in ops)
+
+
 @pytest.mark.parametrize("name", ["gpt-tiny", "llama-tiny"])
 def test_causal_attention_hides_future_tokens(name):
     spec = get_preset(name)
@@ -271,6 +304,7 @@ def test_unknown_preset_suggests_close_names():
     [
         (lambda: ViTConfig(image_size=30, patch_size=16), "patch_size"),
         (lambda: ViTConfig(hidden_size=100, num_heads=3), "num_heads"),
+        (lambda: ViTConfig(dropout=1.0), "dropout"),
         (lambda: DiTConfig(class_dropout_prob=1.5), "class_dropout_prob"),
         (lambda: DiTConfig(num_layers=0), "num_layers"),
         (lambda: GPTConfig(style="mamba"), "style"),

@@ -95,6 +95,10 @@ class SelfAttention(nn.Module):
     of query heads, handled by SDPA's ``enable_gqa`` without copying K/V). ``rotary`` adds
     RoPE to queries and keys; ``causal`` masks future positions.
 
+    ``dropout`` (in training only): on the attention probabilities (SDPA's ``dropout_p``) and on
+    the output projection, as a Hugging Face ViT's ``attention_probs_dropout_prob`` and
+    ``hidden_dropout_prob``; 0 (the default) runs no dropout op at all.
+
     ``forward(x, attn_mask=None, positions=None)``: DiffusionBlocks' concatenated causal-lm
     layout passes a (T, T) boolean ``attn_mask`` (True = may attend), which REPLACES the
     causal mask, and ``positions`` (T,) ids for RoPE. SDPA then runs with an explicit mask,
@@ -111,8 +115,10 @@ class SelfAttention(nn.Module):
         bias: bool = True,
         causal: bool = False,
         rotary: RotaryCache | None = None,
+        dropout: float = 0.0,
     ) -> None:
         super().__init__()
+        self.dropout = dropout
         self.num_heads = num_heads
         self.num_kv_heads = num_kv_heads or num_heads
         self.head_dim = hidden_size // num_heads
@@ -137,24 +143,35 @@ class SelfAttention(nn.Module):
             q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
         grouped = self.num_kv_heads != self.num_heads
         extra: dict[str, Any] = {"enable_gqa": True} if grouped else {}
+        if self.dropout and self.training:
+            extra["dropout_p"] = self.dropout
         if attn_mask is None:
             y = F.scaled_dot_product_attention(q, k, v, is_causal=self.causal, **extra)
         else:
             y = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, **extra)
-        return self.proj(y.transpose(1, 2).reshape(n, t, q_size))
+        return dropout(self.proj(y.transpose(1, 2).reshape(n, t, q_size)), self.dropout, self.training)
+
+
+def dropout(x: torch.Tensor, p: float, training: bool) -> torch.Tensor:
+    """``F.dropout`` in training when ``p`` > 0; otherwise ``x`` itself, with no op (so a model
+    without dropout traces exactly as before dropout existed)."""
+    return F.dropout(x, p) if p and training else x
 
 
 class GeluMLP(nn.Module):
-    """Linear -> GELU -> Linear (ViT, DiT, GPT-2)."""
+    """Linear -> GELU -> Linear (ViT, DiT, GPT-2), then ``dropout`` in training (0: none)."""
 
-    def __init__(self, hidden_size: int, ffn_size: int, *, bias: bool = True, approximate: str = "none") -> None:
+    def __init__(
+        self, hidden_size: int, ffn_size: int, *, bias: bool = True, approximate: str = "none", dropout: float = 0.0
+    ) -> None:
         super().__init__()
+        self.dropout = dropout
         self.fc1 = nn.Linear(hidden_size, ffn_size, bias=bias)
         self.act = nn.GELU(approximate=approximate)
         self.fc2 = nn.Linear(ffn_size, hidden_size, bias=bias)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.fc2(self.act(self.fc1(x)))
+        return dropout(self.fc2(self.act(self.fc1(x))), self.dropout, self.training)
 
 
 class SwiGLU(nn.Module):

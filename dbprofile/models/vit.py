@@ -21,7 +21,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from dbprofile.models.common import GeluMLP, ResidualBlock, SelfAttention
+from dbprofile.models.common import GeluMLP, ResidualBlock, SelfAttention, dropout
 from dbprofile.seeding import data_generator, seeded
 from dbprofile.spec import Batch, ModelSpec
 
@@ -52,6 +52,10 @@ class ViTConfig:
     """LayerNorm epsilon (1e-6 as in the original ViT/timm weights)."""
     pooling: str = "cls"
     """What the head reads: ``cls`` (token 0) or ``mean`` (the mean of the patch tokens)."""
+    dropout: float = 0.0
+    """Dropout in training on the embeddings, the attention probabilities and each branch's output
+    (Hugging Face ViT's ``hidden_dropout_prob`` and ``attention_probs_dropout_prob``; the DiffusionBlocks
+    authors train with 0.1). The presets have none."""
     seed: int = 0
     """Seed for the initial weights and the random batch."""
 
@@ -65,6 +69,8 @@ class ViTConfig:
             raise ValueError(f"ViTConfig.num_heads={self.num_heads} must divide hidden_size={self.hidden_size}.")
         if self.mlp_ratio <= 0:
             raise ValueError(f"ViTConfig.mlp_ratio must be positive; got {self.mlp_ratio}.")
+        if not 0.0 <= self.dropout < 1.0:
+            raise ValueError(f"ViTConfig.dropout must be in [0, 1); got {self.dropout}.")
         if self.pooling not in POOLINGS:
             raise ValueError(f"ViTConfig.pooling must be one of {', '.join(POOLINGS)}; got {self.pooling!r}.")
 
@@ -83,6 +89,7 @@ class ViT(nn.Module):
     def __init__(self, config: ViTConfig) -> None:
         super().__init__()
         self.config = config
+        self.dropout = config.dropout
         d = config.hidden_size
         # A stride-p convolution with a p x p kernel is exactly "cut into patches, then Linear".
         self.patch_embed = nn.Conv2d(config.channels, d, kernel_size=config.patch_size, stride=config.patch_size)
@@ -92,9 +99,9 @@ class ViT(nn.Module):
         self.blocks = nn.ModuleList(
             ResidualBlock(
                 nn.LayerNorm(d, eps=config.norm_eps),
-                SelfAttention(d, config.num_heads, bias=True),
+                SelfAttention(d, config.num_heads, bias=True, dropout=config.dropout),
                 nn.LayerNorm(d, eps=config.norm_eps),
-                GeluMLP(d, config.ffn_size),
+                GeluMLP(d, config.ffn_size, dropout=config.dropout),
             )
             for _ in range(config.num_layers)
         )
@@ -120,7 +127,7 @@ class ViT(nn.Module):
         x = self.patch_embed(images).flatten(2).transpose(1, 2)  # (N, patches, d)
         first = self.cls_token.expand(x.shape[0], -1, -1) if cls is None else cls[:, None, :].to(x.dtype)
         x = torch.cat([first, x], dim=1)
-        x = x + self.pos_embed
+        x = dropout(x + self.pos_embed, self.dropout, self.training)
         for block in self.blocks:
             x = block(x)
         x = self.norm(x)
