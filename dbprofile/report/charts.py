@@ -14,15 +14,14 @@ import re
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
-import matplotlib
-from matplotlib.figure import Figure
-from matplotlib.patches import Patch
-
 from dbprofile.results import BlockMeasurement, Measurement
 from dbprofile.units import UNIT_BYTES, pick_unit
 from dbprofile.vocabulary import CATEGORIES
 
+# matplotlib is imported where a chart is drawn, not here: importing it costs about 0.3 s, which
+# every `dbprofile plan` and `import dbprofile` paid without drawing anything.
 if TYPE_CHECKING:  # annotation only: matplotlib 3.6 and 3.7 (supported) have no matplotlib.typing
+    from matplotlib.figure import Figure
     from matplotlib.typing import RcKeyType
 
 # Okabe-Ito colour-blind-safe palette; one fixed colour per category, the same in every chart.
@@ -56,6 +55,8 @@ _RC: dict[RcKeyType, Any] = {
 
 def chart_style() -> contextlib.AbstractContextManager:
     """Matplotlib settings every chart draws under (text stays text, no math parsing)."""
+    import matplotlib
+
     return matplotlib.rc_context(_RC)
 
 
@@ -83,6 +84,8 @@ def svg_from_figure(fig: Figure, name: str) -> str:
     ``name`` salts matplotlib's generated element ids so that two charts on one page never
     share an id. The XML prolog and DOCTYPE are dropped (they are not allowed inside HTML),
     and so is the metadata block (it only names matplotlib and the date)."""
+    import matplotlib
+
     buf = io.StringIO()
     with matplotlib.rc_context({**_RC, "svg.hashsalt": name}):
         fig.savefig(
@@ -102,6 +105,8 @@ def svg_from_figure(fig: Figure, name: str) -> str:
 
 
 def new_figure(width: float, height: float) -> Figure:
+    from matplotlib.figure import Figure
+
     with chart_style():
         return Figure(figsize=(width, height), dpi=100)
 
@@ -111,6 +116,8 @@ def present_categories(share_dicts: Sequence[dict[str, int]]) -> list[str]:
 
 
 def category_legend(fig: Figure, categories: Sequence[str], ncol: int | None = None) -> None:
+    from matplotlib.patches import Patch
+
     handles = [Patch(facecolor=CATEGORY_COLOURS[c], label=category_label(c)) for c in categories]
     fig.legend(
         handles=handles, loc="lower center", ncol=ncol or min(len(handles), 7), frameon=False, bbox_to_anchor=(0.5, 1.0)
