@@ -412,6 +412,29 @@ def test_vit_readout_starts_with_zero_classifier_and_final_adaln():
     assert torch.equal(logits, torch.zeros(2, 10))
 
 
+def test_vit_dropout_acts_inside_the_diffusion_blocks_block_in_training_only():
+    # The learning check trains with the authors' dropout 0.1: it must reach the AdaLN-Zero block,
+    # which calls the layer's own attn and mlp.
+    config = vit.ViTConfig(
+        image_size=8, patch_size=2, channels=1, num_classes=10, num_layers=4, hidden_size=32, num_heads=2, dropout=0.2
+    )
+    spec = vit.make_spec(config)
+    model = BlockwiseModel(spec, spec.build(), 2)
+    model.model.dropout = 0.0  # no embedding dropout: any difference comes from inside the block
+    torch.manual_seed(0)
+    for param in model.parameters():
+        if not param.any():  # zero-initialised gates, modulations and head: give them weights
+            nn.init.normal_(param, std=0.5)
+    inputs, z, sigma = spec.batch(4, CPU)["inputs"], torch.randn(4, 32), torch.ones(4)
+
+    def logits():
+        return model.classification_logits(inputs, z, sigma, model.block_layers[0])
+
+    assert not torch.equal(logits(), logits())
+    model.eval()
+    assert torch.equal(logits(), logits())
+
+
 def test_user_classifier_without_readout_gets_the_cls_hooks():
     spec = token_mlp_spec(layers=4)
     model = BlockwiseModel(spec, spec.build(), 2)
