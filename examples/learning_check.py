@@ -35,6 +35,7 @@ import torch
 import torch.nn.functional as F
 from sklearn.datasets import load_digits
 
+from dbprofile.measure.stack import spec_at_depth
 from dbprofile.methods import make_trainer
 from dbprofile.methods.diffusion_blocks import predict_classes
 from dbprofile.methods.diffusion_blocks.sampler import held_out_block_losses
@@ -147,8 +148,8 @@ def train(
     ``trainer.first_block_accuracy`` block 0's alone at each of ``PROBE_SIGMAS``."""
     torch.manual_seed(seed)
     spec = PRESETS["vit-tiny"]()
-    if layers is not None and spec.at_depth is not None:
-        spec = spec.at_depth(layers)
+    if layers is not None:
+        spec = spec_at_depth(spec, layers)
     if dropout:
         spec = with_dropout(spec, dropout)
     tech = parse_technique(technique)

@@ -20,15 +20,14 @@ from typing import Any
 
 import torch
 
-from dbprofile.measure.fake import fake_mode
-from dbprofile.measure.stack import spec_at_depth, stack_difference
+from dbprofile.measure.stack import identical_layers, spec_at_depth
 from dbprofile.methods.checkpointing import split_contiguous
 from dbprofile.methods.diffusion_blocks.activations import (
     activation_ratios_of,
     layer_activation_bytes,
     saved_layer_bytes,
 )
-from dbprofile.spec import ModelSpec, get_layers
+from dbprofile.spec import ModelSpec
 
 COUNT_DEPTHS = (1, 2, 3)
 """Depths of the shallow counts: two for the line, the third to check it."""
@@ -66,9 +65,8 @@ def _shallow_lines(spec: ModelSpec, batch_size: int, device: torch.device | str,
 
 def _count_lines(spec: ModelSpec, batch_size: int, device: torch.device | str, lm_layout: str) -> Any:
     """(layers, plain bytes at depth d, conditioned bytes at depth d), or None (count in full)."""
-    with fake_mode():
-        layers = list(get_layers(spec.build(), spec.layers, spec.name))
-    if len(layers) <= COUNT_DEPTHS[-1] or stack_difference(layers) is not None:
+    layers, difference = identical_layers(spec)
+    if layers <= COUNT_DEPTHS[-1] or difference is not None:
         return None
     counts = [saved_layer_bytes(spec_at_depth(spec, d), batch_size, device, lm_layout) for d in COUNT_DEPTHS]
     first, second, third = counts  # one layer apart
@@ -78,4 +76,4 @@ def _count_lines(spec: ModelSpec, batch_size: int, device: torch.device | str, l
     def line(index: int):
         return lambda depth: first[index] + (second[index] - first[index]) * (depth - COUNT_DEPTHS[0])
 
-    return len(layers), line(0), line(1)
+    return layers, line(0), line(1)

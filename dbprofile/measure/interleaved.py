@@ -44,7 +44,7 @@ from dbprofile.measure.timing import time_block
 from dbprofile.methods.factory import make_trainer
 from dbprofile.results import Measurement
 from dbprofile.spec import ModelSpec
-from dbprofile.spread import iqr, relative_iqr
+from dbprofile.spread import iqr, paired_ratios, relative_iqr
 from dbprofile.techniques import Technique
 
 BLOCK_TARGET_S = 0.025
@@ -159,8 +159,8 @@ def time_rounds(units: list[_Unit], min_steps: int) -> None:
     """Round after round, one block of steps of every unit in turn, until the stopping rules
     (module doc) hold. A block is timed as torch.utils.benchmark times one (``time_block``: gc off,
     CUDA synchronised), without the two warm-up steps its ``Timer.timeit`` runs before every
-    block, which would triple the cost of blocks of one or two steps; its ``Measurement`` gives
-    the statistics."""
+    block, which would triple the cost of blocks of one or two steps; each unit keeps its blocks'
+    raw times, and ``_summarise`` makes the statistics from them."""
     cpu = torch.device("cpu")
     per_technique: dict[int, list[_Unit]] = {}
     for u in units:
@@ -195,7 +195,7 @@ def _settled(groups: list[list[_Unit]]) -> bool:
         return all(_steady(u) for u in groups[0])
     reference = _round_times(groups[0])
     for group in groups[1:]:
-        ratios = [t / r for t, r in zip(_round_times(group), reference) if r > 0]
+        ratios = paired_ratios(_round_times(group), reference)
         if len(ratios) < MIN_BLOCKS or 1.57 * relative_iqr(ratios) / math.sqrt(len(ratios)) > RATIO_PRECISION:
             return False
     return True

@@ -382,20 +382,25 @@ def summarise(m: Measurement, units: list, results: dict, fake: bool, block_laye
     summarise_times(m, units, results, worst_unit)
 
 
+def _median_and_iqr(r: UnitResult) -> tuple[float, float]:
+    """A unit's timing figures: the timer's own where it made them (torch.utils.benchmark's median
+    and IQR, or the interleaved rounds' trimmed mean), else the median and IQR of its step times."""
+    median = r.median if r.median is not None else statistics.median(r.times)
+    return median, r.iqr if r.iqr is not None else iqr(r.times)
+
+
 def summarise_times(m: Measurement, units: list, results: dict, worst_unit: int | None) -> None:
     """The timed steps' medians and IQRs into ``m``: the worst unit's as the step time, and for
     DiffusionBlocks each block's and their sum (``m.blocks`` already holds one entry per unit)."""
     worst = results[worst_unit]
     if worst.times:
-        m.step_time_s = worst.median if worst.median is not None else statistics.median(worst.times)
-        m.step_time_iqr_s = worst.iqr if worst.iqr is not None else iqr(worst.times)
+        m.step_time_s, m.step_time_iqr_s = _median_and_iqr(worst)
         m.step_time_spread_s = [min(worst.times), max(worst.times)]
     if units == [None]:
         return
     for block, unit in zip(m.blocks, units):
         r = results[unit]
-        block.step_time_s = (r.median if r.median is not None else statistics.median(r.times)) if r.times else None
-        block.step_time_iqr_s = (r.iqr if r.iqr is not None else iqr(r.times)) if r.times else None
+        block.step_time_s, block.step_time_iqr_s = _median_and_iqr(r) if r.times else (None, None)
         block.transfer_time_s = statistics.median(r.transfer_times) if any(r.transfer_times) else None
     block_times = [b.step_time_s for b in m.blocks if b.step_time_s is not None]
     if len(block_times) == len(m.blocks):

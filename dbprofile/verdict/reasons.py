@@ -7,7 +7,7 @@ import math
 from typing import Any
 
 from dbprofile.results import Reason
-from dbprofile.spread import relative_iqr
+from dbprofile.spread import paired_ratios, relative_iqr
 from dbprofile.units import format_bytes, format_gflop
 from dbprofile.verdict.evidence import Row, Situation, compute_ratio
 from dbprofile.verdict.thresholds import (
@@ -216,7 +216,7 @@ def paired_ratio_noise(times: list[float] | None, e2e_times: list[float] | None)
     while each technique's own IQR spans both speeds. None unless both have the same rounds."""
     if not times or not e2e_times or len(times) != len(e2e_times) or len(times) < 2:
         return None
-    ratios = [t / e for t, e in zip(times, e2e_times) if e > 0]
+    ratios = paired_ratios(times, e2e_times)
     if len(ratios) < 2:
         return None
     spread = relative_iqr(ratios)

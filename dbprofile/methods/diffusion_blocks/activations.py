@@ -103,12 +103,7 @@ def layer_activation_bytes(
         gen = torch.Generator(device=device).manual_seed(block)
         # partial binds this iteration's block and generator (a lambda with defaults defeats mypy's inference)
         per_block.append(_measure(model, layers, functools.partial(model.loss, batch, block, generator=gen)))
-    everything = list(range(len(model.layers)))
-    gen = torch.Generator(device=device).manual_seed(0)
-    full_bytes = _measure(
-        model, list(model.layer_runners), lambda: model.loss(batch, 0, generator=gen, layer_indices=everything)
-    )
-    return activation_ratios_of(max(per_block), full_bytes, plain_bytes)
+    return activation_ratios_of(max(per_block), _conditioned_bytes(model, batch, device), plain_bytes)
 
 
 def activation_ratios_of(block: int, full: int, plain: int) -> dict[str, float | int]:
@@ -132,13 +127,17 @@ def saved_layer_bytes(
     ``layer_activation_bytes`` (dbprofile.measure.activation_counts)."""
     device = torch.device(device)
     batch = spec.batch(batch_size, device)
-    model = _blockwise(spec, 1, device, lm_layout)
+    conditioned = _conditioned_bytes(_blockwise(spec, 1, device, lm_layout), batch, device)
+    return _plain_bytes(spec, batch, device), conditioned
+
+
+def _conditioned_bytes(model: BlockwiseModel, batch: Any, device: torch.device) -> int:
+    """Bytes the sigma-conditioned layers save with every layer run as one block (block 0's noise)."""
     gen = torch.Generator(device=device).manual_seed(0)
     everything = list(range(len(model.layers)))
-    conditioned = _measure(
+    return _measure(
         model, list(model.layer_runners), lambda: model.loss(batch, 0, generator=gen, layer_indices=everything)
     )
-    return _plain_bytes(spec, batch, device), conditioned
 
 
 def _plain_bytes(spec: ModelSpec, batch: Any, device: torch.device) -> int:
