@@ -49,6 +49,11 @@ class GPU:
     or no published figure)."""
     flops_source: str = ""
     """The document the peak FLOPS come from."""
+    host_link: str = ""
+    """The link to host memory, e.g. 'PCIe Gen5 x16' (the card's datasheet)."""
+    host_link_bytes_per_s: int | None = None
+    """Its rate per direction, bytes per second: the datasheet's bidirectional figure halved (PCIe
+    Gen3 x16 32 GB/s, Gen4 64 GB/s, Gen5 128 GB/s both ways). A peak: pinned copies reach about 80-90% of it."""
 
     def peak_flops(self, precision: str) -> int | None:
         """The peak dense FLOPS for a training precision ('fp32' or 'bf16'), or None when unknown."""
@@ -56,6 +61,8 @@ class GPU:
 
 
 TERA = 10**12
+PCIE_X16_BYTES_PER_S = {3: 16 * 10**9, 4: 32 * 10**9, 5: 64 * 10**9}
+"""Per direction, as NVIDIA's datasheets give it (their bidirectional 32 / 64 / 128 GB/s halved)."""
 
 
 def _gpu(
@@ -66,6 +73,7 @@ def _gpu(
     bf16_tflops: float | None,
     flops_source: str,
     source: str = "nvidia-smi",
+    pcie_gen: int | None = None,
 ) -> GPU:
     def flops(tflops: float | None) -> int | None:
         return None if tflops is None else int(round(tflops * TERA))
@@ -78,6 +86,8 @@ def _gpu(
         peak_fp32_flops=flops(fp32_tflops),
         peak_bf16_flops=flops(bf16_tflops),
         flops_source=flops_source,
+        host_link=f"PCIe Gen{pcie_gen} x16" if pcie_gen else "",
+        host_link_bytes_per_s=PCIE_X16_BYTES_PER_S.get(pcie_gen) if pcie_gen else None,
     )
 
 
@@ -90,26 +100,44 @@ GPUS: dict[str, GPU] = {
     g.name: g
     for g in (
         # H100 80GB HBM3 (SXM5): 67 FP32, 1,979 BF16 with sparsity.
-        _gpu("H100-80GB", 81559, (9, 0), 67, 989.5, _HOPPER + " (H100 SXM)"),
+        _gpu("H100-80GB", 81559, (9, 0), 67, 989.5, _HOPPER + " (H100 SXM)", pcie_gen=5),
         # The PCIe card reports the same memory but runs slower: 51 FP32, 1,513 BF16 with sparsity.
-        _gpu("H100-PCIe-80GB", 81559, (9, 0), 51, 756.5, _HOPPER + " (H100 PCIe)"),
-        _gpu("H100-NVL-94GB", 95830, (9, 0), 60, 835.5, _HOPPER + " (H100 NVL)"),
-        _gpu("H200-141GB", 143771, (9, 0), 67, 989.5, "NVIDIA H200 Tensor Core GPU datasheet (H200 SXM)"),
-        _gpu("A100-80GB", 81920, (8, 0), 19.5, 312, _AMPERE),
-        _gpu("A100-40GB", 40960, (8, 0), 19.5, 312, _AMPERE),
-        _gpu("L40S-48GB", 46068, (8, 9), 91.6, 362.05, "NVIDIA L40S datasheet"),
-        _gpu("L40-48GB", 46068, (8, 9), 90.5, 181.05, "NVIDIA L40 datasheet"),
-        _gpu("L4-24GB", 23034, (8, 9), 30.3, 121, "NVIDIA L4 Tensor Core GPU datasheet"),
+        _gpu("H100-PCIe-80GB", 81559, (9, 0), 51, 756.5, _HOPPER + " (H100 PCIe)", pcie_gen=5),
+        _gpu("H100-NVL-94GB", 95830, (9, 0), 60, 835.5, _HOPPER + " (H100 NVL)", pcie_gen=5),
+        _gpu("H200-141GB", 143771, (9, 0), 67, 989.5, "NVIDIA H200 Tensor Core GPU datasheet (H200 SXM)", pcie_gen=5),
+        _gpu("A100-80GB", 81920, (8, 0), 19.5, 312, _AMPERE, pcie_gen=4),
+        _gpu("A100-40GB", 40960, (8, 0), 19.5, 312, _AMPERE, pcie_gen=4),
+        _gpu("L40S-48GB", 46068, (8, 9), 91.6, 362.05, "NVIDIA L40S datasheet", pcie_gen=4),
+        _gpu("L40-48GB", 46068, (8, 9), 90.5, 181.05, "NVIDIA L40 datasheet", pcie_gen=4),
+        _gpu("L4-24GB", 23034, (8, 9), 30.3, 121, "NVIDIA L4 Tensor Core GPU datasheet", pcie_gen=4),
         # AWS's A10G has no NVIDIA datasheet; its tensor rate is not the A10's.
-        _gpu("A10G-24GB", 23028, (8, 6), None, None, "no published datasheet (AWS-only variant)"),
-        _gpu("A10-24GB", 23028, (8, 6), 31.2, 125, "NVIDIA A10 Tensor Core GPU datasheet"),
-        _gpu("RTX-6000-Ada-48GB", 49140, (8, 9), 91.1, 364.25, _ADA),
-        _gpu("RTX-A6000-48GB", 49140, (8, 6), 38.7, 154.85, "NVIDIA RTX A6000 datasheet"),
-        _gpu("RTX-4090-24GB", 24564, (8, 9), 82.6, 165.2, _ADA),
-        _gpu("RTX-3090-24GB", 24576, (8, 6), 35.6, 71, _GA102),
-        _gpu("V100-32GB", 32768, (7, 0), 15.7, None, "NVIDIA V100 Tensor Core GPU datasheet (SXM2)", "nominal"),
-        _gpu("V100-16GB", 16384, (7, 0), 15.7, None, "NVIDIA V100 Tensor Core GPU datasheet (SXM2)", "nominal"),
-        _gpu("T4-16GB", 15360, (7, 5), 8.1, None, "NVIDIA T4 Tensor Core GPU datasheet"),
+        _gpu("A10G-24GB", 23028, (8, 6), None, None, "no published datasheet (AWS-only variant)", pcie_gen=4),
+        _gpu("A10-24GB", 23028, (8, 6), 31.2, 125, "NVIDIA A10 Tensor Core GPU datasheet", pcie_gen=4),
+        _gpu("RTX-6000-Ada-48GB", 49140, (8, 9), 91.1, 364.25, _ADA, pcie_gen=4),
+        _gpu("RTX-A6000-48GB", 49140, (8, 6), 38.7, 154.85, "NVIDIA RTX A6000 datasheet", pcie_gen=4),
+        _gpu("RTX-4090-24GB", 24564, (8, 9), 82.6, 165.2, _ADA, pcie_gen=4),
+        _gpu("RTX-3090-24GB", 24576, (8, 6), 35.6, 71, _GA102, pcie_gen=4),
+        _gpu(
+            "V100-32GB",
+            32768,
+            (7, 0),
+            15.7,
+            None,
+            "NVIDIA V100 Tensor Core GPU datasheet (SXM2)",
+            "nominal",
+            pcie_gen=3,
+        ),
+        _gpu(
+            "V100-16GB",
+            16384,
+            (7, 0),
+            15.7,
+            None,
+            "NVIDIA V100 Tensor Core GPU datasheet (SXM2)",
+            "nominal",
+            pcie_gen=3,
+        ),
+        _gpu("T4-16GB", 15360, (7, 5), 8.1, None, "NVIDIA T4 Tensor Core GPU datasheet", pcie_gen=3),
     )
 }
 

@@ -56,12 +56,18 @@ class RunSettings:
     emulate_cuda: bool = False
     """Fake runs standing for a CUDA device: replay every allocation through the caching-allocator
     model and follow CUDA's autocast order for the loss (dbprofile.measure.allocator, fake)."""
+    micro_batches: int = 1
+    """Gradient accumulation: forward and backward passes per optimizer step, each on a micro-batch of
+    the measurement's batch size, the gradients accumulating in place. From the second micro-batch
+    on every step is alike (all gradients resident), so 2 gives the peak of any count above 1."""
 
     def __post_init__(self) -> None:
         if self.steps < 1 or self.warmup_steps < 1:
             raise SpecError(
                 f"steps and warmup_steps must be at least 1; got steps={self.steps}, warmup_steps={self.warmup_steps}."
             )
+        if isinstance(self.micro_batches, bool) or not isinstance(self.micro_batches, int) or self.micro_batches < 1:
+            raise SpecError(f"micro_batches must be an integer >= 1; got {self.micro_batches!r}.")
         if self.precision not in PRECISIONS:
             raise unknown_precision(self.precision)
         if self.optimizer not in OPTIMIZERS:

@@ -76,6 +76,10 @@ class ModelSpec:
     shapes: dict[str, Callable[[int], ModelSpec]] = field(default_factory=dict)
     """Shapes the command line may change (``seq_len``, ``image_size``): each maps to a function
     returning this model's spec at that value (``--seq-len`` / ``--image-size``)."""
+    batch_dependent_loss: bool = False
+    """True when the loss depends on the batch as a whole (in-batch contrastive negatives; BatchNorm
+    layers are found without it): gradient accumulation over micro-batches would train something
+    else, so the planner's verdict does not offer it."""
     position_adapter: Callable[..., Any] | None = None
     """For causal-lm models whose forward computes per-position tensors outside the layers (rotary
     tables, 4-D masks): ``adapter(model, layout)`` returns ``rewrite(layer, args, kwargs) -> (args,

@@ -1,6 +1,8 @@
-"""Technique names and their one parser: ``e2e``, ``ckpt``, ``ckpt:k``, ``db:B``, ``db:B+ckpt``,
-``db:B+offload``, ``db:B+interleaved`` (causal LMs: the flash-attention-compatible token
-layout), variants combinable, and ``db:B+parallel`` (one block per device). One parsed
+"""Technique names and their one parser: ``e2e``, ``ckpt``, ``ckpt:k``, ``sac`` / ``sac:alt``
+(selective activation checkpointing), ``offload`` (activation offloading to host memory),
+``db:B``, ``db:B+ckpt``, ``db:B+offload``, ``db:B+interleaved`` (causal LMs: the
+flash-attention-compatible token layout), variants combinable, and ``db:B+parallel`` (one block
+per device). One parsed
 ``Technique`` is what the runner, the planner, the distributed measurement, the verdict and
 the reports pass around; ``dbprofile.methods.make_trainer`` turns it into a ready trainer.
 This module is a leaf: it imports nothing of dbprofile but the error type."""
@@ -15,13 +17,21 @@ from dataclasses import dataclass
 from dbprofile.spec import SpecError
 
 _PATTERN = re.compile(r"^(e2e|ckpt|db)(?::(\d+))?((?:\+(?:ckpt|offload|interleaved|parallel))*)$")
+_SAC_PATTERN = re.compile(r"^sac(?::([A-Za-z0-9_-]*))?$")
+
+SAC_POLICIES = {
+    "all": "save the outputs of every matmul, attention and convolution op; recompute the rest",
+    "alt": "the same, but recompute every second matmul (torchtitan's op-level policy)",
+}
+"""Selective checkpointing policies (dbprofile.methods.selective has the op lists): ``sac`` is
+``sac:all``, ``sac:alt`` the alternating one."""
 
 PARALLEL_SUFFIX = "+parallel"
 
 DEFAULT_TECHNIQUES = ("e2e", "ckpt", "db:2", "db:3", "db:4")
 HELP = (
-    "e2e, ckpt, ckpt:K (K checkpointed segments), db:B, db:B+ckpt, db:B+offload, db:B+interleaved (causal LMs), "
-    "db:B+parallel (one block per device)"
+    "e2e, ckpt, ckpt:K (K checkpointed segments), sac, sac:alt (selective checkpointing), offload (activations to "
+    "host memory), db:B, db:B+ckpt, db:B+offload, db:B+interleaved (causal LMs), db:B+parallel (one block per device)"
 )
 
 
@@ -29,13 +39,14 @@ HELP = (
 class Technique:
     """A parsed technique name."""
 
-    kind: str  # "e2e" | "ckpt" | "db"
+    kind: str  # "e2e" | "ckpt" | "sac" | "offload" | "db"
     blocks: int | None = None  # B for db
     segments: int | None = None  # k for ckpt:k (None = every layer)
     ckpt: bool = False  # db:B+ckpt
     offload: bool = False  # db:B+offload
     interleaved: bool = False  # db:B+interleaved: causal-lm tokens interleaved under the plain causal mask
     parallel: bool = False  # db:B+parallel: one block per device (B devices)
+    policy: str | None = None  # sac: the SAC_POLICIES key ("all" for plain sac)
 
     @property
     def name(self) -> str:
@@ -43,6 +54,10 @@ class Technique:
             return "e2e"
         if self.kind == "ckpt":
             return "ckpt" if self.segments is None else f"ckpt:{self.segments}"
+        if self.kind == "sac":
+            return "sac" if self.policy in (None, "all") else f"sac:{self.policy}"
+        if self.kind == "offload":
+            return "offload"
         return (
             f"db:{self.blocks}"
             + ("+ckpt" if self.ckpt else "")
@@ -69,6 +84,11 @@ class Technique:
     def is_diffusion_blocks(self) -> bool:
         return self.kind == "db"
 
+    @property
+    def recomputes(self) -> bool:
+        """Recomputes (part of) the forward in the backward: ckpt, sac, db:B+ckpt."""
+        return self.kind in ("ckpt", "sac") or self.ckpt
+
     def __str__(self) -> str:
         return self.name
 
@@ -79,6 +99,10 @@ def parse_technique(text: str | Technique) -> Technique:
     if isinstance(text, Technique):
         return text
     raw = text.strip()
+    if raw == "offload":
+        return Technique("offload")
+    if raw.startswith("sac"):
+        return _parse_sac(raw, text)
     match = _PATTERN.match(raw)
     if not match:
         raise SpecError(f"Unknown technique {text!r}. Techniques are: {HELP}.")
@@ -116,6 +140,18 @@ def parse_technique(text: str | Technique) -> Technique:
         interleaved="interleaved" in extras,
         parallel="parallel" in extras,
     )
+
+
+def _parse_sac(raw: str, text: str) -> Technique:
+    match = _SAC_PATTERN.match(raw)
+    policy = match.group(1) if match else None
+    if match is None or (policy is not None and policy not in SAC_POLICIES):
+        known = "; ".join(f"sac:{name}: {what}" for name, what in SAC_POLICIES.items())
+        raise SpecError(
+            f"Unknown selective checkpointing technique {text!r}. Policies: {known} (plain sac is sac:all). "
+            f"Techniques are: {HELP}."
+        )
+    return Technique("sac", policy=policy or "all")
 
 
 def parse_techniques(texts: str | Sequence[str | Technique]) -> list[Technique]:

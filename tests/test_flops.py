@@ -32,7 +32,16 @@ def _step_flops(model: str, technique: str, counter_factory) -> int:
 
 
 @pytest.mark.parametrize(
-    "model, technique", [("vit-tiny", "e2e"), ("gpt-tiny", "ckpt"), ("llama-tiny", "db:2"), ("dit-tiny", "ckpt")]
+    "model, technique",
+    [
+        ("vit-tiny", "e2e"),
+        ("gpt-tiny", "ckpt"),
+        ("llama-tiny", "db:2"),
+        ("dit-tiny", "ckpt"),
+        ("vit-tiny", "sac"),
+        ("gpt-tiny", "sac:alt"),
+        ("llama-tiny", "offload"),
+    ],
 )
 def test_counter_totals_equal_pytorchs_flop_counter_mode(model, technique, monkeypatch):
     for formula in CPU_ATTENTION_FORMULAS.values():  # FlopCounterMode must hand them tensors, not shapes

@@ -133,8 +133,8 @@ def test_adopt_needs_e2e_not_fitting_a_low_risk_b_fitting_and_less_compute_than_
     assert verdict.decision == "adopt" and verdict.recommended == verdict.best_technique == "db:2"
     assert 101 / 122 < 1 - COMPUTE_MARGIN and quality_risk(2) == "low"
     adopt = _rule(verdict, "adopt")
-    assert adopt.numbers["vs_ckpt"] == pytest.approx(101 / 122)
-    assert "0.83x the FLOPs of ckpt (17% less; margin 10%)" in verdict.headline
+    assert adopt.numbers["vs_rival"] == pytest.approx(101 / 122)
+    assert "0.83x the compute of ckpt (36.00 GiB), the best alternative (17% less; margin 10%)" in verdict.headline
     assert "e2e needs 61.00 GiB" in verdict.headline and "at 38.00 GiB" in verdict.headline
     assert _rule(verdict, "activation-bound").numbers["activations_fraction"] == pytest.approx(43 / 61)
 
@@ -161,9 +161,9 @@ def test_diffusion_blocks_costlier_than_ckpt_is_not_worth_it_and_says_by_how_muc
     run.model_info = {"task": "causal-lm"}
     verdict = judge(run, capacity_bytes=40 * GiB)
     assert verdict.decision == "not-worth-it" and verdict.recommended == "ckpt" and verdict.best_technique == "db:2"
-    costlier = _rule(verdict, "costlier-than-ckpt")
+    costlier = _rule(verdict, "costlier-than-alternative")
     assert costlier.numbers["vs_rival"] == pytest.approx(230 / 122)
-    assert "1.89x, 89% more" in costlier.sentence
+    assert "1.89x the compute of ckpt, 89% more" in costlier.sentence
     overhead = _rule(verdict, "compute-overhead")
     assert "doubled sequence" in overhead.sentence and "2.30x e2e" in overhead.sentence
 
@@ -174,7 +174,7 @@ def test_a_lead_smaller_than_the_margin_is_not_enough():
     run.measurements[3] = _m("db:4", 4, 1, 8, 9.9, 2, gflops=122 * (1 - COMPUTE_MARGIN) + 1, extra=1)
     verdict = judge(run, capacity_bytes=40 * GiB)
     assert verdict.decision == "not-worth-it"
-    assert "only 9% less" in _rule(verdict, "costlier-than-ckpt").sentence
+    assert "only 9% less" in _rule(verdict, "costlier-than-alternative").sentence
 
 
 def test_when_ckpt_does_not_fit_a_fitting_diffusion_blocks_is_adopted_whatever_its_compute():
@@ -182,7 +182,7 @@ def test_when_ckpt_does_not_fit_a_fitting_diffusion_blocks_is_adopted_whatever_i
     run.measurements[3] = _m("db:4", 4, 1, 8, 9.9, 2, gflops=250, extra=1)
     verdict = judge(run, capacity_bytes=30 * GiB)  # only db:4 (24.9) fits
     assert verdict.decision == "adopt" and verdict.recommended == "db:4"
-    assert "no checkpointing configuration fits" in verdict.headline
+    assert "nothing else fits" in verdict.headline
     assert "elevated quality risk" in verdict.headline  # B=4 sits past the paper's low-risk range
     assert quality_risk(4) == "elevated" and _rule(verdict, "quality-risk").numbers["risk"] == "elevated"
 
@@ -399,7 +399,7 @@ def test_gpt_decision_table_head_and_doubled_sequence_make_db_costlier_than_ckpt
     assert e2e > capacity
     verdict = judge(p, capacity_bytes=capacity)
     assert (verdict.decision, verdict.recommended) == ("not-worth-it", "ckpt")
-    assert _rule(verdict, "costlier-than-ckpt").numbers["vs_rival"] == pytest.approx(ratio)
+    assert _rule(verdict, "costlier-than-alternative").numbers["vs_rival"] == pytest.approx(ratio)
     assert "doubled sequence" in _rule(verdict, "compute-overhead").sentence
 
 

@@ -258,10 +258,12 @@ def measure_fake(
     optimizer: str = "adamw",
     round_to: int | None = None,
     emulate_cuda: bool = False,
+    micro_batches: int = 1,
 ) -> Measurement:
     """The runner's fake-tensor measurement of ``tech`` (one warm-up, one tracked step) at the model's
     full depth, extrapolated from shallow traces where exact (``by_depth``). ``full_trace`` forces the
-    full trace: the function to call for any figure the extrapolation does not carry."""
+    full trace: the function to call for any figure the extrapolation does not carry.
+    ``micro_batches``: the step accumulates gradients over that many micro-batches of ``batch_size``."""
     from dbprofile.measure.runner import activation_ratios, measure
 
     def trace(depth: int | None, keep: bool) -> list[Traced]:
@@ -280,13 +282,14 @@ def measure_fake(
             steps=1,
             traces=traces,
             emulate_cuda=emulate_cuda,
+            micro_batches=micro_batches,
             # DiffusionBlocks' activation ratios are counted once, at full depth, not per shallow trace.
-            count_activations=depth is None,
+            count_activations=depth is None and micro_batches == 1,
         )
         return [(m, traces or {})]
 
     m = by_depth(trace, tech, layers, not_identical, full_trace=full_trace, full_trace_reason=full_trace_reason)[0]
-    if m.ok and tech.is_diffusion_blocks and m.extra["depth"]["path"] == PATH_EXTRAPOLATED:
+    if m.ok and tech.is_diffusion_blocks and micro_batches == 1 and m.extra["depth"]["path"] == PATH_EXTRAPOLATED:
         activation_ratios(m, spec, tech, batch_size)
     return m
 

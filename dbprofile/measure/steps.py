@@ -17,6 +17,7 @@ import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -162,6 +163,9 @@ def measure_into(
             trainer = trainer_factory()
         else:
             trainer = make_trainer(tech, spec, dev, precision=m.precision, optimizer=m.optimizer)
+            trainer.micro_batches = settings.micro_batches
+        if settings.micro_batches > 1:
+            m.extra["micro_batches"] = settings.micro_batches
         build_s = time.perf_counter() - start
         m.num_parameters = sum(p.numel() for p in trainer.model.parameters())
         extra = trainer.extra_parameters
@@ -195,6 +199,7 @@ def measure_into(
                     m.memory_snapshots.append(str(path))
                 with snapshot.recording(path):
                     step(ctx, tracker, unit, results[unit], track=True)
+                record_transfer(m, trainer)
                 if traces is not None:
                     traces[unit] = results[unit].records[-1]
                 if not fake and timed:
@@ -238,6 +243,17 @@ def measure_into(
         "timed_steps_s": timed_s,
     }
     summarise(m, units, results, fake, block_layers)
+
+
+def record_transfer(m: Measurement, trainer: Any) -> None:
+    """An offloading trainer's host-link bytes in its tracked step (the largest over the units):
+    ``extra['host_transfer']`` = {'to_host_bytes', 'to_device_bytes'}."""
+    moved = getattr(trainer, "last_step_transfer", None)
+    if not moved:
+        return
+    kept = m.extra.setdefault("host_transfer", {})
+    for key, value in moved.items():
+        kept[key] = max(int(value), kept.get(key, 0))
 
 
 def of_block(unit: int | None, units: list) -> str:

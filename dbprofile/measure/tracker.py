@@ -110,9 +110,11 @@ class Tracker:
         self._hooks.__enter__()
         self._mode = TrackingMode(self)
         self._mode.__enter__()
+        self._listen(self.note_saved)
         return self
 
     def __exit__(self, *exc: Any) -> None:
+        self._listen(None)
         if self._mode is not None:
             self._mode.__exit__(*exc)
             self._hooks.__exit__(*exc)
@@ -230,7 +232,21 @@ class Tracker:
                 self._handles.append(optimizer.register_step_post_hook(lambda *_: self._scan_optimizer(optimizer)))
             self._scan_optimizer(optimizer)
 
+    def note_saved(self, out: Any) -> None:
+        """Outputs a technique keeps for the backward outside the saved-tensor hooks (selective
+        checkpointing's cache, dbprofile.methods.selective): they count as activations."""
+        for t in out if isinstance(out, (tuple, list)) else (out,):
+            info = self._info(t) if isinstance(t, torch.Tensor) else None
+            if info is not None:
+                info.saved += 1
+                self.reclassify(info)
+
     # ------------------------------------------------------------ internals
+
+    def _listen(self, listener: Callable[[Any], None] | None) -> None:
+        # Only trainers that keep tensors outside the hooks have the attribute (SelectiveCheckpointTrainer).
+        if self.trainer is not None and hasattr(self.trainer, "saved_output_listener"):
+            self.trainer.saved_output_listener = listener
 
     def _scan_optimizer(self, optimizer: torch.optim.Optimizer) -> None:
         for state in optimizer.state.values():

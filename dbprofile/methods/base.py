@@ -102,6 +102,8 @@ class Trainer:
     units: list[int | None] = [None]
     extra_parameters: int | Callable[[], int] | None = None
     block_layers: list[list[int]] | None = None
+    micro_batches: int = 1
+    """Gradient accumulation: forward-backward passes per optimizer step (RunSettings.micro_batches)."""
 
     def __init__(
         self,
@@ -133,13 +135,21 @@ class Trainer:
         """True for host-side copies an offloading technique keeps off the device (none here)."""
         return False
 
+    def resolve_unit(self, unit: int | None) -> int | None:
+        """The unit a step trains (DiffusionBlocks draws a block when none is named): fixed once per
+        step, so every micro-batch of an accumulating step trains the same one."""
+        return unit
+
     def step(self, batch: Batch, unit: int | None = None, mark: Mark = no_mark) -> torch.Tensor:
-        """One training step: forward, backward, clip, optimizer step. Returns the detached loss."""
-        mark("forward")
-        with autocast_context(self.device, self.precision):
-            loss = self.compute_loss(batch, unit)
-        mark("backward")
-        loss.backward()
+        """One training step: forward and backward (``micro_batches`` times, the gradients accumulating,
+        each loss divided by the count), clip, optimizer step. Returns the detached loss."""
+        unit = self.resolve_unit(unit)
+        for _ in range(self.micro_batches):
+            mark("forward")
+            with autocast_context(self.device, self.precision):
+                loss = self.compute_loss(batch, unit)
+            mark("backward")
+            (loss / self.micro_batches if self.micro_batches > 1 else loss).backward()
         mark("optimizer")
         params = [p for p in self.parameters_for_step(unit) if p.grad is not None]
         torch.nn.utils.clip_grad_norm_(params, GRAD_CLIP_NORM, foreach=False)

@@ -3,7 +3,8 @@ layer (``ckpt``) or around k contiguous segments of layers (``ckpt:k``)."""
 
 from __future__ import annotations
 
-from typing import cast
+from collections.abc import Callable
+from typing import Any, cast
 
 import torch
 from torch import nn
@@ -25,11 +26,13 @@ def split_contiguous(n: int, parts: int) -> list[range]:
 
 
 class CheckpointedSegment(nn.Module):
-    """Runs a run of layers under one non-reentrant checkpoint; only its input is saved."""
+    """Runs a run of layers under one non-reentrant checkpoint; only its input is saved, unless
+    ``context_fn`` (selective checkpointing, dbprofile.methods.selective) saves more."""
 
-    def __init__(self, layers: list[nn.Module]) -> None:
+    def __init__(self, layers: list[nn.Module], context_fn: Callable[[], Any] | None = None) -> None:
         super().__init__()
         self.layers = nn.ModuleList(layers)
+        self.context_fn = context_fn
 
     def __getattr__(self, name: str):
         # Some models reach into a layer from outside the loop (diffusers' DiT reads
@@ -51,14 +54,18 @@ class CheckpointedSegment(nn.Module):
     def forward(self, hidden, *args, **kwargs):
         if not torch.is_grad_enabled():
             return self._run(hidden, *args, **kwargs)
-        return checkpoint(self._run, hidden, *args, use_reentrant=False, **kwargs)
+        if self.context_fn is None:
+            return checkpoint(self._run, hidden, *args, use_reentrant=False, **kwargs)
+        return checkpoint(self._run, hidden, *args, use_reentrant=False, context_fn=self.context_fn, **kwargs)
 
 
-def checkpoint_layers(model: nn.Module, path: str, segments: int | None) -> None:
+def checkpoint_layers(
+    model: nn.Module, path: str, segments: int | None, context_fn: Callable[[], Any] | None = None
+) -> None:
     """Replace the residual layer stack by checkpointed segments (every layer when None)."""
     layers = get_layers(model, path)
     groups = split_contiguous(len(layers), segments or len(layers))
-    wrapped = like_stack(layers, (CheckpointedSegment([layers[i] for i in group]) for group in groups))
+    wrapped = like_stack(layers, (CheckpointedSegment([layers[i] for i in group], context_fn) for group in groups))
     set_layers(model, path, wrapped)
 
 

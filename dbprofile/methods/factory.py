@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import torch
 
+from dbprofile.methods.activation_offload import ActivationOffloadTrainer
 from dbprofile.methods.base import Trainer
 from dbprofile.methods.checkpointing import CheckpointTrainer
 from dbprofile.methods.diffusion_blocks import DiffusionBlocksTrainer
 from dbprofile.methods.e2e import EndToEndTrainer
+from dbprofile.methods.selective import SelectiveCheckpointTrainer
 from dbprofile.spec import ModelSpec, SpecError
 from dbprofile.techniques import Technique
 
@@ -26,7 +28,14 @@ def make_trainer(
             f"Technique {tech.name!r} trains one block per device: measure it with `dbprofile run --nproc "
             f"{tech.blocks}` (torchrun), or predict it with `dbprofile plan --world-size {tech.blocks}`."
         )
-    if tech.kind in ("e2e", "ckpt"):
-        cls = EndToEndTrainer if tech.kind == "e2e" else CheckpointTrainer
-        return cls.create(tech, spec, device, precision=precision, optimizer=optimizer, lr=lr)
+    one_model: dict[
+        str, type[EndToEndTrainer | CheckpointTrainer | SelectiveCheckpointTrainer | ActivationOffloadTrainer]
+    ] = {
+        "e2e": EndToEndTrainer,
+        "ckpt": CheckpointTrainer,
+        "sac": SelectiveCheckpointTrainer,
+        "offload": ActivationOffloadTrainer,
+    }
+    if tech.kind in one_model:
+        return one_model[tech.kind].create(tech, spec, device, precision=precision, optimizer=optimizer, lr=lr)
     return DiffusionBlocksTrainer.create(tech, spec, device, precision=precision, optimizer=optimizer, lr=lr)

@@ -6,8 +6,13 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from torch import nn
+
 from dbprofile.results import Measurement
 from dbprofile.spec import ModelSpec, get_layers
+
+BATCH_NORMS = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d, nn.SyncBatchNorm)
+"""Layers whose training output depends on the whole batch: micro-batches then train something else."""
 
 
 @dataclass(frozen=True)
@@ -19,6 +24,9 @@ class ModelFacts:
     num_layers: int
     not_identical: str | None = None
     """None when the residual layers are identical (depth extrapolation applies), else how they differ."""
+    batch_statistics: bool = False
+    """The loss depends on the batch as a whole (a BatchNorm layer, or ModelSpec.batch_dependent_loss):
+    gradient accumulation over micro-batches is not the same training."""
 
     @property
     def total_bytes(self) -> int:
@@ -35,8 +43,13 @@ def model_facts(spec: ModelSpec) -> ModelFacts:
         per_layer = tuple(sum(p.numel() * p.element_size() for p in layer.parameters()) for layer in layers)
         total = sum(p.numel() * p.element_size() for p in model.parameters())
         different = stack_difference(list(layers))
+        batch_norm = any(isinstance(m, BATCH_NORMS) for m in model.modules())
     return ModelFacts(
-        layer_bytes=per_layer, rest_bytes=total - sum(per_layer), num_layers=len(per_layer), not_identical=different
+        layer_bytes=per_layer,
+        rest_bytes=total - sum(per_layer),
+        num_layers=len(per_layer),
+        not_identical=different,
+        batch_statistics=batch_norm or spec.batch_dependent_loss,
     )
 
 

@@ -63,6 +63,19 @@ class PlanEntry:
     """DiffusionBlocks: the FLOPs of each block's step, block 0 first (they sum to training_flops)."""
     flops_per_sample: float | None = None
     """training_flops / batch_size: the compute that trains every layer once on one sample."""
+    micro_batch_size: int | None = None
+    """Gradient accumulation: the largest micro-batch (at least the plan's minimum) whose accumulating
+    step fits, the batch split evenly into ``accumulation_steps`` of them; ``batch_size`` itself when
+    the plain step fits; None when no micro-batch fits or the plan did not ask (no capacity, or a
+    simulated sharded configuration)."""
+    accumulation_steps: int | None = None
+    """Micro-batches per optimizer step that make up ``batch_size`` (1 when the plain step fits)."""
+    accumulation_peak_bytes: int | None = None
+    """Predicted device memory of the accumulating step at ``micro_batch_size`` (every gradient
+    resident through each micro-batch's forward and backward), CUDA corrections included."""
+    exposed_transfer_s_per_sample: float | None = None
+    """Offloading techniques: host-link seconds per trained sample that do not hide behind the compute on
+    the target (dbprofile.planner.transfer; 0.0 when they hide, None when unknown or nothing moves)."""
     time_per_million_samples_s: float | None = None
     """Estimated seconds to train on a million samples on the target's ``world_size`` devices at the
     plan's ``utilisation`` of their peak FLOPS (None without a known peak): an illustration."""
@@ -102,6 +115,8 @@ class Plan:
     """The target's peak dense FLOPS per second at the plan's precision (dbprofile.gpus), if known."""
     utilisation: float | None = None
     """The share of peak_flops assumed for time estimates (dbprofile.planner.ASSUMED_UTILISATION)."""
+    min_micro_batch: int = 1
+    """The smallest micro-batch gradient accumulation was allowed (plan(min_micro_batch=...))."""
 
     def get(self, technique: str) -> PlanEntry | None:
         for entry in self.entries:

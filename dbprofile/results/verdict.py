@@ -31,6 +31,10 @@ class Verdict:
     recommended: str | None = None
     """The technique to train with: the adopted DiffusionBlocks configuration, or the alternative
     (ckpt, e2e); None when nothing fits as asked."""
+    recommended_micro_batch: int | None = None
+    """The micro-batch to train ``recommended`` with (the batch itself when no accumulation is needed)."""
+    recommended_accumulation_steps: int | None = None
+    """Micro-batches per optimizer step for ``recommended`` (1: no gradient accumulation)."""
     batch_size: int | None = None
     """The batch size judged (a run's largest batch size with an e2e measurement; a plan's)."""
     capacity_bytes: int | None = None

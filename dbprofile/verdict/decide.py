@@ -1,14 +1,22 @@
 """The decision: ``judge`` applies the rules (dbprofile.verdict.reasons) to the evidence
 (dbprofile.verdict.evidence) and returns a ``Verdict``; ``judge_into`` stores it on a run
-once, when the run ends. The package docstring gives the decisions and what each means."""
+once, when the run ends. The package docstring gives the decisions and what each means.
+
+``judge`` runs in stages: the evidence every verdict states; "not needed" when e2e fits with
+headroom; the best alternative to DiffusionBlocks that trains the batch (dbprofile.verdict.
+alternatives: e2e with gradient accumulation, selective checkpointing, activation offloading,
+checkpointing); the team's situation (an end-to-end checkpoint to keep); and DiffusionBlocks
+weighed against that alternative (``weigh_diffusion_blocks``)."""
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 from dbprofile.results import Plan, Reason, RunResult, Verdict
 from dbprofile.units import format_bytes
-from dbprofile.verdict.evidence import Row, cheapest_row, compute_ratio, row_fits, situation_of
+from dbprofile.verdict.alternatives import Option, best_of, cost_ratio, option_of, reason_alternatives
+from dbprofile.verdict.evidence import Row, Situation, situation_of
 from dbprofile.verdict.reasons import (
-    gflops_text,
     pct,
     pct_against,
     quality_risk,
@@ -35,6 +43,44 @@ from dbprofile.verdict.thresholds import (
 from dbprofile.vocabulary import Decision
 
 
+@dataclass
+class Case:
+    """What every stage reads: the situation, the rows that succeeded, the reasons so far, and the
+    best alternative to DiffusionBlocks (with the sentence that recommends it)."""
+
+    s: Situation
+    ok: list[Row]
+    reasons: list[Reason]
+    e2e: Row | None = None
+    ckpt: Row | None = None
+    alternative: Option | None = None
+    instead: str = ""
+
+    @property
+    def dbs(self) -> list[Row]:
+        return [r for r in self.ok if r.blocks is not None]
+
+    @property
+    def others(self) -> list[Row]:
+        return [r for r in self.ok if r.blocks is None]
+
+    def verdict(
+        self, decision: Decision, headline: str, recommended: Option | str | None, best: Row | None = None
+    ) -> Verdict:
+        option = recommended if isinstance(recommended, Option) else None
+        return Verdict(
+            decision=decision,
+            headline=headline,
+            reasons=self.reasons,
+            best_technique=best.technique if best is not None else None,
+            recommended=option.technique if option is not None else recommended,  # type: ignore[arg-type]
+            recommended_micro_batch=option.micro_batch if option is not None else None,
+            recommended_accumulation_steps=option.steps if option is not None else None,
+            batch_size=self.s.batch_size,
+            capacity_bytes=self.s.capacity,
+        )
+
+
 def judge(
     result: RunResult | Plan,
     capacity_bytes: int | None = None,
@@ -55,32 +101,45 @@ def judge(
             reasons=reasons,
         )
     by_name = {r.technique: r for r in ok}
-    e2e, ckpt = by_name.get("e2e"), by_name.get("ckpt")
-    dbs = [r for r in ok if r.blocks is not None]
-    others = [r for r in ok if r.blocks is None]
-    base = e2e or ckpt or ok[0]
-    reasons.append(reason_composition(base))
-    if s.capacity is not None:
-        reasons.append(reason_fit(ok, s))
-    table = reason_compute_table(ok, e2e)
-    if table is not None:
-        reasons.append(table)
-
-    def verdict(decision: Decision, headline: str, recommended: str | None, best: Row | None = None) -> Verdict:
-        return Verdict(
-            decision=decision,
-            headline=headline,
-            reasons=reasons,
-            best_technique=best.technique if best is not None else None,
-            recommended=recommended,
-            batch_size=s.batch_size,
-            capacity_bytes=s.capacity,
+    case = Case(s=s, ok=ok, reasons=reasons, e2e=by_name.get("e2e"), ckpt=by_name.get("ckpt"))
+    state_evidence(case)
+    done = not_needed(case)
+    if done is not None:
+        return done
+    choose_alternative(case)
+    par = reason_parallel(ok, s)
+    if par is not None:
+        reasons.append(par)
+    if s.from_checkpoint:
+        return keep_checkpoint(case)
+    if not case.dbs:
+        return case.verdict(
+            "inconclusive",
+            "Inconclusive: no DiffusionBlocks configuration was measured successfully.",
+            case.alternative,
         )
+    return weigh_diffusion_blocks(case)
 
-    # Not needed: end-to-end already fits with room to spare.
-    if e2e is not None and s.capacity is not None and s.capacity - e2e.required >= NOT_NEEDED_HEADROOM * s.capacity:
-        spare = s.capacity - e2e.required
-        reasons.append(
+
+def state_evidence(case: Case) -> None:
+    """The e2e composition, what fits on the target, and the compute table."""
+    base = case.e2e or case.ckpt or case.ok[0]
+    case.reasons.append(reason_composition(base))
+    if case.s.capacity is not None:
+        case.reasons.append(reason_fit(case.ok, case.s))
+    table = reason_compute_table(case.ok, case.e2e)
+    if table is not None:
+        case.reasons.append(table)
+
+
+def not_needed(case: Case) -> Verdict | None:
+    """e2e fits with headroom: nothing is needed. Otherwise say how e2e misses (tight, or too big)."""
+    e2e, s = case.e2e, case.s
+    if e2e is None or s.capacity is None:
+        return None
+    spare = s.capacity - e2e.required
+    if spare >= NOT_NEEDED_HEADROOM * s.capacity:
+        case.reasons.append(
             Reason(
                 rule="fits-e2e",
                 sentence=(
@@ -96,12 +155,12 @@ def judge(
                 },
             )
         )
-        return verdict(
-            "not-needed", f"Not needed: e2e already fits on {s.target} with {format_bytes(spare)} to spare.", "e2e"
+        option = Option(e2e, e2e.batch_size, 1, e2e.required, e2e.flops_per_sample)
+        return case.verdict(
+            "not-needed", f"Not needed: e2e already fits on {s.target} with {format_bytes(spare)} to spare.", option
         )
-    if e2e is not None and s.capacity is not None and e2e.required <= s.capacity:
-        spare = s.capacity - e2e.required
-        reasons.append(
+    if spare >= 0:
+        case.reasons.append(
             Reason(
                 rule="e2e-tight",
                 sentence=(
@@ -111,8 +170,8 @@ def judge(
                 numbers={"e2e_required_bytes": e2e.required, "headroom_bytes": spare, "threshold": NOT_NEEDED_HEADROOM},
             )
         )
-    elif e2e is not None and s.capacity is not None and e2e.max_batch_size is not None and s.batch_size:
-        reasons.append(
+    elif e2e.max_batch_size is not None and s.batch_size:
+        case.reasons.append(
             Reason(
                 rule="e2e-does-not-fit",
                 sentence=(
@@ -122,63 +181,70 @@ def judge(
                 numbers={"batch_size": s.batch_size, "e2e_max_batch_size": e2e.max_batch_size},
             )
         )
+    return None
 
-    # The alternative when DiffusionBlocks is not chosen: the cheapest non-DiffusionBlocks technique that
-    # fits safely (e2e only with headroom, handled above), so ckpt or a ckpt:k.
-    fallback = cheapest_row([r for r in others if r is not e2e and row_fits(r, s)])
-    fallback_name = fallback.technique if fallback is not None else None
-    instead = (
-        f"train with {fallback.technique} ({format_bytes(fallback.required)})"
-        if fallback is not None
+
+def choose_alternative(case: Case) -> None:
+    """The best technique other than DiffusionBlocks that trains the batch on the target. e2e's plain
+    step counts only with headroom (not_needed), so e2e appears here only accumulating."""
+    options = [o for r in case.others if (o := option_of(r, case.s, plain=r is not case.e2e)) is not None]
+    case.alternative = best_of(options)
+    if case.s.capacity is not None or options:
+        case.reasons.append(reason_alternatives(options, case.alternative, case.e2e, case.s))
+    case.instead = (
+        f"train with {case.alternative.described}"
+        if case.alternative is not None
         else "nothing else fits either: lower the batch size or shard the state (ZeRO-3 / FSDP)"
     )
 
-    par = reason_parallel(ok, s)
-    if par is not None:
-        reasons.append(par)
 
-    if s.from_checkpoint:
-        reasons.append(
-            Reason(
-                rule="from-checkpoint",
-                sentence=(
-                    "The team keeps an existing end-to-end checkpoint: DiffusionBlocks trains its blocks as denoisers with "
-                    "AdaLN-Zero conditioning from scratch, and the paper describes no way to convert an end-to-end model; "
-                    f"so {instead}."
-                ),
-                numbers={"from_checkpoint": True, "recommended": fallback_name},
-            )
+def keep_checkpoint(case: Case) -> Verdict:
+    alt = case.alternative
+    case.reasons.append(
+        Reason(
+            rule="from-checkpoint",
+            sentence=(
+                "The team keeps an existing end-to-end checkpoint: DiffusionBlocks trains its blocks as denoisers with "
+                "AdaLN-Zero conditioning from scratch, and the paper describes no way to convert an end-to-end model; "
+                f"so {case.instead}."
+            ),
+            numbers={"from_checkpoint": True, "recommended": alt.technique if alt else None},
         )
-        return verdict(
-            "not-worth-it",
-            f"Not worth it when keeping an end-to-end checkpoint: DiffusionBlocks trains from scratch; {instead}.",
-            fallback_name,
-        )
+    )
+    return case.verdict(
+        "not-worth-it",
+        f"Not worth it when keeping an end-to-end checkpoint: DiffusionBlocks trains from scratch; {case.instead}.",
+        alt,
+    )
 
-    if not dbs:
-        return verdict(
-            "inconclusive", "Inconclusive: no DiffusionBlocks configuration was measured successfully.", fallback_name
-        )
 
-    usable = [r for r in dbs if "parallel" not in r.variants or (r.blocks or 0) <= s.devices]
-    fitting = [r for r in usable if row_fits(r, s)]
+def preference(o: Option) -> tuple:
+    """Least quality risk first, then the fewest blocks (fewest extra block-steps), the fewest
+    micro-batches, the fewest FLOPs. +ckpt only when nothing without recomputation fits: it pays
+    checkpointing's recomputation on top."""
+    r = o.row
+    risk = ("low", "elevated").index(quality_risk(r.blocks or 1))
+    return ("ckpt" in r.variants, risk, r.blocks or 0, o.steps, r.flops_per_sample or 0.0, o.required)
+
+
+def weigh_diffusion_blocks(case: Case) -> Verdict:
+    s, e2e, reasons, alt = case.s, case.e2e, case.reasons, case.alternative
+    usable = [r for r in case.dbs if "parallel" not in r.variants or (r.blocks or 0) <= s.devices]
+    fitting = [o for r in usable if (o := option_of(r, s)) is not None]
+    base = e2e or case.ckpt or case.ok[0]
 
     # State-bound: what dominates is what plain DiffusionBlocks keeps resident. Judged on the e2e
     # composition only: under ckpt or DiffusionBlocks the state is a larger share by construction.
     if base is e2e and e2e.frac(*STATE) >= STATE_BOUND_SHARE and e2e.frac("activations") < ACTIVATION_BOUND_SHARE:
-        sharded = [r for r in fitting if "offload" in r.variants or "parallel" in r.variants]
-        reasons.append(reason_state_bound(e2e, sharded))
-        if (
-            not sharded
-            or fallback is not None
-            or any("offload" not in r.variants and "parallel" not in r.variants for r in fitting)
-        ):
-            return verdict(
+        sharded = [o for o in fitting if "offload" in o.row.variants or "parallel" in o.row.variants]
+        reasons.append(reason_state_bound(e2e, [o.row for o in sharded]))
+        if not sharded or alt is not None or any(o not in sharded for o in fitting):
+            return case.verdict(
                 "not-worth-it",
                 f"Not worth it: parameters, gradients and optimizer state are {pct(e2e.frac(*STATE))} of the e2e peak "
                 f"and DiffusionBlocks leaves them resident; shard (ZeRO), offload or use an 8-bit optimizer"
-                + (f", or {instead}." if fallback is not None else "."),
-                fallback_name,
+                + (f", or {case.instead}." if alt is not None else "."),
+                alt,
             )
         fitting = sharded  # only a configuration that moves state off the device fits
     elif base is e2e and e2e.frac("activations") >= ACTIVATION_BOUND_SHARE:
@@ -194,133 +260,136 @@ def judge(
         )
 
     if not fitting:
-        smallest = min(usable or dbs, key=lambda r: r.required)
+        smallest = min(usable or case.dbs, key=lambda r: r.required)
         reasons.extend([reason_quality(smallest, s.task), reason_costs(smallest)])
-        return verdict(
+        return case.verdict(
             "not-worth-it",
             f"Not worth it on {s.target}: no DiffusionBlocks configuration fits (the smallest, {smallest.technique}, "
-            f"needs {format_bytes(smallest.required)}); {instead}.",
-            fallback_name,
+            f"needs {format_bytes(smallest.required)}); {case.instead}.",
+            alt,
             smallest,
         )
 
-    acceptable = [r for r in fitting if quality_risk(r.blocks or 1) != "high"]
+    acceptable = [o for o in fitting if quality_risk(o.row.blocks or 1) != "high"]
     if not acceptable:
-        best = min(fitting, key=lambda r: r.blocks or 0)
-        reasons.extend([reason_quality(best, s.task), reason_costs(best)])
-        return verdict(
+        worst = min(fitting, key=lambda o: o.row.blocks or 0).row
+        reasons.extend([reason_quality(worst, s.task), reason_costs(worst)])
+        return case.verdict(
             "not-worth-it",
-            f"Not worth it: only B >= {HIGH_RISK_MIN_BLOCKS} fits ({best.technique}), where the paper's quality was "
-            f"worse than end-to-end on both image ablations; {instead}.",
-            fallback_name,
-            best,
+            f"Not worth it: only B >= {HIGH_RISK_MIN_BLOCKS} fits ({worst.technique}), where the paper's quality was "
+            f"worse than end-to-end on both image ablations; {case.instead}.",
+            alt,
+            worst,
         )
-
-    # Least quality risk first, then the fewest blocks (fewest extra block-steps), then the fewest FLOPs.
-    # +ckpt only when nothing without recomputation fits: it pays checkpointing's recomputation on top.
-    def preference(r: Row) -> tuple:
-        risk = ("low", "elevated").index(quality_risk(r.blocks or 1))
-        return ("ckpt" in r.variants, risk, r.blocks or 0, r.flops_per_sample or 0.0, r.required)
-
     best = min(acceptable, key=preference)
-    for extra in (reason_db_overhead(best, e2e, s.task), reason_measured_times(best, e2e, ckpt)):
+    for extra in (reason_db_overhead(best.row, e2e, s.task), reason_measured_times(best.row, e2e, case.ckpt)):
         if extra is not None:
             reasons.append(extra)
-    reasons.extend([reason_quality(best, s.task), reason_costs(best)])
+    reasons.extend([reason_quality(best.row, s.task), reason_costs(best.row)])
+    small = too_small_saving(case, best)
+    if small is not None:
+        return small
+    return compare_with_alternative(case, best)
 
-    if s.capacity is None and e2e is not None and e2e.required:
-        saving = 1 - best.required / e2e.required
-        reasons.append(
-            Reason(
-                rule="memory",
-                sentence=(
-                    f"{best.technique} cuts the peak from {format_bytes(e2e.required)} to "
-                    f"{format_bytes(best.required)} ({pct_against(saving, MIN_SAVING_FRACTION)} less; threshold {pct(MIN_SAVING_FRACTION)} "
-                    "with no target capacity)."
-                ),
-                numbers={"technique": best.technique, "saving_fraction": saving, "threshold": MIN_SAVING_FRACTION},
-            )
+
+def too_small_saving(case: Case, best: Option) -> Verdict | None:
+    """With no capacity to fit, DiffusionBlocks must cut the e2e peak by MIN_SAVING_FRACTION."""
+    e2e = case.e2e
+    if case.s.capacity is not None or e2e is None or not e2e.required:
+        return None
+    saving = 1 - best.required / e2e.required
+    case.reasons.append(
+        Reason(
+            rule="memory",
+            sentence=(
+                f"{best.technique} cuts the peak from {format_bytes(e2e.required)} to "
+                f"{format_bytes(best.required)} ({pct_against(saving, MIN_SAVING_FRACTION)} less; threshold {pct(MIN_SAVING_FRACTION)} "
+                "with no target capacity)."
+            ),
+            numbers={"technique": best.technique, "saving_fraction": saving, "threshold": MIN_SAVING_FRACTION},
         )
-        if saving < MIN_SAVING_FRACTION:
-            return verdict(
-                "not-worth-it",
-                f"Not worth it: {best.technique} saves only {pct_against(saving, MIN_SAVING_FRACTION)} of the e2e peak "
-                f"(threshold {pct(MIN_SAVING_FRACTION)}).",
-                fallback_name or "e2e",
-                best,
-            )
+    )
+    if saving >= MIN_SAVING_FRACTION:
+        return None
+    return case.verdict(
+        "not-worth-it",
+        f"Not worth it: {best.technique} saves only {pct_against(saving, MIN_SAVING_FRACTION)} of the e2e peak "
+        f"(threshold {pct(MIN_SAVING_FRACTION)}).",
+        case.alternative or "e2e",
+        best.row,
+    )
 
-    # Compute against checkpointing, the alternative that also fits.
-    rival = fallback if fallback is not None and fallback.flops_per_sample is not None else None
-    db_vs = compute_ratio(best, rival)
+
+def compare_with_alternative(case: Case, best: Option) -> Verdict:
+    """Adopt DiffusionBlocks only when it trains a sample with COMPUTE_MARGIN less compute than the
+    best alternative that fits (or when nothing else fits)."""
+    s, e2e, rival = case.s, case.e2e, case.alternative
+    db_vs = cost_ratio(best, rival)
     if rival is not None and db_vs is not None and db_vs > 1 - COMPUTE_MARGIN:
         more = f"{pct(db_vs - 1)} more" if db_vs >= 1 else f"only {pct_against(1 - db_vs, COMPUTE_MARGIN)} less"
-        reasons.append(
+        case.reasons.append(
             Reason(
-                rule="costlier-than-ckpt",
+                rule="costlier-than-alternative",
                 sentence=(
-                    f"{best.technique} trains a sample with {gflops_text(best.flops_per_sample or 0)} against "
-                    f"{rival.technique}'s {gflops_text(rival.flops_per_sample or 0)}: {db_vs:.2f}x, {more} (it must be at least "
-                    f"{pct(COMPUTE_MARGIN)} less to be worth a new training method)."
+                    f"{best.label} trains a sample with {db_vs:.2f}x the compute of {rival.label}, {more} (it must be "
+                    f"at least {pct(COMPUTE_MARGIN)} less to be worth a new training method)."
                 ),
                 numbers={
                     "technique": best.technique,
                     "rival": rival.technique,
+                    "rival_micro_batch": rival.micro_batch,
+                    "rival_accumulation_steps": rival.steps,
                     "vs_rival": db_vs,
                     "margin": COMPUTE_MARGIN,
                 },
             )
         )
-        return verdict(
+        return case.verdict(
             "not-worth-it",
-            f"Not worth it: {rival.technique} fits ({format_bytes(rival.required)}) and trains a sample with "
-            f"{1 / db_vs:.2f}x the FLOPs of {best.technique} ({format_bytes(best.required)}), which costs {db_vs:.2f}x "
-            f"{rival.technique}'s compute; train with {rival.technique}.",
-            rival.technique,
-            best,
+            f"Not worth it: {rival.described} trains the batch with {1 / db_vs:.2f}x the compute per sample of "
+            f"{best.described}; train with {rival.label}.",
+            rival,
+            best.row,
         )
-
     e2e_part = f"e2e needs {format_bytes(e2e.required)}" if e2e is not None else "e2e was not measured"
     if rival is not None and db_vs is not None:
         compute_part = (
-            f"and trains a sample with {db_vs:.2f}x the FLOPs of {rival.technique} "
+            f"and trains a sample with {db_vs:.2f}x the compute of {rival.described}, the best alternative "
             f"({pct_against(1 - db_vs, COMPUTE_MARGIN)} less; margin {pct(COMPUTE_MARGIN)})"
         )
-    elif fallback is None and "ckpt" not in best.variants:
-        compute_part = "and no checkpointing configuration fits"
-    elif fallback is None:
-        compute_part = "and it is the only configuration that fits"
+    elif rival is None:
+        compute_part = (
+            "and nothing else fits" if "ckpt" not in best.row.variants else "and it is the only configuration that fits"
+        )
     else:
         compute_part = "(FLOPs not counted in this input)"
-    risk = quality_risk(best.blocks or 1)
+    risk = quality_risk(best.row.blocks or 1)
     risk_part = (
-        f"B={best.blocks} is in the paper's low-risk range"
+        f"B={best.row.blocks} is in the paper's low-risk range"
         if risk == "low"
-        else f"B={best.blocks} carries {risk} quality risk in the paper's ablations: check quality"
+        else f"B={best.row.blocks} carries {risk} quality risk in the paper's ablations: check quality"
     )
     target = f" on {s.target}" if s.capacity is not None else ""
-    reasons.append(
+    case.reasons.append(
         Reason(
             rule="adopt",
-            sentence=(
-                f"Training from scratch, {best.technique} fits{target} at {format_bytes(best.required)} "
-                f"{compute_part}; {risk_part}."
-            ),
+            sentence=f"Training from scratch, {best.label} fits{target} at {format_bytes(best.required)} {compute_part}; {risk_part}.",
             numbers={
                 "technique": best.technique,
                 "required_bytes": best.required,
-                "vs_ckpt": db_vs,
+                "vs_rival": db_vs,
+                "rival": rival.technique if rival else None,
                 "risk": risk,
                 "margin": COMPUTE_MARGIN,
             },
         )
     )
-    return verdict(
+    return case.verdict(
         "adopt",
-        f"Adopt DiffusionBlocks {best.technique}: {e2e_part}; {best.technique} fits{target} at "
+        f"Adopt DiffusionBlocks {best.label}: {e2e_part}; {best.technique} fits{target} at "
         f"{format_bytes(best.required)} {compute_part}; {risk_part}.",
-        best.technique,
         best,
+        best.row,
     )
 
 

@@ -5,6 +5,7 @@ from a checkpoint, the devices)."""
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 from dbprofile.results import Plan, RunResult, per_sample
 from dbprofile.techniques import parse_technique
@@ -33,6 +34,13 @@ class Row:
     num_parameters: int | None = None
     devices: int = 1
     max_batch_size: int | None = None
+    micro_batch_size: int | None = None
+    """Plans: the largest micro-batch whose accumulating step fits (dbprofile.planner.accumulation)."""
+    accumulation_steps: int | None = None
+    accumulation_required: int | None = None
+    """Device memory the accumulating step needs at micro_batch_size."""
+    exposed_transfer_s_per_sample: float | None = None
+    """Host-link seconds per sample that do not hide behind compute (offloading techniques, plans)."""
 
     @property
     def ok(self) -> bool:
@@ -65,6 +73,11 @@ class Situation:
     from_checkpoint: bool
     devices: int
     batch_size: int | None
+    seconds_per_flop: float | None = None
+    """1 / (the target's peak FLOPS x the assumed utilisation): turns link seconds into FLOPs (plans on a GPU)."""
+    min_micro_batch: int = 1
+    exact_accumulation: bool = True
+    """False when the loss depends on the whole batch (BatchNorm, ModelSpec.batch_dependent_loss)."""
 
 
 def rows_from_run(result: RunResult) -> tuple[list[Row], int | None]:
@@ -118,6 +131,10 @@ def rows_from_plan(plan: Plan) -> list[Row]:
             num_parameters=e.num_parameters,
             devices=e.world_size,
             max_batch_size=e.max_batch_size,
+            micro_batch_size=e.micro_batch_size,
+            accumulation_steps=e.accumulation_steps,
+            accumulation_required=e.accumulation_peak_bytes,
+            exposed_transfer_s_per_sample=e.exposed_transfer_s_per_sample,
         )
         for e in plan.entries
     ]
@@ -147,12 +164,19 @@ def situation_of(
         target = result.device if capacity_bytes is None and result.device not in ("custom", "cpu") else "the target"
         stored_checkpoint, stored_devices = result.from_checkpoint, result.world_size
         batch: int | None = result.batch_size
+        rate = (result.peak_flops or 0) * (result.utilisation or 0)
+        extras: dict[str, Any] = {
+            "seconds_per_flop": 1 / rate if rate else None,
+            "min_micro_batch": result.min_micro_batch,
+            "exact_accumulation": not (result.model_info or {}).get("batch_statistics", False),
+        }
     elif isinstance(result, RunResult):
         rows, env_capacity = rows_from_run(result)
         capacity = capacity_bytes if capacity_bytes is not None else env_capacity
         target = (result.environment or {}).get("device_name") or "the target"
         stored_checkpoint, stored_devices = result.from_checkpoint, 1
         batch = rows[0].batch_size if rows else None
+        extras = {}  # a run has no assumed utilisation and no accumulation figures
     else:
         raise TypeError(f"judge() takes a RunResult or a Plan, not {type(result).__name__}.")
     return rows, Situation(
@@ -162,4 +186,5 @@ def situation_of(
         from_checkpoint=stored_checkpoint if from_checkpoint is None else from_checkpoint,
         devices=stored_devices if devices is None else devices,
         batch_size=batch,
+        **extras,
     )

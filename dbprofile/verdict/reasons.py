@@ -97,6 +97,11 @@ def reason_fit(rows: list[Row], s: Situation) -> Reason:
         verb = "fits" if r.required <= s.capacity else "does not fit"
         where = f" per device on {r.devices}" if r.devices > 1 else ""
         largest = f", largest batch {r.max_batch_size}" if r.max_batch_size is not None else ""
+        if r.required > s.capacity and (r.accumulation_steps or 1) > 1 and r.accumulation_required is not None:
+            largest += (
+                f"; {r.accumulation_steps} micro-batches of {r.micro_batch_size} fit at "
+                f"{format_bytes(r.accumulation_required)}"
+            )
         parts.append(f"{r.technique} needs {format_bytes(r.required)}{where} ({verb}{largest})")
     return Reason(
         rule="fit",

@@ -21,6 +21,7 @@ from dbprofile.methods.base import Mark, Trainer, no_mark, to_device
 from dbprofile.methods.diffusion_blocks.blockwise import BlockwiseModel
 from dbprofile.methods.diffusion_blocks.schedule import DEFAULT_GAMMA
 from dbprofile.methods.diffusion_blocks.task_targets import LABEL_INIT_STD
+from dbprofile.methods.host_memory import HostCopies
 from dbprofile.spec import Batch, ModelSpec
 
 
@@ -88,6 +89,9 @@ class DiffusionBlocksTrainer(Trainer):
         """A block chosen uniformly at random (the reference's schedule)."""
         return self._block_rng.randrange(len(self.units))
 
+    def resolve_unit(self, unit: int | None) -> int | None:
+        return self.pick_block() if unit is None else unit
+
     def compute_loss(self, batch: Batch, unit: int | None) -> torch.Tensor:
         block = self.pick_block() if unit is None else unit
         return self.model.loss(batch, block, generator=self.generator)
@@ -106,8 +110,8 @@ class OffloadDiffusionBlocksTrainer(DiffusionBlocksTrainer):
 
     def __init__(self, spec: ModelSpec, model: BlockwiseModel, device: torch.device, **kwargs) -> None:
         self.device = device  # needed by _new_host before the base class sets it
-        self._host_storages: set[int] = set()
-        self._making_host_copy = False
+        self._host = HostCopies(device)
+        self.last_step_transfer: dict[str, int] = {}
         self._param_host: dict[int, torch.Tensor] = {}
         self._state_host: dict[tuple[int, str], torch.Tensor] = {}
         # Shared parameters and all buffers go to the device; every block's layers stay on the
@@ -127,23 +131,11 @@ class OffloadDiffusionBlocksTrainer(DiffusionBlocksTrainer):
         model.block_residency = self.block_resident
 
     def _new_host(self, tensor: torch.Tensor) -> torch.Tensor:
-        # On CUDA the host copy is pinned so the copies in and out are DMA transfers; on a CPU
-        # "device" it is simply a separate tensor the tracker can tell apart.
-        # While the copy is made, host_resident() says so: a tracker that sees the new storage at
-        # once (before it is registered below) must never count it as device memory, not even
-        # for an instant (a fake run's allocator model would place it in a device segment).
-        self._making_host_copy = True
-        try:
-            host = torch.empty(tensor.shape, dtype=tensor.dtype, device="cpu", pin_memory=self.device.type == "cuda")
-        finally:
-            self._making_host_copy = False
-        self._host_storages.add(_storage_key(host))
-        host.copy_(tensor)
-        return host
+        return self._host.copy_of(tensor)
 
     def host_resident(self, tensor: torch.Tensor) -> bool:
         """True for the host-side copies of offloaded parameters and optimizer state."""
-        return self._making_host_copy or _storage_key(tensor) in self._host_storages
+        return self._host.holds(tensor)
 
     def _state_tensors(self, param: nn.Parameter):
         state = self.optimizer.state.get(param) or {}
@@ -152,26 +144,34 @@ class OffloadDiffusionBlocksTrainer(DiffusionBlocksTrainer):
 
     def move_in(self, block: int) -> None:
         """Copy block ``block``'s parameters and optimizer state onto the device."""
+        moved = 0
         for param in self.model.block_parameters(block):
             param.data = self._param_host[id(param)].to(self.device, copy=True, non_blocking=True)
+            moved += param.data.nbytes
             state, keys = self._state_tensors(param)
             for key in keys:
                 state[key] = state[key].to(self.device, copy=True, non_blocking=True)
+                moved += state[key].nbytes
+        self.last_step_transfer = {"to_device_bytes": moved}
 
     def move_out(self, block: int) -> None:
         """Copy block ``block``'s parameters and optimizer state back into their host copies."""
+        moved = 0
         for param in self.model.block_parameters(block):
             host = self._param_host[id(param)]
             host.copy_(param.data)
+            moved += host.nbytes
             param.data = host
             state, keys = self._state_tensors(param)
             for key in keys:
+                moved += state[key].nbytes
                 slot = (id(param), key)
                 if slot not in self._state_host:
                     self._state_host[slot] = self._new_host(state[key])
                 else:
                     self._state_host[slot].copy_(state[key])
                 state[key] = self._state_host[slot]
+        self.last_step_transfer["to_host_bytes"] = moved
 
     def block_resident(self, block: int) -> _Resident:
         """Context manager: block ``block`` on the device for evaluation, back on the host after."""
@@ -196,8 +196,3 @@ class _Resident:
 
     def __exit__(self, *exc) -> None:
         self.trainer.move_out(self.block)
-
-
-def _storage_key(tensor: torch.Tensor) -> int:
-    # The StorageImpl's address: shared by views, defined for fake tensors too.
-    return tensor.untyped_storage()._cdata
