@@ -110,12 +110,13 @@ def _series(results: Sequence[RunResult]) -> list[tuple[str, RunResult, int, dic
 
 
 def _technique_order(name: str) -> tuple[int, int, str]:
-    """e2e, then ckpt variants, then db:B by B; unrecognised names last (sort is stable)."""
+    """e2e, offload, sac, the ckpt variants, then db:B by B; unrecognised names last (sort is stable)."""
+    kinds = ("e2e", "offload", "sac", "ckpt", "db")
     try:
         tech = parse_technique(name)
     except SpecError:  # a name from another dbprofile version
-        return (3, 0, "")
-    return (("e2e", "ckpt", "db").index(tech.kind), tech.blocks or tech.segments or 0, name)
+        return (len(kinds), 0, "")
+    return (kinds.index(tech.kind), tech.blocks or tech.segments or 0, name)
 
 
 def _technique_table(
