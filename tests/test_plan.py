@@ -203,7 +203,7 @@ def test_batch_size_that_fits_nowhere_is_an_answer_with_each_shortfall():
         assert entry.shortfall_bytes == entry.peak_bytes - capacity == -entry.headroom_bytes > 0
     assert nothing_fits(result) and not result.fits()
     summary = nothing_fits_summary(result)
-    assert summary.startswith("Nothing fits: at batch size 64")
+    assert summary.startswith("Nothing fits in one step: at batch size 64")
     # db:2 misses by less (half the activations), so it is named first; it alone fits a smaller batch
     assert f"db:2 by {format_bytes(db.shortfall_bytes)}, e2e by {format_bytes(e2e.shortfall_bytes)}" in summary
     assert f"The largest batch size that fits is {db.max_batch_size} (db:2)." in summary and db.max_batch_size > 0

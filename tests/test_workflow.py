@@ -117,7 +117,7 @@ def test_plan_where_nothing_fits_answers_with_the_shortfall_exit_3_and_writes_it
         # the 1257 MiB CUDA context alone is more than 1 GiB: each misses by its whole need less 1 GiB
         assert entry["shortfall_bytes"] == entry["peak_bytes"] - GiB > 233 * 1024**2
     assert answer["verdict"]["decision"] == "not-worth-it"
-    assert "Nothing fits: at batch size 8, custom (1.00 GiB) is short for every technique" in result.stderr
+    assert "Nothing fits in one step: at batch size 8, custom (1.00 GiB) is short for every technique" in result.stderr
     assert "Not even batch size 1 fits" in result.stderr
     assert "Nothing fits" in html.read_text()
     assert pd.read_csv(csv)["shortfall_bytes"].tolist() == [e["shortfall_bytes"] for e in answer["entries"]]

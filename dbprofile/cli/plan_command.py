@@ -59,6 +59,14 @@ def _concat_frames(frames: list):
 )
 @click.option("--from-checkpoint", is_flag=True, help=FROM_CHECKPOINT_HELP)
 @click.option(
+    "--min-micro-batch",
+    type=click.IntRange(min=1),
+    default=1,
+    show_default=True,
+    help="Smallest micro-batch gradient accumulation may use (smaller ones leave the GPU's matmuls too small "
+    "to keep it busy; docs/verdict.md gives a rule for choosing it).",
+)
+@click.option(
     "--html",
     default=None,
     type=click.Path(dir_okay=False),
@@ -83,6 +91,7 @@ def plan(
     zero_stage,
     world_size,
     from_checkpoint,
+    min_micro_batch,
     html,
     full_trace,
     set_options,
@@ -125,6 +134,7 @@ def plan(
                 world_size=world_size,
                 full_trace=full_trace,
                 from_checkpoint=from_checkpoint,
+                min_micro_batch=min_micro_batch,
             )
         # Counted on the meta device: the model as the user's code builds it, at no memory cost.
         console.text(f"{spec.name} ({spec.description}): {count_parameters(build_on_meta(spec.build)):,} parameters")

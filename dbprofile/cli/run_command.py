@@ -53,8 +53,8 @@ def _techniques_option(techniques: str | None, blocks: str | None) -> list[str]:
     "--techniques",
     "-t",
     default=None,
-    help="Comma-separated: e2e, ckpt, ckpt:K, db:B, db:B+ckpt, db:B+offload, db:B+interleaved (causal LMs). "
-    "Default: e2e,ckpt,db:2,db:3,db:4.",
+    help="Comma-separated: e2e, ckpt, ckpt:K, sac, sac:alt, offload, db:B, db:B+ckpt, db:B+offload, "
+    "db:B+interleaved (causal LMs). Default: e2e,ckpt,db:2,db:3,db:4.",
 )
 @click.option("--blocks", default=None, help="Shortcut: e2e, ckpt and db:B for each B given (e.g. 2,4,6).")
 @click.option(
@@ -105,6 +105,14 @@ def _techniques_option(techniques: str | None, blocks: str | None) -> list[str]:
     "--fsdp/--nproc, also how long a rank waits for the others in a collective.",
 )
 @click.option("--from-checkpoint", is_flag=True, help=FROM_CHECKPOINT_HELP)
+@click.option(
+    "--micro-batches",
+    type=click.IntRange(min=1),
+    default=1,
+    show_default=True,
+    help="Gradient accumulation: forward and backward passes per optimizer step, each on a batch of "
+    "--batch-size (one device only).",
+)
 @model_options
 @output_options
 @friendly_errors
@@ -127,6 +135,7 @@ def run(
     nproc,
     timeout_s,
     from_checkpoint,
+    micro_batches,
     set_options,
     seq_len,
     image_size,
@@ -176,7 +185,13 @@ def run(
         memory_limit=limit,
         time_limit_s=timeout_s or None,
         memory_snapshot=memory_snapshot,
+        micro_batches=micro_batches,
     )
+    if distributed and micro_batches > 1:
+        raise UserError(
+            "--micro-batches is measured on one device only; the distributed runs (--fsdp, --nproc, db:B+parallel) "
+            "step once per batch. Drop --micro-batches, or profile one device."
+        )
     if distributed:
         # A process group needs a finite timeout: "no limit" becomes a week.
         run_distributed_command(

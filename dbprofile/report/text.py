@@ -139,10 +139,17 @@ def nothing_fits_summary(plan: Plan) -> str | None:
         hint = f" The largest batch size that fits is {best.max_batch_size} ({best.technique})."
     else:
         hint = " Not even batch size 1 fits with any technique."
+    accumulating = [e for e in ok if (e.accumulation_steps or 1) > 1]
+    if accumulating:
+        least = min(accumulating, key=lambda e: e.accumulation_steps or 0)
+        hint += (
+            f" Accumulating gradients, {least.technique} trains it in {least.accumulation_steps} micro-batches of "
+            f"{least.micro_batch_size} ({format_bytes(least.accumulation_peak_bytes or 0)})."
+        )
     return (
-        f"Nothing fits: at batch size {plan.batch_size}, {plan.device} ({format_bytes(plan.capacity_bytes)}) is "
-        f"short for every technique: {misses}.{hint} Lower the batch size, shard the state (ZeRO-3 over several "
-        "devices: --zero 3 --world-size N), or target a larger GPU."
+        f"Nothing fits in one step: at batch size {plan.batch_size}, {plan.device} ({format_bytes(plan.capacity_bytes)}) is "
+        f"short for every technique: {misses}.{hint} Lower the batch size, accumulate gradients, shard the state "
+        "(ZeRO-3 over several devices: --zero 3 --world-size N), or target a larger GPU."
     )
 
 
@@ -170,6 +177,7 @@ PLAN_HEAD = [
     "fits",
     "headroom",
     "max batch",
+    "micro x steps",
     "GFLOP/sample",
     "vs e2e",
 ]
@@ -188,6 +196,7 @@ def _row(e: PlanEntry, e2e_flops: float | None) -> list[str]:
         "-" if e.fits is None else ("yes" if e.fits else "NO"),
         "-" if e.headroom_bytes is None else format_bytes(e.headroom_bytes),
         "-" if e.max_batch_size is None else str(e.max_batch_size),
+        "-" if e.micro_batch_size is None else f"{e.micro_batch_size} x{e.accumulation_steps}",
         "-" if flops is None else format_gflop(flops),
         "-" if flops is None or not e2e_flops else f"{flops / e2e_flops:.2f}x",
     ]
@@ -235,14 +244,61 @@ def format_plan(plan: Plan) -> str:
         "GFLOP/sample: training FLOPs that update every layer once per sample (DiffusionBlocks: its B "
         "block-steps), counted on the same fake step."
     )
+    bought = what_each_buys(plan)
+    if bought:
+        lines.append(bought)
+    if any(e.micro_batch_size is not None for e in plan.entries):
+        lines.append(
+            f"micro x steps: the largest micro-batch (at least {plan.min_micro_batch}) whose gradient-accumulating "
+            "step fits, and the micro-batches that make up the batch (x1: the plain step fits)."
+        )
     estimate = format_time_estimate(plan)
     if estimate:
         lines.append(estimate)
+    lines += link_lines(plan)
     lines += depth_lines(plan)
     if plan.verdict is not None:
         lines += ["", f"Verdict ({plan.verdict.decision}): {plan.verdict.headline}"]
         lines += [f"- {r.sentence}" for r in plan.verdict.reasons]
     return "\n".join(lines)
+
+
+def what_each_buys(plan: Plan) -> str | None:
+    """One sentence: each technique's largest batch on the target and its compute per sample."""
+    e2e = plan.get("e2e")
+    base = e2e.flops_per_sample if e2e is not None and e2e.ok else None
+    parts = [
+        f"{e.technique} batch {e.max_batch_size}"
+        + (f" at {e.flops_per_sample / base:.2f}x e2e's FLOPs" if base and e.flops_per_sample else "")
+        for e in plan.entries
+        if e.ok and e.max_batch_size is not None
+    ]
+    if not parts or plan.capacity_bytes is None:
+        return None
+    return f"What each technique buys on {plan.device}: " + "; ".join(parts) + "."
+
+
+def link_lines(plan: Plan) -> list[str]:
+    """Offloading techniques: the bytes over the host link per step and whether they hide."""
+    lines = []
+    for e in plan.entries:
+        link, moved = e.extra.get("host_link"), e.extra.get("host_transfer")
+        if not link or not moved:
+            continue
+        exposed = link["exposed_s"]
+        verdict = (
+            "overlap unknown"
+            if exposed is None
+            else ("hidden behind the compute" if exposed == 0 else f"{format_duration(exposed)} exposed per step")
+        )
+        compute = f" against {format_duration(link['compute_s'])} of compute" if link["compute_s"] else ""
+        lines.append(
+            f"Host link ({link['link']}, {link['bytes_per_s'] / 1e9:.0f} GB/s each way): {e.technique} moves "
+            f"{format_bytes(moved.get('to_host_bytes', 0))} out and {format_bytes(moved.get('to_device_bytes', 0))} "
+            f"back per step, {format_duration(link['to_host_s'])} + {format_duration(link['to_device_s'])}{compute} "
+            f"({link['rule']}): {verdict}."
+        )
+    return lines
 
 
 def depth_lines(plan: Plan) -> list[str]:

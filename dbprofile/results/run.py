@@ -123,8 +123,9 @@ class Measurement:
 
     @property
     def flops_per_sample(self) -> float | None:
-        """training_flops per sample of the batch: the compute that trains every layer on one sample."""
-        return per_sample(self.training_flops, self.batch_size)
+        """training_flops per sample of the batch: the compute that trains every layer on one sample (a
+        gradient-accumulating step trains ``extra['micro_batches']`` micro-batches of ``batch_size``)."""
+        return per_sample(self.training_flops, self.batch_size * int(self.extra.get("micro_batches", 1)))
 
     def share_fraction(self, category: str) -> float:
         return self.shares.get(category, 0) / self.peak_bytes if self.peak_bytes else 0.0

@@ -325,6 +325,25 @@ def compare_with_alternative(case: Case, best: Option) -> Verdict:
     best alternative that fits (or when nothing else fits)."""
     s, e2e, rival = case.s, case.e2e, case.alternative
     db_vs = cost_ratio(best, rival)
+    if db_vs is None and rival is not None and rival.technique == "e2e":
+        # FLOPs not counted (a stand-in measurement), but the comparison needs none: DiffusionBlocks runs
+        # the stem and the head in every block-step, so it never trains a sample with fewer FLOPs than e2e.
+        case.reasons.append(
+            Reason(
+                rule="costlier-than-alternative",
+                sentence=(
+                    f"{rival.label} trains the batch, and DiffusionBlocks never trains a sample with fewer FLOPs than "
+                    "e2e (its stem and head run in every block-step)."
+                ),
+                numbers={"technique": best.technique, "rival": rival.technique, "vs_rival": None},
+            )
+        )
+        return case.verdict(
+            "not-worth-it",
+            f"Not worth it: {rival.described} trains the batch; train with {rival.label}.",
+            rival,
+            best.row,
+        )
     if rival is not None and db_vs is not None and db_vs > 1 - COMPUTE_MARGIN:
         more = f"{pct(db_vs - 1)} more" if db_vs >= 1 else f"only {pct_against(1 - db_vs, COMPUTE_MARGIN)} less"
         case.reasons.append(
