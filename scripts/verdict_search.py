@@ -6,7 +6,8 @@ configuration the rules compared. Writes reports/verdict-search.json and .md.
 
     python scripts/verdict_search.py                 # every case (an hour or more on 2 cores)
     python scripts/verdict_search.py --only vit-l16  # cases whose model name contains the text
-    python scripts/verdict_search.py --rejudge       # the saved plans judged again (rules changed)
+    python scripts/verdict_search.py --rejudge       # only the saved plans, judged again (rules changed)
+    python scripts/verdict_search.py --replan        # plan every case again (saved plans are reused otherwise)
 """
 
 from __future__ import annotations
@@ -24,19 +25,15 @@ from dbprofile.verdict import judge
 
 TECHNIQUES = ["e2e", "ckpt", "sac", "sac:alt", "offload", "db:2", "db:3", "db:4"]
 
-# (model, batch, GPU, shape options): the issue's showcase, the verdict doc's cases, and shapes where
-# one sample's activations are large (long sequences, high resolutions).
+# (model, batch, GPU, options): the issue's showcase, the verdict doc's cases, a micro-batch floor
+# (a team that will not go below it), and shapes where one sample's activations are large.
 CASES = [
     ("vit-l16", 64, "RTX-4090-24GB", {}),
-    ("vit-l16", 128, "RTX-4090-24GB", {}),
-    ("vit-b16", 256, "A100-40GB", {}),
-    ("vit-l16", 8, "L4-24GB", {"image_sizes": [1024]}),
+    ("vit-l16", 256, "RTX-4090-24GB", {"min_micro_batch": 128}),
     ("dit-xl2", 64, "RTX-4090-24GB", {}),
-    ("dit-b2", 256, "L4-24GB", {}),
-    ("dit-xl2", 8, "RTX-4090-24GB", {"image_sizes": [512]}),
     ("gpt2-small", 18, "RTX-4090-24GB", {}),
-    ("gpt2-medium", 4, "L4-24GB", {"seq_lens": [8192]}),
-    ("llama-1b", 8, "H100-80GB", {"seq_lens": [4096]}),
+    ("vit-l16", 2, "H100-80GB", {"image_sizes": [2048], "precision": "bf16"}),
+    ("dit-b2", 256, "L4-24GB", {}),
     ("llama-7b", 2, "H100-80GB", {}),
 ]
 
@@ -44,7 +41,14 @@ CASES = [
 def plan_case(model: str, batch: int, gpu: str, shape: dict) -> Plan:
     _, specs = load_sweep(model, {}, shape.get("seq_lens"), shape.get("image_sizes"))
     started = time.perf_counter()
-    p = plan(specs[0], batch, device=gpu, techniques=TECHNIQUES)
+    p = plan(
+        specs[0],
+        batch,
+        device=gpu,
+        techniques=TECHNIQUES,
+        min_micro_batch=shape.get("min_micro_batch", 1),
+        precision=shape.get("precision", "fp32"),
+    )
     p.elapsed_s = time.perf_counter() - started
     return p
 
@@ -95,7 +99,8 @@ def markdown(rows: list[dict]) -> str:
         "|---|---|---|---|---|---|---|---|",
     ]
     for r in rows:
-        shape = ", ".join(f"{k.removesuffix('s')} {v[0]}" for k, v in r["shape"].items()) or "preset"
+        shape = ", ".join(f"{k.removesuffix('s')} {v[0] if isinstance(v, list) else v}" for k, v in r["shape"].items())
+        shape = shape or "preset"
         rec = r["recommended"] or "none"
         if (r["accumulation_steps"] or 1) > 1:
             rec += f" ({r['accumulation_steps']} x {r['micro_batch']})"
@@ -112,6 +117,7 @@ def main() -> None:
     parser.add_argument("--only", default=None, help="only cases whose model name contains this")
     parser.add_argument("--out", default="reports/verdict-search", help="output path without extension")
     parser.add_argument("--rejudge", action="store_true", help="judge the saved plans again instead of planning")
+    parser.add_argument("--replan", action="store_true", help="plan every case again, saved or not")
     args = parser.parse_args()
     plans_path = Path(args.out + "-plans.json")
     saved = json.loads(plans_path.read_text()) if plans_path.exists() else {}
@@ -120,10 +126,10 @@ def main() -> None:
         if args.only and args.only not in model:
             continue
         key = f"{model} b{batch} {gpu} {json.dumps(shape, sort_keys=True)}"
-        if args.rejudge:
-            if key not in saved:
-                continue
+        if key in saved and not args.replan:
             p = plan_from_dict(saved[key])
+        elif args.rejudge:
+            continue
         else:
             print(f"planning {key}", flush=True)
             p = plan_case(model, batch, gpu, shape)

@@ -70,6 +70,12 @@ def check_distributed(dtech: Technique, spec: ModelSpec, model: nn.Module, world
         return
     if not fsdp:
         return
+    if tech.kind == "offload":
+        raise SpecError(
+            f"Technique {tech.name!r} copies each layer's saved tensors to host memory, and under FSDP a layer "
+            "saves the full parameters FSDP gathered for it, which it would copy too. Offload with FSDP is not "
+            "measured: use e2e, ckpt or sac with --fsdp (or --zero 3 in a plan), or offload on one device."
+        )
     if tech.offload:
         raise SpecError(
             f"Technique {tech.name!r} moves each block's parameters between host and device itself, which "

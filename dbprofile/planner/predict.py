@@ -134,6 +134,12 @@ def plan(
 
     not_identical = facts.not_identical
     wanted = parse_requested(techniques, world_size, facts.num_layers)
+    if zero_stage == 3 and any(tech.kind == "offload" for _, tech, _ in wanted):
+        raise SpecError(
+            "Technique 'offload' copies each layer's saved tensors to host memory, and under ZeRO-3 / FSDP a layer "
+            "saves the full parameters gathered for it, which it would copy too; that combination is not planned. "
+            "Plan offload without --zero 3 (ZeRO-1/2 shard only state), or use sac or ckpt with --zero 3."
+        )
     run = measure_fn or default_measure()
     runs: dict[tuple[str, int, int], Measurement] = {}
     # A CUDA target's tracker counts each storage in 512-byte blocks, as the caching allocator does.
