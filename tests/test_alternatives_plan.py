@@ -112,3 +112,118 @@ def test_offload_entries_of_a_gpu_plan_carry_their_link_figures():
     )
     assert entry.exposed_transfer_s_per_sample is not None
     assert torch.is_tensor(torch.zeros(1))  # the plan left torch usable (no fake mode leaked)
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["run", "vit-tiny", "-t", "e2e,sac:every", "-o", "{out}"], "Unknown selective checkpointing technique"),
+        (["run", "vit-tiny", "-t", "offload+ckpt", "-o", "{out}"], "Unknown technique 'offload+ckpt'"),
+        (["run", "vit-tiny", "-t", "offload", "--micro-batches", "2", "--fsdp", "-o", "{out}"], "--micro-batches"),
+        (["plan", "vit-tiny", "-t", "e2e,offload", "--zero", "3", "--world-size", "2"], "Technique 'offload'"),
+        (["plan", "vit-tiny", "--min-micro-batch", "0"], "min-micro-batch"),
+    ],
+)
+def test_bad_combinations_are_one_paragraph_and_exit_2_before_anything_is_measured(args, message, tmp_path):
+    from click.testing import CliRunner
+
+    from dbprofile.cli import main
+
+    out = tmp_path / "r.json"
+    result = CliRunner().invoke(main, [a.replace("{out}", str(out)) for a in args])
+    assert result.exit_code == 2, result.output
+    assert message in result.output and "Traceback" not in result.output
+    assert not out.exists()
+
+
+def _entry(technique, need_gib, gflops, *, micro=None, steps=None, accumulated_gib=None, link_s=None, world=1):
+    GiB = 2**30
+    acts = int(need_gib * GiB * 0.8)
+    return PlanEntry(
+        technique=technique,
+        batch_size=64,
+        tracked_peak_bytes=int(need_gib * GiB),
+        peak_bytes=int(need_gib * GiB),
+        shares={"parameters": int(need_gib * GiB) - acts, "activations": acts},
+        flops_per_sample=gflops * 1e9,
+        micro_batch_size=micro,
+        accumulation_steps=steps,
+        accumulation_peak_bytes=int(accumulated_gib * GiB) if accumulated_gib else None,
+        exposed_transfer_s_per_sample=link_s,
+        extra_parameters=1,
+        world_size=world,
+    )
+
+
+def _decide(entries, *, min_micro=1, batch_statistics=False):
+    from dbprofile.results import Plan
+
+    p = Plan(
+        model="m",
+        model_info={"task": "classification", "batch_statistics": batch_statistics},
+        device="RTX-4090-24GB",
+        capacity_bytes=24 * 2**30,
+        batch_size=64,
+        entries=entries,
+        peak_flops=100 * 10**12,
+        utilisation=0.4,
+        min_micro_batch=min_micro,
+    )
+    v = judge(p)
+    return v.decision, v.recommended, v.recommended_accumulation_steps
+
+
+# The decision table (docs/verdict.md): e2e misses at 30 GiB in every row; db:2 fits at 18 GiB and
+# trains a sample with 101 GFLOP against e2e's 100.
+E2E_ACC = dict(micro=32, steps=2, accumulated_gib=17)
+DECISIONS = [
+    # e2e with two micro-batches of 32 trains the batch at e2e's compute: DiffusionBlocks is not cheaper.
+    (
+        [_entry("e2e", 30, 100, **E2E_ACC), _entry("ckpt", 8, 122), _entry("db:2", 18, 101)],
+        {},
+        ("not-worth-it", "e2e", 2),
+    ),
+    # The same when accumulation is not exact (BatchNorm): then ckpt is the alternative, 1.22x: adopt.
+    (
+        [_entry("e2e", 30, 100, **E2E_ACC), _entry("ckpt", 8, 122), _entry("db:2", 18, 101)],
+        {"batch_statistics": True},
+        ("adopt", "db:2", 1),
+    ),
+    # ... or below the micro-batch floor.
+    (
+        [_entry("e2e", 30, 100, **E2E_ACC), _entry("ckpt", 8, 122), _entry("db:2", 18, 101)],
+        {"min_micro": 33},
+        ("adopt", "db:2", 1),
+    ),
+    # sac fits at e2e's FLOPs: the alternative, whatever ckpt does.
+    (
+        [_entry("e2e", 30, 100), _entry("sac", 22, 100), _entry("ckpt", 8, 122), _entry("db:2", 18, 101)],
+        {},
+        ("not-worth-it", "sac", 1),
+    ),
+    # offload whose link hides (0 s exposed) is e2e's compute: the alternative.
+    (
+        [_entry("e2e", 30, 100), _entry("offload", 7, 100, link_s=0.0), _entry("db:2", 18, 101)],
+        {},
+        ("not-worth-it", "offload", 1),
+    ),
+    # offload whose link does not hide: 1e-3 s per sample at 40 TFLOP/s is 40 GFLOP more: 1.40x, so db:2 wins.
+    (
+        [_entry("e2e", 30, 100), _entry("offload", 7, 100, link_s=1e-3), _entry("db:2", 18, 101)],
+        {},
+        ("adopt", "db:2", 1),
+    ),
+    # Nothing else trains the batch: adopt whatever its compute.
+    ([_entry("e2e", 30, 100), _entry("db:2", 18, 250)], {}, ("adopt", "db:2", 1)),
+    # DiffusionBlocks that only fits accumulating, against nothing else: adopt, with its steps.
+    (
+        [_entry("e2e", 30, 100), _entry("db:2", 26, 101, micro=32, steps=2, accumulated_gib=15)],
+        {},
+        ("adopt", "db:2", 2),
+    ),
+]
+
+
+@pytest.mark.parametrize("entries, situation, expected", DECISIONS)
+def test_decision_table(entries, situation, expected):
+    assert _decide(entries, **situation) == expected
