@@ -29,6 +29,9 @@ SAC_POLICIES = {
 PARALLEL_SUFFIX = "+parallel"
 
 DEFAULT_TECHNIQUES = ("e2e", "ckpt", "db:2", "db:3", "db:4")
+PLAN_DEFAULT_TECHNIQUES = ("e2e", "ckpt", "sac", "offload", "db:2", "db:3", "db:4")
+"""A plan's verdict weighs DiffusionBlocks against what a team runs first, so a plan adds selective
+checkpointing and activation offloading (fake runs cost seconds); a CPU run keeps the shorter list."""
 HELP = (
     "e2e, ckpt, ckpt:K (K checkpointed segments), sac, sac:alt (selective checkpointing), offload (activations to "
     "host memory), db:B, db:B+ckpt, db:B+offload, db:B+interleaved (causal LMs), db:B+parallel (one block per device)"

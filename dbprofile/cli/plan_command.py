@@ -39,7 +39,12 @@ def _concat_frames(frames: list):
     help="Target: a GPU name (H100-80GB, A100-40GB, L4, ...), a capacity such as 24GiB, or cpu.",
 )
 @click.option("--batch-size", "-b", default=8, show_default=True, type=int, help="Batch size per device.")
-@click.option("--techniques", "-t", default=None, help="Comma-separated techniques (default e2e,ckpt,db:2,db:3,db:4).")
+@click.option(
+    "--techniques",
+    "-t",
+    default=None,
+    help="Comma-separated techniques (default e2e,ckpt,sac,offload,db:2,db:3,db:4; no offload with --zero 3).",
+)
 @click.option("--precision", type=click.Choice(["fp32", "bf16"]), default="fp32", show_default=True)
 @click.option("--optimizer", type=click.Choice(["adamw", "sgd", "adafactor"]), default="adamw", show_default=True)
 @click.option(

@@ -24,7 +24,13 @@ from dbprofile.planner.transfer import estimate_link_time
 from dbprofile.planner.zero import block_parallel, model_facts, shard_zero
 from dbprofile.results import Measurement, Plan, PlanEntry, per_sample
 from dbprofile.spec import ModelSpec, SpecError
-from dbprofile.techniques import DEFAULT_TECHNIQUES, PARALLEL_SUFFIX, Technique, check_technique_fits, parse_technique
+from dbprofile.techniques import (
+    PARALLEL_SUFFIX,
+    PLAN_DEFAULT_TECHNIQUES,
+    Technique,
+    check_technique_fits,
+    parse_technique,
+)
 from dbprofile.units import GiB, format_bytes
 from dbprofile.vocabulary import CATEGORIES
 
@@ -38,11 +44,12 @@ MeasureFn = Callable[..., Measurement]
 
 
 def parse_requested(
-    names: list[str] | str | None, world_size: int, num_layers: int
+    names: list[str] | str | None, world_size: int, num_layers: int, zero_stage: int = 0
 ) -> list[tuple[str, Technique, bool]]:
     """(display name, technique to run, block-parallel?) per requested technique."""
     if names is None:
-        names = list(DEFAULT_TECHNIQUES)
+        # Offload is not planned under ZeRO-3 (plan() says why when it is asked for).
+        names = [n for n in PLAN_DEFAULT_TECHNIQUES if not (zero_stage == 3 and n == "offload")]
         if world_size > 1 and 2 <= world_size <= num_layers:
             names.append(f"db:{world_size}{PARALLEL_SUFFIX}")
     elif isinstance(names, str):
@@ -133,7 +140,7 @@ def plan(
         )
 
     not_identical = facts.not_identical
-    wanted = parse_requested(techniques, world_size, facts.num_layers)
+    wanted = parse_requested(techniques, world_size, facts.num_layers, zero_stage)
     if zero_stage == 3 and any(tech.kind == "offload" for _, tech, _ in wanted):
         raise SpecError(
             "Technique 'offload' copies each layer's saved tensors to host memory, and under ZeRO-3 / FSDP a layer "
