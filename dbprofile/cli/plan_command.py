@@ -10,6 +10,7 @@ import click
 
 from dbprofile.cli.app import (
     FROM_CHECKPOINT_HELP,
+    OPTIMIZER_HELP,
     UserError,
     check_writable,
     exit_code,
@@ -41,7 +42,7 @@ def _concat_frames(frames: list):
 @click.option("--batch-size", "-b", default=8, show_default=True, type=int, help="Batch size per device.")
 @click.option("--techniques", "-t", default=None, help="Comma-separated techniques (default e2e,ckpt,db:2,db:3,db:4).")
 @click.option("--precision", type=click.Choice(["fp32", "bf16"]), default="fp32", show_default=True)
-@click.option("--optimizer", type=click.Choice(["adamw", "sgd", "adafactor"]), default="adamw", show_default=True)
+@click.option("--optimizer", default="adamw", show_default=True, help=OPTIMIZER_HELP)
 @click.option(
     "--zero",
     "zero_stage",

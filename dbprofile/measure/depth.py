@@ -258,6 +258,7 @@ def measure_fake(
     optimizer: str = "adamw",
     round_to: int | None = None,
     emulate_cuda: bool = False,
+    compute_capability: tuple[int, int] = (9, 0),
 ) -> Measurement:
     """The runner's fake-tensor measurement of ``tech`` (one warm-up, one tracked step) at the model's
     full depth, extrapolated from shallow traces where exact (``by_depth``). ``full_trace`` forces the
@@ -280,6 +281,7 @@ def measure_fake(
             steps=1,
             traces=traces,
             emulate_cuda=emulate_cuda,
+            compute_capability=compute_capability,
             # DiffusionBlocks' activation ratios are counted once, at full depth, not per shallow trace.
             count_activations=depth is None,
         )

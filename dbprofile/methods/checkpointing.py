@@ -3,6 +3,8 @@ layer (``ckpt``) or around k contiguous segments of layers (``ckpt:k``)."""
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Iterator
 from typing import cast
 
 import torch
@@ -11,6 +13,7 @@ from torch.utils.checkpoint import checkpoint
 
 from dbprofile.methods.base import Trainer, to_device
 from dbprofile.spec import Batch, ModelSpec, get_layers, like_stack, set_layers
+from dbprofile.torch_internals import function_modes
 
 
 def split_contiguous(n: int, parts: int) -> list[range]:
@@ -22,6 +25,22 @@ def split_contiguous(n: int, parts: int) -> list[range]:
         groups.append(range(start, start + size))
         start += size
     return groups
+
+
+@contextlib.contextmanager
+def _entered(modes: list[torch.overrides.TorchFunctionMode]) -> Iterator[None]:
+    with contextlib.ExitStack() as stack:
+        for mode in modes:
+            stack.enter_context(mode)
+        yield
+
+
+def same_modes_in_recomputation() -> tuple[contextlib.AbstractContextManager, contextlib.AbstractContextManager]:
+    """``context_fn`` for torch.utils.checkpoint: the recomputation runs inside backward, where the
+    autograd engine does not carry the forward's torch-function modes; it re-enters them, so the
+    recomputation takes the forward's path and saves the same tensors. The planner's CUDA emulation
+    is such a mode (CUDA's autocast order, the attention kernel a GPU picks: dbprofile.measure)."""
+    return contextlib.nullcontext(), _entered(function_modes())
 
 
 class CheckpointedSegment(nn.Module):
@@ -51,7 +70,9 @@ class CheckpointedSegment(nn.Module):
     def forward(self, hidden, *args, **kwargs):
         if not torch.is_grad_enabled():
             return self._run(hidden, *args, **kwargs)
-        return checkpoint(self._run, hidden, *args, use_reentrant=False, **kwargs)
+        return checkpoint(
+            self._run, hidden, *args, use_reentrant=False, context_fn=same_modes_in_recomputation, **kwargs
+        )
 
 
 def checkpoint_layers(model: nn.Module, path: str, segments: int | None) -> None:

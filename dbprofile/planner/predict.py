@@ -18,9 +18,15 @@ from dbprofile.methods.sharding import (
     SHARDING_FSDP,
 )
 from dbprofile.planner.fit import entry_corrections, find_max_batch, set_fit
-from dbprofile.planner.targets import ASSUMED_UTILISATION, resolve_target, time_per_million_samples
+from dbprofile.planner.targets import (
+    ASSUMED_UTILISATION,
+    UNKNOWN_GPU_COMPUTE_CAPABILITY,
+    resolve_target,
+    time_per_million_samples,
+)
 from dbprofile.planner.zero import block_parallel, model_facts, shard_zero
 from dbprofile.results import Measurement, Plan, PlanEntry, per_sample
+from dbprofile.settings import resolve_optimizer
 from dbprofile.spec import ModelSpec, SpecError
 from dbprofile.techniques import DEFAULT_TECHNIQUES, PARALLEL_SUFFIX, Technique, check_technique_fits, parse_technique
 from dbprofile.units import GiB, format_bytes
@@ -53,6 +59,19 @@ def parse_requested(
     if not out:
         raise SpecError("No technique given; pass e.g. techniques=['e2e', 'ckpt', 'db:4'].")
     return list(out.values())
+
+
+def attention_backends(entries: list[PlanEntry]) -> dict[str, dict[str, str]]:
+    """The attention kernel each call site runs on the target, once per model: taken out of every
+    entry's ``extra`` (each technique's fake run saw the same sites) into ``{'attention_backends':
+    {site: backend}}``, empty when the model calls no scaled_dot_product_attention or the target is
+    the CPU."""
+    sites: dict[str, str] = {}
+    for entry in entries:
+        for site, backend in (entry.extra.pop("attention_backends", None) or {}).items():
+            seen = set(sites.get(site, "").split(", ")) | set(backend.split(", "))
+            sites[site] = ", ".join(sorted(seen - {""}))
+    return {"attention_backends": sites} if sites else {}
 
 
 def default_measure() -> MeasureFn:
@@ -107,6 +126,16 @@ def plan(
             "Pass world_size > 1 (e.g. --world-size 8), or zero_stage=0 for one device."
         )
     target = resolve_target(device)
+    # The step the user runs on the target: PyTorch's default implementation there (foreach on CUDA)
+    # unless the name says which; the fake run on the CPU would otherwise take the CPU's default.
+    optimizer = resolve_optimizer(optimizer, target.cuda)
+    if optimizer == "adafactor-foreach":
+        raise SpecError(
+            "Adafactor's foreach step (PyTorch's default on CUDA) reads every step count as a Python number "
+            "(.item()), which fake tensors do not hold, so the planner cannot run it; nothing was planned. "
+            "Plan with --optimizer adafactor-loop: both keep the same state, and the foreach step adds its "
+            "temporaries over all parameters at once on top."
+        )
     # The same checks as a run's (loss, build, hidden width); db:B's own need for residual layers
     # surfaces in its fake run.
     spec, _ = checked_spec(spec, require_residual=False)
@@ -130,6 +159,7 @@ def plan(
     runs: dict[tuple[str, int], Measurement] = {}
     # A CUDA target's tracker counts each storage in 512-byte blocks, as the caching allocator does.
     round_to = CUDA_BLOCK_BYTES if target.cuda else None
+    capability = target.compute_capability or UNKNOWN_GPU_COMPUTE_CAPABILITY
 
     def fake_run(tech: Technique, b: int) -> Measurement:
         key = (tech.name, b)
@@ -150,6 +180,7 @@ def plan(
                         optimizer=optimizer,
                         round_to=round_to,
                         emulate_cuda=target.cuda,
+                        compute_capability=capability,
                     )
                 else:
                     runs[key] = run(
@@ -165,6 +196,7 @@ def plan(
                         warmup_steps=1,
                         steps=1,
                         emulate_cuda=target.cuda,
+                        compute_capability=capability,
                     )
             except SpecError:
                 raise
@@ -265,14 +297,16 @@ def plan(
             )
         entries.append(entry)
 
+    model_info = {
+        "family": spec.family,
+        "task": spec.task,
+        "num_layers": facts.num_layers,
+        "parameter_bytes": facts.total_bytes,
+    }
+    model_info.update(attention_backends(entries))
     result = Plan(
         model=spec.name,
-        model_info={
-            "family": spec.family,
-            "task": spec.task,
-            "num_layers": facts.num_layers,
-            "parameter_bytes": facts.total_bytes,
-        },
+        model_info=model_info,
         device=target.name,
         capacity_bytes=target.capacity_bytes,
         batch_size=batch_size,
