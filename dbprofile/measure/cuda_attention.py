@@ -28,10 +28,11 @@ branch after 2.11, commit 001f694; the GPU validation ran torch 2.11.0+cu130) fo
 - all: last-dimension stride 1, equal heads or ``enable_gqa`` with the query's heads a multiple of
   the key's; math is the fallback.
 
-Known limitations: the math kernel's CUDA upcast of fp16/bf16 to fp32 is not modelled; nor are
-nested tensors, deterministic-algorithm mode or a user's ``sdpa_kernel`` choice. The
-memory-efficient kernel keeps its RNG seed and offset on the host outside CUDA-graph capture, but
-the fake op's two scalars are counted as device blocks (1 KiB per call).
+The math fallback is PyTorch's own composite (it computes fp16/bf16 inputs in fp32 on any device).
+Known limitations: nested tensors, deterministic-algorithm mode and a user's ``sdpa_kernel`` choice
+are not modelled. Where the RNG state lives follows the kernels (and the H200 traces): on the device
+for flash (two uint64 and one scalar) and cuDNN (two int64), on the host for memory-efficient
+attention (dbprofile.measure.cuda_scratch.op_host_outputs).
 """
 
 from __future__ import annotations

@@ -240,6 +240,19 @@ def _attention_backward(func: Any, args: tuple) -> list[int]:
     return [nbytes] if nbytes else []
 
 
+_EFFICIENT_ATTENTION = getattr(_aten, "_scaled_dot_product_efficient_attention", None)
+
+
+def op_host_outputs(func: Any, out: Any) -> list[torch.Tensor]:
+    """Outputs a CUDA kernel keeps in host memory: memory-efficient attention's RNG seed and offset
+    (0-dim int64 CPU tensors outside CUDA-graph capture; its fake kernel makes them beside the
+    output). The H200 traces agree: no 8-byte device allocation in the fp32 (memory-efficient)
+    runs, one per call in the bf16 (cuDNN, which keeps them on the device) ones."""
+    if _EFFICIENT_ATTENTION is not None and func is _EFFICIENT_ATTENTION.default and isinstance(out, tuple):
+        return [t for t in out[2:4] if isinstance(t, torch.Tensor)]
+    return []
+
+
 _CONTIGUOUS_INPUTS = {
     # op -> positions of the inputs its CUDA kernel makes contiguous (``expect_contiguous``)
     _aten.native_layer_norm.default: (0,),
