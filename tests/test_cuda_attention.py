@@ -184,6 +184,7 @@ def test_a_plan_names_the_backend_of_each_attention_call_site_once():
     from dbprofile.planner import plan
 
     result = plan("vit-tiny", 2, device="H100-80GB", techniques="e2e,ckpt", search_max_batch=False)
-    assert result.model_info["attention_backends"] == {"dbprofile/models/common.py:149": EFFICIENT}
+    ((site, backend),) = result.model_info["attention_backends"].items()
+    assert site.startswith("dbprofile/models/common.py:") and backend == EFFICIENT
     assert all("attention_backends" not in entry.extra for entry in result.entries)
     assert "attention_backends" not in plan("vit-tiny", 2, device="cpu", techniques="e2e").model_info
