@@ -188,3 +188,26 @@ def test_a_plan_names_the_backend_of_each_attention_call_site_once():
     assert site.startswith("dbprofile/models/common.py:") and backend == EFFICIENT
     assert all("attention_backends" not in entry.extra for entry in result.entries)
     assert "attention_backends" not in plan("vit-tiny", 2, device="cpu", techniques="e2e").model_info
+
+
+def test_attention_computed_by_the_model_itself_keeps_its_t_by_t_weights():
+    saved: list[torch.Tensor] = []
+    with fake_mode():
+        q, k, v = _qkv()
+        attention = CudaAttention(SM90)
+        with attention, torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
+            torch.softmax(q @ k.transpose(-2, -1) / D**0.5, dim=-1) @ v  # eager attention, as on a GPU
+    assert attention.backends == {}
+    assert any(tuple(t.shape) == (B, H, T, T) for t in saved)
+
+
+@pytest.mark.parametrize(("dtype", "backend"), [(torch.float32, EFFICIENT), (torch.bfloat16, CUDNN)])
+def test_grouped_query_attention_trains_through_each_fused_backend(dtype, backend):
+    with fake_mode():
+        q = torch.randn(B, 8, T, D, dtype=dtype, requires_grad=True)
+        k, v = (torch.randn(B, 2, T, D, dtype=dtype, requires_grad=True) for _ in range(2))
+        with CudaAttention(SM90) as attention:
+            out = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True)
+        out.sum().backward()
+    assert list(attention.backends.values()) == [backend]
+    assert k.grad is not None and k.grad.shape == k.shape and q.grad.shape == q.shape

@@ -30,7 +30,9 @@ branch after 2.11, commit 001f694; the GPU validation ran torch 2.11.0+cu130) fo
 
 The math fallback is PyTorch's own composite (it computes fp16/bf16 inputs in fp32 on any device).
 Known limitations: nested tensors, deterministic-algorithm mode and a user's ``sdpa_kernel`` choice
-are not modelled. Where the RNG state lives follows the kernels (and the H200 traces): on the device
+are not modelled; grouped-query attention on the memory-efficient kernel (fp32) repeats K and V to
+the query's heads (its fake backward takes no grouped heads), which overstates each such call by
+K and V's bytes times (query heads / key heads - 1). Where the RNG state lives follows the kernels (and the H200 traces): on the device
 for flash (two uint64 and one scalar) and cuDNN (two int64), on the host for memory-efficient
 attention (dbprofile.measure.cuda_scratch.op_host_outputs).
 """
@@ -195,6 +197,10 @@ def run_backend(backend: str, call: AttentionCall, mask: torch.Tensor | None, sc
         return out[..., :head_dim] if pad else out
     if backend == EFFICIENT:
         mask = _efficient_mask(mask, call) if mask is not None else None
+        if k.shape[1] != q.shape[1]:
+            # Its fake kernel's backward takes no grouped heads (it returns the query's): repeat K and V
+            # to the query's heads, as the math kernel does (a documented overestimate).
+            k, v = (t.repeat_interleave(q.shape[1] // k.shape[1], dim=1) for t in (k, v))
         return _OPS[EFFICIENT](q, k, v, mask, logsumexp, call.dropout_p, call.is_causal, scale=scale)[0]
     if backend == CUDNN:
         return _OPS[CUDNN](q, k, v, mask, logsumexp, call.dropout_p, call.is_causal, False, scale=scale)[0]
