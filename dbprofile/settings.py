@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Any
 
 from dbprofile.spec import SpecError
-from dbprofile.vocabulary import OPTIMIZERS, PRECISIONS
+from dbprofile.vocabulary import OPTIMIZER_ALGORITHMS, OPTIMIZERS, PRECISIONS
 
 DEFAULT_STEPS = 5
 DEFAULT_WARMUP_STEPS = 1
@@ -24,7 +24,50 @@ def unknown_precision(precision: object) -> SpecError:
 
 def unknown_optimizer(name: object) -> SpecError:
     """The one message for an optimizer dbprofile does not build (settings and trainers)."""
-    return SpecError(f"Unknown optimizer {name!r}; choose one of {', '.join(OPTIMIZERS)}.")
+    return SpecError(
+        f"Unknown optimizer {name!r}; choose one of {', '.join(OPTIMIZER_ALGORITHMS)}, optionally with "
+        "-loop, -foreach or -fused (e.g. adamw-fused)."
+    )
+
+
+UNSUPPORTED_OPTIMIZERS = {
+    "adafactor-fused": "torch.optim.Adafactor has no fused implementation (it takes no fused argument)",
+}
+"""``algorithm-implementation`` pairs PyTorch does not build, and why."""
+
+
+def check_optimizer(name: object) -> None:
+    """Refuse, in one paragraph, an optimizer name dbprofile does not know or PyTorch does not build."""
+    if name in UNSUPPORTED_OPTIMIZERS:
+        algorithm = str(name).split("-")[0]
+        raise SpecError(
+            f"Optimizer {name!r} cannot be built: {UNSUPPORTED_OPTIMIZERS[str(name)]}. Nothing was measured. "
+            f"Use --optimizer {algorithm} (PyTorch's default implementation for the device: foreach on CUDA, "
+            f"the for-loop on the CPU), {algorithm}-foreach or {algorithm}-loop."
+        )
+    if name not in OPTIMIZERS:
+        raise unknown_optimizer(name)
+
+
+def optimizer_parts(name: str) -> tuple[str, str | None]:
+    """('adamw', 'fused') for 'adamw-fused'; ('adamw', None) for 'adamw', PyTorch's default."""
+    check_optimizer(name)
+    algorithm, _, implementation = name.partition("-")
+    return algorithm, implementation or None
+
+
+def default_implementation(cuda: bool) -> str:
+    """PyTorch's default for a step's parameters (``torch.optim.optimizer._default_to_fused_or_foreach``):
+    foreach when every parameter is on a device with foreach kernels (CUDA), the for-loop otherwise;
+    fused is never the default. On the CPU the for-loop keeps every CPU figure as it was."""
+    return "foreach" if cuda else "loop"
+
+
+def resolve_optimizer(name: str, cuda: bool) -> str:
+    """``name`` with its implementation made explicit for a step on CUDA (``cuda``) or the CPU:
+    'adamw' -> 'adamw-foreach' on CUDA, 'adamw-loop' on the CPU; an explicit name is kept."""
+    algorithm, implementation = optimizer_parts(name)
+    return f"{algorithm}-{implementation or default_implementation(cuda)}"
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -37,7 +80,8 @@ class RunSettings:
     precision: str = "fp32"
     """'fp32', or 'bf16' (autocast; parameters and optimizer state stay fp32)."""
     optimizer: str = "adamw"
-    """'adamw', 'sgd' or 'adafactor': what the optimizer-state share holds."""
+    """'adamw', 'sgd' or 'adafactor' (what the optimizer-state share holds), PyTorch's default
+    implementation for the device, or with it named: 'adamw-loop', 'adamw-foreach', 'adamw-fused'."""
     warmup_steps: int = DEFAULT_WARMUP_STEPS
     """Untimed steps per unit before the tracked step, so the optimizer holds its state."""
     steps: int = DEFAULT_STEPS
@@ -60,6 +104,9 @@ class RunSettings:
     """Gradient accumulation: forward and backward passes per optimizer step, each on a micro-batch of
     the measurement's batch size, the gradients accumulating in place. From the second micro-batch
     on every step is alike (all gradients resident), so 2 gives the peak of any count above 1."""
+    compute_capability: tuple[int, int] = (9, 0)
+    """The GPU an ``emulate_cuda`` run stands for (major, minor): which kernel each
+    scaled_dot_product_attention call runs there (dbprofile.measure.cuda_attention)."""
 
     def __post_init__(self) -> None:
         if self.steps < 1 or self.warmup_steps < 1:
@@ -70,8 +117,7 @@ class RunSettings:
             raise SpecError(f"micro_batches must be an integer >= 1; got {self.micro_batches!r}.")
         if self.precision not in PRECISIONS:
             raise unknown_precision(self.precision)
-        if self.optimizer not in OPTIMIZERS:
-            raise unknown_optimizer(self.optimizer)
+        check_optimizer(self.optimizer)
         if self.memory_limit is not None and self.memory_limit < 0:
             raise SpecError(f"memory_limit is bytes, 0 or more; got {self.memory_limit}.")
         if self.time_limit_s is not None and not self.time_limit_s >= 0:  # also refuses nan

@@ -20,6 +20,7 @@ from __future__ import annotations
 import contextlib
 import inspect
 from collections.abc import Iterator
+from typing import Any
 
 import torch
 from torch._subclasses.fake_tensor import FakeTensor, FakeTensorMode
@@ -45,6 +46,8 @@ __all__ = [
     "sdpa_backward_flop_count",
     "flop_registry",
     "dtensor_local",
+    "sdpa_backend_ops",
+    "function_modes",
 ]
 
 MEMORY_HISTORY_MAX_ENTRIES = 1_000_000
@@ -136,3 +139,22 @@ def stop_cuda_memory_history() -> None:
 def dump_cuda_memory_snapshot(path: str) -> None:
     """Write the allocator's state and the history recorded so far as the pickle memory_viz reads."""
     torch.cuda.memory._dump_snapshot(path)
+
+
+def sdpa_backend_ops() -> dict[str, Any]:
+    """The ATen ops behind ``scaled_dot_product_attention``'s backends (underscore ops the CUDA
+    dispatcher calls, each with a fake-tensor kernel and a backward of its own): flash,
+    memory-efficient, cuDNN, and the math composite."""
+    aten = torch.ops.aten
+    return {
+        "flash": aten._scaled_dot_product_flash_attention.default,
+        "efficient": aten._scaled_dot_product_efficient_attention.default,
+        "cudnn": aten._scaled_dot_product_cudnn_attention.default,
+        "math": aten._scaled_dot_product_attention_math.default,
+    }
+
+
+def function_modes() -> list[torch.overrides.TorchFunctionMode]:
+    """The torch-function modes active on this thread now, outermost first (``torch.overrides``'
+    private mode stack)."""
+    return list(torch.overrides._get_current_function_mode_stack())

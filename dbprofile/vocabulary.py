@@ -47,8 +47,21 @@ PRECISIONS: tuple[Precision, ...] = get_args(Precision)
 """Training precisions: fp32, or bf16 autocast (parameters and optimizer state stay fp32)."""
 
 OptimizerName = Literal["adamw", "sgd", "adafactor"]
-OPTIMIZERS: tuple[OptimizerName, ...] = get_args(OptimizerName)
+OPTIMIZER_ALGORITHMS: tuple[OptimizerName, ...] = get_args(OptimizerName)
 """The optimizers a technique trains with (what the optimizer-state share holds)."""
+
+OptimizerImplementation = Literal["loop", "foreach", "fused"]
+OPTIMIZER_IMPLEMENTATIONS: tuple[OptimizerImplementation, ...] = get_args(OptimizerImplementation)
+"""How ``torch.optim`` runs a step (its ``foreach`` / ``fused`` arguments): one parameter at a time,
+one kernel per operation over all parameters of a device and dtype (temporaries for all of them at
+once), or one fused kernel per group. docs/planner.md says what each holds."""
+
+OPTIMIZERS: tuple[str, ...] = OPTIMIZER_ALGORITHMS + tuple(
+    f"{name}-{impl}" for name in OPTIMIZER_ALGORITHMS for impl in OPTIMIZER_IMPLEMENTATIONS
+)
+"""Every ``--optimizer`` name: an algorithm alone (PyTorch's default implementation for the device
+the step runs on) or ``algorithm-implementation``; dbprofile.settings refuses the pairs PyTorch does
+not build (fused Adafactor)."""
 
 CudaCorrection = Literal["cublas_workspace", "allocator_segments", "cuda_context"]
 CUDA_CORRECTIONS: tuple[CudaCorrection, ...] = get_args(CudaCorrection)

@@ -48,6 +48,9 @@ def plan_case(model: str, batch: int, gpu: str, shape: dict) -> Plan:
         techniques=TECHNIQUES,
         min_micro_batch=shape.get("min_micro_batch", 1),
         precision=shape.get("precision", "fp32"),
+        # The for-loop AdamW: the implementation whose plans were checked against an H200 (a GPU plan's
+        # default is now the foreach step, whose temporaries cover all parameters at once).
+        optimizer=shape.get("optimizer", "adamw-loop"),
     )
     p.elapsed_s = time.perf_counter() - started
     return p

@@ -137,3 +137,28 @@ def test_dtensor_local_is_the_shard_to_local_views_and_plain_tensors_pass_throug
         dist.destroy_process_group()
     plain = torch.ones(2)
     assert private.dtensor_local(plain) is plain
+
+
+def test_sdpa_backend_ops_run_on_fake_tensors_with_a_backward_each():
+    ops = private.sdpa_backend_ops()
+    assert set(ops) == {"flash", "efficient", "cudnn", "math"}
+    with private.fake_tensor_mode():
+        q, k, v = (torch.randn(1, 2, 16, 8, dtype=torch.bfloat16, requires_grad=True) for _ in range(3))
+        outs = [
+            ops["flash"](q, k, v, 0.0),
+            ops["efficient"](q, k, v, None, True),
+            ops["cudnn"](q, k, v, None, True),
+            ops["math"](q, k, v),
+        ]
+        for out in outs:
+            assert out[0].shape == q.shape and out[0].grad_fn is not None
+
+
+def test_function_modes_lists_the_active_torch_function_modes():
+    class Mode(torch.overrides.TorchFunctionMode):
+        pass
+
+    mode = Mode()
+    assert mode not in private.function_modes()
+    with mode:
+        assert private.function_modes()[-1] is mode

@@ -171,6 +171,13 @@ def freeze_startup_objects() -> None:
     gc.freeze()
 
 
+OPTIMIZER_HELP = (
+    "adamw, sgd or adafactor in PyTorch's default implementation for the device (foreach on CUDA and in "
+    "plans for a GPU, the for-loop on the CPU), or with it named: adamw-loop, adamw-foreach, adamw-fused "
+    "(likewise sgd-..., adafactor-loop / -foreach)."
+)
+
+
 FROM_CHECKPOINT_HELP = (
     "The team must continue from an existing end-to-end checkpoint: the verdict rules "
     "DiffusionBlocks out (it trains from scratch). Default: training from scratch."

@@ -10,6 +10,7 @@ import click
 
 from dbprofile.cli.app import (
     FROM_CHECKPOINT_HELP,
+    OPTIMIZER_HELP,
     UserError,
     check_writable,
     exit_code,
@@ -46,7 +47,7 @@ def _concat_frames(frames: list):
     help="Comma-separated techniques (default e2e,ckpt,sac,offload,db:2,db:3,db:4; no offload with --zero 3).",
 )
 @click.option("--precision", type=click.Choice(["fp32", "bf16"]), default="fp32", show_default=True)
-@click.option("--optimizer", type=click.Choice(["adamw", "sgd", "adafactor"]), default="adamw", show_default=True)
+@click.option("--optimizer", default="adamw", show_default=True, help=OPTIMIZER_HELP)
 @click.option(
     "--zero",
     "zero_stage",

@@ -12,6 +12,7 @@ import click
 
 from dbprofile.cli.app import (
     FROM_CHECKPOINT_HELP,
+    OPTIMIZER_HELP,
     UserError,
     check_writable,
     freeze_startup_objects,
@@ -66,7 +67,7 @@ def _techniques_option(techniques: str | None, blocks: str | None) -> list[str]:
     "the spread is small (torch.utils.benchmark adaptive_autorange).",
 )
 @click.option("--precision", type=click.Choice(["fp32", "bf16"]), default="fp32", show_default=True)
-@click.option("--optimizer", type=click.Choice(["adamw", "sgd", "adafactor"]), default="adamw", show_default=True)
+@click.option("--optimizer", default="adamw", show_default=True, help=OPTIMIZER_HELP)
 @click.option("--fake", is_flag=True, help="Fake tensors: shapes and bytes only, no real allocation or timing.")
 @click.option("--memory-limit", default=None, help="Treat a technique whose live bytes pass this (e.g. 2GiB) as OOM.")
 @click.option(

@@ -179,15 +179,15 @@ def attention_backward_scratch(
     1024, batch 4 to 64), where each layer's attention backward made one allocation beside its
     gradients:
 
-    - bf16/fp16 without a mask runs cuDNN attention: an fp32 dQ accumulator and one fp32 value
+    - cuDNN attention (bf16/fp16) without a mask: an fp32 dQ accumulator and one fp32 value
       per row, plus 256 bytes, ``batch * heads * seq * (head_dim + 1) * 4 + 256`` (requested
       25559296 bytes for DiT-B/2 at batch 32; 19668992, 25559552 and 12780032 bytes after
       rounding for ViT-B/16 and DiT-B/2 at batch 32 and GPT-2 at batch 4, each to the byte);
-    - fp32 runs memory-efficient attention: ``batch * heads * ceil(seq / 256) * (256 * head_dim
+    - memory-efficient attention at fp32: ``batch * heads * ceil(seq / 256) * (256 * head_dim
       * 4 + 64)`` bytes (25190400 for ViT-B/16 and DiT-B/2 at batch 32, 12595200 for GPT-2).
 
-    Other cases (a masked low-precision call, which PyTorch routes to memory-efficient attention
-    with accumulators of its own) are not modelled and return 0.
+    Which backend runs is the fake run's choice (dbprofile.measure.cuda_attention); a masked cuDNN call
+    and memory-efficient attention at fp16/bf16 are not modelled (0).
     """
     if dtype in (torch.bfloat16, torch.float16) and not masked:
         return batch * heads * seq * (head_dim + 1) * 4 + 256
@@ -196,15 +196,61 @@ def attention_backward_scratch(
     return 0
 
 
+FLASH_ROWS_ROUNDING = 128
+"""flash_api.cpp (mha_bwd) rounds the query length up to a multiple of 128..."""
+FLASH_HEAD_ROUNDING = 32
+"""...and the head dimension up to a multiple of 32 (256 above 192)."""
+
+
+def flash_backward_scratch(batch: int, heads: int, seq: int, head_dim: int) -> list[int]:
+    """The buffers flash attention's backward allocates and drops inside the op (FlashAttention-2's
+    ``mha_bwd`` in PyTorch's flash_api.cpp): ``softmax_d``, fp32 (batch, heads, rounded rows), then
+    the fp32 dQ accumulator (batch, rounded rows, heads, rounded head dim). From the source, not yet
+    checked against a trace (the H200 runs used cuDNN and memory-efficient attention)."""
+    rows = _div_up(seq, FLASH_ROWS_ROUNDING) * FLASH_ROWS_ROUNDING
+    width = _div_up(head_dim, FLASH_HEAD_ROUNDING) * FLASH_HEAD_ROUNDING if head_dim <= 192 else 256
+    return [batch * heads * rows * 4, batch * rows * heads * width * 4]
+
+
+# Each backend's backward op -> the position of its attention bias (None: the backend takes none).
 _ATTENTION_BACKWARD = {
-    getattr(_aten, name).default
-    for name in (
-        "_scaled_dot_product_flash_attention_for_cpu_backward",
-        "_scaled_dot_product_flash_attention_backward",
-        "_scaled_dot_product_efficient_attention_backward",
+    getattr(_aten, name).default: bias
+    for name, bias in (
+        ("_scaled_dot_product_cudnn_attention_backward", 8),
+        ("_scaled_dot_product_efficient_attention_backward", 4),
+        ("_scaled_dot_product_flash_attention_backward", None),
     )
     if hasattr(_aten, name)
 }
+
+
+def _attention_backward(func: Any, args: tuple) -> list[int]:
+    """The workspace of the backward of the backend the fake run chose (dbprofile.measure.cuda_attention)."""
+    q = args[1] if len(args) > 1 else None
+    if not isinstance(q, torch.Tensor) or q.dim() != 4:
+        return []
+    batch, heads, seq, head_dim = q.shape
+    bias = _ATTENTION_BACKWARD[func]
+    if bias is None:
+        return flash_backward_scratch(batch, heads, seq, head_dim)
+    masked = len(args) > bias and args[bias] is not None
+    if bias == 4 and q.dtype != torch.float32:  # memory-efficient at fp16/bf16: not modelled
+        return []
+    nbytes = attention_backward_scratch(batch, heads, seq, head_dim, q.dtype, masked)
+    return [nbytes] if nbytes else []
+
+
+_EFFICIENT_ATTENTION = getattr(_aten, "_scaled_dot_product_efficient_attention", None)
+
+
+def op_host_outputs(func: Any, out: Any) -> list[torch.Tensor]:
+    """Outputs a CUDA kernel keeps in host memory: memory-efficient attention's RNG seed and offset
+    (0-dim int64 CPU tensors outside CUDA-graph capture; its fake kernel makes them beside the
+    output). The H200 traces agree: no 8-byte device allocation in the fp32 (memory-efficient)
+    runs, one per call in the bf16 (cuDNN, which keeps them on the device) ones."""
+    if _EFFICIENT_ATTENTION is not None and func is _EFFICIENT_ATTENTION.default and isinstance(out, tuple):
+        return [t for t in out[2:4] if isinstance(t, torch.Tensor)]
+    return []
 
 
 _CONTIGUOUS_INPUTS = {
@@ -237,13 +283,7 @@ def op_scratch_allocations(func: Any, args: tuple, kwargs: dict) -> list[int]:
     """The transient allocations (bytes, in order) a CUDA kernel makes inside ``func`` after its
     outputs."""
     if func in _ATTENTION_BACKWARD:
-        q = args[1] if len(args) > 1 else None
-        if not isinstance(q, torch.Tensor) or q.dim() != 4:
-            return []
-        batch, heads, seq, head_dim = q.shape
-        masked = kwargs.get("attn_mask") is not None
-        nbytes = attention_backward_scratch(batch, heads, seq, head_dim, q.dtype, masked)
-        return [nbytes] if nbytes else []
+        return _attention_backward(func, args)
     if func in _FLOAT_ACCUMULATING or func in _SAME_TYPE_ACCUMULATING:
         x = args[0] if args else None
         if not isinstance(x, torch.Tensor) or x.is_sparse:

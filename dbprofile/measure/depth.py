@@ -259,6 +259,7 @@ def measure_fake(
     round_to: int | None = None,
     emulate_cuda: bool = False,
     micro_batches: int = 1,
+    compute_capability: tuple[int, int] = (9, 0),
 ) -> Measurement:
     """The runner's fake-tensor measurement of ``tech`` (one warm-up, one tracked step) at the model's
     full depth, extrapolated from shallow traces where exact (``by_depth``). ``full_trace`` forces the
@@ -283,6 +284,7 @@ def measure_fake(
             traces=traces,
             emulate_cuda=emulate_cuda,
             micro_batches=micro_batches,
+            compute_capability=compute_capability,
             # DiffusionBlocks' activation ratios are counted once, at full depth, not per shallow trace.
             count_activations=depth is None and micro_batches == 1,
         )

@@ -31,6 +31,7 @@ from dbprofile.loading import checked_spec, load_spec
 from dbprofile.measure import device as devices
 from dbprofile.measure import snapshot
 from dbprofile.measure.activation_counts import activation_ratios as counted_ratios
+from dbprofile.measure.cuda_attention import CudaAttention
 from dbprofile.measure.failures import free_memory, record_failure
 from dbprofile.measure.fake import cuda_autocast_policy, fake_mode
 from dbprofile.measure.interleaved import time_interleaved
@@ -99,10 +100,16 @@ def measure(
     time_limit_s = settings.time_limit_s or None
     with time_limit(time_limit_s, f"{tech.name} at batch size {batch_size}") as limit:
         try:
-            with cuda_autocast_policy() if settings.emulate_cuda else contextlib.nullcontext():
+            attention = CudaAttention(settings.compute_capability) if settings.emulate_cuda else None
+            with (
+                cuda_autocast_policy() if settings.emulate_cuda else contextlib.nullcontext(),
+                attention or contextlib.nullcontext(),
+            ):
                 measure_into(
                     m, spec, tech, batch_size, settings, dev=dev, snapshot_for=snapshot_for, traces=traces, timed=timed
                 )
+            if attention is not None and attention.backends:
+                m.extra["attention_backends"] = attention.backends
             if m.status == "ok" and tech.is_diffusion_blocks and count_activations:
                 activation_ratios(m, spec, tech, batch_size)
         except SpecError:

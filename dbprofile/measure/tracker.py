@@ -258,8 +258,14 @@ class Tracker:
         if param.grad is not None:
             self._assign_role(param.grad, "gradients")
 
-    def _info(self, t: torch.Tensor) -> StorageInfo | None:
-        """The record for t's storage, creating it (as a temporary) the first time."""
+    def on_host_output(self, t: torch.Tensor) -> None:
+        """``t`` is an output the CUDA kernel keeps in host memory although the fake op made it on the
+        tracked device (memory-efficient attention's RNG seed and offset): never counted."""
+        self._info(t, host=True)
+
+    def _info(self, t: torch.Tensor, host: bool = False) -> StorageInfo | None:
+        """The record for t's storage, creating it (as a temporary, or uncounted if ``host``) the
+        first time."""
         try:
             st = t.untyped_storage()
         except (RuntimeError, NotImplementedError):  # sparse / nested layouts: not tracked
@@ -269,7 +275,9 @@ class Tracker:
         if info is not None:
             return info
         dev = t.device
-        excluded = dev.type != self.device.type or (self.device.index is not None and dev.index != self.device.index)
+        excluded = (
+            host or dev.type != self.device.type or (self.device.index is not None and dev.index != self.device.index)
+        )
         if not excluded and self._host_resident is not None:
             excluded = bool(self._host_resident(t))
         nbytes = self.rounded(st.nbytes())

@@ -10,7 +10,7 @@ from typing import Any, Protocol
 
 import torch
 
-from dbprofile.measure.cuda_scratch import op_input_copies, op_scratch_allocations
+from dbprofile.measure.cuda_scratch import op_host_outputs, op_input_copies, op_scratch_allocations
 from dbprofile.measure.tracking import StorageInfo
 from dbprofile.torch_internals import TorchDispatchMode
 
@@ -28,6 +28,8 @@ class TrackerHooks(Protocol):
     def on_op(self, func: Any, args: tuple, kwargs: dict, out: Any) -> None: ...
 
     def on_op_peak(self, in_op_total: int) -> None: ...
+
+    def on_host_output(self, t: torch.Tensor) -> None: ...
 
     def scratch_alloc(self, sizes: list[int]) -> list[Any]: ...
 
@@ -102,6 +104,8 @@ class TrackingMode(TorchDispatchMode):
         before = op_input_copies(func, args)
         blocks = tracker.scratch_alloc(before)
         out = func(*args, **kwargs)
+        for host in op_host_outputs(func, out):
+            tracker.on_host_output(host)
         tracker.on_op(func, args, kwargs, out)
         after = op_scratch_allocations(func, args, kwargs)
         blocks += tracker.scratch_alloc(after)

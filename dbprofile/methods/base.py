@@ -15,7 +15,7 @@ from typing import Protocol, TypeVar
 import torch
 from torch import nn
 
-from dbprofile.settings import unknown_optimizer, unknown_precision
+from dbprofile.settings import optimizer_parts, resolve_optimizer, unknown_optimizer, unknown_precision
 from dbprofile.spec import Batch, ModelSpec, SpecError
 
 # Every technique clips the gradient norm at 1.0: DiffusionBlocks needs it (METHOD.md), and
@@ -30,17 +30,31 @@ def no_mark(_phase: str) -> None:
 
 
 def make_optimizer(name: str, params: Iterable[nn.Parameter], lr: float = 1e-3) -> torch.optim.Optimizer:
-    """AdamW (default), SGD with momentum, or Adafactor; foreach kernels off for a stable peak."""
+    """AdamW (default), SGD with momentum, or Adafactor, in the implementation ``name`` names
+    ('adamw-fused'; dbprofile.settings.resolve_optimizer makes a bare 'adamw' explicit for the device;
+    left bare, PyTorch picks by the parameters' device)."""
     params = list(params)
-    if name == "adamw":
-        return torch.optim.AdamW(params, lr=lr, weight_decay=0.0, foreach=False)
-    if name == "sgd":
-        return torch.optim.SGD(params, lr=lr, momentum=0.9, foreach=False)
-    if name == "adafactor":
+    algorithm, implementation = optimizer_parts(name)
+    # None leaves the choice to PyTorch (by the parameters' device); fused=True implies no foreach.
+    foreach = None if implementation in (None, "fused") else implementation == "foreach"
+    fused = True if implementation == "fused" else None
+    if algorithm == "adamw":
+        return torch.optim.AdamW(params, lr=lr, weight_decay=0.0, foreach=foreach, fused=fused)
+    if algorithm == "sgd":
+        return torch.optim.SGD(params, lr=lr, momentum=0.9, foreach=foreach, fused=fused)
+    if algorithm == "adafactor":
         if not hasattr(torch.optim, "Adafactor"):
             raise SpecError("The adafactor optimizer needs torch>=2.5; upgrade torch or use --optimizer adamw.")
-        return torch.optim.Adafactor(params, lr=lr, foreach=False)
+        return torch.optim.Adafactor(params, lr=lr, foreach=foreach)  # settings refuse adafactor-fused
     raise unknown_optimizer(name)
+
+
+def clip_gradients(params: list[nn.Parameter], optimizer_name: str) -> None:
+    """Clip the gradient norm at GRAD_CLIP_NORM the way the optimizer's implementation goes: the
+    for-loop with a loop optimizer, foreach otherwise (PyTorch's default for clipping on CUDA and the
+    CPU; a fused optimizer has no fused clipping, so its users clip with foreach)."""
+    _, implementation = optimizer_parts(optimizer_name)
+    torch.nn.utils.clip_grad_norm_(params, GRAD_CLIP_NORM, foreach=implementation != "loop")
 
 
 ModuleT = TypeVar("ModuleT", bound=nn.Module)
@@ -118,8 +132,10 @@ class Trainer:
         self.model = model
         self.device = device
         self.precision = precision
-        self.optimizer_name = optimizer
-        self.optimizer = make_optimizer(optimizer, self.trainable_parameters(), lr=lr)
+        # The implementation made explicit for the device (PyTorch's default there), so that clipping,
+        # sharding's rebuilt optimizers and the offloading copies all follow one choice.
+        self.optimizer_name = resolve_optimizer(optimizer, torch.device(device).type == "cuda")
+        self.optimizer = make_optimizer(self.optimizer_name, self.trainable_parameters(), lr=lr)
 
     def trainable_parameters(self) -> list[nn.Parameter]:
         return [p for p in self.model.parameters() if p.requires_grad]
@@ -152,7 +168,7 @@ class Trainer:
             (loss / self.micro_batches if self.micro_batches > 1 else loss).backward()
         mark("optimizer")
         params = [p for p in self.parameters_for_step(unit) if p.grad is not None]
-        torch.nn.utils.clip_grad_norm_(params, GRAD_CLIP_NORM, foreach=False)
+        clip_gradients(params, self.optimizer_name)
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
         return loss.detach()

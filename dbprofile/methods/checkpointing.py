@@ -3,7 +3,8 @@ layer (``ckpt``) or around k contiguous segments of layers (``ckpt:k``)."""
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import contextlib
+from collections.abc import Callable, Iterator
 from typing import Any, cast
 
 import torch
@@ -12,6 +13,7 @@ from torch.utils.checkpoint import checkpoint
 
 from dbprofile.methods.base import Trainer, to_device
 from dbprofile.spec import Batch, ModelSpec, get_layers, like_stack, set_layers
+from dbprofile.torch_internals import function_modes
 
 
 def split_contiguous(n: int, parts: int) -> list[range]:
@@ -23,6 +25,36 @@ def split_contiguous(n: int, parts: int) -> list[range]:
         groups.append(range(start, start + size))
         start += size
     return groups
+
+
+@contextlib.contextmanager
+def _entered(modes: list[torch.overrides.TorchFunctionMode]) -> Iterator[None]:
+    with contextlib.ExitStack() as stack:
+        for mode in modes:
+            stack.enter_context(mode)
+        yield
+
+
+@contextlib.contextmanager
+def _recomputing(recompute: contextlib.AbstractContextManager, modes: list) -> Iterator[None]:
+    with _entered(modes), recompute:
+        yield
+
+
+def with_same_modes(
+    contexts: tuple[contextlib.AbstractContextManager, contextlib.AbstractContextManager],
+) -> tuple[contextlib.AbstractContextManager, contextlib.AbstractContextManager]:
+    """A checkpoint's (forward, recomputation) contexts, the recomputation also re-entering the forward's
+    torch-function modes: it runs inside backward, where the autograd engine does not carry them, and
+    must take the forward's path and save the same tensors. The planner's CUDA emulation is such a
+    mode (CUDA's autocast order, the attention kernel a GPU picks: dbprofile.measure)."""
+    forward, recompute = contexts
+    return forward, _recomputing(recompute, function_modes())
+
+
+def same_modes_in_recomputation() -> tuple[contextlib.AbstractContextManager, contextlib.AbstractContextManager]:
+    """``context_fn`` for plain checkpointing (with_same_modes around no contexts of its own)."""
+    return with_same_modes((contextlib.nullcontext(), contextlib.nullcontext()))
 
 
 class CheckpointedSegment(nn.Module):
@@ -54,9 +86,8 @@ class CheckpointedSegment(nn.Module):
     def forward(self, hidden, *args, **kwargs):
         if not torch.is_grad_enabled():
             return self._run(hidden, *args, **kwargs)
-        if self.context_fn is None:
-            return checkpoint(self._run, hidden, *args, use_reentrant=False, **kwargs)
-        return checkpoint(self._run, hidden, *args, use_reentrant=False, context_fn=self.context_fn, **kwargs)
+        context_fn = self.context_fn or same_modes_in_recomputation
+        return checkpoint(self._run, hidden, *args, use_reentrant=False, context_fn=context_fn, **kwargs)
 
 
 def checkpoint_layers(

@@ -29,7 +29,7 @@ import torch
 from torch.utils.checkpoint import CheckpointPolicy, create_selective_checkpoint_contexts
 
 from dbprofile.methods.base import Trainer, to_device
-from dbprofile.methods.checkpointing import checkpoint_layers
+from dbprofile.methods.checkpointing import checkpoint_layers, with_same_modes
 from dbprofile.spec import Batch, ModelSpec
 
 
@@ -98,7 +98,7 @@ class SelectiveCheckpointTrainer(Trainer):
 
         def contexts():
             policy = SavePolicy(alternate, lambda: holder[0].saved_output_listener if holder else None)
-            return create_selective_checkpoint_contexts(policy)
+            return with_same_modes(create_selective_checkpoint_contexts(policy))
 
         checkpoint_layers(model, spec.layers, None, context_fn=contexts)
         trainer = cls(spec, model, device, **kwargs)

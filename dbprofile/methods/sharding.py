@@ -31,9 +31,9 @@ import torch.distributed as dist
 from torch import nn
 
 from dbprofile.methods.base import (
-    GRAD_CLIP_NORM,
     Mark,
     autocast_context,
+    clip_gradients,
     make_optimizer,
     no_mark,
 )
@@ -174,7 +174,7 @@ def _block_parallel_class():
             self.all_reduce_shared()
             mark("optimizer")
             params = [p for p in self.parameters_for_step(block) if p.grad is not None]
-            torch.nn.utils.clip_grad_norm_(params, GRAD_CLIP_NORM, foreach=False)
+            clip_gradients(params, self.optimizer_name)
             self.optimizer.step()
             self.optimizer.zero_grad(set_to_none=True)
             return loss.detach()
@@ -216,7 +216,7 @@ def make_block_parallel_trainer(
     trainer.units = [rank]
     trainer.group = group
     own = [p for p in model.shared_parameters() + model.block_parameters(rank) if p.requires_grad]
-    _replace_optimizer(trainer, make_optimizer(optimizer, own, lr=lr))
+    _replace_optimizer(trainer, make_optimizer(trainer.optimizer_name, own, lr=lr))
     return trainer
 
 

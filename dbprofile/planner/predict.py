@@ -19,10 +19,16 @@ from dbprofile.methods.sharding import (
 )
 from dbprofile.planner.accumulation import plan_accumulation
 from dbprofile.planner.fit import entry_corrections, find_max_batch, set_fit
-from dbprofile.planner.targets import ASSUMED_UTILISATION, resolve_target, time_per_million_samples
+from dbprofile.planner.targets import (
+    ASSUMED_UTILISATION,
+    UNKNOWN_GPU_COMPUTE_CAPABILITY,
+    resolve_target,
+    time_per_million_samples,
+)
 from dbprofile.planner.transfer import estimate_link_time
 from dbprofile.planner.zero import block_parallel, model_facts, shard_zero
 from dbprofile.results import Measurement, Plan, PlanEntry, per_sample
+from dbprofile.settings import resolve_optimizer
 from dbprofile.spec import ModelSpec, SpecError
 from dbprofile.techniques import (
     PARALLEL_SUFFIX,
@@ -62,6 +68,19 @@ def parse_requested(
     if not out:
         raise SpecError("No technique given; pass e.g. techniques=['e2e', 'ckpt', 'db:4'].")
     return list(out.values())
+
+
+def attention_backends(entries: list[PlanEntry]) -> dict[str, dict[str, str]]:
+    """The attention kernel each call site runs on the target, once per model: taken out of every
+    entry's ``extra`` (each technique's fake run saw the same sites) into ``{'attention_backends':
+    {site: backend}}``, empty when the model calls no scaled_dot_product_attention or the target is
+    the CPU."""
+    sites: dict[str, str] = {}
+    for entry in entries:
+        for site, backend in (entry.extra.pop("attention_backends", None) or {}).items():
+            seen = set(sites.get(site, "").split(", ")) | set(backend.split(", "))
+            sites[site] = ", ".join(sorted(seen - {""}))
+    return {"attention_backends": sites} if sites else {}
 
 
 def default_measure() -> MeasureFn:
@@ -122,6 +141,16 @@ def plan(
             "Pass world_size > 1 (e.g. --world-size 8), or zero_stage=0 for one device."
         )
     target = resolve_target(device)
+    # The step the user runs on the target: PyTorch's default implementation there (foreach on CUDA)
+    # unless the name says which; the fake run on the CPU would otherwise take the CPU's default.
+    optimizer = resolve_optimizer(optimizer, target.cuda)
+    if optimizer == "adafactor-foreach":
+        raise SpecError(
+            "Adafactor's foreach step (PyTorch's default on CUDA) reads every step count as a Python number "
+            "(.item()), which fake tensors do not hold, so the planner cannot run it; nothing was planned. "
+            "Plan with --optimizer adafactor-loop: both keep the same state, and the foreach step adds its "
+            "temporaries over all parameters at once on top."
+        )
     # The same checks as a run's (loss, build, hidden width); db:B's own need for residual layers
     # surfaces in its fake run.
     spec, _ = checked_spec(spec, require_residual=False)
@@ -151,6 +180,7 @@ def plan(
     runs: dict[tuple[str, int, int], Measurement] = {}
     # A CUDA target's tracker counts each storage in 512-byte blocks, as the caching allocator does.
     round_to = CUDA_BLOCK_BYTES if target.cuda else None
+    capability = target.compute_capability or UNKNOWN_GPU_COMPUTE_CAPABILITY
 
     def fake_run(tech: Technique, b: int, micro: int = 1) -> Measurement:
         key = (tech.name, b, micro)
@@ -173,6 +203,7 @@ def plan(
                         round_to=round_to,
                         emulate_cuda=target.cuda,
                         micro_batches=micro,
+                        compute_capability=capability,
                     )
                 else:
                     runs[key] = run(
@@ -189,6 +220,7 @@ def plan(
                         steps=1,
                         emulate_cuda=target.cuda,
                         micro_batches=micro,
+                        compute_capability=capability,
                     )
             except SpecError:
                 raise
@@ -295,15 +327,17 @@ def plan(
                 plan_accumulation(entry, accumulating, target.capacity_bytes, min_micro_batch)
         entries.append(entry)
 
+    model_info = {
+        "family": spec.family,
+        "task": spec.task,
+        "num_layers": facts.num_layers,
+        "parameter_bytes": facts.total_bytes,
+        "batch_statistics": facts.batch_statistics,
+    }
+    model_info.update(attention_backends(entries))
     result = Plan(
         model=spec.name,
-        model_info={
-            "family": spec.family,
-            "task": spec.task,
-            "num_layers": facts.num_layers,
-            "parameter_bytes": facts.total_bytes,
-            "batch_statistics": facts.batch_statistics,
-        },
+        model_info=model_info,
         device=target.name,
         capacity_bytes=target.capacity_bytes,
         batch_size=batch_size,

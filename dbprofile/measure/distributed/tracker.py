@@ -83,10 +83,10 @@ class ShardedTracker(Tracker):
 
     # -------------------------------------------------------- DTensors and regions
 
-    def _info(self, t: torch.Tensor):
+    def _info(self, t: torch.Tensor, host: bool = False):
         t = _local(t)
         key_known = _storage_id(t) in self._infos
-        info = super()._info(t)
+        info = super()._info(t, host)
         if (
             info is not None
             and not key_known
