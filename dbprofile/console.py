@@ -70,6 +70,8 @@ class Output:
     json_mode: bool = False
     csv_path: Path | None = None
     verbosity: int = NORMAL
+    answer_stream: Any = None
+    """Where ``emit_json`` writes: stdout as it was before ``stdout_kept_for_answer``."""
 
     @property
     def interactive(self) -> bool:
@@ -91,7 +93,19 @@ class Output:
     def emit_json(self, document: dict[str, Any] | list[dict[str, Any]]) -> None:
         """The whole answer as one JSON document on stdout (only with --json)."""
         if self.json_mode:
-            click.echo(json.dumps(standard_json(document), indent=1, allow_nan=False))
+            click.echo(json.dumps(standard_json(document), indent=1, allow_nan=False), file=self.answer_stream)
+
+    @contextlib.contextmanager
+    def stdout_kept_for_answer(self) -> Iterator[None]:
+        """With --json, stdout carries one JSON document and nothing else: for the block's
+        duration whatever else prints to stdout (a model's ``print``, a library's banner) goes to
+        stderr, and ``emit_json`` writes to the stdout kept aside."""
+        if not self.json_mode:
+            yield
+            return
+        self.answer_stream = sys.stdout
+        with contextlib.redirect_stdout(sys.stderr):
+            yield
 
     def write_csv(self, make_frame: Callable[[], Any]) -> None:
         """With --csv FILE, write the pandas DataFrame ``make_frame()`` builds there (folders created);

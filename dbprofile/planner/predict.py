@@ -49,6 +49,12 @@ def parse_requested(
     for raw in names:
         tech = parse_technique(str(raw))
         check_technique_fits(tech, num_layers)
+        if tech.parallel and (tech.blocks or 1) > world_size:
+            raise SpecError(
+                f"{tech.name} trains one block per device, on {tech.blocks} devices, but the plan has "
+                f"{world_size} (world_size, --world-size). Pass a world size of at least {tech.blocks}, "
+                f"or db:B+parallel with B <= {world_size}."
+            )
         out.setdefault(tech.name, (tech.name, tech.on_one_device(), tech.parallel))
     if not out:
         raise SpecError("No technique given; pass e.g. techniques=['e2e', 'ckpt', 'db:4'].")
