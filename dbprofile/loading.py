@@ -50,6 +50,9 @@ def load_ecosystem(
 ) -> ModelSpec:
     """The ModelSpec of an ecosystem model, built from its configuration only (no weights)."""
     prefix, _, name = source.partition(":")
+    for shape, value in (("seq_len", seq_len), ("image_size", image_size)):
+        if value is not None and value < 1:  # checked here as for presets (reshape), not left to a config default
+            raise SpecError(f"{SHAPE_OPTIONS[shape]} must be at least 1; got {value}.")
     if not name:
         raise SpecError(
             f"{source!r} names no model: write {prefix}:NAME, e.g. hf:gpt2, diffusers:DiT, timm:vit_base_patch16_224."
@@ -147,6 +150,13 @@ def load_spec(source: str | None) -> ModelSpec:
         return get_preset(DEFAULT_PRESET)
     if isinstance(source, ModelSpec):
         return source
+    if isinstance(source, Path):
+        source = str(source)
+    if not isinstance(source, str):
+        raise SpecError(
+            f"A model is a ModelSpec, a preset name, a file.py[:name] path or hf:/diffusers:/timm:NAME; "
+            f"got {type(source).__name__} {source!r}."
+        )
     if is_ecosystem_source(source):  # hf:NAME, diffusers:NAME, timm:NAME
         return load_ecosystem(source)
     path_part, _, obj_name = source.partition(":")

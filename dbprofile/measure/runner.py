@@ -194,7 +194,7 @@ def run(
     it). The verdict (dbprofile.verdict) is computed once at the end and stored on the result."""
     settings = RunSettings.of(settings, **setting_fields)
     spec = spec if isinstance(spec, ModelSpec) else load_spec(spec)
-    techs = parse_techniques(list(techniques) if not isinstance(techniques, str) else techniques)
+    techs = parse_techniques(techniques)
     sizes = [batch_sizes] if isinstance(batch_sizes, int) else list(batch_sizes)
     if not sizes or any(not isinstance(b, int) or b < 1 for b in sizes):
         raise SpecError(f"Batch sizes must be integers of at least 1; got {sizes}.")
@@ -246,7 +246,7 @@ def run(
             if on_measurement is not None:
                 on_measurement(m)
             if interleave and (done == len(todo) or todo[done][1] != batch_size):
-                time_interleaved(spec, measured_at(result, batch_size, techs), batch_size, settings.steps)
+                time_cpu(spec, measured_at(result, batch_size, techs), batch_size, settings)
                 if out is not None:
                     result.save(out)
     except KeyboardInterrupt as err:
@@ -265,6 +265,29 @@ def run(
     if out is not None:
         result.save(out)
     return result
+
+
+def time_cpu(
+    spec: ModelSpec, entries: list[tuple[Measurement, Technique]], batch_size: int, settings: RunSettings
+) -> None:
+    """``time_interleaved`` under the run's time limit. Each technique timed has its own limit, and
+    the rounds time them together, so the rounds get the sum; past it the techniques not yet timed
+    keep their memory figures and say the timing stopped (``extra['timing_error']``)."""
+    timed = [m for m, _ in entries if m.ok]
+    seconds = settings.time_limit_s * len(timed) if settings.time_limit_s and timed else None
+    try:
+        with time_limit(seconds, f"the CPU timing at batch size {batch_size}") as limit:
+            time_interleaved(spec, entries, batch_size, settings.steps)
+    except TimeLimitExceeded:
+        pass
+    if limit.expired:
+        for m in timed:
+            if m.step_time_s is None:
+                m.extra["timing_error"] = (
+                    f"timeout: the timed steps stopped after the time limit of {settings.time_limit_s:g} s per "
+                    f"technique ({seconds:g} s for the {len(timed)} timed together); the memory figures stand. "
+                    "Raise --timeout (or lower --steps) for step times."
+                )
 
 
 def measured_at(result: RunResult, batch_size: int, techs: list[Technique]) -> list[tuple[Measurement, Technique]]:

@@ -79,6 +79,10 @@ def run_table(result: RunResult) -> str:
         f"{m.technique} @ batch {m.batch_size}: {m.status.upper()}: {m.error}"
         for m in result.measurements
         if m.status != "ok" and m.error
+    ] + [
+        f"{m.technique} @ batch {m.batch_size}: no step time: {m.extra['timing_error']}"
+        for m in result.measurements
+        if m.ok and m.extra.get("timing_error")
     ]
     device = result.environment.get("device_name") or result.environment.get("device", "")
     fake = " (fake tensors)" if any(m.fake for m in result.measurements) else ""

@@ -37,12 +37,13 @@ from dbprofile.vocabulary import Decision
 
 def judge(
     result: RunResult | Plan,
-    capacity_bytes: int | None = None,
+    capacity_bytes: int | str | None = None,
     *,
     from_checkpoint: bool | None = None,
     devices: int | None = None,
 ) -> Verdict:
-    """Apply the rules to a measured run or a plan. ``capacity_bytes`` overrides the target's capacity,
+    """Apply the rules to a measured run or a plan. ``capacity_bytes`` (bytes, or a size such as
+    '24GiB') overrides the target's capacity,
     ``from_checkpoint`` and ``devices`` the situation stored in the result (training from scratch and
     the plan's world size by default)."""
     rows, s = situation_of(result, capacity_bytes, from_checkpoint, devices)

@@ -8,6 +8,7 @@ from dataclasses import dataclass
 
 from dbprofile.results import Plan, RunResult, per_sample
 from dbprofile.techniques import parse_technique
+from dbprofile.units import size_bytes
 from dbprofile.vocabulary import Status
 
 
@@ -139,8 +140,14 @@ def cheapest_row(rows: list[Row]) -> Row | None:
 
 
 def situation_of(
-    result: RunResult | Plan, capacity_bytes: int | None, from_checkpoint: bool | None, devices: int | None
+    result: RunResult | Plan, capacity_bytes: int | str | None, from_checkpoint: bool | None, devices: int | None
 ) -> tuple[list[Row], Situation]:
+    # The situation as a caller may write it ('24GiB', like --gpu 24GiB); nonsense is a ValueError.
+    capacity_bytes = size_bytes(capacity_bytes, "capacity_bytes") if capacity_bytes is not None else None
+    if from_checkpoint is not None and not isinstance(from_checkpoint, bool):
+        raise ValueError(f"from_checkpoint is True, False or None; got {from_checkpoint!r}.")
+    if devices is not None and (isinstance(devices, bool) or not isinstance(devices, int) or devices < 1):
+        raise ValueError(f"devices is a number of devices, at least 1; got {devices!r}.")
     if isinstance(result, Plan):
         rows = rows_from_plan(result)
         capacity = capacity_bytes if capacity_bytes is not None else result.capacity_bytes
