@@ -118,7 +118,8 @@ class Output:
 
     @contextlib.contextmanager
     def logging_configured(self) -> Iterator[None]:
-        """Route the ``dbprofile`` logger to stderr at this command's level for the block's duration."""
+        """Route the ``dbprofile`` logger to stderr at this command's level for the block's duration;
+        below -v, libraries' log records lose their tracebacks (``_quiet_libraries``)."""
         handler = _rich_handler() if self.interactive else _ClickHandler()
         handler.setFormatter(logging.Formatter("%(message)s"))
         previous = (log.level, log.propagate)
@@ -126,7 +127,8 @@ class Output:
         log.setLevel(_LEVELS[self.verbosity])
         log.propagate = False  # the command owns stderr; no second copy through a root handler
         try:
-            yield
+            with _quiet_libraries() if self.verbosity < VERBOSE else contextlib.nullcontext():
+                yield
         finally:
             log.removeHandler(handler)
             log.setLevel(previous[0])
@@ -160,6 +162,38 @@ class Output:
 
             with progress.reporting(on_stage):
                 yield lambda: display.advance(task)
+
+
+SILENCED_LOGGERS = ("torch._subclasses.fake_tensor",)
+"""Loggers that report, with a traceback, an exception dbprofile catches and says in its own
+paragraph (fake tensors log every op that fails before raising it): off below -v."""
+
+
+@contextlib.contextmanager
+def _quiet_libraries() -> Iterator[None]:
+    """No library's log record prints a traceback on a user's terminal (dbprofile says what went
+    wrong in one paragraph; -v keeps them for debugging): every record made while the block runs,
+    by a logger that exists now or is made later (transformers, diffusers, timm), is made without
+    its exception and stack; the loggers in SILENCED_LOGGERS print nothing."""
+    make_record = logging.getLogRecordFactory()
+
+    def without_traceback(*args: Any, **kwargs: Any) -> logging.LogRecord:
+        record = make_record(*args, **kwargs)
+        if not record.name.startswith("dbprofile"):
+            record.exc_info, record.exc_text, record.stack_info = None, None, None
+        return record
+
+    silenced = [logging.getLogger(name) for name in SILENCED_LOGGERS]
+    levels = [logger.level for logger in silenced]
+    logging.setLogRecordFactory(without_traceback)
+    for logger in silenced:
+        logger.setLevel(logging.CRITICAL + 1)
+    try:
+        yield
+    finally:
+        logging.setLogRecordFactory(make_record)
+        for logger, level in zip(silenced, levels):
+            logger.setLevel(level)
 
 
 @functools.cache

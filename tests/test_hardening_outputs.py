@@ -6,6 +6,7 @@ every value's rows)."""
 from __future__ import annotations
 
 import json
+import re
 import textwrap
 
 import pytest
@@ -54,7 +55,7 @@ def invoke(*args):
 
 def refused(result, *fragments) -> None:
     assert result.exit_code == 2, result.output
-    assert "Traceback" not in result.output and result.output.count("Error:") == 1, result.output
+    assert "Traceback" not in result.output and re.findall(r"(?m)^Error:", result.output) == ["Error:"], result.output
     for fragment in fragments:
         assert fragment in result.output, result.output
 

@@ -296,7 +296,7 @@ def _run_one(
     asked = techs
     with loading_limit(settings.time_limit_s):
         # The default set adapts to shallow models; techniques asked for by name never do.
-        spec, techs, facts = prepare(spec, asked, precision, optimizer, drop_deeper=drop_deeper)
+        spec, techs, facts = prepare(spec, asked, precision, optimizer, drop_deeper=drop_deeper, fake=fake)
     dropped = [t.name for t in asked if t not in techs]
     if dropped:
         console.info(f"skipping {', '.join(dropped)}: the model has only {facts['num_layers']} layers")

@@ -130,6 +130,7 @@ def prepare(
     precision: str = "fp32",
     optimizer: str = "adamw",
     drop_deeper: bool = False,
+    fake: bool = True,
 ) -> tuple[ModelSpec, list[Technique], dict[str, Any]]:
     """Check everything the techniques need before the first measurement, so a run never
     stops half-way (after minutes of measuring) for a reason it could have found at the start.
@@ -140,9 +141,11 @@ def prepare(
     builds DiffusionBlocks on fake tensors and steps every block once, which is where the
     task conventions (batch keys, a CLS token, residual shapes) are checked. ``drop_deeper``
     (the CLI's default technique set, which adapts to shallow models) leaves out db:B with more
-    blocks than layers instead of refusing them. Returns the spec to measure, the techniques,
-    and the validation's facts; raises SpecError."""
-    spec, facts = checked_spec(spec, require_residual=any(t.is_diffusion_blocks for t in techs))
+    blocks than layers instead of refusing them. ``fake=False`` (a real run) checks a step that
+    fake tensors cannot run on real tensors instead of refusing it. Returns the spec to measure,
+    the techniques, and the validation's facts; raises SpecError."""
+    require_residual = any(t.is_diffusion_blocks for t in techs)
+    spec, facts = checked_spec(spec, require_residual=require_residual, fake_only=fake)
     if drop_deeper:
         techs = [t for t in techs if not (t.is_diffusion_blocks and t.blocks > facts["num_layers"])]
     for tech in techs:
@@ -201,7 +204,7 @@ def run(
     device = settings.device
     dev = devices.resolve_device(device)  # a bad device string fails here, before anything runs
     if facts is None:
-        spec, techs, facts = prepare(spec, techs, settings.precision, settings.optimizer)
+        spec, techs, facts = prepare(spec, techs, settings.precision, settings.optimizer, fake=settings.fake)
     layer_count = facts["num_layers"]
     if settings.memory_snapshot is not None:
         snapshot.check_snapshot_device(dev, settings.fake)
