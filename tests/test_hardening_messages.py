@@ -144,3 +144,68 @@ def test_hf_directories_say_what_they_lack(tmp_path, monkeypatch):
     refused(invoke("run", "hf:empty", "--dry-run"), "without config.json", "empty")
     refused(invoke("run", f"hf:{tmp_path / 'weights'}", "--dry-run"), "without config.json", "model.safetensors")
     refused(invoke("run", "hf:./missing", "--dry-run"), "no such file or directory")
+
+
+FLAT = textwrap.dedent(
+    """
+    import torch
+    from torch import nn
+    from dbprofile import ModelSpec
+
+    class Net(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.layers = nn.ModuleList([nn.Linear(8, 8) for _ in range(2)])
+            self.head = nn.Linear(8, 3)
+
+        def forward(self, x):
+            for layer in self.layers:
+                x = x + layer(x)
+            return self.head(x)
+
+    def batch(n, device):
+        return {"inputs": torch.randn(n, 8).to(device), "targets": torch.randint(0, 3, (n,)).to(device)}
+
+    def loss(m, b):
+        return nn.functional.cross_entropy(m(b["inputs"]), b["targets"])
+
+    spec = ModelSpec(name="flat", build=Net, batch=batch, loss=loss, layers="layers",
+                     task="classification", num_classes=3)
+    """
+)
+
+
+def test_default_techniques_measure_what_applies_and_the_verdict_says_why_db_does_not(tmp_path):
+    """A classifier whose hidden state has no token axis: DiffusionBlocks needs a CLS token."""
+    (tmp_path / "flat.py").write_text(FLAT)
+    out = tmp_path / "r.json"
+    result = invoke("run", tmp_path / "flat.py", "-b", "2", "--fake", "-o", out)
+    assert result.exit_code == 0, result.output
+    assert "skipping db:2: Task 'classification'" in result.output
+    saved = RunResult.load(out)
+    assert [m.technique for m in saved.measurements] == ["e2e", "ckpt"]
+    assert "(N, tokens, d)" in saved.model_info["diffusion_blocks_not_applicable"]
+    assert saved.verdict.decision == "not-worth-it" and saved.verdict.recommended == "e2e"
+    assert "db-not-applicable" in [r.rule for r in saved.verdict.reasons]
+    # Named, DiffusionBlocks is refused before anything is measured, as before.
+    refused(invoke("run", tmp_path / "flat.py", "-t", "e2e,db:2", "--fake", "-o", out), "(N, tokens, d)")
+    refused(invoke("run", tmp_path / "flat.py", "--blocks", "2", "--fake", "-o", out), "(N, tokens, d)")
+
+
+def test_the_python_api_adapts_its_default_techniques_the_same_way(tmp_path):
+    from dbprofile import load_spec, run
+
+    (tmp_path / "flat.py").write_text(FLAT)
+    spec = load_spec(str(tmp_path / "flat.py"))
+    assert [m.technique for m in run(spec, batch_sizes=2, fake=True).measurements] == ["e2e", "ckpt"]
+    with pytest.raises(SpecError, match="tokens"):
+        run(spec, ["e2e", "db:2"], 2, fake=True)
+
+
+def test_a_state_space_lm_says_why_db_cannot_run_in_the_concatenated_layout(tmp_path):
+    args = ["--set", "num_hidden_layers=2", "--set", "hidden_size=16", "--set", "vocab_size=50", "--seq-len", "4"]
+    out = tmp_path / "r.json"
+    refused(invoke("run", "hf:mamba", *args, "-t", "db:2", "--fake", "-o", out), "without attention", "interleaved")
+    result = invoke("run", "hf:mamba", *args, "-t", "e2e,db:2+interleaved", "-b", "1", "--fake", "-o", out)
+    assert result.exit_code == 0, result.output
+    assert [m.status for m in RunResult.load(out).measurements] == ["ok", "ok"]

@@ -215,7 +215,7 @@ def run(
             techs,
             settings,
             batch_sizes=batch_sizes,
-            drop_deeper=not techniques and not blocks,
+            default_set=not techniques and not blocks,
             out_path=out_path,
             no_report=no_report,
             dry_run=dry_run,
@@ -280,7 +280,7 @@ def _run_one(
     settings: RunSettings,
     *,
     batch_sizes: list[int],
-    drop_deeper: bool,
+    default_set: bool,
     out_path: Path,
     no_report: bool,
     dry_run: bool,
@@ -292,14 +292,19 @@ def _run_one(
     device, precision, optimizer, fake = settings.device, settings.precision, settings.optimizer, settings.fake
     from dbprofile.measure.runner import prepare
     from dbprofile.units import format_bytes
+    from dbprofile.verdict.evidence import DB_NOT_APPLICABLE
 
     asked = techs
     with loading_limit(settings.time_limit_s):
-        # The default set adapts to shallow models; techniques asked for by name never do.
-        spec, techs, facts = prepare(spec, asked, precision, optimizer, drop_deeper=drop_deeper, fake=fake)
-    dropped = [t.name for t in asked if t not in techs]
-    if dropped:
-        console.info(f"skipping {', '.join(dropped)}: the model has only {facts['num_layers']} layers")
+        # The default set adapts to the model (its depth, whether DiffusionBlocks applies);
+        # techniques asked for by name never do.
+        spec, techs, facts = prepare(spec, asked, precision, optimizer, default_set=default_set, fake=fake)
+    deeper = [t.name for t in asked if t not in techs and t.is_diffusion_blocks and t.blocks > facts["num_layers"]]
+    if deeper:
+        console.info(f"skipping {', '.join(deeper)}: the model has only {facts['num_layers']} layers")
+    not_applicable = [t.name for t in asked if t not in techs and t.name not in deeper]
+    if not_applicable:
+        console.info(f"skipping {', '.join(not_applicable)}: {facts[DB_NOT_APPLICABLE]}")
     console.text(
         f"{spec.name}: {spec.family} {spec.task}, {facts['num_layers']} residual layers at {spec.layers!r}, "
         f"hidden {facts['hidden_size']}, {facts['parameters']:,} parameters\n"

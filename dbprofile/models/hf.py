@@ -354,11 +354,19 @@ def hf_position_adapter(model: nn.Module, layout: SequenceLayout) -> CallRewrite
     per-position tensor for T tokens refuses DiffusionBlocks (sequence_layout.refusal)."""
     # Imported here, not at the top: the model source must not import the method at load time.
     from dbprofile.sequence_layout import (
+        UnsupportedLayoutError,
         per_position_arguments,
         refusal,
         signature_names,
     )
 
+    if layout.allowed is not None and not any("Attention" in type(m).__name__ for m in model.modules()):
+        raise UnsupportedLayoutError(
+            "DiffusionBlocks cannot run this model faithfully in its concatenated token layout: "
+            "its layers mix tokens without attention (a state-space scan, as in Mamba), so there is no mask "
+            "to keep each noisy token from reading the clean tokens after it. e2e and ckpt are unaffected; "
+            "db:B+interleaved (clean and noisy tokens interleaved under the plain causal order) may apply."
+        )
     rotary = _rotary_module(model)
     positions = layout.positions[None]
     made: dict[str, Any] = {}

@@ -156,6 +156,22 @@ def judge(
             fallback_name,
         )
 
+    if not dbs and s.db_not_applicable:
+        # What to train instead: e2e where it fits (or nothing says it does not), else the fallback.
+        keep = e2e if e2e is not None and (s.capacity is None or row_fits(e2e, s)) else fallback
+        reasons.append(
+            Reason(
+                rule="db-not-applicable",
+                sentence=f"DiffusionBlocks does not apply to this model, so it was not measured: {s.db_not_applicable}",
+                numbers={"recommended": keep.technique if keep is not None else None},
+            )
+        )
+        what = f"train with {keep.technique} ({format_bytes(keep.required)})" if keep is not None else instead
+        return verdict(
+            "not-worth-it",
+            f"Not applicable: DiffusionBlocks cannot train this model as it is; {what}.",
+            keep.technique if keep is not None else None,
+        )
     if not dbs:
         return verdict(
             "inconclusive", "Inconclusive: no DiffusionBlocks configuration was measured successfully.", fallback_name

@@ -56,6 +56,10 @@ class Row:
         return sum(self.shares.get(c, 0) for c in categories) / self.peak if self.peak else 0.0
 
 
+DB_NOT_APPLICABLE = "diffusion_blocks_not_applicable"
+"""The key of a result's ``model_info`` that says why DiffusionBlocks could not run on its model."""
+
+
 @dataclass
 class Situation:
     """What the rules know besides the rows: the target and how the team will train."""
@@ -66,6 +70,8 @@ class Situation:
     from_checkpoint: bool
     devices: int
     batch_size: int | None
+    db_not_applicable: str | None = None
+    """Why DiffusionBlocks could not run on this model at all (a run that left it out), if so."""
 
 
 def rows_from_run(result: RunResult) -> tuple[list[Row], int | None]:
@@ -169,4 +175,5 @@ def situation_of(
         from_checkpoint=stored_checkpoint if from_checkpoint is None else from_checkpoint,
         devices=stored_devices if devices is None else devices,
         batch_size=batch,
+        db_not_applicable=(result.model_info or {}).get(DB_NOT_APPLICABLE),
     )
