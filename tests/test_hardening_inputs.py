@@ -158,3 +158,21 @@ def test_the_time_limit_bounds_the_cpu_timing_too():
     assert m.ok and m.peak_bytes > 0 and m.step_time_s is None  # the memory figures stand
     assert "time limit of 2 s" in m.extra["timing_error"]
     assert "no step time" in dbprofile.report.text.run_table(result)
+
+
+def test_a_json_list_sets_a_tuple_field():
+    from dbprofile.models.overrides import parse_value
+
+    assert parse_value("depths", "[2, 2]", (2, 2, 6, 2)) == (2, 2)
+    assert parse_value("sizes", "[[1, 2], [3]]", ((1,),)) == ((1, 2), (3,))
+    with pytest.raises(SpecError, match="a list in JSON"):
+        parse_value("depths", '{"a": 1}', (2, 2))
+
+
+def test_swin_takes_its_depths_as_a_list_and_the_default_techniques_leave_db_out():
+    """Swin's stages change width (not residual): e2e and ckpt apply, DiffusionBlocks does not."""
+    args = ["--set", "depths=[2,2]", "--set", "num_heads=[2,2]", "--set", "embed_dim=16", "--set", "window_size=2"]
+    result = invoke("run", "hf:swin", *args, "--image-size", "32", "--dry-run", "--json")
+    assert result.exit_code == 0, result.output
+    assert '"techniques": [\n  "e2e",\n  "ckpt"\n ]' in result.stdout
+    assert "skipping db:2: Layer 0" in result.stderr
