@@ -93,3 +93,30 @@ def test_a_linear_peak_is_found_in_one_confirming_run():
 
     entry, calls = search(peak, 8, 20 * GiB, activations_per_sample=1_000_000)
     assert entry.max_batch_size == (20 * GiB - GiB) // 1_000_000 and len(calls) == 1
+
+
+def test_the_presentation_layer_reads_only_data_and_leaves():
+    """A constant or a lookup that two layers need lives in a leaf (docs/architecture.md): the
+    report and the console import nothing that measures, plans, loads or builds."""
+    import ast
+    from pathlib import Path
+
+    import dbprofile
+
+    package = Path(dbprofile.__file__).parent
+    below = ("dbprofile.measure", "dbprofile.gpus", "dbprofile.planner", "dbprofile.loading", "dbprofile.methods")
+    for path in [*sorted((package / "report").glob("*.py")), package / "console.py"]:
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.ImportFrom) and node.module:
+                assert not node.module.startswith(below), f"{path.name} imports {node.module}"
+
+
+def test_a_plans_time_estimate_names_its_flops_source_from_the_plan_itself():
+    from dbprofile import plan
+    from dbprofile.gpus import get_gpu
+    from dbprofile.report.text import format_time_estimate
+
+    planned = plan("gpt-tiny", 1, device="L4", techniques=["e2e"], search_max_batch=False)
+    assert planned.peak_flops_source == get_gpu("L4").flops_source
+    assert get_gpu("L4").flops_source in format_time_estimate(planned)
+    assert plan("gpt-tiny", 1, device="cpu", techniques=["e2e"]).peak_flops_source is None

@@ -290,6 +290,7 @@ def plan(
         entries=entries,
         from_checkpoint=from_checkpoint,
         peak_flops=peak_flops,
+        peak_flops_source=target.gpu.flops_source if target.gpu is not None else None,
         utilisation=ASSUMED_UTILISATION,
     )
     from dbprofile.verdict import judge

@@ -9,7 +9,6 @@ from __future__ import annotations
 from collections.abc import Collection, Sequence
 from typing import Any
 
-from dbprofile.gpus import get_gpu
 from dbprofile.results import Plan, PlanEntry, RunResult, views
 from dbprofile.units import UNIT_BYTES, format_bytes, format_duration, format_gflop, pick_unit
 from dbprofile.validate import ValidationRow
@@ -209,7 +208,6 @@ def format_time_estimate(plan: Plan) -> str | None:
     timed = [e for e in plan.entries if e.ok and e.time_per_million_samples_s is not None]
     if not timed or not plan.peak_flops or plan.utilisation is None:
         return None
-    gpu = get_gpu(plan.device)
     parts = [
         f"{e.technique} {format_duration(e.time_per_million_samples_s or 0)}"
         + (f" on {e.world_size} devices" if e.world_size > 1 else "")
@@ -217,7 +215,7 @@ def format_time_estimate(plan: Plan) -> str | None:
     ]
     return (
         f"Estimated time per million samples at {round(100 * plan.utilisation)}% of the {plan.device}'s "
-        f"{plan.peak_flops / 1e12:,.1f} TFLOPS {plan.precision} peak ({gpu.flops_source}; an illustration, the "
+        f"{plan.peak_flops / 1e12:,.1f} TFLOPS {plan.precision} peak ({plan.peak_flops_source or 'datasheet'}; an illustration, the "
         "ratios are the claim): " + ", ".join(parts) + "."
     )
 
