@@ -21,6 +21,7 @@ from dbprofile.cli.app import (
     model_options,
     output_options,
     parse_size,
+    reproduce_command,
 )
 from dbprofile.console import Output
 
@@ -95,7 +96,7 @@ def plan(
     from dbprofile.loading import shape_value
     from dbprofile.models.common import build_on_meta, count_parameters
     from dbprofile.planner import plan as make_plan
-    from dbprofile.report.notebook import format_plan_html
+    from dbprofile.report.notebook import render_plan_page
     from dbprofile.report.text import format_plan
 
     if batch_size < 1:
@@ -132,7 +133,7 @@ def plan(
         if html_paths:
             path = html_paths[index]
             path.parent.mkdir(parents=True, exist_ok=True)
-            files["html"] = str(write_atomic(path, format_plan_html(result)))
+            files["html"] = str(write_atomic(path, render_plan_page(result, reproduce_command())))
             console.text(f"plan: {files['html']}")
         answers.append({**result.to_dict(), "files": files})
         results.append(result)
