@@ -152,3 +152,9 @@ def test_a_sweep_checks_every_values_paths_before_the_first_is_measured(tmp_path
     (tmp_path / "p-seq_len-16.html").mkdir()
     refused(invoke("plan", "gpt-tiny", "--seq-len", "8,16", "-t", "e2e", "-b", "1", "--html", tmp_path / "p.html"))
     assert not (tmp_path / "p-seq_len-8.html").exists()
+
+
+def test_validate_never_writes_its_table_and_rows_over_one_another(tmp_path):
+    refused(invoke("validate", "--device", "cpu", "-o", tmp_path / "v.json"), "would overwrite --out")
+    refused(invoke("validate", "--device", "cpu", "-o", tmp_path / "v.md", "--csv", tmp_path / "v.json"), "--csv")
+    assert not list(tmp_path.iterdir())
