@@ -159,7 +159,7 @@ def shape_value(spec: ModelSpec, shape: str) -> int | None:
 # ---------------------------------------------------------------- loading model sources
 
 
-def load_spec(source: str | None) -> ModelSpec:
+def load_spec(source: ModelSpec | str | Path | None) -> ModelSpec:
     """Resolve a model source: None (the built-in default), a preset name, ``file.py[:name]``, or
     an ecosystem model (``hf:NAME``, ``diffusers:NAME``, ``timm:NAME``; ``load_ecosystem``)."""
     if source is None:
@@ -274,7 +274,7 @@ class _FakeCannotRun(Exception):
 
 
 def validate_spec(
-    spec: ModelSpec, max_blocks: int | None = None, require_residual: bool = True, fake_only: bool = True
+    spec: ModelSpec | str, max_blocks: int | None = None, require_residual: bool = True, fake_only: bool = True
 ) -> dict[str, Any]:
     """Build the model with fake tensors (no real memory), run its loss once and check it, and
     check the layers are residual (only ``require_residual``: DiffusionBlocks needs it,
@@ -288,6 +288,7 @@ def validate_spec(
     weight, or the traced hidden state's last dimension), and ``not_residual`` (why the layers
     are not residual, or None). Raises SpecError.
     """
+    spec = load_spec(spec)  # a name or a path is checked as what it names
     try:
         with fake_mode():
             facts = _checked_step(spec, require_residual, fake=True)

@@ -103,6 +103,10 @@ class RunSettings:
     def of(cls, settings: RunSettings | None = None, **fields: Any) -> RunSettings:
         """``settings`` (or the defaults) with ``fields`` replaced; an unknown name is refused
         with the list of the known ones."""
+        if settings is not None and not isinstance(settings, RunSettings):
+            raise TypeError(
+                f"settings is a dbprofile.RunSettings (or give its fields by name: fake=True); got {settings!r}."
+            )
         known = {f.name for f in dataclasses.fields(cls)}
         unknown = sorted(set(fields) - known)
         if unknown:

@@ -176,3 +176,14 @@ def test_swin_takes_its_depths_as_a_list_and_the_default_techniques_leave_db_out
     assert result.exit_code == 0, result.output
     assert '"techniques": [\n  "e2e",\n  "ckpt"\n ]' in result.stdout
     assert "skipping db:2: Layer 0" in result.stderr
+
+
+def test_more_api_arguments_of_the_wrong_kind_are_one_sentence():
+    with pytest.raises(SpecError, match="list of names"):
+        dbprofile.plan("gpt-tiny", 1, device="cpu", techniques=42)
+    for device in (2.5e10, None, [80]):
+        with pytest.raises(SpecError, match="GPU name"):
+            dbprofile.plan("gpt-tiny", 1, device=device)
+    with pytest.raises(TypeError, match="RunSettings"):
+        dbprofile.run("gpt-tiny", ["e2e"], 2, {"fake": True})
+    assert dbprofile.validate_spec("gpt-tiny")["num_layers"] >= 1

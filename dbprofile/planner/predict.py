@@ -45,6 +45,8 @@ def parse_requested(
             names.append(f"db:{world_size}{PARALLEL_SUFFIX}")
     elif isinstance(names, str):
         names = [n for n in names.split(",") if n.strip()]
+    elif not isinstance(names, (list, tuple)):
+        raise SpecError(f"techniques are a list of names or one comma-separated string; got {names!r}.")
     out: dict[str, tuple[str, Technique, bool]] = {}
     for raw in names:
         tech = parse_technique(str(raw))

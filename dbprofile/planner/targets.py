@@ -81,9 +81,13 @@ def resolve_target(device: str | int | GPU) -> Target:
         if device <= 0:
             raise SpecError(f"Device capacity must be a positive number of bytes; got {device}.")
         return Target("custom", device, True, UNKNOWN_GPU_COMPUTE_CAPABILITY)
-    if isinstance(device, str) and device.strip().lower() == "cpu":
+    if not isinstance(device, str):
+        raise SpecError(
+            f"device is a GPU name ('H100-80GB'), a capacity ('24GiB' or an integer of bytes) or 'cpu'; got {device!r}."
+        )
+    if device.strip().lower() == "cpu":
         return Target("cpu", None, False)
-    if isinstance(device, str) and device.strip()[:1].isdigit():  # a capacity, as --gpu 24GiB takes it
+    if device.strip()[:1].isdigit():  # a capacity, as --gpu 24GiB takes it
         try:
             return resolve_target(size_bytes(device, "device capacity"))
         except ValueError as err:
