@@ -187,3 +187,9 @@ def test_more_api_arguments_of_the_wrong_kind_are_one_sentence():
     with pytest.raises(TypeError, match="RunSettings"):
         dbprofile.run("gpt-tiny", ["e2e"], 2, {"fake": True})
     assert dbprofile.validate_spec("gpt-tiny")["num_layers"] >= 1
+
+
+@pytest.mark.parametrize("option", ["--seq-len", "--image-size", "--batch-size"])
+def test_an_empty_list_option_is_refused_not_read_as_the_default(option):
+    refused(invoke("run", "gpt-tiny", option, "", "-t", "e2e", "--dry-run"), "needs at least one value")
+    refused(invoke("run", "gpt-tiny", option, " , ", "-t", "e2e", "--dry-run"), "needs at least one value")

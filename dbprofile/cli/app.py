@@ -292,8 +292,9 @@ def load_models(model, set_options, seq_len, image_size):
     from dbprofile.loading import load_sweep
     from dbprofile.models.overrides import parse_set_options
 
-    seq_lens = parse_int_list(seq_len, "--seq-len") if seq_len else None
-    image_sizes = parse_int_list(image_size, "--image-size") if image_size else None
+    # "" is a mistake (an unset shell variable), not "the default": parse_int_list refuses it.
+    seq_lens = parse_int_list(seq_len, "--seq-len") if seq_len is not None else None
+    image_sizes = parse_int_list(image_size, "--image-size") if image_size is not None else None
     return load_sweep(model, parse_set_options(set_options), seq_lens, image_sizes)
 
 
