@@ -20,8 +20,9 @@ MAX_BISECT_RUNS = 5
 """Further fake runs, each halving the gap between the largest batch confirmed to fit and the
 smallest confirmed to miss, when the linear guesses left it open: the peak is a staircase (the
 allocator's segments), and a line through its steps can keep missing."""
-SETTLED_FRACTION = 0.01
-"""The search stops once that gap is within this fraction of the largest batch that fits."""
+SETTLED_FRACTION = 0.05
+"""Bisection stops once that gap is within this fraction of the largest batch that fits (the
+linear guesses, when they work, end within 0.1% of the refitted maximum)."""
 
 MISS_MARGIN = 0.005
 """After a confirming run misses, the next guess aims this fraction of the capacity lower."""
@@ -57,9 +58,10 @@ def find_max_batch(entry: PlanEntry, predict: Callable[[int], PlanEntry], capaci
     runs = 0
     while confirm and per_sample > 0 and runs < MAX_CONFIRM_RUNS + MAX_BISECT_RUNS:
         lo, hi = _gap(points, capacity)
-        if hi is not None and hi - lo <= max(1, int(SETTLED_FRACTION * lo)):
+        bisecting = runs >= MAX_CONFIRM_RUNS
+        if bisecting and (hi is None or hi - lo <= max(1, int(SETTLED_FRACTION * lo))):
             break
-        if runs >= MAX_CONFIRM_RUNS or not lo < guess < (hi if hi is not None else guess + 1):
+        if bisecting or not lo < guess < (hi if hi is not None else guess + 1):
             guess = (lo + hi) // 2 if hi is not None else max(guess, 2 * lo)
         if guess < 1 or guess in points:
             break
