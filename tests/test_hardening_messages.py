@@ -5,6 +5,7 @@ after a failed step fits the error; hf: paths say what is wrong with them."""
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import subprocess
@@ -209,3 +210,18 @@ def test_a_state_space_lm_says_why_db_cannot_run_in_the_concatenated_layout(tmp_
     result = invoke("run", "hf:mamba", *args, "-t", "e2e,db:2+interleaved", "-b", "1", "--fake", "-o", out)
     assert result.exit_code == 0, result.output
     assert [m.status for m in RunResult.load(out).measurements] == ["ok", "ok"]
+
+
+def test_plan_adapts_its_default_techniques_the_same_way(tmp_path):
+    (tmp_path / "flat.py").write_text(FLAT)
+    result = CliRunner().invoke(main, ["plan", str(tmp_path / "flat.py"), "-b", "2", "--gpu", "L4", "--json"])
+    assert result.exit_code == 0, result.output
+    assert "skipping DiffusionBlocks: Task 'classification'" in result.stderr
+    planned = json.loads(result.stdout)
+    assert [e["technique"] for e in planned["entries"]] == ["e2e", "ckpt"]
+    assert "(N, tokens, d)" in planned["model_info"]["diffusion_blocks_not_applicable"]
+    refused(invoke("plan", tmp_path / "flat.py", "-b", "2", "-t", "e2e,db:2"), "(N, tokens, d)")
+    # A shallow model: the default db:3 and db:4 are left out, not refused (named, they are).
+    shallow = CliRunner().invoke(main, ["plan", model_file(tmp_path), "-b", "2", "--gpu", "L4"])
+    assert shallow.exit_code == 0 and "db:2" in shallow.output and "db:3" not in shallow.output, shallow.output
+    refused(invoke("plan", model_file(tmp_path), "-b", "2", "-t", "db:3"), "B=3")

@@ -98,6 +98,7 @@ def plan(
     from dbprofile.planner import plan as make_plan
     from dbprofile.report.notebook import render_plan_page
     from dbprofile.report.text import format_plan
+    from dbprofile.verdict.evidence import DB_NOT_APPLICABLE
 
     if batch_size < 1:
         raise UserError(f"--batch-size must be at least 1; got {batch_size}.")
@@ -124,6 +125,8 @@ def plan(
                 full_trace=full_trace,
                 from_checkpoint=from_checkpoint,
             )
+        if result.model_info.get(DB_NOT_APPLICABLE):
+            console.info(f"skipping DiffusionBlocks: {result.model_info[DB_NOT_APPLICABLE]}")
         # Counted on the meta device: the model as the user's code builds it, at no memory cost.
         console.text(f"{spec.name} ({spec.description}): {count_parameters(build_on_meta(spec.build)):,} parameters")
         if swept:

@@ -210,7 +210,7 @@ def run(
     check_outputs(_run_outputs(out_paths, no_report, sweep_page, console), inputs=model_inputs(model))
     answers, results, codes = [], [], []
     for spec, out_path in zip(specs, out_paths):
-        answered = _run_one(
+        answer, result = _run_one(
             spec,
             techs,
             settings,
@@ -222,10 +222,10 @@ def run(
             from_checkpoint=from_checkpoint,
             console=console,
         )
-        answers.append(answered[0])
-        if answered[1] is not None:
-            results.append(answered[1])
-            codes.append(exit_code(answered[1]))
+        answers.append(answer)
+        if result is not None:
+            results.append(result)
+            codes.append(exit_code(result))
     # One answer for the whole command: a sweep's JSON is a list of its runs, its CSV all their rows.
     console.emit_json(answers[0] if len(answers) == 1 else answers)
     if results:

@@ -24,6 +24,7 @@ from dbprofile.results import Measurement, Plan, PlanEntry, per_sample
 from dbprofile.spec import ModelSpec, SpecError
 from dbprofile.techniques import DEFAULT_TECHNIQUES, PARALLEL_SUFFIX, Technique, check_technique_fits, parse_technique
 from dbprofile.units import GiB, format_bytes
+from dbprofile.verdict.evidence import DB_NOT_APPLICABLE
 from dbprofile.vocabulary import CATEGORIES
 
 FULL_TRACE_BELOW_PARAMETER_BYTES = 4 * GiB
@@ -40,7 +41,8 @@ def parse_requested(
 ) -> list[tuple[str, Technique, bool]]:
     """(display name, technique to run, block-parallel?) per requested technique."""
     if names is None:
-        names = list(DEFAULT_TECHNIQUES)
+        # The default set adapts to the model's depth, as a run's does; named techniques never do.
+        names = [n for n in DEFAULT_TECHNIQUES if (parse_technique(n).blocks or 0) <= num_layers]
         if world_size > 1 and 2 <= world_size <= num_layers:
             names.append(f"db:{world_size}{PARALLEL_SUFFIX}")
     elif isinstance(names, str):
@@ -117,7 +119,7 @@ def plan(
     target = resolve_target(device)
     # The same checks as a run's (loss, build, hidden width); db:B's own need for residual layers
     # surfaces in its fake run.
-    spec, _ = checked_spec(spec, require_residual=False)
+    spec, checked = checked_spec(spec, require_residual=False)
     peak_flops = target.gpu.peak_flops(precision) if target.gpu is not None else None
     facts = model_facts(spec)
     from dbprofile.measure.depth import measure_fake, simulate_fake
@@ -134,6 +136,9 @@ def plan(
 
     not_identical = facts.not_identical
     wanted = parse_requested(techniques, world_size, facts.num_layers)
+    # As in a run, the default set leaves DiffusionBlocks out where it cannot train the model (layers
+    # not residual here; a convention its fake step refuses below) and the verdict says why.
+    left_out = checked["not_residual"] if techniques is None else None
     run = measure_fn or default_measure()
     runs: dict[tuple[str, int], Measurement] = {}
     # A CUDA target's tracker counts each storage in 512-byte blocks, as the caching allocator does.
@@ -266,7 +271,15 @@ def plan(
 
     entries = []
     for name, tech, parallel in wanted:
-        entry = predict(name, tech, parallel, batch_size)
+        if tech.is_diffusion_blocks and left_out:
+            continue
+        try:
+            entry = predict(name, tech, parallel, batch_size)
+        except SpecError as err:
+            if techniques is not None or not tech.is_diffusion_blocks:
+                raise
+            left_out = str(err)
+            continue
         if entry.ok and search_max_batch and target.capacity_bytes is not None:
             find_max_batch(
                 entry, functools.partial(predict, name, tech, parallel), target.capacity_bytes, confirm_max_batch
@@ -276,6 +289,7 @@ def plan(
     result = Plan(
         model=spec.name,
         model_info={
+            **({DB_NOT_APPLICABLE: left_out} if left_out else {}),
             "family": spec.family,
             "task": spec.task,
             "num_layers": facts.num_layers,
