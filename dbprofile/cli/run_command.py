@@ -311,7 +311,7 @@ def _run_one(
         f"techniques: {', '.join(t.name for t in techs)}; batch sizes: {', '.join(map(str, batch_sizes))}; "
         f"device {device}{' (fake tensors)' if fake else ''}, {precision}, {optimizer}"
     )
-    if facts["not_residual"]:
+    if facts["not_residual"] and not not_applicable:  # said once: as the reason DiffusionBlocks was left out
         console.info(f"note: {facts['not_residual']}")
     if dry_run:
         plan = {
