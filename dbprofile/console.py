@@ -70,6 +70,8 @@ class Output:
     json_mode: bool = False
     csv_path: Path | None = None
     verbosity: int = NORMAL
+    answer_stream: Any = None
+    """Where ``emit_json`` writes: stdout as it was before ``stdout_kept_for_answer``."""
 
     @property
     def interactive(self) -> bool:
@@ -91,7 +93,19 @@ class Output:
     def emit_json(self, document: dict[str, Any] | list[dict[str, Any]]) -> None:
         """The whole answer as one JSON document on stdout (only with --json)."""
         if self.json_mode:
-            click.echo(json.dumps(standard_json(document), indent=1, allow_nan=False))
+            click.echo(json.dumps(standard_json(document), indent=1, allow_nan=False), file=self.answer_stream)
+
+    @contextlib.contextmanager
+    def stdout_kept_for_answer(self) -> Iterator[None]:
+        """With --json, stdout carries one JSON document and nothing else: for the block's
+        duration whatever else prints to stdout (a model's ``print``, a library's banner) goes to
+        stderr, and ``emit_json`` writes to the stdout kept aside."""
+        if not self.json_mode:
+            yield
+            return
+        self.answer_stream = sys.stdout
+        with contextlib.redirect_stdout(sys.stderr):
+            yield
 
     def write_csv(self, make_frame: Callable[[], Any]) -> None:
         """With --csv FILE, write the pandas DataFrame ``make_frame()`` builds there (folders created);
@@ -104,7 +118,8 @@ class Output:
 
     @contextlib.contextmanager
     def logging_configured(self) -> Iterator[None]:
-        """Route the ``dbprofile`` logger to stderr at this command's level for the block's duration."""
+        """Route the ``dbprofile`` logger to stderr at this command's level for the block's duration;
+        below -v, libraries' log records lose their tracebacks (``_quiet_libraries``)."""
         handler = _rich_handler() if self.interactive else _ClickHandler()
         handler.setFormatter(logging.Formatter("%(message)s"))
         previous = (log.level, log.propagate)
@@ -112,7 +127,8 @@ class Output:
         log.setLevel(_LEVELS[self.verbosity])
         log.propagate = False  # the command owns stderr; no second copy through a root handler
         try:
-            yield
+            with _quiet_libraries() if self.verbosity < VERBOSE else contextlib.nullcontext():
+                yield
         finally:
             log.removeHandler(handler)
             log.setLevel(previous[0])
@@ -146,6 +162,38 @@ class Output:
 
             with progress.reporting(on_stage):
                 yield lambda: display.advance(task)
+
+
+SILENCED_LOGGERS = ("torch._subclasses.fake_tensor",)
+"""Loggers that report, with a traceback, an exception dbprofile catches and says in its own
+paragraph (fake tensors log every op that fails before raising it): off below -v."""
+
+
+@contextlib.contextmanager
+def _quiet_libraries() -> Iterator[None]:
+    """No library's log record prints a traceback on a user's terminal (dbprofile says what went
+    wrong in one paragraph; -v keeps them for debugging): every record made while the block runs,
+    by a logger that exists now or is made later (transformers, diffusers, timm), is made without
+    its exception and stack; the loggers in SILENCED_LOGGERS print nothing."""
+    make_record = logging.getLogRecordFactory()
+
+    def without_traceback(*args: Any, **kwargs: Any) -> logging.LogRecord:
+        record = make_record(*args, **kwargs)
+        if not record.name.startswith("dbprofile"):
+            record.exc_info, record.exc_text, record.stack_info = None, None, None
+        return record
+
+    silenced = [logging.getLogger(name) for name in SILENCED_LOGGERS]
+    levels = [logger.level for logger in silenced]
+    logging.setLogRecordFactory(without_traceback)
+    for logger in silenced:
+        logger.setLevel(logging.CRITICAL + 1)
+    try:
+        yield
+    finally:
+        logging.setLogRecordFactory(make_record)
+        for logger, level in zip(silenced, levels):
+            logger.setLevel(level)
 
 
 @functools.cache

@@ -1,6 +1,6 @@
 """Writing result files safely: standard JSON (non-finite floats become ``null``), atomic
 writes (a temporary file of this process's own, then ``os.replace``), and a lock so that two
-runs never write the same output."""
+runs never write the same output; and where the memory snapshot files are opened."""
 
 from __future__ import annotations
 
@@ -12,6 +12,10 @@ import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
+
+MEMORY_VIEWER_URL = "https://pytorch.org/memory_viz"
+"""PyTorch's viewer for the memory snapshot files --memory-snapshot writes (measure.snapshot) and
+the run report links (report.details)."""
 
 
 def json_safe(value: Any) -> Any:

@@ -183,7 +183,7 @@ def get_gpu(name: str) -> GPU:
     hint = f" Close names: {', '.join(close)}." if close else ""
     raise SpecError(
         f"Unknown GPU {name!r}.{hint} Known GPUs: {', '.join(GPUS)}. "
-        "Pass one of these names, or the device capacity in bytes (an integer) for another card."
+        "Pass one of these names, or a capacity such as 24GiB (or an integer of bytes) for another card."
     )
 
 

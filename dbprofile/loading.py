@@ -11,6 +11,7 @@ This module sits above ``models/`` (it imports the presets and the ecosystem ada
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import difflib
 import importlib.util
@@ -22,7 +23,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from dbprofile.measure.fake import fake_mode
+from dbprofile.measure.fake import fake_mode, real_dtype_checks
 from dbprofile.models import DEFAULT_PRESET, PRESETS, get_preset
 from dbprofile.spec import (
     ModelSpec,
@@ -31,6 +32,7 @@ from dbprofile.spec import (
     get_layers,
     infer_hidden_size,
 )
+from dbprofile.torch_internals import FAKE_TENSOR_LIMITS
 
 PREFIXES = ("hf:", "diffusers:", "timm:")
 
@@ -50,16 +52,33 @@ def load_ecosystem(
 ) -> ModelSpec:
     """The ModelSpec of an ecosystem model, built from its configuration only (no weights)."""
     prefix, _, name = source.partition(":")
+    for shape, value in (("seq_len", seq_len), ("image_size", image_size)):
+        if value is not None and value < 1:  # checked here as for presets (reshape), not left to a config default
+            raise SpecError(f"{SHAPE_OPTIONS[shape]} must be at least 1; got {value}.")
     if not name:
         raise SpecError(
             f"{source!r} names no model: write {prefix}:NAME, e.g. hf:gpt2, diffusers:DiT, timm:vit_base_patch16_224."
         )
+    try:
+        return _ecosystem_spec(prefix, name, overrides, seq_len, image_size)
+    except SpecError:
+        raise
+    except Exception as err:  # the library's own failure on this config: one paragraph, not its traceback
+        raise SpecError(
+            f"{source}: the library could not make the model from its config and the options given: "
+            f"{type(err).__name__}: {str(err).strip().rstrip('.')}. Check the --set, --seq-len and --image-size values."
+        ) from None
+
+
+def _ecosystem_spec(
+    prefix: str, name: str, overrides: dict[str, str] | None, seq_len: int | None, image_size: int | None
+) -> ModelSpec:
     if prefix == "hf":
         from dbprofile.models import hf
 
         return hf.make_spec(name, overrides, seq_len=seq_len, image_size=image_size)
     if seq_len is not None:
-        raise SpecError(f"--seq-len applies to language models; {source} is a vision model (use --image-size).")
+        raise SpecError(f"--seq-len applies to language models; {prefix}:{name} is a vision model (use --image-size).")
     if prefix == "diffusers":
         from dbprofile.models import diffusers_dit
 
@@ -140,13 +159,20 @@ def shape_value(spec: ModelSpec, shape: str) -> int | None:
 # ---------------------------------------------------------------- loading model sources
 
 
-def load_spec(source: str | None) -> ModelSpec:
+def load_spec(source: ModelSpec | str | Path | None) -> ModelSpec:
     """Resolve a model source: None (the built-in default), a preset name, ``file.py[:name]``, or
     an ecosystem model (``hf:NAME``, ``diffusers:NAME``, ``timm:NAME``; ``load_ecosystem``)."""
     if source is None:
         return get_preset(DEFAULT_PRESET)
     if isinstance(source, ModelSpec):
         return source
+    if isinstance(source, Path):
+        source = str(source)
+    if not isinstance(source, str):
+        raise SpecError(
+            f"A model is a ModelSpec, a preset name, a file.py[:name] path or hf:/diffusers:/timm:NAME; "
+            f"got {type(source).__name__} {source!r}."
+        )
     if is_ecosystem_source(source):  # hf:NAME, diffusers:NAME, timm:NAME
         return load_ecosystem(source)
     path_part, _, obj_name = source.partition(":")
@@ -243,90 +269,160 @@ def _user_line(err: BaseException, path: Path) -> str:
 # ---------------------------------------------------------------- validation
 
 
-def validate_spec(spec: ModelSpec, max_blocks: int | None = None, require_residual: bool = True) -> dict[str, Any]:
+class _FakeCannotRun(Exception):
+    """The model's step needs tensor values (data-dependent control flow) that fake tensors lack."""
+
+
+def validate_spec(
+    spec: ModelSpec | str, max_blocks: int | None = None, require_residual: bool = True, fake_only: bool = True
+) -> dict[str, Any]:
     """Build the model with fake tensors (no real memory), run its loss once and check it, and
     check the layers are residual (only ``require_residual``: DiffusionBlocks needs it,
     end-to-end training and checkpointing do not).
+
+    A step that fake tensors cannot run (it reads a tensor's value: ``if float(x.max()) > 100``)
+    is refused when ``fake_only`` (a fake run or a plan can only trace); otherwise (a real run)
+    the checks run again on real CPU tensors at batch size 2, as the measurement will.
 
     Returns facts: number of layers, parameters, the hidden width (from the spec, a norm
     weight, or the traced hidden state's last dimension), and ``not_residual`` (why the layers
     are not residual, or None). Raises SpecError.
     """
-    with fake_mode():
-        try:
-            model = spec.build()
-        except SystemExit as err:
-            raise SpecError(_exit_message(f"Building model {spec.name!r}", err)) from None
-        except Exception as err:
-            raise SpecError(f"Building model {spec.name!r} failed: {type(err).__name__}: {err}.") from None
-        if not isinstance(model, nn.Module):
+    spec = load_spec(spec)  # a name or a path is checked as what it names
+    try:
+        with fake_mode():
+            facts = _checked_step(spec, require_residual, fake=True)
+    except _FakeCannotRun as err:
+        if fake_only:
             raise SpecError(
-                f"ModelSpec.build of {spec.name!r} returned a {type(model).__name__}, not an nn.Module. "
-                "build() must return the model."
-            )
-        layers = get_layers(model, spec.layers, spec.name)
-        shapes: list[tuple[int, tuple, tuple]] = []
-
-        def check(index: int):
-            def hook(_module, args, output):
-                inp = next((a for a in args if isinstance(a, torch.Tensor)), None)
-                out = output[0] if isinstance(output, (tuple, list)) else output
-                if inp is not None and isinstance(out, torch.Tensor):
-                    shapes.append((index, tuple(inp.shape), tuple(out.shape)))
-
-            return hook
-
-        handles = [layer.register_forward_hook(check(i)) for i, layer in enumerate(layers)]
-        try:
-            batch = spec.batch(2, "cpu")
-            # With grad: a loss that is detached from the parameters is one of the mistakes to catch.
-            loss = spec.loss(model, batch)
-        except SpecError:
-            raise
-        except SystemExit as err:
-            raise SpecError(_exit_message(f"Running one step of model {spec.name!r}", err)) from None
-        except Exception as err:
-            raise SpecError(
-                f"Running one step of model {spec.name!r} failed: {type(err).__name__}: {err}. "
-                "Check that ModelSpec.batch and ModelSpec.loss work together."
+                f"One step of model {spec.name!r} cannot run on fake tensors{err}: it reads a tensor's value "
+                "(data-dependent control flow such as `if float(x.max()) > 100`), and fake tensors have "
+                "shapes only. Fake runs and plans need a step that does not; a real run (without --fake) "
+                "measures it as it is."
             ) from None
-        finally:
-            for h in handles:
-                h.remove()
-        check_loss(loss, spec.name)
-        not_residual = next(
-            (
-                f"Layer {index} of {spec.layers!r} in {spec.name!r} maps shape {list(in_shape)} to "
-                f"{list(out_shape)}: it is not shape-preserving, so it is not a residual layer "
-                "(h + f(h)). DiffusionBlocks needs every layer in ModelSpec.layers to keep the hidden "
-                "shape; move projections and heads out of that layer stack (e2e and ckpt do not need it)."
-                for index, in_shape, out_shape in shapes
-                if in_shape != out_shape
-            ),
-            None,
-        )
-        if not_residual and require_residual:
-            raise SpecError(not_residual)
-        if len(shapes) == 0:
-            raise SpecError(
-                f"The layers at {spec.layers!r} in {spec.name!r} never ran during the loss: "
-                "ModelSpec.layers must name the layer stack that forward actually runs."
-            )
-        n_params = sum(p.numel() for p in model.parameters())
-        hidden = spec.hidden_size or infer_hidden_size(layers) or (shapes[0][1][-1] if shapes else None)
-    if max_blocks is not None and max_blocks > len(layers):
+        facts = _checked_step(spec, require_residual, fake=False)
+    if max_blocks is not None and max_blocks > facts["num_layers"]:
         raise SpecError(
             f"DiffusionBlocks with B={max_blocks} needs at least {max_blocks} layers; "
-            f"{spec.name!r} has {len(layers)}. Use --blocks with values up to {len(layers)}."
+            f"{spec.name!r} has {facts['num_layers']}. Use --blocks with values up to {facts['num_layers']}."
         )
+    return facts
+
+
+def _checked_step(spec: ModelSpec, require_residual: bool, fake: bool) -> dict[str, Any]:
+    """``validate_spec``'s checks on fake tensors, or on real CPU ones (``fake=False``)."""
+    try:
+        model = spec.build()
+    except SystemExit as err:
+        raise SpecError(_exit_message(f"Building model {spec.name!r}", err)) from None
+    except Exception as err:
+        raise SpecError(f"Building model {spec.name!r} failed: {type(err).__name__}: {err}.") from None
+    if not isinstance(model, nn.Module):
+        raise SpecError(
+            f"ModelSpec.build of {spec.name!r} returned a {type(model).__name__}, not an nn.Module. "
+            "build() must return the model."
+        )
+    layers = get_layers(model, spec.layers, spec.name)
+    shapes: list[tuple[int, tuple, tuple]] = []
+
+    def check(index: int):
+        def hook(_module, args, output):
+            inp = next((a for a in args if isinstance(a, torch.Tensor)), None)
+            out = output[0] if isinstance(output, (tuple, list)) else output
+            if inp is not None and isinstance(out, torch.Tensor):
+                shapes.append((index, tuple(inp.shape), tuple(out.shape)))
+
+        return hook
+
+    batch = _checked_batch(spec)
+    handles = [layer.register_forward_hook(check(i)) for i, layer in enumerate(layers)]
+    try:
+        # With grad: a loss that is detached from the parameters is one of the mistakes to catch.
+        with real_dtype_checks() if fake else contextlib.nullcontext():
+            loss = spec.loss(model, batch)
+    except SpecError:
+        raise
+    except SystemExit as err:
+        raise SpecError(_exit_message(f"Running one step of model {spec.name!r}", err)) from None
+    except FAKE_TENSOR_LIMITS as err:
+        if not fake:
+            raise
+        raise _FakeCannotRun(_where(err)) from None
+    except Exception as err:
+        raise SpecError(
+            f"Running one step of model {spec.name!r} (batch size 2) failed{_where(err)}: "
+            f"{type(err).__name__}: {err}. {_step_hint(spec, err)}"
+        ) from None
+    finally:
+        for h in handles:
+            h.remove()
+    check_loss(loss, spec.name)
+    not_residual = next(
+        (
+            f"Layer {index} of {spec.layers!r} in {spec.name!r} maps shape {list(in_shape)} to "
+            f"{list(out_shape)}: it is not shape-preserving, so it is not a residual layer "
+            "(h + f(h)). DiffusionBlocks needs every layer in ModelSpec.layers to keep the hidden "
+            "shape; move projections and heads out of that layer stack (e2e and ckpt do not need it)."
+            for index, in_shape, out_shape in shapes
+            if in_shape != out_shape
+        ),
+        None,
+    )
+    if not_residual and require_residual:
+        raise SpecError(not_residual)
+    if len(shapes) == 0:
+        raise SpecError(
+            f"The layers at {spec.layers!r} in {spec.name!r} never ran during the loss: "
+            "ModelSpec.layers must name the layer stack that forward actually runs."
+        )
+    n_params = sum(p.numel() for p in model.parameters())
+    hidden = spec.hidden_size or infer_hidden_size(layers) or (shapes[0][1][-1] if shapes else None)
     return {"num_layers": len(layers), "parameters": n_params, "hidden_size": hidden, "not_residual": not_residual}
 
 
-def checked_spec(spec: ModelSpec, require_residual: bool = True) -> tuple[ModelSpec, dict[str, Any]]:
+def _checked_batch(spec: ModelSpec) -> Any:
+    try:
+        return spec.batch(2, "cpu")
+    except SpecError:
+        raise
+    except SystemExit as err:
+        raise SpecError(_exit_message(f"ModelSpec.batch of {spec.name!r}", err)) from None
+    except Exception as err:
+        raise SpecError(
+            f"ModelSpec.batch(2, 'cpu') of {spec.name!r} failed{_where(err)}: {type(err).__name__}: {err}. "
+            "batch(n, device) must return the dict of tensors that the loss reads."
+        ) from None
+
+
+def _where(err: BaseException) -> str:
+    """' at FILE:LINE' for the deepest frame of the error outside torch and dbprofile: the line of
+    the model (or of its library) that the step failed in."""
+    skip = (str(Path(torch.__file__).parent), str(Path(__file__).parent))
+    frames = [f for f in traceback.extract_tb(err.__traceback__) if not f.filename.startswith(skip)]
+    return f" at {frames[-1].filename}:{frames[-1].lineno}" if frames else ""
+
+
+def _step_hint(spec: ModelSpec, err: Exception) -> str:
+    """What to look at, for the kind of error: a key the loss reads that batch() lacks, or the
+    model itself (for a library's model, the options that made its config)."""
+    if isinstance(err, KeyError):
+        return "The loss reads a key that ModelSpec.batch does not return: make the two agree."
+    if spec.family.startswith(("hf", "diffusers", "timm")):
+        return (
+            "The model was built from its config with the options given (--set, --seq-len, --image-size); "
+            "one of them may not suit it (a size the patch or head count does not divide, a token id past "
+            "the vocabulary)."
+        )
+    return "Fix the model's forward or loss at that line (the step ran on fake tensors: shapes only)."
+
+
+def checked_spec(
+    spec: ModelSpec, require_residual: bool = True, fake_only: bool = True
+) -> tuple[ModelSpec, dict[str, Any]]:
     """``validate_spec``, and the spec to run: with ``hidden_size`` filled in from what the
     validation found (a norm weight, or the traced hidden state's last dimension) where the spec
     leaves it out, so DiffusionBlocks never has to guess it later, half-way through a run."""
-    facts = validate_spec(spec, require_residual=require_residual)
+    facts = validate_spec(spec, require_residual=require_residual, fake_only=fake_only)
     if spec.hidden_size is None and facts["hidden_size"] is not None:
         spec = dataclasses.replace(spec, hidden_size=int(facts["hidden_size"]))
     return spec, facts

@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Any
 
 from dbprofile.spec import SpecError
+from dbprofile.units import size_bytes
 from dbprofile.vocabulary import OPTIMIZER_ALGORITHMS, OPTIMIZERS, PRECISIONS
 
 DEFAULT_STEPS = 5
@@ -109,24 +110,56 @@ class RunSettings:
     scaled_dot_product_attention call runs there (dbprofile.measure.cuda_attention)."""
 
     def __post_init__(self) -> None:
+        self._check_types()
+        if self.memory_limit is not None:
+            # A size as the command line takes it ('2GiB'), stored as bytes.
+            try:
+                object.__setattr__(self, "memory_limit", size_bytes(self.memory_limit, "memory_limit", minimum=0))
+            except ValueError as err:
+                raise SpecError(str(err)) from None
         if self.steps < 1 or self.warmup_steps < 1:
             raise SpecError(
                 f"steps and warmup_steps must be at least 1; got steps={self.steps}, warmup_steps={self.warmup_steps}."
             )
-        if isinstance(self.micro_batches, bool) or not isinstance(self.micro_batches, int) or self.micro_batches < 1:
-            raise SpecError(f"micro_batches must be an integer >= 1; got {self.micro_batches!r}.")
+        if self.micro_batches < 1:
+            raise SpecError(f"micro_batches must be at least 1; got {self.micro_batches}.")
         if self.precision not in PRECISIONS:
             raise unknown_precision(self.precision)
         check_optimizer(self.optimizer)
-        if self.memory_limit is not None and self.memory_limit < 0:
-            raise SpecError(f"memory_limit is bytes, 0 or more; got {self.memory_limit}.")
         if self.time_limit_s is not None and not self.time_limit_s >= 0:  # also refuses nan
             raise SpecError(f"time_limit_s is seconds, 0 or more (0: no limit); got {self.time_limit_s}.")
+
+    def _check_types(self) -> None:
+        """Each field of the type it is documented with, so a wrong one is a sentence naming the
+        field, not a TypeError from deep inside a measurement."""
+        if not isinstance(self.device, str):
+            if type(self.device).__name__ != "device":  # a torch.device stands for its string
+                raise SpecError(f"device is a string such as 'cpu' or 'cuda:0'; got {self.device!r}.")
+            object.__setattr__(self, "device", str(self.device))
+        kinds: dict[str, tuple[type, ...]] = {
+            "warmup_steps": (int,),
+            "steps": (int,),
+            "micro_batches": (int,),
+            "fake": (bool,),
+            "emulate_cuda": (bool,),
+            "time_limit_s": (int, float, type(None)),
+            "round_to": (int, type(None)),
+            "memory_snapshot": (str, Path, type(None)),
+        }
+        for name, allowed in kinds.items():
+            value = getattr(self, name)
+            if not isinstance(value, allowed) or (isinstance(value, bool) and bool not in allowed):
+                names = " or ".join("None" if t is type(None) else t.__name__ for t in allowed)
+                raise SpecError(f"{name} must be {names}; got {value!r}.")
 
     @classmethod
     def of(cls, settings: RunSettings | None = None, **fields: Any) -> RunSettings:
         """``settings`` (or the defaults) with ``fields`` replaced; an unknown name is refused
         with the list of the known ones."""
+        if settings is not None and not isinstance(settings, RunSettings):
+            raise TypeError(
+                f"settings is a dbprofile.RunSettings (or give its fields by name: fake=True); got {settings!r}."
+            )
         known = {f.name for f in dataclasses.fields(cls)}
         unknown = sorted(set(fields) - known)
         if unknown:

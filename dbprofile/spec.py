@@ -108,6 +108,10 @@ class ModelSpec:
                 f"ModelSpec.num_classes is required for task {self.task!r} "
                 "(the number of classes, or the vocabulary size for causal-lm)."
             )
+        for size in ("hidden_size", "num_classes"):
+            value = getattr(self, size)
+            if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
+                raise SpecError(f"ModelSpec.{size} must be a positive integer (or None); got {value!r}.")
 
 
 def get_layers(model: nn.Module, path: str, spec_name: str = "model") -> LayerStack:

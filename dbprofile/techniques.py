@@ -101,6 +101,8 @@ def parse_technique(text: str | Technique) -> Technique:
     forms when it is wrong."""
     if isinstance(text, Technique):
         return text
+    if not isinstance(text, str):
+        raise SpecError(f"A technique is a name such as 'e2e' or 'db:4'; got {type(text).__name__} {text!r}.")
     raw = text.strip()
     if raw == "offload":
         return Technique("offload")
@@ -161,6 +163,8 @@ def parse_techniques(texts: str | Sequence[str | Technique]) -> list[Technique]:
     """Parse a comma-separated string or a list of names; duplicates are dropped in order."""
     if isinstance(texts, str):
         texts = [t for t in texts.split(",") if t.strip()]
+    elif not isinstance(texts, Sequence):
+        raise SpecError(f"Techniques are a list of names or one comma-separated string; got {texts!r}.")
     seen: dict[str, Technique] = {}
     for text in texts:
         tech = parse_technique(text)

@@ -23,7 +23,13 @@ from collections.abc import Iterator
 from typing import Any
 
 import torch
-from torch._subclasses.fake_tensor import FakeTensor, FakeTensorMode
+from torch._subclasses.fake_tensor import (
+    DataDependentOutputException,
+    DynamicOutputShapeException,
+    FakeTensor,
+    FakeTensorMode,
+    UnsupportedOperatorException,
+)
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils.flop_counter import (
     flop_registry,
@@ -48,7 +54,16 @@ __all__ = [
     "dtensor_local",
     "sdpa_backend_ops",
     "function_modes",
+    "FAKE_TENSOR_LIMITS",
 ]
+
+FAKE_TENSOR_LIMITS: tuple[type[BaseException], ...] = (
+    DataDependentOutputException,
+    DynamicOutputShapeException,
+    UnsupportedOperatorException,
+)
+"""What fake tensors raise for an op they cannot run without values (``.item()``, ``float(t)``,
+``nonzero``) or at all: a limit of shapes-only tensors, not a fault of the model."""
 
 MEMORY_HISTORY_MAX_ENTRIES = 1_000_000
 """Allocator events kept (a ring buffer; the oldest are dropped beyond it). One training step of a

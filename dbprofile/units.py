@@ -66,6 +66,19 @@ def parse_size(text: str) -> int:
     return int(float(number) * _SIZE_UNITS[(unit or "b").lower()])
 
 
+def size_bytes(value: object, what: str, minimum: int = 1) -> int:
+    """A size given to the Python API as the command line takes it: an integer of bytes, or a
+    string ('24GiB', '80GB', '1073741824'); ValueError naming ``what`` for anything else (a
+    bool, a float, NaN, below ``minimum``), so an API call fails as the CLI does, in one sentence."""
+    if isinstance(value, str):
+        value = parse_size(value)
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise ValueError(f"{what} is a size: an integer of bytes or a string such as '24GiB'; got {value!r}.")
+    if value < minimum:
+        raise ValueError(f"{what} must be at least {minimum} byte{'s' if minimum != 1 else ''}; got {value}.")
+    return value
+
+
 def format_gflop(flops: float) -> str:
     """FLOPs in GFLOP, readable at every scale: '1,234.5', '12.3', '0.0123' (a tiny model's
     work is never shown as a bare 0.0)."""

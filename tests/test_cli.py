@@ -107,7 +107,10 @@ def test_layers_that_change_shape_are_not_residual(tmp_path):
         "self.layers = nn.ModuleList([nn.Linear(8, 8), nn.Linear(8, 6), nn.Linear(6, 8)])",
     )
     path = write_model(tmp_path, text=text)
-    assert_user_error(invoke("run", path, "--dry-run"), "not shape-preserving", "Layer 1")
+    assert_user_error(invoke("run", path, "-t", "e2e,db:2", "--dry-run"), "not shape-preserving", "Layer 1")
+    # The default techniques leave DiffusionBlocks out, with the reason, and check the rest (issue 29).
+    default = invoke("run", path, "--dry-run")
+    assert default.exit_code == 0 and "skipping db:2, db:3: Layer 1" in default.output, default.output
 
 
 def test_unknown_technique_lists_the_valid_ones(tmp_path):

@@ -144,13 +144,16 @@ def _table_spec() -> ModelSpec:
 
 
 def test_per_position_tensors_without_an_adapter_refuse_db_but_e2e_and_ckpt_run():
-    result = run(_table_spec(), ["e2e", "ckpt", "db:2"], [2], steps=1, fake=True)
-    e2e, ckpt, db = result.measurements
-    assert e2e.ok and ckpt.ok
-    assert db.status == "error"
-    assert "cannot run 'table-lm' faithfully" in db.error
-    assert "table [1, 8, 16]" in db.error and "16 tokens" in db.error
-    assert "position_adapter" in db.error
+    # Named, DiffusionBlocks is refused before anything is measured; by default it is left out,
+    # e2e and ckpt are measured and the verdict says why (issue 29).
+    with pytest.raises(SpecError) as refused:
+        run(_table_spec(), ["e2e", "ckpt", "db:2"], [2], steps=1, fake=True)
+    message = str(refused.value)
+    assert "cannot run 'table-lm' faithfully" in message
+    assert "table [1, 8, 16]" in message and "16 tokens" in message and "position_adapter" in message
+    result = run(_table_spec(), batch_sizes=[2], steps=1, fake=True)
+    assert [(m.technique, m.ok) for m in result.measurements] == [("e2e", True), ("ckpt", True)]
+    assert "position_adapter" in result.model_info["diffusion_blocks_not_applicable"]
 
 
 def test_interleaved_layout_puts_clean_and_noisy_token_at_the_same_position():

@@ -141,6 +141,34 @@ def check_writable(path: Path, option: str) -> None:
         )
 
 
+def check_outputs(outputs: list[tuple[str, Path]], inputs: list[tuple[str, Path]] | None = None) -> None:
+    """Every file a command will write, checked before any work: each one writable
+    (``check_writable``), none the same file as another (one option's file must never replace
+    another's, as ``--csv r.json`` beside ``-o r.json`` would) and none a file the command reads."""
+    owners: dict[tuple, str] = {}
+    for what, path in inputs or []:
+        owners.setdefault(_file_identity(path), what)
+    for what, path in outputs:
+        key = _file_identity(path)
+        if key in owners:
+            raise UserError(
+                f"{what} {str(path)!r} would overwrite {owners[key]} (the same file). Give {what} another path."
+            )
+        owners[key] = what
+    for what, path in outputs:
+        check_writable(path, what)
+
+
+def _file_identity(path: Path) -> tuple:
+    """The same key for two spellings of one file: its device and inode when it exists (hard and
+    symbolic links), else its absolute path with links resolved."""
+    try:
+        st = path.stat()
+        return ("inode", st.st_dev, st.st_ino)
+    except OSError:
+        return ("path", str(path.resolve()))
+
+
 def parse_size(text: str | None) -> int | None:
     """A size the user wrote (dbprofile.units.parse_size), or None when not given."""
     if text is None:
@@ -158,7 +186,7 @@ def parse_int_list(text: str, option: str) -> list[int]:
         raise UserError(f"{option} takes comma-separated integers such as 32 or 16,32,64; got {text!r}.") from None
     if not values:
         raise UserError(f"{option} needs at least one value.")
-    return values
+    return list(dict.fromkeys(values))  # a repeated value (-b 2,2) is measured once
 
 
 def freeze_startup_objects() -> None:
@@ -237,7 +265,7 @@ def output_options(func):
             csv_path=Path(csv_path) if csv_path else None,
             verbosity=QUIET if quiet else VERBOSE if verbose else NORMAL,
         )
-        with console.logging_configured():
+        with console.logging_configured(), console.stdout_kept_for_answer():
             return func(*args, console=console, **kwargs)
 
     return wrapper
@@ -271,9 +299,25 @@ def load_models(model, set_options, seq_len, image_size):
     from dbprofile.loading import load_sweep
     from dbprofile.models.overrides import parse_set_options
 
-    seq_lens = parse_int_list(seq_len, "--seq-len") if seq_len else None
-    image_sizes = parse_int_list(image_size, "--image-size") if image_size else None
+    # "" is a mistake (an unset shell variable), not "the default": parse_int_list refuses it.
+    seq_lens = parse_int_list(seq_len, "--seq-len") if seq_len is not None else None
+    image_sizes = parse_int_list(image_size, "--image-size") if image_size is not None else None
     return load_sweep(model, parse_set_options(set_options), seq_lens, image_sizes)
+
+
+def model_inputs(model: str | None) -> list[tuple[str, Path]]:
+    """The model file a command reads (``file.py`` or ``file.py:name``), for ``check_outputs``:
+    no output may replace it."""
+    if model is None or model.startswith(("hf:", "diffusers:", "timm:")):
+        return []
+    path = Path(model.partition(":")[0])
+    return [("the model file", path)] if path.is_file() else []
+
+
+def concat_frames(frames: list):
+    import pandas as pd
+
+    return pd.concat(frames, ignore_index=True)
 
 
 def rows_frame(rows: list[dict]):

@@ -12,22 +12,19 @@ from dbprofile.cli.app import (
     FROM_CHECKPOINT_HELP,
     OPTIMIZER_HELP,
     UserError,
-    check_writable,
+    check_outputs,
+    concat_frames,
     exit_code,
     friendly_errors,
     load_models,
     main,
+    model_inputs,
     model_options,
     output_options,
     parse_size,
+    reproduce_command,
 )
 from dbprofile.console import Output
-
-
-def _concat_frames(frames: list):
-    import pandas as pd
-
-    return pd.concat(frames, ignore_index=True)
 
 
 @main.command()
@@ -114,19 +111,21 @@ def plan(
     from dbprofile.loading import shape_value
     from dbprofile.models.common import build_on_meta, count_parameters
     from dbprofile.planner import plan as make_plan
-    from dbprofile.report.notebook import format_plan_html
+    from dbprofile.report.notebook import render_plan_page
     from dbprofile.report.text import format_plan
+    from dbprofile.verdict.evidence import DB_NOT_APPLICABLE
 
     if batch_size < 1:
         raise UserError(f"--batch-size must be at least 1; got {batch_size}.")
-    if html:
-        check_writable(Path(html), "--html")
     target = gpu
     if gpu and gpu[0].isdigit():
         target = parse_size(gpu)
     swept, specs = load_models(model, set_options, seq_len, image_size)
+    html_paths = [_html_path(html, spec, swept) for spec in specs] if html else []
+    outputs = [("--html", path) for path in html_paths]
+    check_outputs(outputs + ([("--csv", console.csv_path)] if console.csv_path else []), model_inputs(model))
     answers, results, codes = [], [], []
-    for spec in specs:
+    for index, spec in enumerate(specs):
         with console.progress(f"planning {spec.name}"):
             # plan() checks the model first (build, loss, sys.exit), so counting after it is safe.
             result = make_plan(
@@ -142,24 +141,34 @@ def plan(
                 from_checkpoint=from_checkpoint,
                 min_micro_batch=min_micro_batch,
             )
+        if result.model_info.get(DB_NOT_APPLICABLE):
+            console.info(f"skipping DiffusionBlocks: {result.model_info[DB_NOT_APPLICABLE]}")
         # Counted on the meta device: the model as the user's code builds it, at no memory cost.
         console.text(f"{spec.name} ({spec.description}): {count_parameters(build_on_meta(spec.build)):,} parameters")
         if swept:
             console.text(f"{swept} = {shape_value(spec, swept)}:")
         console.text(format_plan(result))
         files = {}
-        if html:
-            path = Path(html)
-            if swept:
-                path = path.with_name(f"{path.stem}-{swept}-{shape_value(spec, swept)}{path.suffix}")
+        if html_paths:
+            path = html_paths[index]
             path.parent.mkdir(parents=True, exist_ok=True)
-            files["html"] = str(write_atomic(path, format_plan_html(result)))
+            files["html"] = str(write_atomic(path, render_plan_page(result, reproduce_command())))
             console.text(f"plan: {files['html']}")
         answers.append({**result.to_dict(), "files": files})
         results.append(result)
         codes.append(exit_code(result))
     console.emit_json(answers[0] if len(answers) == 1 else answers)
     console.write_csv(
-        results[0].to_dataframe if len(results) == 1 else lambda: _concat_frames([r.to_dataframe() for r in results])
+        results[0].to_dataframe if len(results) == 1 else lambda: concat_frames([r.to_dataframe() for r in results])
     )
     sys.exit(min(codes))
+
+
+def _html_path(html: str, spec, swept: str | None) -> Path:
+    """--html, or for one value of a sweep ``<stem>-<shape>-<value>.html``."""
+    from dbprofile.loading import shape_value
+
+    path = Path(html)
+    if swept:
+        path = path.with_name(f"{path.stem}-{swept}-{shape_value(spec, swept)}{path.suffix}")
+    return path

@@ -10,7 +10,7 @@ import click
 
 from dbprofile.cli.app import (
     UserError,
-    check_writable,
+    check_outputs,
     exit_code,
     friendly_errors,
     main,
@@ -29,6 +29,18 @@ def _sourced_frame(sources: tuple[str, ...], runs: list[RunResult]):
     for source, frame in zip(sources, frames):
         frame.insert(0, "source", source)
     return pd.concat(frames, ignore_index=True)
+
+
+def _check_result_files(paths) -> None:
+    """Each result file to read exists and is a file: said before anything else about it."""
+    for path in paths:
+        if not Path(path).is_file():
+            what = "is a folder" if Path(path).is_dir() else "does not exist"
+            raise UserError(f"Result file {path!r} {what}; give the JSON file that `dbprofile run` wrote.")
+
+
+def _outputs(page: tuple[str, Path], console: Output) -> list[tuple[str, Path]]:
+    return [page] + ([("--csv", console.csv_path)] if console.csv_path else [])
 
 
 def _load_result(path: str):
@@ -59,10 +71,14 @@ def report(result, output, console: Output) -> None:
     from dbprofile.report import write_run_report
     from dbprofile.verdict import judge_into
 
+    _check_result_files([result])
+    if output is None and Path(result).suffix.lower() == ".html":
+        raise UserError(
+            f"{result!r} is a report page; `dbprofile report` reads the result JSON a run wrote "
+            f"(e.g. {str(Path(result).with_suffix('.json'))!r}) and writes the page beside it."
+        )
     html_path = Path(output) if output else Path(result).with_suffix(".html")
-    if html_path.resolve() == Path(result).resolve():
-        raise UserError(f"The report would overwrite its own result file {result!r}; give --output a .html path.")
-    check_writable(html_path, "--output")
+    check_outputs(_outputs(("--output", html_path), console), [("its own result file RESULT", Path(result))])
     run_result = _load_result(result)
     if run_result.verdict is None:  # written before verdicts were stored with runs
         judge_into(run_result)
@@ -86,9 +102,9 @@ def compare(results, output, console: Output) -> None:
     from dbprofile.report import write_comparison
     from dbprofile.verdict import judge_into
 
-    if any(Path(output).resolve() == Path(r).resolve() for r in results):
-        raise UserError(f"--output {output!r} is one of the result files being compared; give another path.")
-    check_writable(Path(output), "--output")
+    _check_result_files(results)
+    inputs = [(f"the result file {r!r}", Path(r)) for r in results]
+    check_outputs(_outputs(("--output", Path(output)), console), inputs)
     runs = [_load_result(path) for path in results]
     for run_result in runs:
         if run_result.verdict is None:  # written before verdicts were stored with runs

@@ -14,18 +14,21 @@ from dbprofile.cli.app import (
     FROM_CHECKPOINT_HELP,
     OPTIMIZER_HELP,
     UserError,
-    check_writable,
+    check_outputs,
+    concat_frames,
+    exit_code,
     freeze_startup_objects,
     friendly_errors,
     load_models,
     main,
+    model_inputs,
     model_options,
     output_options,
     parse_int_list,
     parse_size,
     reproduce_command,
 )
-from dbprofile.cli.run_support import answer_run, loading_limit, note_replaced, run_distributed_command, safe_name
+from dbprofile.cli.run_support import loading_limit, note_replaced, run_distributed_command, safe_name, show_run
 from dbprofile.console import Output
 from dbprofile.results import RunResult
 from dbprofile.settings import RunSettings
@@ -34,11 +37,18 @@ from dbprofile.techniques import Technique
 
 
 def _techniques_option(techniques: str | None, blocks: str | None) -> list[str]:
-    """--techniques wins; otherwise e2e, ckpt and db:B for each B of --blocks (default 2,3,4)."""
-    from dbprofile.techniques import DEFAULT_TECHNIQUES
+    """--techniques, or e2e, ckpt and db:B for each B of --blocks (default 2,3,4); not both."""
+    from dbprofile.techniques import DEFAULT_TECHNIQUES, HELP
 
-    if techniques:
-        return [t.strip() for t in techniques.split(",") if t.strip()]
+    if techniques is not None and blocks is not None:
+        raise UserError(
+            "--blocks is a shortcut for -t e2e,ckpt,db:B,...; with --techniques it would be ignored. Give one of them."
+        )
+    if techniques is not None:
+        names = [t.strip() for t in techniques.split(",") if t.strip()]
+        if not names:
+            raise UserError(f"--techniques is empty; give one or more of: {HELP}.")
+        return names
     if blocks:
         return ["e2e", "ckpt"] + [f"db:{b}" for b in parse_int_list(blocks, "--blocks")]
     return list(DEFAULT_TECHNIQUES)
@@ -211,34 +221,73 @@ def run(
     techs = parse_techniques(names)
     with loading_limit(settings.time_limit_s):
         swept, specs = load_models(model, set_options, seq_len, image_size)
-    results, codes = [], []
-    for spec in specs:
-        answered = _run_one(
+    out_paths = [_out_path(spec, out, swept) for spec in specs]
+    sweep_page = None if not swept or no_report or dry_run else _sweep_page(out, specs[0], swept)
+    check_outputs(_run_outputs(out_paths, no_report, sweep_page, console), inputs=model_inputs(model))
+    answers, results, codes = [], [], []
+    for spec, out_path in zip(specs, out_paths):
+        answer, result = _run_one(
             spec,
             techs,
             settings,
             batch_sizes=batch_sizes,
-            drop_deeper=not techniques and not blocks,
-            out=out,
+            default_set=not techniques and not blocks,
+            out_path=out_path,
             no_report=no_report,
             dry_run=dry_run,
-            swept=swept,
             from_checkpoint=from_checkpoint,
             console=console,
         )
-        if answered is not None:
-            results.append(answered[0])
-            codes.append(answered[1])
-    if swept and results and not no_report:
+        answers.append(answer)
+        if result is not None:
+            results.append(result)
+            codes.append(exit_code(result))
+    # One answer for the whole command: a sweep's JSON is a list of its runs, its CSV all their rows.
+    console.emit_json(answers[0] if len(answers) == 1 else answers)
+    if results:
+        console.write_csv(lambda: concat_frames([r.to_dataframe() for r in results]))
+    if sweep_page is not None and results:
         from dbprofile.report import write_comparison
 
         # The comparison of the runs draws peak memory against the swept value.
-        base = Path(out).with_suffix("") if out else Path("reports") / safe_name(specs[0].name)
-        path = write_comparison(results, Path(f"{base}-{swept}-sweep.html"), command=reproduce_command())
+        path = write_comparison(results, sweep_page, command=reproduce_command())
         console.text(f"sweep:   {path}")
     if codes:
         # A sweep answered if any of its runs did (exit 3 only when every run had nothing to show).
         sys.exit(min(codes))
+
+
+def _out_path(spec: ModelSpec, out: str | None, swept: str | None) -> Path:
+    """The result JSON of one run (one value of a sweep)."""
+    from dbprofile.loading import shape_value
+
+    out_path = Path(out) if out else Path("reports") / f"{safe_name(spec.name)}.json"
+    if swept:
+        out_path = out_path.with_name(f"{out_path.stem}-{swept}-{shape_value(spec, swept)}{out_path.suffix}")
+    return out_path
+
+
+def _sweep_page(out: str | None, spec: ModelSpec, swept: str) -> Path:
+    """The sweep's comparison page, beside the runs' JSON: ``<out>-<shape>-sweep.html``."""
+    base = Path(out).with_suffix("") if out else Path("reports") / safe_name(spec.name)
+    return Path(f"{base}-{swept}-sweep.html")
+
+
+def _run_outputs(
+    out_paths: list[Path], no_report: bool, sweep_page: Path | None, console: Output
+) -> list[tuple[str, Path]]:
+    """Every file the run writes, for ``check_outputs``: each value's JSON (and HTML report), the
+    sweep page, the CSV."""
+    files = []
+    for path in out_paths:
+        files.append(("--out", path))
+        if not no_report:
+            files.append(("the HTML report beside --out", path.with_suffix(".html")))
+    if sweep_page is not None:
+        files.append(("the sweep page", sweep_page))
+    if console.csv_path is not None:
+        files.append(("--csv", console.csv_path))
+    return files
 
 
 def _run_one(
@@ -247,57 +296,52 @@ def _run_one(
     settings: RunSettings,
     *,
     batch_sizes: list[int],
-    drop_deeper: bool,
-    out: str | None,
+    default_set: bool,
+    out_path: Path,
     no_report: bool,
     dry_run: bool,
-    swept: str | None,
     from_checkpoint: bool,
     console: Output,
-) -> tuple[RunResult, int] | None:
-    """Check, measure and answer for one model spec (one value of a sweep): (result, exit code), or None
-    for a dry run."""
+) -> tuple[dict, RunResult | None]:
+    """Check, measure and answer for one model spec (one value of a sweep): (its JSON answer, the
+    result), the result None for a dry run."""
     device, precision, optimizer, fake = settings.device, settings.precision, settings.optimizer, settings.fake
-    from dbprofile.loading import shape_value
     from dbprofile.measure.runner import prepare
     from dbprofile.units import format_bytes
+    from dbprofile.verdict.evidence import DB_NOT_APPLICABLE
 
     asked = techs
     with loading_limit(settings.time_limit_s):
-        # The default set adapts to shallow models; techniques asked for by name never do.
-        spec, techs, facts = prepare(spec, asked, precision, optimizer, drop_deeper=drop_deeper)
-    dropped = [t.name for t in asked if t not in techs]
-    if dropped:
-        console.info(f"skipping {', '.join(dropped)}: the model has only {facts['num_layers']} layers")
+        # The default set adapts to the model (its depth, whether DiffusionBlocks applies);
+        # techniques asked for by name never do.
+        spec, techs, facts = prepare(spec, asked, precision, optimizer, default_set=default_set, fake=fake)
+    deeper = [t.name for t in asked if t not in techs and t.is_diffusion_blocks and t.blocks > facts["num_layers"]]
+    if deeper:
+        console.info(f"skipping {', '.join(deeper)}: the model has only {facts['num_layers']} layers")
+    not_applicable = [t.name for t in asked if t not in techs and t.name not in deeper]
+    if not_applicable:
+        console.info(f"skipping {', '.join(not_applicable)}: {facts[DB_NOT_APPLICABLE]}")
     console.text(
         f"{spec.name}: {spec.family} {spec.task}, {facts['num_layers']} residual layers at {spec.layers!r}, "
         f"hidden {facts['hidden_size']}, {facts['parameters']:,} parameters\n"
         f"techniques: {', '.join(t.name for t in techs)}; batch sizes: {', '.join(map(str, batch_sizes))}; "
         f"device {device}{' (fake tensors)' if fake else ''}, {precision}, {optimizer}"
     )
-    if facts["not_residual"]:
+    if facts["not_residual"] and not not_applicable:  # said once: as the reason DiffusionBlocks was left out
         console.info(f"note: {facts['not_residual']}")
-    out_path = Path(out) if out else Path("reports") / f"{safe_name(spec.name)}.json"
-    if swept:
-        out_path = out_path.with_name(f"{out_path.stem}-{swept}-{shape_value(spec, swept)}{out_path.suffix}")
-    check_writable(out_path, "--out")
-    if not no_report:
-        check_writable(out_path.with_suffix(".html"), "the HTML report beside --out")
     if dry_run:
-        console.emit_json(
-            {
-                "model": spec.name,
-                "model_info": facts,
-                "techniques": [t.name for t in techs],
-                "batch_sizes": batch_sizes,
-                "device": device,
-                "fake": fake,
-                "precision": precision,
-                "optimizer": optimizer,
-                "dry_run": True,
-            }
-        )
-        return None
+        plan = {
+            "model": spec.name,
+            "model_info": facts,
+            "techniques": [t.name for t in techs],
+            "batch_sizes": batch_sizes,
+            "device": device,
+            "fake": fake,
+            "precision": precision,
+            "optimizer": optimizer,
+            "dry_run": True,
+        }
+        return plan, None
 
     from dbprofile.files import output_lock
     from dbprofile.measure.runner import run as run_profile
@@ -332,5 +376,5 @@ def _run_one(
                     err=True,
                 )
                 raise
-        code = answer_run(result, out_path, no_report, run_table(result), console)
-    return result, code
+        files = show_run(result, out_path, no_report, run_table(result), console)
+    return {**result.to_dict(), "files": files}, result

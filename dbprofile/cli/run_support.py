@@ -12,7 +12,15 @@ import re
 import sys
 from pathlib import Path
 
-from dbprofile.cli.app import EXIT_OK, UserError, check_writable, exit_code, load_models, reproduce_command
+from dbprofile.cli.app import (
+    EXIT_OK,
+    UserError,
+    check_outputs,
+    exit_code,
+    load_models,
+    model_inputs,
+    reproduce_command,
+)
 from dbprofile.console import QUIET, Output
 from dbprofile.results import RunResult
 from dbprofile.settings import RunSettings
@@ -37,8 +45,8 @@ def loading_limit(seconds: float | None):
         ) from None
 
 
-def answer_run(result: RunResult, out_path: Path, no_report: bool, table: str, console: Output) -> int:
-    """Print the table, write the HTML report and the JSON / CSV answers; returns the exit code."""
+def show_run(result: RunResult, out_path: Path, no_report: bool, table: str, console: Output) -> dict[str, str]:
+    """Print the table and write the HTML report; returns the files written (for the JSON answer)."""
     files = {"json": str(out_path)}
     lines = [table, f"results: {out_path}"]
     if not no_report:
@@ -47,9 +55,7 @@ def answer_run(result: RunResult, out_path: Path, no_report: bool, table: str, c
         files["html"] = str(write_run_report(result, out_path.with_suffix(".html")))
         lines.append(f"report:  {files['html']}")
     console.text("\n".join(lines))
-    console.emit_json({**result.to_dict(), "files": files})
-    console.write_csv(result.to_dataframe)
-    return exit_code(result)
+    return files
 
 
 def note_replaced(path: Path, console: Output) -> None:
@@ -97,7 +103,12 @@ def run_distributed_command(
         code = launch(nproc, sys.argv[1:])
         sys.exit(code if code != EXIT_OK or not out_path.exists() else exit_code(RunResult.load(out_path)))
     validate_spec(spec)
-    check_writable(out_path, "--out")
+    outputs = [("--out", out_path)] + (
+        [] if no_report else [("the HTML report beside --out", out_path.with_suffix(".html"))]
+    )
+    check_outputs(
+        outputs + ([("--csv", console.csv_path)] if console.csv_path else []), inputs=model_inputs(model_opts[0])
+    )
     if os.environ.get("RANK", "0") != "0":  # one display and one set of notes: rank 0's
         console = dataclasses.replace(console, verbosity=QUIET)
     with console.progress(f"{spec.name} on every rank"):
@@ -114,6 +125,9 @@ def run_distributed_command(
         )
     if result is None:  # ranks other than 0 report through rank 0
         return
-    code = answer_run(result, out_path, no_report, ranks_table(result), console)
+    files = show_run(result, out_path, no_report, ranks_table(result), console)
+    console.emit_json({**result.to_dict(), "files": files})
+    console.write_csv(result.to_dataframe)
+    code = exit_code(result)
     if not in_torchrun():
         sys.exit(code)

@@ -10,7 +10,7 @@ import click
 
 from dbprofile.cli.app import (
     UserError,
-    check_writable,
+    check_outputs,
     exit_code,
     friendly_errors,
     main,
@@ -80,8 +80,8 @@ def validate(cases, techniques, precisions, device, steps, time_budget, out, con
     if time_budget is not None and not time_budget >= 0:
         raise UserError(f"--time-budget is seconds, 0 or more; got {time_budget}.")
     resolve_device(device)
-    if out:
-        check_writable(Path(out), "--out")
+    outputs = [("--out", Path(out)), ("the rows' JSON beside --out", Path(out).with_suffix(".json"))] if out else []
+    check_outputs(outputs + ([("--csv", console.csv_path)] if console.csv_path else []))
     case_list = _parse_cases(cases) if cases else list(v.DEFAULT_CASES)
     techs = [t.name for t in parse_techniques(techniques)] if techniques else list(v.DEFAULT_TECHNIQUES)
     precision_list = [p.strip() for p in precisions.split(",") if p.strip()]

@@ -36,6 +36,9 @@ def resolve_device(device: torch.device | str) -> torch.device:
         raise SpecError(
             f"Device {str(device)!r} is not one dbprofile measures on (it tracks cpu and cuda memory). {fix}"
         )
+    if dev.type == "cpu" and dev.index is not None:
+        # torch accepts cpu:N, but the host is one device: measurements would fail at the first tensor.
+        raise SpecError(f"Device {str(device)!r}: the CPU is one device, with no index; use --device cpu.")
     if dev.type == "cuda":
         if not torch.cuda.is_available():
             raise SpecError(f"Device {str(device)!r} needs a CUDA GPU, and torch sees none here. {fix}")

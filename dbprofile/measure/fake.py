@@ -25,9 +25,9 @@ import torch
 import torch.nn.functional as F
 from torch.overrides import TorchFunctionMode
 
-from dbprofile.torch_internals import fake_tensor_mode, is_fake
+from dbprofile.torch_internals import TorchDispatchMode, fake_tensor_mode, is_fake
 
-__all__ = ["fake_mode", "is_fake", "cuda_autocast_policy"]
+__all__ = ["fake_mode", "is_fake", "cuda_autocast_policy", "real_dtype_checks"]
 
 
 @contextlib.contextmanager
@@ -167,3 +167,27 @@ def cuda_autocast_policy() -> contextlib.AbstractContextManager:
     """Inside a fake run standing for a CUDA device: CUDA's autocast policy where it differs from
     the CPU's (see ``_CudaAutocastPolicy``)."""
     return _CudaAutocastPolicy()
+
+
+_SAME_DTYPE_OPS = frozenset({"mm", "addmm", "bmm", "baddbmm", "mv", "addmv", "dot", "convolution"})
+"""Ops whose tensor arguments must share a dtype on real tensors; fake tensors do not check it."""
+
+
+class _DtypeCheck(TorchDispatchMode):
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if func.overloadpacket.__name__ in _SAME_DTYPE_OPS:
+            dtypes = list(dict.fromkeys(a.dtype for a in args if isinstance(a, torch.Tensor)))
+            if len(dtypes) > 1:
+                raise RuntimeError(
+                    f"{func.overloadpacket.__name__}: its inputs must have the same dtype, but got "
+                    f"{' and '.join(str(d).removeprefix('torch.') for d in dtypes)}"
+                )
+        return func(*args, **(kwargs or {}))
+
+
+@contextlib.contextmanager
+def real_dtype_checks() -> Iterator[None]:
+    """Inside ``fake_mode``: refuse a matrix product or convolution of mixed dtypes (integer
+    inputs to a Linear) as a real step would, so the fake pre-check finds it before measuring."""
+    with _DtypeCheck():
+        yield

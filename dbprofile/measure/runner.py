@@ -39,10 +39,12 @@ from dbprofile.measure.limits import Terminated, TimeLimitExceeded, time_limit
 from dbprofile.measure.steps import measure_into
 from dbprofile.methods.factory import make_trainer
 from dbprofile.results import Measurement, RunResult, model_info_of
+from dbprofile.sequence_layout import UnsupportedLayoutError
 from dbprofile.settings import RunSettings
 from dbprofile.spec import ModelSpec, SpecError, get_layers
 from dbprofile.techniques import DEFAULT_TECHNIQUES, Technique, check_technique_fits, parse_techniques
 from dbprofile.verdict import judge_into
+from dbprofile.verdict.evidence import DB_NOT_APPLICABLE
 
 
 def num_layers(spec: ModelSpec) -> int:
@@ -136,36 +138,57 @@ def prepare(
     techs: Sequence[Technique],
     precision: str = "fp32",
     optimizer: str = "adamw",
-    drop_deeper: bool = False,
+    default_set: bool = False,
+    fake: bool = True,
 ) -> tuple[ModelSpec, list[Technique], dict[str, Any]]:
     """Check everything the techniques need before the first measurement, so a run never
     stops half-way (after minutes of measuring) for a reason it could have found at the start.
 
-    Validates the spec (its loss included) under fake tensors, requiring residual layers only
-    when a DiffusionBlocks technique is asked for; checks each technique fits the layer count;
-    fills in the hidden width from the traced hidden state where the spec leaves it out; and
-    builds DiffusionBlocks on fake tensors and steps every block once, which is where the
-    task conventions (batch keys, a CLS token, residual shapes) are checked. ``drop_deeper``
-    (the CLI's default technique set, which adapts to shallow models) leaves out db:B with more
-    blocks than layers instead of refusing them. Returns the spec to measure, the techniques,
-    and the validation's facts; raises SpecError."""
-    spec, facts = checked_spec(spec, require_residual=any(t.is_diffusion_blocks for t in techs))
-    if drop_deeper:
+    Validates the spec (its loss included) under fake tensors; checks each technique fits the
+    layer count; fills in the hidden width from the traced hidden state where the spec leaves it
+    out; and checks DiffusionBlocks applies (``db_refusal``). ``default_set`` (the CLI's default
+    techniques, which the user did not name) adapts them to the model: db:B with more blocks than
+    layers is left out, and so is every DiffusionBlocks technique where it does not apply, with
+    the reason in ``facts[DB_NOT_APPLICABLE]`` for the verdict; named techniques are refused
+    instead. ``fake=False`` (a real run) checks a step that fake tensors cannot run on real
+    tensors instead of refusing it. Returns the spec to measure, the techniques, and the
+    validation's facts; raises SpecError."""
+    asks_db = any(t.is_diffusion_blocks for t in techs)
+    spec, facts = checked_spec(spec, require_residual=asks_db and not default_set, fake_only=fake)
+    if default_set:
         techs = [t for t in techs if not (t.is_diffusion_blocks and t.blocks > facts["num_layers"])]
     for tech in techs:
         check_technique_fits(tech, facts["num_layers"])
     db = [t for t in techs if t.is_diffusion_blocks]
-    if db:
-        # One DiffusionBlocks configuration suffices: the conventions it checks do not depend on B.
-        tech = parse_techniques([f"db:{min(t.blocks or 1 for t in db)}"])[0]
-        cpu = torch.device("cpu")
+    refusal = db_refusal(spec, db, facts, precision, optimizer) if db else None
+    if refusal is not None and not default_set:
+        raise SpecError(refusal)
+    if refusal is not None:
+        techs = [t for t in techs if not t.is_diffusion_blocks]
+        facts[DB_NOT_APPLICABLE] = refusal
+    return spec, list(techs), facts
+
+
+def db_refusal(
+    spec: ModelSpec, db: list[Technique], facts: dict[str, Any], precision: str, optimizer: str
+) -> str | None:
+    """Why DiffusionBlocks cannot train this model, or None: layers that are not residual, or a
+    convention its step needs (batch keys, a token axis, per-position tensors it can rebuild),
+    found by building it on fake tensors and stepping every block once. One configuration
+    suffices: what it checks does not depend on B, only on the token layout."""
+    if facts["not_residual"]:
+        return str(facts["not_residual"])
+    fewest = min(t.blocks or 1 for t in db)
+    cpu = torch.device("cpu")
+    for layout in sorted({t.lm_layout for t in db}):
+        tech = parse_techniques([f"db:{fewest}" + ("+interleaved" if layout == "interleaved" else "")])[0]
         with fake_mode():
             try:
                 trainer = make_trainer(tech, spec, cpu, precision=precision, optimizer=optimizer)
                 for unit in trainer.units:
                     trainer.step(spec.batch(2, cpu), unit)
-            except SpecError:
-                raise
+            except (SpecError, UnsupportedLayoutError) as err:
+                return str(err)
             except SystemExit as err:
                 raise SpecError(
                     f"A DiffusionBlocks step of {spec.name!r} (on fake tensors, before measuring) called "
@@ -173,7 +196,7 @@ def prepare(
                 ) from None
             except Exception:  # noqa: BLE001 - an op fake tensors cannot run is no fault of the model;
                 pass  # the real measurement will run it, and record any real failure as that technique's error
-    return spec, list(techs), facts
+    return None
 
 
 def run(
@@ -201,20 +224,25 @@ def run(
     it). The verdict (dbprofile.verdict) is computed once at the end and stored on the result."""
     settings = RunSettings.of(settings, **setting_fields)
     spec = spec if isinstance(spec, ModelSpec) else load_spec(spec)
-    techs = parse_techniques(list(techniques) if not isinstance(techniques, str) else techniques)
+    techs = parse_techniques(techniques)
     sizes = [batch_sizes] if isinstance(batch_sizes, int) else list(batch_sizes)
     if not sizes or any(not isinstance(b, int) or b < 1 for b in sizes):
         raise SpecError(f"Batch sizes must be integers of at least 1; got {sizes}.")
     device = settings.device
     dev = devices.resolve_device(device)  # a bad device string fails here, before anything runs
     if facts is None:
-        spec, techs, facts = prepare(spec, techs, settings.precision, settings.optimizer)
+        # The default set (not named) adapts to the model, as on the command line.
+        default_set = techniques is DEFAULT_TECHNIQUES
+        spec, techs, facts = prepare(spec, techs, settings.precision, settings.optimizer, default_set, settings.fake)
     layer_count = facts["num_layers"]
     if settings.memory_snapshot is not None:
         snapshot.check_snapshot_device(dev, settings.fake)
+    model_info = model_info_of(spec, layer_count)
+    if facts.get(DB_NOT_APPLICABLE):
+        model_info[DB_NOT_APPLICABLE] = facts[DB_NOT_APPLICABLE]
     result = RunResult(
         model=spec.name,
-        model_info=model_info_of(spec, layer_count),
+        model_info=model_info,
         environment=devices.environment(device),
         command=command,
         created=datetime.now(timezone.utc).isoformat(timespec="seconds"),
@@ -253,7 +281,7 @@ def run(
             if on_measurement is not None:
                 on_measurement(m)
             if interleave and (done == len(todo) or todo[done][1] != batch_size):
-                time_interleaved(spec, measured_at(result, batch_size, techs), batch_size, settings.steps)
+                time_cpu(spec, measured_at(result, batch_size, techs), batch_size, settings)
                 if out is not None:
                     result.save(out)
     except KeyboardInterrupt as err:
@@ -272,6 +300,29 @@ def run(
     if out is not None:
         result.save(out)
     return result
+
+
+def time_cpu(
+    spec: ModelSpec, entries: list[tuple[Measurement, Technique]], batch_size: int, settings: RunSettings
+) -> None:
+    """``time_interleaved`` under the run's time limit. Each technique timed has its own limit, and
+    the rounds time them together, so the rounds get the sum; past it the techniques not yet timed
+    keep their memory figures and say the timing stopped (``extra['timing_error']``)."""
+    timed = [m for m, _ in entries if m.ok]
+    seconds = settings.time_limit_s * len(timed) if settings.time_limit_s and timed else None
+    try:
+        with time_limit(seconds, f"the CPU timing at batch size {batch_size}") as limit:
+            time_interleaved(spec, entries, batch_size, settings.steps)
+    except TimeLimitExceeded:
+        pass
+    if limit.expired:
+        for m in timed:
+            if m.step_time_s is None:
+                m.extra["timing_error"] = (
+                    f"timeout: the timed steps stopped after the time limit of {settings.time_limit_s:g} s per "
+                    f"technique ({seconds:g} s for the {len(timed)} timed together); the memory figures stand. "
+                    "Raise --timeout (or lower --steps) for step times."
+                )
 
 
 def measured_at(result: RunResult, batch_size: int, techs: list[Technique]) -> list[tuple[Measurement, Technique]]:

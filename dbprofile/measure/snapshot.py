@@ -22,8 +22,6 @@ import torch
 from dbprofile import torch_internals as private
 from dbprofile.spec import SpecError
 
-VIEWER_URL = "https://pytorch.org/memory_viz"
-
 
 def snapshot_path(directory: str | Path, model: str, technique: str, batch_size: int, block: int | None) -> Path:
     """``DIR/<model>_<technique>_b<batch>[_block<i>].pickle``, with characters file systems dislike

@@ -183,8 +183,11 @@ def make_spec(
         model.train()  # transformers builds in eval mode; dropout is part of the training step
         return wrapper(model)
 
-    with torch.device("meta"), quiet_transformers():
-        meta = auto.from_config(config)
+    _check_token_ids(name, config)
+    if getattr(config, "architectures", None) is None:
+        # transformers' auto classes iterate it to choose among several heads (DeiT's two).
+        config.architectures = []
+    meta = _meta_model(name, auto, config)
     inner_path = KNOWN_LAYER_PATHS.get(config.model_type) or find_layer_stack(meta)
     if inner_path is None:
         raise SpecError(
@@ -204,6 +207,30 @@ def make_spec(
     if task == "causal-lm":
         return _causal_spec(name, overrides, config, seq_len, label, common)
     return _classifier_spec(name, overrides, config, label, common)
+
+
+def _check_token_ids(name: str, config: Any) -> None:
+    """The padding token must be a row of the embedding table (Phi-3's default pad id 32000 is
+    past a --set vocab_size=500): said here, before transformers asserts it."""
+    pad, vocab = getattr(config, "pad_token_id", None), getattr(config, "vocab_size", None)
+    if isinstance(pad, int) and isinstance(vocab, int) and not 0 <= pad < vocab:
+        raise SpecError(
+            f"hf:{name}: pad_token_id {pad} is outside the vocabulary of {vocab} tokens. "
+            f"Give --set vocab_size above {pad}, or --set pad_token_id=0."
+        )
+
+
+def _meta_model(name: str, auto: Any, config: Any) -> nn.Module:
+    """The model on the meta device (no memory); a config transformers cannot build (a size whose
+    storage overflows, an attention kernel not installed) is one paragraph, not its traceback."""
+    try:
+        with torch.device("meta"), quiet_transformers():
+            return auto.from_config(config)
+    except Exception as err:
+        raise SpecError(
+            f"transformers cannot build hf:{name} ({config.model_type}) from this config: "
+            f"{type(err).__name__}: {str(err).strip().rstrip('.')}. Check the --set values (sizes, attn_implementation)."
+        ) from None
 
 
 def _safe(name: str) -> str:
@@ -327,11 +354,19 @@ def hf_position_adapter(model: nn.Module, layout: SequenceLayout) -> CallRewrite
     per-position tensor for T tokens refuses DiffusionBlocks (sequence_layout.refusal)."""
     # Imported here, not at the top: the model source must not import the method at load time.
     from dbprofile.sequence_layout import (
+        UnsupportedLayoutError,
         per_position_arguments,
         refusal,
         signature_names,
     )
 
+    if layout.allowed is not None and not any("Attention" in type(m).__name__ for m in model.modules()):
+        raise UnsupportedLayoutError(
+            "DiffusionBlocks cannot run this model faithfully in its concatenated token layout: "
+            "its layers mix tokens without attention (a state-space scan, as in Mamba), so there is no mask "
+            "to keep each noisy token from reading the clean tokens after it. e2e and ckpt are unaffected; "
+            "db:B+interleaved (clean and noisy tokens interleaved under the plain causal order) may apply."
+        )
     rotary = _rotary_module(model)
     positions = layout.positions[None]
     made: dict[str, Any] = {}

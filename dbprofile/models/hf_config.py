@@ -48,6 +48,15 @@ def _read_json(path: Path) -> dict[str, Any]:
         raise SpecError(f"Cannot read the model config {str(path)!r}: {err}. Pass a valid config.json.") from None
 
 
+def _no_config_in(name: str, path: Path) -> SpecError:
+    inside = sorted(p.name for p in path.iterdir())[:5]
+    holds = f"it holds {', '.join(inside)}" if inside else "it is empty"
+    return SpecError(
+        f"hf:{name} is a directory without config.json ({holds}). Pass a directory holding the model's "
+        "config.json, or the config file's own path."
+    )
+
+
 def raw_config(name: str) -> tuple[dict[str, Any], str]:
     """(the config as a dict, where it came from) for ``hf:NAME``, offline; SpecError otherwise.
     A diffusers config (it has ``_class_name``) is returned as is for the caller to route."""
@@ -55,6 +64,8 @@ def raw_config(name: str) -> tuple[dict[str, Any], str]:
     path = Path(name).expanduser()
     if path.is_dir() and (path / "config.json").is_file():
         return _read_json(path / "config.json"), f"{path / 'config.json'}"
+    if path.is_dir():  # transformers would read it as a cache entry with an empty config
+        raise _no_config_in(name, path)
     if path.is_file():
         return _read_json(path), str(path)
     if path.suffix == ".json" or name.startswith((".", "/", "~")):

@@ -55,9 +55,17 @@ def parse_value(key: str, text: str, current: Any) -> Any:
         if current is None:
             return text
         raise wrong(f"JSON of a {type(current).__name__}") from None
+    if isinstance(current, tuple) and isinstance(value, list):
+        return _as_tuples(value, current)  # JSON has no tuples: a list stands for one (Swin's depths)
     if current is not None and not isinstance(value, type(current)):
-        raise wrong(f"a {type(current).__name__} in JSON")
+        raise wrong(f"a {'list' if isinstance(current, tuple) else type(current).__name__} in JSON")
     return value
+
+
+def _as_tuples(value: list, like: tuple) -> tuple:
+    """``value`` as a tuple, its inner lists as tuples where ``like``'s items are (nested configs)."""
+    inner = like[0] if like else None
+    return tuple(_as_tuples(v, inner) if isinstance(v, list) and isinstance(inner, tuple) else v for v in value)
 
 
 def unknown_key(key: str, fields: list[str], where: str) -> SpecError:

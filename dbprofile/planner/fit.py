@@ -15,6 +15,14 @@ state) and the CUDA corrections other than the allocator's fraction do not."""
 
 
 MAX_CONFIRM_RUNS = 3
+"""Fake runs at the linear model's guesses."""
+MAX_BISECT_RUNS = 5
+"""Further fake runs, each halving the gap between the largest batch confirmed to fit and the
+smallest confirmed to miss, when the linear guesses left it open: the peak is a staircase (the
+allocator's segments), and a line through its steps can keep missing."""
+SETTLED_FRACTION = 0.05
+"""Bisection stops once that gap is within this fraction of the largest batch that fits (the
+linear guesses, when they work, end within 0.1% of the refitted maximum)."""
 
 MISS_MARGIN = 0.005
 """After a confirming run misses, the next guess aims this fraction of the capacity lower."""
@@ -26,7 +34,11 @@ def find_max_batch(entry: PlanEntry, predict: Callable[[int], PlanEntry], capaci
     First model: peak(b) = fixed + per_sample * b from the one run at the plan's batch size,
     with the batch-dependent shares (activations, temporaries, inputs) as per_sample * b. Then,
     when ``confirm``, a fake run at the predicted maximum checks it; if it misses, the two runs
-    give the line (a two-point fit) and the next guess, at most MAX_CONFIRM_RUNS runs.
+    give the line (a two-point fit) and the next guess, at most MAX_CONFIRM_RUNS runs. Every
+    guess lies strictly between the largest batch confirmed to fit and the smallest confirmed to
+    miss (a guess outside is replaced by their midpoint), and where the guesses leave that gap
+    open, up to MAX_BISECT_RUNS halve it: the answer is a confirmed fit, never just the plan's
+    own batch size because the line kept landing on a step of the staircase.
     """
     b1 = entry.batch_size
     variable = sum(entry.shares.get(c, 0) for c in BATCH_DEPENDENT)
@@ -38,21 +50,26 @@ def find_max_batch(entry: PlanEntry, predict: Callable[[int], PlanEntry], capaci
     per_sample = variable * scale / b1
     fixed = entry.peak_bytes - per_sample * b1
     points = {b1: entry.peak_bytes}
-    fitting = [b1] if entry.peak_bytes <= capacity else []
 
     def guess_from(fixed: float, per_sample: float, margin: float = 0.0) -> int:
         return max(int((capacity - margin - fixed) // per_sample), 0) if per_sample > 0 else 0
 
     guess = guess_from(fixed, per_sample)
     runs = 0
-    while confirm and per_sample > 0 and guess >= 1 and guess not in points and runs < MAX_CONFIRM_RUNS:
+    while confirm and per_sample > 0 and runs < MAX_CONFIRM_RUNS + MAX_BISECT_RUNS:
+        lo, hi = _gap(points, capacity)
+        bisecting = runs >= MAX_CONFIRM_RUNS
+        if bisecting and (hi is None or hi - lo <= max(1, int(SETTLED_FRACTION * lo))):
+            break
+        if bisecting or not lo < guess < (hi if hi is not None else guess + 1):
+            guess = (lo + hi) // 2 if hi is not None else max(guess, 2 * lo)
+        if guess < 1 or guess in points:
+            break
         checked = predict(guess)
         runs += 1
         if not checked.ok:
             break
         points[guess] = checked.peak_bytes
-        if checked.peak_bytes <= capacity:
-            fitting.append(guess)
         # Refit through the point nearest the capacity and the point farthest from it in batch
         # size, then guess again (or stop if the confirmed guess fits and guess + 1 is predicted
         # not to). Two near points would give a slope made of the allocator's 2 MiB / 20 MiB
@@ -72,6 +89,7 @@ def find_max_batch(entry: PlanEntry, predict: Callable[[int], PlanEntry], capaci
         if checked.peak_bytes <= capacity and nxt <= guess + max(1, guess // 1000):
             break
         guess = nxt
+    fitting = [b for b, peak in points.items() if peak <= capacity]
     if not confirm and guess >= 1:
         fitting.append(guess)
     entry.max_batch_size = max(fitting, default=0) if per_sample > 0 else None
@@ -81,6 +99,13 @@ def find_max_batch(entry: PlanEntry, predict: Callable[[int], PlanEntry], capaci
         "points": sorted(points.items()),
         "confirmed": confirm,
     }
+
+
+def _gap(points: dict[int, int], capacity: int) -> tuple[int, int | None]:
+    """(the largest batch confirmed to fit, 0 if none; the smallest confirmed to miss, None if none)."""
+    fit = [b for b, peak in points.items() if peak <= capacity]
+    miss = [b for b, peak in points.items() if peak > capacity]
+    return max(fit, default=0), min(miss, default=None)
 
 
 def entry_corrections(entry: PlanEntry, target: Target) -> dict[str, int]:

@@ -38,6 +38,7 @@ from dbprofile.techniques import (
     parse_technique,
 )
 from dbprofile.units import GiB, format_bytes
+from dbprofile.verdict.evidence import DB_NOT_APPLICABLE
 from dbprofile.vocabulary import CATEGORIES
 
 FULL_TRACE_BELOW_PARAMETER_BYTES = 4 * GiB
@@ -54,16 +55,29 @@ def parse_requested(
 ) -> list[tuple[str, Technique, bool]]:
     """(display name, technique to run, block-parallel?) per requested technique."""
     if names is None:
-        # Offload is not planned under ZeRO-3 (plan() says why when it is asked for).
-        names = [n for n in PLAN_DEFAULT_TECHNIQUES if not (zero_stage == 3 and n == "offload")]
+        # The default set adapts to the model's depth, as a run's does; named techniques never do. Offload
+        # is not planned under ZeRO-3 (plan() says why when it is asked for).
+        names = [
+            n
+            for n in PLAN_DEFAULT_TECHNIQUES
+            if (parse_technique(n).blocks or 0) <= num_layers and not (zero_stage == 3 and n == "offload")
+        ]
         if world_size > 1 and 2 <= world_size <= num_layers:
             names.append(f"db:{world_size}{PARALLEL_SUFFIX}")
     elif isinstance(names, str):
         names = [n for n in names.split(",") if n.strip()]
+    elif not isinstance(names, (list, tuple)):
+        raise SpecError(f"techniques are a list of names or one comma-separated string; got {names!r}.")
     out: dict[str, tuple[str, Technique, bool]] = {}
     for raw in names:
         tech = parse_technique(str(raw))
         check_technique_fits(tech, num_layers)
+        if tech.parallel and (tech.blocks or 1) > world_size:
+            raise SpecError(
+                f"{tech.name} trains one block per device, on {tech.blocks} devices, but the plan has "
+                f"{world_size} (world_size, --world-size). Pass a world size of at least {tech.blocks}, "
+                f"or db:B+parallel with B <= {world_size}."
+            )
         out.setdefault(tech.name, (tech.name, tech.on_one_device(), tech.parallel))
     if not out:
         raise SpecError("No technique given; pass e.g. techniques=['e2e', 'ckpt', 'db:4'].")
@@ -153,7 +167,7 @@ def plan(
         )
     # The same checks as a run's (loss, build, hidden width); db:B's own need for residual layers
     # surfaces in its fake run.
-    spec, _ = checked_spec(spec, require_residual=False)
+    spec, checked = checked_spec(spec, require_residual=False)
     peak_flops = target.gpu.peak_flops(precision) if target.gpu is not None else None
     facts = model_facts(spec)
     from dbprofile.measure.depth import measure_fake, simulate_fake
@@ -176,6 +190,9 @@ def plan(
             "saves the full parameters gathered for it, which it would copy too; that combination is not planned. "
             "Plan offload without --zero 3 (ZeRO-1/2 shard only state), or use sac or ckpt with --zero 3."
         )
+    # As in a run, the default set leaves DiffusionBlocks out where it cannot train the model (layers
+    # not residual here; a convention its fake step refuses below) and the verdict says why.
+    left_out = checked["not_residual"] if techniques is None else None
     run = measure_fn or default_measure()
     runs: dict[tuple[str, int, int], Measurement] = {}
     # A CUDA target's tracker counts each storage in 512-byte blocks, as the caching allocator does.
@@ -317,7 +334,15 @@ def plan(
 
     entries = []
     for name, tech, parallel in wanted:
-        entry = predict(name, tech, parallel, batch_size)
+        if tech.is_diffusion_blocks and left_out:
+            continue
+        try:
+            entry = predict(name, tech, parallel, batch_size)
+        except SpecError as err:
+            if techniques is not None or not tech.is_diffusion_blocks:
+                raise
+            left_out = str(err)
+            continue
         if entry.ok and search_max_batch and target.capacity_bytes is not None:
             find_max_batch(
                 entry, functools.partial(predict, name, tech, parallel), target.capacity_bytes, confirm_max_batch
@@ -328,6 +353,7 @@ def plan(
         entries.append(entry)
 
     model_info = {
+        **({DB_NOT_APPLICABLE: left_out} if left_out else {}),
         "family": spec.family,
         "task": spec.task,
         "num_layers": facts.num_layers,
@@ -350,6 +376,7 @@ def plan(
         from_checkpoint=from_checkpoint,
         min_micro_batch=min_micro_batch,
         peak_flops=peak_flops,
+        peak_flops_source=target.gpu.flops_source if target.gpu is not None else None,
         utilisation=ASSUMED_UTILISATION,
     )
     from dbprofile.verdict import judge

@@ -9,7 +9,7 @@ from dataclasses import dataclass
 
 from dbprofile.gpus import GPU, cublas_workspace_bytes, cublas_workspace_reserved_bytes, get_gpu
 from dbprofile.spec import SpecError
-from dbprofile.units import MiB
+from dbprofile.units import MiB, size_bytes
 
 MEASURED_CUDA_CONTEXT_BYTES = {"H100-80GB": 1257 * MiB, "H200-141GB": 1392 * MiB}
 """Device memory outside the caching allocator, per card where it was measured: the CUDA context
@@ -81,10 +81,17 @@ def resolve_target(device: str | int | GPU) -> Target:
         if device <= 0:
             raise SpecError(f"Device capacity must be a positive number of bytes; got {device}.")
         return Target("custom", device, True, UNKNOWN_GPU_COMPUTE_CAPABILITY)
-    if isinstance(device, str) and device.strip().lower() == "cpu":
+    if not isinstance(device, str):
+        raise SpecError(
+            f"device is a GPU name ('H100-80GB'), a capacity ('24GiB' or an integer of bytes) or 'cpu'; got {device!r}."
+        )
+    if device.strip().lower() == "cpu":
         return Target("cpu", None, False)
-    if isinstance(device, str) and device.strip().isdigit():
-        return resolve_target(int(device.strip()))
+    if device.strip()[:1].isdigit():  # a capacity, as --gpu 24GiB takes it
+        try:
+            return resolve_target(size_bytes(device, "device capacity"))
+        except ValueError as err:
+            raise SpecError(str(err)) from None
     gpu = get_gpu(str(device))
     return Target(gpu.name, gpu.capacity_bytes, True, gpu.compute_capability, gpu)
 

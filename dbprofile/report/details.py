@@ -198,7 +198,7 @@ def _snapshot_href(path: str, html_dir: Path | None) -> str:
 
 def snapshots_section(result: RunResult, labels: list[str], html_dir: Path | None) -> str:
     """Links to the PyTorch memory snapshots of each tracked step (``--memory-snapshot``)."""
-    from dbprofile.measure.snapshot import VIEWER_URL
+    from dbprofile.files import MEMORY_VIEWER_URL
 
     items = []
     for label, m in zip(labels, result.measurements):
@@ -213,7 +213,7 @@ def snapshots_section(result: RunResult, labels: list[str], html_dir: Path | Non
         return ""
     body = (
         f"<p>PyTorch's own record of every CUDA allocation and free during each tracked step, with the Python "
-        f'stack that made it. Open a file at <a href="{esc(VIEWER_URL)}">{esc(VIEWER_URL)}</a> (drag it in; the '
+        f'stack that made it. Open a file at <a href="{esc(MEMORY_VIEWER_URL)}">{esc(MEMORY_VIEWER_URL)}</a> (drag it in; the '
         "page reads it locally, nothing is uploaded) to see the allocator's timeline and its segments.</p>"
         f"<ul>{''.join(items)}</ul>"
     )

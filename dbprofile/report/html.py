@@ -35,7 +35,7 @@ from dbprofile.report.page import (
 )
 from dbprofile.report.tradeoff import run_tradeoff_svg
 from dbprofile.results import RunResult
-from dbprofile.units import format_bytes, pick_unit
+from dbprofile.units import format_bytes, format_gflop, pick_unit
 from dbprofile.verdict import ratio_is_clear
 from dbprofile.vocabulary import CATEGORIES
 
@@ -140,7 +140,7 @@ def _tradeoff_section(result: RunResult) -> str:
         ratio = f"{m.flops_per_sample / e2e.flops_per_sample:.2f}x" if e2e and e2e.flops_per_sample else "n/a"
         time_s = m.block_steps_time_s if m.block_steps_time_s is not None else m.step_time_s
         rows.append(
-            f'<tr><td>{esc(technique_label(m, result))}</td><td class="num">{m.flops_per_sample / 1e9:,.2f}</td>'
+            f'<tr><td>{esc(technique_label(m, result))}</td><td class="num">{esc(format_gflop(m.flops_per_sample))}</td>'
             f'<td class="num">{esc(ratio)}</td><td class="num">{esc(milliseconds(time_s))}</td></tr>'
         )
     note = (

@@ -7,9 +7,12 @@ from __future__ import annotations
 from dbprofile.report import charts
 from dbprofile.report.page import (
     bytes_cell,
+    comparable_step_s,
     esc,
     largest_share,
     milliseconds,
+    page_html,
+    section_html,
     stored_verdict,
     subtitle,
     technique_label,
@@ -34,7 +37,7 @@ def render_run_summary(result: RunResult) -> str:
     verdict, missing = stored_verdict(result)
     out = [f"<div class='dbprofile-run'><p><b>{esc(result.model)}</b>: {subtitle(result)}</p>"]
     unit = pick_unit(max((m.peak_bytes for m in result.measurements if m.ok), default=0))
-    head = ["technique", "batch", "status", "peak", "largest share", "peak phase", "step time"]
+    head = ["technique", "batch", "status", "peak", "largest share", "peak phase", "step time (db: B block-steps)"]
     out.append("<table><tr>" + "".join(f"<th>{h}</th>" for h in head) + "</tr>")
     for label, m in zip((technique_label(m, result) for m in result.measurements), result.measurements):
         cat, frac = largest_share(m)
@@ -43,7 +46,7 @@ def render_run_summary(result: RunResult) -> str:
         out.append(
             f"<tr><td>{esc(label)}</td><td class='num'>{m.batch_size}</td><td>{esc(m.status)}</td>"
             f"{bytes_cell(m.peak_bytes if m.ok else None, unit)}<td>{esc(share)}</td><td>{esc(phase)}</td>"
-            f"<td class='num'>{esc(milliseconds(m.step_time_s))}</td></tr>"
+            f"<td class='num'>{esc(milliseconds(comparable_step_s(m)))}</td></tr>"
         )
     out.append("</table>")
     if verdict is not None:
@@ -82,6 +85,14 @@ def format_plan_html(plan: Plan) -> str:
         out.append(svg)
     out.append("</div>")
     return "\n".join(out)
+
+
+def render_plan_page(plan: Plan, command: str | None = None) -> str:
+    """``plan --html``: the plan's fragment as a page styled like the run report and the comparison."""
+    sections = [section_html("plan", "Predicted peak per technique", format_plan_html(plan))]
+    if command:
+        sections.append(section_html("command", "Command", f"<pre>{esc(command)}</pre>"))
+    return page_html(f"dbprofile plan: {plan.model}", esc(plan_header(plan)), sections)
 
 
 views.install_html(RunResult, render_run_summary)

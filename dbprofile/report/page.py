@@ -103,6 +103,13 @@ def milliseconds(seconds: float | None) -> str:
     return f"{seconds * 1000:.1f} ms" if seconds < 1 else f"{seconds:.2f} s"
 
 
+def comparable_step_s(m: Measurement) -> float | None:
+    """The time to set beside other techniques': one e2e (or ckpt) step, or DiffusionBlocks' B
+    block-steps, which train every layer once as one e2e step does. A single block-step beside
+    an e2e step would read as DiffusionBlocks being B times faster than it is."""
+    return m.block_steps_time_s if m.block_steps_time_s is not None else m.step_time_s
+
+
 def largest_share(m: Measurement) -> tuple[str, float]:
     if not m.peak_bytes:
         return "n/a", 0.0

@@ -9,7 +9,6 @@ from __future__ import annotations
 from collections.abc import Collection, Sequence
 from typing import Any
 
-from dbprofile.gpus import get_gpu
 from dbprofile.results import Plan, PlanEntry, RunResult, views
 from dbprofile.units import UNIT_BYTES, format_bytes, format_duration, format_gflop, pick_unit
 from dbprofile.validate import ValidationRow
@@ -79,6 +78,10 @@ def run_table(result: RunResult) -> str:
         f"{m.technique} @ batch {m.batch_size}: {m.status.upper()}: {m.error}"
         for m in result.measurements
         if m.status != "ok" and m.error
+    ] + [
+        f"{m.technique} @ batch {m.batch_size}: no step time: {m.extra['timing_error']}"
+        for m in result.measurements
+        if m.ok and m.extra.get("timing_error")
     ]
     device = result.environment.get("device_name") or result.environment.get("device", "")
     fake = " (fake tensors)" if any(m.fake for m in result.measurements) else ""
@@ -214,7 +217,6 @@ def format_time_estimate(plan: Plan) -> str | None:
     timed = [e for e in plan.entries if e.ok and e.time_per_million_samples_s is not None]
     if not timed or not plan.peak_flops or plan.utilisation is None:
         return None
-    gpu = get_gpu(plan.device)
     parts = [
         f"{e.technique} {format_duration(e.time_per_million_samples_s or 0)}"
         + (f" on {e.world_size} devices" if e.world_size > 1 else "")
@@ -222,7 +224,7 @@ def format_time_estimate(plan: Plan) -> str | None:
     ]
     return (
         f"Estimated time per million samples at {round(100 * plan.utilisation)}% of the {plan.device}'s "
-        f"{plan.peak_flops / 1e12:,.1f} TFLOPS {plan.precision} peak ({gpu.flops_source}; an illustration, the "
+        f"{plan.peak_flops / 1e12:,.1f} TFLOPS {plan.precision} peak ({plan.peak_flops_source or 'datasheet'}; an illustration, the "
         "ratios are the claim): " + ", ".join(parts) + "."
     )
 

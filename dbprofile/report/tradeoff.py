@@ -70,7 +70,6 @@ def memory_vs_compute(
             colour = "#1a7f37" if fits else "#B00020"
             marker = ax.scatter([compute], [nbytes / scale], s=36, color=colour, zorder=3)
             marker.set_gid(f"mc-point-{i}")
-            ax.annotate(name, (compute, nbytes / scale), textcoords="offset points", xytext=(6, 4), fontsize=8)
             if name == recommended:
                 ring = ax.scatter(
                     [compute],
@@ -90,6 +89,8 @@ def memory_vs_compute(
                     fontsize=8,
                     fontweight="bold",
                 )
+        for label, compute, nbytes in label_groups(points):
+            ax.annotate(label, (compute, nbytes / scale), textcoords="offset points", xytext=(6, 4), fontsize=8)
         if capacity_bytes:
             line = ax.axhline(capacity_bytes / scale, color="#444444", linestyle="--", linewidth=1.0)
             line.set_gid("mc-capacity")
@@ -112,3 +113,32 @@ def memory_vs_compute(
         ax.grid(color="#eeeeee", linewidth=0.6)
         ax.set_axisbelow(True)
         return svg_from_figure(fig, "memory-vs-compute")
+
+
+NEAR_FRACTION = 0.03
+"""Points closer than this share of the chart's spans (both axes) share one label."""
+
+
+def label_groups(points: Sequence[tuple[str, int, float]]) -> list[tuple[str, float, int]]:
+    """(label, compute, bytes) per group of points that would draw their names over each other
+    (db:3 and db:4 of a small model at the same memory and compute): one label naming them all,
+    "db:3, db:4", at the group's first point."""
+    xs = [c for _, _, c in points]
+    ys = [b for _, b, _ in points]
+    x_span = (max(xs) - min(xs)) or max(abs(x) for x in xs) or 1.0
+    y_span = (max(ys) - min(ys)) or max(ys) or 1
+    groups: list[tuple[list[str], float, int]] = []
+    for name, nbytes, compute in points:
+        near = next(
+            (
+                g
+                for g in groups
+                if abs(g[1] - compute) <= NEAR_FRACTION * x_span and abs(g[2] - nbytes) <= NEAR_FRACTION * y_span
+            ),
+            None,
+        )
+        if near is None:
+            groups.append(([name], compute, nbytes))
+        else:
+            near[0].append(name)
+    return [(", ".join(names), compute, nbytes) for names, compute, nbytes in groups]

@@ -113,6 +113,8 @@ class Plan:
     """The team must continue from an existing end-to-end checkpoint (default: training from scratch)."""
     peak_flops: int | None = None
     """The target's peak dense FLOPS per second at the plan's precision (dbprofile.gpus), if known."""
+    peak_flops_source: str | None = None
+    """Where ``peak_flops`` comes from (the card's datasheet or whitepaper)."""
     utilisation: float | None = None
     """The share of peak_flops assumed for time estimates (dbprofile.planner.ASSUMED_UTILISATION)."""
     min_micro_batch: int = 1

@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from dbprofile.results import Plan, Reason, RunResult, Verdict
 from dbprofile.units import format_bytes
 from dbprofile.verdict.alternatives import Option, best_of, cost_ratio, option_of, reason_alternatives
-from dbprofile.verdict.evidence import Row, Situation, situation_of
+from dbprofile.verdict.evidence import Row, Situation, row_fits, situation_of
 from dbprofile.verdict.reasons import (
     pct,
     pct_against,
@@ -83,12 +83,13 @@ class Case:
 
 def judge(
     result: RunResult | Plan,
-    capacity_bytes: int | None = None,
+    capacity_bytes: int | str | None = None,
     *,
     from_checkpoint: bool | None = None,
     devices: int | None = None,
 ) -> Verdict:
-    """Apply the rules to a measured run or a plan. ``capacity_bytes`` overrides the target's capacity,
+    """Apply the rules to a measured run or a plan. ``capacity_bytes`` (bytes, or a size such as
+    '24GiB') overrides the target's capacity,
     ``from_checkpoint`` and ``devices`` the situation stored in the result (training from scratch and
     the plan's world size by default)."""
     rows, s = situation_of(result, capacity_bytes, from_checkpoint, devices)
@@ -113,11 +114,7 @@ def judge(
     if s.from_checkpoint:
         return keep_checkpoint(case)
     if not case.dbs:
-        return case.verdict(
-            "inconclusive",
-            "Inconclusive: no DiffusionBlocks configuration was measured successfully.",
-            case.alternative,
-        )
+        return without_diffusion_blocks(case)
     return weigh_diffusion_blocks(case)
 
 
@@ -215,6 +212,34 @@ def keep_checkpoint(case: Case) -> Verdict:
         "not-worth-it",
         f"Not worth it when keeping an end-to-end checkpoint: DiffusionBlocks trains from scratch; {case.instead}.",
         alt,
+    )
+
+
+def without_diffusion_blocks(case: Case) -> Verdict:
+    """No DiffusionBlocks measurement: the model cannot be trained that way (a run that left it out
+    says why), or every configuration failed."""
+    s, e2e = case.s, case.e2e
+    if not s.db_not_applicable:
+        return case.verdict(
+            "inconclusive",
+            "Inconclusive: no DiffusionBlocks configuration was measured successfully.",
+            case.alternative,
+        )
+    # What to train instead: e2e where it fits (or nothing says it does not), else the best alternative.
+    if e2e is not None and (s.capacity is None or row_fits(e2e, s)):
+        keep: Option | None = Option(e2e, e2e.batch_size, 1, e2e.required, e2e.flops_per_sample)
+    else:
+        keep = case.alternative
+    case.reasons.append(
+        Reason(
+            rule="db-not-applicable",
+            sentence=f"DiffusionBlocks does not apply to this model, so it was not measured: {s.db_not_applicable}",
+            numbers={"recommended": keep.technique if keep is not None else None},
+        )
+    )
+    what = f"train with {keep.described}" if keep is not None else case.instead
+    return case.verdict(
+        "not-worth-it", f"Not applicable: DiffusionBlocks cannot train this model as it is; {what}.", keep
     )
 
 

@@ -9,6 +9,7 @@ from typing import Any
 
 from dbprofile.results import Plan, RunResult, per_sample
 from dbprofile.techniques import parse_technique
+from dbprofile.units import size_bytes
 from dbprofile.vocabulary import Status
 
 
@@ -63,6 +64,10 @@ class Row:
         return sum(self.shares.get(c, 0) for c in categories) / self.peak if self.peak else 0.0
 
 
+DB_NOT_APPLICABLE = "diffusion_blocks_not_applicable"
+"""The key of a result's ``model_info`` that says why DiffusionBlocks could not run on its model."""
+
+
 @dataclass
 class Situation:
     """What the rules know besides the rows: the target and how the team will train."""
@@ -78,6 +83,8 @@ class Situation:
     min_micro_batch: int = 1
     exact_accumulation: bool = True
     """False when the loss depends on the whole batch (BatchNorm, ModelSpec.batch_dependent_loss)."""
+    db_not_applicable: str | None = None
+    """Why DiffusionBlocks could not run on this model at all (a run that left it out), if so."""
 
 
 def rows_from_run(result: RunResult) -> tuple[list[Row], int | None]:
@@ -156,8 +163,14 @@ def cheapest_row(rows: list[Row]) -> Row | None:
 
 
 def situation_of(
-    result: RunResult | Plan, capacity_bytes: int | None, from_checkpoint: bool | None, devices: int | None
+    result: RunResult | Plan, capacity_bytes: int | str | None, from_checkpoint: bool | None, devices: int | None
 ) -> tuple[list[Row], Situation]:
+    # The situation as a caller may write it ('24GiB', like --gpu 24GiB); nonsense is a ValueError.
+    capacity_bytes = size_bytes(capacity_bytes, "capacity_bytes") if capacity_bytes is not None else None
+    if from_checkpoint is not None and not isinstance(from_checkpoint, bool):
+        raise ValueError(f"from_checkpoint is True, False or None; got {from_checkpoint!r}.")
+    if devices is not None and (isinstance(devices, bool) or not isinstance(devices, int) or devices < 1):
+        raise ValueError(f"devices is a number of devices, at least 1; got {devices!r}.")
     if isinstance(result, Plan):
         rows = rows_from_plan(result)
         capacity = capacity_bytes if capacity_bytes is not None else result.capacity_bytes
@@ -187,4 +200,5 @@ def situation_of(
         devices=stored_devices if devices is None else devices,
         batch_size=batch,
         **extras,
+        db_not_applicable=(result.model_info or {}).get(DB_NOT_APPLICABLE),
     )
