@@ -218,7 +218,7 @@ def test_plan_adapts_its_default_techniques_the_same_way(tmp_path):
     assert result.exit_code == 0, result.output
     assert "skipping DiffusionBlocks: Task 'classification'" in result.stderr
     planned = json.loads(result.stdout)
-    assert [e["technique"] for e in planned["entries"]] == ["e2e", "ckpt"]
+    assert [e["technique"] for e in planned["entries"]] == ["e2e", "ckpt", "sac", "offload"]
     assert "(N, tokens, d)" in planned["model_info"]["diffusion_blocks_not_applicable"]
     refused(invoke("plan", tmp_path / "flat.py", "-b", "2", "-t", "e2e,db:2"), "(N, tokens, d)")
     # A shallow model: the default db:3 and db:4 are left out, not refused (named, they are).
