@@ -12,6 +12,7 @@ call conventions per task (what DiffusionBlocks relies on) are in ``docs/protoco
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable
+from contextlib import AbstractContextManager
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -82,6 +83,12 @@ class ModelSpec:
     kwargs)``, which gives each active layer what matches a DiffusionBlocks ``SequenceLayout``
     (dbprofile.sequence_layout; docs/protocol.md). None: such models are
     refused for DiffusionBlocks with a message, e2e and ckpt still run."""
+
+    observe: Callable[[nn.Module], AbstractContextManager[dict[str, Any]]] | None = None
+    """For facts a fake run cannot know (a mixture-of-experts model's routing): ``observe(model)`` is
+    a context manager around the real tracked steps that fills the dict it yields with what they saw;
+    the runner keeps it in ``Measurement.extra['observed']``. It must make no tensor the memory
+    tracker would count (real and fake bytes must agree)."""
 
     def __post_init__(self) -> None:
         if not isinstance(self.name, str) or not self.name:

@@ -100,7 +100,7 @@ def plan(
     from dbprofile.models.common import build_on_meta, count_parameters
     from dbprofile.planner import plan as make_plan
     from dbprofile.report.notebook import format_plan_html
-    from dbprofile.report.text import format_plan
+    from dbprofile.report.text import experts_summary, format_plan
 
     if batch_size < 1:
         raise UserError(f"--batch-size must be at least 1; got {batch_size}.")
@@ -128,6 +128,8 @@ def plan(
             )
         # Counted on the meta device: the model as the user's code builds it, at no memory cost.
         console.text(f"{spec.name} ({spec.description}): {count_parameters(build_on_meta(spec.build)):,} parameters")
+        if "moe" in spec.extra:
+            console.text(experts_summary(spec.extra["moe"]))
         if swept:
             console.text(f"{swept} = {shape_value(spec, swept)}:")
         console.text(format_plan(result))

@@ -35,6 +35,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from dbprofile.models.hf_config import make_config, quiet_transformers, raw_config
+from dbprofile.models.hf_moe import is_moe, moe_facts, observe_routing, use_grouped_mm_fallback
 from dbprofile.seeding import data_generator, seeded
 from dbprofile.spec import Batch, ModelSpec, SpecError
 from dbprofile.torch_internals import active_fake_mode, is_fake
@@ -52,6 +53,8 @@ KNOWN_LAYER_PATHS = {
     "gpt2": "transformer.h",
     "llama": "model.layers",
     "mistral": "model.layers",
+    "mixtral": "model.layers",
+    "qwen2_moe": "model.layers",
     "qwen2": "model.layers",
     "qwen3": "model.layers",
     "vit": "vit.layers",
@@ -167,6 +170,9 @@ def make_spec(
         raise SpecError(f"--image-size applies to vision models; hf:{name} is a language model (use --seq-len).")
     from transformers import AutoModelForCausalLM, AutoModelForImageClassification
 
+    moe = is_moe(config)
+    if moe:
+        use_grouped_mm_fallback()  # expert matmuls that fake tensors can trace (dbprofile.models.hf_moe)
     auto = AutoModelForCausalLM if task == "causal-lm" else AutoModelForImageClassification
     wrapper = CausalLM if task == "causal-lm" else ImageClassifier
 
@@ -201,8 +207,11 @@ def make_spec(
         "hidden_size": hidden,
         "family": f"hf-{config.model_type}",
     }
+    if moe:
+        common["observe"] = observe_routing
     if task == "causal-lm":
-        return _causal_spec(name, overrides, config, seq_len, label, common)
+        facts = {"moe": moe_facts(meta, config)} if moe else {}
+        return _causal_spec(name, overrides, config, seq_len, label, common, facts)
     return _classifier_spec(name, overrides, config, label, common)
 
 
@@ -218,7 +227,7 @@ def _context_length(config: Any) -> int | None:
     return None
 
 
-def _causal_spec(name, overrides, config, seq_len, label, common) -> ModelSpec:
+def _causal_spec(name, overrides, config, seq_len, label, common, facts) -> ModelSpec:
     context = _context_length(config)
     t = seq_len or min(context or 1024, DEFAULT_SEQ_LEN_CAP)
     learned = getattr(config, "n_positions", None)  # GPT-2-style learned absolute positions
@@ -246,6 +255,7 @@ def _causal_spec(name, overrides, config, seq_len, label, common) -> ModelSpec:
         num_classes=vocab,
         description=f"{label}: {config.model_type} causal LM, {config.num_hidden_layers} layers, sequence {t}",
         extra={
+            **facts,
             "source": f"hf:{name}",
             "sequence_length": t,
             "vocab_size": vocab,
