@@ -63,6 +63,8 @@ class GPTConfig:
     """Epsilon of the LayerNorm / RMSNorm layers."""
     rope_theta: float = 10000.0
     """RoPE base frequency (llama only)."""
+    causal: bool = True
+    """Causal attention (a decoder LM); False attends over the whole sequence (a masked diffusion LM)."""
     seed: int = 0
     """Seed for the initial weights and the random batch."""
 
@@ -121,7 +123,12 @@ class GPT(nn.Module):
 
         def block() -> ResidualBlock:
             attn = SelfAttention(
-                d, config.num_heads, num_kv_heads=config.num_kv_heads, bias=not llama, causal=True, rotary=rotary
+                d,
+                config.num_heads,
+                num_kv_heads=config.num_kv_heads,
+                bias=not llama,
+                causal=config.causal,
+                rotary=rotary,
             )
             # GPT-2 uses the tanh approximation of GELU ("gelu_new" in its released code).
             mlp = SwiGLU(d, ffn_size) if llama else GeluMLP(d, ffn_size, approximate="tanh")
