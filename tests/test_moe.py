@@ -58,6 +58,8 @@ def test_moe_models_run_every_technique_and_fake_bytes_equal_real(source, overri
         assert real.ok and fake.ok, (tech, real.error, fake.error)
         assert (real.peak_bytes, real.shares) == (fake.peak_bytes, fake.shares), tech
         assert "observed" not in fake.extra
+        if tech == "ckpt":  # a checkpointed layer's recomputation is not counted as more tokens
+            assert [sum(layer) for layer in real.extra["observed"]["tokens_per_expert"]] == [2 * 16 * 2] * 2
     seen = real.extra["observed"]  # db:2: one record per block, each with its own layer
     assert set(seen) == {"block 0", "block 1"}
     # DiffusionBlocks' causal-lm layout runs 2T tokens; every token slot reaches top-2 experts.

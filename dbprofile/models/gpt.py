@@ -105,7 +105,8 @@ class GPTConfig:
 
 
 class GPT(nn.Module):
-    """Tokens (N, T) int64 -> next-token logits (N, T, vocab_size)."""
+    """Tokens (N, T) int64 -> logits (N, T, vocab_size): of the next token (``causal``), or of each
+    position's own token read from the whole sequence (``causal=False``, a masked diffusion LM)."""
 
     def __init__(self, config: GPTConfig) -> None:
         super().__init__()

@@ -120,7 +120,7 @@ def moe_facts(model: nn.Module, config: Any) -> dict[str, Any]:
 
 @contextlib.contextmanager
 def observe_routing(model: nn.Module) -> Iterator[dict[str, Any]]:
-    """Record, during the real steps inside the block, how many token slots each expert of each
+    """Record, during the real step inside the block, how many token slots each expert of each
     MoE layer received; fake steps record nothing (their routing has no values). Yields the dict
     it fills: ``tokens_per_expert`` (one list per MoE layer that ran, in layer order) and
     ``max_over_mean`` (the busiest expert's load over the mean load, 1.0 = perfectly balanced)."""
@@ -130,12 +130,14 @@ def observe_routing(model: nn.Module) -> Iterator[dict[str, Any]]:
     def make_hook(index: int, experts: int):
         def hook(_module: nn.Module, args: tuple) -> None:
             top_k_index = args[1]
-            if is_fake(top_k_index):
+            # A checkpointed layer runs its experts again in backward on the same routing: the
+            # step's routing is its first call's.
+            if is_fake(top_k_index) or index in counts:
                 return
             # Counted in numpy: a tensor made here would be one the memory tracker counts in the
             # real step and not in the fake one.
             counted = np.bincount(top_k_index.cpu().numpy().reshape(-1), minlength=experts)[:experts]
-            counts[index] = counts.get(index, 0) + counted
+            counts[index] = counted
 
         return hook
 
