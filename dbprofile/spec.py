@@ -12,13 +12,14 @@ call conventions per task (what DiffusionBlocks relies on) are in ``docs/protoco
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable
+from contextlib import AbstractContextManager
 from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 from torch import nn
 
-TASKS = ("classification", "denoising", "causal-lm")
+TASKS = ("classification", "denoising", "causal-lm", "masked-diffusion-lm")
 
 SHAPES = ("seq_len", "image_size")
 """Model shapes a spec may let the command line change (``ModelSpec.shapes``)."""
@@ -45,6 +46,8 @@ class ModelSpec:
         ``model(x, noise_level, labels)`` -> a tensor shaped like x.
       causal-lm: ``inputs`` (int64 tokens (N, T)), ``targets`` (int64 next tokens (N, T));
         ``model(inputs)`` -> logits (N, T, num_classes).
+      masked-diffusion-lm: ``inputs`` (int64 clean tokens (N, T), ids below ``mask_token_id``);
+        ``model(tokens)`` -> logits (N, T, num_classes), bidirectional (dbprofile.masked_diffusion).
     """
 
     name: str
@@ -58,11 +61,13 @@ class ModelSpec:
     layers: str
     """Dotted path from the model to the nn.ModuleList (or nn.Sequential) of residual layers, e.g. 'blocks'."""
     task: str
-    """classification | denoising | causal-lm: how DiffusionBlocks casts the target."""
+    """classification | denoising | causal-lm | masked-diffusion-lm: how DiffusionBlocks casts the target."""
     hidden_size: int | None = None
     """Width of the residual stream; inferred from the layers' parameters when None."""
     num_classes: int | None = None
-    """Classes (classification) or vocabulary size (causal-lm); None for denoising."""
+    """Classes (classification) or vocabulary size (the language-model tasks); None for denoising."""
+    mask_token_id: int | None = None
+    """masked-diffusion-lm: the absorbing [MASK] token, the last id of the vocabulary (num_classes - 1)."""
     family: str = "custom"
     """Model family name (vit, dit, gpt, custom)."""
     description: str = ""
@@ -87,6 +92,12 @@ class ModelSpec:
     (dbprofile.sequence_layout; docs/protocol.md). None: such models are
     refused for DiffusionBlocks with a message, e2e and ckpt still run."""
 
+    observe: Callable[[nn.Module], AbstractContextManager[dict[str, Any]]] | None = None
+    """For facts a fake run cannot know (a mixture-of-experts model's routing): ``observe(model)`` is
+    a context manager around the real tracked steps that fills the dict it yields with what they saw;
+    the runner keeps it in ``Measurement.extra['observed']``. It must make no tensor the memory
+    tracker would count (real and fake bytes must agree)."""
+
     def __post_init__(self) -> None:
         if not isinstance(self.name, str) or not self.name:
             raise SpecError("ModelSpec.name must be a non-empty string.")
@@ -103,10 +114,15 @@ class ModelSpec:
                 f"ModelSpec.shapes names {', '.join(map(repr, unknown))}; the shapes the command line can "
                 f"change are {', '.join(SHAPES)}."
             )
-        if self.task in ("classification", "causal-lm") and self.num_classes is None:
+        if self.task != "denoising" and self.num_classes is None:
             raise SpecError(
                 f"ModelSpec.num_classes is required for task {self.task!r} "
-                "(the number of classes, or the vocabulary size for causal-lm)."
+                "(the number of classes, or the vocabulary size for a language model)."
+            )
+        if self.task == "masked-diffusion-lm" and self.mask_token_id != (self.num_classes or 0) - 1:
+            raise SpecError(
+                f"ModelSpec.mask_token_id is {self.mask_token_id!r}; task 'masked-diffusion-lm' needs the [MASK] "
+                f"token to be the last id of the vocabulary, num_classes - 1 = {(self.num_classes or 0) - 1}."
             )
         for size in ("hidden_size", "num_classes"):
             value = getattr(self, size)

@@ -26,6 +26,7 @@ LAYERS = [
             "version",
             "seeding",
             "edm",
+            "masked_diffusion",
             "techniques",
             "sequence_layout",
             "torch_internals",

@@ -100,7 +100,8 @@ def test_config_resolution_offline(tmp_path, monkeypatch):
         load_model("hf:someone/not-cached")
     (tmp_path / "bert").mkdir()
     transformers.AutoConfig.for_model("bert", num_hidden_layers=2).save_pretrained(tmp_path / "bert")
-    assert load_model(f"hf:{tmp_path / 'bert'}").task == "causal-lm"  # BertLMHeadModel is a causal LM in transformers
+    # transformers also has a causal LM for BERT (BertLMHeadModel); dbprofile builds what BERT is, a masked LM
+    assert load_model(f"hf:{tmp_path / 'bert'}").task == "masked-diffusion-lm"
     with pytest.raises(SpecError, match="neither as a causal LM .* nor as an image classifier"):
         load_model("hf:t5")
 

@@ -20,7 +20,7 @@ from dbprofile.models.registry import preset_shape
 from dbprofile.spec import SpecError, get_layers
 
 EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
-TINY = ["vit-tiny", "vit-cifar", "dit-tiny", "gpt-tiny", "llama-tiny"]
+TINY = ["vit-tiny", "vit-cifar", "dit-tiny", "gpt-tiny", "llama-tiny", "md4-tiny"]
 
 # Published parameter counts: timm's ViT-S/B/L/16 at 224 (22,050,664 / 86,567,656 /
 # 304,326,632), GPT-2 with tied embeddings, TinyLlama-1.1B and Llama-2-7B.
@@ -110,7 +110,7 @@ def test_preset_table_rows_describe_every_preset():
     for row in rows:
         assert set(row) == {"name", "family", "task", "parameters", "layers", "hidden_size", "description"}
         assert isinstance(row["parameters"], int) and row["parameters"] > 0
-        assert row["family"] in ("vit", "dit", "gpt") and row["description"]
+        assert row["family"] in ("vit", "dit", "gpt", "masked-lm") and row["description"]
 
 
 def test_default_preset_is_a_tiny_vit():

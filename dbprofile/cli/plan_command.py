@@ -112,7 +112,7 @@ def plan(
     from dbprofile.models.common import build_on_meta, count_parameters
     from dbprofile.planner import plan as make_plan
     from dbprofile.report.notebook import render_plan_page
-    from dbprofile.report.text import format_plan
+    from dbprofile.report.text import experts_summary, format_plan
     from dbprofile.verdict.evidence import DB_NOT_APPLICABLE
 
     if batch_size < 1:
@@ -145,6 +145,8 @@ def plan(
             console.info(f"skipping DiffusionBlocks: {result.model_info[DB_NOT_APPLICABLE]}")
         # Counted on the meta device: the model as the user's code builds it, at no memory cost.
         console.text(f"{spec.name} ({spec.description}): {count_parameters(build_on_meta(spec.build)):,} parameters")
+        if "moe" in spec.extra:
+            console.text(experts_summary(spec.extra["moe"]))
         if swept:
             console.text(f"{swept} = {shape_value(spec, swept)}:")
         console.text(format_plan(result))

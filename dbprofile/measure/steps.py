@@ -192,14 +192,17 @@ def measure_into(
                     progress.stage(f"{where}: warm-up step {i + 1}/{settings.warmup_steps}{of_block(unit, units)}")
                     step(ctx, tracker, unit, None)
             allocator_peaks: list[dict] = []
+            observed: dict[int | None, dict] = {}
             for unit in units:
                 progress.stage(f"{where}: tracked step{of_block(unit, units)}")
                 path = snapshot_for(unit) if snapshot_for is not None else None
                 if path is not None:
                     m.memory_snapshots.append(str(path))
-                with snapshot.recording(path):
+                with snapshot.recording(path), observing(spec, trainer.model, fake) as seen:
                     step(ctx, tracker, unit, results[unit], track=True)
                 record_transfer(m, trainer)
+                if seen:
+                    observed[unit] = seen
                 if traces is not None:
                     traces[unit] = results[unit].records[-1]
                 if not fake and timed:
@@ -222,6 +225,8 @@ def measure_into(
                         figures = devices.cuda_figures(dev)
                     if figures is not None:
                         allocator_peaks.append(figures)
+        if observed:
+            m.extra["observed"] = observed.get(None) or {f"block {unit}": seen for unit, seen in observed.items()}
         m.cuda = worst_figures(allocator_peaks) if allocator_peaks else None
         if allocator is not None:
             stats = allocator.stats
@@ -254,6 +259,12 @@ def record_transfer(m: Measurement, trainer: Any) -> None:
     kept = m.extra.setdefault("host_transfer", {})
     for key, value in moved.items():
         kept[key] = max(int(value), kept.get(key, 0))
+
+
+def observing(spec: ModelSpec, model: torch.nn.Module, fake: bool) -> contextlib.AbstractContextManager[dict]:
+    """``spec.observe`` around a real tracked step (what it saw that a fake run cannot know: MoE
+    routing), or an empty dict."""
+    return spec.observe(model) if spec.observe is not None and not fake else contextlib.nullcontext({})
 
 
 def of_block(unit: int | None, units: list) -> str:

@@ -63,6 +63,8 @@ class GPTConfig:
     """Epsilon of the LayerNorm / RMSNorm layers."""
     rope_theta: float = 10000.0
     """RoPE base frequency (llama only)."""
+    causal: bool = True
+    """Causal attention (a decoder LM); False attends over the whole sequence (a masked diffusion LM)."""
     seed: int = 0
     """Seed for the initial weights and the random batch."""
 
@@ -103,7 +105,8 @@ class GPTConfig:
 
 
 class GPT(nn.Module):
-    """Tokens (N, T) int64 -> next-token logits (N, T, vocab_size)."""
+    """Tokens (N, T) int64 -> logits (N, T, vocab_size): of the next token (``causal``), or of each
+    position's own token read from the whole sequence (``causal=False``, a masked diffusion LM)."""
 
     def __init__(self, config: GPTConfig) -> None:
         super().__init__()
@@ -121,7 +124,12 @@ class GPT(nn.Module):
 
         def block() -> ResidualBlock:
             attn = SelfAttention(
-                d, config.num_heads, num_kv_heads=config.num_kv_heads, bias=not llama, causal=True, rotary=rotary
+                d,
+                config.num_heads,
+                num_kv_heads=config.num_kv_heads,
+                bias=not llama,
+                causal=config.causal,
+                rotary=rotary,
             )
             # GPT-2 uses the tanh approximation of GELU ("gelu_new" in its released code).
             mlp = SwiGLU(d, ffn_size) if llama else GeluMLP(d, ffn_size, approximate="tanh")

@@ -9,9 +9,11 @@ typed by the field's current value, and is applied when the config is constructe
 fields (Llama's ``head_dim``) follow the overridden sizes. ``--set attn_implementation=eager``
 picks transformers' attention kernel (``sdpa`` by default), which changes activation memory.
 
-The task comes from the architecture: models transformers builds with ``AutoModelForCausalLM``
-are ``causal-lm`` (random tokens, next-token cross-entropy), those it builds with
-``AutoModelForImageClassification`` are ``classification`` (random images, cross-entropy). The
+The task comes from the architecture: encoders transformers builds with ``AutoModelForMaskedLM``
+(BERT, RoBERTa, ModernBERT) are ``masked-diffusion-lm`` (random tokens, MD4's ELBO;
+``hf_masked``), other models it builds with ``AutoModelForCausalLM`` are ``causal-lm`` (random
+tokens, next-token cross-entropy), those it builds with ``AutoModelForImageClassification`` are
+``classification`` (random images, cross-entropy). The
 model is wrapped so that it is called as the protocol says (``model(tokens) -> logits``), and
 its layer stack is found from a table of known paths or, failing that, as the longest
 ModuleList/Sequential of modules of one class.
@@ -26,6 +28,7 @@ doubled sequence.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 from collections.abc import Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -35,6 +38,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from dbprofile.models.hf_config import make_config, quiet_transformers, raw_config
+from dbprofile.models.hf_masked import MaskedLM, is_masked_encoder, masked_spec
+from dbprofile.models.hf_moe import is_moe, moe_facts, observe_routing, use_grouped_mm_fallback
 from dbprofile.seeding import data_generator, seeded
 from dbprofile.spec import Batch, ModelSpec, SpecError
 from dbprofile.torch_internals import active_fake_mode, is_fake
@@ -52,6 +57,8 @@ KNOWN_LAYER_PATHS = {
     "gpt2": "transformer.h",
     "llama": "model.layers",
     "mistral": "model.layers",
+    "mixtral": "model.layers",
+    "qwen2_moe": "model.layers",
     "qwen2": "model.layers",
     "qwen3": "model.layers",
     "vit": "vit.layers",
@@ -124,12 +131,17 @@ def find_layer_stack(model: nn.Module) -> str | None:
     return best
 
 
-def _task(model_type: str) -> str | None:
+def _task(config: Any) -> str | None:
     from transformers.models.auto.modeling_auto import (
         MODEL_FOR_CAUSAL_LM_MAPPING_NAMES,
         MODEL_FOR_IMAGE_CLASSIFICATION_MAPPING_NAMES,
     )
 
+    model_type = config.model_type
+    # Before the causal check: BERT-style encoders also have a causal-LM class (BertLMHeadModel),
+    # but what they are is a masked LM (dbprofile.models.hf_masked).
+    if is_masked_encoder(config):
+        return "masked-diffusion-lm"
     if model_type in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES:
         return "causal-lm"
     if model_type in MODEL_FOR_IMAGE_CLASSIFICATION_MAPPING_NAMES:
@@ -153,22 +165,29 @@ def make_spec(
     if image_size is not None:
         overrides["image_size"] = str(image_size)
     config = make_config(data, overrides, source)
-    task = _task(config.model_type)
+    task = _task(config)
     if task is None:
         raise SpecError(
             f"hf:{name} is a {config.model_type!r} model, which transformers builds neither as a causal LM "
-            "(AutoModelForCausalLM) nor as an image classifier (AutoModelForImageClassification); dbprofile "
-            "profiles those two kinds from a config. Write a ModelSpec file for this model (README, "
+            "(AutoModelForCausalLM), a masked-LM encoder (AutoModelForMaskedLM) nor as an image classifier "
+            "(AutoModelForImageClassification); dbprofile profiles those kinds from a config. Write a "
+            "ModelSpec file for this model (README, "
             "'Bring your own model')."
         )
     if task == "classification" and seq_len is not None:
         raise SpecError(f"--seq-len applies to language models; hf:{name} is an image classifier (use --image-size).")
-    if task == "causal-lm" and image_size is not None:
+    if task != "classification" and image_size is not None:
         raise SpecError(f"--image-size applies to vision models; hf:{name} is a language model (use --seq-len).")
-    from transformers import AutoModelForCausalLM, AutoModelForImageClassification
+    from transformers import AutoModelForCausalLM, AutoModelForImageClassification, AutoModelForMaskedLM
 
-    auto = AutoModelForCausalLM if task == "causal-lm" else AutoModelForImageClassification
-    wrapper = CausalLM if task == "causal-lm" else ImageClassifier
+    moe = is_moe(config)
+    if moe:
+        use_grouped_mm_fallback()  # expert matmuls that fake tensors can trace (dbprofile.models.hf_moe)
+    auto, wrapper = {
+        "causal-lm": (AutoModelForCausalLM, CausalLM),
+        "masked-diffusion-lm": (AutoModelForMaskedLM, MaskedLM),
+        "classification": (AutoModelForImageClassification, ImageClassifier),
+    }[task]
 
     def build() -> nn.Module:
         with seeded(SEED), quiet_transformers():
@@ -204,8 +223,15 @@ def make_spec(
         "hidden_size": hidden,
         "family": f"hf-{config.model_type}",
     }
+    if moe:
+        common["observe"] = observe_routing
+    if task == "masked-diffusion-lm":
+        t = seq_len or min(_context_length(config) or 512, DEFAULT_SEQ_LEN_CAP)
+        spec = masked_spec(name, overrides, config, t, label, common)
+        return dataclasses.replace(spec, shapes={"seq_len": lambda n: make_spec(name, overrides, seq_len=n)})
     if task == "causal-lm":
-        return _causal_spec(name, overrides, config, seq_len, label, common)
+        facts = {"moe": moe_facts(meta, config)} if moe else {}
+        return _causal_spec(name, overrides, config, seq_len, label, common, facts)
     return _classifier_spec(name, overrides, config, label, common)
 
 
@@ -245,7 +271,7 @@ def _context_length(config: Any) -> int | None:
     return None
 
 
-def _causal_spec(name, overrides, config, seq_len, label, common) -> ModelSpec:
+def _causal_spec(name, overrides, config, seq_len, label, common, facts) -> ModelSpec:
     context = _context_length(config)
     t = seq_len or min(context or 1024, DEFAULT_SEQ_LEN_CAP)
     learned = getattr(config, "n_positions", None)  # GPT-2-style learned absolute positions
@@ -273,6 +299,7 @@ def _causal_spec(name, overrides, config, seq_len, label, common) -> ModelSpec:
         num_classes=vocab,
         description=f"{label}: {config.model_type} causal LM, {config.num_hidden_layers} layers, sequence {t}",
         extra={
+            **facts,
             "source": f"hf:{name}",
             "sequence_length": t,
             "vocab_size": vocab,

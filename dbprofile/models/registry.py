@@ -14,7 +14,7 @@ import functools
 from collections.abc import Callable
 from typing import Any
 
-from dbprofile.models import dit, gpt, vit
+from dbprofile.models import dit, gpt, masked_lm, vit
 from dbprofile.models.common import build_on_meta, count_parameters
 from dbprofile.spec import ModelSpec, SpecError, get_layers
 
@@ -31,6 +31,11 @@ def _dit(name: str, description: str, **shape: Any) -> Callable[[], ModelSpec]:
 
 def _gpt(name: str, description: str, **shape: Any) -> Callable[[], ModelSpec]:
     return lambda: gpt.make_spec(gpt.GPTConfig(**shape), name=name, description=description)
+
+
+def _md4(name: str, description: str, **shape: Any) -> Callable[[], ModelSpec]:
+    config = gpt.GPTConfig(style="llama", vocab_size=masked_lm.TEXT8_VOCAB, **shape)
+    return lambda: masked_lm.make_spec(config, name=name, description=description)
 
 
 # name -> (factory). Published figures quoted in the descriptions are what tests/test_models.py
@@ -129,6 +134,28 @@ PRESETS: dict[str, Callable[[], ModelSpec]] = {
         num_heads=4,
         num_kv_heads=2,
         ffn_size=176,
+    ),
+    # Masked diffusion LMs (MD4) on text8's character vocabulary (27 + [MASK]). The full-size shape is
+    # the GPT-2-small-sized transformer (12 layers, width 768, 12 heads) at sequence length 256 that
+    # the text8 diffusion LMs MD4 compares with use; METHOD.md does not give MD4's exact config, so the
+    # shape is our reading. Llama-style blocks (RoPE, SwiGLU), bidirectional attention.
+    "md4-tiny": _md4(
+        "md4-tiny",
+        "tiny masked diffusion LM (MD4), 4x64, text8 characters + [MASK], sequence 64",
+        context_length=64,
+        num_layers=4,
+        hidden_size=64,
+        num_heads=4,
+        ffn_size=176,
+    ),
+    "md4-text8": _md4(
+        "md4-text8",
+        "masked diffusion LM (MD4) of the paper's text8 task: 12x768, 12 heads, text8 characters + [MASK], "
+        "sequence 256",
+        context_length=256,
+        num_layers=12,
+        hidden_size=768,
+        num_heads=12,
     ),
     "gpt2-small": _gpt(
         "gpt2-small",

@@ -87,7 +87,37 @@ def run_table(result: RunResult) -> str:
     fake = " (fake tensors)" if any(m.fake for m in result.measurements) else ""
     bytes_per_unit = f" (1 {unit} = {scale:,} bytes)" if scale > 1 else ""
     header = f"{result.model} on {device}{fake}: peak tracked tensor memory and its shares, in {unit}{bytes_per_unit}"
-    return "\n".join([header, *lines, *notes])
+    experts = result.model_info.get("experts")
+    moe = [experts_summary(experts), *routing_seen(result.measurements)] if isinstance(experts, dict) else []
+    return "\n".join([header, *lines, *notes, *moe])
+
+
+def experts_summary(facts: dict[str, Any]) -> str:
+    """One sentence on a mixture-of-experts model's experts (dbprofile.models.hf_moe.moe_facts)."""
+    shared = facts.get("shared_expert_parameters") or 0
+    return (
+        f"experts: {facts['moe_layers']} MoE layers x {facts['experts_per_layer']} experts, "
+        f"top-{facts['experts_per_token']}"
+        + (f", plus shared experts ({shared:,} parameters)" if shared else "")
+        + f"; routed experts hold {facts['expert_parameter_share']:.1%} of the parameters, the routers "
+        f"{facts['router_parameters']:,}; {facts['active_parameters_per_token']:,} parameters active per token; "
+        f"assumed: {facts['routing']}"
+    )
+
+
+def routing_seen(measurements: Sequence[Any]) -> list[str]:
+    """A line per real measurement on the routing its tracked steps saw (``extra['observed']``)."""
+    lines = []
+    for m in measurements:
+        seen = m.extra.get("observed") or {}
+        parts = [seen] if "max_over_mean" in seen else list(seen.values())
+        loads = [p["max_over_mean"] for p in parts if p.get("max_over_mean") is not None]
+        if loads:
+            lines.append(
+                f"routing seen by {m.technique} @ batch {m.batch_size}: busiest expert {max(loads):.2f}x the mean "
+                "load (1.00 = balanced; bytes do not depend on it, step time does)"
+            )
+    return lines
 
 
 def ranks_table(result: RunResult) -> str:

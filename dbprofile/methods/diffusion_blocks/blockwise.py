@@ -30,11 +30,14 @@ reasons in docs/diffusion_blocks.md):
   head gives (N, T, V) logits. Either way the active layers run on 2T tokens.
   Models that pass per-position tensors (rotary tables, 4-D masks) to their layers get them
   rebuilt for the layout by their ``position_adapter``, or are refused (sequence_layout.py).
+- masked-diffusion-lm: the masking time t is partitioned instead of sigma (``masked.py``); the
+  block runs on the masked tokens, its layers conditioned on t, and the model's head reads them.
 """
 
 from __future__ import annotations
 
 import contextlib
+import functools
 from collections.abc import Callable, Iterator
 from typing import cast
 
@@ -54,6 +57,7 @@ from dbprofile.methods.diffusion_blocks.conditioning import (
     wrap_layer,
     zero_linear,
 )
+from dbprofile.methods.diffusion_blocks.masked import block_loss, time_ranges
 from dbprofile.methods.diffusion_blocks.schedule import (
     DEFAULT_GAMMA,
     WEIGHTINGS,
@@ -148,7 +152,8 @@ class BlockwiseModel(nn.Module):
         self.weighting = weighting
         self.partition = partition
         self.lm_layout = lm_layout
-        self.ranges = block_ranges(blocks, gamma, partition)
+        masked = spec.task == "masked-diffusion-lm"  # ranges of the masking time t, not of sigma
+        self.ranges = time_ranges(blocks, gamma) if masked else block_ranges(blocks, gamma, partition)
         self.block_layers = [list(group) for group in split_contiguous(len(layers), blocks)]
         self.model = model
         self.context = ConditioningContext()
@@ -271,17 +276,18 @@ class BlockwiseModel(nn.Module):
         layer_indices: list[int] | None = None,
         weighting: str | None = None,
     ) -> torch.Tensor:
-        """The weighted DiffusionBlocks loss of one step on ``block`` (sigma drawn in its range).
-
-        ``layer_indices`` runs other layers under the same construction (the activation check
-        runs all of them: the same sigma-conditioned model at full depth). ``weighting``
-        overrides the model's weighting (evaluation reports the unweighted loss)."""
+        """The weighted DiffusionBlocks loss of one step on ``block`` (sigma, or t, drawn in its range).
+        ``layer_indices`` runs other layers under the same construction (the activation check runs
+        all of them: the conditioned model at full depth); ``weighting`` overrides the model's."""
         check_batch(self.task, self.spec.name, batch)
         inputs = batch["inputs"]
-        device = inputs.device
-        lo, hi = self.ranges[block]
-        sigma = sample_sigma(inputs.shape[0], lo, hi, generator=generator, device=device)
         indices = self.block_layers[block] if layer_indices is None else layer_indices
+        if self.task == "masked-diffusion-lm":
+            mask_id = cast(int, self.spec.mask_token_id)  # the spec checks it for this task
+            logits_of = functools.partial(self.masked_logits, indices=indices)
+            return block_loss(logits_of, inputs, mask_id, self.ranges[block], weighting or self.weighting, generator)
+        lo, hi = self.ranges[block]
+        sigma = sample_sigma(inputs.shape[0], lo, hi, generator=generator, device=inputs.device)
         if self.task == "classification":
             x0 = F.normalize(self.label_embedding, dim=-1)[batch["targets"]]
             z = x0 + sigma[:, None] * self._noise(x0, generator)
@@ -408,6 +414,12 @@ class BlockwiseModel(nn.Module):
             finally:
                 for handle in handles:
                     handle.remove()
+
+    def masked_logits(self, z: torch.Tensor, t: torch.Tensor, indices: list[int]) -> torch.Tensor:
+        """(N, T, V) logits of the masked sequence z from these layers, conditioned on t."""
+        self.context.cond = cast(SigmaEmbedder, self.sigma_embedder)(t)
+        with self.running(indices):
+            return self.model(z)
 
     def _user_layer(self, index: int) -> nn.Module:
         """The user's own layer ``index``, inside its AdaLN-Zero wrapper (whose signature names

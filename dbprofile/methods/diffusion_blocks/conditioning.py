@@ -161,6 +161,16 @@ class GenericAdaLNZero(nn.Module):
         result = x + gate * (out - x_mod)
         return result if rest is None else (result, *rest)
 
+    def __getattr__(self, name: str):
+        # A model's forward may read plain attributes of its layers (ModernBERT reads each
+        # layer's ``attention_type`` to pick its mask): the wrapped layer answers for it.
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            if name == "layer":
+                raise
+            return getattr(self.layer, name)
+
 
 def wrap_layer(layer: nn.Module, hidden_size: int, cond_dim: int, context: ConditioningContext) -> nn.Module:
     """The AdaLN-Zero wrapper that fits ``layer``: native for pre-norm blocks, generic otherwise."""

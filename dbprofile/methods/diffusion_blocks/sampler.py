@@ -16,6 +16,8 @@ at B=3 the raw table cost 13 points on seed 1 of the learning check (80.3% again
 docs/diffusion_blocks.md#learning-check. Denoising starts from
 sigma_max * N(0, 1) as EDM does (its data have std sigma_data, not 1) and returns D at the
 last level.
+Masked diffusion LMs sample with MD4's ancestral steps from the fully masked sequence, each
+step's block chosen by its time t (``sample_masked``).
 """
 
 from __future__ import annotations
@@ -23,11 +25,14 @@ from __future__ import annotations
 import contextlib
 import copy
 import math
+from typing import cast
 
 import torch
 import torch.nn.functional as F
 
+from dbprofile.masked_diffusion import alpha
 from dbprofile.methods.diffusion_blocks.blockwise import BlockwiseModel
+from dbprofile.methods.diffusion_blocks.masked import block_for_time
 from dbprofile.methods.diffusion_blocks.schedule import (
     block_for_sigma,
     inference_sigmas,
@@ -106,6 +111,50 @@ def sample(
         return euler_sample(denoise, shape, _levels(model, steps), generator, device)
     finally:
         model.train(was_training)
+
+
+@torch.no_grad()
+def sample_masked(
+    model: BlockwiseModel,
+    batch_size: int,
+    length: int,
+    steps: int | None = None,
+    generator: torch.Generator | None = None,
+    device: torch.device | str = "cpu",
+) -> torch.Tensor:
+    """Token sequences (N, length) from a masked diffusion LM's blocks: MD4's ancestral sampler
+    from the fully masked sequence (t = 1) to the clean one (t = 0) over ``steps`` equal time
+    steps (default: ``length``, one token unmasked per step on average). Each step from t to s
+    runs the block whose range holds t alone; every still-masked token is unmasked with
+    probability (alpha_s - alpha_t) / (1 - alpha_t), drawn from the block's prediction over the
+    data tokens; unmasked tokens stay (the mask is absorbing). At s = 0 every token is unmasked."""
+    if model.task != "masked-diffusion-lm":
+        raise ValueError(f"sample_masked needs a masked diffusion LM; this one is {model.task!r}.")
+    mask_id = cast(int, model.spec.mask_token_id)
+    steps = steps or length
+    was_training = model.training
+    model.eval()
+    try:
+        z = torch.full((batch_size, length), mask_id, dtype=torch.long, device=device)
+        for i in range(steps):
+            t, s = 1 - i / steps, 1 - (i + 1) / steps
+            block = block_for_time(t, model.num_blocks)
+            t_vec = torch.full((batch_size,), t, device=device)
+            with model.block_residency(block):
+                logits = model.masked_logits(z, t_vec, model.block_layers[block]).float()
+            a_t, a_s = alpha(torch.tensor([t, s]))
+            reveal = (_rand(z.shape, generator, device) < (a_s - a_t) / (1 - a_t)) & (z == mask_id)
+            drawn = torch.multinomial(logits[..., :mask_id].softmax(-1).flatten(0, 1), 1, generator=generator)
+            z = torch.where(reveal, drawn.view_as(z).to(device), z)
+        return z
+    finally:
+        model.train(was_training)
+
+
+def _rand(shape, generator: torch.Generator | None, device) -> torch.Tensor:
+    if generator is None:
+        return torch.rand(shape, device=device)
+    return torch.rand(shape, generator=generator, device=generator.device).to(device)
 
 
 def euler_sample(

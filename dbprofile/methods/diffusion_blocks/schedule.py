@@ -34,9 +34,15 @@ DEFAULT_WEIGHTING = "reference"
 reproduces the authors' classification code (mean(w) * mean(loss)), which is what produced
 the published numbers; see docs/diffusion_blocks.md for the measured comparison with
 ``none`` and ``per-sample``."""
-TASK_WEIGHTINGS = {"classification": DEFAULT_WEIGHTING, "causal-lm": DEFAULT_WEIGHTING, "denoising": "per-sample"}
+TASK_WEIGHTINGS = {
+    "classification": DEFAULT_WEIGHTING,
+    "causal-lm": DEFAULT_WEIGHTING,
+    "denoising": "per-sample",
+    "masked-diffusion-lm": "per-sample",
+}
 """Default weighting per task: denoising (DiT) trains with EDM's per-sample weights, as its
-end-to-end baseline (``models.dit.edm_loss``) and the paper's DiT runs do; the batch-scalar
+end-to-end baseline (``models.dit.edm_loss``) and the paper's DiT runs do, and a masked diffusion
+LM's blocks with MD4's ELBO weight per sequence, as its end-to-end loss does; the batch-scalar
 quirk belongs to the authors' classification code only."""
 
 

@@ -111,6 +111,14 @@ def check_batch(task: str, name: str, batch: Batch) -> None:
                 f"{batch['inputs'].dtype}. Use task='classification' or 'causal-lm' for discrete data."
             )
         return
+    if task == "masked-diffusion-lm":
+        tokens = batch["inputs"]
+        if tokens.is_floating_point() or tokens.is_complex() or tokens.dim() != 2:
+            raise SpecError(
+                f"Task 'masked-diffusion-lm' of {name!r} needs integer tokens of shape (N, T) in batch['inputs']; "
+                f"got {tokens.dtype} of shape {list(tokens.shape)}. Fix ModelSpec.batch."
+            )
+        return
     targets = batch.get("targets")
     want = "(N,)" if task == "classification" else "(N, T)"
     ndim = 1 if task == "classification" else 2

@@ -1,0 +1,66 @@
+"""Masked diffusion language models (MD4; dbprofile.masked_diffusion): the built-in one is the
+Llama-style transformer of ``gpt.py`` with bidirectional attention over a character vocabulary
+plus the [MASK] token, trained end to end on MD4's ELBO. MD4 does not condition its transformer
+on t (the number of masked tokens already tells it), so neither does this model; DiffusionBlocks
+adds t-conditioning (AdaLN-Zero) to its blocks as it adds sigma-conditioning elsewhere.
+
+Batches are random data tokens (ids below the mask): bytes do not depend on the text. The
+learning check (examples/masked_diffusion_check.py) feeds real text through the same model.
+"""
+
+from __future__ import annotations
+
+from dataclasses import replace
+
+import torch
+from torch import nn
+
+from dbprofile.masked_diffusion import DEFAULT_SCHEDULE, elbo_loss, elbo_weight
+from dbprofile.models.gpt import GPT, GPTConfig
+from dbprofile.seeding import data_generator, seeded
+from dbprofile.spec import Batch, ModelSpec
+
+TEXT8_VOCAB = 28
+"""text8's 27 characters (a-z and space) plus [MASK], the last id."""
+
+
+def md4_loss(model: nn.Module, tokens: torch.Tensor, mask_id: int, schedule: str = DEFAULT_SCHEDULE) -> torch.Tensor:
+    """MD4's end-to-end loss: the ELBO in nats per token at t drawn over [0, 1] (one model for every t)."""
+    ce, t = elbo_loss(lambda z, _t: model(z), tokens, mask_id, schedule)
+    return (elbo_weight(t, schedule) * ce).mean()
+
+
+def make_spec(config: GPTConfig, name: str, description: str = "") -> ModelSpec:
+    """A masked-diffusion-lm ModelSpec from a GPT shape (attention made bidirectional)."""
+    config = replace(config, causal=False)
+    mask_id = config.vocab_size - 1
+
+    def build() -> nn.Module:
+        with seeded(config.seed):
+            return GPT(config)
+
+    def batch(batch_size: int, device: torch.device | str) -> Batch:
+        gen = data_generator(config.seed)
+        tokens = torch.randint(0, mask_id, (batch_size, config.context_length), generator=gen)
+        return {"inputs": tokens.to(device)}
+
+    def loss(model: nn.Module, batch: Batch) -> torch.Tensor:
+        return md4_loss(model, batch["inputs"], mask_id)
+
+    return ModelSpec(
+        at_depth=lambda layers: make_spec(replace(config, num_layers=layers), name, description),
+        name=name,
+        build=build,
+        batch=batch,
+        loss=loss,
+        layers="blocks",
+        task="masked-diffusion-lm",
+        hidden_size=config.hidden_size,
+        num_classes=config.vocab_size,
+        mask_token_id=mask_id,
+        family="masked-lm",
+        description=description
+        or f"masked diffusion LM {config.num_layers}x{config.hidden_size}, sequence {config.context_length}",
+        extra={"sequence_length": config.context_length, "vocab_size": config.vocab_size, "schedule": DEFAULT_SCHEDULE},
+        shapes={"seq_len": lambda n: make_spec(replace(config, context_length=n), name=name)},
+    )
