@@ -59,6 +59,10 @@ class Option:
 def option_cost(row: Row, s: Situation) -> float | None:
     if row.flops_per_sample is None:
         return None
+    if row.technique == "offload" and (row.exposed_transfer_s_per_sample is None or not s.seconds_per_flop):
+        # No GPU target (a CPU run, a bare capacity): its link time is unknown, so its cost is too; it
+        # then ranks after every option whose cost is known.
+        return None
     if row.exposed_transfer_s_per_sample and s.seconds_per_flop:
         return row.flops_per_sample + row.exposed_transfer_s_per_sample / s.seconds_per_flop
     return row.flops_per_sample
