@@ -190,6 +190,10 @@ def make_spec(
     }[task]
 
     def build() -> nn.Module:
+        if moe:
+            # Again in every process that builds the model (a spec can be built far from where it was
+            # loaded): an expert path not switched here would be the grouped kernel fake tensors cannot trace.
+            use_grouped_mm_fallback()
         with seeded(SEED), quiet_transformers():
             # Fake tensors have no values for initialisers to read (trunc_normal_ is data-dependent).
             skip_init = active_fake_mode() is not None
