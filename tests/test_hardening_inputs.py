@@ -5,32 +5,19 @@ Python) before any work; the Python API takes what the command line takes ('24Gi
 from __future__ import annotations
 
 import math
-import re
 import time
 
 import pytest
 import torch
-from click.testing import CliRunner
+from _cli import invoke, refused
 from torch import nn
 
 import dbprofile
 from dbprofile import ModelSpec, RunSettings, SpecError
-from dbprofile.cli import main
 from dbprofile.loading import load_model
 from dbprofile.measure.device import resolve_device
 
 TINY_GPT2 = ["--set", "n_layer=2", "--set", "n_embd=32", "--set", "n_head=2", "--set", "vocab_size=100"]
-
-
-def invoke(*args):
-    return CliRunner().invoke(main, [str(a) for a in args])
-
-
-def refused(result, *fragments) -> None:
-    assert result.exit_code == 2, result.output
-    assert "Traceback" not in result.output and re.findall(r"(?m)^Error:", result.output) == ["Error:"], result.output
-    for fragment in fragments:
-        assert fragment in result.output, result.output
 
 
 def test_technique_options_that_would_be_ignored_are_refused():

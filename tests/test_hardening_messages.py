@@ -7,12 +7,12 @@ from __future__ import annotations
 
 import json
 import os
-import re
 import subprocess
 import sys
 import textwrap
 
 import pytest
+from _cli import invoke, refused
 from click.testing import CliRunner
 
 from dbprofile import RunResult, SpecError
@@ -55,17 +55,6 @@ def model_file(tmp_path, forward="pass", inputs="torch.randn(n, 5, 4)", key='"in
     path = tmp_path / "model.py"
     path.write_text(MODEL.format(FORWARD=forward, INPUTS=inputs, KEY=key))
     return str(path)
-
-
-def invoke(*args):
-    return CliRunner().invoke(main, [str(a) for a in args])
-
-
-def refused(result, *fragments) -> None:
-    assert result.exit_code == 2, result.output
-    assert "Traceback" not in result.output and re.findall(r"(?m)^Error:", result.output) == ["Error:"], result.output
-    for fragment in fragments:
-        assert fragment in result.output, result.output
 
 
 DATA_DEPENDENT = "if float(x.abs().max()) > 100: h = h * 0.5"

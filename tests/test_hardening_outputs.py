@@ -6,10 +6,10 @@ every value's rows)."""
 from __future__ import annotations
 
 import json
-import re
 import textwrap
 
 import pytest
+from _cli import invoke, refused
 from click.testing import CliRunner
 
 from dbprofile.cli import main
@@ -47,17 +47,6 @@ CHATTY = textwrap.dedent(
                      task="classification", num_classes=3)
     """
 )
-
-
-def invoke(*args):
-    return CliRunner().invoke(main, [str(a) for a in args])
-
-
-def refused(result, *fragments) -> None:
-    assert result.exit_code == 2, result.output
-    assert "Traceback" not in result.output and re.findall(r"(?m)^Error:", result.output) == ["Error:"], result.output
-    for fragment in fragments:
-        assert fragment in result.output, result.output
 
 
 @pytest.fixture
