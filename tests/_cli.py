@@ -1,4 +1,4 @@
-"""The CLI as the hardening tests drive it: ``invoke`` runs a command in-process, ``refused`` checks
+"""The CLI as the hardening tests drive it: ``invoke`` runs a command in-process, ``assert_refused`` checks
 the contract for bad input (exit 2, one ``Error:`` paragraph, no traceback, the given fragments)."""
 
 from __future__ import annotations
@@ -14,7 +14,7 @@ def invoke(*args):
     return CliRunner().invoke(main, [str(a) for a in args])
 
 
-def refused(result, *fragments) -> None:
+def assert_refused(result, *fragments) -> None:
     assert result.exit_code == 2, result.output
     assert "Traceback" not in result.output and re.findall(r"(?m)^Error:", result.output) == ["Error:"], result.output
     for fragment in fragments:

@@ -9,7 +9,7 @@ import time
 
 import pytest
 import torch
-from _cli import invoke, refused
+from _cli import assert_refused, invoke
 from torch import nn
 
 import dbprofile
@@ -21,10 +21,10 @@ TINY_GPT2 = ["--set", "n_layer=2", "--set", "n_embd=32", "--set", "n_head=2", "-
 
 
 def test_technique_options_that_would_be_ignored_are_refused():
-    refused(invoke("run", "-t", "", "--dry-run"), "--techniques is empty")
-    refused(invoke("run", "-t", " , ", "--dry-run"), "--techniques is empty")
-    refused(invoke("run", "-t", "e2e", "--blocks", "2", "--dry-run"), "--blocks")
-    refused(invoke("plan", "gpt-tiny", "-t", ""), "No technique")
+    assert_refused(invoke("run", "-t", "", "--dry-run"), "--techniques is empty")
+    assert_refused(invoke("run", "-t", " , ", "--dry-run"), "--techniques is empty")
+    assert_refused(invoke("run", "-t", "e2e", "--blocks", "2", "--dry-run"), "--blocks")
+    assert_refused(invoke("plan", "gpt-tiny", "-t", ""), "No technique")
 
 
 def test_repeated_values_are_measured_once(tmp_path):
@@ -35,8 +35,8 @@ def test_repeated_values_are_measured_once(tmp_path):
 
 
 def test_block_parallel_never_plans_on_more_devices_than_the_world_size():
-    refused(invoke("plan", "gpt-tiny", "-b", "1", "-t", "e2e,db:4+parallel", "--world-size", "3"), "world size")
-    refused(invoke("plan", "gpt-tiny", "-b", "1", "-t", "db:2+parallel"), "--world-size")
+    assert_refused(invoke("plan", "gpt-tiny", "-b", "1", "-t", "e2e,db:4+parallel", "--world-size", "3"), "world size")
+    assert_refused(invoke("plan", "gpt-tiny", "-b", "1", "-t", "db:2+parallel"), "--world-size")
     with pytest.raises(SpecError, match="on 4 devices"):
         dbprofile.plan("gpt-tiny", 1, device="cpu", techniques=["db:4+parallel"], world_size=2)
 
@@ -44,8 +44,8 @@ def test_block_parallel_never_plans_on_more_devices_than_the_world_size():
 @pytest.mark.parametrize("option", ["--seq-len", "--image-size"])
 @pytest.mark.parametrize("value", ["0", "-3"])
 def test_shapes_below_one_are_refused_for_every_source(option, value):
-    refused(invoke("run", "hf:gpt2", *TINY_GPT2, option, value, "-t", "e2e", "--fake"), "at least 1")
-    refused(invoke("plan", "gpt-tiny", option, value, "-t", "e2e"))
+    assert_refused(invoke("run", "hf:gpt2", *TINY_GPT2, option, value, "-t", "e2e", "--fake"), "at least 1")
+    assert_refused(invoke("plan", "gpt-tiny", option, value, "-t", "e2e"))
     with pytest.raises(SpecError, match="at least 1"):
         load_model("hf:gpt2", {"n_layer": "2"}, seq_len=0)
 
@@ -62,7 +62,7 @@ def test_model_spec_sizes_must_be_positive_integers(field, value):
 def test_an_indexed_cpu_is_refused_before_measuring(device):
     with pytest.raises(SpecError, match="one device"):
         resolve_device(device)
-    refused(invoke("run", "vit-tiny", "-t", "e2e", "--device", device, "--fake"), "--device cpu")
+    assert_refused(invoke("run", "vit-tiny", "-t", "e2e", "--device", device, "--fake"), "--device cpu")
 
 
 def test_the_api_refuses_what_is_not_a_model_or_a_technique_in_one_sentence():
@@ -178,5 +178,5 @@ def test_more_api_arguments_of_the_wrong_kind_are_one_sentence():
 
 @pytest.mark.parametrize("option", ["--seq-len", "--image-size", "--batch-size"])
 def test_an_empty_list_option_is_refused_not_read_as_the_default(option):
-    refused(invoke("run", "gpt-tiny", option, "", "-t", "e2e", "--dry-run"), "needs at least one value")
-    refused(invoke("run", "gpt-tiny", option, " , ", "-t", "e2e", "--dry-run"), "needs at least one value")
+    assert_refused(invoke("run", "gpt-tiny", option, "", "-t", "e2e", "--dry-run"), "needs at least one value")
+    assert_refused(invoke("run", "gpt-tiny", option, " , ", "-t", "e2e", "--dry-run"), "needs at least one value")

@@ -12,7 +12,7 @@ import sys
 import textwrap
 
 import pytest
-from _cli import invoke, refused
+from _cli import assert_refused, invoke
 from click.testing import CliRunner
 
 from dbprofile import RunResult, SpecError
@@ -66,24 +66,28 @@ def test_a_step_fake_tensors_cannot_trace_runs_for_real_and_is_refused_only_wher
     result = invoke("run", model, "-t", "e2e,ckpt", "-b", "2", "--steps", "1", "-o", out)
     assert result.exit_code == 0, result.output
     assert [m.status for m in RunResult.load(out).measurements] == ["ok", "ok"]
-    refused(invoke("run", model, "-t", "e2e", "--fake", "-o", out), "cannot run on fake tensors", "model.py:", "--fake")
-    refused(invoke("plan", model, "-t", "e2e", "-b", "2"), "data-dependent")
+    assert_refused(
+        invoke("run", model, "-t", "e2e", "--fake", "-o", out), "cannot run on fake tensors", "model.py:", "--fake"
+    )
+    assert_refused(invoke("plan", model, "-t", "e2e", "-b", "2"), "data-dependent")
 
 
 @pytest.mark.parametrize("inputs", ["torch.randint(0, 3, (n, 5, 4))", "torch.randn(n, 5, 4, dtype=torch.float64)"])
 def test_a_wrong_input_dtype_is_found_by_the_pre_check(tmp_path, inputs):
     result = invoke("run", model_file(tmp_path, inputs=inputs), "-t", "e2e", "-b", "2", "-o", tmp_path / "r.json")
-    refused(result, "same dtype", "model.py:")
+    assert_refused(result, "same dtype", "model.py:")
     assert not (tmp_path / "r.json").exists()
 
 
 def test_the_hint_after_a_failed_step_fits_the_error(tmp_path):
     shape_bug = invoke("run", model_file(tmp_path, forward="h = h[:, :, :5]"), "-t", "e2e", "--dry-run")
-    refused(shape_bug, "model.py:", "forward or loss")
+    assert_refused(shape_bug, "model.py:", "forward or loss")
     assert "ModelSpec.batch" not in shape_bug.output
-    refused(invoke("run", model_file(tmp_path, key='"pixels"'), "-t", "e2e", "--dry-run"), "key", "ModelSpec.batch")
+    assert_refused(
+        invoke("run", model_file(tmp_path, key='"pixels"'), "-t", "e2e", "--dry-run"), "key", "ModelSpec.batch"
+    )
     bad_batch = invoke("run", model_file(tmp_path, inputs="torch.randn(n, -5)"), "-t", "e2e", "--dry-run")
-    refused(bad_batch, "ModelSpec.batch(2, 'cpu')")
+    assert_refused(bad_batch, "ModelSpec.batch(2, 'cpu')")
 
 
 def test_library_loggers_print_no_traceback(tmp_path):
@@ -118,7 +122,7 @@ def test_configs_transformers_cannot_build_are_one_paragraph(source, overrides, 
     with pytest.raises(SpecError, match=message):
         load_model(source, overrides)
     args = [a for k, v in overrides.items() for a in ("--set", f"{k}={v}")]
-    refused(invoke("run", source, *args, "-t", "e2e", "--dry-run"), message)
+    assert_refused(invoke("run", source, *args, "-t", "e2e", "--dry-run"), message)
 
 
 def test_an_image_classifier_with_several_heads_builds():
@@ -131,9 +135,9 @@ def test_hf_directories_say_what_they_lack(tmp_path, monkeypatch):
     (tmp_path / "empty").mkdir()
     (tmp_path / "weights").mkdir()
     (tmp_path / "weights" / "model.safetensors").write_text("")
-    refused(invoke("run", "hf:empty", "--dry-run"), "without config.json", "empty")
-    refused(invoke("run", f"hf:{tmp_path / 'weights'}", "--dry-run"), "without config.json", "model.safetensors")
-    refused(invoke("run", "hf:./missing", "--dry-run"), "no such file or directory")
+    assert_refused(invoke("run", "hf:empty", "--dry-run"), "without config.json", "empty")
+    assert_refused(invoke("run", f"hf:{tmp_path / 'weights'}", "--dry-run"), "without config.json", "model.safetensors")
+    assert_refused(invoke("run", "hf:./missing", "--dry-run"), "no such file or directory")
 
 
 FLAT = textwrap.dedent(
@@ -178,8 +182,8 @@ def test_default_techniques_measure_what_applies_and_the_verdict_says_why_db_doe
     assert saved.verdict.decision == "not-worth-it" and saved.verdict.recommended == "e2e"
     assert "db-not-applicable" in [r.rule for r in saved.verdict.reasons]
     # Named, DiffusionBlocks is refused before anything is measured, as before.
-    refused(invoke("run", tmp_path / "flat.py", "-t", "e2e,db:2", "--fake", "-o", out), "(N, tokens, d)")
-    refused(invoke("run", tmp_path / "flat.py", "--blocks", "2", "--fake", "-o", out), "(N, tokens, d)")
+    assert_refused(invoke("run", tmp_path / "flat.py", "-t", "e2e,db:2", "--fake", "-o", out), "(N, tokens, d)")
+    assert_refused(invoke("run", tmp_path / "flat.py", "--blocks", "2", "--fake", "-o", out), "(N, tokens, d)")
 
 
 def test_the_python_api_adapts_its_default_techniques_the_same_way(tmp_path):
@@ -195,7 +199,9 @@ def test_the_python_api_adapts_its_default_techniques_the_same_way(tmp_path):
 def test_a_state_space_lm_says_why_db_cannot_run_in_the_concatenated_layout(tmp_path):
     args = ["--set", "num_hidden_layers=2", "--set", "hidden_size=16", "--set", "vocab_size=50", "--seq-len", "4"]
     out = tmp_path / "r.json"
-    refused(invoke("run", "hf:mamba", *args, "-t", "db:2", "--fake", "-o", out), "without attention", "interleaved")
+    assert_refused(
+        invoke("run", "hf:mamba", *args, "-t", "db:2", "--fake", "-o", out), "without attention", "interleaved"
+    )
     result = invoke("run", "hf:mamba", *args, "-t", "e2e,db:2+interleaved", "-b", "1", "--fake", "-o", out)
     assert result.exit_code == 0, result.output
     assert [m.status for m in RunResult.load(out).measurements] == ["ok", "ok"]
@@ -209,8 +215,8 @@ def test_plan_adapts_its_default_techniques_the_same_way(tmp_path):
     planned = json.loads(result.stdout)
     assert [e["technique"] for e in planned["entries"]] == ["e2e", "ckpt", "sac", "offload"]
     assert "(N, tokens, d)" in planned["model_info"]["diffusion_blocks_not_applicable"]
-    refused(invoke("plan", tmp_path / "flat.py", "-b", "2", "-t", "e2e,db:2"), "(N, tokens, d)")
+    assert_refused(invoke("plan", tmp_path / "flat.py", "-b", "2", "-t", "e2e,db:2"), "(N, tokens, d)")
     # A shallow model: the default db:3 and db:4 are left out, not refused (named, they are).
     shallow = CliRunner().invoke(main, ["plan", model_file(tmp_path), "-b", "2", "--gpu", "L4"])
     assert shallow.exit_code == 0 and "db:2" in shallow.output and "db:3" not in shallow.output, shallow.output
-    refused(invoke("plan", model_file(tmp_path), "-b", "2", "-t", "db:3"), "B=3")
+    assert_refused(invoke("plan", model_file(tmp_path), "-b", "2", "-t", "db:3"), "B=3")

@@ -9,7 +9,7 @@ import json
 import textwrap
 
 import pytest
-from _cli import invoke, refused
+from _cli import assert_refused, invoke
 from click.testing import CliRunner
 
 from dbprofile.cli import main
@@ -65,50 +65,54 @@ def result_file(tmp_path):
 
 def test_csv_never_replaces_the_runs_json_or_its_report(tmp_path):
     out = tmp_path / "s.json"
-    refused(invoke("run", "vit-tiny", "-t", "e2e", "--fake", "-o", out, "--csv", out), "--csv", "would overwrite --out")
-    refused(invoke("run", "vit-tiny", "-t", "e2e", "--fake", "-o", out, "--csv", tmp_path / "s.html"), "HTML report")
+    assert_refused(
+        invoke("run", "vit-tiny", "-t", "e2e", "--fake", "-o", out, "--csv", out), "--csv", "would overwrite --out"
+    )
+    assert_refused(
+        invoke("run", "vit-tiny", "-t", "e2e", "--fake", "-o", out, "--csv", tmp_path / "s.html"), "HTML report"
+    )
     assert not list(tmp_path.iterdir())  # refused before anything was measured or written
 
 
 def test_no_output_replaces_the_model_file(chatty):
-    refused(invoke("run", chatty, "-t", "e2e", "-o", chatty), "the model file")
-    refused(invoke("run", chatty, "-t", "e2e", "--csv", chatty), "the model file")
-    refused(invoke("plan", f"{chatty}:spec", "-t", "e2e", "--html", chatty), "the model file")
+    assert_refused(invoke("run", chatty, "-t", "e2e", "-o", chatty), "the model file")
+    assert_refused(invoke("run", chatty, "-t", "e2e", "--csv", chatty), "the model file")
+    assert_refused(invoke("plan", f"{chatty}:spec", "-t", "e2e", "--html", chatty), "the model file")
     assert "chatter" in chatty.read_text()
 
 
 def test_report_and_compare_never_write_over_what_they_read(tmp_path, result_file):
-    refused(invoke("report", result_file, "--csv", result_file), "its own result file")
-    refused(invoke("report", result_file, "--csv", tmp_path / "q.html"), "--output")
-    refused(invoke("report", result_file, "-o", tmp_path / "p.html", "--csv", tmp_path / "p.html"), "--output")
-    refused(invoke("compare", result_file, "-o", tmp_path / "c.html", "--csv", result_file), "result file")
-    refused(invoke("compare", result_file, "-o", tmp_path / "c.html", "--csv", tmp_path / "c.html"), "--output")
+    assert_refused(invoke("report", result_file, "--csv", result_file), "its own result file")
+    assert_refused(invoke("report", result_file, "--csv", tmp_path / "q.html"), "--output")
+    assert_refused(invoke("report", result_file, "-o", tmp_path / "p.html", "--csv", tmp_path / "p.html"), "--output")
+    assert_refused(invoke("compare", result_file, "-o", tmp_path / "c.html", "--csv", result_file), "result file")
+    assert_refused(invoke("compare", result_file, "-o", tmp_path / "c.html", "--csv", tmp_path / "c.html"), "--output")
     # A hard link is the same file under another name.
     (tmp_path / "link.csv").hardlink_to(result_file)
-    refused(invoke("report", result_file, "--csv", tmp_path / "link.csv"), "its own result file")
+    assert_refused(invoke("report", result_file, "--csv", tmp_path / "link.csv"), "its own result file")
     assert RunResult.load(result_file).model == "m"
 
 
 def test_plan_html_and_csv_are_different_files_checked_up_front(tmp_path):
     page = tmp_path / "p.html"
-    refused(invoke("plan", "gpt-tiny", "-t", "e2e", "-b", "1", "--html", page, "--csv", page), "--html")
-    refused(invoke("plan", "gpt-tiny", "-t", "e2e", "-b", "1", "--csv", "/proc/x.csv"), "--csv")
+    assert_refused(invoke("plan", "gpt-tiny", "-t", "e2e", "-b", "1", "--html", page, "--csv", page), "--html")
+    assert_refused(invoke("plan", "gpt-tiny", "-t", "e2e", "-b", "1", "--csv", "/proc/x.csv"), "--csv")
     assert not page.exists()
 
 
 def test_csv_that_cannot_be_written_is_refused_before_measuring(tmp_path):
     result = invoke("run", "vit-tiny", "-t", "e2e", "--fake", "-o", tmp_path / "r.json", "--csv", "/proc/x.csv")
-    refused(result, "--csv")
+    assert_refused(result, "--csv")
     assert "measured" not in result.output and not (tmp_path / "r.json").exists()
 
 
 def test_a_missing_or_html_result_is_said_as_such(tmp_path, result_file):
-    refused(invoke("report", tmp_path / "rep.html"), "does not exist")
-    refused(invoke("report", tmp_path / "rep.json"), "does not exist")
+    assert_refused(invoke("report", tmp_path / "rep.html"), "does not exist")
+    assert_refused(invoke("report", tmp_path / "rep.json"), "does not exist")
     assert invoke("report", tmp_path).exit_code == 2  # click says it is a directory
     (tmp_path / "q.html").write_text("<html></html>")
-    refused(invoke("report", tmp_path / "q.html"), "report page")
-    refused(invoke("compare", result_file, tmp_path / "gone.json", "-o", tmp_path / "c.html"), "does not exist")
+    assert_refused(invoke("report", tmp_path / "q.html"), "report page")
+    assert_refused(invoke("compare", result_file, tmp_path / "gone.json", "-o", tmp_path / "c.html"), "does not exist")
 
 
 def test_a_model_that_prints_leaves_json_stdout_one_document(tmp_path, chatty):
@@ -136,14 +140,18 @@ def test_a_sweep_answers_once_with_every_values_rows(tmp_path):
 def test_a_sweep_checks_every_values_paths_before_the_first_is_measured(tmp_path):
     (tmp_path / "s-seq_len-16.html").mkdir()  # the second value's report cannot be written
     result = invoke("run", "gpt-tiny", "--seq-len", "8,16", "-t", "e2e", "-b", "1", "--fake", "-o", tmp_path / "s.json")
-    refused(result, "s-seq_len-16.html")
+    assert_refused(result, "s-seq_len-16.html")
     assert not (tmp_path / "s-seq_len-8.json").exists()
     (tmp_path / "p-seq_len-16.html").mkdir()
-    refused(invoke("plan", "gpt-tiny", "--seq-len", "8,16", "-t", "e2e", "-b", "1", "--html", tmp_path / "p.html"))
+    assert_refused(
+        invoke("plan", "gpt-tiny", "--seq-len", "8,16", "-t", "e2e", "-b", "1", "--html", tmp_path / "p.html")
+    )
     assert not (tmp_path / "p-seq_len-8.html").exists()
 
 
 def test_validate_never_writes_its_table_and_rows_over_one_another(tmp_path):
-    refused(invoke("validate", "--device", "cpu", "-o", tmp_path / "v.json"), "would overwrite --out")
-    refused(invoke("validate", "--device", "cpu", "-o", tmp_path / "v.md", "--csv", tmp_path / "v.json"), "--csv")
+    assert_refused(invoke("validate", "--device", "cpu", "-o", tmp_path / "v.json"), "would overwrite --out")
+    assert_refused(
+        invoke("validate", "--device", "cpu", "-o", tmp_path / "v.md", "--csv", tmp_path / "v.json"), "--csv"
+    )
     assert not list(tmp_path.iterdir())
