@@ -1,0 +1,203 @@
+"""One plan's fake runs and the entries made from them: ``EntryPlanner`` runs each technique's real
+training step on fake tensors (one rank of the sharded code where the plan shards by ZeRO-3 or per
+block), shards the shares, adds the CUDA corrections, fits the target, and searches the largest
+batch and the accumulating micro-batch. Every run is kept by its key, so the searches reuse them."""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+from dbprofile import progress
+from dbprofile.methods.sharding import SHARDING_BLOCK_PARALLEL, SHARDING_FSDP
+from dbprofile.planner.accumulation import plan_accumulation
+from dbprofile.planner.fit import entry_corrections, find_max_batch, set_fit
+from dbprofile.planner.targets import ASSUMED_UTILISATION, Target, time_per_million_samples
+from dbprofile.planner.transfer import estimate_link_time
+from dbprofile.planner.zero import ModelFacts, block_parallel, shard_zero
+from dbprofile.results import Measurement, PlanEntry, per_sample
+from dbprofile.spec import ModelSpec, SpecError
+from dbprofile.techniques import Technique
+from dbprofile.vocabulary import CATEGORIES
+
+MeasureFn = Callable[..., Measurement]
+
+
+@dataclass
+class EntryPlanner:
+    """What every fake run of one plan shares, and the runs made so far."""
+
+    spec: ModelSpec
+    facts: ModelFacts
+    target: Target
+    precision: str
+    optimizer: str
+    zero_stage: int
+    world_size: int
+    full_trace: bool
+    full_trace_reason: str | None
+    round_to: int | None
+    capability: tuple[int, int]
+    peak_flops: int | None
+    measure_fn: MeasureFn | None = None
+    """A stand-in for the fake runs (tests): called as dbprofile.measure.runner.measure is."""
+    runs: dict[tuple[str, int, int], Measurement] = field(default_factory=dict)
+    simulated: dict[tuple[str, int], Measurement] = field(default_factory=dict)
+
+    def fake_run(self, tech: Technique, b: int, micro: int = 1) -> Measurement:
+        key = (tech.name, b, micro)
+        if key not in self.runs:
+            accumulating = f", {micro} micro-batches accumulating" if micro > 1 else ""
+            progress.stage(f"planning {tech.name} at batch {b}{accumulating} (fake tensors)")
+            try:
+                self.runs[key] = self._measure(tech, b, micro)
+            except SpecError:
+                raise
+            except Exception as err:  # recorded, not fatal: the other techniques still plan
+                self.runs[key] = Measurement.failed(tech.name, b, f"{type(err).__name__}: {err}", fake=True)
+        return self.runs[key]
+
+    def _measure(self, tech: Technique, b: int, micro: int) -> Measurement:
+        # Fake runs are deterministic: one warm-up (optimizer state) and one measured step.
+        common: dict[str, Any] = dict(
+            precision=self.precision,
+            optimizer=self.optimizer,
+            round_to=self.round_to,
+            emulate_cuda=self.target.cuda,
+            micro_batches=micro,
+            compute_capability=self.capability,
+        )
+        if self.measure_fn is not None:
+            return self.measure_fn(
+                self.spec,
+                tech.name,
+                b,
+                device="cpu",
+                fake=True,
+                layers=self.facts.num_layers,
+                warmup_steps=1,
+                steps=1,
+                **common,
+            )
+        from dbprofile.measure.depth import measure_fake
+
+        return measure_fake(
+            self.spec,
+            tech,
+            b,
+            layers=self.facts.num_layers,
+            not_identical=self.facts.not_identical,
+            full_trace=self.full_trace,
+            full_trace_reason=self.full_trace_reason,
+            **common,
+        )
+
+    def sharded_run(self, name: str, tech: Technique, parallel: bool, b: int) -> Measurement | None:
+        """ZeRO-3 and block-parallel: one rank of the real FSDP / block-parallel code on fake tensors in a
+        fake process group (dbprofile.measure.distributed.simulate_rank), instead of sharding the
+        one-device shares by formula. None (the formula is used) with a stand-in measure_fn, or inside a
+        process group of this process's own."""
+        if self.measure_fn is not None or not (parallel or self.zero_stage == 3):
+            return None
+        import torch.distributed as dist
+
+        if dist.is_available() and dist.is_initialized():
+            return None
+        key = (name, b)
+        if key not in self.simulated:
+            progress.stage(f"planning {name} at batch {b}: one rank simulated on fake tensors")
+            from dbprofile.measure.depth import simulate_fake
+
+            try:
+                self.simulated[key] = simulate_fake(
+                    self.spec,
+                    name,
+                    tech,
+                    b,
+                    (tech.blocks or 1) if parallel else self.world_size,
+                    layers=self.facts.num_layers,
+                    not_identical=self.facts.not_identical,
+                    parallel=parallel,
+                    full_trace=self.full_trace,
+                    full_trace_reason=self.full_trace_reason,
+                    precision=self.precision,
+                    optimizer=self.optimizer,
+                    round_to=self.round_to,
+                )
+            except SpecError:
+                raise
+            except Exception as err:  # recorded, not fatal, as in fake_run
+                self.simulated[key] = Measurement.failed(name, b, f"{type(err).__name__}: {err}", fake=True)
+        return self.simulated[key]
+
+    def predict(self, name: str, tech: Technique, parallel: bool, b: int, micro: int = 1) -> PlanEntry:
+        """The entry for ``tech`` at batch ``b`` (``micro`` micro-batches accumulating per step)."""
+        sim = self.sharded_run(name, tech, parallel, b) if micro == 1 else None
+        m = sim if sim is not None else self.fake_run(tech, b, micro)
+        entry = PlanEntry(
+            technique=name,
+            batch_size=b,
+            status=m.status,
+            error=m.error,
+            num_parameters=m.num_parameters,
+            extra_parameters=m.extra_parameters,
+            peak_phase=m.peak_phase,
+            peak_block=m.peak_block,
+            extra=dict(m.extra),
+        )
+        if not m.ok:
+            return entry
+        # Counted on the same fake step as the memory: whole-model work per batch, whatever the sharding.
+        entry.training_flops = m.training_flops
+        entry.block_step_flops = list(
+            m.extra.get("rank_step_flops") or [blk.step_flops for blk in m.blocks if blk.step_flops is not None]
+        )
+        entry.shares = {c: int(v) for c, v in self._shares(entry, m, sim, tech, parallel).items()}
+        entry.tracked_peak_bytes = sum(entry.shares.values())
+        entry.corrections = entry_corrections(entry, self.target)
+        entry.peak_bytes = entry.tracked_peak_bytes + sum(entry.corrections.values())
+        set_fit(entry, self.target.capacity_bytes)
+        self._compute(entry, b * micro)
+        return entry
+
+    def _shares(
+        self, entry: PlanEntry, m: Measurement, sim: Measurement | None, tech: Technique, parallel: bool
+    ) -> dict[str, int]:
+        """Per-device shares (every category), setting the entry's world size and sharding."""
+        if sim is not None:  # already one rank's shares
+            shares = dict(sim.shares)
+            entry.world_size = (tech.blocks or 1) if parallel else self.world_size
+            entry.sharding = SHARDING_BLOCK_PARALLEL if parallel else SHARDING_FSDP
+            entry.extra["sharding_model"] = "simulated"
+        elif parallel:
+            shares, entry.peak_block = block_parallel(m, self.facts)
+            entry.world_size, entry.sharding = tech.blocks or 1, SHARDING_BLOCK_PARALLEL
+        else:
+            unit = max(max(self.facts.layer_bytes), self.facts.rest_bytes)
+            shares = shard_zero(m.shares, self.zero_stage, self.world_size, unit, m.peak_phase)
+            entry.world_size = self.world_size
+            entry.sharding = f"zero-{self.zero_stage}" if self.zero_stage else "none"
+        return {c: int(shares.get(c, 0)) for c in CATEGORIES}
+
+    def _compute(self, entry: PlanEntry, samples: int) -> None:
+        """FLOPs per sample, the host link's exposed time, and the time per million samples."""
+        entry.flops_per_sample = per_sample(entry.training_flops, samples)
+        entry.time_per_million_samples_s = time_per_million_samples(
+            entry.flops_per_sample, self.peak_flops, entry.world_size
+        )
+        estimate_link_time(entry, self.target.gpu, self.peak_flops, ASSUMED_UTILISATION)
+        if entry.time_per_million_samples_s is not None and entry.exposed_transfer_s_per_sample:
+            entry.time_per_million_samples_s += entry.exposed_transfer_s_per_sample * 1e6 / max(entry.world_size, 1)
+
+    def search(self, entry: PlanEntry, tech: Technique, parallel: bool, confirm: bool, min_micro_batch: int) -> None:
+        """The largest batch that fits the target, then the accumulating micro-batch (one device, or ZeRO
+        1/2 whose formula shards the accumulating step as it does the plain one)."""
+        capacity = self.target.capacity_bytes
+        if not entry.ok or capacity is None:
+            return
+        find_max_batch(entry, functools.partial(self.predict, entry.technique, tech, parallel), capacity, confirm)
+        if entry.sharding in ("none", "zero-1", "zero-2"):
+            accumulating = functools.partial(self.predict, entry.technique, tech, parallel, micro=2)
+            plan_accumulation(entry, accumulating, capacity, min_micro_batch)
