@@ -44,7 +44,7 @@ def plan_accumulation(
         entry.accumulation_peak_bytes = entry.peak_bytes
         return
     largest = min(entry.max_batch_size or 0, entry.batch_size)
-    fit = entry.linear_fit
+    per_sample = entry.linear_fit.get("per_sample_bytes") or 0
     for _ in range(MAX_ACCUMULATION_RUNS):
         if largest < max(min_micro_batch, 1):
             return
@@ -56,9 +56,7 @@ def plan_accumulation(
             entry.micro_batch_size, entry.accumulation_steps = micro, steps
             entry.accumulation_peak_bytes = checked.peak_bytes
             return
-        # What accumulation adds over the plain step at this micro-batch, kept for the next guess.
-        per_sample = fit.get("per_sample_bytes") or 0
-        plain = fit.get("fixed_bytes", 0) + per_sample * micro
-        extra = checked.peak_bytes - plain
-        guess = int((capacity - fit.get("fixed_bytes", 0) - extra) // per_sample) if per_sample > 0 else 0
+        # Accumulation adds a fixed amount (the gradients) over the plain step, which grows by the
+        # plain line's bytes per sample: shed the miss at that rate.
+        guess = micro + int((capacity - checked.peak_bytes) // per_sample) if per_sample > 0 else 0
         largest = min(guess, micro - 1)

@@ -48,8 +48,8 @@ def estimate_link_time(entry: PlanEntry, gpu: GPU | None, peak_flops: int | None
         rule = "out during the forward (1/3 of the step's compute), back during the backward (2/3), overlapped"
     else:
         exposed, rule = None, "overlap unknown: the target has no peak FLOPS in the table"
-    steps_per_sample_set = (tech.blocks or 1) if blockwise else 1
-    per_sample = exposed * steps_per_sample_set / entry.batch_size if exposed is not None else None
+    steps_per_batch = (tech.blocks or 1) if blockwise else 1  # B block-steps train every layer once
+    per_sample = exposed * steps_per_batch / entry.batch_size if exposed is not None else None
     entry.exposed_transfer_s_per_sample = per_sample
     entry.extra["host_link"] = {
         "link": gpu.host_link,
