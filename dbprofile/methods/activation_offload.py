@@ -85,9 +85,6 @@ class ActivationOffloadTrainer(Trainer):
     def host_resident(self, tensor: torch.Tensor) -> bool:
         return self.host.holds(tensor)
 
-    def compute_loss(self, batch: Batch, unit: int | None) -> torch.Tensor:
-        return self.spec.loss(self.model, batch)
-
     def step(self, batch: Batch, unit: int | None = None, mark: Mark = no_mark) -> torch.Tensor:
         self.offload.to_host_bytes = self.offload.to_device_bytes = 0
         loss = super().step(batch, unit, mark)

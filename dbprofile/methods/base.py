@@ -110,7 +110,8 @@ class TrainerProtocol(Protocol):
 
 
 class Trainer:
-    """One model under one technique. Subclasses define ``compute_loss``; the step is shared."""
+    """One model under one technique. The step is shared; a technique prepares the model and, if it
+    trains another objective, overrides ``compute_loss``."""
 
     technique: str
     units: list[int | None] = [None]
@@ -141,7 +142,9 @@ class Trainer:
         return [p for p in self.model.parameters() if p.requires_grad]
 
     def compute_loss(self, batch: Batch, unit: int | None) -> torch.Tensor:
-        raise NotImplementedError
+        """The model's own loss on the batch; a technique that trains something else (DiffusionBlocks'
+        block objective) overrides it."""
+        return self.spec.loss(self.model, batch)
 
     def parameters_for_step(self, unit: int | None) -> list[nn.Parameter]:
         """The parameters that receive gradients in a step on ``unit`` (clipped and stepped)."""

@@ -12,7 +12,7 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from dbprofile.methods.base import Trainer, to_device
-from dbprofile.spec import Batch, ModelSpec, get_layers, like_stack, set_layers
+from dbprofile.spec import ModelSpec, get_layers, like_stack, set_layers
 from dbprofile.torch_internals import function_modes
 
 
@@ -110,6 +110,3 @@ class CheckpointTrainer(Trainer):
         trainer = cls(spec, model, device, **kwargs)
         trainer.technique = tech.name
         return trainer
-
-    def compute_loss(self, batch: Batch, unit: int | None) -> torch.Tensor:
-        return self.spec.loss(self.model, batch)

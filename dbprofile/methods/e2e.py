@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 
 from dbprofile.methods.base import Trainer, to_device
-from dbprofile.spec import Batch, ModelSpec, get_layers
+from dbprofile.spec import ModelSpec, get_layers
 
 
 class EndToEndTrainer(Trainer):
@@ -18,6 +18,3 @@ class EndToEndTrainer(Trainer):
         trainer = cls(spec, model, device, **kwargs)
         trainer.technique = tech.name
         return trainer
-
-    def compute_loss(self, batch: Batch, unit: int | None) -> torch.Tensor:
-        return self.spec.loss(self.model, batch)

@@ -30,7 +30,7 @@ from torch.utils.checkpoint import CheckpointPolicy, create_selective_checkpoint
 
 from dbprofile.methods.base import Trainer, to_device
 from dbprofile.methods.checkpointing import checkpoint_layers, with_same_modes
-from dbprofile.spec import Batch, ModelSpec
+from dbprofile.spec import ModelSpec
 
 
 def _ops(*names: str) -> frozenset:
@@ -105,6 +105,3 @@ class SelectiveCheckpointTrainer(Trainer):
         holder.append(trainer)
         trainer.technique = tech.name
         return trainer
-
-    def compute_loss(self, batch: Batch, unit: int | None) -> torch.Tensor:
-        return self.spec.loss(self.model, batch)
