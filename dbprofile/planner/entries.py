@@ -25,6 +25,17 @@ from dbprofile.vocabulary import CATEGORIES
 MeasureFn = Callable[..., Measurement]
 
 
+def recorded(name: str, b: int, measure: Callable[[], Measurement]) -> Measurement:
+    """``measure()``, or a failed measurement saying why: one technique that cannot run must not stop
+    the others from being planned. Bad input (SpecError) still stops the plan."""
+    try:
+        return measure()
+    except SpecError:
+        raise
+    except Exception as err:  # recorded, not fatal: the other techniques still plan
+        return Measurement.failed(name, b, f"{type(err).__name__}: {err}", fake=True)
+
+
 @dataclass
 class EntryPlanner:
     """What every fake run of one plan shares, and the runs made so far."""
@@ -51,12 +62,7 @@ class EntryPlanner:
         if key not in self.runs:
             accumulating = f", {micro} micro-batches accumulating" if micro > 1 else ""
             progress.stage(f"planning {tech.name} at batch {b}{accumulating} (fake tensors)")
-            try:
-                self.runs[key] = self._measure(tech, b, micro)
-            except SpecError:
-                raise
-            except Exception as err:  # recorded, not fatal: the other techniques still plan
-                self.runs[key] = Measurement.failed(tech.name, b, f"{type(err).__name__}: {err}", fake=True)
+            self.runs[key] = recorded(tech.name, b, lambda: self._measure(tech, b, micro))
         return self.runs[key]
 
     def _measure(self, tech: Technique, b: int, micro: int) -> Measurement:
@@ -110,8 +116,10 @@ class EntryPlanner:
             progress.stage(f"planning {name} at batch {b}: one rank simulated on fake tensors")
             from dbprofile.measure.depth import simulate_fake
 
-            try:
-                self.simulated[key] = simulate_fake(
+            self.simulated[key] = recorded(
+                name,
+                b,
+                lambda: simulate_fake(
                     self.spec,
                     name,
                     tech,
@@ -125,11 +133,8 @@ class EntryPlanner:
                     precision=self.precision,
                     optimizer=self.optimizer,
                     round_to=self.round_to,
-                )
-            except SpecError:
-                raise
-            except Exception as err:  # recorded, not fatal, as in fake_run
-                self.simulated[key] = Measurement.failed(name, b, f"{type(err).__name__}: {err}", fake=True)
+                ),
+            )
         return self.simulated[key]
 
     def predict(self, name: str, tech: Technique, parallel: bool, b: int, micro: int = 1) -> PlanEntry:
