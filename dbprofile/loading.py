@@ -25,6 +25,7 @@ from torch import nn
 
 from dbprofile.measure.fake import fake_mode, real_dtype_checks
 from dbprofile.models import DEFAULT_PRESET, PRESETS, get_preset
+from dbprofile.models.masked_lm import reschedule
 from dbprofile.spec import (
     ModelSpec,
     SpecError,
@@ -93,10 +94,14 @@ def load_model(
     overrides: dict[str, str] | None = None,
     seq_len: int | None = None,
     image_size: int | None = None,
+    masking_schedule: str | None = None,
 ) -> ModelSpec:
     """Any model source with the command line's options applied: ecosystem models take
     ``--set`` and shapes directly; presets and files take the shapes their spec declares
-    (``ModelSpec.shapes``)."""
+    (``ModelSpec.shapes``); a masked diffusion LM takes another masking schedule."""
+    if masking_schedule is not None:
+        spec = load_model(source, overrides, seq_len, image_size)
+        return reschedule(spec, masking_schedule)
     if source is not None and is_ecosystem_source(source):
         return load_ecosystem(source, overrides, seq_len=seq_len, image_size=image_size)
     if overrides:
@@ -130,6 +135,7 @@ def load_sweep(
     overrides: dict[str, str] | None = None,
     seq_lens: list[int] | None = None,
     image_sizes: list[int] | None = None,
+    masking_schedule: str | None = None,
 ) -> tuple[str | None, list[ModelSpec]]:
     """(the swept shape or None, one spec per value): several ``--seq-len`` or ``--image-size``
     values sweep that shape; one value (or none) gives one spec. Sweeping both at once is refused."""
@@ -138,13 +144,13 @@ def load_sweep(
         raise SpecError("Sweep one shape at a time: give several values to --seq-len or to --image-size, not both.")
     if len(seq_lens) > 1:
         image = image_sizes[0] if image_sizes else None
-        return "seq_len", [load_model(source, overrides, seq_len=n, image_size=image) for n in seq_lens]
+        return "seq_len", [load_model(source, overrides, n, image, masking_schedule) for n in seq_lens]
     if len(image_sizes) > 1:
         seq = seq_lens[0] if seq_lens else None
-        return "image_size", [load_model(source, overrides, seq_len=seq, image_size=n) for n in image_sizes]
+        return "image_size", [load_model(source, overrides, seq, n, masking_schedule) for n in image_sizes]
     seq = seq_lens[0] if seq_lens else None
     image = image_sizes[0] if image_sizes else None
-    return None, [load_model(source, overrides, seq_len=seq, image_size=image)]
+    return None, [load_model(source, overrides, seq, image, masking_schedule)]
 
 
 def shape_value(spec: ModelSpec, shape: str) -> int | None:

@@ -98,6 +98,18 @@ class ModelSpec:
     the runner keeps it in ``Measurement.extra['observed']``. It must make no tensor the memory
     tracker would count (real and fake bytes must agree)."""
 
+    masking_schedule: str = "linear"
+    """masked-diffusion-lm: the masking schedule alpha_t (dbprofile.masked_diffusion.SCHEDULES) that the
+    spec's loss trains with; DiffusionBlocks' blocks and sampler use the same one."""
+    rescheduled: Callable[[str], ModelSpec] | None = None
+    """masked-diffusion-lm: ``rescheduled(name)`` is this model with its loss on another masking schedule
+    (``--masking-schedule``); None where the spec's loss cannot change it (a user's own loss)."""
+    routed_modules: Callable[[nn.Module], list[nn.Module]] | None = None
+    """For mixture-of-experts models: ``routed_modules(model)`` returns the modules whose forward
+    routes tokens to experts (router, dispatch, experts, combine). The tracker tags what their
+    forwards make and a measurement reports those bytes at its peak (``extra['moe_at_peak']``,
+    dbprofile.measure.regions)."""
+
     def __post_init__(self) -> None:
         if not isinstance(self.name, str) or not self.name:
             raise SpecError("ModelSpec.name must be a non-empty string.")

@@ -5,20 +5,24 @@ a tiny learner whose every block beats its zero-initialised self."""
 
 from __future__ import annotations
 
+import functools
 import importlib.util
 import math
 from pathlib import Path
 
 import pytest
 import torch
+from _cli import assert_refused, invoke
 
 from dbprofile.loading import load_model
 from dbprofile.masked_diffusion import alpha, elbo_loss, elbo_weight, mask_tokens
 from dbprofile.measure.runner import measure
 from dbprofile.methods.diffusion_blocks.blockwise import BlockwiseModel
-from dbprofile.methods.diffusion_blocks.masked import block_for_time, time_boundaries, time_ranges
+from dbprofile.methods.diffusion_blocks.masked import block_for_time, block_loss, time_boundaries, time_ranges
 from dbprofile.methods.diffusion_blocks.sampler import sample_masked
+from dbprofile.models.masked_lm import md4_loss
 from dbprofile.models.registry import PRESETS
+from dbprofile.results.run import model_info_of
 from dbprofile.spec import SpecError
 
 
@@ -82,6 +86,8 @@ def test_hf_bert_is_a_masked_diffusion_lm_not_a_causal_one():
     assert (spec.task, spec.mask_token_id, spec.layers) == ("masked-diffusion-lm", 99, "model.bert.encoder.layer")
     batch = spec.batch(2, "cpu")
     assert set(batch) == {"inputs"} and int(batch["inputs"].max()) < 99  # no next-token targets
+    cosine = load_model("hf:bert", TINY_BERT, seq_len=16, masking_schedule="cosine")
+    assert (cosine.masking_schedule, cosine.shapes["seq_len"](8).masking_schedule) == ("cosine", "cosine")
     for tech in ("e2e", "db:2"):
         real = measure(spec, tech, 2, steps=1, timed=False, count_activations=False)
         fake = measure(spec, tech, 2, steps=1, fake=True, count_activations=False)
@@ -99,6 +105,35 @@ def test_sampler_chains_the_blocks_from_fully_masked_to_clean():
     assert tokens.shape == (2, 16) and int(tokens.max()) < 27 and int(tokens.min()) >= 0
     # steps from t = 1, 0.75, 0.5 (the boundary belongs to the higher-t block) and 0.25
     assert ran == [0, 0, 0, 1]
+
+
+def test_masking_schedule_reaches_the_loss_the_blocks_and_every_derived_spec():
+    linear, cosine = PRESETS["md4-tiny"](), load_model("md4-tiny", masking_schedule="cosine")
+    assert (linear.masking_schedule, cosine.masking_schedule) == ("linear", "cosine")
+    assert cosine.shapes["seq_len"](32).masking_schedule == "cosine"
+    assert cosine.at_depth is not None and cosine.at_depth(2).masking_schedule == "cosine"
+    model, batch = cosine.build(), cosine.batch(4, "cpu")
+
+    def seeded_loss(loss, *args):
+        torch.manual_seed(0)
+        return loss(*args)
+
+    on_cosine = seeded_loss(cosine.loss, model, batch)
+    assert torch.equal(on_cosine, seeded_loss(md4_loss, model, batch["inputs"], 27, "cosine"))
+    assert not torch.equal(on_cosine, seeded_loss(linear.loss, model, batch))
+    # DiffusionBlocks' block loss: the same draws of t, weighted by cosine's ELBO weight
+    blocks = BlockwiseModel(cosine, cosine.build(), 2)
+    draws = lambda: torch.Generator().manual_seed(1)  # noqa: E731
+    block = blocks.loss(batch, 1, draws())
+    logits_of = functools.partial(blocks.masked_logits, indices=blocks.block_layers[1])
+    want = block_loss(logits_of, batch["inputs"], 27, blocks.ranges[1], blocks.weighting, draws(), schedule="cosine")
+    assert torch.equal(block, want)
+    assert model_info_of(cosine, 4)["masking_schedule"] == "cosine"
+
+
+def test_masking_schedule_is_refused_where_it_cannot_apply():
+    assert_refused(invoke("run", "vit-tiny", "--fake", "--masking-schedule", "cosine"), "masked diffusion")
+    assert_refused(invoke("plan", "md4-tiny", "--masking-schedule", "quadratic"), "quadratic")
 
 
 EXAMPLES = Path(__file__).resolve().parents[1] / "examples"

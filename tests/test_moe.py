@@ -6,6 +6,7 @@ rests on: a step's bytes do not depend on how tokens are routed."""
 from __future__ import annotations
 
 import dataclasses
+import re
 
 import pytest
 import torch
@@ -57,6 +58,7 @@ def test_moe_models_run_every_technique_and_fake_bytes_equal_real(source, overri
         fake = measure(spec, tech, 2, steps=1, precision=precision, fake=True, count_activations=False)
         assert real.ok and fake.ok, (tech, real.error, fake.error)
         assert (real.peak_bytes, real.shares) == (fake.peak_bytes, fake.shares), tech
+        assert real.extra["moe_at_peak"] == fake.extra["moe_at_peak"], tech
         assert "observed" not in fake.extra
         if tech == "ckpt":  # a checkpointed layer's recomputation is not counted as more tokens
             assert [sum(layer) for layer in real.extra["observed"]["tokens_per_expert"]] == [2 * 16 * 2] * 2
@@ -64,6 +66,69 @@ def test_moe_models_run_every_technique_and_fake_bytes_equal_real(source, overri
     assert set(seen) == {"block 0", "block 1"}
     # DiffusionBlocks' causal-lm layout runs 2T tokens; every token slot reaches top-2 experts.
     assert [sum(layer) for block in seen.values() for layer in block["tokens_per_expert"]] == [2 * 2 * 16 * 2] * 2
+
+
+def _saved_bytes_made_in_moe_blocks(spec, batch_size: int) -> tuple[int, int]:
+    """Counted apart from the tracker, on one forward of the model: the bytes of distinct storages
+    saved for backward, all of them and those an op inside an MoE block made."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    from dbprofile.models.hf_moe import routed_blocks
+
+    torch.manual_seed(0)
+    model = spec.build()
+    batch = spec.batch(batch_size, torch.device("cpu"))
+    inside = [0]
+    made: dict[int, bool] = {}
+    kept: list = []
+    saved: dict[int, int] = {}
+
+    class Made(TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            out = func(*args, **(kwargs or {}))
+            for t in out if isinstance(out, (tuple, list)) else (out,):
+                # where each storage first came out of an op (a view inside a block of a tensor made
+                # before it, like the hidden states entering it, is not made there)
+                if isinstance(t, torch.Tensor) and id(t.untyped_storage()) not in made:
+                    made[id(t.untyped_storage())] = inside[0] > 0
+                    kept.append(t.untyped_storage())  # alive, so no later storage reuses its id
+            return out
+
+    def pack(t):
+        saved[id(t.untyped_storage())] = t.untyped_storage().nbytes()
+        return t
+
+    handles = []
+    for block in routed_blocks(model):
+        handles.append(block.register_forward_pre_hook(lambda *_: inside.__setitem__(0, inside[0] + 1)))
+        handles.append(block.register_forward_hook(lambda *_: inside.__setitem__(0, inside[0] - 1)))
+    params = {id(p.untyped_storage()) for p in model.parameters()}
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t), Made():
+        loss = spec.loss(model, batch)
+    del loss
+    activations = {k: n for k, n in saved.items() if k not in params}
+    return sum(activations.values()), sum(n for k, n in activations.items() if made.get(k))
+
+
+def test_moe_blocks_activations_at_the_peak_are_what_their_forwards_made_and_saved():
+    spec = load_model("hf:mixtral", TINY_MIXTRAL, seq_len=32)
+    m = measure(spec, "e2e", 8, steps=1, timed=False, count_activations=False)
+    # e2e's peak is at the start of the backward, where every saved activation is still held.
+    assert m.peak_phase == "backward"
+    everything, in_moe = _saved_bytes_made_in_moe_blocks(spec, 8)
+    # The loss's own saved tensors (4 KiB here) are freed by the first backward node, before the peak.
+    assert 0 <= everything - m.shares["activations"] <= 4096
+    assert m.extra["moe_at_peak"]["activations"] == in_moe
+    assert 0 < in_moe < everything
+    no_moe = measure(
+        load_model("hf:llama", {k: v for k, v in TINY.items() if k != "num_experts_per_tok"}, seq_len=32),
+        "e2e",
+        8,
+        steps=1,
+        timed=False,
+        count_activations=False,
+    )
+    assert "moe_at_peak" not in no_moe.extra
 
 
 def _frozen_router(spec, zero: bool):
@@ -116,6 +181,9 @@ def test_cli_fake_run_reports_the_experts_without_a_library_traceback(tmp_path):
     assert result.exit_code == 0, result.output
     assert "Traceback" not in result.output and "grouped_mm" not in result.output
     assert '"expert_parameter_share"' in result.output
+    table = CliRunner().invoke(main, [a for a in args if a != "--json"] + ["-o", str(tmp_path / "again.json")])
+    assert table.exit_code == 0, table.output
+    assert re.search(r"MoE blocks at the peak of db:2 @ batch 2: .* activations \(\d+\.\d%\) made by routers", table.output)
 
 
 def test_observe_routing_counts_every_token_slot():
@@ -126,3 +194,19 @@ def test_observe_routing_counts_every_token_slot():
     with observe_routing(model) as seen, torch.no_grad():
         spec.loss(model, spec.batch(2, "cpu"))
     assert [sum(layer) for layer in seen["tokens_per_expert"]] == [2 * 16 * 2] * 2
+
+
+def test_moe_blocks_bytes_at_the_peak_extrapolate_with_depth_to_the_byte():
+    from dbprofile.measure.depth import PATH_EXTRAPOLATED, identical_layers, measure_fake
+    from dbprofile.techniques import parse_technique
+
+    # 20 layers: DiffusionBlocks at B = 2 is traced at 4, 6 and 8 layers, together fewer than 20
+    spec = load_model("hf:mixtral", {**TINY_MIXTRAL, "num_hidden_layers": "20"}, seq_len=16)
+    layers, different = identical_layers(spec)
+    tech = parse_technique("db:2")
+    fast = measure_fake(spec, tech, 8, layers=layers, not_identical=different)
+    full = measure_fake(spec, tech, 8, layers=layers, not_identical=different, full_trace=True)
+    assert fast.extra["depth"]["path"] == PATH_EXTRAPOLATED
+    assert (fast.peak_bytes, fast.shares) == (full.peak_bytes, full.shares)
+    assert fast.extra["moe_at_peak"] == full.extra["moe_at_peak"]
+    assert fast.extra["moe_at_peak"]["activations"] > 0

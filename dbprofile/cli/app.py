@@ -272,7 +272,15 @@ def output_options(func):
 
 
 def model_options(func):
-    """--set, --seq-len and --image-size: the model's config and shapes, for run and plan."""
+    """--set, --seq-len, --image-size and --masking-schedule: the model's config and shapes, for run and plan."""
+    from dbprofile.masked_diffusion import SCHEDULES
+
+    func = click.option(
+        "--masking-schedule",
+        type=click.Choice(SCHEDULES),
+        default=None,
+        help="Masking schedule of a masked diffusion LM (MD4): linear, the model's default, or cosine.",
+    )(func)
     func = click.option(
         "--image-size",
         default=None,
@@ -294,15 +302,16 @@ def model_options(func):
     return func
 
 
-def load_models(model, set_options, seq_len, image_size):
-    """(swept shape or None, specs) for MODEL with the --set / --seq-len / --image-size options."""
+def load_models(model, set_options, seq_len, image_size, masking_schedule=None):
+    """(swept shape or None, specs) for MODEL with the --set / --seq-len / --image-size /
+    --masking-schedule options."""
     from dbprofile.loading import load_sweep
     from dbprofile.models.overrides import parse_set_options
 
     # "" is a mistake (an unset shell variable), not "the default": parse_int_list refuses it.
     seq_lens = parse_int_list(seq_len, "--seq-len") if seq_len is not None else None
     image_sizes = parse_int_list(image_size, "--image-size") if image_size is not None else None
-    return load_sweep(model, parse_set_options(set_options), seq_lens, image_sizes)
+    return load_sweep(model, parse_set_options(set_options), seq_lens, image_sizes, masking_schedule)
 
 
 def model_inputs(model: str | None) -> list[tuple[str, Path]]:

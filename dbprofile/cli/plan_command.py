@@ -100,6 +100,7 @@ def plan(
     set_options,
     seq_len,
     image_size,
+    masking_schedule,
     console: Output,
 ) -> None:
     """Predict each technique's peak on a target GPU without one (fake tensors), with a verdict.
@@ -111,8 +112,9 @@ def plan(
     from dbprofile.loading import shape_value
     from dbprofile.models.common import build_on_meta, count_parameters
     from dbprofile.planner import plan as make_plan
+    from dbprofile.report.experts import experts_summary, moe_memory
     from dbprofile.report.notebook import render_plan_page
-    from dbprofile.report.text import experts_summary, format_plan
+    from dbprofile.report.text import format_plan
     from dbprofile.verdict.evidence import DB_NOT_APPLICABLE
 
     if batch_size < 1:
@@ -120,7 +122,7 @@ def plan(
     target = gpu
     if gpu and gpu[0].isdigit():
         target = parse_size(gpu)
-    swept, specs = load_models(model, set_options, seq_len, image_size)
+    swept, specs = load_models(model, set_options, seq_len, image_size, masking_schedule)
     html_paths = [_html_path(html, spec, swept) for spec in specs] if html else []
     outputs = [("--html", path) for path in html_paths]
     check_outputs(outputs + ([("--csv", console.csv_path)] if console.csv_path else []), model_inputs(model))
@@ -147,6 +149,8 @@ def plan(
         console.text(f"{spec.name} ({spec.description}): {count_parameters(build_on_meta(spec.build)):,} parameters")
         if "moe" in spec.extra:
             console.text(experts_summary(spec.extra["moe"]))
+            for line in moe_memory(result.entries):
+                console.text(line)
         if swept:
             console.text(f"{swept} = {shape_value(spec, swept)}:")
         console.text(format_plan(result))

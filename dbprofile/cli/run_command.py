@@ -150,6 +150,7 @@ def run(
     set_options,
     seq_len,
     image_size,
+    masking_schedule,
     console: Output,
 ) -> None:
     """Profile MODEL (a preset name, file.py or file.py:name, hf:NAME, diffusers:DiT, timm:NAME;
@@ -206,7 +207,7 @@ def run(
     if distributed:
         # A process group needs a finite timeout: "no limit" becomes a week.
         run_distributed_command(
-            (model, set_options, seq_len, image_size),
+            (model, set_options, seq_len, image_size, masking_schedule),
             names,
             batch_sizes,
             settings,
@@ -220,7 +221,7 @@ def run(
         return
     techs = parse_techniques(names)
     with loading_limit(settings.time_limit_s):
-        swept, specs = load_models(model, set_options, seq_len, image_size)
+        swept, specs = load_models(model, set_options, seq_len, image_size, masking_schedule)
     out_paths = [_out_path(spec, out, swept) for spec in specs]
     sweep_page = None if not swept or no_report or dry_run else _sweep_page(out, specs[0], swept)
     check_outputs(_run_outputs(out_paths, no_report, sweep_page, console), inputs=model_inputs(model))

@@ -27,6 +27,7 @@ from dbprofile.measure import snapshot
 from dbprofile.measure.allocator import CachingAllocatorModel
 from dbprofile.measure.fake import fake_mode
 from dbprofile.measure.flops import FlopCounter
+from dbprofile.measure.regions import tagging
 from dbprofile.measure.timing import time_block
 from dbprofile.measure.tracker import Tracker
 from dbprofile.measure.tracking import StepRecord
@@ -185,7 +186,8 @@ def measure_into(
         )
         # The tracker is on from the first step so every tensor that persists across steps
         # (optimizer state, caches a model builds on first use) is seen being made.
-        with tracker:
+        routed = spec.routed_modules(trainer.model) if spec.routed_modules is not None else []
+        with tracker, tagging(tracker, routed):
             # Warm-up: every unit steps (optimizer state for all of them) before any measurement.
             for i in range(settings.warmup_steps):
                 for unit in units:
@@ -238,6 +240,8 @@ def measure_into(
         if m.cuda is not None:
             m.cuda["untracked_allocated_bytes"] = m.extra.pop("cuda_untracked_bytes", None)
         block_layers = trainer.block_layers
+        has_routed = bool(routed)
+        del routed  # the modules go with the trainer
         all_steps = ctx.all_steps
         del trainer, tracker, ctx
     m.extra["timing"] = {
@@ -247,7 +251,7 @@ def measure_into(
         "tracked_steps_s": [t for r in results.values() for t in r.tracked_times],
         "timed_steps_s": timed_s,
     }
-    summarise(m, units, results, fake, block_layers)
+    summarise(m, units, results, fake, block_layers, tagged=has_routed)
 
 
 def record_transfer(m: Measurement, trainer: Any) -> None:
@@ -379,7 +383,9 @@ def step(ctx: StepContext, tracker: Tracker, unit: int | None, out: UnitResult |
             m.error = f"{m.technique}: the loss was {value} at step {step_index}{where}; training diverged or the model produces NaN."
 
 
-def summarise(m: Measurement, units: list, results: dict, fake: bool, block_layers: list | None) -> None:
+def summarise(
+    m: Measurement, units: list, results: dict, fake: bool, block_layers: list | None, tagged: bool = False
+) -> None:
     worst_unit = max(units, key=lambda u: results[u].peak.peak_bytes)
     worst = results[worst_unit]
     peak = worst.peak
@@ -387,6 +393,9 @@ def summarise(m: Measurement, units: list, results: dict, fake: bool, block_laye
     m.shares = dict(peak.shares)
     m.peak_phase = peak.peak_phase
     m.timeline = peak.timeline
+    if tagged:
+        # Bytes at the peak made inside a mixture-of-experts model's routed blocks (dbprofile.measure.regions).
+        m.extra["moe_at_peak"] = {cat: peak.tagged_shares.get(cat, 0) for cat in ("activations", "temporaries")}
     unit_flops = [results[u].flops for u in units]
     if all(f is not None for f in unit_flops):
         # One step per unit trains every layer once: e2e's one step, DiffusionBlocks' B block-steps.

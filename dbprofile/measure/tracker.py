@@ -78,6 +78,11 @@ class Tracker:
         self._lock = threading.RLock()
         self.totals = [0] * len(CATEGORIES)
         self.total = 0
+        self.tagging = 0
+        """Depth of tagged modules' forwards running now (dbprofile.measure.regions): a storage made
+        while it is above 0 is tagged, and its bytes are also counted in ``tagged`` by category."""
+        self.tagged = [0] * len(CATEGORIES)
+        self._peak_tagged: list[int] = []
         self.phase: str | None = None
         self._phase_index = -1
         self.recording = False
@@ -185,6 +190,7 @@ class Tracker:
         self._points = []
         self._ops = []
         self._peak = -1
+        self.tagging = 0  # a forward that raised in an earlier step left its tag open
         self._record()
 
     def end_step(self) -> StepRecord:
@@ -198,6 +204,7 @@ class Tracker:
             peak_bytes=self._peak,
             shares=shares,
             peak_phase=self._peak_phase,
+            tagged_shares={name: n for name, n in zip(CATEGORIES, self._peak_tagged) if n},
             timeline={
                 "categories": list(CATEGORIES),
                 "phases": list(PHASES),
@@ -283,6 +290,7 @@ class Tracker:
         nbytes = self.rounded(st.nbytes())
         cat = None if excluded else TEMPORARIES
         info = StorageInfo(nbytes, cat)
+        info.tagged = self.tagging > 0 and cat is not None
         if cat is not None and self.phase == "backward" and torch.is_grad_enabled():
             # Grad mode on inside backward: checkpointing recomputes a forward for backward.
             info.recomputed = True
@@ -293,7 +301,7 @@ class Tracker:
             if cat is not None:
                 if self.allocator is not None and st.nbytes() > 0:  # CUDA hands out no block for 0 bytes
                     info.block = self.allocator.malloc(st.nbytes())
-                self._add(cat, nbytes)
+                self._add(cat, nbytes, info.tagged)
         return info
 
     def _on_free(self, key: int, info: StorageInfo, _ref: Any) -> None:
@@ -308,13 +316,16 @@ class Tracker:
             self.allocator.free(info.block)
             info.block = None
 
-    def _add(self, cat: int, nbytes: int) -> None:
+    def _add(self, cat: int, nbytes: int, tagged: bool = False) -> None:
         self.totals[cat] += nbytes
         self.total += nbytes
+        if tagged:
+            self.tagged[cat] += nbytes
         if self.recording:
             if self.total > self._peak:
                 self._peak = self.total
                 self._peak_shares = list(self.totals)
+                self._peak_tagged = list(self.tagged)
                 self._peak_phase = self.phase
             self._record()
         if self.memory_limit is not None and self.total > self.memory_limit:
@@ -357,6 +368,9 @@ class Tracker:
                 return
             self.totals[info.cat] -= info.nbytes
             self.totals[cat] += info.nbytes
+            if info.tagged:
+                self.tagged[info.cat] -= info.nbytes
+                self.tagged[cat] += info.nbytes
             info.cat = cat
             if self.recording:
                 self._record()
@@ -385,6 +399,8 @@ class Tracker:
             return
         self.totals[info.cat] -= info.nbytes
         self.total -= info.nbytes
+        if info.tagged:
+            self.tagged[info.cat] -= info.nbytes
         info.cat = None
         self._release_block(info)
         if self.recording:

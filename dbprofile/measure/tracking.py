@@ -49,6 +49,9 @@ class StepRecord:
     shares: dict[str, int]
     peak_phase: str | None
     timeline: dict[str, Any] = field(default_factory=dict)
+    tagged_shares: dict[str, int] = field(default_factory=dict)
+    """At the peak, the bytes by category of storages made inside tagged modules' forwards
+    (dbprofile.measure.regions: a mixture-of-experts model's routed blocks); empty when none are."""
     trace: list[tuple[Any, list[int]]] | None = None
     """With ``keep_trace``: every point of the step, not downsampled, as (the op that was running,
     [phase index, bytes per category...]). dbprofile.measure.depth aligns these across depths."""
@@ -57,7 +60,7 @@ class StepRecord:
 class StorageInfo:
     """What the tracker knows about one live storage."""
 
-    __slots__ = ("nbytes", "cat", "role", "saved", "recomputed", "ref", "block", "__weakref__")
+    __slots__ = ("nbytes", "cat", "role", "saved", "recomputed", "tagged", "ref", "block", "__weakref__")
 
     def __init__(self, nbytes: int, cat: int | None) -> None:
         self.nbytes = nbytes
@@ -66,6 +69,7 @@ class StorageInfo:
         self.role: str | None = None
         self.saved = 0  # how many saved-for-backward slots hold this storage
         self.recomputed = False
+        self.tagged = False  # made inside a tagged module's forward (Tracker.tagging)
         self.ref: weakref.ref | None = None
 
 

@@ -37,9 +37,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from dbprofile.masked_diffusion import DEFAULT_SCHEDULE
 from dbprofile.models.hf_config import make_config, quiet_transformers, raw_config
 from dbprofile.models.hf_masked import MaskedLM, is_masked_encoder, masked_spec
-from dbprofile.models.hf_moe import is_moe, moe_facts, observe_routing, use_grouped_mm_fallback
+from dbprofile.models.hf_moe import is_moe, moe_facts, observe_routing, routed_blocks, use_grouped_mm_fallback
+from dbprofile.models.masked_lm import reschedule
 from dbprofile.seeding import data_generator, seeded
 from dbprofile.spec import Batch, ModelSpec, SpecError
 from dbprofile.torch_internals import active_fake_mode, is_fake
@@ -229,10 +231,19 @@ def make_spec(
     }
     if moe:
         common["observe"] = observe_routing
+        common["routed_modules"] = routed_blocks
     if task == "masked-diffusion-lm":
         t = seq_len or min(_context_length(config) or 512, DEFAULT_SEQ_LEN_CAP)
-        spec = masked_spec(name, overrides, config, t, label, common)
-        return dataclasses.replace(spec, shapes={"seq_len": lambda n: make_spec(name, overrides, seq_len=n)})
+
+        def on_schedule(schedule: str) -> ModelSpec:
+            spec = masked_spec(name, overrides, config, t, label, common, schedule)
+            return dataclasses.replace(
+                spec,
+                rescheduled=on_schedule,
+                shapes={"seq_len": lambda n: reschedule(make_spec(name, overrides, seq_len=n), schedule)},
+            )
+
+        return on_schedule(DEFAULT_SCHEDULE)
     if task == "causal-lm":
         facts = {"moe": moe_facts(meta, config)} if moe else {}
         return _causal_spec(name, overrides, config, seq_len, label, common, facts)

@@ -18,7 +18,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from dbprofile.masked_diffusion import DEFAULT_SCHEDULE
+from dbprofile.masked_diffusion import DEFAULT_SCHEDULE, check_schedule
 from dbprofile.models.masked_lm import md4_loss
 from dbprofile.seeding import data_generator
 from dbprofile.spec import Batch, ModelSpec
@@ -44,8 +44,12 @@ class MaskedLM(nn.Module):
         return self.model(input_ids=tokens).logits
 
 
-def masked_spec(name: str, overrides: dict, config: Any, seq_len: int, label: str, common: dict) -> ModelSpec:
-    """The masked-diffusion-lm ModelSpec of ``hf:NAME`` (``common``: name, build, layers, ...)."""
+def masked_spec(
+    name: str, overrides: dict, config: Any, seq_len: int, label: str, common: dict, schedule: str = DEFAULT_SCHEDULE
+) -> ModelSpec:
+    """The masked-diffusion-lm ModelSpec of ``hf:NAME`` (``common``: name, build, layers, ...) on the
+    masking ``schedule``."""
+    check_schedule(schedule)
     vocab = config.vocab_size
     mask_id = vocab - 1
 
@@ -54,7 +58,7 @@ def masked_spec(name: str, overrides: dict, config: Any, seq_len: int, label: st
         return {"inputs": tokens.to(device)}
 
     def loss(model: nn.Module, batch: Batch) -> torch.Tensor:
-        return md4_loss(model, batch["inputs"], mask_id)
+        return md4_loss(model, batch["inputs"], mask_id, schedule)
 
     return ModelSpec(
         **common,
@@ -63,13 +67,14 @@ def masked_spec(name: str, overrides: dict, config: Any, seq_len: int, label: st
         task="masked-diffusion-lm",
         num_classes=vocab,
         mask_token_id=mask_id,
+        masking_schedule=schedule,
         description=f"{label}: {config.model_type} masked diffusion LM (MD4 loss), "
         f"{config.num_hidden_layers} layers, sequence {seq_len}",
         extra={
             "source": f"hf:{name}",
             "sequence_length": seq_len,
             "vocab_size": vocab,
-            "schedule": DEFAULT_SCHEDULE,
+            "schedule": schedule,
             "overrides": dict(overrides),
         },
     )

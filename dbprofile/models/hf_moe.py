@@ -92,11 +92,17 @@ def _count(modules: list[nn.Module]) -> int:
     return total
 
 
+def routed_blocks(model: nn.Module) -> list[nn.Module]:
+    """The sparse MoE blocks of ``model``: each holds a routed-experts module beside its router (and
+    any shared experts), and its forward is the whole routed path (ModelSpec.routed_modules)."""
+    return [m for m in model.modules() if any(_is_experts(c) for c in m.children())]
+
+
 def moe_facts(model: nn.Module, config: Any) -> dict[str, Any]:
     """What a report shows about the experts of ``model`` (built on meta): counts and parameter shares."""
     experts = [m for m in model.modules() if _is_experts(m)]
     # The sparse MoE blocks hold the experts, their router (``gate``) and any shared experts.
-    blocks = [m for m in model.modules() if any(_is_experts(c) for c in m.children())]
+    blocks = routed_blocks(model)
     gates = [gate for m in blocks if isinstance(gate := getattr(m, "gate", None), nn.Module)]
     # shared_expert and its gate (Qwen2-MoE), shared_experts (DeepSeek)
     shared = [c for m in blocks for name, c in m.named_children() if name.startswith("shared_expert")]

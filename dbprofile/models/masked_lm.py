@@ -15,10 +15,10 @@ from dataclasses import replace
 import torch
 from torch import nn
 
-from dbprofile.masked_diffusion import DEFAULT_SCHEDULE, elbo_loss, elbo_weight
+from dbprofile.masked_diffusion import DEFAULT_SCHEDULE, SCHEDULES, check_schedule, elbo_loss, elbo_weight
 from dbprofile.models.gpt import GPT, GPTConfig
 from dbprofile.seeding import data_generator, seeded
-from dbprofile.spec import Batch, ModelSpec
+from dbprofile.spec import Batch, ModelSpec, SpecError
 
 TEXT8_VOCAB = 28
 """text8's 27 characters (a-z and space) plus [MASK], the last id."""
@@ -30,8 +30,30 @@ def md4_loss(model: nn.Module, tokens: torch.Tensor, mask_id: int, schedule: str
     return (elbo_weight(t, schedule) * ce).mean()
 
 
-def make_spec(config: GPTConfig, name: str, description: str = "") -> ModelSpec:
-    """A masked-diffusion-lm ModelSpec from a GPT shape (attention made bidirectional)."""
+def reschedule(spec: ModelSpec, schedule: str) -> ModelSpec:
+    """``spec`` trained on the masking ``schedule`` (``--masking-schedule``), or one paragraph on why not."""
+    if spec.task != "masked-diffusion-lm":
+        raise SpecError(
+            f"--masking-schedule applies to masked diffusion language models; {spec.name} is a {spec.task} model."
+        )
+    if schedule not in SCHEDULES:
+        raise SpecError(
+            f"--masking-schedule {schedule!r} is not a masking schedule; choose one of {', '.join(SCHEDULES)}."
+        )
+    if schedule == spec.masking_schedule:
+        return spec
+    if spec.rescheduled is None:
+        raise SpecError(
+            f"{spec.name} computes its own loss, so dbprofile cannot change its masking schedule: set "
+            f"ModelSpec.masking_schedule and the loss in its file (docs/protocol.md)."
+        )
+    return spec.rescheduled(schedule)
+
+
+def make_spec(config: GPTConfig, name: str, description: str = "", schedule: str = DEFAULT_SCHEDULE) -> ModelSpec:
+    """A masked-diffusion-lm ModelSpec from a GPT shape (attention made bidirectional), trained on
+    the masking ``schedule``."""
+    check_schedule(schedule)
     config = replace(config, causal=False)
     mask_id = config.vocab_size - 1
 
@@ -45,10 +67,10 @@ def make_spec(config: GPTConfig, name: str, description: str = "") -> ModelSpec:
         return {"inputs": tokens.to(device)}
 
     def loss(model: nn.Module, batch: Batch) -> torch.Tensor:
-        return md4_loss(model, batch["inputs"], mask_id)
+        return md4_loss(model, batch["inputs"], mask_id, schedule)
 
     return ModelSpec(
-        at_depth=lambda layers: make_spec(replace(config, num_layers=layers), name, description),
+        at_depth=lambda layers: make_spec(replace(config, num_layers=layers), name, description, schedule),
         name=name,
         build=build,
         batch=batch,
@@ -61,6 +83,8 @@ def make_spec(config: GPTConfig, name: str, description: str = "") -> ModelSpec:
         family="masked-lm",
         description=description
         or f"masked diffusion LM {config.num_layers}x{config.hidden_size}, sequence {config.context_length}",
-        extra={"sequence_length": config.context_length, "vocab_size": config.vocab_size, "schedule": DEFAULT_SCHEDULE},
-        shapes={"seq_len": lambda n: make_spec(replace(config, context_length=n), name=name)},
+        masking_schedule=schedule,
+        rescheduled=lambda other: make_spec(config, name, description, other),
+        extra={"sequence_length": config.context_length, "vocab_size": config.vocab_size, "schedule": schedule},
+        shapes={"seq_len": lambda n: make_spec(replace(config, context_length=n), name, "", schedule)},
     )

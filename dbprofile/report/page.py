@@ -11,7 +11,7 @@ import math
 from collections.abc import Iterable
 from typing import Any
 
-from dbprofile.report.text import experts_summary
+from dbprofile.report.experts import experts_summary, moe_memory
 from dbprofile.results import Measurement, RunResult, Verdict
 from dbprofile.units import UNIT_BYTES, format_bytes
 from dbprofile.vocabulary import CATEGORIES
@@ -186,6 +186,7 @@ def subtitle(result: RunResult) -> str:
     parts += [f"{esc(humanise(k))} {esc(v)}" for k, v in info.items() if not isinstance(v, (dict, list))]
     if isinstance(info.get("experts"), dict):
         parts.append(esc(experts_summary(info["experts"])))
+        parts += [esc(line) for line in moe_memory(result.measurements)]
     devices = sorted({m.device for m in result.measurements})
     batches = sorted({m.batch_size for m in result.measurements})
     if devices:

@@ -9,6 +9,7 @@ from __future__ import annotations
 from collections.abc import Collection, Sequence
 from typing import Any
 
+from dbprofile.report.experts import experts_summary, moe_memory, routing_seen
 from dbprofile.results import Plan, PlanEntry, RunResult, views
 from dbprofile.units import UNIT_BYTES, format_bytes, format_duration, format_gflop, pick_unit
 from dbprofile.validate import ValidationRow
@@ -88,36 +89,12 @@ def run_table(result: RunResult) -> str:
     bytes_per_unit = f" (1 {unit} = {scale:,} bytes)" if scale > 1 else ""
     header = f"{result.model} on {device}{fake}: peak tracked tensor memory and its shares, in {unit}{bytes_per_unit}"
     experts = result.model_info.get("experts")
-    moe = [experts_summary(experts), *routing_seen(result.measurements)] if isinstance(experts, dict) else []
-    return "\n".join([header, *lines, *notes, *moe])
-
-
-def experts_summary(facts: dict[str, Any]) -> str:
-    """One sentence on a mixture-of-experts model's experts (dbprofile.models.hf_moe.moe_facts)."""
-    shared = facts.get("shared_expert_parameters") or 0
-    return (
-        f"experts: {facts['moe_layers']} MoE layers x {facts['experts_per_layer']} experts, "
-        f"top-{facts['experts_per_token']}"
-        + (f", plus shared experts ({shared:,} parameters)" if shared else "")
-        + f"; routed experts hold {facts['expert_parameter_share']:.1%} of the parameters, the routers "
-        f"{facts['router_parameters']:,}; {facts['active_parameters_per_token']:,} parameters active per token; "
-        f"assumed: {facts['routing']}"
+    moe = (
+        [experts_summary(experts), *moe_memory(result.measurements), *routing_seen(result.measurements)]
+        if isinstance(experts, dict)
+        else []
     )
-
-
-def routing_seen(measurements: Sequence[Any]) -> list[str]:
-    """A line per real measurement on the routing its tracked steps saw (``extra['observed']``)."""
-    lines = []
-    for m in measurements:
-        seen = m.extra.get("observed") or {}
-        parts = [seen] if "max_over_mean" in seen else list(seen.values())
-        loads = [p["max_over_mean"] for p in parts if p.get("max_over_mean") is not None]
-        if loads:
-            lines.append(
-                f"routing seen by {m.technique} @ batch {m.batch_size}: busiest expert {max(loads):.2f}x the mean "
-                "load (1.00 = balanced; bytes do not depend on it, step time does)"
-            )
-    return lines
+    return "\n".join([header, *lines, *notes, *moe])
 
 
 def ranks_table(result: RunResult) -> str:

@@ -156,6 +156,8 @@ def model_info_of(spec: ModelSpec, num_layers: int) -> dict[str, Any]:
         "description": spec.description,
         # The shapes --seq-len / --image-size set, so a sweep's runs can be told apart and drawn.
         **{key: spec.extra[key] for key in ("sequence_length", "image_size", "latent_size") if key in spec.extra},
+        # Masked diffusion LMs: the masking schedule their loss trains on (--masking-schedule).
+        **({"masking_schedule": spec.masking_schedule} if spec.task == "masked-diffusion-lm" else {}),
         # Mixture-of-experts models: expert counts and parameter shares (dbprofile.models.hf_moe).
         **({"experts": spec.extra["moe"]} if "moe" in spec.extra else {}),
     }

@@ -148,10 +148,12 @@ class ShardedTracker(Tracker):
         with self._lock:
             info.nbytes = nbytes
             if delta > 0:
-                self._add(info.cat, delta)
+                self._add(info.cat, delta, info.tagged)
             else:
                 self.totals[info.cat] += delta
                 self.total += delta
+                if info.tagged:
+                    self.tagged[info.cat] += delta
                 if self.recording:
                     self._record()
 

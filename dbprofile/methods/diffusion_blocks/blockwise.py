@@ -226,9 +226,8 @@ class BlockwiseModel(nn.Module):
 
     @property
     def extra_parameters(self) -> int:
-        """Parameters DiffusionBlocks adds to the user's model: the sigma embedder, the AdaLN
-        modulation layers and, for classification, the label embedding and final AdaLN. The
-        causal-lm target comes from the model's own token embedding, so it adds nothing."""
+        """Parameters DiffusionBlocks adds to the user's model: the sigma embedder, the AdaLN modulation
+        layers and, for classification, the label embedding and final AdaLN (language models: none)."""
         extra = sum(p.numel() for p in self.sigma_embedder.parameters()) if self.sigma_embedder else 0
         for layer in self.layers:
             modulation = getattr(layer, "modulation", None)
@@ -285,7 +284,8 @@ class BlockwiseModel(nn.Module):
         if self.task == "masked-diffusion-lm":
             mask_id = cast(int, self.spec.mask_token_id)  # the spec checks it for this task
             logits_of = functools.partial(self.masked_logits, indices=indices)
-            return block_loss(logits_of, inputs, mask_id, self.ranges[block], weighting or self.weighting, generator)
+            loss_args = (self.ranges[block], weighting or self.weighting, generator, self.spec.masking_schedule)
+            return block_loss(logits_of, inputs, mask_id, *loss_args)
         lo, hi = self.ranges[block]
         sigma = sample_sigma(inputs.shape[0], lo, hi, generator=generator, device=inputs.device)
         if self.task == "classification":

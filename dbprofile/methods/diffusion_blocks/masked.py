@@ -21,7 +21,7 @@ from collections.abc import Callable
 
 import torch
 
-from dbprofile.masked_diffusion import elbo_loss, elbo_weight
+from dbprofile.masked_diffusion import DEFAULT_SCHEDULE, elbo_loss, elbo_weight
 from dbprofile.spec import SpecError
 
 MASKED_WEIGHTINGS = ("per-sample", "reference", "none")
@@ -65,7 +65,7 @@ def block_loss(
     time_range: tuple[float, float],
     weighting: str,
     generator: torch.Generator | None = None,
-    schedule: str = "linear",
+    schedule: str = DEFAULT_SCHEDULE,
 ) -> torch.Tensor:
     """One block's loss: MD4's ELBO term at t drawn in ``time_range``, reduced by ``weighting``."""
     if weighting not in MASKED_WEIGHTINGS:

@@ -142,7 +142,7 @@ def sample_masked(
             t_vec = torch.full((batch_size,), t, device=device)
             with model.block_residency(block):
                 logits = model.masked_logits(z, t_vec, model.block_layers[block]).float()
-            a_t, a_s = alpha(torch.tensor([t, s]))
+            a_t, a_s = alpha(torch.tensor([t, s]), model.spec.masking_schedule)
             reveal = (_rand(z.shape, generator, device) < (a_s - a_t) / (1 - a_t)) & (z == mask_id)
             drawn = torch.multinomial(logits[..., :mask_id].softmax(-1).flatten(0, 1), 1, generator=generator)
             z = torch.where(reveal, drawn.view_as(z).to(device), z)
