@@ -183,7 +183,9 @@ def test_cli_fake_run_reports_the_experts_without_a_library_traceback(tmp_path):
     assert '"expert_parameter_share"' in result.output
     table = CliRunner().invoke(main, [a for a in args if a != "--json"] + ["-o", str(tmp_path / "again.json")])
     assert table.exit_code == 0, table.output
-    assert re.search(r"MoE blocks at the peak of db:2 @ batch 2: .* activations \(\d+\.\d%\) made by routers", table.output)
+    assert re.search(
+        r"MoE blocks at the peak of db:2 @ batch 2: .* activations \(\d+\.\d%\) made by routers", table.output
+    )
 
 
 def test_observe_routing_counts_every_token_slot():
