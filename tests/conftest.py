@@ -1,5 +1,6 @@
-"""Test-wide settings: one intra-op thread, since the suite's models are tiny and
-oversubscribing the 2 CI cores made steps slower, not faster; and a short timing budget."""
+"""Test-wide settings: one intra-op thread per pytest-xdist worker (one worker per core, so the
+cores are busy without oversubscribing them: the suite's models are tiny and more threads per
+step made steps slower, not faster); and a short timing budget."""
 
 import pytest
 import torch
