@@ -16,7 +16,7 @@ transformers = pytest.importorskip("transformers")
 
 from dbprofile.cli import main  # noqa: E402
 from dbprofile.loading import load_model, validate_spec  # noqa: E402
-from dbprofile.measure.runner import run  # noqa: E402
+from dbprofile.measure.runner import measure, run  # noqa: E402
 from dbprofile.methods.diffusion_blocks.blockwise import BlockwiseModel  # noqa: E402
 from dbprofile.models.common import build_on_meta, count_parameters  # noqa: E402
 from dbprofile.models.hf import hf_position_adapter  # noqa: E402
@@ -233,3 +233,45 @@ def test_diffusers_dit_runs_every_technique_from_its_config(tmp_path):
     )
     with pytest.raises(SpecError, match="has no field 'depth'"):
         load_model("diffusers:DiT", {"depth": "2"})
+
+
+TINY_GEMMA3 = {
+    "num_hidden_layers": "4",
+    "hidden_size": "64",
+    "intermediate_size": "128",
+    "num_attention_heads": "4",
+    "num_key_value_heads": "2",
+    "head_dim": "16",
+    "vocab_size": "500",
+    "layer_types": '["sliding_attention", "full_attention", "sliding_attention", "full_attention"]',
+}
+
+
+def test_per_layer_type_rotary_tables_reach_each_layer_as_its_own_type():
+    """Gemma 3 makes one rotary table per layer type (sliding layers on one base, full ones on
+    another): DiffusionBlocks' active layers each get their own type's table for the doubled
+    sequence, and db:2 measures with fake bytes equal to real."""
+    spec = load_model("hf:gemma3_text", TINY_GEMMA3, seq_len=8)
+    model = spec.build().eval()
+    types = model.model.config.layer_types
+    assert types == ["sliding_attention", "full_attention"] * 2
+    layout = _concatenated_layout(8)
+    rewrite = hf_position_adapter(model, layout)
+    rotary = model.model.model.rotary_emb
+    hidden = torch.randn(1, 16, 64)
+    calls = _capture_layer_calls(model)
+    model(spec.batch(1, "cpu")["inputs"])
+    for index in (1, 2):  # as block 1 of 2 would run them: the full layer first, then a sliding one
+        layer = model.model.model.layers[index]
+        args, kwargs = calls[0]  # the model handed layer 0's (sliding) table to the first active layer
+        _, new_kwargs = rewrite(layer, (hidden, *args[1:]), kwargs)
+        want = rotary(hidden, layout.positions[None], types[index])
+        assert all(torch.equal(a, b) for a, b in zip(new_kwargs["position_embeddings"], want, strict=True))
+    sliding, full = (
+        rotary(hidden, layout.positions[None], kind)[0] for kind in ("sliding_attention", "full_attention")
+    )
+    assert not torch.equal(sliding, full)  # the two bases differ, so the test can tell them apart
+    real = measure(spec, "db:2", 2, steps=1, timed=False, count_activations=False)
+    fake = measure(spec, "db:2", 2, steps=1, fake=True, count_activations=False)
+    assert real.ok and fake.ok, (real.error, fake.error)
+    assert (real.peak_bytes, real.shares) == (fake.peak_bytes, fake.shares)

@@ -31,7 +31,7 @@ import contextlib
 import dataclasses
 from collections.abc import Iterator
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -41,16 +41,11 @@ from dbprofile.masked_diffusion import DEFAULT_SCHEDULE
 from dbprofile.models.hf_config import make_config, quiet_transformers, raw_config
 from dbprofile.models.hf_masked import MaskedLM, is_masked_encoder, masked_spec
 from dbprofile.models.hf_moe import is_moe, moe_facts, observe_routing, routed_blocks, use_grouped_mm_fallback
+from dbprofile.models.hf_positions import hf_position_adapter
 from dbprofile.models.masked_lm import reschedule
 from dbprofile.seeding import data_generator, seeded
 from dbprofile.spec import Batch, ModelSpec, SpecError
 from dbprofile.torch_internals import active_fake_mode, is_fake
-
-if TYPE_CHECKING:
-    from dbprofile.sequence_layout import (
-        CallRewrite,
-        SequenceLayout,
-    )
 
 # model_type -> dotted path of the residual layers inside the transformers model. Anything not
 # listed is found by ``find_layer_stack``; the table pins the common ones so a refactor of the
@@ -362,89 +357,3 @@ def _classifier_spec(name, overrides, config, label, common) -> ModelSpec:
         extra={"source": f"hf:{name}", "image_size": size, "overrides": dict(plain)},
         shapes={"image_size": lambda n: make_spec(name, plain, image_size=n)},
     )
-
-
-# ---------------------------------------------------------------- DiffusionBlocks hand-off
-
-# The per-position arguments transformers' decoder layers take that this adapter rebuilds.
-REBUILT = ("attention_mask", "position_embeddings", "position_ids")
-
-
-def _rotary_module(model: nn.Module) -> nn.Module | None:
-    """The model's shared rotary-embedding module (``LlamaRotaryEmbedding`` and kin), if any."""
-    return next((m for m in model.modules() if type(m).__name__.endswith("RotaryEmbedding")), None)
-
-
-def _mask_for(original: torch.Tensor | None, layout: SequenceLayout) -> torch.Tensor | None:
-    """The layout's mask in the format the model's attention uses: kept None for plain causal
-    when the model masked with ``is_causal`` (SDPA), boolean (True = attend) for SDPA masks,
-    additive (0 or the dtype's minimum) for eager attention's float masks."""
-    if original is None and layout.allowed is None:
-        return None
-    allowed = layout.allowed_matrix()[None, None]
-    if original is None or original.dtype == torch.bool:
-        return allowed
-    additive = torch.zeros(allowed.shape, dtype=original.dtype, device=allowed.device)
-    return additive.masked_fill(~allowed, torch.finfo(original.dtype).min)
-
-
-def hf_position_adapter(model: nn.Module, layout: SequenceLayout) -> CallRewrite:
-    """The ``position_adapter`` of transformers causal LMs: rebuild ``attention_mask``,
-    ``position_embeddings`` (with the model's own rotary module at the layout's positions) and
-    ``position_ids`` for the S-token layout. One set of tensors per model call, shared by every
-    active layer as the model's own forward shares its tables. Any other argument that is a
-    per-position tensor for T tokens refuses DiffusionBlocks (sequence_layout.refusal)."""
-    # Imported here, not at the top: the model source must not import the method at load time.
-    from dbprofile.sequence_layout import (
-        UnsupportedLayoutError,
-        per_position_arguments,
-        refusal,
-        signature_names,
-    )
-
-    if layout.allowed is not None and not any("Attention" in type(m).__name__ for m in model.modules()):
-        raise UnsupportedLayoutError(
-            "DiffusionBlocks cannot run this model faithfully in its concatenated token layout: "
-            "its layers mix tokens without attention (a state-space scan, as in Mamba), so there is no mask "
-            "to keep each noisy token from reading the clean tokens after it. e2e and ckpt are unaffected; "
-            "db:B+interleaved (clean and noisy tokens interleaved under the plain causal order) may apply."
-        )
-    rotary = _rotary_module(model)
-    positions = layout.positions[None]
-    made: dict[str, Any] = {}
-
-    def rebuilt(name: str, value: Any, hidden: torch.Tensor) -> Any:
-        if value is None and name != "attention_mask":
-            return None
-        if name not in made:
-            if name == "attention_mask":
-                made[name] = _mask_for(value, layout)
-            elif name == "position_embeddings":
-                if rotary is None:
-                    raise refusal(type(model).__name__, [(name, list(value[0].shape))], layout.tokens, layout.length)
-                made[name] = rotary(hidden, positions)
-            else:
-                made[name] = positions
-        return made[name]
-
-    def rewrite(layer: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
-        names = signature_names(layer)
-        positional = [names[i] if i < len(names) and names[i] in REBUILT else None for i in range(len(args))]
-        # Whatever this adapter does not rebuild must not be a per-position tensor for T tokens.
-        left = per_position_arguments(
-            tuple(None if name else a for name, a in zip(positional, args, strict=True)),
-            {k: v for k, v in kwargs.items() if k not in REBUILT},
-            layout.tokens,
-            names,
-        )
-        if left:
-            raise refusal(type(model).__name__, left, layout.tokens, layout.length)
-        hidden = args[0]
-        new_args = tuple(
-            a if i == 0 or name is None else rebuilt(name, a, hidden)
-            for i, (name, a) in enumerate(zip(positional, args, strict=True))
-        )
-        new_kwargs = {k: rebuilt(k, v, hidden) if k in REBUILT else v for k, v in kwargs.items()}
-        return new_args, new_kwargs
-
-    return rewrite
