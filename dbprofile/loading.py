@@ -315,6 +315,18 @@ def validate_spec(
     return facts
 
 
+def _build_hint(err: Exception, fake: bool) -> str:
+    """Why a build that works in plain PyTorch fails here, where dbprofile knows."""
+    if fake and "Couldn't swap" in str(err):
+        # nn.Module._apply swaps every fake parameter, and a fake tensor's mode keeps a weak reference to it.
+        return (
+            " The model converts its own modules with .to() while it is built, which PyTorch cannot do to the "
+            "fake tensors dbprofile builds models with (their parameters cannot be swapped), so it cannot be "
+            "profiled or planned as it is; build those modules in the wanted dtype instead of converting them."
+        )
+    return ""
+
+
 def _checked_step(spec: ModelSpec, require_residual: bool, fake: bool) -> dict[str, Any]:
     """``validate_spec``'s checks on fake tensors, or on real CPU ones (``fake=False``)."""
     try:
@@ -322,7 +334,9 @@ def _checked_step(spec: ModelSpec, require_residual: bool, fake: bool) -> dict[s
     except SystemExit as err:
         raise SpecError(_exit_message(f"Building model {spec.name!r}", err)) from None
     except Exception as err:
-        raise SpecError(f"Building model {spec.name!r} failed: {type(err).__name__}: {err}.") from None
+        raise SpecError(
+            f"Building model {spec.name!r} failed: {type(err).__name__}: {err}.{_build_hint(err, fake)}"
+        ) from None
     if not isinstance(model, nn.Module):
         raise SpecError(
             f"ModelSpec.build of {spec.name!r} returned a {type(model).__name__}, not an nn.Module. "

@@ -5,6 +5,7 @@ after a failed step fits the error; hf: paths say what is wrong with them."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import subprocess
@@ -12,12 +13,15 @@ import sys
 import textwrap
 
 import pytest
+import torch
 from _cli import assert_refused, invoke
+from _toy import toy_spec
 from click.testing import CliRunner
+from torch import nn
 
 from dbprofile import RunResult, SpecError
 from dbprofile.cli import main
-from dbprofile.loading import load_model
+from dbprofile.loading import load_model, validate_spec
 
 MODEL = textwrap.dedent(
     """
@@ -220,3 +224,18 @@ def test_plan_adapts_its_default_techniques_the_same_way(tmp_path):
     shallow = CliRunner().invoke(main, ["plan", model_file(tmp_path), "-b", "2", "--gpu", "L4"])
     assert shallow.exit_code == 0 and "db:2" in shallow.output and "db:3" not in shallow.output, shallow.output
     assert_refused(invoke("plan", model_file(tmp_path), "-b", "2", "-t", "db:3"), "B=3")
+
+
+def test_a_model_that_converts_its_own_modules_while_built_is_refused_with_the_reason():
+    """PyTorch cannot .to() a module of fake tensors (it swaps the parameters, and the fake mode holds
+    weak references to them): such a build is refused with what to change, not PyTorch's words alone."""
+    spec = toy_spec()
+    plain = spec.build
+
+    def build():
+        model = plain()
+        model.head = nn.Linear(32, 10).to(dtype=torch.float32)  # as transformers' Inkling does
+        return model
+
+    with pytest.raises(SpecError, match="converts its own modules with .to"):
+        validate_spec(dataclasses.replace(spec, build=build))
