@@ -19,6 +19,8 @@ the 2-D FSDP x TP layout torchtitan trains Llama-3-70B with.
 
 from __future__ import annotations
 
+import logging
+
 import torch
 from torch import nn
 
@@ -164,9 +166,17 @@ def clip_over_meshes(params: list[nn.Parameter], max_norm: float, foreach: bool)
         key = id(g.device_mesh) if isinstance(g, DTensor) else 0
         groups.setdefault(key, []).append(g)
     norms = []
-    for group in groups.values():
-        norm = torch.nn.utils.get_total_norm(group, 2.0, foreach=foreach)
-        norms.append(norm.full_tensor() if isinstance(norm, DTensor) else norm)
+    # DTensor warns that a norm Partial over both mesh dimensions takes two all-reduces; for one scalar
+    # per mesh that is the right trade, and the warning would repeat on every step of every rank.
+    quiet = logging.getLogger("torch.distributed.tensor._redistribute")
+    level = quiet.level
+    quiet.setLevel(logging.ERROR)
+    try:
+        for group in groups.values():
+            norm = torch.nn.utils.get_total_norm(group, 2.0, foreach=foreach)
+            norms.append(norm.full_tensor() if isinstance(norm, DTensor) else norm)
+    finally:
+        quiet.setLevel(level)
     total = torch.linalg.vector_norm(torch.stack(norms))
     for group in groups.values():
         torch.nn.utils.clip_grads_with_norm_(group, max_norm, total, foreach=foreach)

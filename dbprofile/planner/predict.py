@@ -257,7 +257,10 @@ def plan(
     if pp > 1:
         result.pipeline = plan_pipeline(planner, result, pp, schedule, pp_micro_batches)
     from dbprofile.verdict import judge
+    from dbprofile.verdict.layouts import reason_pipeline
 
     result.verdict = judge(result)
+    if result.pipeline and (said := reason_pipeline(result.pipeline)) is not None:
+        result.verdict.reasons.append(said)
     result.elapsed_s = time.perf_counter() - started
     return result
