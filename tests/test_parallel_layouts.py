@@ -50,8 +50,9 @@ def test_a_tensor_parallel_rank_holds_its_slices_of_each_layer_and_the_rest_whol
     local, count = _layer_bytes(2)
     assert m.shares["parameters"] == local
     assert m.shares["optimizer_state"] == 2 * local + 4 * count  # exp_avg, exp_avg_sq, a 4-byte step each
-    # 2 layers x 5 all-reduces of a (2, 16, 32) fp32 activation: proj and down forward; qkv, gate, up backward
-    assert m.extra["collective_bytes"] == {"all_reduce": 2 * 5 * 2 * 16 * 32 * 4}
+    # 2 layers x 5 all-reduces of a (2, 16, 32) fp32 activation: proj and down forward; qkv, gate, up backward;
+    # and clipping makes each of the 2 x 5 split weights' gradient norms whole (one fp32 number each)
+    assert m.extra["collective_bytes"] == {"all_reduce": 2 * 5 * 2 * 16 * 32 * 4 + 2 * 5 * 4}
 
 
 def test_tensor_parallel_composes_with_fsdp_on_a_two_dimensional_mesh():

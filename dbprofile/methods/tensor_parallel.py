@@ -25,6 +25,7 @@ import torch
 from torch import nn
 
 from dbprofile.spec import ModelSpec, SpecError, get_layers
+from dbprofile.torch_internals import dtensor_local
 
 COLWISE, ROWWISE = "colwise", "rowwise"
 
@@ -153,30 +154,34 @@ def meshes_of(params: list[nn.Parameter]) -> list:
     return found
 
 
-def clip_over_meshes(params: list[nn.Parameter], max_norm: float, foreach: bool) -> None:
+def clip_over_meshes(params: list[nn.Parameter], max_norm: float) -> None:
     """``clip_grad_norm_`` for gradients on several meshes (FSDP x TP: the TP-split weights live on the
     2-D mesh, the norms and embeddings on the data-parallel one), which one ``torch.stack`` of their
-    norms refuses. Each mesh's norm is made whole (``full_tensor``: an all-reduce), the total is the
-    norm of those, and every gradient is scaled by it, as torchtitan's ``clip_grad_norm_`` does."""
+    norms refuses (and TP alone: split weights as DTensors beside plain norms). Each gradient's norm is
+    made whole (``full_tensor``: an all-reduce of one number), the total is the norm of those, and
+    every local shard is scaled by the same factor, as torchtitan's ``clip_grad_norm_`` does for
+    several meshes. Parameter by parameter, in the model's order, not grouped by mesh: each layer then
+    adds the same ops at the same place in the step, which the planner's depth extrapolation needs
+    (grouped by mesh, the optimizer phase was two growing runs and never extrapolated)."""
     from torch.distributed.tensor import DTensor
 
     grads = [p.grad for p in params if p.grad is not None]
-    groups: dict[int, list[torch.Tensor]] = {}
-    for g in grads:
-        key = id(g.device_mesh) if isinstance(g, DTensor) else 0
-        groups.setdefault(key, []).append(g)
     norms = []
-    # DTensor warns that a norm Partial over both mesh dimensions takes two all-reduces; for one scalar
-    # per mesh that is the right trade, and the warning would repeat on every step of every rank.
+    # DTensor warns that a norm Partial over both mesh dimensions takes two all-reduces; for one number
+    # that is the right trade, and the warning would repeat for every parameter on every rank.
     quiet = logging.getLogger("torch.distributed.tensor._redistribute")
     level = quiet.level
     quiet.setLevel(logging.ERROR)
     try:
-        for group in groups.values():
-            norm = torch.nn.utils.get_total_norm(group, 2.0, foreach=foreach)
+        for g in grads:
+            norm = torch.linalg.vector_norm(g, 2.0)
             norms.append(norm.full_tensor() if isinstance(norm, DTensor) else norm)
     finally:
         quiet.setLevel(level)
+    if not norms:
+        return
     total = torch.linalg.vector_norm(torch.stack(norms))
-    for group in groups.values():
-        torch.nn.utils.clip_grads_with_norm_(group, max_norm, total, foreach=foreach)
+    factor = torch.clamp(max_norm / (total + 1e-6), max=1.0)
+    with torch.no_grad():
+        for g in grads:
+            dtensor_local(g).mul_(factor)
