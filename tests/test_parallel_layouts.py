@@ -127,6 +127,8 @@ def test_a_pipeline_plan_gives_each_stage_and_block_parallel_beside_it():
         (["--pp", "4", "--world-size", "4"], ["needs at least 4 residual layers", "has 2"]),
         (["--tp", "2", "--pp", "2", "--world-size", "4"], ["not planned yet"]),
         (["--tp", "2", "--world-size", "2", "-t", "offload"], ["offload with tensor parallelism"]),
+        (["--pp", "2", "--world-size", "2", "--micro-batches", "3"], ["cannot be split into 3"]),
+        (["--tp", "0"], ["--tp must be a positive integer"]),
     ],
 )
 def test_bad_layouts_are_refused_in_one_paragraph(args, fragments):

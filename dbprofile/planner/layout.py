@@ -27,7 +27,9 @@ PIPELINED_KINDS = ("e2e", "ckpt", "sac")
 """Techniques whose layers a pipeline splits into stages (DiffusionBlocks is compared block-parallel)."""
 
 
-def check_layout(world_size: int, tp: int, pp: int, schedule: str, micro_batches: int | None) -> None:
+def check_layout(
+    world_size: int, tp: int, pp: int, schedule: str, micro_batches: int | None, batch_size: int = 1
+) -> None:
     """The mesh and schedule, each refused in one paragraph naming it (exit 2 in the CLI)."""
     from dbprofile.measure.distributed.mesh import check_mesh
 
@@ -36,6 +38,11 @@ def check_layout(world_size: int, tp: int, pp: int, schedule: str, micro_batches
         raise SpecError(f"The pipeline schedule must be one of {', '.join(SCHEDULES)}; got {schedule!r}.")
     if micro_batches is not None and (isinstance(micro_batches, bool) or micro_batches < 1):
         raise SpecError(f"--micro-batches must be a positive integer; got {micro_batches!r}.")
+    if pp > 1 and batch_size % (micro_batches or batch_size):
+        raise SpecError(
+            f"The batch of {batch_size} cannot be split into {micro_batches} equal micro-batches (--micro-batches); "
+            f"pass a divisor of {batch_size}."
+        )
     if tp > 1 and pp > 1:
         raise SpecError(
             f"Tensor and pipeline parallelism together (--tp {tp} --pp {pp}) are not planned yet: a pipeline "
@@ -149,11 +156,6 @@ def _before_and_boundary(spec: ModelSpec, micro_batch_size: int) -> tuple[int, i
 def plan_pipeline(planner: Any, plan: Any, pp: int, schedule: str, micro_batches: int | None) -> dict[str, Any]:
     """Every pipelined technique's stages (``summary``), and ``db:P+parallel``'s figures beside them."""
     m_count = micro_batches or plan.batch_size  # torchtitan's default: micro-batches of one sample
-    if plan.batch_size % m_count:
-        raise SpecError(
-            f"The batch of {plan.batch_size} cannot be split into {m_count} equal micro-batches (--micro-batches); "
-            f"pass a divisor of {plan.batch_size}."
-        )
     micro = plan.batch_size // m_count
     dp = plan.world_size // pp
     unit = max(max(planner.facts.layer_bytes), planner.facts.rest_bytes)

@@ -174,7 +174,7 @@ def plan(
     started = time.perf_counter()
     spec = load_spec(spec) if not isinstance(spec, ModelSpec) else spec
     check_arguments(batch_size, world_size, min_micro_batch, zero_stage)
-    check_layout(world_size, tp, pp, schedule, pp_micro_batches)
+    check_layout(world_size, tp, pp, schedule, pp_micro_batches, batch_size)
     target = resolve_target(device)
     optimizer = target_optimizer(optimizer, target)
     # The same checks as a run's (loss, build, hidden width); db:B's own need for residual layers
