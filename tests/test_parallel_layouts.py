@@ -83,11 +83,18 @@ def test_real_tensor_parallel_ranks_match_the_simulated_rank_to_the_byte(tp_run,
     rows = [m for m in tp_run.measurements if m.technique == technique]
     assert [m.extra["rank"] for m in rows] == [0, 1]
     sim = simulate_rank(tiny_llama(), technique, 2, 2, tp=2, fsdp=False)
+    # gloo completes an all-reduce on its own thread and drops its buffer when the work object goes; on a
+    # loaded machine one (2, 16, 32) fp32 buffer was once still held at the peak (as FSDP's +512 B in
+    # docs/distributed.md): allowed in `communication` and the peak, every other share to the byte.
+    late = 2 * 16 * 32 * 4
     for m in rows:
         assert m.ok, m.error
         assert m.extra["tp"] == 2
-        assert m.shares == sim.shares
-        assert m.peak_bytes == sim.peak_bytes
+        assert {k: v for k, v in m.shares.items() if k != "communication"} == {
+            k: v for k, v in sim.shares.items() if k != "communication"
+        }
+        assert m.shares["communication"] - sim.shares["communication"] in (0, late)
+        assert m.peak_bytes - sim.peak_bytes in (0, late)
         assert m.extra["collective_bytes"] == sim.extra["collective_bytes"]
 
 
