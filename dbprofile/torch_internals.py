@@ -48,6 +48,7 @@ __all__ = [
     "stop_cuda_memory_history",
     "dump_cuda_memory_snapshot",
     "outside_fake_mode",
+    "device_meshes_outside_fake_mode",
     "sdpa_flop_count",
     "sdpa_backward_flop_count",
     "flop_registry",
@@ -114,6 +115,31 @@ def outside_fake_mode() -> Iterator[None]:
 
     with unset_fake_temporarily():
         yield
+
+
+@contextlib.contextmanager
+def device_meshes_outside_fake_mode() -> Iterator[None]:
+    """Let FSDP2 compose with tensor parallelism on fake tensors. ``fully_shard`` of a parameter that
+    is already a DTensor on a TP mesh joins the two meshes with the private
+    ``DeviceMesh._concatenate``, which builds a ``DeviceMesh`` and finds this rank's coordinates with
+    ``(mesh == rank).nonzero()``; under FakeTensorMode that mesh tensor is fake and ``nonzero`` has no
+    fake shape (DynamicOutputShapeException), though it is only bookkeeping of rank numbers. Inside
+    this context the concatenation runs with fake mode suspended (the mesh is made of real ints, as
+    ``init_device_mesh`` outside fake mode makes it); everything else stays fake."""
+    from torch.distributed.device_mesh import DeviceMesh
+
+    original = DeviceMesh.__dict__["_concatenate"]
+    concatenate = original.__func__
+
+    def outside(meshes: list[DeviceMesh]) -> DeviceMesh:
+        with outside_fake_mode():
+            return concatenate(meshes)
+
+    DeviceMesh._concatenate = staticmethod(outside)  # type: ignore[method-assign, assignment]
+    try:
+        yield
+    finally:
+        DeviceMesh._concatenate = original  # type: ignore[method-assign]
 
 
 def profiler_allocations(prof: torch.profiler.profile) -> list[tuple[int, int]]:

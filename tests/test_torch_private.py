@@ -162,3 +162,33 @@ def test_function_modes_lists_the_active_torch_function_modes():
     assert mode not in private.function_modes()
     with mode:
         assert private.function_modes()[-1] is mode
+
+
+def test_fsdp_over_tensor_parallel_on_fake_tensors_needs_the_mesh_concatenation_outside_fake_mode():
+    """FSDP2 of a TP DTensor parameter joins the meshes with DeviceMesh._concatenate, whose rank lookup
+    (``nonzero``) has no fake shape; torch_internals.device_meshes_outside_fake_mode lets it run."""
+    import torch.distributed as dist
+    from torch import nn
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard
+    from torch.distributed.tensor.parallel import ColwiseParallel, parallelize_module
+
+    from dbprofile.measure.fake import fake_mode
+    from dbprofile.torch_internals import device_meshes_outside_fake_mode
+
+    dist.init_process_group("fake", store=dist.HashStore(), rank=0, world_size=4)
+    try:
+        mesh = init_device_mesh("cpu", (2, 2), mesh_dim_names=("dp", "tp"))
+        with fake_mode():
+            for works in (False, True):
+                layer = nn.Linear(8, 8)
+                parallelize_module(layer, mesh["tp"], ColwiseParallel())
+                if not works:
+                    with pytest.raises(Exception, match="nonzero"):
+                        fully_shard(layer, mesh=mesh["dp"])
+                    continue
+                with device_meshes_outside_fake_mode():
+                    fully_shard(layer, mesh=mesh["dp"])
+                assert layer.weight.to_local().shape == (2, 8)
+    finally:
+        dist.destroy_process_group()

@@ -60,6 +60,35 @@ from dbprofile.console import Output
     show_default=True,
     help="Devices available: the state is sharded over them (--zero), or db:B+parallel uses B of them.",
 )
+@click.option(
+    "--tp",
+    type=int,
+    default=1,
+    show_default=True,
+    help="Tensor-parallel degree: each layer's attention and MLP split over this many devices (a "
+    "world-size/tp x tp mesh; --zero 3 adds FSDP over the first dimension).",
+)
+@click.option(
+    "--pp",
+    type=int,
+    default=1,
+    show_default=True,
+    help="Pipeline stages of contiguous layers, planned beside db:PP+parallel on the same devices.",
+)
+@click.option(
+    "--schedule",
+    type=click.Choice(["1f1b", "gpipe"]),
+    default="1f1b",
+    show_default=True,
+    help="Pipeline schedule (with --pp): how many micro-batches each stage keeps in flight.",
+)
+@click.option(
+    "--micro-batches",
+    "pp_micro_batches",
+    type=int,
+    default=None,
+    help="Pipeline micro-batches per batch (with --pp; default: the batch size, micro-batches of one sample).",
+)
 @click.option("--from-checkpoint", is_flag=True, help=FROM_CHECKPOINT_HELP)
 @click.option(
     "--min-micro-batch",
@@ -93,6 +122,10 @@ def plan(
     optimizer,
     zero_stage,
     world_size,
+    tp,
+    pp,
+    schedule,
+    pp_micro_batches,
     from_checkpoint,
     min_micro_batch,
     html,
@@ -114,6 +147,7 @@ def plan(
     from dbprofile.planner import plan as make_plan
     from dbprofile.report.experts import experts_summary, moe_memory
     from dbprofile.report.notebook import render_plan_page
+    from dbprofile.report.parallel_text import format_layout
     from dbprofile.report.text import format_plan
     from dbprofile.verdict.evidence import DB_NOT_APPLICABLE
 
@@ -142,6 +176,10 @@ def plan(
                 full_trace=full_trace,
                 from_checkpoint=from_checkpoint,
                 min_micro_batch=min_micro_batch,
+                tp=tp,
+                pp=pp,
+                schedule=schedule,
+                pp_micro_batches=pp_micro_batches,
             )
         if result.model_info.get(DB_NOT_APPLICABLE):
             console.info(f"skipping DiffusionBlocks: {result.model_info[DB_NOT_APPLICABLE]}")
@@ -154,6 +192,8 @@ def plan(
         if swept:
             console.text(f"{swept} = {shape_value(spec, swept)}:")
         console.text(format_plan(result))
+        if layout := format_layout(result):
+            console.text(layout)
         files = {}
         if html_paths:
             path = html_paths[index]

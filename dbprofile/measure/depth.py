@@ -311,6 +311,8 @@ def simulate_fake(
     precision: str = "fp32",
     optimizer: str = "adamw",
     round_to: int | None = None,
+    tp: int = 1,
+    fsdp: bool = True,
 ) -> Measurement:
     """dbprofile.measure.distributed.simulate_rank (one FSDP rank, or every block-parallel rank) at the
     model's full depth, extrapolated from shallow traces where exact; the worst rank, with each
@@ -322,7 +324,15 @@ def simulate_fake(
             return [
                 (
                     simulate_rank(
-                        spec, name, batch_size, world_size, precision=precision, optimizer=optimizer, round_to=round_to
+                        spec,
+                        name,
+                        batch_size,
+                        world_size,
+                        precision=precision,
+                        optimizer=optimizer,
+                        round_to=round_to,
+                        tp=tp,
+                        fsdp=fsdp,
                     ),
                     {},
                 )
@@ -337,6 +347,8 @@ def simulate_fake(
             optimizer=optimizer,
             round_to=round_to,
             per_rank=rows,
+            tp=tp,
+            fsdp=fsdp,
         )
         for m, _ in rows:
             m.extra.pop("rank_peaks", None)  # set on that depth's worst rank only; recomputed below

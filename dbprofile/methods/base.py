@@ -54,6 +54,11 @@ def clip_gradients(params: list[nn.Parameter], optimizer_name: str) -> None:
     for-loop with a loop optimizer, foreach otherwise (PyTorch's default for clipping on CUDA and the
     CPU; a fused optimizer has no fused clipping, so its users clip with foreach)."""
     _, implementation = optimizer_parts(optimizer_name)
+    from dbprofile.methods.tensor_parallel import clip_over_meshes, meshes_of
+
+    if len(meshes_of(params)) > 1:  # FSDP x TP: one clipping over gradients on two meshes
+        clip_over_meshes(params, GRAD_CLIP_NORM)
+        return
     torch.nn.utils.clip_grad_norm_(params, GRAD_CLIP_NORM, foreach=implementation != "loop")
 
 

@@ -39,9 +39,10 @@ from dbprofile.methods.base import (
 )
 from dbprofile.methods.checkpointing import CheckpointedSegment
 from dbprofile.methods.factory import make_trainer
+from dbprofile.methods.tensor_parallel import parallelize_layers
 from dbprofile.spec import Batch, ModelSpec, SpecError, get_layers
 from dbprofile.techniques import Technique, check_technique_fits
-from dbprofile.torch_internals import dtensor_local, is_fake
+from dbprofile.torch_internals import device_meshes_outside_fake_mode, dtensor_local, is_fake
 
 SHARDING_FSDP = "zero-3"
 SHARDING_BLOCK_PARALLEL = "block-parallel"
@@ -243,11 +244,21 @@ def make_distributed_trainer(
     precision: str = "fp32",
     optimizer: str = "adamw",
     mesh=None,
+    tp_mesh=None,
 ):
-    """A ready trainer for this rank: block-parallel, FSDP-sharded, or the technique as on one device."""
+    """A ready trainer for this rank: block-parallel, FSDP-sharded, or the technique as on one device;
+    with ``tp_mesh`` (a 1-D DeviceMesh of the tensor-parallel group) its layers are first split by
+    tensor parallelism (dbprofile.methods.tensor_parallel), then FSDP shards over ``mesh`` (the
+    data-parallel dimension): the 2-D FSDP x TP layout."""
     if dtech.parallel:
         return make_block_parallel_trainer(dtech.on_one_device(), spec, device, rank, precision, optimizer)
     trainer = make_trainer(dtech.on_one_device(), spec, device, precision=precision, optimizer=optimizer)
+    if tp_mesh is not None and tp_mesh.size() > 1:
+        lr = trainer.optimizer.param_groups[0]["lr"] if trainer.optimizer.param_groups else 1e-3
+        parallelize_layers(residual_layers(trainer, spec), tp_mesh)
+        if not fsdp:
+            _replace_optimizer(trainer, make_optimizer(trainer.optimizer_name, trainer.trainable_parameters(), lr=lr))
     if fsdp:
-        shard_trainer(trainer, spec, mesh=mesh)
+        with device_meshes_outside_fake_mode():
+            shard_trainer(trainer, spec, mesh=mesh)
     return trainer

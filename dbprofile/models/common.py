@@ -127,21 +127,31 @@ class SelfAttention(nn.Module):
         self.qkv = nn.Linear(hidden_size, (num_heads + 2 * self.num_kv_heads) * self.head_dim, bias=bias)
         self.proj = nn.Linear(num_heads * self.head_dim, hidden_size, bias=bias)
 
+    def local_heads(self, width: int) -> tuple[int, int]:
+        """(query heads, key/value heads) that a qkv output ``width`` wide holds: all of them, or a
+        tensor-parallel rank's share (``num_heads / N`` and ``num_kv_heads / N``)."""
+        full = (self.num_heads + 2 * self.num_kv_heads) * self.head_dim
+        return self.num_heads * width // full, self.num_kv_heads * width // full
+
     def forward(
         self, x: torch.Tensor, attn_mask: torch.Tensor | None = None, positions: torch.Tensor | None = None
     ) -> torch.Tensor:
         n, t, _ = x.shape
-        q_size, kv_size = self.num_heads * self.head_dim, self.num_kv_heads * self.head_dim
-        q, k, v = self.qkv(x).split([q_size, kv_size, kv_size], dim=-1)
-        q = q.view(n, t, self.num_heads, self.head_dim).transpose(1, 2)
-        k = k.view(n, t, self.num_kv_heads, self.head_dim).transpose(1, 2)
-        v = v.view(n, t, self.num_kv_heads, self.head_dim).transpose(1, 2)
+        qkv = self.qkv(x)
+        # Under tensor parallelism a rank's qkv computes 1/N of the heads (its rows laid out [q | k | v]:
+        # dbprofile.methods.tensor_parallel), so the head counts are read from the output's width.
+        heads, kv_heads = self.local_heads(qkv.shape[-1])
+        q_size, kv_size = heads * self.head_dim, kv_heads * self.head_dim
+        q, k, v = qkv.split([q_size, kv_size, kv_size], dim=-1)
+        q = q.view(n, t, heads, self.head_dim).transpose(1, 2)
+        k = k.view(n, t, kv_heads, self.head_dim).transpose(1, 2)
+        v = v.view(n, t, kv_heads, self.head_dim).transpose(1, 2)
         if self.rotary is not None:
             cos, sin = self.rotary(q, t)
             if positions is not None:  # ids below t: gather each token's row of the table
                 cos, sin = cos[positions], sin[positions]
             q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
-        grouped = self.num_kv_heads != self.num_heads
+        grouped = kv_heads != heads
         extra: dict[str, Any] = {"enable_gqa": True} if grouped else {}
         if self.dropout and self.training:
             extra["dropout_p"] = self.dropout

@@ -15,6 +15,7 @@ from dbprofile.methods.sharding import SHARDING_BLOCK_PARALLEL, SHARDING_FSDP
 from dbprofile.planner.accumulation import plan_accumulation
 from dbprofile.planner.fit import entry_corrections, find_max_batch, set_fit
 from dbprofile.planner.targets import ASSUMED_UTILISATION, Target, time_per_million_samples
+from dbprofile.planner.tensor_parallel import communication, group_sizes, simulated_world, tp_shares
 from dbprofile.planner.transfer import estimate_link_time
 from dbprofile.planner.zero import ModelFacts, block_parallel, shard_zero
 from dbprofile.results import Measurement, PlanEntry, per_sample
@@ -54,6 +55,8 @@ class EntryPlanner:
     peak_flops: int | None
     measure_fn: MeasureFn | None = None
     """A stand-in for the fake runs (tests): called as dbprofile.measure.runner.measure is."""
+    tp: int = 1
+    """Tensor-parallel degree (dbprofile.planner.tensor_parallel): > 1 simulates a rank of the TP layout."""
     runs: dict[tuple[str, int, int], Measurement] = field(default_factory=dict)
     simulated: dict[tuple[str, int], Measurement] = field(default_factory=dict)
 
@@ -105,7 +108,7 @@ class EntryPlanner:
         fake process group (dbprofile.measure.distributed.simulate_rank), instead of sharding the
         one-device shares by formula. None (the formula is used) with a stand-in measure_fn, or inside a
         process group of this process's own."""
-        if self.measure_fn is not None or not (parallel or self.zero_stage == 3):
+        if self.measure_fn is not None or not (parallel or self.zero_stage == 3 or self.tp > 1):
             return None
         import torch.distributed as dist
 
@@ -116,6 +119,9 @@ class EntryPlanner:
             progress.stage(f"planning {name} at batch {b}: one rank simulated on fake tensors")
             from dbprofile.measure.depth import simulate_fake
 
+            world, fsdp = (
+                ((tech.blocks or 1), False) if parallel else simulated_world(self.zero_stage, self.world_size, self.tp)
+            )
             self.simulated[key] = recorded(
                 name,
                 b,
@@ -124,7 +130,7 @@ class EntryPlanner:
                     name,
                     tech,
                     b,
-                    (tech.blocks or 1) if parallel else self.world_size,
+                    world,
                     layers=self.facts.num_layers,
                     not_identical=self.facts.not_identical,
                     parallel=parallel,
@@ -133,6 +139,8 @@ class EntryPlanner:
                     precision=self.precision,
                     optimizer=self.optimizer,
                     round_to=self.round_to,
+                    tp=1 if parallel else self.tp,
+                    fsdp=fsdp,
                 ),
             )
         return self.simulated[key]
@@ -160,6 +168,14 @@ class EntryPlanner:
             m.extra.get("rank_step_flops") or [blk.step_flops for blk in m.blocks if blk.step_flops is not None]
         )
         entry.shares = {c: int(v) for c, v in self._shares(entry, m, sim, tech, parallel).items()}
+        if sim is not None:
+            sizes = group_sizes(tech.blocks if parallel else None, self.zero_stage, self.world_size, self.tp)
+            replica_grads = sim.shares.get("parameters", 0) if self.zero_stage < 3 and not parallel else 0
+            entry.extra["communication"] = communication(m.extra, sizes, replica_grads)
+            if self.tp > 1 and not parallel and entry.training_flops is not None:
+                # The simulated rank computed 1/tp of each layer (and all of the replicated rest): its TP
+                # group's work on the batch is tp times that.
+                entry.training_flops *= self.tp
         entry.tracked_peak_bytes = sum(entry.shares.values())
         entry.corrections = entry_corrections(entry, self.target)
         entry.peak_bytes = entry.tracked_peak_bytes + sum(entry.corrections.values())
@@ -171,7 +187,13 @@ class EntryPlanner:
         self, entry: PlanEntry, m: Measurement, sim: Measurement | None, tech: Technique, parallel: bool
     ) -> dict[str, int]:
         """Per-device shares (every category), setting the entry's world size and sharding."""
-        if sim is not None:  # already one rank's shares
+        if sim is not None and not parallel and self.tp > 1:  # one rank of a TP group (x FSDP at ZeRO-3)
+            unit = max(max(self.facts.layer_bytes), self.facts.rest_bytes)
+            shares = tp_shares(sim.shares, self.zero_stage, self.world_size, self.tp, unit, m.peak_phase)
+            entry.world_size, entry.tensor_parallel = self.world_size, self.tp
+            entry.sharding = f"zero-{self.zero_stage}" if self.zero_stage else "none"
+            entry.extra["sharding_model"] = "simulated"
+        elif sim is not None:  # already one rank's shares
             shares = dict(sim.shares)
             entry.world_size = (tech.blocks or 1) if parallel else self.world_size
             entry.sharding = SHARDING_BLOCK_PARALLEL if parallel else SHARDING_FSDP

@@ -11,6 +11,7 @@ from dbprofile.gpus import (
 from dbprofile.loading import checked_spec, load_spec
 from dbprofile.measure.tracking import CUDA_BLOCK_BYTES  # the allocator's 512-byte blocks, one definition
 from dbprofile.planner.entries import EntryPlanner, MeasureFn
+from dbprofile.planner.layout import check_layout, layout_techniques, plan_pipeline
 from dbprofile.planner.targets import (
     ASSUMED_UTILISATION,
     UNKNOWN_GPU_COMPUTE_CAPABILITY,
@@ -143,6 +144,10 @@ def plan(
     full_trace: bool = False,
     from_checkpoint: bool = False,
     min_micro_batch: int = 1,
+    tp: int = 1,
+    pp: int = 1,
+    schedule: str = "1f1b",
+    pp_micro_batches: int | None = None,
 ) -> Plan:
     """Predict, per technique, the peak per device, its shares, whether it fits ``device`` and the
     largest batch size that does. Fake-tensor runs only: no GPU and almost no memory needed.
@@ -162,10 +167,14 @@ def plan(
     then rules DiffusionBlocks out: it trains from scratch); the default is training from scratch.
     Each entry carries its training FLOPs per sample (counted on the same fake step as its memory)
     and, for a GPU with a known peak, an estimated time per million samples at ASSUMED_UTILISATION.
+    ``tp``: tensor parallelism over a (world_size / tp) x tp mesh (dbprofile.planner.tensor_parallel);
+    ``pp``: pipeline stages, with ``schedule`` ('1f1b' or 'gpipe') and ``pp_micro_batches`` micro-batches
+    per batch (default 2 x pp), planned beside db:pp+parallel (dbprofile.planner.pipeline).
     """
     started = time.perf_counter()
     spec = load_spec(spec) if not isinstance(spec, ModelSpec) else spec
     check_arguments(batch_size, world_size, min_micro_batch, zero_stage)
+    check_layout(world_size, tp, pp, schedule, pp_micro_batches, batch_size)
     target = resolve_target(device)
     optimizer = target_optimizer(optimizer, target)
     # The same checks as a run's (loss, build, hidden width); db:B's own need for residual layers
@@ -175,6 +184,7 @@ def plan(
     facts = model_facts(spec)
     full_trace, full_trace_reason = depth_path(target, facts, full_trace)
     wanted = parse_requested(techniques, world_size, facts.num_layers, zero_stage)
+    wanted = layout_techniques(wanted, techniques is None, tp, pp, facts.num_layers, spec)
     if zero_stage == 3 and any(tech.kind == "offload" for _, tech, _ in wanted):
         raise SpecError(
             "Technique 'offload' copies each layer's saved tensors to host memory, and under ZeRO-3 / FSDP a layer "
@@ -196,6 +206,7 @@ def plan(
         capability=target.compute_capability or UNKNOWN_GPU_COMPUTE_CAPABILITY,
         peak_flops=peak_flops,
         measure_fn=measure_fn,
+        tp=tp,
     )
     # As in a run, the default set leaves DiffusionBlocks out where it cannot train the model (layers
     # not residual here; a convention its fake step refuses below) and the verdict says why.
@@ -241,9 +252,15 @@ def plan(
         peak_flops=peak_flops,
         peak_flops_source=target.gpu.flops_source if target.gpu is not None else None,
         utilisation=ASSUMED_UTILISATION,
+        tensor_parallel=tp,
     )
+    if pp > 1:
+        result.pipeline = plan_pipeline(planner, result, pp, schedule, pp_micro_batches)
     from dbprofile.verdict import judge
+    from dbprofile.verdict.layouts import reason_pipeline
 
     result.verdict = judge(result)
+    if result.pipeline and (said := reason_pipeline(result.pipeline)) is not None:
+        result.verdict.reasons.append(said)
     result.elapsed_s = time.perf_counter() - started
     return result

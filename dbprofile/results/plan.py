@@ -52,6 +52,8 @@ class PlanEntry:
     """Devices this configuration uses."""
     sharding: str = "none"
     """none | zero-1 | zero-2 | zero-3 | block-parallel."""
+    tensor_parallel: int = 1
+    """Devices each layer is split over by tensor parallelism (1: none); world_size counts them all."""
     linear_fit: dict[str, Any] = field(default_factory=dict)
     """The batch-size model peak(b) = fixed_bytes + per_sample_bytes * b and the points it came from."""
     extra: dict[str, Any] = field(default_factory=dict)
@@ -119,6 +121,11 @@ class Plan:
     """The share of peak_flops assumed for time estimates (dbprofile.planner.ASSUMED_UTILISATION)."""
     min_micro_batch: int = 1
     """The smallest micro-batch gradient accumulation was allowed (plan(min_micro_batch=...))."""
+    tensor_parallel: int = 1
+    """The tensor-parallel degree asked for (--tp): the world is a (world_size / tp) x tp mesh."""
+    pipeline: dict[str, Any] = field(default_factory=dict)
+    """Pipeline parallelism (--pp, dbprofile.planner.pipeline): the stages, schedule, in-flight
+    micro-batches and bubble of each planned technique, and the block-parallel comparison; empty without."""
 
     def get(self, technique: str) -> PlanEntry | None:
         for entry in self.entries:

@@ -78,7 +78,7 @@ def launch_command(nproc: int, argv: Sequence[str]) -> str:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """``python -m dbprofile.measure.distributed MODEL -t TECHS -b N [--fsdp] [--out F]``: the
+    """``python -m dbprofile.measure.distributed MODEL -t TECHS -b N [--fsdp] [--tp N] [--out F]``: the
     worker entry without the CLI (tests, benchmarks); rank 0 writes the JSON, nothing is printed."""
     import argparse
 
@@ -87,6 +87,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("-t", "--techniques", required=True)
     parser.add_argument("-b", "--batch-size", type=int, default=8)
     parser.add_argument("--fsdp", action="store_true")
+    parser.add_argument("--tp", type=int, default=1)
     parser.add_argument("--device", default=None)
     parser.add_argument("--steps", type=int, default=1)
     parser.add_argument("--out", default=None)
@@ -102,6 +103,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             steps=args.steps,
             out=args.out,
             timeout_s=args.timeout,
+            tp=args.tp,
         )
     except SpecError as err:
         sys.stderr.write(f"error: {err}\n")

@@ -13,7 +13,7 @@ import time
 from collections.abc import Sequence
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import torch
 import torch.distributed as dist
@@ -22,6 +22,7 @@ from dbprofile import progress
 from dbprofile.loading import load_spec
 from dbprofile.measure import device as devices
 from dbprofile.measure.distributed.group import DEFAULT_TIMEOUT_S, init_process_group
+from dbprofile.measure.distributed.mesh import check_mesh, make_meshes
 from dbprofile.measure.distributed.tracker import ShardedTracker
 from dbprofile.measure.failures import free_memory, record_failure
 from dbprofile.measure.fake import fake_mode
@@ -33,6 +34,7 @@ from dbprofile.methods.sharding import (
     check_distributed,
     make_distributed_trainer,
 )
+from dbprofile.methods.tensor_parallel import check_tensor_parallel
 from dbprofile.results import Measurement, RunResult, model_info_of
 from dbprofile.settings import RunSettings
 from dbprofile.spec import ModelSpec, SpecError, get_layers
@@ -59,6 +61,7 @@ def measure_rank(
     fsdp: bool,
     settings: RunSettings,
     results_group=None,
+    meshes: tuple = (None, None),
 ) -> Measurement:
     """This rank's measurement of one technique; every rank calls it with the same arguments.
 
@@ -75,12 +78,24 @@ def measure_rank(
         device=str(dev),
         extra={"rank": rank, "world_size": world, "sharding": _sharding(dtech, fsdp)},
     )
+    if meshes[1] is not None:
+        m.extra["tp"] = meshes[1].size()
     built_trainers = []
     try:
         torch.manual_seed(SEED)
         start = time.perf_counter()
         built_trainers.append(
-            make_distributed_trainer(dtech, spec, dev, rank, fsdp, precision=precision, optimizer=optimizer)
+            make_distributed_trainer(
+                dtech,
+                spec,
+                dev,
+                rank,
+                fsdp,
+                precision=precision,
+                optimizer=optimizer,
+                mesh=meshes[0],
+                tp_mesh=meshes[1],
+            )
         )
         build_s = time.perf_counter() - start
     except Exception as err:  # noqa: BLE001 - reported as this rank's row
@@ -94,6 +109,7 @@ def measure_rank(
             m.status, m.error = "error", f"not measured: rank {r} failed to build its trainer ({e})"
             m.extra["not_measured"] = True
         return m
+    made: list[ShardedTracker] = []
     try:
         # The protocol takes the built trainer (the list's only reference, so it is freed after).
         measure_into(
@@ -104,9 +120,10 @@ def measure_rank(
             dataclasses.replace(settings, fake=False),
             dev=dev,
             trainer_factory=built_trainers.pop,
-            tracker_cls=ShardedTracker,
+            tracker_cls=counting_tracker(made),
             adaptive_timing=False,
         )  # every rank must run the same steps (collectives)
+        m.extra["collective_bytes"] = dict(made[-1].collective_bytes)
         m.extra["timing"]["build_s"] = build_s
     except SpecError:
         raise
@@ -123,21 +140,21 @@ def measure_rank(
 
 
 @contextlib.contextmanager
-def _fake_world(world_size: int):
+def _fake_world(world_size: int, tp: int = 1):
     """A process group of ``world_size`` ranks in which this process is rank 0 and every collective
-    is a no-op (PyTorch's ``fake`` backend): FSDP runs its real code without other processes."""
+    is a no-op (PyTorch's ``fake`` backend): FSDP runs its real code without other processes. Yields
+    the (data-parallel, tensor-parallel or None) meshes."""
     if dist.is_initialized():
         raise SpecError(
             "Simulating a sharded rank needs its own (fake) process group, but this process already belongs "
             "to one (it runs under torchrun). Plan outside torchrun, or measure with run_distributed."
         )
     import torch.distributed.fsdp  # noqa: F401 - importing FSDP registers the 'fake' backend
-    from torch.distributed.device_mesh import init_device_mesh
 
     dist.init_process_group("fake", store=dist.HashStore(), rank=0, world_size=world_size)
     try:
         # Made outside fake mode: the mesh's set-up reads real values.
-        yield init_device_mesh("cpu", (world_size,))
+        yield make_meshes("cpu", world_size, tp)
     finally:
         dist.destroy_process_group()
 
@@ -151,6 +168,7 @@ def simulate_rank(
     *,
     fsdp: bool = True,
     per_rank: list | None = None,
+    tp: int = 1,
     **setting_fields: Any,
 ) -> Measurement:
     """What one rank of a ``world_size``-rank run would track, from ONE process and no memory: the
@@ -160,7 +178,10 @@ def simulate_rank(
     rank 0 is the worst and stands for all. Block-parallel ranks differ where their blocks do: every
     rank holds the shared stem, head and sigma embedder and its own block's layers, so the first and
     last rank and one middle rank per block size are simulated (``representative_ranks``) and the worst
-    is returned, with each rank's peak in ``extra['rank_peaks']``.
+    is returned, with each rank's peak in ``extra['rank_peaks']``. ``tp`` > 1 splits every layer
+    over ``tp`` ranks by tensor parallelism (dbprofile.methods.tensor_parallel) on a (world_size / tp)
+    x tp mesh, FSDP sharding over the first dimension (when ``fsdp`` and it is over 1); TP ranks hold
+    equal slices, so rank 0 stands for all.
     ``per_rank``, a list, receives (measurement, tracked steps with every point kept) for each simulated
     rank (dbprofile.measure.depth extrapolates them to another depth). ``settings`` (fields by name
     replace it) as for dbprofile.measure.runner.measure; the simulation is always fake and one step.
@@ -171,15 +192,19 @@ def simulate_rank(
     spec = spec if isinstance(spec, ModelSpec) else load_spec(spec)
     dtech = parse_technique(technique)
     fsdp = fsdp and not dtech.parallel
+    dp = check_mesh(world_size, tp)
+    fsdp = fsdp and not (tp > 1 and dp == 1)
     with fake_mode():
         model = spec.build()
-        check_distributed(dtech, spec, model, world_size, fsdp)
+        check_distributed(dtech, spec, model, dp, fsdp)
+        check_tensor_parallel(spec, model, tp)
         layers = len(get_layers(model, spec.layers, spec.name))
     cpu = torch.device("cpu")
     stands_for = representative_ranks(layers, world_size) if dtech.parallel else [0]
     ranks = sorted(set(stands_for))
     rows = []
-    with _fake_world(world_size) as mesh:
+    made: list[ShardedTracker] = []
+    with _fake_world(world_size, tp) as (mesh, tp_mesh):
         for rank in ranks:
             m = Measurement(
                 technique=dtech.name,
@@ -188,7 +213,7 @@ def simulate_rank(
                 optimizer=optimizer,
                 device="cpu",
                 fake=True,
-                extra={"rank": rank, "world_size": world_size, "sharding": _sharding(dtech, fsdp)},
+                extra={"rank": rank, "world_size": world_size, "sharding": _sharding(dtech, fsdp), "tp": tp},
             )
             traces: dict | None = {} if per_rank is not None else None
             # The runner's protocol on fake tensors (it enters fake mode before calling the factory).
@@ -202,6 +227,7 @@ def simulate_rank(
                 precision=precision,
                 optimizer=optimizer,
                 mesh=mesh,
+                tp_mesh=tp_mesh,
             )
             measure_into(
                 m,
@@ -211,9 +237,11 @@ def simulate_rank(
                 settings,
                 dev=cpu,
                 trainer_factory=build,
-                tracker_cls=ShardedTracker,
+                tracker_cls=counting_tracker(made),
                 traces=traces,
             )
+            if made and m.ok:
+                m.extra["collective_bytes"] = dict(made[-1].collective_bytes)
             rows.append(m)
             if per_rank is not None:
                 per_rank.append((m, traces))
@@ -227,6 +255,17 @@ def simulate_rank(
         worst.extra["rank_step_flops"] = [flops[rank] for rank in stands_for]
         worst.training_flops = sum(worst.extra["rank_step_flops"])
     return worst
+
+
+def counting_tracker(made: list[ShardedTracker]) -> type[ShardedTracker]:
+    """A ShardedTracker factory that keeps each tracker it makes in ``made`` (its collective bytes are
+    read after the protocol ends)."""
+
+    def make(*args: Any, **kwargs: Any) -> ShardedTracker:
+        made.append(ShardedTracker(*args, **kwargs))
+        return made[-1]
+
+    return cast("type[ShardedTracker]", make)
 
 
 def representative_ranks(layers: int, blocks: int) -> list[int]:
@@ -253,6 +292,7 @@ def run_distributed(
     out: str | Path | None = None,
     command: str = "",
     timeout_s: float = DEFAULT_TIMEOUT_S,
+    tp: int = 1,
     **setting_fields: Any,
 ) -> RunResult | None:
     """Measure every technique (at every batch size, per rank) on every rank; rank 0 returns the
@@ -264,6 +304,8 @@ def run_distributed(
     (NCCL, one GPU per rank); by default CUDA when available. Bad input raises SpecError on every
     rank before anything runs. ``settings`` (fields by name replace it) as for
     dbprofile.measure.runner.run; its ``device`` is not used (``device`` picks the backend).
+    ``tp`` > 1 splits each layer over ``tp`` ranks by tensor parallelism on a (world / tp) x tp mesh
+    (FSDP, if asked, over the first dimension when it is over 1); e2e, ckpt, sac and db:B.
     """
     settings = RunSettings.of(settings, **setting_fields)
     spec = spec if isinstance(spec, ModelSpec) else load_spec(spec)
@@ -274,7 +316,7 @@ def run_distributed(
     sizes = [batch_size] if isinstance(batch_size, int) else list(batch_size)
     if not sizes or any(isinstance(b, bool) or not isinstance(b, int) or b < 1 for b in sizes):
         raise SpecError(f"batch_size must be a positive integer (or a list of them); got {batch_size!r}.")
-    if not fsdp and not any(d.parallel for d in dtechs):
+    if not fsdp and tp == 1 and not any(d.parallel for d in dtechs):
         raise SpecError(
             "run_distributed measures sharded or block-parallel training: pass fsdp=True (--fsdp), "
             "or a db:B+parallel technique; for one device use dbprofile.measure.runner.run."
@@ -294,6 +336,7 @@ def run_distributed(
             out=out,
             command=command,
             timeout_s=timeout_s,
+            tp=tp,
         )
     finally:
         # A group this call made is this call's to close (torchrun's processes then exit cleanly).
@@ -314,18 +357,23 @@ def _run_ranks(
     out: str | Path | None,
     command: str,
     timeout_s: float,
+    tp: int = 1,
 ) -> RunResult | None:
+    dp = check_mesh(world, tp)
+    fsdp = fsdp and dp > 1
     with fake_mode():  # shape checks only: no memory
         model = spec.build()
         for d in dtechs:
-            check_distributed(d, spec, model, world, fsdp and not d.parallel)
+            check_distributed(d, spec, model, dp, fsdp and not d.parallel)
+        check_tensor_parallel(spec, model, tp)
         num_layers = len(get_layers(model, spec.layers, spec.name))
         del model
     results_group = dist.new_group(backend="gloo", timeout=timedelta(seconds=timeout_s + RESULTS_GRACE_S))
+    meshes = make_meshes(dev.type, world, tp) if tp > 1 else (None, None)
     result = None
     if rank == 0:
         env = devices.environment(dev)
-        env.update(world_size=world, backend=dist.get_backend(), fsdp=fsdp)
+        env.update(world_size=world, backend=dist.get_backend(), fsdp=fsdp, tp=tp)
         result = RunResult(
             model=spec.name,
             model_info=model_info_of(spec, num_layers),
@@ -336,7 +384,16 @@ def _run_ranks(
     stopped: str | None = None
     for batch_size, d in [(b, d) for b in sizes for d in dtechs]:
         if stopped is None:
-            m = measure_rank(spec, d, batch_size, dev, fsdp and not d.parallel, settings, results_group)
+            m = measure_rank(
+                spec,
+                d,
+                batch_size,
+                dev,
+                fsdp and not d.parallel,
+                settings,
+                results_group,
+                (None, None) if d.parallel else meshes,
+            )
         else:
             m = Measurement.failed(
                 d.name,

@@ -1,6 +1,7 @@
 """The tracker for DTensors and FSDP: each rank's local shards of parameters, gradients and
-optimizer state, and FSDP's collective buffers as ``communication`` (the ``FSDP::all_gather*``
-and ``FSDP::post_backward_reduce`` regions FSDP marks with ``record_function``). FSDP frees and
+optimizer state, and collective buffers as ``communication``: FSDP's (the ``FSDP::all_gather*``
+and ``FSDP::post_backward_reduce`` regions FSDP marks with ``record_function``) and the outputs of
+DTensor's functional collectives (tensor parallelism's all-reduces). FSDP frees and
 re-allocates unsharded parameters with ``UntypedStorage.resize_``, which no dispatch mode sees;
 like PyTorch's own ``torch.distributed._tools.mem_tracker.MemTracker``, the tracker wraps
 ``resize_`` while it is active so those bytes come and go at the right instant."""
@@ -34,6 +35,25 @@ _RF_ENTER = "profiler._record_function_enter_new"
 _RF_EXIT = "profiler._record_function_exit"
 
 
+_FUNCTIONAL_COLLECTIVES = frozenset(
+    f"_c10d_functional.{name}"
+    for name in ("all_reduce", "all_gather_into_tensor", "reduce_scatter_tensor", "all_to_all_single")
+)
+
+
+_COLLECTIVE_PREFIXES = ("c10d.", "_c10d_functional.")
+
+
+def _collective_kind(packet: str) -> str | None:
+    """all_reduce | all_gather | reduce_scatter from a c10d op's name; None for the rest (waits, the
+    autograd wrapper a real process group's functional collectives go through: not a second transfer)."""
+    name = packet.split(".", 1)[1]
+    for kind in ("all_reduce", "allreduce", "all_gather", "allgather", "reduce_scatter"):
+        if kind in name:
+            return kind.replace("allreduce", "all_reduce").replace("allgather", "all_gather")
+    return None
+
+
 _REDUCE_SCATTER = ("c10d._reduce_scatter_base_", "c10d.reduce_scatter_tensor_coalesced_")
 
 
@@ -49,6 +69,9 @@ class ShardedTracker(Tracker):
         super().__init__(*args, **kwargs)
         self.regions: list[str] = []
         self._original_resize: Callable[..., Any] | None = None
+        self.collective_bytes: dict[str, int] = {}
+        """Bytes of the buffers each kind of collective worked on during the recorded steps (an
+        all-reduce's tensor, an all-gather's output, a reduce-scatter's input): what crossed the links."""
 
     def __enter__(self) -> ShardedTracker:
         self._patch_resize()
@@ -72,10 +95,22 @@ class ShardedTracker(Tracker):
         elif packet == _RF_EXIT and self.regions:
             self.regions.pop()
         super().on_op(func, args, kwargs, out)
+        kind = _collective_kind(packet) if self.recording and packet.startswith(_COLLECTIVE_PREFIXES) else None
+        if kind is not None:
+            # A reduce-scatter moves its input (c10d's in-place ops take the output first), the others their output.
+            scattered = args[1 if packet.startswith("c10d.") else 0] if len(args) > 1 else None
+            moved = _flat_tensors(scattered if kind == "reduce_scatter" else out)
+            total = sum(_local(t).numel() * _local(t).element_size() for t in moved)
+            self.collective_bytes[kind] = self.collective_bytes.get(kind, 0) + total
         if packet in _REDUCE_SCATTER and args:
             # The reduce-scatter output is what the sharded gradients are views of.
             for t in _flat_tensors(args[0]):
                 self._assign_role(t, "gradients")
+        elif packet in _FUNCTIONAL_COLLECTIVES:
+            # DTensor's collectives (tensor parallelism's all-reduce of a row-wise layer's partial sums,
+            # its all-gathers): their outputs are communication buffers until an op's output replaces them.
+            for t in _flat_tensors(out):
+                self._to_communication(t)
         elif packet == "fsdp.split_with_sizes_copy":
             # Its ``out`` tensors are the unsharded parameters (made just before, in the region).
             for t in _flat_tensors(kwargs.get("out", args[-1] if args else ())):
