@@ -54,6 +54,11 @@ class EntryPlanner:
     peak_flops: int | None
     measure_fn: MeasureFn | None = None
     """A stand-in for the fake runs (tests): called as dbprofile.measure.runner.measure is."""
+    state_warmup: dict[bool, str] = field(default_factory=lambda: {True: "all", False: "all"})
+    """Per kind of trainer (DiffusionBlocks or not): how its fake runs make their optimizer state
+    (RunSettings.state_warmup), learned from the runs so far (steps.learned_state_warmup): a model
+    that keeps a tensor its first step makes (a rotary table, DiffusionBlocks' last conditioning)
+    needs a real first step, and its later runs start there without trying less."""
     runs: dict[tuple[str, int, int], Measurement] = field(default_factory=dict)
     simulated: dict[tuple[str, int], Measurement] = field(default_factory=dict)
 
@@ -88,8 +93,10 @@ class EntryPlanner:
                 **common,
             )
         from dbprofile.measure.depth import measure_fake
+        from dbprofile.measure.steps import learned_state_warmup
 
-        return measure_fake(
+        kind = tech.is_diffusion_blocks
+        m = measure_fake(
             self.spec,
             tech,
             b,
@@ -97,8 +104,11 @@ class EntryPlanner:
             not_identical=self.facts.not_identical,
             full_trace=self.full_trace,
             full_trace_reason=self.full_trace_reason,
+            state_warmup=self.state_warmup[kind],
             **common,
         )
+        self.state_warmup[kind] = learned_state_warmup(m.extra.get("warmup"), self.state_warmup[kind])
+        return m
 
     def sharded_run(self, name: str, tech: Technique, parallel: bool, b: int) -> Measurement | None:
         """ZeRO-3 and block-parallel: one rank of the real FSDP / block-parallel code on fake tensors in a
