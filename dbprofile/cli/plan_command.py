@@ -81,6 +81,13 @@ from dbprofile.console import Output
     default=False,
     help="Trace every layer instead of extrapolating identical layers from shallow copies.",
 )
+@click.option(
+    "--no-cache",
+    is_flag=True,
+    default=False,
+    help="Neither read nor keep traces in the trace cache ($DBPROFILE_CACHE_DIR, else "
+    "$XDG_CACHE_HOME/dbprofile or ~/.cache/dbprofile).",
+)
 @model_options
 @output_options
 @friendly_errors
@@ -97,6 +104,7 @@ def plan(
     min_micro_batch,
     html,
     full_trace,
+    no_cache,
     set_options,
     seq_len,
     image_size,
@@ -138,6 +146,7 @@ def plan(
                 zero_stage=zero_stage,
                 world_size=world_size,
                 full_trace=full_trace,
+                cache=not no_cache,
                 from_checkpoint=from_checkpoint,
                 min_micro_batch=min_micro_batch,
             )

@@ -15,6 +15,7 @@ from dbprofile.methods.sharding import SHARDING_BLOCK_PARALLEL, SHARDING_FSDP
 from dbprofile.planner.accumulation import plan_accumulation
 from dbprofile.planner.fit import entry_corrections, find_max_batch, set_fit
 from dbprofile.planner.targets import ASSUMED_UTILISATION, Target, time_per_million_samples
+from dbprofile.planner.trace_cache import TraceCache
 from dbprofile.planner.transfer import estimate_link_time
 from dbprofile.planner.zero import ModelFacts, block_parallel, shard_zero
 from dbprofile.results import Measurement, PlanEntry, per_sample
@@ -54,6 +55,8 @@ class EntryPlanner:
     peak_flops: int | None
     measure_fn: MeasureFn | None = None
     """A stand-in for the fake runs (tests): called as dbprofile.measure.runner.measure is."""
+    cache: TraceCache | None = None
+    """Fake runs kept on disk (dbprofile.planner.trace_cache); None: none kept."""
     state_warmup: dict[bool, str] = field(default_factory=lambda: {True: "all", False: "all"})
     """Per kind of trainer (DiffusionBlocks or not): how its fake runs make their optimizer state
     (RunSettings.state_warmup), learned from the runs so far (steps.learned_state_warmup): a model
@@ -67,8 +70,34 @@ class EntryPlanner:
         if key not in self.runs:
             accumulating = f", {micro} micro-batches accumulating" if micro > 1 else ""
             progress.stage(f"planning {tech.name} at batch {b}{accumulating} (fake tensors)")
-            self.runs[key] = recorded(tech.name, b, lambda: self._measure(tech, b, micro))
+            parts = {"run": "one device", "technique": tech.name, "batch": b, "micro_batches": micro, **self._setting()}
+            self.runs[key] = self._cached(parts, lambda: recorded(tech.name, b, lambda: self._measure(tech, b, micro)))
         return self.runs[key]
+
+    def _setting(self) -> dict[str, Any]:
+        """What every fake run of this plan shares and a cached trace must match (trace_cache)."""
+        return {
+            "precision": self.precision,
+            "optimizer": self.optimizer,
+            "round_to": self.round_to,
+            "emulate_cuda": self.target.cuda,
+            "capability": self.capability,
+            "layers": self.facts.num_layers,
+            "not_identical": self.facts.not_identical,
+            "full_trace": self.full_trace,
+            "full_trace_reason": self.full_trace_reason,
+        }
+
+    def _cached(self, parts: dict[str, Any], run: Callable[[], Measurement]) -> Measurement:
+        """``run()``, or its result read from the cache (a stand-in measure_fn is never cached)."""
+        cache = self.cache if self.measure_fn is None else None
+        found = cache.get(parts) if cache is not None else None
+        if found is not None:
+            return found
+        m = run()
+        if cache is not None:
+            cache.put(parts, m)
+        return m
 
     def _measure(self, tech: Technique, b: int, micro: int) -> Measurement:
         # Fake runs are deterministic: one warm-up (optimizer state) and one measured step.
@@ -126,23 +155,28 @@ class EntryPlanner:
             progress.stage(f"planning {name} at batch {b}: one rank simulated on fake tensors")
             from dbprofile.measure.depth import simulate_fake
 
-            self.simulated[key] = recorded(
-                name,
-                b,
-                lambda: simulate_fake(
-                    self.spec,
+            world = (tech.blocks or 1) if parallel else self.world_size
+            parts = {"run": "one rank", "technique": name, "batch": b, "world_size": world, **self._setting()}
+            self.simulated[key] = self._cached(
+                parts,
+                lambda: recorded(
                     name,
-                    tech,
                     b,
-                    (tech.blocks or 1) if parallel else self.world_size,
-                    layers=self.facts.num_layers,
-                    not_identical=self.facts.not_identical,
-                    parallel=parallel,
-                    full_trace=self.full_trace,
-                    full_trace_reason=self.full_trace_reason,
-                    precision=self.precision,
-                    optimizer=self.optimizer,
-                    round_to=self.round_to,
+                    lambda: simulate_fake(
+                        self.spec,
+                        name,
+                        tech,
+                        b,
+                        (tech.blocks or 1) if parallel else self.world_size,
+                        layers=self.facts.num_layers,
+                        not_identical=self.facts.not_identical,
+                        parallel=parallel,
+                        full_trace=self.full_trace,
+                        full_trace_reason=self.full_trace_reason,
+                        precision=self.precision,
+                        optimizer=self.optimizer,
+                        round_to=self.round_to,
+                    ),
                 ),
             )
         return self.simulated[key]

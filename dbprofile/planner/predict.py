@@ -17,6 +17,7 @@ from dbprofile.planner.targets import (
     Target,
     resolve_target,
 )
+from dbprofile.planner.trace_cache import TraceCache, cache_dir
 from dbprofile.planner.zero import ModelFacts, model_facts
 from dbprofile.results import Plan, PlanEntry
 from dbprofile.settings import resolve_optimizer
@@ -143,6 +144,7 @@ def plan(
     full_trace: bool = False,
     from_checkpoint: bool = False,
     min_micro_batch: int = 1,
+    cache: bool = True,
 ) -> Plan:
     """Predict, per technique, the peak per device, its shares, whether it fits ``device`` and the
     largest batch size that does. Fake-tensor runs only: no GPU and almost no memory needed.
@@ -160,6 +162,9 @@ def plan(
     does not fit at ``batch_size`` gets the largest micro-batch that does and its accumulation steps.
     ``from_checkpoint``: the team must continue from an existing end-to-end checkpoint (the verdict
     then rules DiffusionBlocks out: it trains from scratch); the default is training from scratch.
+    ``cache``: read and keep the fake runs in the trace cache (dbprofile.planner.trace_cache: under
+    $DBPROFILE_CACHE_DIR, else $XDG_CACHE_HOME/dbprofile or ~/.cache/dbprofile), so a repeated plan or
+    the largest-batch search of the next one reads what was traced; False neither reads nor writes it.
     Each entry carries its training FLOPs per sample (counted on the same fake step as its memory)
     and, for a GPU with a known peak, an estimated time per million samples at ASSUMED_UTILISATION.
     """
@@ -196,6 +201,7 @@ def plan(
         capability=target.compute_capability or UNKNOWN_GPU_COMPUTE_CAPABILITY,
         peak_flops=peak_flops,
         measure_fn=measure_fn,
+        cache=TraceCache(spec, cache_dir() if cache else None),
     )
     # As in a run, the default set leaves DiffusionBlocks out where it cannot train the model (layers
     # not residual here; a convention its fake step refuses below) and the verdict says why.
