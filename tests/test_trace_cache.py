@@ -46,10 +46,15 @@ def _entries() -> list[Path]:
 def test_a_repeated_plan_reads_its_traces_with_the_same_bytes(traced):
     spec = get_preset("llama-tiny").at_depth(4)
     first = _plan(spec, ["e2e", "db:2"])
-    assert traced == ["e2e", "db:2"] and len(_entries()) == 2
+    assert traced == ["e2e", "db:2"] and len(_entries()) == 3  # two traces and the plan
     again = _plan(get_preset("llama-tiny").at_depth(4), ["e2e", "db:2"])
     assert traced == ["e2e", "db:2"]  # nothing traced the second time
     assert _figures(again) == _figures(first)
+    searched = plan(get_preset("llama-tiny").at_depth(4), 2, device="cpu", techniques=["e2e"], search_max_batch=False)
+    assert traced == ["e2e", "db:2", "e2e"]  # the CPU target's trace is another program
+    # Another plan over the same traces reads them (its own answer is a new entry).
+    assert _figures(_plan(spec, ["e2e", "db:2"], min_micro_batch=2)) == _figures(first)
+    assert traced == ["e2e", "db:2", "e2e"] and searched.entries[0].ok
 
 
 def test_no_cache_neither_reads_nor_writes(traced):
@@ -74,21 +79,22 @@ def test_a_changed_model_file_never_hits_a_stale_entry(traced, tmp_path):
 def test_a_corrupt_or_half_written_entry_is_ignored_and_traced_again(traced):
     spec = get_preset("llama-tiny").at_depth(4)
     first = _plan(spec)
-    (entry,) = _entries()
-    whole = entry.read_bytes()
-    damaged = {
-        "cut short": whole[: len(whole) // 2],
-        "a flipped byte": whole[:-10] + bytes([whole[-10] ^ 1]) + whole[-9:],
-        "empty": b"",
-        "another format": b"not a trace",
+    entries = _entries()  # the trace and the plan
+    assert len(entries) == 2
+    damage = {
+        "cut short": lambda data: data[: len(data) // 2],
+        "a flipped byte": lambda data: data[:-10] + bytes([data[-10] ^ 1]) + data[-9:],
+        "empty": lambda data: b"",
+        "another format": lambda data: b"not a trace",
     }
-    for data in damaged.values():
-        entry.write_bytes(data)
+    for spoil in damage.values():
+        for entry in entries:
+            entry.write_bytes(spoil(entry.read_bytes()))
         assert _figures(_plan(spec)) == _figures(first)
-        assert entry.read_bytes().startswith(MAGIC) and len(entry.read_bytes()) > 1000  # written whole again
-    assert traced == ["e2e"] * (1 + len(damaged))
+        assert all(entry.read_bytes().startswith(MAGIC) and len(entry.read_bytes()) > 1000 for entry in entries)
+    assert traced == ["e2e"] * (1 + len(damage))
     _plan(spec)
-    assert traced == ["e2e"] * (1 + len(damaged))  # and read the next time
+    assert traced == ["e2e"] * (1 + len(damage))  # and read the next time
 
 
 def test_the_cache_lives_under_xdg_cache_home_unless_dbprofile_cache_dir_says(monkeypatch, tmp_path):
@@ -108,4 +114,4 @@ def test_plan_no_cache_on_the_command_line(traced):
     assert invoke(*args, "--no-cache").exit_code == 0
     assert _entries() == []
     assert invoke(*args).exit_code == 0 and invoke(*args).exit_code == 0
-    assert traced == ["e2e"] * 2 and len(_entries()) == 1
+    assert traced == ["e2e"] * 2 and len(_entries()) == 3  # the trace, the plan, the parameter count

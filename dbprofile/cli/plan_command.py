@@ -117,8 +117,8 @@ def plan(
     plan each shape (the JSON is then a list)."""
     from dbprofile.files import write_atomic
     from dbprofile.loading import shape_value
-    from dbprofile.models.common import build_on_meta, count_parameters
     from dbprofile.planner import plan as make_plan
+    from dbprofile.planner.predict import parameter_count
     from dbprofile.report.notebook import render_plan_page
     from dbprofile.report.text import experts_summary, format_plan
     from dbprofile.verdict.evidence import DB_NOT_APPLICABLE
@@ -153,7 +153,7 @@ def plan(
         if result.model_info.get(DB_NOT_APPLICABLE):
             console.info(f"skipping DiffusionBlocks: {result.model_info[DB_NOT_APPLICABLE]}")
         # Counted on the meta device: the model as the user's code builds it, at no memory cost.
-        console.text(f"{spec.name} ({spec.description}): {count_parameters(build_on_meta(spec.build)):,} parameters")
+        console.text(f"{spec.name} ({spec.description}): {parameter_count(spec, not no_cache):,} parameters")
         if "moe" in spec.extra:
             console.text(experts_summary(spec.extra["moe"]))
         if swept:

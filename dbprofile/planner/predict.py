@@ -128,6 +128,19 @@ def depth_path(target: Target, facts: ModelFacts, full_trace: bool) -> tuple[boo
     return full_trace, None
 
 
+def parameter_count(spec: ModelSpec, cache: bool = True) -> int:
+    """The model's parameters as its code builds them (on the meta device, which initialises through
+    torch._dynamo: a second or more), kept in the trace cache beside the plans."""
+    from dbprofile.models.common import build_on_meta, count_parameters
+
+    kept = TraceCache(spec, cache_dir() if cache else None)
+    count = kept.get({"run": "parameter count"}, int)
+    if count is None:
+        count = count_parameters(build_on_meta(spec.build))
+        kept.put({"run": "parameter count"}, count)
+    return count
+
+
 def plan(
     spec: ModelSpec | str,
     batch_size: int,
@@ -173,6 +186,27 @@ def plan(
     check_arguments(batch_size, world_size, min_micro_batch, zero_stage)
     target = resolve_target(device)
     optimizer = target_optimizer(optimizer, target)
+    # A plan asked before is read whole (the model then needs no check); the checks below are a
+    # function of the spec, which the key holds.
+    cache_of_traces = TraceCache(spec, cache_dir() if cache and measure_fn is None else None)
+    asked = {
+        "run": "plan",
+        "batch": batch_size,
+        "target": (target.name, target.capacity_bytes, target.compute_capability, target.cuda),
+        "techniques": techniques,
+        "precision": precision,
+        "optimizer": optimizer,
+        "zero_stage": zero_stage,
+        "world_size": world_size,
+        "search": (search_max_batch, confirm_max_batch),
+        "full_trace": full_trace,
+        "from_checkpoint": from_checkpoint,
+        "min_micro_batch": min_micro_batch,
+    }
+    answered = cache_of_traces.get(asked, Plan)
+    if answered is not None:
+        answered.elapsed_s = time.perf_counter() - started
+        return answered
     # The same checks as a run's (loss, build, hidden width); db:B's own need for residual layers
     # surfaces in its fake run.
     spec, checked = checked_spec(spec, require_residual=False)
@@ -201,7 +235,7 @@ def plan(
         capability=target.compute_capability or UNKNOWN_GPU_COMPUTE_CAPABILITY,
         peak_flops=peak_flops,
         measure_fn=measure_fn,
-        cache=TraceCache(spec, cache_dir() if cache else None),
+        cache=cache_of_traces,
     )
     # As in a run, the default set leaves DiffusionBlocks out where it cannot train the model (layers
     # not residual here; a convention its fake step refuses below) and the verdict says why.
@@ -251,5 +285,7 @@ def plan(
     from dbprofile.verdict import judge
 
     result.verdict = judge(result)
+    if all(e.ok for e in entries):
+        cache_of_traces.put(asked, result)
     result.elapsed_s = time.perf_counter() - started
     return result

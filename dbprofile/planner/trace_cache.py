@@ -2,7 +2,8 @@
 next one, reads a trace instead of running it again.
 
 Each entry is one fake measurement (``depth.measure_fake``, or one simulated rank of
-``depth.simulate_fake``) under a key made of everything that decides it: the model (``spec_key``:
+``depth.simulate_fake``), or a whole plan (a plan asked again reads its answer without even
+checking the model on fake tensors), under a key made of everything that decides it: the model (``spec_key``:
 every field of the ModelSpec, its functions by their code, the source files of the functions and
 of the classes and functions they name, and the values they close over; a changed model file is
 another key, never a stale entry), the technique, batch size, micro-batches, precision, optimizer,
@@ -142,8 +143,8 @@ class TraceCache:
         key = hashlib.sha256(f"{self._model}|{sorted((k, repr(v)) for k, v in parts.items())}".encode()).hexdigest()
         return self.directory / key[:2] / f"{key}.trace"
 
-    def get(self, parts: dict[str, Any]) -> Measurement | None:
-        """The entry for ``parts``, or None: missing, cut short, corrupt or of another format."""
+    def get(self, parts: dict[str, Any], kind: type = Measurement) -> Any:
+        """The entry for ``parts`` (a ``kind``), or None: missing, cut short, corrupt or of another format."""
         path = self._path(parts)
         if path is None:
             return None
@@ -161,14 +162,15 @@ class TraceCache:
             value = pickle.loads(payload)
         except Exception:  # noqa: BLE001 - an entry that does not load is retraced, never trusted
             return None
-        return value if isinstance(value, Measurement) else None
+        return value if isinstance(value, kind) else None
 
-    def put(self, parts: dict[str, Any], m: Measurement) -> None:
-        """Store ``m`` (only what ran: a failure may be this machine's, and is traced again)."""
+    def put(self, parts: dict[str, Any], value: Any) -> None:
+        """Store ``value``: a measurement that ran (a failure may be this machine's, and is traced
+        again), or a whole plan (``plan`` stores only plans whose every technique ran)."""
         path = self._path(parts)
-        if path is None or not m.ok:
+        if path is None or (isinstance(value, Measurement) and not value.ok):
             return
-        payload = pickle.dumps(m, protocol=pickle.HIGHEST_PROTOCOL)
+        payload = pickle.dumps(value, protocol=pickle.HIGHEST_PROTOCOL)
         data = MAGIC + hashlib.sha256(payload).hexdigest().encode() + payload
         try:
             path.parent.mkdir(parents=True, exist_ok=True)
