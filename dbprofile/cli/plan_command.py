@@ -88,6 +88,12 @@ from dbprofile.console import Output
     help="Neither read nor keep traces in the trace cache ($DBPROFILE_CACHE_DIR, else "
     "$XDG_CACHE_HOME/dbprofile or ~/.cache/dbprofile).",
 )
+@click.option(
+    "--workers",
+    type=click.IntRange(min=1),
+    default=None,
+    help="Processes that trace the techniques side by side (default: $DBPROFILE_WORKERS, else one per core; 1: none).",
+)
 @model_options
 @output_options
 @friendly_errors
@@ -105,6 +111,7 @@ def plan(
     html,
     full_trace,
     no_cache,
+    workers,
     set_options,
     seq_len,
     image_size,
@@ -147,6 +154,7 @@ def plan(
                 world_size=world_size,
                 full_trace=full_trace,
                 cache=not no_cache,
+                workers=workers,
                 from_checkpoint=from_checkpoint,
                 min_micro_batch=min_micro_batch,
             )

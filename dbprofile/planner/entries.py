@@ -37,6 +37,17 @@ def recorded(name: str, b: int, measure: Callable[[], Measurement]) -> Measureme
         return Measurement.failed(name, b, f"{type(err).__name__}: {err}", fake=True)
 
 
+@dataclass(frozen=True)
+class FirstRun:
+    """One technique's fake run at the plan's batch size (EntryPlanner.first_runs)."""
+
+    name: str
+    tech: Technique
+    parallel: bool
+    b: int
+    simulated: bool
+
+
 @dataclass
 class EntryPlanner:
     """What every fake run of one plan shares, and the runs made so far."""
@@ -70,9 +81,16 @@ class EntryPlanner:
         if key not in self.runs:
             accumulating = f", {micro} micro-batches accumulating" if micro > 1 else ""
             progress.stage(f"planning {tech.name} at batch {b}{accumulating} (fake tensors)")
-            parts = {"run": "one device", "technique": tech.name, "batch": b, "micro_batches": micro, **self._setting()}
-            self.runs[key] = self._cached(parts, lambda: recorded(tech.name, b, lambda: self._measure(tech, b, micro)))
+            self.runs[key] = self._cached(
+                self.fake_parts(tech, b, micro), lambda: self.fake_measurement(tech, b, micro)
+            )
         return self.runs[key]
+
+    def fake_parts(self, tech: Technique, b: int, micro: int) -> dict[str, Any]:
+        return {"run": "one device", "technique": tech.name, "batch": b, "micro_batches": micro, **self._setting()}
+
+    def fake_measurement(self, tech: Technique, b: int, micro: int) -> Measurement:
+        return recorded(tech.name, b, lambda: self._measure(tech, b, micro))
 
     def _setting(self) -> dict[str, Any]:
         """What every fake run of this plan shares and a cached trace must match (trace_cache)."""
@@ -144,42 +162,84 @@ class EntryPlanner:
         fake process group (dbprofile.measure.distributed.simulate_rank), instead of sharding the
         one-device shares by formula. None (the formula is used) with a stand-in measure_fn, or inside a
         process group of this process's own."""
-        if self.measure_fn is not None or not (parallel or self.zero_stage == 3):
-            return None
-        import torch.distributed as dist
-
-        if dist.is_available() and dist.is_initialized():
+        if not self.simulates(parallel):
             return None
         key = (name, b)
         if key not in self.simulated:
             progress.stage(f"planning {name} at batch {b}: one rank simulated on fake tensors")
-            from dbprofile.measure.depth import simulate_fake
-
-            world = (tech.blocks or 1) if parallel else self.world_size
-            parts = {"run": "one rank", "technique": name, "batch": b, "world_size": world, **self._setting()}
             self.simulated[key] = self._cached(
-                parts,
-                lambda: recorded(
-                    name,
-                    b,
-                    lambda: simulate_fake(
-                        self.spec,
-                        name,
-                        tech,
-                        b,
-                        (tech.blocks or 1) if parallel else self.world_size,
-                        layers=self.facts.num_layers,
-                        not_identical=self.facts.not_identical,
-                        parallel=parallel,
-                        full_trace=self.full_trace,
-                        full_trace_reason=self.full_trace_reason,
-                        precision=self.precision,
-                        optimizer=self.optimizer,
-                        round_to=self.round_to,
-                    ),
-                ),
+                self.rank_parts(name, tech, parallel, b), lambda: self.rank_measurement(name, tech, parallel, b)
             )
         return self.simulated[key]
+
+    def simulates(self, parallel: bool) -> bool:
+        """Whether the plan's runs of a technique are one simulated rank (``sharded_run``)."""
+        if self.measure_fn is not None or not (parallel or self.zero_stage == 3):
+            return False
+        import torch.distributed as dist
+
+        return not (dist.is_available() and dist.is_initialized())
+
+    def rank_parts(self, name: str, tech: Technique, parallel: bool, b: int) -> dict[str, Any]:
+        world = (tech.blocks or 1) if parallel else self.world_size
+        return {"run": "one rank", "technique": name, "batch": b, "world_size": world, **self._setting()}
+
+    def rank_measurement(self, name: str, tech: Technique, parallel: bool, b: int) -> Measurement:
+        from dbprofile.measure.depth import simulate_fake
+
+        return recorded(
+            name,
+            b,
+            lambda: simulate_fake(
+                self.spec,
+                name,
+                tech,
+                b,
+                (tech.blocks or 1) if parallel else self.world_size,
+                layers=self.facts.num_layers,
+                not_identical=self.facts.not_identical,
+                parallel=parallel,
+                full_trace=self.full_trace,
+                full_trace_reason=self.full_trace_reason,
+                precision=self.precision,
+                optimizer=self.optimizer,
+                round_to=self.round_to,
+            ),
+        )
+
+    def first_runs(self, wanted: list[tuple[str, Technique, bool]], b: int) -> list[FirstRun]:
+        """Each technique's run at batch ``b`` that is neither made nor in the cache: the runs
+        that do not depend on one another (dbprofile.planner.workers runs them side by side)."""
+        out = []
+        for name, tech, parallel in wanted:
+            if self.simulates(parallel):
+                known, parts = (name, b) in self.simulated, self.rank_parts(name, tech, parallel, b)
+            else:
+                known, parts = (tech.name, b, 1) in self.runs, self.fake_parts(tech, b, 1)
+            if not known and (self.cache is None or self.cache.get(parts) is None):
+                out.append(FirstRun(name, tech, parallel, b, self.simulates(parallel)))
+        return out
+
+    def run_first(self, run: FirstRun) -> Measurement:
+        """``run``'s measurement (in a worker process), not kept."""
+        if run.simulated:
+            return self.rank_measurement(run.name, run.tech, run.parallel, run.b)
+        return self.fake_measurement(run.tech, run.b, 1)
+
+    def keep_first(self, run: FirstRun, m: Measurement) -> None:
+        """A measurement made elsewhere (a worker) kept as this process would have kept it."""
+        from dbprofile.measure.steps import learned_state_warmup
+
+        if run.simulated:
+            self.simulated[(run.name, run.b)] = m
+            parts = self.rank_parts(run.name, run.tech, run.parallel, run.b)
+        else:
+            self.runs[(run.tech.name, run.b, 1)] = m
+            parts = self.fake_parts(run.tech, run.b, 1)
+            kind = run.tech.is_diffusion_blocks
+            self.state_warmup[kind] = learned_state_warmup(m.extra.get("warmup"), self.state_warmup[kind])
+        if self.cache is not None:
+            self.cache.put(parts, m)
 
     def predict(self, name: str, tech: Technique, parallel: bool, b: int, micro: int = 1) -> PlanEntry:
         """The entry for ``tech`` at batch ``b`` (``micro`` micro-batches accumulating per step)."""

@@ -18,6 +18,7 @@ from dbprofile.planner.targets import (
     resolve_target,
 )
 from dbprofile.planner.trace_cache import TraceCache, cache_dir
+from dbprofile.planner.workers import default_workers, prefetch
 from dbprofile.planner.zero import ModelFacts, model_facts
 from dbprofile.results import Plan, PlanEntry
 from dbprofile.settings import resolve_optimizer
@@ -158,6 +159,7 @@ def plan(
     from_checkpoint: bool = False,
     min_micro_batch: int = 1,
     cache: bool = True,
+    workers: int | None = None,
 ) -> Plan:
     """Predict, per technique, the peak per device, its shares, whether it fits ``device`` and the
     largest batch size that does. Fake-tensor runs only: no GPU and almost no memory needed.
@@ -178,6 +180,8 @@ def plan(
     ``cache``: read and keep the fake runs in the trace cache (dbprofile.planner.trace_cache: under
     $DBPROFILE_CACHE_DIR, else $XDG_CACHE_HOME/dbprofile or ~/.cache/dbprofile), so a repeated plan or
     the largest-batch search of the next one reads what was traced; False neither reads nor writes it.
+    ``workers``: processes that run the techniques' first fake runs side by side (None: one per core;
+    1: all in this process; dbprofile.planner.workers); the figures are the same either way.
     Each entry carries its training FLOPs per sample (counted on the same fake step as its memory)
     and, for a GPU with a known peak, an estimated time per million samples at ASSUMED_UTILISATION.
     """
@@ -240,6 +244,8 @@ def plan(
     # As in a run, the default set leaves DiffusionBlocks out where it cannot train the model (layers
     # not residual here; a convention its fake step refuses below) and the verdict says why.
     left_out = checked["not_residual"] if techniques is None else None
+    runnable = [w for w in wanted if not (w[1].is_diffusion_blocks and left_out)]
+    prefetch(planner, planner.first_runs(runnable, batch_size), workers or default_workers())
     entries = []
     for name, tech, parallel in wanted:
         if tech.is_diffusion_blocks and left_out:
