@@ -68,7 +68,7 @@ def _assert_warmed_up_to_the_byte(stepped, stateless):
     ],
 )
 def test_state_without_steps_is_the_warmed_up_measurement_to_the_byte(preset, technique, optimizer, warmup):
-    stepped, stateless = _both(preset, 5, technique, optimizer=optimizer, **CUDA)
+    stepped, stateless = _both(preset, 4, technique, optimizer=optimizer, **CUDA)
     assert "warmup" not in stepped[0].extra
     assert stateless[0].extra["warmup"] == warmup
     _assert_warmed_up_to_the_byte(stepped, stateless)

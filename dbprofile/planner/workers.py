@@ -20,6 +20,7 @@ import signal
 import sys
 from typing import Any
 
+from dbprofile import progress
 from dbprofile.planner.entries import EntryPlanner, FirstRun
 from dbprofile.results import Measurement
 from dbprofile.spec import SpecError
@@ -42,10 +43,12 @@ def default_workers() -> int:
         return os.cpu_count() or 1
 
 
-def _ignore_interrupts() -> None:
-    # Ctrl-C is the plan's to handle; the pool's terminate() (SIGTERM) ends a worker quietly.
+def _start_worker() -> None:
+    # Ctrl-C is the plan's to handle; the pool's terminate() (SIGTERM) ends a worker quietly; the
+    # plan's progress display (drawn by a thread of the plan's process) is not the worker's.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGTERM, signal.SIG_DFL)
+    progress.detach()
 
 
 def _run(index: int) -> Measurement | None:
@@ -65,7 +68,7 @@ def prefetch(planner: EntryPlanner, runs: list[FirstRun], workers: int) -> int:
     if count < 2 or sys.platform != "linux" or "fork" not in multiprocessing.get_all_start_methods():
         return 0
     _job = (planner, runs)
-    pool: Any = multiprocessing.get_context("fork").Pool(count, initializer=_ignore_interrupts)
+    pool: Any = multiprocessing.get_context("fork").Pool(count, initializer=_start_worker)
     try:
         pending = pool.map_async(_run, range(len(runs)), chunksize=1)
         while not pending.ready():
