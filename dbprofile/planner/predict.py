@@ -180,8 +180,9 @@ def plan(
     ``cache``: read and keep the fake runs in the trace cache (dbprofile.planner.trace_cache: under
     $DBPROFILE_CACHE_DIR, else $XDG_CACHE_HOME/dbprofile or ~/.cache/dbprofile), so a repeated plan or
     the largest-batch search of the next one reads what was traced; False neither reads nor writes it.
-    ``workers``: processes that run the techniques' first fake runs side by side (None: one per core;
-    1: all in this process; dbprofile.planner.workers); the figures are the same either way.
+    ``workers``: processes that run the techniques' first fake runs side by side (None: $DBPROFILE_WORKERS,
+    else one per core with at least 4 cores, else 1: all in this process; dbprofile.planner.workers);
+    the figures are the same either way.
     Each entry carries its training FLOPs per sample (counted on the same fake step as its memory)
     and, for a GPU with a known peak, an estimated time per million samples at ASSUMED_UTILISATION.
     """

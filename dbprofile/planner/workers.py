@@ -32,15 +32,24 @@ _job: tuple[EntryPlanner, list[FirstRun]] | None = None
 """The planner and its runs, set before the workers fork (they read it from their copy)."""
 
 
+MIN_CORES = 4
+"""Fewer cores than this: no workers by default. On the 2-core development machine two workers took
+more CPU than one process (each worker learns on its own which warm-up a model needs, so each tries
+once where one process tries once per plan) and more wall time: llama-7b 51.0 s against 41.3 s
+(load average 1.1-1.2), llama-70b 77.6 s against 71.0 s (load 1.2-2.6; docs/planner.md)."""
+
+
 def default_workers() -> int:
-    """``$DBPROFILE_WORKERS`` if set, else one worker per core this process may use."""
+    """``$DBPROFILE_WORKERS`` if set, else one worker per core this process may use when it has at
+    least MIN_CORES of them, else 1 (no workers)."""
     explicit = os.environ.get("DBPROFILE_WORKERS", "").strip()
     if explicit.isdigit() and int(explicit) >= 1:
         return int(explicit)
     try:
-        return len(os.sched_getaffinity(0))
+        cores = len(os.sched_getaffinity(0))
     except AttributeError:  # not on Linux
-        return os.cpu_count() or 1
+        cores = os.cpu_count() or 1
+    return cores if cores >= MIN_CORES else 1
 
 
 def _start_worker() -> None:
