@@ -38,3 +38,9 @@ def reporting(listener: Listener) -> Iterator[None]:
         yield
     finally:
         _listener.reset(token)
+
+
+def detach() -> None:
+    """Stop sending stages to the listener in this context: a forked worker process's stages would
+    reach the parent's display from another process (whose drawing thread did not come along)."""
+    _listener.set(None)

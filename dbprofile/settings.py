@@ -71,6 +71,9 @@ def resolve_optimizer(name: str, cuda: bool) -> str:
     return f"{algorithm}-{implementation or default_implementation(cuda)}"
 
 
+STATE_WARMUPS = ("off", "all", "after-first")
+
+
 @dataclass(frozen=True, kw_only=True)
 class RunSettings:
     """The settings of one measurement (every technique and batch size of a run shares them)."""
@@ -108,6 +111,11 @@ class RunSettings:
     compute_capability: tuple[int, int] = (9, 0)
     """The GPU an ``emulate_cuda`` run stands for (major, minor): which kernel each
     scaled_dot_product_attention call runs there (dbprofile.measure.cuda_attention)."""
+    state_warmup: str = "off"
+    """Fake runs: 'all' makes the optimizer state through the optimizer's own first step instead of
+    warm-up steps, where that is the warmed-up measurement (dbprofile.measure.warmup checks it each
+    time), else after a real step of the first unit, else by steps; 'after-first' starts there;
+    'off' warms up by steps."""
 
     def __post_init__(self) -> None:
         self._check_types()
@@ -121,6 +129,8 @@ class RunSettings:
             raise SpecError(
                 f"steps and warmup_steps must be at least 1; got steps={self.steps}, warmup_steps={self.warmup_steps}."
             )
+        if self.state_warmup not in STATE_WARMUPS:
+            raise SpecError(f"state_warmup is one of {', '.join(STATE_WARMUPS)}; got {self.state_warmup!r}.")
         if self.micro_batches < 1:
             raise SpecError(f"micro_batches must be at least 1; got {self.micro_batches}.")
         if self.precision not in PRECISIONS:

@@ -110,6 +110,19 @@ from dbprofile.console import Output
     default=False,
     help="Trace every layer instead of extrapolating identical layers from shallow copies.",
 )
+@click.option(
+    "--no-cache",
+    is_flag=True,
+    default=False,
+    help="Neither read nor keep traces in the trace cache ($DBPROFILE_CACHE_DIR, else "
+    "$XDG_CACHE_HOME/dbprofile or ~/.cache/dbprofile).",
+)
+@click.option(
+    "--workers",
+    type=click.IntRange(min=1),
+    default=None,
+    help="Processes that trace the techniques side by side (default: $DBPROFILE_WORKERS, else one per core; 1: none).",
+)
 @model_options
 @output_options
 @friendly_errors
@@ -130,6 +143,8 @@ def plan(
     min_micro_batch,
     html,
     full_trace,
+    no_cache,
+    workers,
     set_options,
     seq_len,
     image_size,
@@ -143,8 +158,8 @@ def plan(
     plan each shape (the JSON is then a list)."""
     from dbprofile.files import write_atomic
     from dbprofile.loading import shape_value
-    from dbprofile.models.common import build_on_meta, count_parameters
     from dbprofile.planner import plan as make_plan
+    from dbprofile.planner.predict import parameter_count
     from dbprofile.report.experts import experts_summary, moe_memory
     from dbprofile.report.notebook import render_plan_page
     from dbprofile.report.parallel_text import format_layout
@@ -174,6 +189,8 @@ def plan(
                 zero_stage=zero_stage,
                 world_size=world_size,
                 full_trace=full_trace,
+                cache=not no_cache,
+                workers=workers,
                 from_checkpoint=from_checkpoint,
                 min_micro_batch=min_micro_batch,
                 tp=tp,
@@ -184,7 +201,7 @@ def plan(
         if result.model_info.get(DB_NOT_APPLICABLE):
             console.info(f"skipping DiffusionBlocks: {result.model_info[DB_NOT_APPLICABLE]}")
         # Counted on the meta device: the model as the user's code builds it, at no memory cost.
-        console.text(f"{spec.name} ({spec.description}): {count_parameters(build_on_meta(spec.build)):,} parameters")
+        console.text(f"{spec.name} ({spec.description}): {parameter_count(spec, not no_cache):,} parameters")
         if "moe" in spec.extra:
             console.text(experts_summary(spec.extra["moe"]))
             for line in moe_memory(result.entries):

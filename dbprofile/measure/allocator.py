@@ -213,3 +213,40 @@ class CachingAllocatorModel:
         i = bisect.bisect_left(pool, key)
         del pool[i]
         del self._free_blocks[key]
+
+
+class AllocationRecorder:
+    """Stands in for ``CachingAllocatorModel`` in the tracker: records every ``malloc(nbytes)`` and
+    ``free(handle)`` in order instead of placing them, so that a sequence can be checked and replayed
+    later, in another order (dbprofile.measure.warmup builds a warm-up's allocations this way).
+    ``events`` holds ``(handle, nbytes)`` for a malloc and ``(handle, FREED)`` for a free."""
+
+    def __init__(self) -> None:
+        self.events: list[tuple[int, int]] = []
+        self._next = 0
+
+    def malloc(self, nbytes: int) -> int:
+        handle = self._next
+        self._next += 1
+        self.events.append((handle, int(nbytes)))
+        return handle
+
+    def free(self, handle: int) -> None:
+        self.events.append((handle, FREED))
+
+    def position(self) -> int:
+        return len(self.events)
+
+
+FREED = -1
+"""The size an ``AllocationRecorder`` event has when it frees its handle."""
+
+
+def replay(alloc: CachingAllocatorModel, events: list[tuple[int, int]], live: dict[int, _Block]) -> None:
+    """Apply recorded events to ``alloc``; ``live`` maps the handles malloc'ed and not yet freed to
+    their blocks (a free of a handle not in it raises KeyError)."""
+    for handle, nbytes in events:
+        if nbytes == FREED:
+            alloc.free(live.pop(handle))
+        else:
+            live[handle] = alloc.malloc(nbytes)

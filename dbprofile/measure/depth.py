@@ -147,7 +147,7 @@ def _extrapolate_measurement(
     traced: list[Traced], target: int, block_layers: list[list[int]] | None, not_affine: list[str]
 ) -> Measurement:
     """One rank's measurement at ``target`` layers per unit from its three shallow traces."""
-    from dbprofile.measure.steps import UnitResult, summarise
+    from dbprofile.measure.summary import UnitResult, summarise
 
     (m1, t1), (m2, t2), (m3, t3) = traced
     if not (t1.keys() == t2.keys() == t3.keys()):
@@ -260,12 +260,18 @@ def measure_fake(
     emulate_cuda: bool = False,
     micro_batches: int = 1,
     compute_capability: tuple[int, int] = (9, 0),
+    state_warmup: str = "off",
 ) -> Measurement:
     """The runner's fake-tensor measurement of ``tech`` (one warm-up, one tracked step) at the model's
     full depth, extrapolated from shallow traces where exact (``by_depth``). ``full_trace`` forces the
     full trace: the function to call for any figure the extrapolation does not carry.
-    ``micro_batches``: the step accumulates gradients over that many micro-batches of ``batch_size``."""
+    ``micro_batches``: the step accumulates gradients over that many micro-batches of ``batch_size``.
+    ``state_warmup``: RunSettings.state_warmup for the first trace; the later ones start where it
+    succeeded (``learned_state_warmup``; ``extra['warmup']`` is 'steps' once one had to warm up by steps)."""
     from dbprofile.measure.runner import activation_ratios, measure
+    from dbprofile.measure.steps import WARMUP_BY_STEPS, learned_state_warmup
+
+    warmup = [state_warmup]
 
     def trace(depth: int | None, keep: bool) -> list[Traced]:
         traces: dict | None = {} if keep else None
@@ -287,12 +293,16 @@ def measure_fake(
             compute_capability=compute_capability,
             # DiffusionBlocks' activation ratios are counted once, at full depth, not per shallow trace.
             count_activations=depth is None and micro_batches == 1,
+            state_warmup=warmup[0],
         )
+        warmup[0] = learned_state_warmup(m.extra.get("warmup"), warmup[0])
         return [(m, traces or {})]
 
     m = by_depth(trace, tech, layers, not_identical, full_trace=full_trace, full_trace_reason=full_trace_reason)[0]
     if m.ok and tech.is_diffusion_blocks and micro_batches == 1 and m.extra["depth"]["path"] == PATH_EXTRAPOLATED:
         activation_ratios(m, spec, tech, batch_size)
+    if m.ok and warmup[0] == "off" and state_warmup != "off":
+        m.extra["warmup"] = WARMUP_BY_STEPS
     return m
 
 

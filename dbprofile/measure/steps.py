@@ -10,9 +10,9 @@ the worst unit into the ``Measurement``."""
 from __future__ import annotations
 
 import contextlib
+import copy
 import itertools
 import math
-import statistics
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
@@ -24,19 +24,19 @@ import torch
 from dbprofile import progress
 from dbprofile.measure import device as devices
 from dbprofile.measure import snapshot
-from dbprofile.measure.allocator import CachingAllocatorModel
+from dbprofile.measure.allocator import AllocationRecorder, CachingAllocatorModel
 from dbprofile.measure.fake import fake_mode
 from dbprofile.measure.flops import FlopCounter
 from dbprofile.measure.regions import tagging
+from dbprofile.measure.summary import UnitResult, summarise, worst_figures
 from dbprofile.measure.timing import time_block
 from dbprofile.measure.tracker import Tracker
-from dbprofile.measure.tracking import StepRecord
+from dbprofile.measure.warmup import StateWarmup, state_warmup_applies
 from dbprofile.methods.base import TrainerProtocol as Trainer
 from dbprofile.methods.factory import make_trainer
-from dbprofile.results import BlockMeasurement, Measurement
+from dbprofile.results import Measurement
 from dbprofile.settings import RunSettings
 from dbprofile.spec import ModelSpec
-from dbprofile.spread import iqr
 from dbprofile.techniques import Technique
 
 SEED = 0
@@ -53,25 +53,6 @@ MAX_TIME_S = 10.0
 TIMING_THRESHOLD = 0.1
 """torch.utils.benchmark's adaptive_autorange stops when the interquartile range of its blocks is
 below this fraction of their median (and it has at least four blocks)."""
-
-
-class UnitResult:
-    """The measured steps of one unit (the whole model, or one block)."""
-
-    def __init__(self) -> None:
-        self.records: list[StepRecord] = []
-        self.times: list[float] = []
-        self.transfer_times: list[float] = []
-        self.tracked_times: list[float] = []
-        """Wall time of the tracked steps: against ``median``, the tracker's own cost."""
-        self.iqr: float | None = None
-        """Interquartile range of the timed steps (torch.utils.benchmark's blocks)."""
-        self.median: float | None = None
-        self.flops: int | None = None  # FLOPs of the tracked step (deterministic: one count suffices)
-
-    @property
-    def peak(self) -> StepRecord:
-        return max(self.records, key=lambda r: r.peak_bytes)
 
 
 class PhaseClock:
@@ -150,7 +131,70 @@ def measure_into(
     ``timed=False`` runs no timed steps: the single-device runner times CPU techniques afterwards,
     interleaved (dbprofile.measure.interleaved).
     ``snapshot_for(unit)`` names the memory snapshot file of a unit's tracked step. ``traces``,
-    a dict, receives each unit's tracked step with every point kept (for dbprofile.measure.depth)."""
+    a dict, receives each unit's tracked step with every point kept (for dbprofile.measure.depth).
+    ``settings.state_warmup`` (fake runs): the optimizer state is made without warm-up steps where
+    that is the warmed-up measurement (dbprofile.measure.warmup), else the warm-up steps run."""
+    kwargs: dict[str, Any] = dict(
+        dev=dev,
+        trainer_factory=trainer_factory,
+        tracker_cls=tracker_cls,
+        snapshot_for=snapshot_for,
+        traces=traces,
+        adaptive_timing=adaptive_timing,
+        timed=timed,
+    )
+    applies = settings.fake and trainer_factory is None and state_warmup_applies(tech, settings.optimizer)
+    tries = STATE_WARMUP_TRIES.get(settings.state_warmup, ()) if applies else ()
+    for stepped_first in tries:
+        trial = copy.deepcopy(m)
+        if _measure_into(trial, spec, tech, batch_size, settings, stepped_first=stepped_first, **kwargs):
+            vars(m).update(vars(trial))
+            return
+        if traces is not None:
+            traces.clear()
+    _measure_into(m, spec, tech, batch_size, settings, stepped_first=None, **kwargs)
+    if tries and m.ok:
+        m.extra["warmup"] = WARMUP_BY_STEPS
+
+
+WARMUP_BY_STEPS = "steps"
+"""``extra['warmup']`` of a fake measurement that tried to make its state without steps and could not."""
+
+
+def learned_state_warmup(warmup: str | None, current: str) -> str:
+    """The RunSettings.state_warmup for the next measurement of the same model and kind of trainer,
+    from how this one's was made (``extra['warmup']``): start where it succeeded."""
+    if warmup == WARMUP_BY_STEPS:
+        return "off"
+    if warmup is not None and warmup.startswith("optimizer state"):
+        return "after-first" if "after" in warmup else "all"
+    return current
+
+
+STATE_WARMUP_TRIES = {"all": (0, 1), "after-first": (1,)}
+"""RunSettings.state_warmup -> the units warmed up by a real step before the others get their state,
+tried in turn (dbprofile.measure.warmup); a measurement that no try makes exactly warms up by steps."""
+
+
+def _measure_into(
+    m: Measurement,
+    spec: ModelSpec,
+    tech: Technique,
+    batch_size: int,
+    settings: RunSettings,
+    *,
+    stepped_first: int | None,
+    dev: torch.device,
+    trainer_factory: Callable[[], Trainer] | None,
+    tracker_cls: type[Tracker],
+    snapshot_for: Callable[[int | None], Path] | None,
+    traces: dict | None,
+    adaptive_timing: bool,
+    timed: bool,
+) -> bool:
+    """``measure_into``'s protocol; ``stepped_first`` (not None): warm the first that many units up by a
+    step and make the others' optimizer state without one. False when that measurement is not the
+    warmed-up one, or has nothing to save (nothing in ``m`` is then to be kept)."""
     fake = settings.fake
     # In fake mode the tensors say "cpu" whatever the target; the tracker measures them there.
     track_dev = torch.device("cpu") if fake else dev
@@ -173,6 +217,9 @@ def measure_into(
         m.extra_parameters = int(extra() if callable(extra) else extra) if extra is not None else None
         units = list(trainer.units)
         results = {unit: UnitResult() for unit in units}
+        if stepped_first is not None and stepped_first >= len(units):
+            return False
+        recorder = AllocationRecorder() if stepped_first is not None else None
         timed_s = 0.0
         ctx = StepContext(m=m, spec=spec, trainer=trainer, batch_size=batch_size, dev=dev, fake=fake)
         tracker = tracker_cls(
@@ -180,7 +227,7 @@ def measure_into(
             trainer=trainer,
             memory_limit=settings.memory_limit,
             round_to=settings.round_to,
-            allocator=allocator,
+            allocator=recorder if recorder is not None else allocator,
             model_cuda_scratch=settings.emulate_cuda,
             keep_trace=traces is not None,
         )
@@ -188,19 +235,36 @@ def measure_into(
         # (optimizer state, caches a model builds on first use) is seen being made.
         routed = spec.routed_modules(trainer.model) if spec.routed_modules is not None else []
         with tracker, tagging(tracker, routed):
+            warm = None
+            if recorder is not None and stepped_first is not None:
+                warm = StateWarmup(trainer, tracker, recorder, units, stepped_first)
+                for unit in units[:stepped_first]:
+                    with warm.span():
+                        step(ctx, tracker, unit, None)
+                progress.stage(f"{where}: optimizer state (no warm-up steps)")
+                warm.make_state()
             # Warm-up: every unit steps (optimizer state for all of them) before any measurement.
-            for i in range(settings.warmup_steps):
+            for i in range(settings.warmup_steps if warm is None else 0):
                 for unit in units:
                     progress.stage(f"{where}: warm-up step {i + 1}/{settings.warmup_steps}{of_block(unit, units)}")
                     step(ctx, tracker, unit, None)
             allocator_peaks: list[dict] = []
             observed: dict[int | None, dict] = {}
             for unit in units:
+                if warm is not None and warm.rep_of[unit] != unit:  # the same program as a unit traced
+                    results[unit] = results[warm.rep_of[unit]]
+                    if traces is not None:
+                        traces[unit] = traces[warm.rep_of[unit]]
+                    continue
                 progress.stage(f"{where}: tracked step{of_block(unit, units)}")
                 path = snapshot_for(unit) if snapshot_for is not None else None
                 if path is not None:
                     m.memory_snapshots.append(str(path))
-                with snapshot.recording(path), observing(spec, trainer.model, fake) as seen:
+                with (
+                    snapshot.recording(path),
+                    observing(spec, trainer.model, fake) as seen,
+                    warm.span() if warm is not None else contextlib.nullcontext(),
+                ):
                     step(ctx, tracker, unit, results[unit], track=True)
                 record_transfer(m, trainer)
                 if seen:
@@ -230,6 +294,12 @@ def measure_into(
         if observed:
             m.extra["observed"] = observed.get(None) or {f"block {unit}": seen for unit, seen in observed.items()}
         m.cuda = worst_figures(allocator_peaks) if allocator_peaks else None
+        if warm is not None:
+            replayed = warm.finish()
+            if replayed is None:
+                return False
+            allocator = replayed if allocator is not None else None
+            m.extra["warmup"] = "optimizer state" + (f" (after {stepped_first} step)" if stepped_first else "")
         if allocator is not None:
             stats = allocator.stats
             m.extra["allocator_model"] = {
@@ -252,6 +322,7 @@ def measure_into(
         "timed_steps_s": timed_s,
     }
     summarise(m, units, results, fake, block_layers, tagged=has_routed)
+    return True
 
 
 def record_transfer(m: Measurement, trainer: Any) -> None:
@@ -328,14 +399,6 @@ def record_timed_losses(m: Measurement, losses: list[torch.Tensor], unit: int | 
             break
 
 
-def worst_figures(per_unit: list[dict]) -> dict:
-    """Allocator peaks over every unit (the worst block for DiffusionBlocks); NVML from the last."""
-    worst = dict(per_unit[-1])
-    for key in ("max_memory_allocated", "max_memory_reserved"):
-        worst[key] = max(f[key] for f in per_unit)
-    return worst
-
-
 def step(ctx: StepContext, tracker: Tracker, unit: int | None, out: UnitResult | None, track: bool = False) -> None:
     """One training step; ``out`` collects its peak (``track``) or its time (otherwise)."""
     m, dev, sync = ctx.m, ctx.dev, ctx.sync
@@ -381,69 +444,3 @@ def step(ctx: StepContext, tracker: Tracker, unit: int | None, out: UnitResult |
             m.status = "nan"
             where = f" (block {unit})" if unit is not None else ""
             m.error = f"{m.technique}: the loss was {value} at step {step_index}{where}; training diverged or the model produces NaN."
-
-
-def summarise(
-    m: Measurement, units: list, results: dict, fake: bool, block_layers: list | None, tagged: bool = False
-) -> None:
-    worst_unit = max(units, key=lambda u: results[u].peak.peak_bytes)
-    worst = results[worst_unit]
-    peak = worst.peak
-    m.peak_bytes = peak.peak_bytes
-    m.shares = dict(peak.shares)
-    m.peak_phase = peak.peak_phase
-    m.timeline = peak.timeline
-    if tagged:
-        # Bytes at the peak made inside a mixture-of-experts model's routed blocks (dbprofile.measure.regions).
-        m.extra["moe_at_peak"] = {cat: peak.tagged_shares.get(cat, 0) for cat in ("activations", "temporaries")}
-    unit_flops = [results[u].flops for u in units]
-    if all(f is not None for f in unit_flops):
-        # One step per unit trains every layer once: e2e's one step, DiffusionBlocks' B block-steps.
-        m.training_flops = sum(unit_flops)
-    if units != [None]:
-        m.peak_block = int(worst_unit)
-        for unit in units:
-            r = results[unit]
-            p = r.peak
-            m.blocks.append(
-                BlockMeasurement(
-                    block=int(unit),
-                    layers=list(block_layers[unit]) if block_layers else [],
-                    peak_bytes=p.peak_bytes,
-                    shares=dict(p.shares),
-                    peak_phase=p.peak_phase,
-                    step_flops=r.flops,
-                )
-            )
-    summarise_times(m, units, results, worst_unit)
-
-
-def _median_and_iqr(r: UnitResult) -> tuple[float, float]:
-    """A unit's timing figures: the timer's own where it made them (torch.utils.benchmark's median
-    and IQR, or the interleaved rounds' trimmed mean), else the median and IQR of its step times."""
-    median = r.median if r.median is not None else statistics.median(r.times)
-    return median, r.iqr if r.iqr is not None else iqr(r.times)
-
-
-def summarise_times(m: Measurement, units: list, results: dict, worst_unit: int | None) -> None:
-    """The timed steps' medians and IQRs into ``m``: the worst unit's as the step time, and for
-    DiffusionBlocks each block's and their sum (``m.blocks`` already holds one entry per unit)."""
-    worst = results[worst_unit]
-    if worst.times:
-        m.step_time_s, m.step_time_iqr_s = _median_and_iqr(worst)
-        m.step_time_spread_s = [min(worst.times), max(worst.times)]
-    if units == [None]:
-        return
-    for block, unit in zip(m.blocks, units):
-        r = results[unit]
-        block.step_time_s, block.step_time_iqr_s = _median_and_iqr(r) if r.times else (None, None)
-        block.transfer_time_s = statistics.median(r.transfer_times) if any(r.transfer_times) else None
-    block_times = [b.step_time_s for b in m.blocks if b.step_time_s is not None]
-    if len(block_times) == len(m.blocks):
-        m.block_steps_time_s = sum(block_times)
-        # The blocks are timed apart; summing their IQRs is the spread if their noise moved
-        # together, an upper bound for independent noise.
-        m.block_steps_time_iqr_s = sum(b.step_time_iqr_s or 0.0 for b in m.blocks)
-        transfers = [t for u in units for t in results[u].transfer_times]
-        if any(transfers):
-            m.transfer_time_s = statistics.median(transfers)

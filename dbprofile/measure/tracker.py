@@ -21,7 +21,7 @@ from typing import Any
 
 import torch
 
-from dbprofile.measure.allocator import CachingAllocatorModel
+from dbprofile.measure.allocator import AllocationRecorder, CachingAllocatorModel
 from dbprofile.measure.tracker_mode import SavedSlot, TrackingMode
 from dbprofile.measure.tracking import (
     ACTIVATIONS,
@@ -53,7 +53,7 @@ class Tracker:
         memory_limit: int | None = None,
         timeline_points: int = DEFAULT_TIMELINE_POINTS,
         round_to: int | None = None,
-        allocator: CachingAllocatorModel | None = None,
+        allocator: CachingAllocatorModel | AllocationRecorder | None = None,
         model_cuda_scratch: bool = False,
         keep_trace: bool = False,
     ) -> None:
@@ -216,6 +216,11 @@ class Tracker:
     def shares(self) -> dict[str, int]:
         """Live bytes by category now."""
         return {name: self.totals[i] for i, name in enumerate(CATEGORIES)}
+
+    def allocated(self, t: torch.Tensor) -> bool:
+        """Whether ``t``'s storage holds a block in the allocator (model or recorder) now."""
+        info = self._infos.get(id(t.untyped_storage()))
+        return info is not None and info.block is not None
 
     def refresh(self) -> None:
         """Assign roles from the trainer: parameters, buffers, gradients, optimizer state."""

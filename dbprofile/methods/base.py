@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import Callable, Iterable
-from typing import Protocol, TypeVar
+from typing import Any, Protocol, TypeVar
 
 import torch
 from torch import nn
@@ -29,23 +29,25 @@ def no_mark(_phase: str) -> None:
     return None
 
 
-def make_optimizer(name: str, params: Iterable[nn.Parameter], lr: float = 1e-3) -> torch.optim.Optimizer:
+def make_optimizer(
+    name: str, params: Iterable[nn.Parameter] | Iterable[dict[str, Any]], lr: float = 1e-3
+) -> torch.optim.Optimizer:
     """AdamW (default), SGD with momentum, or Adafactor, in the implementation ``name`` names
     ('adamw-fused'; dbprofile.settings.resolve_optimizer makes a bare 'adamw' explicit for the device;
-    left bare, PyTorch picks by the parameters' device)."""
-    params = list(params)
+    left bare, PyTorch picks by the parameters' device). ``params``: parameters, or parameter groups."""
+    items: list[Any] = list(params)  # parameters or groups, as torch.optim takes them
     algorithm, implementation = optimizer_parts(name)
     # None leaves the choice to PyTorch (by the parameters' device); fused=True implies no foreach.
     foreach = None if implementation in (None, "fused") else implementation == "foreach"
     fused = True if implementation == "fused" else None
     if algorithm == "adamw":
-        return torch.optim.AdamW(params, lr=lr, weight_decay=0.0, foreach=foreach, fused=fused)
+        return torch.optim.AdamW(items, lr=lr, weight_decay=0.0, foreach=foreach, fused=fused)
     if algorithm == "sgd":
-        return torch.optim.SGD(params, lr=lr, momentum=0.9, foreach=foreach, fused=fused)
+        return torch.optim.SGD(items, lr=lr, momentum=0.9, foreach=foreach, fused=fused)
     if algorithm == "adafactor":
         if not hasattr(torch.optim, "Adafactor"):
             raise SpecError("The adafactor optimizer needs torch>=2.5; upgrade torch or use --optimizer adamw.")
-        return torch.optim.Adafactor(params, lr=lr, foreach=foreach)  # settings refuse adafactor-fused
+        return torch.optim.Adafactor(items, lr=lr, foreach=foreach)  # settings refuse adafactor-fused
     raise unknown_optimizer(name)
 
 

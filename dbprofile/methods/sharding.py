@@ -25,6 +25,7 @@ Two ways to spread one technique over the ranks of a process group (launched by 
 from __future__ import annotations
 
 import gc
+from typing import Any
 
 import torch
 import torch.distributed as dist
@@ -46,6 +47,20 @@ from dbprofile.torch_internals import device_meshes_outside_fake_mode, dtensor_l
 
 SHARDING_FSDP = "zero-3"
 SHARDING_BLOCK_PARALLEL = "block-parallel"
+
+
+def tp_param_groups(trainer: Any) -> list[dict[str, Any]]:
+    """The trainer's parameters for an optimizer under tensor parallelism without FSDP: the split
+    weights (DTensors) and the replicated rest (plain tensors) as two parameter groups. A foreach or
+    fused step runs one multi-tensor kernel per group, and DTensor refuses a kernel mixing the two
+    kinds ("got mixed torch.Tensor and DTensor"), so a team training TP alone groups them the same
+    way (under FSDP every parameter is a DTensor and one group serves)."""
+    from torch.distributed.tensor import DTensor
+
+    params = list(trainer.trainable_parameters())
+    split = [p for p in params if isinstance(p, DTensor)]
+    whole = [p for p in params if not isinstance(p, DTensor)]
+    return [{"params": group} for group in (split, whole) if group]
 
 
 def check_distributed(dtech: Technique, spec: ModelSpec, model: nn.Module, world_size: int, fsdp: bool) -> None:
@@ -257,7 +272,7 @@ def make_distributed_trainer(
         lr = trainer.optimizer.param_groups[0]["lr"] if trainer.optimizer.param_groups else 1e-3
         parallelize_layers(residual_layers(trainer, spec), tp_mesh)
         if not fsdp:
-            _replace_optimizer(trainer, make_optimizer(trainer.optimizer_name, trainer.trainable_parameters(), lr=lr))
+            _replace_optimizer(trainer, make_optimizer(trainer.optimizer_name, tp_param_groups(trainer), lr=lr))
     if fsdp:
         with device_meshes_outside_fake_mode():
             shard_trainer(trainer, spec, mesh=mesh)

@@ -16,6 +16,7 @@ from dbprofile.planner.accumulation import plan_accumulation
 from dbprofile.planner.fit import entry_corrections, find_max_batch, set_fit
 from dbprofile.planner.targets import ASSUMED_UTILISATION, Target, time_per_million_samples
 from dbprofile.planner.tensor_parallel import communication, group_sizes, simulated_world, tp_shares
+from dbprofile.planner.trace_cache import TraceCache
 from dbprofile.planner.transfer import estimate_link_time
 from dbprofile.planner.zero import ModelFacts, block_parallel, shard_zero
 from dbprofile.results import Measurement, PlanEntry, per_sample
@@ -35,6 +36,17 @@ def recorded(name: str, b: int, measure: Callable[[], Measurement]) -> Measureme
         raise
     except Exception as err:  # recorded, not fatal: the other techniques still plan
         return Measurement.failed(name, b, f"{type(err).__name__}: {err}", fake=True)
+
+
+@dataclass(frozen=True)
+class FirstRun:
+    """One technique's fake run at the plan's batch size (EntryPlanner.first_runs)."""
+
+    name: str
+    tech: Technique
+    parallel: bool
+    b: int
+    simulated: bool
 
 
 @dataclass
@@ -57,6 +69,13 @@ class EntryPlanner:
     """A stand-in for the fake runs (tests): called as dbprofile.measure.runner.measure is."""
     tp: int = 1
     """Tensor-parallel degree (dbprofile.planner.tensor_parallel): > 1 simulates a rank of the TP layout."""
+    cache: TraceCache | None = None
+    """Fake runs kept on disk (dbprofile.planner.trace_cache); None: none kept."""
+    state_warmup: dict[bool, str] = field(default_factory=lambda: {True: "all", False: "all"})
+    """Per kind of trainer (DiffusionBlocks or not): how its fake runs make their optimizer state
+    (RunSettings.state_warmup), learned from the runs so far (steps.learned_state_warmup): a model
+    that keeps a tensor its first step makes (a rotary table, DiffusionBlocks' last conditioning)
+    needs a real first step, and its later runs start there without trying less."""
     runs: dict[tuple[str, int, int], Measurement] = field(default_factory=dict)
     simulated: dict[tuple[str, int], Measurement] = field(default_factory=dict)
 
@@ -65,8 +84,41 @@ class EntryPlanner:
         if key not in self.runs:
             accumulating = f", {micro} micro-batches accumulating" if micro > 1 else ""
             progress.stage(f"planning {tech.name} at batch {b}{accumulating} (fake tensors)")
-            self.runs[key] = recorded(tech.name, b, lambda: self._measure(tech, b, micro))
+            self.runs[key] = self._cached(
+                self.fake_parts(tech, b, micro), lambda: self.fake_measurement(tech, b, micro)
+            )
         return self.runs[key]
+
+    def fake_parts(self, tech: Technique, b: int, micro: int) -> dict[str, Any]:
+        return {"run": "one device", "technique": tech.name, "batch": b, "micro_batches": micro, **self._setting()}
+
+    def fake_measurement(self, tech: Technique, b: int, micro: int) -> Measurement:
+        return recorded(tech.name, b, lambda: self._measure(tech, b, micro))
+
+    def _setting(self) -> dict[str, Any]:
+        """What every fake run of this plan shares and a cached trace must match (trace_cache)."""
+        return {
+            "precision": self.precision,
+            "optimizer": self.optimizer,
+            "round_to": self.round_to,
+            "emulate_cuda": self.target.cuda,
+            "capability": self.capability,
+            "layers": self.facts.num_layers,
+            "not_identical": self.facts.not_identical,
+            "full_trace": self.full_trace,
+            "full_trace_reason": self.full_trace_reason,
+        }
+
+    def _cached(self, parts: dict[str, Any], run: Callable[[], Measurement]) -> Measurement:
+        """``run()``, or its result read from the cache (a stand-in measure_fn is never cached)."""
+        cache = self.cache if self.measure_fn is None else None
+        found = cache.get(parts) if cache is not None else None
+        if found is not None:
+            return found
+        m = run()
+        if cache is not None:
+            cache.put(parts, m)
+        return m
 
     def _measure(self, tech: Technique, b: int, micro: int) -> Measurement:
         # Fake runs are deterministic: one warm-up (optimizer state) and one measured step.
@@ -91,8 +143,10 @@ class EntryPlanner:
                 **common,
             )
         from dbprofile.measure.depth import measure_fake
+        from dbprofile.measure.steps import learned_state_warmup
 
-        return measure_fake(
+        kind = tech.is_diffusion_blocks
+        m = measure_fake(
             self.spec,
             tech,
             b,
@@ -100,50 +154,114 @@ class EntryPlanner:
             not_identical=self.facts.not_identical,
             full_trace=self.full_trace,
             full_trace_reason=self.full_trace_reason,
+            state_warmup=self.state_warmup[kind],
             **common,
         )
+        self.state_warmup[kind] = learned_state_warmup(m.extra.get("warmup"), self.state_warmup[kind])
+        return m
 
     def sharded_run(self, name: str, tech: Technique, parallel: bool, b: int) -> Measurement | None:
         """ZeRO-3 and block-parallel: one rank of the real FSDP / block-parallel code on fake tensors in a
         fake process group (dbprofile.measure.distributed.simulate_rank), instead of sharding the
         one-device shares by formula. None (the formula is used) with a stand-in measure_fn, or inside a
         process group of this process's own."""
-        if self.measure_fn is not None or not (parallel or self.zero_stage == 3 or self.tp > 1):
-            return None
-        import torch.distributed as dist
-
-        if dist.is_available() and dist.is_initialized():
+        if not self.simulates(parallel):
             return None
         key = (name, b)
         if key not in self.simulated:
             progress.stage(f"planning {name} at batch {b}: one rank simulated on fake tensors")
-            from dbprofile.measure.depth import simulate_fake
-
-            world, fsdp = (
-                ((tech.blocks or 1), False) if parallel else simulated_world(self.zero_stage, self.world_size, self.tp)
-            )
-            self.simulated[key] = recorded(
-                name,
-                b,
-                lambda: simulate_fake(
-                    self.spec,
-                    name,
-                    tech,
-                    b,
-                    world,
-                    layers=self.facts.num_layers,
-                    not_identical=self.facts.not_identical,
-                    parallel=parallel,
-                    full_trace=self.full_trace,
-                    full_trace_reason=self.full_trace_reason,
-                    precision=self.precision,
-                    optimizer=self.optimizer,
-                    round_to=self.round_to,
-                    tp=1 if parallel else self.tp,
-                    fsdp=fsdp,
-                ),
+            self.simulated[key] = self._cached(
+                self.rank_parts(name, tech, parallel, b), lambda: self.rank_measurement(name, tech, parallel, b)
             )
         return self.simulated[key]
+
+    def simulates(self, parallel: bool) -> bool:
+        """Whether the plan's runs of a technique are one simulated rank (``sharded_run``)."""
+        if self.measure_fn is not None or not (parallel or self.zero_stage == 3 or self.tp > 1):
+            return False
+        import torch.distributed as dist
+
+        return not (dist.is_available() and dist.is_initialized())
+
+    def rank_world(self, tech: Technique, parallel: bool) -> tuple[int, int, bool]:
+        """(ranks of the simulated process group, its tensor-parallel degree, FSDP on?)."""
+        if parallel:  # one DiffusionBlocks block per device, no TP
+            return tech.blocks or 1, 1, False
+        world, fsdp = simulated_world(self.zero_stage, self.world_size, self.tp)
+        return world, self.tp, fsdp
+
+    def rank_parts(self, name: str, tech: Technique, parallel: bool, b: int) -> dict[str, Any]:
+        world, tp, fsdp = self.rank_world(tech, parallel)
+        return {
+            "run": "one rank",
+            "technique": name,
+            "batch": b,
+            "world_size": world,
+            "tp": tp,
+            "fsdp": fsdp,
+            **self._setting(),
+        }
+
+    def rank_measurement(self, name: str, tech: Technique, parallel: bool, b: int) -> Measurement:
+        from dbprofile.measure.depth import simulate_fake
+
+        world, tp, fsdp = self.rank_world(tech, parallel)
+
+        return recorded(
+            name,
+            b,
+            lambda: simulate_fake(
+                self.spec,
+                name,
+                tech,
+                b,
+                world,
+                layers=self.facts.num_layers,
+                not_identical=self.facts.not_identical,
+                parallel=parallel,
+                full_trace=self.full_trace,
+                full_trace_reason=self.full_trace_reason,
+                precision=self.precision,
+                optimizer=self.optimizer,
+                round_to=self.round_to,
+                tp=tp,
+                fsdp=fsdp,
+            ),
+        )
+
+    def first_runs(self, wanted: list[tuple[str, Technique, bool]], b: int) -> list[FirstRun]:
+        """Each technique's run at batch ``b`` that is neither made nor in the cache: the runs
+        that do not depend on one another (dbprofile.planner.workers runs them side by side)."""
+        out = []
+        for name, tech, parallel in wanted:
+            if self.simulates(parallel):
+                known, parts = (name, b) in self.simulated, self.rank_parts(name, tech, parallel, b)
+            else:
+                known, parts = (tech.name, b, 1) in self.runs, self.fake_parts(tech, b, 1)
+            if not known and (self.cache is None or self.cache.get(parts) is None):
+                out.append(FirstRun(name, tech, parallel, b, self.simulates(parallel)))
+        return out
+
+    def run_first(self, run: FirstRun) -> Measurement:
+        """``run``'s measurement (in a worker process), not kept."""
+        if run.simulated:
+            return self.rank_measurement(run.name, run.tech, run.parallel, run.b)
+        return self.fake_measurement(run.tech, run.b, 1)
+
+    def keep_first(self, run: FirstRun, m: Measurement) -> None:
+        """A measurement made elsewhere (a worker) kept as this process would have kept it."""
+        from dbprofile.measure.steps import learned_state_warmup
+
+        if run.simulated:
+            self.simulated[(run.name, run.b)] = m
+            parts = self.rank_parts(run.name, run.tech, run.parallel, run.b)
+        else:
+            self.runs[(run.tech.name, run.b, 1)] = m
+            parts = self.fake_parts(run.tech, run.b, 1)
+            kind = run.tech.is_diffusion_blocks
+            self.state_warmup[kind] = learned_state_warmup(m.extra.get("warmup"), self.state_warmup[kind])
+        if self.cache is not None:
+            self.cache.put(parts, m)
 
     def predict(self, name: str, tech: Technique, parallel: bool, b: int, micro: int = 1) -> PlanEntry:
         """The entry for ``tech`` at batch ``b`` (``micro`` micro-batches accumulating per step)."""

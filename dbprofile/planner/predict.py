@@ -18,6 +18,8 @@ from dbprofile.planner.targets import (
     Target,
     resolve_target,
 )
+from dbprofile.planner.trace_cache import TraceCache, cache_dir
+from dbprofile.planner.workers import default_workers, prefetch
 from dbprofile.planner.zero import ModelFacts, model_facts
 from dbprofile.results import Plan, PlanEntry
 from dbprofile.settings import resolve_optimizer
@@ -128,6 +130,19 @@ def depth_path(target: Target, facts: ModelFacts, full_trace: bool) -> tuple[boo
     return full_trace, None
 
 
+def parameter_count(spec: ModelSpec, cache: bool = True) -> int:
+    """The model's parameters as its code builds them (on the meta device, which initialises through
+    torch._dynamo: a second or more), kept in the trace cache beside the plans."""
+    from dbprofile.models.common import build_on_meta, count_parameters
+
+    kept = TraceCache(spec, cache_dir() if cache else None)
+    count = kept.get({"run": "parameter count"}, int)
+    if count is None:
+        count = count_parameters(build_on_meta(spec.build))
+        kept.put({"run": "parameter count"}, count)
+    return count
+
+
 def plan(
     spec: ModelSpec | str,
     batch_size: int,
@@ -148,6 +163,8 @@ def plan(
     pp: int = 1,
     schedule: str = "1f1b",
     pp_micro_batches: int | None = None,
+    cache: bool = True,
+    workers: int | None = None,
 ) -> Plan:
     """Predict, per technique, the peak per device, its shares, whether it fits ``device`` and the
     largest batch size that does. Fake-tensor runs only: no GPU and almost no memory needed.
@@ -165,6 +182,12 @@ def plan(
     does not fit at ``batch_size`` gets the largest micro-batch that does and its accumulation steps.
     ``from_checkpoint``: the team must continue from an existing end-to-end checkpoint (the verdict
     then rules DiffusionBlocks out: it trains from scratch); the default is training from scratch.
+    ``cache``: read and keep the fake runs in the trace cache (dbprofile.planner.trace_cache: under
+    $DBPROFILE_CACHE_DIR, else $XDG_CACHE_HOME/dbprofile or ~/.cache/dbprofile), so a repeated plan or
+    the largest-batch search of the next one reads what was traced; False neither reads nor writes it.
+    ``workers``: processes that run the techniques' first fake runs side by side (None: $DBPROFILE_WORKERS,
+    else one per core with at least 4 cores, else 1: all in this process; dbprofile.planner.workers);
+    the figures are the same either way.
     Each entry carries its training FLOPs per sample (counted on the same fake step as its memory)
     and, for a GPU with a known peak, an estimated time per million samples at ASSUMED_UTILISATION.
     ``tp``: tensor parallelism over a (world_size / tp) x tp mesh (dbprofile.planner.tensor_parallel);
@@ -177,6 +200,28 @@ def plan(
     check_layout(world_size, tp, pp, schedule, pp_micro_batches, batch_size)
     target = resolve_target(device)
     optimizer = target_optimizer(optimizer, target)
+    # A plan asked before is read whole (the model then needs no check); the checks below are a
+    # function of the spec, which the key holds.
+    cache_of_traces = TraceCache(spec, cache_dir() if cache and measure_fn is None else None)
+    asked = {
+        "run": "plan",
+        "batch": batch_size,
+        "target": (target.name, target.capacity_bytes, target.compute_capability, target.cuda),
+        "techniques": techniques,
+        "precision": precision,
+        "optimizer": optimizer,
+        "zero_stage": zero_stage,
+        "world_size": world_size,
+        "search": (search_max_batch, confirm_max_batch),
+        "full_trace": full_trace,
+        "from_checkpoint": from_checkpoint,
+        "min_micro_batch": min_micro_batch,
+        "layout": (tp, pp, schedule, pp_micro_batches),
+    }
+    answered = cache_of_traces.get(asked, Plan)
+    if answered is not None:
+        answered.elapsed_s = time.perf_counter() - started
+        return answered
     # The same checks as a run's (loss, build, hidden width); db:B's own need for residual layers
     # surfaces in its fake run.
     spec, checked = checked_spec(spec, require_residual=False)
@@ -207,10 +252,13 @@ def plan(
         peak_flops=peak_flops,
         measure_fn=measure_fn,
         tp=tp,
+        cache=cache_of_traces,
     )
     # As in a run, the default set leaves DiffusionBlocks out where it cannot train the model (layers
     # not residual here; a convention its fake step refuses below) and the verdict says why.
     left_out = checked["not_residual"] if techniques is None else None
+    runnable = [w for w in wanted if not (w[1].is_diffusion_blocks and left_out)]
+    prefetch(planner, planner.first_runs(runnable, batch_size), workers or default_workers())
     entries = []
     for name, tech, parallel in wanted:
         if tech.is_diffusion_blocks and left_out:
@@ -262,5 +310,7 @@ def plan(
     result.verdict = judge(result)
     if result.pipeline and (said := reason_pipeline(result.pipeline)) is not None:
         result.verdict.reasons.append(said)
+    if all(e.ok for e in entries):
+        cache_of_traces.put(asked, result)
     result.elapsed_s = time.perf_counter() - started
     return result

@@ -1,0 +1,118 @@
+"""State without steps (dbprofile.measure.warmup): a fake measurement whose optimizer state is made by
+the optimizer's own first step, and whose equal-length DiffusionBlocks blocks share one tracked step,
+must be the warmed-up measurement to the byte: every tracked point of every unit, the allocator
+replay, the FLOPs; and a model that keeps what its first step makes warms up by steps instead."""
+
+from __future__ import annotations
+
+import pytest
+
+from dbprofile.measure.allocator import FREED, AllocationRecorder, CachingAllocatorModel, replay
+from dbprofile.measure.runner import measure
+from dbprofile.measure.steps import learned_state_warmup
+from dbprofile.models import get_preset
+
+CUDA = dict(round_to=512, emulate_cuda=True)
+
+
+def _both(preset: str, depth: int, technique: str, **settings):
+    spec = get_preset(preset).at_depth(depth)
+    out = []
+    for mode in ("off", "all"):
+        traces: dict = {}
+        m = measure(
+            spec,
+            technique,
+            2,
+            device="cpu",
+            fake=True,
+            warmup_steps=1,
+            steps=1,
+            traces=traces,
+            count_activations=False,
+            state_warmup=mode,
+            **settings,
+        )
+        assert m.ok, m.error
+        out.append((m, traces))
+    return out
+
+
+def _assert_warmed_up_to_the_byte(stepped, stateless):
+    (a, ta), (b, tb) = stepped, stateless
+    assert {u: r.trace for u, r in ta.items()} == {u: r.trace for u, r in tb.items()}  # every point, its op
+    assert a.extra.get("allocator_model") == b.extra.get("allocator_model")
+    assert (a.peak_bytes, a.shares, a.peak_phase, a.peak_block, a.timeline) == (
+        b.peak_bytes,
+        b.shares,
+        b.peak_phase,
+        b.peak_block,
+        b.timeline,
+    )
+    assert a.training_flops == b.training_flops
+    assert [(x.block, x.layers, x.peak_bytes, x.shares, x.step_flops) for x in a.blocks] == [
+        (x.block, x.layers, x.peak_bytes, x.shares, x.step_flops) for x in b.blocks
+    ]
+
+
+@pytest.mark.parametrize(
+    ("preset", "technique", "optimizer", "warmup"),
+    [
+        ("vit-tiny", "e2e", "adamw-foreach", "optimizer state"),
+        ("gpt-tiny", "ckpt", "adamw-loop", "optimizer state"),
+        ("gpt-tiny", "sac", "adamw-fused", "optimizer state"),
+        ("dit-tiny", "db:3", "adamw-foreach", "optimizer state"),
+        # DiffusionBlocks on a classifier or LM hands each step its conditioning: one real step first.
+        ("vit-tiny", "db:2", "adamw-foreach", "optimizer state (after 1 step)"),
+        ("llama-tiny", "db:2+ckpt", "adamw-loop", "optimizer state (after 1 step)"),
+    ],
+)
+def test_state_without_steps_is_the_warmed_up_measurement_to_the_byte(preset, technique, optimizer, warmup):
+    stepped, stateless = _both(preset, 4, technique, optimizer=optimizer, **CUDA)
+    assert "warmup" not in stepped[0].extra
+    assert stateless[0].extra["warmup"] == warmup
+    _assert_warmed_up_to_the_byte(stepped, stateless)
+
+
+def test_uneven_blocks_share_one_step_per_length_and_equal_the_traced_blocks():
+    # llama-tiny at 7 layers in 3 blocks: 3, 2, 2 layers; blocks 1 and 2 share one tracked step.
+    stepped, stateless = _both("llama-tiny", 7, "db:3", optimizer="adamw-foreach", **CUDA)
+    assert [b.layers for b in stateless[0].blocks] == [[0, 1, 2], [3, 4], [5, 6]]
+    assert stateless[0].extra["timing"]["steps_run"] == 3  # a real step of block 0, then blocks 0 and 1
+    assert stepped[0].extra["timing"]["steps_run"] == 6
+    _assert_warmed_up_to_the_byte(stepped, stateless)
+
+
+def test_a_model_that_keeps_its_first_steps_tensors_warms_up_by_steps():
+    # The built-in Llama caches its rotary tables on first use: the tracked step of a run without a
+    # warm-up step would make them, so the measurement is made again with the warm-up step.
+    stepped, stateless = _both("llama-tiny", 3, "e2e", optimizer="adamw-foreach", **CUDA)
+    assert stateless[0].extra["warmup"] == "steps"
+    _assert_warmed_up_to_the_byte(stepped, stateless)
+
+
+def test_optimizers_that_make_state_inside_their_update_warm_up_by_steps():
+    stepped, stateless = _both("gpt-tiny", 2, "e2e", optimizer="sgd-loop")
+    assert "warmup" not in stateless[0].extra
+    _assert_warmed_up_to_the_byte(stepped, stateless)
+
+
+def test_the_next_run_starts_where_the_last_one_succeeded():
+    assert learned_state_warmup("optimizer state", "all") == "all"
+    assert learned_state_warmup("optimizer state (after 1 step)", "all") == "after-first"
+    assert learned_state_warmup("steps", "all") == "off"
+    assert learned_state_warmup(None, "after-first") == "after-first"  # not tried (offload, SGD)
+
+
+def test_recorded_allocations_replay_as_the_allocator_model_places_them():
+    recorder = AllocationRecorder()
+    direct = CachingAllocatorModel()
+    a, b = recorder.malloc(3 << 20), recorder.malloc(700)
+    blocks = [direct.malloc(3 << 20), direct.malloc(700)]
+    recorder.free(a)
+    direct.free(blocks[0])
+    assert recorder.events == [(0, 3 << 20), (1, 700), (0, FREED)]
+    replayed = CachingAllocatorModel()
+    live: dict = {}
+    replay(replayed, recorder.events, live)
+    assert replayed.stats == direct.stats and list(live) == [b]
