@@ -329,37 +329,20 @@ def simulate_fake(
     rank's peak in ``extra['rank_peaks']``."""
     from dbprofile.measure.distributed import representative_ranks, simulate_rank
 
+    # What every simulated rank of this technique shares, at any depth.
+    same: dict[str, Any] = {
+        "precision": precision,
+        "optimizer": optimizer,
+        "round_to": round_to,
+        "tp": tp,
+        "fsdp": fsdp,
+    }
+
     def trace(depth: int | None, keep: bool) -> list[Traced]:
         if not keep:  # the full trace: simulate_rank's own worst rank and rank_peaks
-            return [
-                (
-                    simulate_rank(
-                        spec,
-                        name,
-                        batch_size,
-                        world_size,
-                        precision=precision,
-                        optimizer=optimizer,
-                        round_to=round_to,
-                        tp=tp,
-                        fsdp=fsdp,
-                    ),
-                    {},
-                )
-            ]
+            return [(simulate_rank(spec, name, batch_size, world_size, **same), {})]
         rows: list = []
-        simulate_rank(
-            spec_at_depth(spec, depth or layers),
-            name,
-            batch_size,
-            world_size,
-            precision=precision,
-            optimizer=optimizer,
-            round_to=round_to,
-            per_rank=rows,
-            tp=tp,
-            fsdp=fsdp,
-        )
+        simulate_rank(spec_at_depth(spec, depth or layers), name, batch_size, world_size, per_rank=rows, **same)
         for m, _ in rows:
             m.extra.pop("rank_peaks", None)  # set on that depth's worst rank only; recomputed below
         return rows
