@@ -143,6 +143,85 @@ def parameter_count(spec: ModelSpec, cache: bool = True) -> int:
     return count
 
 
+def planned_techniques(
+    spec: ModelSpec,
+    techniques: list[str] | str | None,
+    num_layers: int,
+    zero_stage: int,
+    world_size: int,
+    tp: int,
+    pp: int,
+) -> list[tuple[str, Technique, bool]]:
+    """The techniques a plan runs: the requested (or default) set, adapted to the parallel layout;
+    one paragraph for a combination that is not planned."""
+    wanted = parse_requested(techniques, world_size, num_layers, zero_stage)
+    wanted = layout_techniques(wanted, techniques is None, tp, pp, num_layers, spec)
+    if zero_stage == 3 and any(tech.kind == "offload" for _, tech, _ in wanted):
+        raise SpecError(
+            "Technique 'offload' copies each layer's saved tensors to host memory, and under ZeRO-3 / FSDP a layer "
+            "saves the full parameters gathered for it, which it would copy too; that combination is not planned. "
+            "Plan offload without --zero 3 (ZeRO-1/2 shard only state), or use sac or ckpt with --zero 3."
+        )
+    return wanted
+
+
+def predicted_entries(
+    planner: EntryPlanner,
+    wanted: list[tuple[str, Technique, bool]],
+    batch_size: int,
+    left_out: str | None,
+    default_set: bool,
+    searched: tuple[bool, int] | None,
+    workers: int | None,
+) -> tuple[list[PlanEntry], str | None]:
+    """(each technique's entry at ``batch_size``, why DiffusionBlocks was left out or None). The
+    techniques' first fake runs go to the workers first; ``searched`` = (confirm_max_batch,
+    min_micro_batch) also searches each entry's largest batch and micro-batch. In the default set a
+    DiffusionBlocks technique its fake step refuses is left out, with the reason; named, it raises."""
+    runnable = [w for w in wanted if not (w[1].is_diffusion_blocks and left_out)]
+    prefetch(planner, planner.first_runs(runnable, batch_size), workers or default_workers())
+    entries = []
+    for name, tech, parallel in wanted:
+        if tech.is_diffusion_blocks and left_out:
+            continue
+        try:
+            entry = planner.predict(name, tech, parallel, batch_size)
+        except SpecError as err:
+            if not default_set or not tech.is_diffusion_blocks:
+                raise
+            left_out = str(err)
+            continue
+        if searched is not None:
+            planner.search(entry, tech, parallel, *searched)
+        entries.append(entry)
+    return entries, left_out
+
+
+def plan_model_info(
+    spec: ModelSpec, facts: ModelFacts, entries: list[PlanEntry], left_out: str | None
+) -> dict[str, object]:
+    """What a plan records of its model (``Plan.model_info``), with why DiffusionBlocks was left out."""
+    return {
+        **({DB_NOT_APPLICABLE: left_out} if left_out else {}),
+        "family": spec.family,
+        "task": spec.task,
+        "num_layers": facts.num_layers,
+        "parameter_bytes": facts.total_bytes,
+        "batch_statistics": facts.batch_statistics,
+        **attention_backends(entries),
+    }
+
+
+def judge_plan(result: Plan) -> None:
+    """The plan's verdict, with the pipeline-against-block-parallel sentence where a pipeline was planned."""
+    from dbprofile.verdict import judge
+    from dbprofile.verdict.layouts import reason_pipeline
+
+    result.verdict = judge(result)
+    if result.pipeline and (said := reason_pipeline(result.pipeline)) is not None:
+        result.verdict.reasons.append(said)
+
+
 def plan(
     spec: ModelSpec | str,
     batch_size: int,
@@ -201,7 +280,7 @@ def plan(
     target = resolve_target(device)
     optimizer = target_optimizer(optimizer, target)
     # A plan asked before is read whole (the model then needs no check); the checks below are a
-    # function of the spec, which the key holds.
+    # function of the spec, which the key holds. The key is every argument that shapes the answer.
     cache_of_traces = TraceCache(spec, cache_dir() if cache and measure_fn is None else None)
     asked = {
         "run": "plan",
@@ -228,14 +307,7 @@ def plan(
     peak_flops = target.gpu.peak_flops(precision) if target.gpu is not None else None
     facts = model_facts(spec)
     full_trace, full_trace_reason = depth_path(target, facts, full_trace)
-    wanted = parse_requested(techniques, world_size, facts.num_layers, zero_stage)
-    wanted = layout_techniques(wanted, techniques is None, tp, pp, facts.num_layers, spec)
-    if zero_stage == 3 and any(tech.kind == "offload" for _, tech, _ in wanted):
-        raise SpecError(
-            "Technique 'offload' copies each layer's saved tensors to host memory, and under ZeRO-3 / FSDP a layer "
-            "saves the full parameters gathered for it, which it would copy too; that combination is not planned. "
-            "Plan offload without --zero 3 (ZeRO-1/2 shard only state), or use sac or ckpt with --zero 3."
-        )
+    wanted = planned_techniques(spec, techniques, facts.num_layers, zero_stage, world_size, tp, pp)
     planner = EntryPlanner(
         spec=spec,
         facts=facts,
@@ -257,35 +329,11 @@ def plan(
     # As in a run, the default set leaves DiffusionBlocks out where it cannot train the model (layers
     # not residual here; a convention its fake step refuses below) and the verdict says why.
     left_out = checked["not_residual"] if techniques is None else None
-    runnable = [w for w in wanted if not (w[1].is_diffusion_blocks and left_out)]
-    prefetch(planner, planner.first_runs(runnable, batch_size), workers or default_workers())
-    entries = []
-    for name, tech, parallel in wanted:
-        if tech.is_diffusion_blocks and left_out:
-            continue
-        try:
-            entry = planner.predict(name, tech, parallel, batch_size)
-        except SpecError as err:
-            if techniques is not None or not tech.is_diffusion_blocks:
-                raise
-            left_out = str(err)
-            continue
-        if search_max_batch:
-            planner.search(entry, tech, parallel, confirm_max_batch, min_micro_batch)
-        entries.append(entry)
-
-    model_info = {
-        **({DB_NOT_APPLICABLE: left_out} if left_out else {}),
-        "family": spec.family,
-        "task": spec.task,
-        "num_layers": facts.num_layers,
-        "parameter_bytes": facts.total_bytes,
-        "batch_statistics": facts.batch_statistics,
-    }
-    model_info.update(attention_backends(entries))
+    searched = (confirm_max_batch, min_micro_batch) if search_max_batch else None
+    entries, left_out = predicted_entries(planner, wanted, batch_size, left_out, techniques is None, searched, workers)
     result = Plan(
         model=spec.name,
-        model_info=model_info,
+        model_info=plan_model_info(spec, facts, entries, left_out),
         device=target.name,
         capacity_bytes=target.capacity_bytes,
         batch_size=batch_size,
@@ -304,12 +352,7 @@ def plan(
     )
     if pp > 1:
         result.pipeline = plan_pipeline(planner, result, pp, schedule, pp_micro_batches)
-    from dbprofile.verdict import judge
-    from dbprofile.verdict.layouts import reason_pipeline
-
-    result.verdict = judge(result)
-    if result.pipeline and (said := reason_pipeline(result.pipeline)) is not None:
-        result.verdict.reasons.append(said)
+    judge_plan(result)
     if all(e.ok for e in entries):
         cache_of_traces.put(asked, result)
     result.elapsed_s = time.perf_counter() - started
