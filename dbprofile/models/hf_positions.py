@@ -23,16 +23,18 @@ def _rotary_module(model: nn.Module) -> nn.Module | None:
     return next((m for m in model.modules() if type(m).__name__.endswith("RotaryEmbedding")), None)
 
 
-def _layer_type(layer: nn.Module, rotary: nn.Module) -> str | None:
-    """The rotary table ``layer`` reads, for models whose rotary module makes one per layer type
-    (Gemma 3 and kin: ``rotary_emb(x, position_ids, layer_type)``, sliding and full attention with
-    different bases); None for one shared table. The type is the layer's own,
+def _tables_per_type(rotary: nn.Module | None) -> bool:
+    """Whether the rotary module makes one table per layer type (Gemma 3 and kin:
+    ``rotary_emb(x, position_ids, layer_type)``, sliding and full attention with different bases)."""
+    return rotary is not None and "layer_type" in inspect.signature(rotary.forward).parameters
+
+
+def _layer_type(layer: nn.Module, rotary: nn.Module) -> str:
+    """The rotary table ``layer`` reads, where ``_tables_per_type``. The type is the layer's own,
     ``config.layer_types[layer_idx]``: under DiffusionBlocks the model's loop indexes its types by
     the position in the active block, which would hand a layer another type's table."""
     from dbprofile.sequence_layout import UnsupportedLayoutError
 
-    if "layer_type" not in inspect.signature(rotary.forward).parameters:
-        return None
     types = getattr(getattr(rotary, "config", None), "layer_types", None)
     indices = (getattr(m, "layer_idx", None) for m in layer.modules())
     index = next((i for i in indices if isinstance(i, int)), None)
@@ -75,13 +77,14 @@ def hf_position_adapter(model: nn.Module, layout: SequenceLayout) -> CallRewrite
             "db:B+interleaved (clean and noisy tokens interleaved under the plain causal order) may apply."
         )
     rotary = _rotary_module(model)
+    per_type = _tables_per_type(rotary)  # asked once per model call, not once per layer
     positions = layout.positions[None]
     made: dict[tuple[str, str | None], Any] = {}
 
     def rebuilt(name: str, value: Any, hidden: torch.Tensor, layer: nn.Module) -> Any:
         if value is None and name != "attention_mask":
             return None
-        kind = _layer_type(layer, rotary) if name == "position_embeddings" and rotary is not None else None
+        kind = _layer_type(layer, rotary) if name == "position_embeddings" and per_type and rotary is not None else None
         if (name, kind) not in made:
             if name == "attention_mask":
                 made[name, kind] = _mask_for(value, layout)
