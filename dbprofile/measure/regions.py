@@ -28,7 +28,7 @@ def tagging(tracker: Tracker, modules: Sequence[nn.Module]) -> Iterator[None]:
         tracker.tagging += 1
 
     def leave(_module: nn.Module, _args: Any, _out: Any) -> None:
-        tracker.tagging = max(tracker.tagging - 1, 0)
+        tracker.tagging -= 1
 
     handles = []
     for module in modules:

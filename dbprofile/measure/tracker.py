@@ -190,7 +190,6 @@ class Tracker:
         self._points = []
         self._ops = []
         self._peak = -1
-        self.tagging = 0  # a forward that raised in an earlier step left its tag open
         self._record()
 
     def end_step(self) -> StepRecord:
