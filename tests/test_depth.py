@@ -12,12 +12,12 @@ from torch import nn
 from dbprofile.measure.depth import (
     PATH_EXTRAPOLATED,
     PATH_FULL,
-    _extrapolate_value,
     identical_layers,
     measure_fake,
     simulate_fake,
     spec_at_depth,
 )
+from dbprofile.measure.step_extrapolation import extrapolate_value
 from dbprofile.models import get_preset
 from dbprofile.planner import plan
 from dbprofile.report.text import format_plan
@@ -56,7 +56,8 @@ def _assert_same(fast, full):
 def test_extrapolated_llama_equals_the_full_trace_to_the_byte(technique):
     fast, full = _both(get_preset("llama-tiny").at_depth(20), technique, round_to=CUDA_BLOCK)
     assert fast.extra["depth"]["path"] == PATH_EXTRAPOLATED
-    assert fast.extra["depth"]["traced_depths"] == ([4, 6, 8] if technique.startswith("db:2") else [2, 3, 4])
+    # DiffusionBlocks: db:1's block-step traced at 2, 3, 4 layers (dbprofile.measure.shared_blocks)
+    assert fast.extra["depth"]["traced_depths"] == [2, 3, 4]
     assert full.extra["depth"]["path"] == PATH_FULL and full.extra["depth"]["reason"] == "asked for a full trace"
     _assert_same(fast, full)
     if technique.startswith("db:"):
@@ -109,25 +110,25 @@ def test_layers_that_differ_are_traced_in_full_and_say_which_layer():
     assert m.extra["depth"]["reason"] == "the residual layers are not identical: " + different
 
 
-def test_uneven_blocks_extrapolate_from_depths_that_are_uneven_the_same_way():
-    # 23 layers in 2 blocks: 12 + 11; traced at 2*m + 1 = 5, 7, 9 (blocks of m + 1 and m layers).
+def test_uneven_blocks_are_read_off_one_block_traces():
+    # 23 layers in 2 blocks: 12 + 11, both on the line of db:1's step through 2, 3, 4 layers.
     fast, full = _both(get_preset("llama-tiny").at_depth(23), "db:2", round_to=CUDA_BLOCK)
-    assert fast.extra["depth"]["path"] == PATH_EXTRAPOLATED and fast.extra["depth"]["traced_depths"] == [5, 7, 9]
+    assert fast.extra["depth"]["path"] == PATH_EXTRAPOLATED and fast.extra["depth"]["traced_depths"] == [2, 3, 4]
     _assert_same(fast, full)
 
 
 def test_a_model_shallower_than_the_three_traces_together_is_traced_in_full():
     m = measure_fake(
-        get_preset("llama-tiny").at_depth(10), parse_techniques(["db:4"])[0], 2, layers=10, not_identical=None
+        get_preset("llama-tiny").at_depth(9), parse_techniques(["db:4"])[0], 2, layers=9, not_identical=None
     )
     assert m.extra["depth"]["path"] == PATH_FULL
-    assert m.extra["depth"]["reason"] == "tracing all 10 layers costs less than traces at 10, 14, 18"
+    assert m.extra["depth"]["reason"] == "tracing all 9 layers costs less than traces at 9, 13, 17"
 
 
 def test_integer_figures_extrapolate_and_a_non_affine_one_is_named_and_dropped():
     not_affine: list[str] = []
     # depths 2, 3, 4 -> target 2 + 10 = 12: flops 100 + 10 * depth is affine, "allocator" is not.
-    out = _extrapolate_value(
+    out = extrapolate_value(
         {"flops": 120, "allocator": 4096, "name": "x"},
         {"flops": 130, "allocator": 4096, "name": "y"},
         {"flops": 140, "allocator": 6144, "name": "z"},
@@ -143,7 +144,10 @@ def test_plan_says_which_path_each_technique_took():
     p = plan(get_preset("llama-tiny").at_depth(10), 2, device="cpu", techniques=["e2e", "db:4"], search_max_batch=False)
     text = format_plan(p)
     assert "Depth: e2e extrapolated from shallow traces (10 identical layers, traced at 2, 3, 4" in text
-    assert "Depth: db:4 traced every layer (tracing all 10 layers costs less than traces at 10, 14, 18)" in text
+    assert (
+        "Depth: db:4 extrapolated from shallow traces (10 identical layers; every block-step is db:1's step traced "
+        "at 2, 3, 4 layers plus the other layers' resident bytes; checked to the byte at the deepest)" in text
+    )
 
 
 def test_a_full_trace_forced_by_the_small_model_rule_says_so_not_asked_for():

@@ -36,8 +36,9 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from dbprofile.measure.allocator import LARGE_ROUND_BYTES
+from dbprofile.measure.shared_blocks import derive_blocks, one_block, shares_block_traces
 from dbprofile.measure.stack import identical_layers, spec_at_depth, stack_difference
-from dbprofile.measure.step_extrapolation import NotAffine, extrapolate_step
+from dbprofile.measure.step_extrapolation import NotAffine, extrapolate_step, extrapolate_value
 from dbprofile.methods.checkpointing import split_contiguous
 from dbprofile.results import Measurement
 from dbprofile.spec import ModelSpec
@@ -102,24 +103,6 @@ def granularity(tech: Technique) -> int:
 # ---------------------------------------------------------------- measurements
 
 
-def _extrapolate_value(a: Any, b: Any, c: Any, grow: int, path: str, not_affine: list[str]) -> Any:
-    """Integer leaves on the line through depths m1, m2 (checked at m3); others as at m2."""
-    if isinstance(b, bool) or b is None:
-        return b
-    if isinstance(b, int) and isinstance(a, int) and isinstance(c, int):
-        if a + (b - a) * 2 != c:
-            not_affine.append(path)
-            return None
-        return a + (b - a) * grow
-    if isinstance(b, dict) and isinstance(a, dict) and isinstance(c, dict):
-        return {k: _extrapolate_value(a.get(k), v, c.get(k), grow, f"{path}.{k}", not_affine) for k, v in b.items()}
-    if isinstance(b, list) and isinstance(a, list) and isinstance(c, list) and len(a) == len(b) == len(c):
-        return [
-            _extrapolate_value(x, y, z, grow, f"{path}[{i}]", not_affine) for i, (x, y, z) in enumerate(zip(a, b, c))
-        ]
-    return b
-
-
 def _reserved_bytes(m: Measurement, m1: Measurement, m2: Measurement, m3: Measurement) -> None:
     """The allocator model's reserved bytes at the target depth, where they are not exactly affine.
 
@@ -157,9 +140,9 @@ def _extrapolate_measurement(
     m.blocks, m.timeline = [], {}
     for name in ("num_parameters", "extra_parameters"):
         setattr(
-            m, name, _extrapolate_value(getattr(m1, name), getattr(m2, name), getattr(m3, name), grow, name, not_affine)
+            m, name, extrapolate_value(getattr(m1, name), getattr(m2, name), getattr(m3, name), grow, name, not_affine)
         )
-    m.extra = _extrapolate_value(m1.extra, m2.extra, m3.extra, grow, "extra", not_affine)
+    m.extra = extrapolate_value(m1.extra, m2.extra, m3.extra, grow, "extra", not_affine)
     units = list(t2)
     results = {}
     for unit in units:
@@ -167,7 +150,7 @@ def _extrapolate_measurement(
         r.records.append(extrapolate_step([t1[unit], t2[unit], t3[unit]], TRACE_DEPTHS, target))
         # Each unit's FLOPs (matmuls and attention per layer) on the same line, checked at m3.
         f1, f2, f3 = (_unit_flops(x).get(unit) for x in (m1, m2, m3))
-        r.flops = _extrapolate_value(f1, f2, f3, grow, f"training_flops[{unit}]", not_affine)
+        r.flops = extrapolate_value(f1, f2, f3, grow, f"training_flops[{unit}]", not_affine)
         results[unit] = r
     summarise(m, units, results, True, block_layers)
     _reserved_bytes(m, m1, m2, m3)
@@ -261,48 +244,93 @@ def measure_fake(
     micro_batches: int = 1,
     compute_capability: tuple[int, int] = (9, 0),
     state_warmup: str = "off",
+    block_traces: dict | None = None,
 ) -> Measurement:
     """The runner's fake-tensor measurement of ``tech`` (one warm-up, one tracked step) at the model's
     full depth, extrapolated from shallow traces where exact (``by_depth``). ``full_trace`` forces the
     full trace: the function to call for any figure the extrapolation does not carry.
     ``micro_batches``: the step accumulates gradients over that many micro-batches of ``batch_size``.
     ``state_warmup``: RunSettings.state_warmup for the first trace; the later ones start where it
-    succeeded (``learned_state_warmup``; ``extra['warmup']`` is 'steps' once one had to warm up by steps)."""
+    succeeded (``learned_state_warmup``; ``extra['warmup']`` is 'steps' once one had to warm up by steps).
+    DiffusionBlocks on one device is derived from db:1's traces (dbprofile.measure.shared_blocks);
+    ``block_traces``, a dict kept by the caller, holds them, so every B of one plan reads the same traces."""
     from dbprofile.measure.runner import activation_ratios, measure
     from dbprofile.measure.steps import WARMUP_BY_STEPS, learned_state_warmup
 
     warmup = [state_warmup]
 
-    def trace(depth: int | None, keep: bool) -> list[Traced]:
-        traces: dict | None = {} if keep else None
-        m = measure(
-            spec if depth is None else spec_at_depth(spec, depth),
-            tech,
-            batch_size,
-            device="cpu",
-            precision=precision,
-            optimizer=optimizer,
-            fake=True,
-            layers=depth or layers,
-            round_to=round_to,
-            warmup_steps=1,
-            steps=1,
-            traces=traces,
-            emulate_cuda=emulate_cuda,
-            micro_batches=micro_batches,
-            compute_capability=compute_capability,
-            # DiffusionBlocks' activation ratios are counted once, at full depth, not per shallow trace.
-            count_activations=depth is None and micro_batches == 1,
-            state_warmup=warmup[0],
-        )
-        warmup[0] = learned_state_warmup(m.extra.get("warmup"), warmup[0])
-        return [(m, traces or {})]
+    def tracer(traced_tech: Technique, warmup: list[str]) -> Callable[[int | None, bool], list[Traced]]:
+        def trace(depth: int | None, keep: bool) -> list[Traced]:
+            traces: dict | None = {} if keep else None
+            m = measure(
+                spec if depth is None else spec_at_depth(spec, depth),
+                traced_tech,
+                batch_size,
+                device="cpu",
+                precision=precision,
+                optimizer=optimizer,
+                fake=True,
+                layers=depth or layers,
+                round_to=round_to,
+                warmup_steps=1,
+                steps=1,
+                traces=traces,
+                emulate_cuda=emulate_cuda,
+                micro_batches=micro_batches,
+                compute_capability=compute_capability,
+                # DiffusionBlocks' activation ratios are counted once, at full depth, not per shallow trace.
+                count_activations=depth is None and micro_batches == 1,
+                state_warmup=warmup[0],
+            )
+            warmup[0] = learned_state_warmup(m.extra.get("warmup"), warmup[0])
+            return [(m, traces or {})]
 
-    m = by_depth(trace, tech, layers, not_identical, full_trace=full_trace, full_trace_reason=full_trace_reason)[0]
+        return trace
+
+    m = None
+    if shares_block_traces(tech, layers, not_identical, full_trace):
+        one = one_block(tech)
+        kept = block_traces if block_traces is not None else {}
+        # db:1's own way of making its state, learned once for all its traces (one unit: a model that
+        # keeps what its first step makes warms it up by steps).
+        trace_one = tracer(one, kept.setdefault(("state warmup", one.name), [state_warmup]))
+        setting = (precision, optimizer, round_to, emulate_cuda, compute_capability)
+
+        def trace_at(depth: int) -> Traced:
+            key = (one.name, batch_size, micro_batches, setting, depth)
+            if key not in kept:
+                kept[key] = trace_one(depth, True)[0]
+            return kept[key]
+
+        m = derived_blocks(trace_at, tech, layers)
+    if m is None:
+        m = by_depth(
+            tracer(tech, warmup),
+            tech,
+            layers,
+            not_identical,
+            full_trace=full_trace,
+            full_trace_reason=full_trace_reason,
+        )[0]
     if m.ok and tech.is_diffusion_blocks and micro_batches == 1 and m.extra["depth"]["path"] == PATH_EXTRAPOLATED:
         activation_ratios(m, spec, tech, batch_size)
     if m.ok and warmup[0] == "off" and state_warmup != "off":
         m.extra["warmup"] = WARMUP_BY_STEPS
+    return m
+
+
+def derived_blocks(trace_at: Callable[[int], Traced], tech: Technique, layers: int) -> Measurement | None:
+    """db:B derived from db:1's traces (dbprofile.measure.shared_blocks), its ``extra['depth']`` saying
+    so; None when they do not line up (the caller traces db:B itself)."""
+    try:
+        m, depths, not_affine = derive_blocks(trace_at, tech, layers)
+    except NotAffine:
+        return None
+    reason = (
+        f"{layers} identical layers; every block-step is db:1's step traced at {', '.join(map(str, depths))} "
+        "layers plus the other layers' resident bytes"
+    )
+    m.extra["depth"] = DepthInfo(PATH_EXTRAPOLATED, layers, reason, depths, not_affine).as_dict()
     return m
 
 
@@ -323,10 +351,12 @@ def simulate_fake(
     round_to: int | None = None,
     tp: int = 1,
     fsdp: bool = True,
+    block_traces: dict | None = None,
 ) -> Measurement:
     """dbprofile.measure.distributed.simulate_rank (one FSDP rank, or every block-parallel rank) at the
     model's full depth, extrapolated from shallow traces where exact; the worst rank, with each
-    rank's peak in ``extra['rank_peaks']``."""
+    rank's peak in ``extra['rank_peaks']``. DiffusionBlocks' FSDP ranks are derived from db:1's ranks
+    (dbprofile.measure.shared_blocks), kept in ``block_traces`` as in ``measure_fake``."""
     from dbprofile.measure.distributed import representative_ranks, simulate_rank
 
     # What every simulated rank of this technique shares, at any depth.
@@ -347,6 +377,26 @@ def simulate_fake(
             m.extra.pop("rank_peaks", None)  # set on that depth's worst rank only; recomputed below
         return rows
 
+    if not parallel and shares_block_traces(tech, layers, not_identical, full_trace):
+        one = one_block(tech)
+        kept = block_traces if block_traces is not None else {}
+
+        def trace_at(depth: int) -> Traced:
+            key = ("rank", one.name, batch_size, world_size, tuple(sorted(same.items())), depth)
+            if key not in kept:
+                rows: list = []
+                simulate_rank(spec_at_depth(spec, depth), one.name, batch_size, world_size, per_rank=rows, **same)
+                if len(rows) != 1:
+                    raise NotAffine("db:1 simulated more than one rank")
+                rows[0][0].extra.pop("rank_peaks", None)
+                kept[key] = rows[0]
+            return kept[key]
+
+        derived = derived_blocks(trace_at, tech, layers)
+        if derived is not None:
+            derived.technique = name
+            derived.extra["rank_peaks"] = [derived.peak_bytes]  # FSDP: rank 0 stands for every rank
+            return derived
     # Block-parallel: B ranks, one block each, so the blocks grow by one layer per step of depth.
     rows = by_depth(
         trace,

@@ -7,6 +7,7 @@ trace. A term that is not affine raises ``NotAffine`` and the caller traces in f
 from __future__ import annotations
 
 from difflib import SequenceMatcher
+from typing import Any
 
 from dbprofile.measure.tracking import StepRecord
 from dbprofile.vocabulary import CATEGORIES, PHASES
@@ -141,3 +142,21 @@ def extrapolate_step(records: list[StepRecord], depths: tuple[int, ...], target:
 
 def phase_name(index: int) -> str | None:
     return PHASES[index] if 0 <= index < len(PHASES) else None
+
+
+def extrapolate_value(a: Any, b: Any, c: Any, grow: int, path: str, not_affine: list[str]) -> Any:
+    """Integer leaves on the line through depths m1, m2 (checked at m3); others as at m2."""
+    if isinstance(b, bool) or b is None:
+        return b
+    if isinstance(b, int) and isinstance(a, int) and isinstance(c, int):
+        if a + (b - a) * 2 != c:
+            not_affine.append(path)
+            return None
+        return a + (b - a) * grow
+    if isinstance(b, dict) and isinstance(a, dict) and isinstance(c, dict):
+        return {k: extrapolate_value(a.get(k), v, c.get(k), grow, f"{path}.{k}", not_affine) for k, v in b.items()}
+    if isinstance(b, list) and isinstance(a, list) and isinstance(c, list) and len(a) == len(b) == len(c):
+        return [
+            extrapolate_value(x, y, z, grow, f"{path}[{i}]", not_affine) for i, (x, y, z) in enumerate(zip(a, b, c))
+        ]
+    return b

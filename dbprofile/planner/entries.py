@@ -77,6 +77,9 @@ class EntryPlanner:
     that keeps a tensor its first step makes (a rotary table, DiffusionBlocks' last conditioning)
     needs a real first step, and its later runs start there without trying less."""
     runs: dict[tuple[str, int, int], Measurement] = field(default_factory=dict)
+    block_traces: dict = field(default_factory=dict)
+    """db:1's traces, from which every DiffusionBlocks technique of the plan is derived
+    (dbprofile.measure.shared_blocks): db:2, db:3 and db:4 read the same ones."""
     simulated: dict[tuple[str, int], Measurement] = field(default_factory=dict)
 
     def fake_run(self, tech: Technique, b: int, micro: int = 1) -> Measurement:
@@ -155,6 +158,7 @@ class EntryPlanner:
             full_trace=self.full_trace,
             full_trace_reason=self.full_trace_reason,
             state_warmup=self.state_warmup[kind],
+            block_traces=self.block_traces,
             **common,
         )
         self.state_warmup[kind] = learned_state_warmup(m.extra.get("warmup"), self.state_warmup[kind])
@@ -226,6 +230,7 @@ class EntryPlanner:
                 round_to=self.round_to,
                 tp=tp,
                 fsdp=fsdp,
+                block_traces=self.block_traces,
             ),
         )
 
