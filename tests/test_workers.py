@@ -1,5 +1,5 @@
-"""The plan's first fake runs in worker processes (dbprofile.planner.workers): the same bytes as in
-one process, and no worker left behind."""
+"""The plan's techniques in worker processes (dbprofile.planner.workers): the same bytes as in one
+process, the DiffusionBlocks techniques that share db:1's traces in one group, and no worker left behind."""
 
 from __future__ import annotations
 
@@ -15,17 +15,53 @@ def _figures(p):
 
 def test_workers_give_the_same_plan_as_one_process_and_leave_none_behind():
     spec = get_preset("llama-tiny").at_depth(4)
-    kwargs = dict(device="H100-80GB", techniques=["e2e", "ckpt", "db:2"], search_max_batch=False, cache=False)
+    # 24 GiB: e2e and ckpt fit, so each searches its largest batch in its worker
+    kwargs = dict(device=24 * 2**30, techniques=["e2e", "ckpt", "db:2"], confirm_max_batch=True, cache=False)
     alone = plan(spec, 2, workers=1, **kwargs)
     side_by_side = plan(spec, 2, workers=2, **kwargs)
     assert _figures(side_by_side) == _figures(alone)
+    assert [e.max_batch_size for e in side_by_side.entries] == [e.max_batch_size for e in alone.entries]
     assert multiprocessing.active_children() == []
 
 
-class _SlowPlanner:
-    """Stands in for an EntryPlanner whose runs take far longer than the test."""
+def test_the_diffusion_blocks_techniques_that_share_traces_are_one_job():
+    from dbprofile.planner.entries import EntryPlanner
+    from dbprofile.planner.targets import resolve_target
+    from dbprofile.planner.zero import model_facts
+    from dbprofile.techniques import parse_technique
 
-    def run_first(self, run):
+    spec = get_preset("llama-tiny").at_depth(12)
+    planner = EntryPlanner(
+        spec=spec,
+        facts=model_facts(spec),
+        target=resolve_target("cpu"),
+        precision="fp32",
+        optimizer="adamw",
+        zero_stage=0,
+        world_size=1,
+        full_trace=False,
+        full_trace_reason=None,
+        round_to=None,
+        capability=(9, 0),
+        peak_flops=None,
+    )
+    names = ["e2e", "db:2", "db:3+ckpt", "db:4", "db:4+ckpt", "db:2+offload"]
+    wanted = [(n, parse_technique(n), False) for n in names]
+    assert [[name for name, _, _ in job] for job in planner.jobs(wanted, 2)] == [
+        ["e2e"],
+        ["db:2", "db:4"],
+        ["db:3+ckpt", "db:4+ckpt"],
+        ["db:2+offload"],
+    ]
+
+
+class _SlowPlanner:
+    """Stands in for an EntryPlanner whose techniques take far longer than the test."""
+
+    def first_run_known(self, wanted, b):
+        return False
+
+    def plan_job(self, job, b, searched):
         import time
 
         time.sleep(60)
@@ -36,7 +72,7 @@ def test_ctrl_c_during_the_workers_ends_them_all():
 
     import pytest
 
-    from dbprofile.planner.workers import prefetch
+    from dbprofile.planner.workers import plan_jobs
 
     def interrupt(*_):
         raise KeyboardInterrupt
@@ -45,7 +81,7 @@ def test_ctrl_c_during_the_workers_ends_them_all():
     signal.setitimer(signal.ITIMER_REAL, 1.0)
     try:
         with pytest.raises(KeyboardInterrupt):
-            prefetch(_SlowPlanner(), [object(), object()], 2)
+            plan_jobs(_SlowPlanner(), [[object()], [object()]], 2, None, 2)
     finally:
         signal.setitimer(signal.ITIMER_REAL, 0)
         signal.signal(signal.SIGALRM, previous)

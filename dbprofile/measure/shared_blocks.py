@@ -101,14 +101,14 @@ def _step_at(traced: dict[int, Traced], k: int) -> tuple[StepRecord, int | None,
         return units[0], m.training_flops, []
     line = [traced[d] for d in LINE_DEPTHS]
     record = extrapolate_step([units[0] for _, units in line], LINE_DEPTHS, k)
-    flops = [m.training_flops for m, _ in line]
+    a, b, c = (m.training_flops for m, _ in line)
     not_affine: list[str] = []
-    return record, extrapolate_value(*flops, k - LINE_DEPTHS[0], "training_flops", not_affine), not_affine
+    return record, extrapolate_value(a, b, c, k - LINE_DEPTHS[0], "training_flops", not_affine), not_affine
 
 
 def _raised(record: StepRecord, per_layer: list[int], layers: int) -> StepRecord:
     """``record`` with ``layers`` more resident layers: every point, so the peak, raised alike."""
-    shares = {c: record.shares.get(c, 0) + per_layer[i] * layers for i, c in enumerate(CATEGORIES)}
+    shares: dict[str, int] = {c: record.shares.get(c, 0) + per_layer[i] * layers for i, c in enumerate(CATEGORIES)}
     return StepRecord(
         peak_bytes=record.peak_bytes + sum(per_layer) * layers,
         shares=shares,
@@ -134,7 +134,7 @@ def _summed_over_blocks(traced: dict[int, Traced], lengths: list[int], key: str)
     out: dict[str, int | None] = {}
     for name in sorted(names):
         values = [per_length[k].get(name) for k in lengths]
-        out[name] = sum(values) if all(isinstance(v, int) for v in values) else None
+        out[name] = sum(v for v in values if isinstance(v, int)) if all(isinstance(v, int) for v in values) else None
     return out
 
 
@@ -195,9 +195,8 @@ def derive_blocks(trace_at: Callable[[int], Traced], tech: Technique, layers: in
     m.technique = tech.name
     m.blocks, m.timeline = [], {}
     for name in ("num_parameters", "extra_parameters"):  # figures of the whole model: on the line to L
-        setattr(
-            m, name, extrapolate_value(*(getattr(x, name) for x in line), layers - LINE_DEPTHS[0], name, not_affine)
-        )
+        a, b, c = (getattr(x, name) for x in line)
+        setattr(m, name, extrapolate_value(a, b, c, layers - LINE_DEPTHS[0], name, not_affine))
     summarise(m, list(range(len(parts))), results, True, parts)
     worst_k = len(parts[m.peak_block or 0])  # the first block with the largest peak, as summarise picks
     m.extra = _block_extra(traced, worst_k, not_affine)

@@ -38,15 +38,8 @@ def recorded(name: str, b: int, measure: Callable[[], Measurement]) -> Measureme
         return Measurement.failed(name, b, f"{type(err).__name__}: {err}", fake=True)
 
 
-@dataclass(frozen=True)
-class FirstRun:
-    """One technique's fake run at the plan's batch size (EntryPlanner.first_runs)."""
-
-    name: str
-    tech: Technique
-    parallel: bool
-    b: int
-    simulated: bool
+Wanted = tuple[str, Technique, bool]
+"""(display name, technique run on each device, block-parallel?) of one planned technique."""
 
 
 @dataclass
@@ -234,39 +227,54 @@ class EntryPlanner:
             ),
         )
 
-    def first_runs(self, wanted: list[tuple[str, Technique, bool]], b: int) -> list[FirstRun]:
-        """Each technique's run at batch ``b`` that is neither made nor in the cache: the runs
-        that do not depend on one another (dbprofile.planner.workers runs them side by side)."""
-        out = []
+    def jobs(self, wanted: list[Wanted], b: int) -> list[list[Wanted]]:
+        """The plan's techniques in groups that share no run, so that each group can be planned in a
+        process of its own (dbprofile.planner.workers): every technique alone, but the DiffusionBlocks
+        techniques derived from the same db:1 traces (dbprofile.measure.shared_blocks) together. A group
+        whose first run is in the trace cache comes first: it costs a read, not a process."""
+        from dbprofile.measure.shared_blocks import one_block
+
+        groups: dict[Any, list[Wanted]] = {}
         for name, tech, parallel in wanted:
-            if self.simulates(parallel):
-                known, parts = (name, b) in self.simulated, self.rank_parts(name, tech, parallel, b)
+            shares = tech.is_diffusion_blocks and not tech.offload and not parallel
+            key = (one_block(tech).name, self.simulates(parallel)) if shares else name
+            groups.setdefault(key, []).append((name, tech, parallel))
+        return sorted(groups.values(), key=lambda group: not self.first_run_known(group[0], b))
+
+    def first_run_known(self, wanted: Wanted, b: int) -> bool:
+        """Whether a technique's run at batch ``b`` is made or in the trace cache."""
+        name, tech, parallel = wanted
+        if self.simulates(parallel):
+            known, parts = (name, b) in self.simulated, self.rank_parts(name, tech, parallel, b)
+        else:
+            known, parts = (tech.name, b, 1) in self.runs, self.fake_parts(tech, b, 1)
+        return known or (self.cache is not None and self.cache.get(parts) is not None)
+
+    def plan_job(
+        self, job: list[Wanted], b: int, searched: tuple[bool, int] | None
+    ) -> dict[str, PlanEntry | SpecError]:
+        """Each technique's entry at batch ``b``, its largest batch and micro-batch searched when
+        ``searched`` = (confirm_max_batch, min_micro_batch); bad input comes back, not raised, for the
+        plan to raise (or, for DiffusionBlocks in the default set, to leave it out) in its own order."""
+        out: dict[str, PlanEntry | SpecError] = {}
+        for name, tech, parallel in job:
+            try:
+                entry = self.predict(name, tech, parallel, b)
+                if searched is not None:
+                    self.search(entry, tech, parallel, *searched)
+            except SpecError as err:
+                out[name] = err
             else:
-                known, parts = (tech.name, b, 1) in self.runs, self.fake_parts(tech, b, 1)
-            if not known and (self.cache is None or self.cache.get(parts) is None):
-                out.append(FirstRun(name, tech, parallel, b, self.simulates(parallel)))
+                out[name] = entry
         return out
 
-    def run_first(self, run: FirstRun) -> Measurement:
-        """``run``'s measurement (in a worker process), not kept."""
-        if run.simulated:
-            return self.rank_measurement(run.name, run.tech, run.parallel, run.b)
-        return self.fake_measurement(run.tech, run.b, 1)
-
-    def keep_first(self, run: FirstRun, m: Measurement) -> None:
-        """A measurement made elsewhere (a worker) kept as this process would have kept it."""
-        from dbprofile.measure.steps import learned_state_warmup
-
-        if run.simulated:
-            self.simulated[(run.name, run.b)] = m
-            parts = self.rank_parts(run.name, run.tech, run.parallel, run.b)
-        else:
-            self.runs[(run.tech.name, run.b, 1)] = m
-            parts = self.fake_parts(run.tech, run.b, 1)
-            kind = run.tech.is_diffusion_blocks
-            self.state_warmup[kind] = learned_state_warmup(m.extra.get("warmup"), self.state_warmup[kind])
-        if self.cache is not None:
-            self.cache.put(parts, m)
+    def keep(self, runs: dict, simulated: dict, state_warmup: dict[bool, str]) -> None:
+        """What a worker's planner made, kept as if this one had made it (the trace cache has it already)."""
+        self.runs.update(runs)
+        self.simulated.update(simulated)
+        for kind, way in state_warmup.items():
+            if way != "all":
+                self.state_warmup[kind] = way
 
     def predict(self, name: str, tech: Technique, parallel: bool, b: int, micro: int = 1) -> PlanEntry:
         """The entry for ``tech`` at batch ``b`` (``micro`` micro-batches accumulating per step)."""

@@ -19,7 +19,7 @@ from dbprofile.planner.targets import (
     resolve_target,
 )
 from dbprofile.planner.trace_cache import TraceCache, cache_dir
-from dbprofile.planner.workers import default_workers, prefetch
+from dbprofile.planner.workers import default_workers, plan_jobs
 from dbprofile.planner.zero import ModelFacts, model_facts
 from dbprofile.results import Plan, PlanEntry
 from dbprofile.settings import resolve_optimizer
@@ -174,25 +174,23 @@ def predicted_entries(
     searched: tuple[bool, int] | None,
     workers: int | None,
 ) -> tuple[list[PlanEntry], str | None]:
-    """(each technique's entry at ``batch_size``, why DiffusionBlocks was left out or None). The
-    techniques' first fake runs go to the workers first; ``searched`` = (confirm_max_batch,
-    min_micro_batch) also searches each entry's largest batch and micro-batch. In the default set a
-    DiffusionBlocks technique its fake step refuses is left out, with the reason; named, it raises."""
+    """(each technique's entry at ``batch_size``, why DiffusionBlocks was left out or None), planned
+    side by side in worker processes where there are cores for them (dbprofile.planner.workers);
+    ``searched`` = (confirm_max_batch, min_micro_batch) also searches each entry's largest batch and
+    micro-batch. In the default set a DiffusionBlocks technique its fake step refuses is left out,
+    with the reason; named, it raises (the first in the requested order)."""
     runnable = [w for w in wanted if not (w[1].is_diffusion_blocks and left_out)]
-    prefetch(planner, planner.first_runs(runnable, batch_size), workers or default_workers())
+    planned = plan_jobs(planner, planner.jobs(runnable, batch_size), batch_size, searched, workers or default_workers())
     entries = []
-    for name, tech, parallel in wanted:
+    for name, tech, _ in runnable:
         if tech.is_diffusion_blocks and left_out:
             continue
-        try:
-            entry = planner.predict(name, tech, parallel, batch_size)
-        except SpecError as err:
+        entry = planned[name]
+        if isinstance(entry, SpecError):
             if not default_set or not tech.is_diffusion_blocks:
-                raise
-            left_out = str(err)
+                raise entry
+            left_out = str(entry)
             continue
-        if searched is not None:
-            planner.search(entry, tech, parallel, *searched)
         entries.append(entry)
     return entries, left_out
 

@@ -1,11 +1,13 @@
-"""The plan's independent fake runs side by side, in worker processes.
+"""The plan's techniques side by side, in worker processes.
 
-Every technique's run at the plan's batch size depends on nothing but the model and the settings,
-so ``prefetch`` runs them in a pool of forked workers (the model spec, with its closures, is already
-in the forked memory; nothing is pickled but the measurements coming back) and keeps each as the
-planner would have (in memory and in the trace cache). The searches that follow (largest batch,
-accumulation) depend on those results and stay in the plan's process. The workers run the same
-functions on the same inputs, so no byte of any result changes (tests/test_workers.py).
+A technique's entry (its run at the plan's batch size, then the runs of its largest-batch and
+micro-batch searches) depends on nothing but the model, the settings and its own runs, so
+``plan_jobs`` plans each group of techniques that share no run (``EntryPlanner.jobs``: each technique
+alone, the DiffusionBlocks techniques read off the same db:1 traces together) in a pool of forked
+workers (the model spec, with its closures, is already in the forked memory; nothing is pickled but
+the entries and measurements coming back). Each worker writes its runs to the trace cache itself;
+the plan's process keeps them in memory too. The workers run the same functions on the same inputs,
+so no byte of any result changes (tests/test_workers.py).
 
 Workers ignore Ctrl-C: the plan's process gets it, terminates the pool and waits for it, so no
 worker outlives an interrupted plan. Where ``fork`` is not available (Windows, or macOS where it is
@@ -21,15 +23,16 @@ import sys
 from typing import Any
 
 from dbprofile import progress
-from dbprofile.planner.entries import EntryPlanner, FirstRun
-from dbprofile.results import Measurement
+from dbprofile.planner.entries import EntryPlanner, Wanted
+from dbprofile.results import PlanEntry
 from dbprofile.spec import SpecError
 
 POLL_S = 0.2
 """How often the plan's process looks up from waiting for its workers (so that Ctrl-C reaches it)."""
 
-_job: tuple[EntryPlanner, list[FirstRun]] | None = None
-"""The planner and its runs, set before the workers fork (they read it from their copy)."""
+_job: tuple[EntryPlanner, list[list[Wanted]], int, tuple[bool, int] | None] | None = None
+"""The planner, its groups of techniques, the batch size and the searches, set before the workers
+fork (they read it from their copy)."""
 
 
 MIN_CORES = 4
@@ -60,29 +63,34 @@ def _start_worker() -> None:
     progress.detach()
 
 
-def _run(index: int) -> Measurement | None:
+Planned = dict[str, PlanEntry | SpecError]
+"""Each technique's entry, or the bad input it met (EntryPlanner.plan_job)."""
+
+
+def _run(index: int) -> tuple[Planned, dict, dict, dict]:
     assert _job is not None
-    planner, runs = _job
-    try:
-        return planner.run_first(runs[index])
-    except SpecError:
-        return None  # bad input: the plan's own process meets it again and says so
+    planner, jobs, b, searched = _job
+    planned = planner.plan_job(jobs[index], b, searched)
+    return planned, planner.runs, planner.simulated, planner.state_warmup
 
 
-def prefetch(planner: EntryPlanner, runs: list[FirstRun], workers: int) -> int:
-    """Run ``runs`` in up to ``workers`` processes and keep their measurements in ``planner``; the
-    number of worker processes used (0: none, the runs are left to the plan)."""
+def plan_jobs(
+    planner: EntryPlanner, jobs: list[list[Wanted]], b: int, searched: tuple[bool, int] | None, workers: int
+) -> Planned:
+    """Every group's entries (EntryPlanner.plan_job), in up to ``workers`` processes where two or more
+    groups have runs to make (the others, read from the cache, cost no process), else in this one."""
     global _job
-    count = min(workers, len(runs))
+    pending = [job for job in jobs if not planner.first_run_known(job[0], b)]
+    count = min(workers, len(pending))
     if count < 2 or sys.platform != "linux" or "fork" not in multiprocessing.get_all_start_methods():
-        return 0
-    _job = (planner, runs)
+        return {name: entry for job in jobs for name, entry in planner.plan_job(job, b, searched).items()}
+    _job = (planner, pending, b, searched)
     pool: Any = multiprocessing.get_context("fork").Pool(count, initializer=_start_worker)
     try:
-        pending = pool.map_async(_run, range(len(runs)), chunksize=1)
-        while not pending.ready():
-            pending.wait(POLL_S)  # a wait with no timeout would not see Ctrl-C
-        results = pending.get()
+        results = pool.map_async(_run, range(len(pending)), chunksize=1)
+        while not results.ready():
+            results.wait(POLL_S)  # a wait with no timeout would not see Ctrl-C
+        done = results.get()
         pool.close()
     except BaseException:
         pool.terminate()
@@ -90,7 +98,11 @@ def prefetch(planner: EntryPlanner, runs: list[FirstRun], workers: int) -> int:
     finally:
         pool.join()
         _job = None
-    for run, m in zip(runs, results):
-        if m is not None:
-            planner.keep_first(run, m)
-    return count
+    planned: Planned = {}
+    for entries, runs, simulated, state_warmup in done:
+        planned.update(entries)
+        planner.keep(runs, simulated, state_warmup)
+    for job in jobs:
+        if job not in pending:
+            planned.update(planner.plan_job(job, b, searched))
+    return planned
