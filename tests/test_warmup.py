@@ -6,17 +6,19 @@ replay, the FLOPs; and a model that keeps what its first step makes warms up by 
 from __future__ import annotations
 
 import pytest
+import torch
 
 from dbprofile.measure.allocator import FREED, AllocationRecorder, CachingAllocatorModel, replay
 from dbprofile.measure.runner import measure
 from dbprofile.measure.steps import learned_state_warmup
 from dbprofile.models import get_preset
+from dbprofile.spec import ModelSpec
 
 CUDA = dict(round_to=512, emulate_cuda=True)
 
 
-def _both(preset: str, depth: int, technique: str, **settings):
-    spec = get_preset(preset).at_depth(depth)
+def _both(preset: str | ModelSpec, depth: int, technique: str, **settings):
+    spec = get_preset(preset).at_depth(depth) if isinstance(preset, str) else preset
     out = []
     for mode in ("off", "all"):
         traces: dict = {}
@@ -62,9 +64,12 @@ def _assert_warmed_up_to_the_byte(stepped, stateless):
         ("gpt-tiny", "ckpt", "adamw-loop", "optimizer state"),
         ("gpt-tiny", "sac", "adamw-fused", "optimizer state"),
         ("dit-tiny", "db:3", "adamw-foreach", "optimizer state"),
-        # DiffusionBlocks on a classifier or LM hands each step its conditioning: one real step first.
+        # DiffusionBlocks' conditioning and the built-in Llama's rotary tables end with their step; a
+        # ViT's class token, which DiffusionBlocks replaces, gets no gradient, and only a real first
+        # step shows which parameters stay without state.
         ("vit-tiny", "db:2", "adamw-foreach", "optimizer state (after 1 step)"),
-        ("llama-tiny", "db:2+ckpt", "adamw-loop", "optimizer state (after 1 step)"),
+        ("llama-tiny", "db:2+ckpt", "adamw-loop", "optimizer state"),
+        ("llama-tiny", "e2e", "adamw-foreach", "optimizer state"),
     ],
 )
 def test_state_without_steps_is_the_warmed_up_measurement_to_the_byte(preset, technique, optimizer, warmup):
@@ -78,16 +83,41 @@ def test_uneven_blocks_share_one_step_per_length_and_equal_the_traced_blocks():
     # llama-tiny at 7 layers in 3 blocks: 3, 2, 2 layers; blocks 1 and 2 share one tracked step.
     stepped, stateless = _both("llama-tiny", 7, "db:3", optimizer="adamw-foreach", **CUDA)
     assert [b.layers for b in stateless[0].blocks] == [[0, 1, 2], [3, 4], [5, 6]]
-    assert stateless[0].extra["timing"]["steps_run"] == 3  # a real step of block 0, then blocks 0 and 1
+    assert stateless[0].extra["timing"]["steps_run"] == 2  # blocks 0 and 1, no warm-up step
     assert stepped[0].extra["timing"]["steps_run"] == 6
     _assert_warmed_up_to_the_byte(stepped, stateless)
 
 
+def _keeping_spec(depth: int) -> ModelSpec:
+    """The toy classifier, keeping a tensor its first forward makes (as a model that caches a table on
+    first use and keeps it between steps would)."""
+    import dataclasses
+
+    from _toy import ToyNet, toy_spec
+
+    class KeepingNet(ToyNet):
+        kept: torch.Tensor | None = None
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            if self.kept is None:
+                self.kept = torch.ones_like(x[0])
+            return super().forward(x * self.kept)
+
+    def build() -> torch.nn.Module:
+        torch.manual_seed(0)
+        return KeepingNet(32, depth, 10, 12)
+
+    return dataclasses.replace(toy_spec(depth=depth), build=build)
+
+
 def test_a_model_that_keeps_its_first_steps_tensors_warms_up_by_steps():
-    # The built-in Llama caches its rotary tables on first use: the tracked step of a run without a
-    # warm-up step would make them, so the measurement is made again with the warm-up step.
-    stepped, stateless = _both("llama-tiny", 3, "e2e", optimizer="adamw-foreach", **CUDA)
+    # The tracked step of a run without a warm-up step would make the kept tensor, so the measurement
+    # is made again with the warm-up step (one unit), or with a real step of the first block first.
+    stepped, stateless = _both(_keeping_spec(3), 3, "e2e", optimizer="adamw-foreach", **CUDA)
     assert stateless[0].extra["warmup"] == "steps"
+    _assert_warmed_up_to_the_byte(stepped, stateless)
+    stepped, stateless = _both(_keeping_spec(4), 4, "db:2", optimizer="adamw-foreach", **CUDA)
+    assert stateless[0].extra["warmup"] == "optimizer state (after 1 step)"
     _assert_warmed_up_to_the_byte(stepped, stateless)
 
 

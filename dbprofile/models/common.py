@@ -9,6 +9,8 @@ bottom with these as its vocabulary.
 
 from __future__ import annotations
 
+import weakref
+
 import math
 from collections.abc import Callable
 from typing import Any
@@ -45,11 +47,16 @@ class RotaryCache:
     One instance is shared by every attention layer of a model (a plain attribute, not a
     submodule, so it holds no parameters and moves nowhere). Sharing matters for memory: the
     autograd graph saves cos/sin for backward in every layer, and one shared table is one
-    tensor instead of one per layer. Tables are cached by (length, device, dtype, tensor
-    type), so a DiffusionBlocks pass at twice the context length simply adds a second entry
-    and fake-tensor runs never receive real tables (or the reverse). The cache stays alive
-    between steps; it is small (Llama-2-7B at 8192 tokens in bf16: 2 x 8192 x 128 x 2 bytes
-    = 4 MiB).
+    tensor instead of one per layer. Tables are kept by (length, device, dtype, tensor type), so a
+    DiffusionBlocks pass at twice the context length simply adds a second entry and fake-tensor runs
+    never receive real tables (or the reverse).
+
+    The cache holds its tables by weak reference: a table lives as long as something uses it (the
+    layers of one forward, and the autograd graph that saved it, until the backward is done), so the
+    first layer of each step makes it and the step frees it, as a model that computes its tables once
+    per forward (Hugging Face's Llama) does. A table kept between steps would be state that a first
+    step makes, which the planner's warm-up without steps cannot make (dbprofile.measure.warmup).
+    Small either way (Llama-2-7B at 8192 tokens in bf16: 2 x 8192 x 128 x 2 bytes = 4 MiB).
     """
 
     def __init__(self, head_dim: int, theta: float = 10000.0) -> None:
@@ -57,24 +64,27 @@ class RotaryCache:
             raise ValueError(f"RoPE needs an even head dimension; got {head_dim}.")
         self.head_dim = head_dim
         self.theta = theta
-        self._tables: dict[tuple, tuple[torch.Tensor, torch.Tensor]] = {}
+        self._tables: dict[tuple, tuple[weakref.ref[torch.Tensor], weakref.ref[torch.Tensor]]] = {}
 
     def __call__(self, like: torch.Tensor, length: int) -> tuple[torch.Tensor, torch.Tensor]:
         """cos and sin, each (length, head_dim), on ``like``'s device and dtype."""
         device, dtype = like.device, like.dtype
         key = (length, device, dtype, type(like))
-        if key in self._tables:
-            return self._tables[key]
+        kept = self._tables.get(key)
+        if kept is not None:
+            cos, sin = kept[0](), kept[1]()
+            if cos is not None and sin is not None:
+                return cos, sin
         # Frequencies theta^(-2i/d), i = 0..d/2-1, as in RoFormer and Llama; float32 for accuracy.
         exponents = torch.arange(0, self.head_dim, 2, device=device, dtype=torch.float32) / self.head_dim
         inv_freq = self.theta**-exponents
         angles = torch.outer(torch.arange(length, device=device, dtype=torch.float32), inv_freq)
         angles = torch.cat([angles, angles], dim=-1)  # (T, head_dim), "rotate half" layout
-        table = (angles.cos().to(dtype), angles.sin().to(dtype))
-        # Tables made under inference_mode cannot be saved for backward later: don't keep them.
+        cos, sin = angles.cos().to(dtype), angles.sin().to(dtype)
+        # Tables made under inference_mode cannot be saved for backward later: don't share them.
         if not torch.is_inference_mode_enabled():
-            self._tables[key] = table
-        return table
+            self._tables[key] = (weakref.ref(cos), weakref.ref(sin))
+        return cos, sin
 
     def __deepcopy__(self, memo: dict) -> RotaryCache:
         # A copied model gets its own empty cache (tables are cheap to rebuild).

@@ -96,6 +96,14 @@ class DiffusionBlocksTrainer(Trainer):
         block = self.pick_block() if unit is None else unit
         return self.model.loss(batch, block, generator=self.generator)
 
+    def step(self, batch: Batch, unit: int | None = None, mark: Mark = no_mark) -> torch.Tensor:
+        try:
+            return super().step(batch, unit, mark)
+        finally:
+            # The step's conditioning ends with it, as the local it is in the reference code: kept on the
+            # context it would be state that a first step makes (dbprofile.measure.warmup).
+            self.model.context.cond = None
+
     def parameters_for_step(self, unit: int | None) -> list[nn.Parameter]:
         if unit is None:
             return self.trainable_parameters()
