@@ -166,7 +166,9 @@ class Output:
 
 SILENCED_LOGGERS = ("torch._subclasses.fake_tensor",)
 """Loggers that report, with a traceback, an exception dbprofile catches and says in its own
-paragraph (fake tensors log every op that fails before raising it): off below -v."""
+paragraph (fake tensors log every op that fails before raising it): off below -v. Off by a filter,
+not a level: the command may import torch after the block starts (the CLI does not import it until
+a command needs it), and importing torch resets its loggers' levels."""
 
 
 @contextlib.contextmanager
@@ -183,17 +185,19 @@ def _quiet_libraries() -> Iterator[None]:
             record.exc_info, record.exc_text, record.stack_info = None, None, None
         return record
 
+    def nothing(record: logging.LogRecord) -> bool:
+        return False
+
     silenced = [logging.getLogger(name) for name in SILENCED_LOGGERS]
-    levels = [logger.level for logger in silenced]
     logging.setLogRecordFactory(without_traceback)
     for logger in silenced:
-        logger.setLevel(logging.CRITICAL + 1)
+        logger.addFilter(nothing)
     try:
         yield
     finally:
         logging.setLogRecordFactory(make_record)
-        for logger, level in zip(silenced, levels):
-            logger.setLevel(level)
+        for logger in silenced:
+            logger.removeFilter(nothing)
 
 
 @functools.cache

@@ -26,13 +26,7 @@ from torch import nn
 from dbprofile.measure.fake import fake_mode, real_dtype_checks
 from dbprofile.models import DEFAULT_PRESET, PRESETS, get_preset
 from dbprofile.models.masked_lm import reschedule
-from dbprofile.spec import (
-    ModelSpec,
-    SpecError,
-    check_loss,
-    get_layers,
-    infer_hidden_size,
-)
+from dbprofile.spec import ModelSpec, SpecError, check_loss, get_layers, infer_hidden_size
 from dbprofile.torch_internals import FAKE_TENSOR_LIMITS
 
 PREFIXES = ("hf:", "diffusers:", "timm:")
@@ -182,7 +176,7 @@ def load_spec(source: ModelSpec | str | Path | None) -> ModelSpec:
     if is_ecosystem_source(source):  # hf:NAME, diffusers:NAME, timm:NAME
         return load_ecosystem(source)
     path_part, _, obj_name = source.partition(":")
-    if path_part.endswith(".py") or "/" in path_part or Path(path_part).suffix:
+    if names_file(source):
         return _load_file(Path(path_part), obj_name or None)
     if source in PRESETS:
         return get_preset(source)
@@ -192,6 +186,11 @@ def load_spec(source: ModelSpec | str | Path | None) -> ModelSpec:
         f"Unknown model {source!r}: it is neither a preset name nor a .py file.{hint} "
         "Run `dbprofile models` for the presets, or pass a model file such as examples/custom_resmlp.py."
     )
+
+
+def names_file(source: str) -> bool:
+    """Whether ``load_spec`` reads ``source`` as ``file.py[:name]``: by its spelling (.py, a slash, a suffix)."""
+    return (part := source.partition(":")[0]).endswith(".py") or "/" in part or bool(Path(part).suffix)
 
 
 def _load_file(path: Path, obj_name: str | None) -> ModelSpec:

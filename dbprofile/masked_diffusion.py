@@ -25,8 +25,10 @@ import math
 import torch
 import torch.nn.functional as F
 
-SCHEDULES = ("linear", "cosine")
-DEFAULT_SCHEDULE = "linear"
+from dbprofile.vocabulary import MASKING_SCHEDULES
+
+SCHEDULES = MASKING_SCHEDULES
+DEFAULT_SCHEDULE = MASKING_SCHEDULES[0]
 
 T_MIN = 1e-4
 """Smallest time drawn: w(t) = 1/t grows without bound at t = 0, where nothing is masked."""

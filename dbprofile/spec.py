@@ -7,6 +7,10 @@ A ModelSpec tells dbprofile how to build the user's model, make a batch, compute
 end-to-end loss, where the residual layers are (``layers``, a dotted path to an
 ``nn.ModuleList`` or ``nn.Sequential``) and which task DiffusionBlocks must cast as denoising. The batch and
 call conventions per task (what DiffusionBlocks relies on) are in ``docs/protocol.md``.
+
+Importing it does not import torch (the warm plan's fast path, dbprofile.cli.warm_plan, reads
+``SpecError`` and never builds a model): the helpers import it when called, and the torch types
+``LayerStack`` and ``Batch`` are made when first imported from here.
 """
 
 from __future__ import annotations
@@ -14,21 +18,36 @@ from __future__ import annotations
 from collections.abc import Callable, Iterable
 from contextlib import AbstractContextManager
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import torch
-from torch import nn
+if TYPE_CHECKING:
+    from typing import TypeAlias
+
+    import torch
+    from torch import nn
+
+    LayerStack: TypeAlias = nn.ModuleList | nn.Sequential
+    Batch: TypeAlias = dict[str, torch.Tensor]
 
 TASKS = ("classification", "denoising", "causal-lm", "masked-diffusion-lm")
 
 SHAPES = ("seq_len", "image_size")
 """Model shapes a spec may let the command line change (``ModelSpec.shapes``)."""
 
-LayerStack = nn.ModuleList | nn.Sequential
-"""The containers a ``layers`` path may name: a ModuleList the forward loops over, or an
-nn.Sequential the forward calls (timm's ``blocks``)."""
 
-Batch = dict[str, torch.Tensor]
+def __getattr__(name: str) -> Any:
+    """``LayerStack``: the containers a ``layers`` path may name (a ModuleList the forward loops
+    over, or an nn.Sequential the forward calls: timm's ``blocks``); ``Batch``: a batch, tensors by
+    name. Made on first use, so that importing this module does not import torch."""
+    if name == "LayerStack":
+        from torch import nn
+
+        return nn.ModuleList | nn.Sequential
+    if name == "Batch":
+        import torch
+
+        return dict[str, torch.Tensor]
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 class SpecError(ValueError):
@@ -145,6 +164,8 @@ class ModelSpec:
 def get_layers(model: nn.Module, path: str, spec_name: str = "model") -> LayerStack:
     """Follow the dotted ``layers`` path to an nn.ModuleList or nn.Sequential; raise SpecError
     naming the missing part."""
+    from torch import nn
+
     obj: Any = model
     walked: list[str] = []
     for part in path.split("."):
@@ -172,6 +193,8 @@ def get_layers(model: nn.Module, path: str, spec_name: str = "model") -> LayerSt
 def like_stack(original: LayerStack, layers: Iterable[nn.Module]) -> LayerStack:
     """A container of ``layers`` of the same kind as ``original``: the model's forward either
     loops over a ModuleList or calls a Sequential, and a swapped-in stack must support the same."""
+    from torch import nn
+
     return nn.Sequential(*layers) if isinstance(original, nn.Sequential) else nn.ModuleList(layers)
 
 
@@ -186,6 +209,8 @@ def set_layers(model: nn.Module, path: str, layers: LayerStack) -> None:
 
 def infer_hidden_size(layers: LayerStack) -> int | None:
     """The residual width: the last dimension of the first LayerNorm/RMSNorm-like weight."""
+    import torch
+
     for module in layers[0].modules():
         weight = getattr(module, "weight", None)
         if isinstance(weight, torch.Tensor) and weight.dim() == 1 and "norm" in type(module).__name__.lower():
@@ -197,6 +222,8 @@ def check_loss(loss: Any, name: str) -> None:
     """The loss must be a floating-point scalar tensor attached to the model's parameters:
     anything else fails e2e's backward while DiffusionBlocks (which computes its own loss)
     would still report numbers, so it is refused before anything is measured."""
+    import torch
+
     fix = "ModelSpec.loss must return the scalar training loss as a tensor, e.g. F.cross_entropy(logits, targets)."
     if not isinstance(loss, torch.Tensor):
         raise SpecError(f"ModelSpec.loss of {name!r} returned {type(loss).__name__} {loss!r:.40}, not a tensor. {fix}")

@@ -63,6 +63,11 @@ OPTIMIZERS: tuple[str, ...] = OPTIMIZER_ALGORITHMS + tuple(
 the step runs on) or ``algorithm-implementation``; dbprofile.settings refuses the pairs PyTorch does
 not build (fused Adafactor)."""
 
+MaskingSchedule = Literal["linear", "cosine"]
+MASKING_SCHEDULES: tuple[MaskingSchedule, ...] = get_args(MaskingSchedule)
+"""A masked diffusion LM's masking schedules alpha_t, its default first (dbprofile.masked_diffusion);
+here, beside the other names, so that the command line offers them without importing torch."""
+
 CudaCorrection = Literal["cublas_workspace", "allocator_segments", "cuda_context"]
 CUDA_CORRECTIONS: tuple[CudaCorrection, ...] = get_args(CudaCorrection)
 """The planner's corrections for a CUDA target, in ``PlanEntry.corrections`` (dbprofile.planner)."""

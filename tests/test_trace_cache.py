@@ -124,4 +124,5 @@ def test_plan_no_cache_on_the_command_line(traced):
     assert invoke(*args, "--no-cache").exit_code == 0
     assert _entries() == []
     assert invoke(*args).exit_code == 0 and invoke(*args).exit_code == 0
-    assert traced == ["e2e"] * 2 and len(_entries()) == 3  # the trace, the plan, the parameter count
+    # The trace, the plan, the parameter count and the command line's answer (dbprofile.cli.warm_plan).
+    assert traced == ["e2e"] * 2 and len(_entries()) == 4

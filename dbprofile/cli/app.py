@@ -273,11 +273,11 @@ def output_options(func):
 
 def model_options(func):
     """--set, --seq-len, --image-size and --masking-schedule: the model's config and shapes, for run and plan."""
-    from dbprofile.masked_diffusion import SCHEDULES
+    from dbprofile.vocabulary import MASKING_SCHEDULES
 
     func = click.option(
         "--masking-schedule",
-        type=click.Choice(SCHEDULES),
+        type=click.Choice(MASKING_SCHEDULES),
         default=None,
         help="Masking schedule of a masked diffusion LM (MD4): linear, the model's default, or cosine.",
     )(func)

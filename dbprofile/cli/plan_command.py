@@ -1,13 +1,18 @@
 """``dbprofile plan``: predict each technique's peak on a target GPU (fake tensors, no GPU needed),
-with the verdict; one plan per shape of a sweep."""
+with the verdict; one plan per shape of a sweep. A preset's plan asked before is answered from the
+trace cache before torch is imported (``warm_plan``), with the same output."""
 
 from __future__ import annotations
 
 import sys
+import time
 from pathlib import Path
+from typing import NoReturn
 
 import click
 
+from dbprofile import progress
+from dbprofile.cli import warm_plan
 from dbprofile.cli.app import (
     FROM_CHECKPOINT_HELP,
     OPTIMIZER_HELP,
@@ -25,6 +30,7 @@ from dbprofile.cli.app import (
     reproduce_command,
 )
 from dbprofile.console import Output
+from dbprofile.results import Plan
 
 
 @main.command()
@@ -156,26 +162,30 @@ def plan(
     When nothing fits, the table, the HTML and the JSON still come, each technique with the bytes it
     misses by (``shortfall_bytes``), and the exit code is 3. Several --seq-len / --image-size values
     plan each shape (the JSON is then a list)."""
-    from dbprofile.files import write_atomic
+    started = time.perf_counter()
+    if batch_size < 1:
+        raise UserError(f"--batch-size must be at least 1; got {batch_size}.")
+    # A preset's plan asked before is answered here, before torch is imported (dbprofile.cli.warm_plan).
+    asked = warm_plan.question(click.get_current_context().params) if not no_cache else None
+    if asked is not None and (kept := warm_plan.read(asked)) is not None:
+        kept.plan.elapsed_s = time.perf_counter() - started  # as plan() says of a plan it read
+        progress.stage("asked before: the answer read from the trace cache, nothing planned")
+        html_path = Path(html) if html else None
+        check_outputs(_output_files(console, [html_path] if html_path else []), model_inputs(model))
+        _finish(console, [_show(console, kept, None, html_path)], [kept.plan])
+
     from dbprofile.loading import shape_value
     from dbprofile.planner import plan as make_plan
     from dbprofile.planner.predict import parameter_count
-    from dbprofile.report.experts import experts_summary, moe_memory
-    from dbprofile.report.notebook import render_plan_page
-    from dbprofile.report.parallel_text import format_layout
-    from dbprofile.report.text import format_plan
-    from dbprofile.verdict.evidence import DB_NOT_APPLICABLE
+    from dbprofile.report.experts import experts_summary
 
-    if batch_size < 1:
-        raise UserError(f"--batch-size must be at least 1; got {batch_size}.")
     target = gpu
     if gpu and gpu[0].isdigit():
         target = parse_size(gpu)
     swept, specs = load_models(model, set_options, seq_len, image_size, masking_schedule)
     html_paths = [_html_path(html, spec, swept) for spec in specs] if html else []
-    outputs = [("--html", path) for path in html_paths]
-    check_outputs(outputs + ([("--csv", console.csv_path)] if console.csv_path else []), model_inputs(model))
-    answers, results, codes = [], [], []
+    check_outputs(_output_files(console, html_paths), model_inputs(model))
+    shown, answers = [], []
     for index, spec in enumerate(specs):
         with console.progress(f"planning {spec.name}"):
             # plan() checks the model first (build, loss, sys.exit), so counting after it is safe.
@@ -198,33 +208,62 @@ def plan(
                 schedule=schedule,
                 pp_micro_batches=pp_micro_batches,
             )
-        if result.model_info.get(DB_NOT_APPLICABLE):
-            console.info(f"skipping DiffusionBlocks: {result.model_info[DB_NOT_APPLICABLE]}")
-        # Counted on the meta device: the model as the user's code builds it, at no memory cost.
-        console.text(f"{spec.name} ({spec.description}): {parameter_count(spec, not no_cache):,} parameters")
-        if "moe" in spec.extra:
-            console.text(experts_summary(spec.extra["moe"]))
-            for line in moe_memory(result.entries):
-                console.text(line)
-        if swept:
-            console.text(f"{swept} = {shape_value(spec, swept)}:")
-        console.text(format_plan(result))
-        if layout := format_layout(result):
-            console.text(layout)
-        files = {}
-        if html_paths:
-            path = html_paths[index]
-            path.parent.mkdir(parents=True, exist_ok=True)
-            files["html"] = str(write_atomic(path, render_plan_page(result, reproduce_command())))
-            console.text(f"plan: {files['html']}")
-        answers.append({**result.to_dict(), "files": files})
-        results.append(result)
-        codes.append(exit_code(result))
-    console.emit_json(answers[0] if len(answers) == 1 else answers)
+        answer = warm_plan.PlanAnswer(
+            plan=result,
+            # Counted on the meta device: the model as the user's code builds it, at no memory cost.
+            heading=f"{spec.name} ({spec.description}): {parameter_count(spec, not no_cache):,} parameters",
+            experts=experts_summary(spec.extra["moe"]) if "moe" in spec.extra else None,
+        )
+        shape = f"{swept} = {shape_value(spec, swept)}:" if swept else None
+        shown.append(_show(console, answer, shape, html_paths[index] if html_paths else None))
+        answers.append(answer)
+    if asked is not None and warm_plan.keeps(model, swept, [a.plan for a in answers]):
+        warm_plan.keep(asked, answers[0])
+    _finish(console, shown, [a.plan for a in answers])
+
+
+def _output_files(console: Output, html_paths: list[Path]) -> list[tuple[str, Path]]:
+    return [("--html", path) for path in html_paths] + ([("--csv", console.csv_path)] if console.csv_path else [])
+
+
+def _show(console: Output, answer: warm_plan.PlanAnswer, shape: str | None, html: Path | None) -> dict:
+    """Print one planned model (and write its --html): the same lines whether it was planned now or
+    read from the trace cache; its JSON answer. ``shape``: the line naming a sweep's value."""
+    from dbprofile.files import write_atomic
+    from dbprofile.report.experts import moe_memory
+    from dbprofile.report.notebook import render_plan_page
+    from dbprofile.report.parallel_text import format_layout
+    from dbprofile.report.text import format_plan
+    from dbprofile.verdict.evidence import DB_NOT_APPLICABLE
+
+    result = answer.plan
+    if result.model_info.get(DB_NOT_APPLICABLE):
+        console.info(f"skipping DiffusionBlocks: {result.model_info[DB_NOT_APPLICABLE]}")
+    console.text(answer.heading)
+    if answer.experts is not None:
+        console.text(answer.experts)
+        for line in moe_memory(result.entries):
+            console.text(line)
+    if shape:
+        console.text(shape)
+    console.text(format_plan(result))
+    if layout := format_layout(result):
+        console.text(layout)
+    files = {}
+    if html is not None:
+        html.parent.mkdir(parents=True, exist_ok=True)
+        files["html"] = str(write_atomic(html, render_plan_page(result, reproduce_command())))
+        console.text(f"plan: {files['html']}")
+    return {**result.to_dict(), "files": files}
+
+
+def _finish(console: Output, shown: list[dict], results: list[Plan]) -> NoReturn:
+    """The JSON and CSV answers, and the exit status of the best plan."""
+    console.emit_json(shown[0] if len(shown) == 1 else shown)
     console.write_csv(
         results[0].to_dataframe if len(results) == 1 else lambda: concat_frames([r.to_dataframe() for r in results])
     )
-    sys.exit(min(codes))
+    sys.exit(min(exit_code(result) for result in results))
 
 
 def _html_path(html: str, spec, swept: str | None) -> Path:

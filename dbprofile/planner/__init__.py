@@ -29,8 +29,10 @@ not FSDP's prefetch of the next unit, nor communication buffers; step times are 
 predicted. The CUDA corrections were measured on an H100 (reports/gpu-validation-h100.md).
 """
 
+import importlib
+from typing import TYPE_CHECKING, Any
+
 from dbprofile.planner.fit import fits_on, nothing_fits
-from dbprofile.planner.predict import plan
 from dbprofile.planner.targets import (
     ALLOCATOR_OVERHEAD_FRACTION,
     ASSUMED_UTILISATION,
@@ -40,10 +42,35 @@ from dbprofile.planner.targets import (
     resolve_target,
     time_per_million_samples,
 )
-from dbprofile.planner.zero import ModelFacts, block_parallel, shard_zero
 from dbprofile.results import views
 
+if TYPE_CHECKING:
+    from dbprofile.planner.predict import plan
+    from dbprofile.planner.zero import ModelFacts, block_parallel, shard_zero
+
 views.install_fits(fits_on)
+
+LAZY = {
+    "plan": "dbprofile.planner.predict",
+    "ModelFacts": "dbprofile.planner.zero",
+    "block_parallel": "dbprofile.planner.zero",
+    "shard_zero": "dbprofile.planner.zero",
+}
+"""Names whose modules import torch, imported when first used (PEP 562): a plan read from the
+trace cache (dbprofile.cli.warm_plan) needs ``nothing_fits`` and ``Plan.fits``, not torch."""
+
+
+def __getattr__(name: str) -> Any:
+    if name not in LAZY:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    value = getattr(importlib.import_module(LAZY[name]), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(LAZY))
+
 
 __all__ = [
     "ALLOCATOR_OVERHEAD_FRACTION",

@@ -9,7 +9,9 @@ of the classes and functions they name, and the values they close over; a change
 another key, never a stale entry), the technique, batch size, micro-batches, precision, optimizer,
 the CUDA target's corrections (512-byte rounding, allocator replay, compute capability), the
 sharding, the depth path asked for, and the versions of dbprofile (with a hash of its own source),
-torch and Python. An entry is a pickle behind a header and its SHA-256; it is written to a temporary
+torch, the model libraries and Python (``environment_key``, which reads the libraries' versions from
+their installed metadata and imports none of them). The command line's warm plans
+(dbprofile.cli.warm_plan) are entries of no one spec, keyed by the question alone. An entry is a pickle behind a header and its SHA-256; it is written to a temporary
 file and moved into place (``os.replace``), so a reader never sees half an entry, and one that is
 cut short or corrupt (a killed process, a full disk) fails its checksum, is ignored and is traced
 again. Location: ``$DBPROFILE_CACHE_DIR``, else ``$XDG_CACHE_HOME/dbprofile``, else
@@ -25,6 +27,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import hashlib
+import importlib.metadata
 import inspect
 import os
 import pickle
@@ -60,22 +63,29 @@ def _file_hash(path: str) -> str:
         return "unreadable"
 
 
-def environment_key() -> str:
-    """dbprofile's version and a hash of its own source, torch's and Python's versions, and those of
-    the model libraries loaded."""
-    import torch
+LIBRARIES = ("torch", "transformers", "diffusers", "timm")
+"""The libraries whose versions are part of every key: torch, and the ones model sources load."""
 
+
+def library_version(name: str) -> str:
+    """``name``'s installed version, read from its metadata without importing it ('-' when absent)."""
+    try:
+        return importlib.metadata.version(name)
+    except importlib.metadata.PackageNotFoundError:
+        return "-"
+
+
+def environment_key() -> str:
+    """dbprofile's version and a hash of its own source, Python's version and the versions of torch and
+    the model libraries installed (``LIBRARIES``). Imports none of them: the command line computes it
+    before torch is imported (dbprofile.cli.warm_plan), and the planner's keys use the same text."""
     package = Path(__file__).resolve().parent.parent
     digest = hashlib.sha256()
     for path in sorted(package.rglob("*.py")):
         digest.update(str(path.relative_to(package)).encode())
         digest.update(_file_hash(str(path)).encode())
-    libraries = {
-        name: getattr(sys.modules[name], "__version__", "?")
-        for name in ("transformers", "diffusers", "timm")
-        if name in sys.modules
-    }
-    return f"{__version__}|{digest.hexdigest()}|torch {torch.__version__}|{sys.version}|{sorted(libraries.items())}"
+    libraries = [f"{name} {library_version(name)}" for name in LIBRARIES]
+    return f"{__version__}|{digest.hexdigest()}|{sys.version}|{libraries}"
 
 
 def _source_file(obj: Any) -> str:
@@ -131,11 +141,14 @@ def spec_key(spec: Any) -> str:
 
 
 class TraceCache:
-    """Fake measurements on disk by key; ``None`` directory: a cache that keeps nothing."""
+    """Fake measurements on disk by key; ``None`` directory: a cache that keeps nothing. ``spec``
+    None: entries of no one model, whose parts must say everything that decides them (the command
+    line's warm plans, dbprofile.cli.warm_plan, keyed before any spec is loaded)."""
 
     def __init__(self, spec: Any, directory: Path | None) -> None:
         self.directory = directory
-        self._model = hashlib.sha256(f"{environment_key()}|{spec_key(spec)}".encode()).hexdigest() if directory else ""
+        model = spec_key(spec) if spec is not None else "no spec"
+        self._model = hashlib.sha256(f"{environment_key()}|{model}".encode()).hexdigest() if directory else ""
 
     def _path(self, parts: dict[str, Any]) -> Path | None:
         if self.directory is None:

@@ -7,13 +7,15 @@ one IEC unit per table (dbprofile.units). Importing this module installs the pla
 from __future__ import annotations
 
 from collections.abc import Collection, Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from dbprofile.report.experts import experts_summary, moe_memory, routing_seen
 from dbprofile.results import Plan, PlanEntry, RunResult, views
 from dbprofile.units import UNIT_BYTES, format_bytes, format_duration, format_gflop, pick_unit
-from dbprofile.validate import ValidationRow
 from dbprofile.vocabulary import CATEGORIES
+
+if TYPE_CHECKING:  # validate imports torch, and the rows are only read here
+    from dbprofile.validate import ValidationRow
 
 
 def aligned(rows: Sequence[Sequence[str]], left: Collection[int] = (0,)) -> list[str]:
