@@ -9,9 +9,8 @@ bottom with these as its vocabulary.
 
 from __future__ import annotations
 
-import weakref
-
 import math
+import weakref
 from collections.abc import Callable
 from typing import Any
 
