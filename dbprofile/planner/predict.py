@@ -263,7 +263,7 @@ def plan(
     $DBPROFILE_CACHE_DIR, else $XDG_CACHE_HOME/dbprofile or ~/.cache/dbprofile), so a repeated plan or
     the largest-batch search of the next one reads what was traced; False neither reads nor writes it.
     ``workers``: processes that run the techniques' first fake runs side by side (None: $DBPROFILE_WORKERS,
-    else one per core with at least 4 cores, else 1: all in this process; dbprofile.planner.workers);
+    else one per core: each technique (DiffusionBlocks' that share traces together) planned in one; dbprofile.planner.workers);
     the figures are the same either way.
     Each entry carries its training FLOPs per sample (counted on the same fake step as its memory)
     and, for a GPU with a known peak, an estimated time per million samples at ASSUMED_UTILISATION.

@@ -35,16 +35,16 @@ _job: tuple[EntryPlanner, list[list[Wanted]], int, tuple[bool, int] | None] | No
 fork (they read it from their copy)."""
 
 
-MIN_CORES = 4
-"""Fewer cores than this: no workers by default. On the 2-core development machine two workers took
-more CPU than one process (each worker learns on its own which warm-up a model needs, so each tries
-once where one process tries once per plan) and more wall time: llama-7b 51.0 s against 41.3 s
-(load average 1.1-1.2), llama-70b 77.6 s against 71.0 s (load 1.2-2.6; docs/planner.md)."""
+MIN_CORES = 2
+"""Fewer cores than this: no workers by default. On the 2-core development machine, idle, two workers
+plan llama-7b in 17.1 s wall against 24.9 s in one process, with the same CPU time (22.7 + 2.7 s
+against 23.7 + 1.3 s; docs/planner.md). (When only the first runs went to workers and each worker
+learned its own warm-up, two cost more than one: 51.0 s against 41.3 s.)"""
 
 
 def default_workers() -> int:
-    """``$DBPROFILE_WORKERS`` if set, else one worker per core this process may use when it has at
-    least MIN_CORES of them, else 1 (no workers)."""
+    """``$DBPROFILE_WORKERS`` if set, else one worker per core this process may use (1, no workers, on
+    one core)."""
     explicit = os.environ.get("DBPROFILE_WORKERS", "").strip()
     if explicit.isdigit() and int(explicit) >= 1:
         return int(explicit)
