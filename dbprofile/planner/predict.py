@@ -262,9 +262,8 @@ def plan(
     ``cache``: read and keep the fake runs in the trace cache (dbprofile.planner.trace_cache: under
     $DBPROFILE_CACHE_DIR, else $XDG_CACHE_HOME/dbprofile or ~/.cache/dbprofile), so a repeated plan or
     the largest-batch search of the next one reads what was traced; False neither reads nor writes it.
-    ``workers``: processes that run the techniques' first fake runs side by side (None: $DBPROFILE_WORKERS,
-    else one per core: each technique (DiffusionBlocks' that share traces together) planned in one; dbprofile.planner.workers);
-    the figures are the same either way.
+    ``workers``: processes that plan the techniques side by side, each with its searches (None:
+    $DBPROFILE_WORKERS, else one per core; dbprofile.planner.workers); the figures are the same either way.
     Each entry carries its training FLOPs per sample (counted on the same fake step as its memory)
     and, for a GPU with a known peak, an estimated time per million samples at ASSUMED_UTILISATION.
     ``tp``: tensor parallelism over a (world_size / tp) x tp mesh (dbprofile.planner.tensor_parallel);
