@@ -210,6 +210,26 @@ def test_batch_size_that_fits_nowhere_is_an_answer_with_each_shortfall():
     assert summary in format_plan(result) and result.verdict.decision == "not-worth-it"
 
 
+def test_when_the_state_alone_misses_no_batch_fits_and_no_run_confirms_it():
+    # 1 MiB of state + 66 MiB of cuBLAS workspaces + the context: over a capacity 67 MiB past the context.
+    calls: list = []
+    capacity = CUDA_CONTEXT_BYTES + 66 * MiB + MiB // 2
+    result = plan("gpt-tiny", 4, device=capacity, techniques=["e2e"], measure_fn=_linear_runner(calls))
+    e2e = result.get("e2e")
+    assert e2e.max_batch_size == 0
+    assert e2e.linear_fit["state_floor_bytes"] == MiB + 66 * MiB + CUDA_CONTEXT_BYTES > capacity
+    assert [c[1] for c in calls] == [4]  # the plan's own run only
+    # and the floor is a floor: batch 1 misses too
+    one = plan(
+        "gpt-tiny", 1, device=capacity, techniques=["e2e"], measure_fn=_linear_runner([]), search_max_batch=False
+    )
+    assert one.get("e2e").peak_bytes > capacity
+    # a capacity the state fits still confirms by a run
+    calls.clear()
+    roomy = plan("gpt-tiny", 4, device=capacity + MiB, techniques=["e2e"], measure_fn=_linear_runner(calls))
+    assert len(calls) > 1 and "state_floor_bytes" not in roomy.get("e2e").linear_fit
+
+
 def test_plan_fits_answers_for_its_target_another_gpu_and_one_technique():
     calls: list = []
     capacity = CUDA_CONTEXT_BYTES + 100 * MiB

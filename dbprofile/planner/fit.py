@@ -13,6 +13,11 @@ BATCH_DEPENDENT = ("activations", "temporaries", "inputs")
 """Shares that grow with the batch size; the others (parameters, buffers, gradients, optimizer
 state) and the CUDA corrections other than the allocator's fraction do not."""
 
+STATE = ("parameters", "buffers", "gradients", "optimizer_state")
+"""Shares whose bytes at an instant of the step are the same at every batch size: the step runs the
+same ops whatever the batch, so the same parameters, buffers, gradients and optimizer state are live
+at the same op."""
+
 
 MAX_CONFIRM_RUNS = 3
 """Fake runs at the linear model's guesses."""
@@ -38,9 +43,15 @@ def find_max_batch(entry: PlanEntry, predict: Callable[[int], PlanEntry], capaci
     guess lies strictly between the largest batch confirmed to fit and the smallest confirmed to
     miss (a guess outside is replaced by their midpoint), and where the guesses leave that gap
     open, up to MAX_BISECT_RUNS halve it: the answer is a confirmed fit, never just the plan's
-    own batch size because the line kept landing on a step of the staircase.
+    own batch size because the line kept landing on a step of the staircase. Where the state alone
+    (``state_floor``) misses the capacity, no batch size fits and no run is needed to say so.
     """
     b1 = entry.batch_size
+    if confirm and (floor := state_floor(entry)) > capacity:
+        # No batch size fits: every one's peak is at least this entry's state at its peak's instant.
+        entry.max_batch_size = 0
+        entry.linear_fit = {"points": [(b1, entry.peak_bytes)], "confirmed": True, "state_floor_bytes": floor}
+        return
     variable = sum(entry.shares.get(c, 0) for c in BATCH_DEPENDENT)
     # Of the CUDA corrections only the allocator's segments grow with the tracked bytes: in the
     # proportion this entry's own prediction has (the replayed one, or the measured fraction).
@@ -99,6 +110,14 @@ def find_max_batch(entry: PlanEntry, predict: Callable[[int], PlanEntry], capaci
         "points": sorted(points.items()),
         "confirmed": confirm,
     }
+
+
+def state_floor(entry: PlanEntry) -> int:
+    """Bytes every batch size's peak reaches at least: the state (``STATE``) live at this entry's peak
+    instant, which is live at the same instant of a step of any other batch size, plus the CUDA
+    corrections that do not depend on the bytes (cuBLAS workspaces, context)."""
+    fixed_corrections = sum(v for k, v in entry.corrections.items() if k != "allocator_segments")
+    return sum(entry.shares.get(c, 0) for c in STATE) + fixed_corrections
 
 
 def _gap(points: dict[int, int], capacity: int) -> tuple[int, int | None]:
