@@ -47,6 +47,8 @@ def _assert_same(fast, full):
     ]
     # the FLOPs grow with the depth too (they were the second depth's before)
     assert fast.training_flops == full.training_flops
+    # and so does the most state live at one instant (the planner's floor under every batch size)
+    assert fast.extra["state_peak_bytes"] == full.extra["state_peak_bytes"]
 
 
 @pytest.mark.parametrize(

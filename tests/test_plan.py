@@ -224,6 +224,17 @@ def test_when_the_state_alone_misses_no_batch_fits_and_no_run_confirms_it():
         "gpt-tiny", 1, device=capacity, techniques=["e2e"], measure_fn=_linear_runner([]), search_max_batch=False
     )
     assert one.get("e2e").peak_bytes > capacity
+    # the most state of the whole step counts, not only the state at the peak's instant
+    calls.clear()
+    runner = _linear_runner(calls)
+
+    def with_gradients_at_the_end(spec, technique, batch_size, **kwargs):
+        m = runner(spec, technique, batch_size, **kwargs)
+        m.extra["state_peak_bytes"] = 2 * MiB  # all the gradients live at the optimizer's step
+        return m
+
+    later = plan("gpt-tiny", 4, device=capacity + MiB, techniques=["e2e"], measure_fn=with_gradients_at_the_end)
+    assert later.get("e2e").max_batch_size == 0 and [c[1] for c in calls] == [4]
     # a capacity the state fits still confirms by a run
     calls.clear()
     roomy = plan("gpt-tiny", 4, device=capacity + MiB, techniques=["e2e"], measure_fn=_linear_runner(calls))

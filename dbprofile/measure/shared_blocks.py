@@ -36,7 +36,7 @@ from typing import Any
 from dbprofile.measure.allocator import LARGE_ROUND_BYTES
 from dbprofile.measure.step_extrapolation import NotAffine, extrapolate_step, extrapolate_value
 from dbprofile.measure.summary import UnitResult, summarise
-from dbprofile.measure.tracking import StepRecord
+from dbprofile.measure.tracking import StepRecord, state_bytes
 from dbprofile.methods.checkpointing import split_contiguous
 from dbprofile.results import Measurement
 from dbprofile.techniques import Technique
@@ -114,6 +114,7 @@ def _raised(record: StepRecord, per_layer: list[int], layers: int) -> StepRecord
         shares=shares,
         peak_phase=record.peak_phase,
         tagged_shares=dict(record.tagged_shares),
+        state_peak=None if record.state_peak is None else record.state_peak + state_bytes(per_layer) * layers,
     )
 
 
@@ -197,11 +198,12 @@ def derive_blocks(trace_at: Callable[[int], Traced], tech: Technique, layers: in
     for name in ("num_parameters", "extra_parameters"):  # figures of the whole model: on the line to L
         a, b, c = (getattr(x, name) for x in line)
         setattr(m, name, extrapolate_value(a, b, c, layers - LINE_DEPTHS[0], name, not_affine))
-    summarise(m, list(range(len(parts))), results, True, parts)
-    worst_k = len(parts[m.peak_block or 0])  # the first block with the largest peak, as summarise picks
+    worst = max(results, key=lambda unit: results[unit].peak.peak_bytes)  # the first, as summarise picks
+    worst_k = len(parts[worst])
     m.extra = _block_extra(traced, worst_k, not_affine)
     if "collective_bytes" in m.extra:  # a simulated rank's collectives, summed over its tracked steps
         m.extra["collective_bytes"] = _summed_over_blocks(traced, [len(p) for p in parts], "collective_bytes")
+    summarise(m, list(range(len(parts))), results, True, parts)
     # How db:1's traces made their state: not a way db:B's own runs must learn (depth.measure_fake).
     m.extra["warmup"] = f"{one_block(tech).name} traces"
     allocator = _allocator(traced, worst_k, sum(per_layer) * (layers - worst_k), m.peak_bytes, not_affine)

@@ -9,7 +9,7 @@ from __future__ import annotations
 from difflib import SequenceMatcher
 from typing import Any
 
-from dbprofile.measure.tracking import StepRecord
+from dbprofile.measure.tracking import StepRecord, state_bytes
 from dbprofile.vocabulary import CATEGORIES, PHASES
 
 
@@ -110,6 +110,7 @@ def extrapolate_step(records: list[StepRecord], depths: tuple[int, ...], target:
     grow = target - m1
     best: list[int] | None = None
     best_phase = -1
+    state_peak = 0
     for kind, a, b, c in candidates:
         if kind == "point":
             if _line(v1[a], v2[b], 2) != v3[c]:
@@ -132,12 +133,15 @@ def extrapolate_step(records: list[StepRecord], depths: tuple[int, ...], target:
         for phase, value in points:
             if min(value) < 0:
                 raise NotAffine("a share would be negative at full depth")
+            state_peak = max(state_peak, state_bytes(value))
             # strictly larger: the tracker's peak is the first instant that reaches the maximum
             if best is None or sum(value) > sum(best):
                 best, best_phase = value, phase
     assert best is not None
     shares: dict[str, int] = {name: best[i] for i, name in enumerate(CATEGORIES)}
-    return StepRecord(peak_bytes=sum(best), shares=shares, peak_phase=phase_name(best_phase), timeline={})
+    return StepRecord(
+        peak_bytes=sum(best), shares=shares, peak_phase=phase_name(best_phase), timeline={}, state_peak=state_peak
+    )
 
 
 def phase_name(index: int) -> str | None:

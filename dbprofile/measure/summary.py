@@ -51,6 +51,10 @@ def summarise(
     if tagged:
         # Bytes at the peak made inside a mixture-of-experts model's routed blocks (dbprofile.measure.regions).
         m.extra["moe_at_peak"] = {cat: peak.tagged_shares.get(cat, 0) for cat in ("activations", "temporaries")}
+    state_peaks = [results[u].peak.state_peak for u in units]
+    if all(isinstance(v, int) for v in state_peaks):
+        # The floor under every batch size's peak (dbprofile.planner.fit.state_floor): each unit steps.
+        m.extra["state_peak_bytes"] = max(v for v in state_peaks if isinstance(v, int))
     unit_flops = [results[u].flops for u in units]
     if all(f is not None for f in unit_flops):
         # One step per unit trains every layer once: e2e's one step, DiffusionBlocks' B block-steps.

@@ -35,6 +35,7 @@ from dbprofile.measure.tracking import (
     StepRecord,
     StorageInfo,
     downsample,
+    state_bytes,
     tensors_in,
     trainer_parameters,
 )
@@ -204,6 +205,7 @@ class Tracker:
             shares=shares,
             peak_phase=self._peak_phase,
             tagged_shares={name: n for name, n in zip(CATEGORIES, self._peak_tagged) if n},
+            state_peak=max((state_bytes(point[1:]) for point in self._points), default=0),
             timeline={
                 "categories": list(CATEGORIES),
                 "phases": list(PHASES),

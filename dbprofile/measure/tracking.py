@@ -37,6 +37,17 @@ is rounded up to a multiple of 512 bytes, and max_memory_allocated counts the ro
 DEFAULT_TIMELINE_POINTS = 240
 
 
+STATE_CATEGORIES = ("parameters", "buffers", "gradients", "optimizer_state")
+"""What a step holds whatever its batch size: at the same op, a step of any batch size has the same
+parameters, buffers, gradients and optimizer state live (the planner's floor on every batch's peak)."""
+STATE_INDEX = [CATEGORY_INDEX[name] for name in STATE_CATEGORIES]
+
+
+def state_bytes(values: list[int] | tuple[int, ...]) -> int:
+    """The state's bytes (STATE_CATEGORIES) among bytes per category."""
+    return sum(values[i] for i in STATE_INDEX)
+
+
 class MemoryLimitExceeded(RuntimeError):
     """Raised inside a step when live tracked bytes exceed the tracker's memory limit."""
 
@@ -52,6 +63,9 @@ class StepRecord:
     tagged_shares: dict[str, int] = field(default_factory=dict)
     """At the peak, the bytes by category of storages made inside tagged modules' forwards
     (dbprofile.measure.regions: a mixture-of-experts model's routed blocks); empty when none are."""
+    state_peak: int | None = None
+    """The most bytes of state (STATE_CATEGORIES) live at one instant of the step: a floor under the
+    peak of the same step at any batch size."""
     trace: list[tuple[Any, list[int]]] | None = None
     """With ``keep_trace``: every point of the step, not downsampled, as (the op that was running,
     [phase index, bytes per category...]). dbprofile.measure.depth aligns these across depths."""

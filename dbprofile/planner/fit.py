@@ -6,17 +6,13 @@ from __future__ import annotations
 from collections.abc import Callable
 
 from dbprofile.gpus import GPU
+from dbprofile.measure.tracking import STATE_CATEGORIES
 from dbprofile.planner.targets import Target, cuda_corrections, resolve_target
 from dbprofile.results import Plan, PlanEntry
 
 BATCH_DEPENDENT = ("activations", "temporaries", "inputs")
 """Shares that grow with the batch size; the others (parameters, buffers, gradients, optimizer
 state) and the CUDA corrections other than the allocator's fraction do not."""
-
-STATE = ("parameters", "buffers", "gradients", "optimizer_state")
-"""Shares whose bytes at an instant of the step are the same at every batch size: the step runs the
-same ops whatever the batch, so the same parameters, buffers, gradients and optimizer state are live
-at the same op."""
 
 
 MAX_CONFIRM_RUNS = 3
@@ -113,11 +109,20 @@ def find_max_batch(entry: PlanEntry, predict: Callable[[int], PlanEntry], capaci
 
 
 def state_floor(entry: PlanEntry) -> int:
-    """Bytes every batch size's peak reaches at least: the state (``STATE``) live at this entry's peak
-    instant, which is live at the same instant of a step of any other batch size, plus the CUDA
-    corrections that do not depend on the bytes (cuBLAS workspaces, context)."""
+    """Bytes every batch size's peak reaches at least: the most state (parameters, buffers, gradients,
+    optimizer state) live at one instant of the step, which is live at the same instant of a step of
+    any batch size (``extra['state_peak_bytes']``, where the entry's shares are its measurement's or
+    its simulated rank's; else the state at the entry's peak), plus the CUDA corrections that do not
+    depend on the bytes (cuBLAS workspaces, context)."""
     fixed_corrections = sum(v for k, v in entry.corrections.items() if k != "allocator_segments")
-    return sum(entry.shares.get(c, 0) for c in STATE) + fixed_corrections
+    at_peak = sum(entry.shares.get(c, 0) for c in STATE_CATEGORIES)
+    whole_step = entry.extra.get("state_peak_bytes")
+    own_shares = entry.sharding == "none" or (
+        entry.extra.get("sharding_model") == "simulated" and (entry.tensor_parallel or 1) == 1
+    )
+    if own_shares and isinstance(whole_step, int):
+        at_peak = max(at_peak, whole_step)
+    return at_peak + fixed_corrections
 
 
 def _gap(points: dict[int, int], capacity: int) -> tuple[int, int | None]:
