@@ -359,3 +359,32 @@ def test_plan_entries_carry_flops_a_time_estimate_and_the_memory_against_compute
     page = result._repr_html_()
     assert page.count('id="mc-point-') == 3 and 'id="mc-capacity"' in page
     assert result.verdict.recommended == "e2e" and page.count('id="mc-recommended"') == 1
+
+
+def test_the_plan_checks_a_model_of_identical_layers_on_a_two_layer_copy():
+    import dataclasses
+
+    from _toy import toy_spec
+
+    from dbprofile.planner.predict import checked_model
+
+    ran: list[int] = []
+    base = toy_spec(depth=6)
+
+    def counting_loss(model, batch, *, needs: int = 0):
+        ran.append(len(model.blocks))
+        if len(model.blocks) < needs:
+            raise ValueError("this model needs its layers")
+        return base.loss(model, batch)
+
+    spec, checked, facts = checked_model(dataclasses.replace(base, loss=counting_loss))
+    assert ran == [2] and facts.num_layers == 6 and checked["not_residual"] is None
+    assert spec.hidden_size == base.hidden_size
+    # a copy that fails is not the model's failure: the whole model is checked
+    ran.clear()
+    checked_model(dataclasses.replace(base, loss=lambda m, b: counting_loss(m, b, needs=3)))
+    assert ran == [2, 6]
+    # a model whose build fails gets the one-paragraph error of a run's check
+    broken = dataclasses.replace(base, build=lambda: (_ for _ in ()).throw(RuntimeError("no weights")))
+    with pytest.raises(SpecError, match="Building model 'toy' failed: RuntimeError: no weights"):
+        checked_model(broken)

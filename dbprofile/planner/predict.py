@@ -3,12 +3,15 @@ shares, add the CUDA corrections, and say what fits (the package docstring has t
 
 from __future__ import annotations
 
+import dataclasses
 import time
+from typing import Any
 
 from dbprofile.gpus import (
     GPU,
 )
 from dbprofile.loading import checked_spec, load_spec
+from dbprofile.measure.stack import spec_at_depth
 from dbprofile.measure.tracking import CUDA_BLOCK_BYTES  # the allocator's 512-byte blocks, one definition
 from dbprofile.planner.entries import EntryPlanner, MeasureFn
 from dbprofile.planner.layout import check_layout, layout_techniques, plan_pipeline
@@ -128,6 +131,33 @@ def depth_path(target: Target, facts: ModelFacts, full_trace: bool) -> tuple[boo
             "target: traced in full so the allocator replay covers every layer"
         )
     return full_trace, None
+
+
+CHECKED_DEPTH = 2
+"""Layers of the copy a plan checks the model on when its layers are identical."""
+
+
+def checked_model(spec: ModelSpec) -> tuple[ModelSpec, dict[str, Any], ModelFacts]:
+    """The checks a run makes (the model builds, its loss runs and is a loss; the hidden width; whether
+    the layers are residual: ``loading.checked_spec``) and the plan's facts of the model. Where the
+    layers are identical the loss runs on a copy cut to CHECKED_DEPTH layers, the code every layer runs
+    and the copy the depth extrapolation traces anyway (a 70B forward on fake tensors costs seconds);
+    otherwise, and where the copy fails (its error then names the model as built), on the whole model."""
+    try:
+        facts = model_facts(spec)
+    except Exception:  # the checks below say what is wrong in one paragraph
+        facts = None
+    if facts is not None and facts.not_identical is None and facts.num_layers > CHECKED_DEPTH:
+        try:
+            shallow, checked = checked_spec(spec_at_depth(spec, CHECKED_DEPTH), require_residual=False)
+        except SpecError:
+            pass
+        else:
+            if spec.hidden_size is None and shallow.hidden_size is not None:
+                spec = dataclasses.replace(spec, hidden_size=shallow.hidden_size)
+            return spec, checked, facts
+    spec, checked = checked_spec(spec, require_residual=False)
+    return spec, checked, facts if facts is not None else model_facts(spec)
 
 
 def parameter_count(spec: ModelSpec, cache: bool = True) -> int:
@@ -300,9 +330,8 @@ def plan(
         return answered
     # The same checks as a run's (loss, build, hidden width); db:B's own need for residual layers
     # surfaces in its fake run.
-    spec, checked = checked_spec(spec, require_residual=False)
+    spec, checked, facts = checked_model(spec)
     peak_flops = target.gpu.peak_flops(precision) if target.gpu is not None else None
-    facts = model_facts(spec)
     full_trace, full_trace_reason = depth_path(target, facts, full_trace)
     wanted = planned_techniques(spec, techniques, facts.num_layers, zero_stage, world_size, tp, pp)
     planner = EntryPlanner(
