@@ -46,11 +46,13 @@ def test_the_diffusion_blocks_techniques_that_share_traces_are_one_job():
         peak_flops=None,
     )
     names = ["e2e", "db:2", "db:3+ckpt", "db:4", "db:4+ckpt", "db:2+offload"]
-    wanted = [(n, parse_technique(n), False) for n in names]
+    wanted = [(n, parse_technique(n), False) for n in names] + [("db:4+parallel", parse_technique("db:4"), True)]
+    # the heaviest first (block-parallel, then the groups), so that two workers finish together
     assert [[name for name, _, _ in job] for job in planner.jobs(wanted, 2)] == [
-        ["e2e"],
+        ["db:4+parallel"],
         ["db:2", "db:4"],
         ["db:3+ckpt", "db:4+ckpt"],
+        ["e2e"],
         ["db:2+offload"],
     ]
 

@@ -42,6 +42,13 @@ Wanted = tuple[str, Technique, bool]
 """(display name, technique run on each device, block-parallel?) of one planned technique."""
 
 
+def _weight(group: list[Wanted]) -> int:
+    """How long a group of techniques takes to plan, roughly, to start the longest first: block-parallel
+    DiffusionBlocks (every representative rank builds the whole model) before a group of DiffusionBlocks
+    techniques (db:1's traces, then each B derived), before one technique."""
+    return 2 if any(parallel for _, _, parallel in group) else int(len(group) > 1)
+
+
 @dataclass
 class EntryPlanner:
     """What every fake run of one plan shares, and the runs made so far."""
@@ -231,7 +238,8 @@ class EntryPlanner:
         """The plan's techniques in groups that share no run, so that each group can be planned in a
         process of its own (dbprofile.planner.workers): every technique alone, but the DiffusionBlocks
         techniques derived from the same db:1 traces (dbprofile.measure.shared_blocks) together. A group
-        whose first run is in the trace cache comes first: it costs a read, not a process."""
+        whose first run is in the trace cache comes first: it costs a read, not a process; then the
+        heaviest (``_weight``), so that side by side the workers finish together."""
         from dbprofile.measure.shared_blocks import one_block
 
         groups: dict[Any, list[Wanted]] = {}
@@ -239,7 +247,7 @@ class EntryPlanner:
             shares = tech.is_diffusion_blocks and not tech.offload and not parallel
             key = (one_block(tech).name, self.simulates(parallel)) if shares else name
             groups.setdefault(key, []).append((name, tech, parallel))
-        return sorted(groups.values(), key=lambda group: not self.first_run_known(group[0], b))
+        return sorted(groups.values(), key=lambda group: (not self.first_run_known(group[0], b), -_weight(group)))
 
     def first_run_known(self, wanted: Wanted, b: int) -> bool:
         """Whether a technique's run at batch ``b`` is made or in the trace cache."""
