@@ -101,6 +101,25 @@ def test_a_zero3_rank_of_every_b_is_derived_from_db1s_rank_and_equals_its_full_t
     assert sorted(key[-1] for key in kept if key[0] == "rank") == [2, 3, 4]
 
 
+def test_every_block_parallel_rank_is_db1_parallels_rank_at_its_blocks_depth():
+    # 12 layers on B ranks, one block each, nothing else resident: db:5+parallel (3, 3, 2, 2, 2), db:12
+    # (one layer each) and db:2 (6 + 6, traced at 6 as it is).
+    spec = get_preset("llama-tiny").at_depth(12)
+    kept: dict = {}
+    settings = dict(layers=12, not_identical=None, parallel=True, precision="fp32", round_to=512)
+    for technique in ("db:5", "db:12", "db:2"):
+        tech = parse_technique(technique)
+        name = f"{technique}+parallel"
+        derived = simulate_fake(
+            spec, name, tech, 2, tech.blocks, block_traces=kept, optimizer="adamw-foreach", **settings
+        )
+        full = simulate_fake(spec, name, tech, 2, tech.blocks, full_trace=True, optimizer="adamw-foreach", **settings)
+        assert derived.extra["depth"]["path"] == PATH_EXTRAPOLATED
+        assert "db:1+parallel's one rank" in derived.extra["depth"]["reason"]
+        assert _figures(derived) == _figures(full), technique  # rank_peaks, rank_step_flops, collectives too
+    assert sorted(key[-1] for key in kept if key[:2] == ("rank", "db:1+parallel")) == [1, 2, 3, 4, 6]
+
+
 def test_which_techniques_are_derived():
     assert shares_block_traces(parse_technique("db:4"), 32, None, False)
     assert shares_block_traces(parse_technique("db:4+ckpt"), 32, None, False)

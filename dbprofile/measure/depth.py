@@ -36,13 +36,13 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from dbprofile.measure.allocator import LARGE_ROUND_BYTES
-from dbprofile.measure.shared_blocks import derive_blocks, one_block, shares_block_traces
+from dbprofile.measure.shared_blocks import derive_blocks, derive_parallel, one_block, shares_block_traces
 from dbprofile.measure.stack import identical_layers, spec_at_depth, stack_difference
 from dbprofile.measure.step_extrapolation import NotAffine, extrapolate_step, extrapolate_value
 from dbprofile.methods.checkpointing import split_contiguous
 from dbprofile.results import Measurement
 from dbprofile.spec import ModelSpec
-from dbprofile.techniques import Technique
+from dbprofile.techniques import PARALLEL_SUFFIX, Technique
 
 __all__ = [
     "PATH_EXTRAPOLATED",
@@ -319,16 +319,22 @@ def measure_fake(
     return m
 
 
-def derived_blocks(trace_at: Callable[[int], Traced], tech: Technique, layers: int) -> Measurement | None:
-    """db:B derived from db:1's traces (dbprofile.measure.shared_blocks), its ``extra['depth']`` saying
-    so; None when they do not line up (the caller traces db:B itself)."""
+def derived_blocks(
+    trace_at: Callable[[int], Traced], tech: Technique, layers: int, parallel: bool = False
+) -> Measurement | None:
+    """db:B (``parallel``: db:B+parallel's ranks) derived from db:1's traces (dbprofile.measure.shared_blocks),
+    its ``extra['depth']`` saying so; None when they do not line up (the caller traces db:B itself)."""
     try:
-        m, depths, not_affine = derive_blocks(trace_at, tech, layers)
+        derive = derive_parallel if parallel else derive_blocks
+        m, depths, not_affine = derive(trace_at, tech, layers)
     except NotAffine:
         return None
+    traced_at = ", ".join(map(str, depths))
     reason = (
-        f"{layers} identical layers; every block-step is db:1's step traced at {', '.join(map(str, depths))} "
-        "layers plus the other layers' resident bytes"
+        f"{layers} identical layers; every rank is db:1+parallel's one rank traced at {traced_at} layers"
+        if parallel
+        else f"{layers} identical layers; every block-step is db:1's step traced at {traced_at} layers plus the "
+        "other layers' resident bytes"
     )
     m.extra["depth"] = DepthInfo(PATH_EXTRAPOLATED, layers, reason, depths, not_affine).as_dict()
     return m
@@ -377,25 +383,27 @@ def simulate_fake(
             m.extra.pop("rank_peaks", None)  # set on that depth's worst rank only; recomputed below
         return rows
 
-    if not parallel and shares_block_traces(tech, layers, not_identical, full_trace):
-        one = one_block(tech)
+    if shares_block_traces(tech, layers, not_identical, full_trace):
+        # FSDP: db:1's rank of the same world; block-parallel: db:1+parallel's one rank (nothing else resident).
+        one, ranks = (f"{one_block(tech).name}{PARALLEL_SUFFIX}", 1) if parallel else (one_block(tech).name, world_size)
         kept = block_traces if block_traces is not None else {}
 
         def trace_at(depth: int) -> Traced:
-            key = ("rank", one.name, batch_size, world_size, tuple(sorted(same.items())), depth)
+            key = ("rank", one, batch_size, ranks, tuple(sorted(same.items())), depth)
             if key not in kept:
                 rows: list = []
-                simulate_rank(spec_at_depth(spec, depth), one.name, batch_size, world_size, per_rank=rows, **same)
+                simulate_rank(spec_at_depth(spec, depth), one, batch_size, ranks, per_rank=rows, **same)
                 if len(rows) != 1:
                     raise NotAffine("db:1 simulated more than one rank")
                 rows[0][0].extra.pop("rank_peaks", None)
                 kept[key] = rows[0]
             return kept[key]
 
-        derived = derived_blocks(trace_at, tech, layers)
+        derived = derived_blocks(trace_at, tech, layers, parallel)
         if derived is not None:
             derived.technique = name
-            derived.extra["rank_peaks"] = [derived.peak_bytes]  # FSDP: rank 0 stands for every rank
+            if not parallel:
+                derived.extra["rank_peaks"] = [derived.peak_bytes]  # FSDP: rank 0 stands for every rank
             return derived
     # Block-parallel: B ranks, one block each, so the blocks grow by one layer per step of depth.
     rows = by_depth(

@@ -211,3 +211,50 @@ def derive_blocks(trace_at: Callable[[int], Traced], tech: Technique, layers: in
     if allocator is not None:
         m.extra["allocator_model"] = allocator
     return m, depths, sorted(set(not_affine))
+
+
+def derive_parallel(trace_at: Callable[[int], Traced], tech: Technique, layers: int) -> tuple[Measurement, list, list]:
+    """db:B+parallel's ranks (``tech``: B ranks, one block each) on ``layers`` identical layers from
+    db:1+parallel's rank: a rank holds its own block and the shared parts (every other block's layers
+    are on ``meta``, no memory), all-reduces the shared gradients in place and steps what it holds, so
+    rank r is db:1+parallel's one rank on the model cut to its block's k layers, with nothing else
+    resident; only the noise range (values) tells the ranks apart. Each block length is traced as it is,
+    so every figure is a traced one. (The measurement, the depths traced, figures not affine): the worst rank, the first of the longest blocks, with every rank's peak in
+    ``extra['rank_peaks']`` and FLOPs in ``extra['rank_step_flops']``, as simulate_rank gives them."""
+    parts = [list(r) for r in split_contiguous(layers, tech.blocks or 1)]
+    # Each block length traced as it is (one rank of k layers costs less than the representative ranks'
+    # builds of the whole model); the line's depths for the parameter counts of the whole model.
+    depths = sorted(set(LINE_DEPTHS) | {len(p) for p in parts})
+    traced = {d: trace_at(d) for d in depths}
+    for m, units in traced.values():
+        if not m.ok:
+            raise NotAffine(f"a one-block rank failed ({m.status}: {m.error})")
+        if len(units) != 1:
+            raise NotAffine("a one-block rank did not run one block")
+    not_affine: list[str] = []
+    steps = {d: (next(iter(units.values())), m.training_flops) for d, (m, units) in traced.items()}
+    peaks = [steps[len(p)][0].peak_bytes for p in parts]
+    worst = peaks.index(max(peaks))  # the first rank with the largest peak, as simulate_rank picks
+    k = len(parts[worst])
+    line = [traced[d][0] for d in LINE_DEPTHS]
+    m = copy.deepcopy(line[1])
+    m.technique = tech.name
+    m.blocks, m.timeline = [], {}
+    for name in ("num_parameters", "extra_parameters"):  # every rank's model counts every layer
+        a, b, c = (getattr(x, name) for x in line)
+        setattr(m, name, extrapolate_value(a, b, c, layers - LINE_DEPTHS[0], name, not_affine))
+    m.extra = _block_extra(traced, k, not_affine)
+    r = UnitResult()
+    record, r.flops = steps[k]
+    r.records.append(record)
+    summarise(m, [worst], {worst: r}, True, parts)
+    flops = [steps[len(p)][1] for p in parts]
+    m.extra.update(rank=worst, world_size=len(parts), rank_peaks=peaks, warmup=f"{one_block(tech).name} ranks")
+    if all(isinstance(f, int) for f in flops):
+        m.extra["rank_step_flops"] = flops
+        m.training_flops = sum(f for f in flops if isinstance(f, int))
+    allocator = _allocator(traced, k, 0, m.peak_bytes, not_affine)
+    m.extra.pop("allocator_model", None)
+    if allocator is not None:
+        m.extra["allocator_model"] = allocator
+    return m, depths, sorted(set(not_affine))
