@@ -34,16 +34,23 @@ class ModelFacts:
 
 
 def model_facts(spec: ModelSpec) -> ModelFacts:
+    """The facts from a build on the ``meta`` device (shapes and dtypes only: a 70B model in a fraction of
+    the time fake tensors take, which give every parameter a fake tensor of its own), or on fake tensors
+    for a model that cannot be built there."""
     from dbprofile.measure.fake import fake_mode
     from dbprofile.measure.stack import stack_difference
+    from dbprofile.models.common import build_on_meta
 
-    with fake_mode():
-        model = spec.build()
-        layers = get_layers(model, spec.layers, spec.name)
-        per_layer = tuple(sum(p.numel() * p.element_size() for p in layer.parameters()) for layer in layers)
-        total = sum(p.numel() * p.element_size() for p in model.parameters())
-        different = stack_difference(list(layers))
-        batch_norm = any(isinstance(m, BATCH_NORMS) for m in model.modules())
+    try:
+        model = build_on_meta(spec.build)
+    except Exception:  # a build that reads a value (.item()) runs on fake tensors
+        with fake_mode():
+            model = spec.build()
+    layers = get_layers(model, spec.layers, spec.name)
+    per_layer = tuple(sum(p.numel() * p.element_size() for p in layer.parameters()) for layer in layers)
+    total = sum(p.numel() * p.element_size() for p in model.parameters())
+    different = stack_difference(list(layers))
+    batch_norm = any(isinstance(m, BATCH_NORMS) for m in model.modules())
     return ModelFacts(
         layer_bytes=per_layer,
         rest_bytes=total - sum(per_layer),
