@@ -145,7 +145,7 @@ def checked_model(spec: ModelSpec) -> tuple[ModelSpec, dict[str, Any], ModelFact
     otherwise, and where the copy fails (its error then names the model as built), on the whole model."""
     try:
         facts = model_facts(spec)
-    except Exception:  # the checks below say what is wrong in one paragraph
+    except (Exception, SystemExit):  # the checks below say what is wrong in one paragraph
         facts = None
     if facts is not None and facts.not_identical is None and facts.num_layers > CHECKED_DEPTH:
         try:

@@ -43,7 +43,7 @@ def model_facts(spec: ModelSpec) -> ModelFacts:
 
     try:
         model = build_on_meta(spec.build)
-    except Exception:  # a build that reads a value (.item()) runs on fake tensors
+    except Exception:  # a build that reads a value (.item()) runs on fake tensors (and fails there, or not)
         with fake_mode():
             model = spec.build()
     layers = get_layers(model, spec.layers, spec.name)
