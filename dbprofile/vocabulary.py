@@ -30,6 +30,11 @@ CPU and in fake runs; the planner adds the cuBLAS part as a documented correctio
 reduce-scatter buffers, i.e. the all-gather input and output, the unsharded parameters a unit
 computes with and the reduce-scatter input. It is 0 on a single device and under db:B+parallel."""
 
+
+STATE_CATEGORIES: tuple[Category, ...] = ("parameters", "buffers", "gradients", "optimizer_state")
+"""What a step holds whatever its batch size: at the same op, a step of any batch size has the same
+parameters, buffers, gradients and optimizer state live (the planner's floor under every batch's peak)."""
+
 Status = Literal["ok", "oom", "error", "nan", "timeout"]
 STATUSES: tuple[Status, ...] = get_args(Status)
 """How a measurement ended; ``timeout``: it ran past the run's per-technique time limit."""

@@ -11,7 +11,7 @@ from typing import Any
 import torch
 
 from dbprofile.methods.base import TrainerProtocol
-from dbprofile.vocabulary import CATEGORIES
+from dbprofile.vocabulary import CATEGORIES, STATE_CATEGORIES
 
 CATEGORY_INDEX: dict[str, int] = {name: i for i, name in enumerate(CATEGORIES)}
 
@@ -37,9 +37,6 @@ is rounded up to a multiple of 512 bytes, and max_memory_allocated counts the ro
 DEFAULT_TIMELINE_POINTS = 240
 
 
-STATE_CATEGORIES = ("parameters", "buffers", "gradients", "optimizer_state")
-"""What a step holds whatever its batch size: at the same op, a step of any batch size has the same
-parameters, buffers, gradients and optimizer state live (the planner's floor on every batch's peak)."""
 STATE_INDEX = [CATEGORY_INDEX[name] for name in STATE_CATEGORIES]
 
 

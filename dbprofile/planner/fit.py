@@ -6,9 +6,9 @@ from __future__ import annotations
 from collections.abc import Callable
 
 from dbprofile.gpus import GPU
-from dbprofile.measure.tracking import STATE_CATEGORIES
 from dbprofile.planner.targets import Target, cuda_corrections, resolve_target
 from dbprofile.results import Plan, PlanEntry
+from dbprofile.vocabulary import STATE_CATEGORIES
 
 BATCH_DEPENDENT = ("activations", "temporaries", "inputs")
 """Shares that grow with the batch size; the others (parameters, buffers, gradients, optimizer
