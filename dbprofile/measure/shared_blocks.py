@@ -165,6 +165,38 @@ def _allocator(traced: dict[int, Traced], k: int, raised_by: int, peak: int, not
     }
 
 
+def _traced(trace_at: Callable[[int], Traced], depths: list[int]) -> dict[int, Traced]:
+    """db:1's run (or rank) at each depth, each one block's; NotAffine when one failed."""
+    traced = {d: trace_at(d) for d in depths}
+    for m, units in traced.values():
+        if not m.ok:
+            raise NotAffine(f"a one-block trace failed ({m.status}: {m.error})")
+        if len(units) != 1:
+            raise NotAffine("a one-block trace did not run one block")
+    return traced
+
+
+def _of_whole_model(traced: dict[int, Traced], tech: Technique, layers: int, not_affine: list[str]) -> Measurement:
+    """The derived measurement's frame: the line's middle trace renamed, with the parameter counts of
+    the whole model (every layer counts, resident or elsewhere) on the line to ``layers``."""
+    line = [traced[d][0] for d in LINE_DEPTHS]
+    m = copy.deepcopy(line[1])
+    m.technique = tech.name
+    m.blocks, m.timeline = [], {}
+    for name in ("num_parameters", "extra_parameters"):
+        a, b, c = (getattr(x, name) for x in line)
+        setattr(m, name, extrapolate_value(a, b, c, layers - LINE_DEPTHS[0], name, not_affine))
+    return m
+
+
+def _set_allocator(m: Measurement, traced: dict[int, Traced], k: int, raised_by: int, not_affine: list[str]) -> None:
+    """``m``'s allocator figures (``_allocator``) in place of the trace's."""
+    allocator = _allocator(traced, k, raised_by, m.peak_bytes, not_affine)
+    m.extra.pop("allocator_model", None)
+    if allocator is not None:
+        m.extra["allocator_model"] = allocator
+
+
 def derive_blocks(trace_at: Callable[[int], Traced], tech: Technique, layers: int) -> tuple[Measurement, list, list]:
     """db:B (``tech``) on ``layers`` identical layers from db:1's traces (module docstring):
     (the measurement, the depths traced, figures not affine). ``trace_at(depth)`` runs db:1 with
@@ -172,12 +204,7 @@ def derive_blocks(trace_at: Callable[[int], Traced], tech: Technique, layers: in
     when the traces do not line up (the caller traces db:B itself)."""
     parts = [list(r) for r in split_contiguous(layers, tech.blocks or 1)]
     depths = traced_depths(tech, layers)
-    traced = {d: trace_at(d) for d in depths}
-    for m, units in traced.values():
-        if not m.ok:
-            raise NotAffine(f"a one-block trace failed ({m.status}: {m.error})")
-        if list(units) != [0]:
-            raise NotAffine("a one-block trace did not run one block")
+    traced = _traced(trace_at, depths)
     per_layer = resident_per_layer([traced[d][1][0] for d in LINE_DEPTHS])
     not_affine: list[str] = []
     steps: dict[int, tuple[StepRecord, int | None]] = {}
@@ -191,13 +218,7 @@ def derive_blocks(trace_at: Callable[[int], Traced], tech: Technique, layers: in
         record, r.flops = steps[len(part)]
         r.records.append(record)
         results[unit] = r
-    line = [traced[d][0] for d in LINE_DEPTHS]
-    m = copy.deepcopy(line[1])
-    m.technique = tech.name
-    m.blocks, m.timeline = [], {}
-    for name in ("num_parameters", "extra_parameters"):  # figures of the whole model: on the line to L
-        a, b, c = (getattr(x, name) for x in line)
-        setattr(m, name, extrapolate_value(a, b, c, layers - LINE_DEPTHS[0], name, not_affine))
+    m = _of_whole_model(traced, tech, layers, not_affine)
     worst = max(results, key=lambda unit: results[unit].peak.peak_bytes)  # the first, as summarise picks
     worst_k = len(parts[worst])
     m.extra = _block_extra(traced, worst_k, not_affine)
@@ -206,10 +227,7 @@ def derive_blocks(trace_at: Callable[[int], Traced], tech: Technique, layers: in
     summarise(m, list(range(len(parts))), results, True, parts)
     # How db:1's traces made their state: not a way db:B's own runs must learn (depth.measure_fake).
     m.extra["warmup"] = f"{one_block(tech).name} traces"
-    allocator = _allocator(traced, worst_k, sum(per_layer) * (layers - worst_k), m.peak_bytes, not_affine)
-    m.extra.pop("allocator_model", None)
-    if allocator is not None:
-        m.extra["allocator_model"] = allocator
+    _set_allocator(m, traced, worst_k, sum(per_layer) * (layers - worst_k), not_affine)
     return m, depths, sorted(set(not_affine))
 
 
@@ -219,30 +237,20 @@ def derive_parallel(trace_at: Callable[[int], Traced], tech: Technique, layers: 
     are on ``meta``, no memory), all-reduces the shared gradients in place and steps what it holds, so
     rank r is db:1+parallel's one rank on the model cut to its block's k layers, with nothing else
     resident; only the noise range (values) tells the ranks apart. Each block length is traced as it is,
-    so every figure is a traced one. (The measurement, the depths traced, figures not affine): the worst rank, the first of the longest blocks, with every rank's peak in
-    ``extra['rank_peaks']`` and FLOPs in ``extra['rank_step_flops']``, as simulate_rank gives them."""
+    so every figure is a traced one. (The measurement, the depths traced, figures not affine): the worst
+    rank, the first of the longest blocks, with every rank's peak in ``extra['rank_peaks']`` and FLOPs
+    in ``extra['rank_step_flops']``, as simulate_rank gives them."""
     parts = [list(r) for r in split_contiguous(layers, tech.blocks or 1)]
     # Each block length traced as it is (one rank of k layers costs less than the representative ranks'
     # builds of the whole model); the line's depths for the parameter counts of the whole model.
     depths = sorted(set(LINE_DEPTHS) | {len(p) for p in parts})
-    traced = {d: trace_at(d) for d in depths}
-    for m, units in traced.values():
-        if not m.ok:
-            raise NotAffine(f"a one-block rank failed ({m.status}: {m.error})")
-        if len(units) != 1:
-            raise NotAffine("a one-block rank did not run one block")
+    traced = _traced(trace_at, depths)
     not_affine: list[str] = []
     steps = {d: (next(iter(units.values())), m.training_flops) for d, (m, units) in traced.items()}
     peaks = [steps[len(p)][0].peak_bytes for p in parts]
     worst = peaks.index(max(peaks))  # the first rank with the largest peak, as simulate_rank picks
     k = len(parts[worst])
-    line = [traced[d][0] for d in LINE_DEPTHS]
-    m = copy.deepcopy(line[1])
-    m.technique = tech.name
-    m.blocks, m.timeline = [], {}
-    for name in ("num_parameters", "extra_parameters"):  # every rank's model counts every layer
-        a, b, c = (getattr(x, name) for x in line)
-        setattr(m, name, extrapolate_value(a, b, c, layers - LINE_DEPTHS[0], name, not_affine))
+    m = _of_whole_model(traced, tech, layers, not_affine)
     m.extra = _block_extra(traced, k, not_affine)
     r = UnitResult()
     record, r.flops = steps[k]
@@ -253,8 +261,5 @@ def derive_parallel(trace_at: Callable[[int], Traced], tech: Technique, layers: 
     if all(isinstance(f, int) for f in flops):
         m.extra["rank_step_flops"] = flops
         m.training_flops = sum(f for f in flops if isinstance(f, int))
-    allocator = _allocator(traced, k, 0, m.peak_bytes, not_affine)
-    m.extra.pop("allocator_model", None)
-    if allocator is not None:
-        m.extra["allocator_model"] = allocator
+    _set_allocator(m, traced, k, 0, not_affine)
     return m, depths, sorted(set(not_affine))
