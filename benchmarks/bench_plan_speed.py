@@ -64,9 +64,9 @@ def breakdown() -> None:
     start = time.process_time()
     import dbprofile
     from dbprofile.loading import load_spec
-    from dbprofile.planner.predict import checked_model
     from dbprofile.measure import depth
     from dbprofile.measure.fake import fake_mode
+    from dbprofile.planner.predict import checked_model
 
     print(f"import dbprofile (and torch): {time.process_time() - start:.2f} s")
     start = time.process_time()
