@@ -70,6 +70,7 @@ def _assert_warmed_up_to_the_byte(stepped, stateless):
         ("vit-tiny", "db:2", "adamw-foreach", "optimizer state (after 1 step)"),
         ("llama-tiny", "db:2+ckpt", "adamw-loop", "optimizer state"),
         ("llama-tiny", "e2e", "adamw-foreach", "optimizer state"),
+        ("llama-tiny", "offload", "adamw-foreach", "optimizer state"),
     ],
 )
 def test_state_without_steps_is_the_warmed_up_measurement_to_the_byte(preset, technique, optimizer, warmup):

@@ -15,8 +15,9 @@ with the optimizer state of the parameters it is the first to step allocated whe
 
 That is the warmed-up run only where the first step is a later step with the state made at the
 start of the optimizer's step, and where a step leaves nothing behind but that state. So it is used
-for AdamW (the other optimizers, and offloading DiffusionBlocks, which makes its host copies in its
-first step, warm up by steps), and it is checked on every measurement: every allocation a tracked
+for AdamW (the other optimizers, and offloading DiffusionBlocks, which makes its host copies of every
+block's parameters and state in its first step, warm up by steps; activation offloading's host copies
+are the step's own, and its device bytes pass the checks below), and it is checked on every measurement: every allocation a tracked
 step makes is freed within it and it frees nothing made before it, the step allocates between its
 own start and end only, and the parameters that received gradients are exactly the ones given
 state. A measurement that fails a check is measured again with the warm-up steps
@@ -49,7 +50,7 @@ measurement's tracked step starts; a step that ends elsewhere is warmed up by a 
 def state_warmup_applies(tech: Technique, optimizer: str) -> bool:
     """Whether a measurement of ``tech`` may make its state without warm-up steps (module docstring)."""
     algorithm, _ = optimizer_parts(optimizer)
-    return algorithm in STATE_WARMUP_ALGORITHMS and not tech.offload and tech.kind != "offload"
+    return algorithm in STATE_WARMUP_ALGORITHMS and not tech.offload
 
 
 class StateWarmup:
