@@ -374,28 +374,30 @@ def simulate_fake(
         "fsdp": fsdp,
     }
 
-    def trace(depth: int | None, keep: bool) -> list[Traced]:
-        if not keep:  # the full trace: simulate_rank's own worst rank and rank_peaks
-            return [(simulate_rank(spec, name, batch_size, world_size, **same), {})]
-        rows: list = []
-        simulate_rank(spec_at_depth(spec, depth or layers), name, batch_size, world_size, per_rank=rows, **same)
-        for m, _ in rows:
-            m.extra.pop("rank_peaks", None)  # set on that depth's worst rank only; recomputed below
-        return rows
+    def tracer(traced: str, world: int) -> Callable[[int | None, bool], list[Traced]]:
+        def trace(depth: int | None, keep: bool) -> list[Traced]:
+            if not keep:  # the full trace: simulate_rank's own worst rank and rank_peaks
+                return [(simulate_rank(spec, traced, batch_size, world, **same), {})]
+            rows: list = []
+            simulate_rank(spec_at_depth(spec, depth or layers), traced, batch_size, world, per_rank=rows, **same)
+            for m, _ in rows:
+                m.extra.pop("rank_peaks", None)  # set on that depth's worst rank only; recomputed below
+            return rows
+
+        return trace
 
     if shares_block_traces(tech, layers, not_identical, full_trace):
         # FSDP: db:1's rank of the same world; block-parallel: db:1+parallel's one rank (nothing else resident).
         one, ranks = (f"{one_block(tech).name}{PARALLEL_SUFFIX}", 1) if parallel else (one_block(tech).name, world_size)
+        trace_one = tracer(one, ranks)
         kept = block_traces if block_traces is not None else {}
 
         def trace_at(depth: int) -> Traced:
             key = ("rank", one, batch_size, ranks, tuple(sorted(same.items())), depth)
             if key not in kept:
-                rows: list = []
-                simulate_rank(spec_at_depth(spec, depth), one, batch_size, ranks, per_rank=rows, **same)
+                rows = trace_one(depth, True)
                 if len(rows) != 1:
                     raise NotAffine("db:1 simulated more than one rank")
-                rows[0][0].extra.pop("rank_peaks", None)
                 kept[key] = rows[0]
             return kept[key]
 
@@ -407,7 +409,7 @@ def simulate_fake(
             return derived
     # Block-parallel: B ranks, one block each, so the blocks grow by one layer per step of depth.
     rows = by_depth(
-        trace,
+        tracer(name, world_size),
         tech,
         layers,
         not_identical,
