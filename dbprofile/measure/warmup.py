@@ -56,8 +56,9 @@ def state_warmup_applies(tech: Technique, optimizer: str) -> bool:
 class StateWarmup:
     """The optimizer state of one measurement's trainer, made by one optimizer step, and the
     tracked steps' recorded allocations checked and replayed as a warmed-up run makes them.
-    ``stepped_first``: units warmed up by a real step first (the first unit, for a model that makes
-    tensors it keeps in its first step: a rotary table cached on first use); the others get state."""
+    ``stepped_first``: units warmed up by a real step first (the first unit, for a model whose first
+    step shows something a step-less state cannot: a tensor it caches on first use and keeps, a
+    parameter that never gets a gradient); the others get state."""
 
     def __init__(
         self, trainer: Any, tracker: Any, recorder: AllocationRecorder, units: list, stepped_first: int
@@ -204,8 +205,8 @@ class StateWarmup:
 def _handed_on(spans: list[list[tuple[int, int]]], first: int) -> tuple[list[list[int]], list[list[int]]] | None:
     """(per step, the handles it hands on: made in it and freed by the next step, in the order they
     were made; per step, the handles of the step before's it frees), where every step frees exactly
-    what the one before handed on (a tensor a model keeps until its next step, such as the last
-    conditioning), every step hands on the same sizes, the tracked steps (from ``first`` on) keep
+    what the one before handed on (a tensor a model keeps until its next step and replaces there),
+    every step hands on the same sizes, the tracked steps (from ``first`` on) keep
     nothing else, and the first step of all, which has no step before, hands nothing on unless it is
     a real warm-up step (as in a warmed-up run). None otherwise."""
     kept: list[dict[int, int]] = []

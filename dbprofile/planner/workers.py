@@ -40,9 +40,10 @@ fork (they read it from their copy)."""
 
 MIN_CORES = 2
 """Fewer cores than this: no workers by default. On the 2-core development machine, idle, two workers
-plan llama-7b in 17.1 s wall against 24.9 s in one process, with the same CPU time (22.7 + 2.7 s
-against 23.7 + 1.3 s; docs/planner.md). (When only the first runs went to workers and each worker
-learned its own warm-up, two cost more than one: 51.0 s against 41.3 s.)"""
+planned llama-70b in 29.8 s wall against 45.0 s in one process, and llama-7b in 12.7 s against 13.1 s
+(docs/planner.md, "What a plan costs now"), before they inherited a filled dispatch cache (module
+docstring). (When only the first runs went to workers and each learned its own warm-up, two cost more
+than one: 51.0 s against 41.3 s.)"""
 
 
 def default_workers() -> int:
