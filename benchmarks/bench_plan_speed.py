@@ -13,6 +13,7 @@ tracked peak, shares, FLOPs and largest batch equal the full trace's, and how fa
     python benchmarks/bench_plan_speed.py                # llama-7b, then llama-70b (ZeRO-3 over 64)
     python benchmarks/bench_plan_speed.py --full-trace   # and the full traces to compare with
     python benchmarks/bench_plan_speed.py --breakdown    # where the time goes, in one process
+    python benchmarks/bench_plan_speed.py --full-trace --only llama-7b   # one of the plans
 
 ``--breakdown`` runs both plans in this process and prints the fixed costs (importing dbprofile and
 torch, the first fake-tensor mode, which imports torch._dynamo, and the model's facts and checks on fake
@@ -108,7 +109,11 @@ def main() -> None:
         breakdown()
         return
     full = "--full-trace" in sys.argv[1:]
+    # --only llama-7b: one of the two plans
+    only = sys.argv[sys.argv.index("--only") + 1] if "--only" in sys.argv else None
     for name, args in COMMANDS.items():
+        if only is not None and name != only:
+            continue
         with tempfile.TemporaryDirectory(prefix="dbprofile-bench-cache-") as cache:
             for kind in ("cold", "warm"):
                 load = os.getloadavg()[0]

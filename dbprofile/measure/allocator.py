@@ -72,6 +72,7 @@ class _Block:
     small: bool
     segment: int
     allocated: bool = False
+    handle: int = -1
     prev: _Block | None = None
     next: _Block | None = None
 
@@ -102,8 +103,11 @@ class CachingAllocatorModel:
         alloc.stats.peak_reserved_bytes  # 20971520
     """
 
-    def __init__(self) -> None:
+    def __init__(self, record: bool = False) -> None:
         self._free: dict[bool, list[tuple[int, int]]] = {True: [], False: []}
+        # ``record``: every malloc and free in ``events`` as an AllocationRecorder keeps them (the
+        # depth extrapolation extends a shallow trace's sequence to the full depth).
+        self.events: list[tuple[int, int]] | None = [] if record else None
         self._free_blocks: dict[tuple[int, int], _Block] = {}
         self._segments: dict[int, list[_Block]] = {}
         self._next_addr = 1 << 40
@@ -126,6 +130,9 @@ class CachingAllocatorModel:
             block.size = size
             self._insert_free(rest)
         block.allocated = True
+        if self.events is not None:
+            block.handle = len(self.events)
+            self.events.append((block.handle, int(nbytes)))
         stats = self.stats
         stats.allocated_bytes += block.size
         stats.peak_allocated_bytes = max(stats.peak_allocated_bytes, stats.allocated_bytes)
@@ -135,6 +142,8 @@ class CachingAllocatorModel:
         if not block.allocated:
             raise ValueError("block freed twice")
         block.allocated = False
+        if self.events is not None:
+            self.events.append((block.handle, FREED))
         self.stats.allocated_bytes -= block.size
         for neighbour in (block.prev, block.next):
             if neighbour is not None and not neighbour.allocated:

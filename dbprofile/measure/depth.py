@@ -36,9 +36,11 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from dbprofile.measure.allocator import LARGE_ROUND_BYTES
+from dbprofile.measure.event_extrapolation import extrapolate_events, replayed
 from dbprofile.measure.shared_blocks import derive_blocks, derive_parallel, one_block, shares_block_traces
 from dbprofile.measure.stack import identical_layers, spec_at_depth, stack_difference
 from dbprofile.measure.step_extrapolation import NotAffine, extrapolate_step, extrapolate_value
+from dbprofile.measure.tracking import UnitTraces
 from dbprofile.methods.checkpointing import split_contiguous
 from dbprofile.results import Measurement
 from dbprofile.spec import ModelSpec
@@ -126,6 +128,25 @@ def _reserved_bytes(m: Measurement, m1: Measurement, m2: Measurement, m3: Measur
     model["extrapolated"] = True
 
 
+def _allocator_figures(m: Measurement, traced: list[Traced], steps: int, not_affine: list[str]) -> None:
+    """The allocator model's figures at the target depth, ``steps`` steps of depth past the first trace:
+    the shallow traces' allocation sequences extended to it and replayed, exactly as the full trace
+    replays them (dbprofile.measure.event_extrapolation); where they do not extend, estimated
+    (``_reserved_bytes``, named in ``not_affine``)."""
+    if not isinstance(m.extra.get("allocator_model"), dict):
+        return
+    events = [getattr(units, "allocator_events", None) for _, units in traced]
+    if all(e is not None for e in events):
+        try:
+            m.extra["allocator_model"] = replayed(extrapolate_events([e or [] for e in events], steps))
+        except NotAffine:
+            pass
+        else:
+            not_affine[:] = [name for name in not_affine if not name.startswith("extra.allocator_model")]
+            return
+    _reserved_bytes(m, *(x for x, _ in traced))
+
+
 def _extrapolate_measurement(
     traced: list[Traced], target: int, block_layers: list[list[int]] | None, not_affine: list[str]
 ) -> Measurement:
@@ -153,7 +174,7 @@ def _extrapolate_measurement(
         r.flops = extrapolate_value(f1, f2, f3, grow, f"training_flops[{unit}]", not_affine)
         results[unit] = r
     summarise(m, units, results, True, block_layers)
-    _reserved_bytes(m, m1, m2, m3)
+    _allocator_figures(m, traced, grow, not_affine)
     return m
 
 
@@ -261,7 +282,7 @@ def measure_fake(
 
     def tracer(traced_tech: Technique, warmup: list[str]) -> Callable[[int | None, bool], list[Traced]]:
         def trace(depth: int | None, keep: bool) -> list[Traced]:
-            traces: dict | None = {} if keep else None
+            traces = UnitTraces() if keep else None
             m = measure(
                 spec if depth is None else spec_at_depth(spec, depth),
                 traced_tech,

@@ -31,6 +31,7 @@ from dbprofile.measure.regions import tagging
 from dbprofile.measure.summary import UnitResult, summarise, worst_figures
 from dbprofile.measure.timing import time_block
 from dbprofile.measure.tracker import Tracker
+from dbprofile.measure.tracking import UnitTraces
 from dbprofile.measure.warmup import StateWarmup, state_warmup_applies
 from dbprofile.methods.base import TrainerProtocol as Trainer
 from dbprofile.methods.factory import make_trainer
@@ -198,7 +199,8 @@ def _measure_into(
     fake = settings.fake
     # In fake mode the tensors say "cpu" whatever the target; the tracker measures them there.
     track_dev = torch.device("cpu") if fake else dev
-    allocator = CachingAllocatorModel() if settings.emulate_cuda else None
+    record = isinstance(traces, UnitTraces)  # the allocator's events, for the depth extrapolation
+    allocator = CachingAllocatorModel(record) if settings.emulate_cuda else None
     where = f"{m.technique} @ batch {m.batch_size}"
     progress.stage(f"{where}: building the model")
     with fake_mode() if fake else contextlib.nullcontext():
@@ -295,12 +297,14 @@ def _measure_into(
             m.extra["observed"] = observed.get(None) or {f"block {unit}": seen for unit, seen in observed.items()}
         m.cuda = worst_figures(allocator_peaks) if allocator_peaks else None
         if warm is not None:
-            replayed = warm.finish()
+            replayed = warm.finish(record)
             if replayed is None:
                 return False
             allocator = replayed if allocator is not None else None
             m.extra["warmup"] = "optimizer state" + (f" (after {stepped_first} step)" if stepped_first else "")
         if allocator is not None:
+            if isinstance(traces, UnitTraces):
+                traces.allocator_events = allocator.events
             stats = allocator.stats
             m.extra["allocator_model"] = {
                 "peak_reserved_bytes": stats.peak_reserved_bytes,

@@ -121,3 +121,12 @@ def downsample(points: list[list[int]], limit: int) -> list[list[int]]:
             out.append(max(chunk, key=lambda p: sum(p[1:])))
     out.append(points[-1])
     return out
+
+
+class UnitTraces(dict):
+    """A run's tracked steps with every point kept, unit -> StepRecord (runner ``traces``), and, where
+    the run replays the CUDA caching allocator, that replay's every malloc and free in
+    ``allocator_events`` (dbprofile.measure.allocator's events), which the depth extrapolation extends
+    to the full depth (dbprofile.measure.event_extrapolation). A plain dict asks for the steps only."""
+
+    allocator_events: list[tuple[int, int]] | None = None

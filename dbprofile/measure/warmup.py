@@ -129,9 +129,10 @@ class StateWarmup:
             self.spans.append((start, self.recorder.position()))
             self.end_phases.append(self.tracker.phase)
 
-    def finish(self) -> CachingAllocatorModel | None:
+    def finish(self, record: bool = False) -> CachingAllocatorModel | None:
         """The allocator model after the allocations a warmed-up run makes (module docstring), or
-        None when this measurement is not the warmed-up one (a check failed)."""
+        None when this measurement is not the warmed-up one (a check failed); ``record``: the model
+        keeps the sequence it replayed (CachingAllocatorModel ``events``)."""
         self._hook.remove()
         events = self.recorder.events
         first = len(self.stepped_first)
@@ -165,7 +166,7 @@ class StateWarmup:
         if handed is None:
             return None
         own, taken = handed
-        alloc = CachingAllocatorModel()
+        alloc = CachingAllocatorModel(record)
         replay(alloc, events[: real[0][0] if real else self.before_state], {})  # parameters, buffers
         # The order of a warmed-up run: each unit's warm-up step (the real ones as recorded, the others
         # their tracked step with the state made at the start of the optimizer's step), then the
