@@ -33,6 +33,7 @@ from __future__ import annotations
 
 import bisect
 from dataclasses import dataclass, field
+from typing import Any
 
 MIN_BLOCK_BYTES = 512
 """kMinBlockSize: every request is rounded up to a multiple of this."""
@@ -108,6 +109,8 @@ class CachingAllocatorModel:
         # ``record``: every malloc and free in ``events`` as an AllocationRecorder keeps them (the
         # depth extrapolation extends a shallow trace's sequence to the full depth).
         self.events: list[tuple[int, int]] | None = [] if record else None
+        self.parts: Any = None
+        """What made the recorded events, where a replay says (dbprofile.measure.warmup.ReplayParts)."""
         self._free_blocks: dict[tuple[int, int], _Block] = {}
         self._segments: dict[int, list[_Block]] = {}
         self._next_addr = 1 << 40

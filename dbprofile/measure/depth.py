@@ -135,7 +135,8 @@ def _allocator_figures(m: Measurement, traced: list[Traced], steps: int, not_aff
     (``_reserved_bytes``, named in ``not_affine``)."""
     if not isinstance(m.extra.get("allocator_model"), dict):
         return
-    events = [getattr(units, "allocator_events", None) for _, units in traced]
+    recorded = [getattr(units, "allocator", None) for _, units in traced]
+    events = [alloc.events if alloc is not None else None for alloc in recorded]
     if all(e is not None for e in events):
         try:
             m.extra["allocator_model"] = replayed(extrapolate_events([e or [] for e in events], steps))

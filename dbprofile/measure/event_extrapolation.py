@@ -175,17 +175,21 @@ class _Rules:
     def __init__(self, base: list[Token], sites: list[tuple[int, tuple]]) -> None:
         self.base, self.sites = base, sites
         self.rules: dict[tuple, tuple[tuple, dict[int, int]]] = {}
+        self._counted: dict[tuple[int, int], int] = {}
 
     def _periods(self, site: int, side: int) -> int:
         """How many whole periods of the site's unit lie just before (-1) or after (+1) it in the base:
         the run goes on there, so copy -1, -2... (``copies``, ``copies`` + 1...) are those fixed events."""
-        pos, unit = self.sites[site]
-        p, n = len(unit), 0
-        while True:
-            lo = pos - (n + 1) * p if side < 0 else pos + n * p
-            if lo < 0 or lo + p > len(self.base) or tuple(self.base[lo : lo + p]) != unit:
-                return n
-            n += 1
+        if (site, side) not in self._counted:
+            pos, unit = self.sites[site]
+            p, n = len(unit), 0
+            while True:
+                lo = pos - (n + 1) * p if side < 0 else pos + n * p
+                if lo < 0 or lo + p > len(self.base) or tuple(self.base[lo : lo + p]) != unit:
+                    break
+                n += 1
+            self._counted[site, side] = n
+        return self._counted[site, side]
 
     def _as_copies(self, dst: Slot, copies: int) -> list[Slot]:
         """``dst`` as a copy: an inserted one, or a fixed event in a whole period next to a site."""
@@ -225,10 +229,13 @@ class _Rules:
             return ("F", pos + (c2 - copies) * len(unit) + o2)
         return ("out", c2 if c2 < 0 else c2 - copies)
 
-    def _explains(self, rule: tuple, seen: list) -> dict[int, int] | None:
-        """The fixed events ``rule`` points to beyond the run, if it explains every free seen. A rule
-        must point into the run (or a whole period next to it) at two depths, and a free beyond the run
-        must release the same fixed event at two depths: what one depth alone shows is not a rule."""
+    def _explains(self, rule: tuple, seen: list, depths: int) -> dict[int, int] | None:
+        """The fixed events ``rule`` points to beyond the run, if it explains every free seen at
+        ``depths`` traced depths. The rule must point into the run (or a whole period next to it) at two
+        depths: one fits it, the other checks it. A free beyond the run must release the same fixed
+        event at two depths, or, with four depths or more, only at depths shallower than every one the
+        rule points into the run at (a run too short to hold the copy yet; with three, that would leave
+        the rule checked nowhere but where it was fitted)."""
         beyond: dict[int, int] = {}
         outside: dict[int, set[int]] = {}
         inside: set[int] = set()
@@ -242,8 +249,13 @@ class _Rules:
                 return None
             else:
                 outside.setdefault(at[1], set()).add(copies)
-        if rule[0] != "F" and (len(inside) < 2 or any(len(depths) < 2 for depths in outside.values())):
+        if rule[0] == "F":
+            return beyond
+        if len(inside) < 2:
             return None
+        for at_depths in outside.values():
+            if len(at_depths) < 2 and not (depths >= 4 and max(at_depths) < min(inside)):
+                return None
         return beyond
 
     def infer(self, observed: dict[int, tuple[list[Token], list[int | None]]]) -> None:
@@ -259,7 +271,7 @@ class _Rules:
         for key, frees in seen.items():
             candidates = set().union(*(self._candidates(src, dst, copies) for copies, src, dst in frees))
             for rule in sorted(candidates, key=lambda r: (RULE_ORDER[r[0]], abs(r[-1]), str(r))):
-                beyond = self._explains(rule, frees)
+                beyond = self._explains(rule, frees, len(observed))
                 if beyond is not None:
                     self.rules[key] = (rule, beyond)
                     break
@@ -291,23 +303,36 @@ def _key(slot: Slot) -> tuple:
     return ("F", slot[1]) if slot[0] == "F" else ("S", slot[1], slot[3])
 
 
+class EventExtension:
+    """The repeating structure of three or more traced sequences of allocator events (one step of depth
+    apart), found once (``extrapolate_events`` for one depth): ``at(steps)`` generates the sequence
+    ``steps`` steps past the first. NotAffine where they do not follow one (module docstring)."""
+
+    def __init__(self, traced: Sequence[Sequence[Event]]) -> None:
+        observed = dict(enumerate(_tokens(events) for events in traced))
+        self.base = observed[0][0]
+        sites, self.grow = _sites(self.base, observed[1][0])
+        failure = NotAffine("no allocator events")
+        for placement in PLACEMENTS:
+            self.rules = _Rules(self.base, _normalised(self.base, sites, self.grow, placement))
+            try:
+                self.rules.infer(observed)
+                for copies, events in enumerate(traced):
+                    if _tokens(self.at(copies)) != _tokens(events):
+                        raise NotAffine(f"the allocator events generated {copies} steps deeper differ from the trace")
+                return
+            except NotAffine as err:
+                failure = err
+        raise failure
+
+    def at(self, steps: int) -> list[Event]:
+        return self.rules.generate(self.base, self.grow, steps)
+
+
 def extrapolate_events(traced: Sequence[Sequence[Event]], steps: int) -> list[Event]:
-    """The allocator events ``steps`` steps of depth past the first of three traced sequences (one
-    step apart); NotAffine where they do not follow one repeating structure (module docstring)."""
-    (t1, a1), (t2, a2), (t3, a3) = (_tokens(events) for events in traced)
-    sites, grow = _sites(t1, t2)
-    failure = NotAffine("no allocator events")
-    for placement in PLACEMENTS:
-        rules = _Rules(t1, _normalised(t1, sites, grow, placement))
-        try:
-            rules.infer({0: (t1, a1), 1: (t2, a2), 2: (t3, a3)})
-            for copies, events in enumerate(traced):
-                if _tokens(rules.generate(t1, grow, copies)) != _tokens(events):
-                    raise NotAffine(f"the allocator events generated {copies} steps deeper differ from the trace")
-            return rules.generate(t1, grow, steps)
-        except NotAffine as err:
-            failure = err
-    raise failure
+    """The allocator events ``steps`` steps of depth past the first of three or more traced sequences
+    (one step apart); NotAffine where they do not follow one repeating structure (module docstring)."""
+    return EventExtension(traced).at(steps)
 
 
 def replayed(events: Sequence[Event]) -> dict[str, int]:

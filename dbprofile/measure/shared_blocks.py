@@ -34,6 +34,7 @@ from collections.abc import Callable
 from typing import Any
 
 from dbprofile.measure.allocator import LARGE_ROUND_BYTES
+from dbprofile.measure.block_replay import EVENT_DEPTHS, block_replay, builds_blocks
 from dbprofile.measure.step_extrapolation import NotAffine, extrapolate_step, extrapolate_value
 from dbprofile.measure.summary import UnitResult, summarise
 from dbprofile.measure.tracking import StepRecord, state_bytes
@@ -197,6 +198,25 @@ def _set_allocator(m: Measurement, traced: dict[int, Traced], k: int, raised_by:
         m.extra["allocator_model"] = allocator
 
 
+def _replayed_blocks(m: Measurement, traced: dict[int, Traced], parts: list[list[int]], layers: int) -> bool:
+    """db:B's allocator figures replayed exactly from db:1's recorded replays (block_replay), where they
+    build it; False where they do not (the caller estimates them)."""
+    if not isinstance(m.extra.get("allocator_model"), dict):
+        return False
+    try:
+        figures = block_replay({d: units for d, (_, units) in traced.items()}, [len(p) for p in parts], layers)
+    except NotAffine:
+        return False
+    m.extra["allocator_model"] = figures
+    return True
+
+
+def _records_allocator(traced: dict[int, Traced]) -> bool:
+    """Whether db:1's traces recorded allocator replays that db:B's is built from (a CUDA target, the
+    state made without steps)."""
+    return all(builds_blocks(units) for _, units in traced.values())
+
+
 def derive_blocks(trace_at: Callable[[int], Traced], tech: Technique, layers: int) -> tuple[Measurement, list, list]:
     """db:B (``tech``) on ``layers`` identical layers from db:1's traces (module docstring):
     (the measurement, the depths traced, figures not affine). ``trace_at(depth)`` runs db:1 with
@@ -205,6 +225,9 @@ def derive_blocks(trace_at: Callable[[int], Traced], tech: Technique, layers: in
     parts = [list(r) for r in split_contiguous(layers, tech.blocks or 1)]
     depths = traced_depths(tech, layers)
     traced = _traced(trace_at, depths)
+    if _records_allocator(traced):  # the allocator's replay is extended from one depth more
+        depths = sorted(set(depths) | set(EVENT_DEPTHS))
+        traced.update(_traced(trace_at, [d for d in depths if d not in traced]))
     per_layer = resident_per_layer([traced[d][1][0] for d in LINE_DEPTHS])
     not_affine: list[str] = []
     steps: dict[int, tuple[StepRecord, int | None]] = {}
@@ -227,7 +250,8 @@ def derive_blocks(trace_at: Callable[[int], Traced], tech: Technique, layers: in
     summarise(m, list(range(len(parts))), results, True, parts)
     # How db:1's traces made their state: not a way db:B's own runs must learn (depth.measure_fake).
     m.extra["warmup"] = f"{one_block(tech).name} traces"
-    _set_allocator(m, traced, worst_k, sum(per_layer) * (layers - worst_k), not_affine)
+    if not _replayed_blocks(m, traced, parts, layers):
+        _set_allocator(m, traced, worst_k, sum(per_layer) * (layers - worst_k), not_affine)
     return m, depths, sorted(set(not_affine))
 
 

@@ -304,7 +304,7 @@ def _measure_into(
             m.extra["warmup"] = "optimizer state" + (f" (after {stepped_first} step)" if stepped_first else "")
         if allocator is not None:
             if isinstance(traces, UnitTraces):
-                traces.allocator_events = allocator.events
+                traces.allocator = allocator
             stats = allocator.stats
             m.extra["allocator_model"] = {
                 "peak_reserved_bytes": stats.peak_reserved_bytes,

@@ -125,8 +125,11 @@ def downsample(points: list[list[int]], limit: int) -> list[list[int]]:
 
 class UnitTraces(dict):
     """A run's tracked steps with every point kept, unit -> StepRecord (runner ``traces``), and, where
-    the run replays the CUDA caching allocator, that replay's every malloc and free in
-    ``allocator_events`` (dbprofile.measure.allocator's events), which the depth extrapolation extends
-    to the full depth (dbprofile.measure.event_extrapolation). A plain dict asks for the steps only."""
+    the run replays the CUDA caching allocator, that model with every malloc and free it replayed
+    (``allocator.events``, and ``allocator.parts`` where the state was made without steps), which the
+    depth extrapolation extends to the full depth (dbprofile.measure.event_extrapolation,
+    dbprofile.measure.block_replay). A plain dict asks for the steps only."""
 
-    allocator_events: list[tuple[int, int]] | None = None
+    allocator: Any = None
+    block_replay: Any = None
+    """What dbprofile.measure.block_replay found in db:1's replays, kept for every B of a plan."""

@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import Iterator
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -175,20 +176,37 @@ class StateWarmup:
         order += [(index_of[u], self.optimizer_at[index_of[u]], u) for u in self.units[first:]]
         order += [(index_of[u], None, None) for u in self.units]
         before: list = []
+        parts = ReplayParts(len(alloc.events or []), [])
+        layer_of = self._layer_of()
         for index, where, unit in order:
             start, end = self.spans[index]
             position = {h: k for k, h in enumerate(own[index - 1])} if index else {}
             live: dict = {h: before[position[h]] for h in taken[index]}
+            step = ReplayedStep(unit, len(alloc.events or []))
             replay(alloc, events[start : where if where is not None else end], live)
             if where is not None:
+                state_start = len(alloc.events or [])
                 for p in stepped_of[unit] or []:  # AdamW's _init_group: the group's order
                     if id(p) not in stated:
                         stated.add(id(p))
                         for nbytes in self.state_bytes[id(p)]:
                             alloc.malloc(nbytes)
+                            step.state_layers.append(layer_of.get(id(p)))
+                step.state = (state_start, len(alloc.events or []))
                 replay(alloc, events[where:end], live)
             before = [live[h] for h in own[index]]
+            step.end = len(alloc.events or [])
+            parts.steps.append(step)
+        alloc.parts = parts if record else None
         return alloc
+
+    def _layer_of(self) -> dict[int, int]:
+        """The residual layer each parameter is in, where the trainer's model lists them (``layers``,
+        as DiffusionBlocks' model does): which optimizer state a block's first step makes."""
+        layers = getattr(self.trainer.model, "layers", None)
+        if not isinstance(layers, torch.nn.Module):
+            return {}
+        return {id(p): i for i, layer in enumerate(layers.children()) for p in layer.parameters()}
 
     def _stepped(self, unit: Any, rep_stepped: list[torch.Tensor]) -> list[torch.Tensor] | None:
         """The parameters a step of ``unit`` gives gradients, from those its representative's step did:
@@ -201,6 +219,29 @@ class StateWarmup:
             return None
         got = {id(p) for p in rep_stepped}
         return [p for p, q in zip(mine, theirs) if id(q) in got]
+
+
+@dataclass
+class ReplayedStep:
+    """One step of a recorded replay, by positions in CachingAllocatorModel ``events``: a warm-up step
+    with the optimizer state made at ``state`` (start, end) and the layer of each state tensor's
+    parameter (None: not in a layer), or a tracked step (``state`` None)."""
+
+    unit: Any
+    start: int
+    end: int = 0
+    state: tuple[int, int] | None = None
+    state_layers: list[int | None] = field(default_factory=list)
+
+
+@dataclass
+class ReplayParts:
+    """What a recorded replay is made of (``CachingAllocatorModel.parts``): the parameters and buffers
+    (events up to ``params_end``), then each step in the order replayed. dbprofile.measure.block_replay
+    builds DiffusionBlocks' replay of every block from db:1's."""
+
+    params_end: int
+    steps: list[ReplayedStep]
 
 
 def _handed_on(spans: list[list[tuple[int, int]]], first: int) -> tuple[list[list[int]], list[list[int]]] | None:
