@@ -16,13 +16,14 @@ point at one depth minus the same point one layer shallower (checked to be the s
 depth). db:2, db:3 and db:4 of one plan then share three traces instead of tracing 6, 9 and 12
 block-layers each; blocks of unequal length (L = B * q + r) read two lengths off the same traces.
 
-What is not derived: the allocator replay's reserved bytes come in whole segments and depend on
-the order of every allocation, so they are estimated (the deepest trace's segment overhead in
-proportion to its peak, on the block-step, plus the resident bytes rounded to 2 MiB segments;
-``extra['allocator_model']['extrapolated']``), as on the other extrapolated paths, and its segment
-count is left out (named in ``extra['depth']['not_affine']``). Offloading (db:B+offload keeps the
-other blocks on the host, and moves a block in per step) and block-parallel ranks are traced as
-before. tests/test_shared_blocks.py compares every derived figure with the full trace's, to the
+The allocator replay's reserved bytes come in whole segments and depend on the order of every
+allocation, so they are not on a line: on a CUDA target db:1 is traced at depth 5 as well and db:B's
+replay is built from db:1's recorded replays (dbprofile.measure.block_replay). Where that cannot be
+done (db:1's state made by a real step, as on a ViT), they are estimated (the deepest trace's segment
+overhead in proportion to its peak, on the block-step, plus the resident bytes rounded to 2 MiB
+segments; ``extra['allocator_model']['extrapolated']``) and the segment count is left out (named in
+``extra['depth']['not_affine']``). Offloading (db:B+offload keeps the other blocks on the host, and
+moves a block in per step) is traced as before. tests/test_shared_blocks.py compares every derived figure with the full trace's, to the
 byte, on vit, gpt, llama and dit presets, with equal and unequal blocks, on the CPU and a CUDA target.
 """
 

@@ -335,9 +335,9 @@ def depth_lines(plan: Plan) -> list[str]:
         lines.append(f"Depth: not affine in the depth, so not extrapolated: {', '.join(exact)}.")
     if any("allocator_model" in name for name in not_affine):
         lines.append(
-            "Depth: reserved memory grows in whole allocator segments, so it is estimated from the "
-            "shallow traces' growth per layer, not extrapolated to the byte; --full-trace replays every "
-            "layer through the allocator model."
+            "Depth: the shallow traces' allocation sequences did not extend to the full depth, so the "
+            "reserved memory (whole allocator segments) is estimated from their proportion, not replayed; "
+            "--full-trace replays every layer through the allocator model."
         )
     return lines
 
