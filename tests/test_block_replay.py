@@ -16,11 +16,11 @@ from dbprofile.techniques import parse_technique
 CUDA = dict(round_to=512, emulate_cuda=True, optimizer="adamw-foreach", state_warmup="all")
 
 
-def _pair(preset, technique, layers=10):
+def _pair(preset, technique, layers=10, batch=2):
     spec = get_preset(preset).at_depth(layers)
     tech = parse_technique(technique)
-    derived = measure_fake(spec, tech, 2, layers=layers, not_identical=None, block_traces={}, **CUDA)
-    full = measure_fake(spec, tech, 2, layers=layers, not_identical=None, full_trace=True, **CUDA)
+    derived = measure_fake(spec, tech, batch, layers=layers, not_identical=None, block_traces={}, **CUDA)
+    full = measure_fake(spec, tech, batch, layers=layers, not_identical=None, full_trace=True, **CUDA)
     return derived, full
 
 
@@ -33,6 +33,15 @@ def test_a_derived_db_b_replays_the_allocator_as_its_full_trace(preset, techniqu
     assert derived.extra["allocator_model"] == full.extra["allocator_model"]
     assert "extrapolated" not in derived.extra["allocator_model"]
     assert derived.peak_bytes == full.peak_bytes
+
+
+def test_a_replayed_row_is_not_named_estimated_where_db1s_reserved_bytes_are_off_the_line():
+    # llama-tiny at batch 8: db:1's reserved bytes at depths 2, 3, 4 are 20, 26 and 34 MiB, off any line,
+    # so the extras extrapolated to a block of 6 layers name them; the replay replaces them, and the plan
+    # must not say "estimated".
+    derived, full = _pair("llama-tiny", "db:2", layers=12, batch=8)
+    assert derived.extra["allocator_model"] == full.extra["allocator_model"]
+    assert derived.extra["depth"]["not_affine"] == []
 
 
 def test_state_made_by_a_real_step_keeps_the_estimate_and_says_so():

@@ -251,7 +251,9 @@ def derive_blocks(trace_at: Callable[[int], Traced], tech: Technique, layers: in
     summarise(m, list(range(len(parts))), results, True, parts)
     # How db:1's traces made their state: not a way db:B's own runs must learn (depth.measure_fake).
     m.extra["warmup"] = f"{one_block(tech).name} traces"
-    if not _replayed_blocks(m, traced, parts, layers):
+    if _replayed_blocks(m, traced, parts, layers):  # replayed: none of its figures is off a line any more
+        not_affine = [name for name in not_affine if not name.startswith("extra.allocator_model")]
+    else:
         _set_allocator(m, traced, worst_k, sum(per_layer) * (layers - worst_k), not_affine)
     return m, depths, sorted(set(not_affine))
 
