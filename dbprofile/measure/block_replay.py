@@ -18,8 +18,11 @@ parameters' left out after the first block. So from db:1's recorded replays at d
   ones, then the same tensors per layer, then shared ones, at every traced depth);
 - and the sequence is put together in the order above and replayed.
 
-Anything else (state made by a real step, a step that hands a tensor on to the next, a layout that
-differs between depths) raises NotAffine and the caller estimates. tests/test_block_replay.py compares
+db:1's state may have been made without a step (dbprofile.measure.warmup.StateWarmup) or by a real
+warm-up step (SGD, a ViT whose class token gets no gradient: warmup.StepParts finds it where the
+warm-up step's events first differ from the tracked step's). Anything else (a warm-up step that makes
+more than the state, a step that hands a tensor on to the next, a layout that differs between depths)
+raises NotAffine and the caller estimates. tests/test_block_replay.py compares
 the result with db:B's own full-depth replay on Llama, GPT and DiT presets, equal and unequal blocks.
 """
 

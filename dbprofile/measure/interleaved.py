@@ -36,7 +36,7 @@ from dbprofile.measure.steps import (
     SEED,
     TIMING_THRESHOLD,
     PhaseClock,
-    record_timed_losses,
+    record_losses,
 )
 from dbprofile.measure.summary import UnitResult, summarise_times
 from dbprofile.measure.timing import time_block
@@ -220,7 +220,7 @@ def _summarise(m: Measurement, units: list[_Unit], protocol: str, together: int)
         # speed to the other as the mixture passes one half (docs/timing.md).
         u.result.median, u.result.iqr = trimmed_mean(u.step_times), iqr(u.step_times)
         results[u.unit] = u.result
-        record_timed_losses(m, u.losses, u.unit)
+        record_losses(m, u.losses, u.unit)
         _count_steps(m, [t for t in u.step_times for _ in range(u.number)])
     keys = [u.unit for u in units]
     worst = m.peak_block if m.peak_block is not None else keys[0]

@@ -19,7 +19,7 @@ block-layers each; blocks of unequal length (L = B * q + r) read two lengths off
 The allocator replay's reserved bytes come in whole segments and depend on the order of every
 allocation, so they are not on a line: on a CUDA target db:1 is traced at depth 5 as well and db:B's
 replay is built from db:1's recorded replays (dbprofile.measure.block_replay). Where that cannot be
-done (db:1's state made by a real step, as on a ViT), they are estimated (the deepest trace's segment
+done (db:1's first step makes a tensor the model keeps), they are estimated (the deepest trace's segment
 overhead in proportion to its peak, on the block-step, plus the resident bytes rounded to 2 MiB
 segments; ``extra['allocator_model']['extrapolated']``) and the segment count is left out (named in
 ``extra['depth']['not_affine']``). Offloading (db:B+offload keeps the other blocks on the host, and

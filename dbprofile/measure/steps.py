@@ -32,7 +32,7 @@ from dbprofile.measure.summary import UnitResult, summarise, worst_figures
 from dbprofile.measure.timing import time_block
 from dbprofile.measure.tracker import Tracker
 from dbprofile.measure.tracking import UnitTraces
-from dbprofile.measure.warmup import StateWarmup, state_warmup_applies
+from dbprofile.measure.warmup import StateWarmup, StepParts, state_warmup_applies
 from dbprofile.methods.base import TrainerProtocol as Trainer
 from dbprofile.methods.factory import make_trainer
 from dbprofile.results import Measurement
@@ -246,10 +246,12 @@ def _measure_into(
                 progress.stage(f"{where}: optimizer state (no warm-up steps)")
                 warm.make_state()
             # Warm-up: every unit steps (optimizer state for all of them) before any measurement.
+            parts = StepParts(trainer, tracker, allocator) if record and warm is None and allocator else None
             for i in range(settings.warmup_steps if warm is None else 0):
                 for unit in units:
                     progress.stage(f"{where}: warm-up step {i + 1}/{settings.warmup_steps}{of_block(unit, units)}")
-                    step(ctx, tracker, unit, None)
+                    with parts.span(unit, warm_up=True) if parts else contextlib.nullcontext():
+                        step(ctx, tracker, unit, None)
             allocator_peaks: list[dict] = []
             observed: dict[int | None, dict] = {}
             for unit in units:
@@ -265,7 +267,7 @@ def _measure_into(
                 with (
                     snapshot.recording(path),
                     observing(spec, trainer.model, fake) as seen,
-                    warm.span() if warm is not None else contextlib.nullcontext(),
+                    warm.span() if warm is not None else parts.span(unit) if parts else contextlib.nullcontext(),
                 ):
                     step(ctx, tracker, unit, results[unit], track=True)
                 record_transfer(m, trainer)
@@ -303,6 +305,8 @@ def _measure_into(
             allocator = replayed if allocator is not None else None
             m.extra["warmup"] = "optimizer state" + (f" (after {stepped_first} step)" if stepped_first else "")
         if allocator is not None:
+            if parts is not None:
+                parts.finish()
             if isinstance(traces, UnitTraces):
                 traces.allocator = allocator
             stats = allocator.stats
@@ -389,17 +393,17 @@ def time_unit(
     # one entry per step (a block's time shared evenly), so the run's step count and total stay right
     n = result.number_per_run
     ctx.all_steps.extend(t / n for t in result.raw_times for _ in range(n))
-    record_timed_losses(m, losses, unit)
+    record_losses(m, losses, unit)
 
 
-def record_timed_losses(m: Measurement, losses: list[torch.Tensor], unit: int | None) -> None:
-    """Append the timed steps' losses to ``m``; a non-finite one makes the measurement ``nan``."""
+def record_losses(m: Measurement, losses: list[torch.Tensor], unit: int | None, when: str = "in a timed step") -> None:
+    """Append the steps' losses to ``m``; a non-finite one makes the measurement ``nan``."""
     for value in (float(loss.detach().float()) for loss in losses):
         m.losses.append(value)
         if not math.isfinite(value) and m.status == "ok":
             m.status = "nan"
             where = f" (block {unit})" if unit is not None else ""
-            m.error = f"{m.technique}: the loss was {value} in a timed step{where}; training diverged or the model produces NaN."
+            m.error = f"{m.technique}: the loss was {value} {when}{where}; training diverged or the model produces NaN."
             break
 
 
@@ -442,9 +446,4 @@ def step(ctx: StepContext, tracker: Tracker, unit: int | None, out: UnitResult |
             out.times.append(elapsed)
             out.transfer_times.append(transfer)
     if not ctx.fake and isinstance(loss, torch.Tensor):
-        value = float(loss.detach().float())
-        m.losses.append(value)
-        if not math.isfinite(value) and m.status == "ok":
-            m.status = "nan"
-            where = f" (block {unit})" if unit is not None else ""
-            m.error = f"{m.technique}: the loss was {value} at step {step_index}{where}; training diverged or the model produces NaN."
+        record_losses(m, [loss], unit, f"at step {step_index}")

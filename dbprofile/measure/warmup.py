@@ -105,14 +105,7 @@ class StateWarmup:
             # A tracked step's first point carries the phase the step before it ended in.
             self.tracker.mark(LAST_PHASE)
         self.after_state = self.recorder.position()
-        self.state_bytes = {
-            id(p): [
-                t.untyped_storage().nbytes()
-                for t in self.optimizer.state[p].values()
-                if isinstance(t, torch.Tensor) and self.tracker.allocated(t)
-            ]
-            for p in params
-        }
+        self.state_bytes = {id(p): state_sizes(self.optimizer, self.tracker, p) for p in params}
         self._hook = self.optimizer.register_step_pre_hook(self._before_step)
 
     def _before_step(self, optimizer: torch.optim.Optimizer, *_: Any) -> None:
@@ -177,7 +170,7 @@ class StateWarmup:
         order += [(index_of[u], None, None) for u in self.units]
         before: list = []
         parts = ReplayParts(len(alloc.events or []), [])
-        layer_of = self._layer_of()
+        layers = layer_of(self.trainer)
         for index, where, unit in order:
             start, end = self.spans[index]
             position = {h: k for k, h in enumerate(own[index - 1])} if index else {}
@@ -191,7 +184,7 @@ class StateWarmup:
                         stated.add(id(p))
                         for nbytes in self.state_bytes[id(p)]:
                             alloc.malloc(nbytes)
-                            step.state_layers.append(layer_of.get(id(p)))
+                            step.state_layers.append(layers.get(id(p)))
                 step.state = (state_start, len(alloc.events or []))
                 replay(alloc, events[where:end], live)
             before = [live[h] for h in own[index]]
@@ -199,14 +192,6 @@ class StateWarmup:
             parts.steps.append(step)
         alloc.parts = parts if record else None
         return alloc
-
-    def _layer_of(self) -> dict[int, int]:
-        """The residual layer each parameter is in, where the trainer's model lists them (``layers``,
-        as DiffusionBlocks' model does): which optimizer state a block's first step makes."""
-        layers = getattr(self.trainer.model, "layers", None)
-        if not isinstance(layers, torch.nn.Module):
-            return {}
-        return {id(p): i for i, layer in enumerate(layers.children()) for p in layer.parameters()}
 
     def _stepped(self, unit: Any, rep_stepped: list[torch.Tensor]) -> list[torch.Tensor] | None:
         """The parameters a step of ``unit`` gives gradients, from those its representative's step did:
@@ -219,6 +204,72 @@ class StateWarmup:
             return None
         got = {id(p) for p in rep_stepped}
         return [p for p, q in zip(mine, theirs) if id(q) in got]
+
+
+def state_sizes(optimizer: torch.optim.Optimizer, tracker: Any, p: torch.Tensor) -> list[int]:
+    """The bytes of each of ``p``'s optimizer state tensors the allocator holds, in the state's order."""
+    return [
+        t.untyped_storage().nbytes()
+        for t in optimizer.state[p].values()
+        if isinstance(t, torch.Tensor) and tracker.allocated(t)
+    ]
+
+
+def layer_of(trainer: Any) -> dict[int, int]:
+    """The residual layer each parameter is in, where the trainer's model lists them (``layers``, as
+    DiffusionBlocks' model does): which optimizer state a block's first step makes."""
+    layers = getattr(trainer.model, "layers", None)
+    if not isinstance(layers, torch.nn.Module):
+        return {}
+    return {id(p): i for i, layer in enumerate(layers.children()) for p in layer.parameters()}
+
+
+class StepParts:
+    """The parts of a recorded replay whose warm-up ran real steps (SGD, offloading, a model that keeps
+    what its first step makes): each step's span of the allocator's events and, in each warm-up step,
+    the optimizer state it made, found where its events first differ from the same unit's tracked
+    step and checked to be those tensors' sizes. The result reads as StateWarmup's
+    (``CachingAllocatorModel.parts``), so dbprofile.measure.block_replay builds db:B's replay from it."""
+
+    def __init__(self, trainer: Any, tracker: Any, alloc: CachingAllocatorModel) -> None:
+        self.trainer, self.tracker, self.alloc = trainer, tracker, alloc
+        self.parts = ReplayParts(len(alloc.events or []), [])
+        self.made: dict[int, list[tuple[int, int | None]]] = {}
+
+    @contextlib.contextmanager
+    def span(self, unit: Any, warm_up: bool = False) -> Iterator[None]:
+        """Around one step: a warm-up step (``warm_up``), then each tracked step."""
+        optimizer = self.trainer.optimizer
+        had = {id(p) for p in optimizer.state}
+        step = ReplayedStep(unit, len(self.alloc.events or []))
+        yield
+        step.end = len(self.alloc.events or [])
+        if warm_up:
+            layers = layer_of(self.trainer)
+            self.made[len(self.parts.steps)] = [
+                (n, layers.get(id(p)))
+                for group in optimizer.param_groups
+                for p in group["params"]
+                if id(p) not in had and p in optimizer.state
+                for n in state_sizes(optimizer, self.tracker, p)
+            ]
+        self.parts.steps.append(step)
+
+    def finish(self) -> None:
+        """Each warm-up step's state window, where its events are the tracked step's with the state
+        inserted in one place; the parts are kept on the allocator model."""
+        events = self.alloc.events or []
+        tracked = {s.unit: s for i, s in enumerate(self.parts.steps) if i not in self.made}
+        for index, made in self.made.items():
+            warm, same = self.parts.steps[index], tracked.get(self.parts.steps[index].unit)
+            if same is None:
+                continue
+            ours, theirs = events[warm.start : warm.end], events[same.start : same.end]
+            at = next((i for i, (a, b) in enumerate(zip(ours, theirs)) if a[1] != b[1]), len(theirs))
+            if [n for _, n in ours[at : at + len(made)]] == [n for n, _ in made]:
+                warm.state = (warm.start + at, warm.start + at + len(made))
+                warm.state_layers = [layer for _, layer in made]
+        self.alloc.parts = self.parts
 
 
 @dataclass
