@@ -10,7 +10,7 @@ import pytest
 from dbprofile.measure import depth
 from dbprofile.measure.allocator import FREED
 from dbprofile.measure.depth import PATH_EXTRAPOLATED, PATH_FULL, measure_fake
-from dbprofile.measure.event_extrapolation import extrapolate_events, replayed
+from dbprofile.measure.event_extrapolation import extrapolate_events, in_allocation_order, replayed
 from dbprofile.measure.step_extrapolation import NotAffine
 from dbprofile.models import get_preset
 from dbprofile.techniques import parse_technique
@@ -70,17 +70,30 @@ class _Program:
 def test_a_step_written_out_at_any_depth_is_extended_from_three_depths_event_for_event():
     traced = [_Program(d).run() for d in (2, 3, 4)]
     for target in (5, 9, 40):
-        assert extrapolate_events(traced, target - 2) == _Program(target).run()
+        # event for event, with each run of frees in allocation order (which replays the same)
+        assert extrapolate_events(traced, target - 2) == in_allocation_order(_Program(target).run())
     full = _Program(40).run()
     assert replayed(extrapolate_events(traced, 38)) == replayed(full)
 
 
+def test_frees_in_a_run_are_put_in_allocation_order_and_replay_the_same():
+    # Three blocks made, then freed in an order of their own (a cache emptied in its own order) before
+    # the next malloc: put in allocation order, with a run split where a state is inserted later.
+    events = [(0, 3 << 20), (1, 1 << 20), (2, 5 << 20), (2, FREED), (0, FREED), (1, FREED), (3, 2 << 20)]
+    ordered = in_allocation_order(events)
+    assert ordered == [(0, 3 << 20), (1, 1 << 20), (2, 5 << 20), (0, FREED), (1, FREED), (2, FREED), (3, 2 << 20)]
+    assert replayed(ordered) == replayed(events)
+    assert in_allocation_order(events, split=5)[3:6] == [(0, FREED), (2, FREED), (1, FREED)]
+
+
 def test_events_that_change_structure_with_the_depth_are_refused():
-    # Freeing the middle layer's activation first: which one that is moves with the depth, not by a copy.
+    # Freeing the middle layer's activation first, each free followed by a malloc that may reuse its
+    # block: which one that is moves with the depth, not by a copy.
     def program(d):
         events = [(i, 1 << 20) for i in range(d)]
-        order = [d // 2] + [i for i in range(d) if i != d // 2]
-        return events + [(i, FREED) for i in order]
+        for k, i in enumerate([d // 2] + [i for i in range(d) if i != d // 2]):
+            events += [(i, FREED), (d + k, 512)]
+        return events
 
     with pytest.raises(NotAffine):
         extrapolate_events([program(d) for d in (2, 3, 4)], 6)

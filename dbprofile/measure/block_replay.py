@@ -33,7 +33,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from dbprofile.measure.allocator import FREED
-from dbprofile.measure.event_extrapolation import Event, EventExtension, replayed
+from dbprofile.measure.event_extrapolation import Event, EventExtension, in_allocation_order, replayed
 from dbprofile.measure.step_extrapolation import NotAffine
 
 EVENT_DEPTHS = (2, 3, 4, 5)
@@ -61,14 +61,16 @@ def _cut(units: Any) -> _OneBlockReplay:
     if len(parts.steps) != 2 or parts.steps[0].state is None or parts.steps[1].state is not None:
         raise NotAffine("db:1's replay is not one warm-up step with its state and one tracked step")
     warm, tracked = parts.steps
-    step = events[tracked.start : tracked.end]
     state_start, state_end = warm.state
     state = events[state_start:state_end]
+    at = state_start - warm.start
+    # A run of frees is put in allocation order (in_allocation_order) on either side of where the state
+    # goes: the warm-up step makes the state there, between them.
+    step = in_allocation_order(events[tracked.start : tracked.end], at)
     if any(n == FREED for _, n in state) or not _self_contained(step):
         raise NotAffine("db:1's step hands tensors on to the next step")
-    at = state_start - warm.start
     # The warm-up step is the tracked step with the state made inside it (same sizes, same order).
-    warm_events = events[warm.start : state_start] + events[state_end : warm.end]
+    warm_events = in_allocation_order(events[warm.start : state_start] + events[state_end : warm.end], at)
     if _shape(warm_events) != _shape(step):
         raise NotAffine("db:1's warm-up step is not its tracked step with the state made first")
     return _OneBlockReplay(events[: parts.params_end], step, at, [n for _, n in state], list(warm.state_layers))
@@ -154,7 +156,7 @@ def _extensions(units_by_depth: dict[int, Any]) -> tuple[dict[int, _OneBlockRepl
             raise NotAffine("db:1's replays were not recorded at every depth they are extended from")
         replays = {d: _cut(units_by_depth[d]) for d in EVENT_DEPTHS}
         params = EventExtension([replays[d].params for d in EVENT_DEPTHS])
-        steps = EventExtension([replays[d].step for d in EVENT_DEPTHS])
+        steps = EventExtension([replays[d].step for d in EVENT_DEPTHS], reorder_frees=False)
         kept.block_replay = (replays, params, steps)
     replays, params, steps = kept.block_replay
     # a shorter block length traced since (db:12's one-layer blocks, after db:2 of the same plan)

@@ -9,6 +9,9 @@ inserted at a few places (the forward, the backward, each per-parameter loop of 
 and the optimizer), and a free releases either a fixed event's allocation or one in a copy that is
 fixed relative to its own copy or to the ends. So:
 
+- each run of consecutive frees is put in the order its blocks were allocated
+  (``in_allocation_order``: frees with no malloc between them commute in the allocator, and their
+  recorded order need not repeat, as bf16 autocast's cache shows);
 - the sequences at depths m1 and m2 are aligned by their events, (malloc, bytes) and (free, bytes
   of the block), as insertions only (``_sites``); an event whose size changes with the depth (the
   gradient clip's stacked norms, 4 bytes per parameter tensor) is aligned by the allocator's
@@ -47,6 +50,28 @@ RULE_ORDER = {"F": 0, "same": 1, "rev": 2, "neg": 3, "start": 4, "end": 5}
 """The rules a free may follow, the simplest first (``_infer`` takes the first that explains it)."""
 PLACEMENTS = ("first repeat", "leftmost", "last repeat", "rightmost")
 """Where ``_normalised`` puts the insertions; tried in this order until one explains every free."""
+
+
+def in_allocation_order(events: Sequence[Event], split: int | None = None) -> list[Event]:
+    """``events`` with each run of consecutive frees put in the order their blocks were allocated
+    (a run also ends at position ``split``, where something is inserted later). Frees with no malloc
+    between them commute in the allocator: the free blocks they leave (merged with their free
+    neighbours), the bytes allocated and every peak are the same in any order, so the replay is
+    unchanged. But their recorded order need not repeat with the depth (bf16 autocast empties its cache
+    of cast weights in the cache's own order), where the allocation order does."""
+    made: dict[int, int] = {}
+    out: list[Event] = []
+    run: list[Event] = []
+    for i, (handle, nbytes) in enumerate(events):
+        if i == split or nbytes != FREED:
+            out += sorted(run, key=lambda event: made.get(event[0], -1))
+            run = []
+        if nbytes == FREED:
+            run.append((handle, nbytes))
+        else:
+            made[handle] = i
+            out.append((handle, nbytes))
+    return out + sorted(run, key=lambda event: made.get(event[0], -1))
 
 
 def _tokens(events: Sequence[Event]) -> tuple[list[Token], list[int | None]]:
@@ -308,7 +333,10 @@ class EventExtension:
     apart), found once (``extrapolate_events`` for one depth): ``at(steps)`` generates the sequence
     ``steps`` steps past the first. NotAffine where they do not follow one (module docstring)."""
 
-    def __init__(self, traced: Sequence[Sequence[Event]]) -> None:
+    def __init__(self, traced: Sequence[Sequence[Event]], reorder_frees: bool = True) -> None:
+        # ``reorder_frees=False``: the caller put the runs of frees in order itself (block_replay splits
+        # a run where the state goes).
+        traced = [in_allocation_order(events) if reorder_frees else list(events) for events in traced]
         observed = dict(enumerate(_tokens(events) for events in traced))
         self.base = observed[0][0]
         sites, self.grow = _sites(self.base, observed[1][0])
