@@ -10,7 +10,7 @@ import torch
 
 from dbprofile.measure.allocator import FREED, AllocationRecorder, CachingAllocatorModel, replay
 from dbprofile.measure.runner import measure
-from dbprofile.measure.steps import learned_state_warmup
+from dbprofile.measure.warmup import learned_state_warmup
 from dbprofile.models import get_preset
 from dbprofile.spec import ModelSpec
 

@@ -277,7 +277,7 @@ def measure_fake(
     DiffusionBlocks on one device is derived from db:1's traces (dbprofile.measure.shared_blocks);
     ``block_traces``, a dict kept by the caller, holds them, so every B of one plan reads the same traces."""
     from dbprofile.measure.runner import activation_ratios, measure
-    from dbprofile.measure.steps import WARMUP_BY_STEPS, learned_state_warmup
+    from dbprofile.measure.warmup import WARMUP_BY_STEPS, learned_state_warmup
 
     warmup = [state_warmup]
 

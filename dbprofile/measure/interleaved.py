@@ -36,9 +36,8 @@ from dbprofile.measure.steps import (
     SEED,
     TIMING_THRESHOLD,
     PhaseClock,
-    record_losses,
 )
-from dbprofile.measure.summary import UnitResult, summarise_times
+from dbprofile.measure.summary import UnitResult, record_losses, summarise_times
 from dbprofile.measure.timing import time_block
 from dbprofile.methods.factory import make_trainer
 from dbprofile.results import Measurement

@@ -12,7 +12,6 @@ from __future__ import annotations
 import contextlib
 import copy
 import itertools
-import math
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
@@ -28,11 +27,17 @@ from dbprofile.measure.allocator import AllocationRecorder, CachingAllocatorMode
 from dbprofile.measure.fake import fake_mode
 from dbprofile.measure.flops import FlopCounter
 from dbprofile.measure.regions import tagging
-from dbprofile.measure.summary import UnitResult, summarise, worst_figures
+from dbprofile.measure.summary import UnitResult, record_losses, record_transfer, summarise, worst_figures
 from dbprofile.measure.timing import time_block
 from dbprofile.measure.tracker import Tracker
 from dbprofile.measure.tracking import UnitTraces
-from dbprofile.measure.warmup import StateWarmup, StepParts, state_warmup_applies
+from dbprofile.measure.warmup import (
+    STATE_WARMUP_TRIES,
+    WARMUP_BY_STEPS,
+    StateWarmup,
+    StepParts,
+    state_warmup_applies,
+)
 from dbprofile.methods.base import TrainerProtocol as Trainer
 from dbprofile.methods.factory import make_trainer
 from dbprofile.results import Measurement
@@ -158,25 +163,6 @@ def measure_into(
         m.extra["warmup"] = WARMUP_BY_STEPS
 
 
-WARMUP_BY_STEPS = "steps"
-"""``extra['warmup']`` of a fake measurement that tried to make its state without steps and could not."""
-
-
-def learned_state_warmup(warmup: str | None, current: str) -> str:
-    """The RunSettings.state_warmup for the next measurement of the same model and kind of trainer,
-    from how this one's was made (``extra['warmup']``): start where it succeeded."""
-    if warmup == WARMUP_BY_STEPS:
-        return "off"
-    if warmup is not None and warmup.startswith("optimizer state"):
-        return "after-first" if "after" in warmup else "all"
-    return current
-
-
-STATE_WARMUP_TRIES = {"all": (0, 1), "after-first": (1,)}
-"""RunSettings.state_warmup -> the units warmed up by a real step before the others get their state,
-tried in turn (dbprofile.measure.warmup); a measurement that no try makes exactly warms up by steps."""
-
-
 def _measure_into(
     m: Measurement,
     spec: ModelSpec,
@@ -237,21 +223,9 @@ def _measure_into(
         # (optimizer state, caches a model builds on first use) is seen being made.
         routed = spec.routed_modules(trainer.model) if spec.routed_modules is not None else []
         with tracker, tagging(tracker, routed):
-            warm = None
-            if recorder is not None and stepped_first is not None:
-                warm = StateWarmup(trainer, tracker, recorder, units, stepped_first)
-                for unit in units[:stepped_first]:
-                    with warm.span():
-                        step(ctx, tracker, unit, None)
-                progress.stage(f"{where}: optimizer state (no warm-up steps)")
-                warm.make_state()
-            # Warm-up: every unit steps (optimizer state for all of them) before any measurement.
-            parts = StepParts(trainer, tracker, allocator) if record and warm is None and allocator else None
-            for i in range(settings.warmup_steps if warm is None else 0):
-                for unit in units:
-                    progress.stage(f"{where}: warm-up step {i + 1}/{settings.warmup_steps}{of_block(unit, units)}")
-                    with parts.span(unit, warm_up=True) if parts else contextlib.nullcontext():
-                        step(ctx, tracker, unit, None)
+            warm, parts = _warm_up(
+                ctx, tracker, units, settings, recorder, stepped_first, allocator if record else None, where
+            )
             allocator_peaks: list[dict] = []
             observed: dict[int | None, dict] = {}
             for unit in units:
@@ -276,23 +250,10 @@ def _measure_into(
                 if traces is not None:
                     traces[unit] = results[unit].records[-1]
                 if not fake and timed:
-                    # Timed steps run untracked: the tracker's Python dispatch overhead must not
-                    # inflate step times. Fake steps have no meaningful time. The allocator's
-                    # peaks are read over these untracked steps only: the tracked step resets
-                    # them around every op, and the ground truth must not come from the tracker.
-                    steps = settings.steps
-                    progress.stage(f"{where}: {steps} timed step{'s' if steps > 1 else ''}{of_block(unit, units)}")
-                    with tracker.paused():
-                        devices.reset_peaks(dev)
-                        if adaptive_timing:
-                            before = len(ctx.all_steps)
-                            time_unit(ctx, unit, results[unit], steps, MIN_TIME_S / len(units), MAX_TIME_S / len(units))
-                            # the timer's raw step times (its block-size estimate and loop are not in all_steps)
-                            timed_s += sum(ctx.all_steps[before:])
-                        else:
-                            for _ in range(steps):
-                                step(ctx, tracker, unit, results[unit], track=False)
-                        figures = devices.cuda_figures(dev)
+                    unit_s, figures = _timed_steps(
+                        ctx, tracker, unit, units, results[unit], settings.steps, adaptive_timing, where
+                    )
+                    timed_s += unit_s
                     if figures is not None:
                         allocator_peaks.append(figures)
         if observed:
@@ -305,16 +266,7 @@ def _measure_into(
             allocator = replayed if allocator is not None else None
             m.extra["warmup"] = "optimizer state" + (f" (after {stepped_first} step)" if stepped_first else "")
         if allocator is not None:
-            if parts is not None:
-                parts.finish()
-            if isinstance(traces, UnitTraces):
-                traces.allocator = allocator
-            stats = allocator.stats
-            m.extra["allocator_model"] = {
-                "peak_reserved_bytes": stats.peak_reserved_bytes,
-                "peak_allocated_bytes": stats.peak_allocated_bytes,
-                "segments": stats.segments,
-            }
+            _allocator_figures(m, allocator, parts, traces)
         if m.cuda is not None:
             m.cuda["untracked_allocated_bytes"] = m.extra.pop("cuda_untracked_bytes", None)
         block_layers = trainer.block_layers
@@ -333,15 +285,74 @@ def _measure_into(
     return True
 
 
-def record_transfer(m: Measurement, trainer: Any) -> None:
-    """An offloading trainer's host-link bytes in its tracked step (the largest over the units):
-    ``extra['host_transfer']`` = {'to_host_bytes', 'to_device_bytes'}."""
-    moved = getattr(trainer, "last_step_transfer", None)
-    if not moved:
-        return
-    kept = m.extra.setdefault("host_transfer", {})
-    for key, value in moved.items():
-        kept[key] = max(int(value), kept.get(key, 0))
+def _warm_up(
+    ctx: StepContext,
+    tracker: Tracker,
+    units: list,
+    settings: RunSettings,
+    recorder: AllocationRecorder | None,
+    stepped_first: int | None,
+    recorded: CachingAllocatorModel | None,
+    where: str,
+) -> tuple[StateWarmup | None, StepParts | None]:
+    """The steps before the tracked ones: the optimizer state made without steps (``recorder``: the
+    first ``stepped_first`` units by a real step), else every unit's warm-up steps, each one's span of
+    the ``recorded`` allocator replay kept (StepParts) where the depth extrapolation asks for it."""
+    if recorder is not None and stepped_first is not None:
+        warm = StateWarmup(ctx.trainer, tracker, recorder, units, stepped_first)
+        for unit in units[:stepped_first]:
+            with warm.span():
+                step(ctx, tracker, unit, None)
+        progress.stage(f"{where}: optimizer state (no warm-up steps)")
+        warm.make_state()
+        return warm, None
+    # Warm-up: every unit steps (optimizer state for all of them) before any measurement.
+    parts = StepParts(ctx.trainer, tracker, recorded) if recorded is not None else None
+    for i in range(settings.warmup_steps):
+        for unit in units:
+            progress.stage(f"{where}: warm-up step {i + 1}/{settings.warmup_steps}{of_block(unit, units)}")
+            with parts.span(unit, warm_up=True) if parts else contextlib.nullcontext():
+                step(ctx, tracker, unit, None)
+    return None, parts
+
+
+def _timed_steps(
+    ctx: StepContext, tracker: Tracker, unit: Any, units: list, out: UnitResult, steps: int, adaptive: bool, where: str
+) -> tuple[float, dict | None]:
+    """A unit's timed steps: (the seconds the adaptive timer's raw steps took, else 0; the CUDA
+    allocator's figures over them). Timed steps run untracked: the tracker's Python dispatch overhead
+    must not inflate step times. The allocator's peaks are read over these untracked steps only: the
+    tracked step resets them around every op, and the ground truth must not come from the tracker."""
+    progress.stage(f"{where}: {steps} timed step{'s' if steps > 1 else ''}{of_block(unit, units)}")
+    timed_s = 0.0
+    with tracker.paused():
+        devices.reset_peaks(ctx.dev)
+        if adaptive:
+            before = len(ctx.all_steps)
+            time_unit(ctx, unit, out, steps, MIN_TIME_S / len(units), MAX_TIME_S / len(units))
+            # the timer's raw step times (its block-size estimate and loop are not in all_steps)
+            timed_s = sum(ctx.all_steps[before:])
+        else:
+            for _ in range(steps):
+                step(ctx, tracker, unit, out, track=False)
+        return timed_s, devices.cuda_figures(ctx.dev)
+
+
+def _allocator_figures(
+    m: Measurement, allocator: CachingAllocatorModel, parts: StepParts | None, traces: dict | None
+) -> None:
+    """The allocator model's figures (``extra['allocator_model']``); the replay itself, with its parts,
+    handed to the depth extrapolation where it asked for it (UnitTraces)."""
+    if parts is not None:
+        parts.finish()
+    if isinstance(traces, UnitTraces):
+        traces.allocator = allocator
+    stats = allocator.stats
+    m.extra["allocator_model"] = {
+        "peak_reserved_bytes": stats.peak_reserved_bytes,
+        "peak_allocated_bytes": stats.peak_allocated_bytes,
+        "segments": stats.segments,
+    }
 
 
 def observing(spec: ModelSpec, model: torch.nn.Module, fake: bool) -> contextlib.AbstractContextManager[dict]:
@@ -394,17 +405,6 @@ def time_unit(
     n = result.number_per_run
     ctx.all_steps.extend(t / n for t in result.raw_times for _ in range(n))
     record_losses(m, losses, unit)
-
-
-def record_losses(m: Measurement, losses: list[torch.Tensor], unit: int | None, when: str = "in a timed step") -> None:
-    """Append the steps' losses to ``m``; a non-finite one makes the measurement ``nan``."""
-    for value in (float(loss.detach().float()) for loss in losses):
-        m.losses.append(value)
-        if not math.isfinite(value) and m.status == "ok":
-            m.status = "nan"
-            where = f" (block {unit})" if unit is not None else ""
-            m.error = f"{m.technique}: the loss was {value} {when}{where}; training diverged or the model produces NaN."
-            break
 
 
 def step(ctx: StepContext, tracker: Tracker, unit: int | None, out: UnitResult | None, track: bool = False) -> None:

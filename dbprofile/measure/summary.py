@@ -1,10 +1,13 @@
 """The figures of a measurement from its units' tracked and timed steps: the worst unit's peak and
 shares, every DiffusionBlocks block's, the training FLOPs, and the step times (dbprofile.measure.steps
-fills the units; depth extrapolation and the interleaved CPU timing summarise theirs the same way)."""
+fills the units; depth extrapolation and the interleaved CPU timing summarise theirs the same way), and
+what a step adds to the measurement as it runs (its losses, an offloading step's host-link bytes)."""
 
 from __future__ import annotations
 
+import math
 import statistics
+from typing import Any
 
 from dbprofile.measure.tracking import StepRecord
 from dbprofile.results import BlockMeasurement, Measurement
@@ -106,3 +109,25 @@ def summarise_times(m: Measurement, units: list, results: dict, worst_unit: int 
         transfers = [t for u in units for t in results[u].transfer_times]
         if any(transfers):
             m.transfer_time_s = statistics.median(transfers)
+
+
+def record_transfer(m: Measurement, trainer: Any) -> None:
+    """An offloading trainer's host-link bytes in its tracked step (the largest over the units):
+    ``extra['host_transfer']`` = {'to_host_bytes', 'to_device_bytes'}."""
+    moved = getattr(trainer, "last_step_transfer", None)
+    if not moved:
+        return
+    kept = m.extra.setdefault("host_transfer", {})
+    for key, value in moved.items():
+        kept[key] = max(int(value), kept.get(key, 0))
+
+
+def record_losses(m: Measurement, losses: list[Any], unit: int | None, when: str = "in a timed step") -> None:
+    """Append the steps' losses to ``m``; a non-finite one makes the measurement ``nan``."""
+    for value in (float(loss.detach().float()) for loss in losses):
+        m.losses.append(value)
+        if not math.isfinite(value) and m.status == "ok":
+            m.status = "nan"
+            where = f" (block {unit})" if unit is not None else ""
+            m.error = f"{m.technique}: the loss was {value} {when}{where}; training diverged or the model produces NaN."
+            break

@@ -48,6 +48,25 @@ LAST_PHASE = "optimizer"
 measurement's tracked step starts; a step that ends elsewhere is warmed up by a real step first."""
 
 
+WARMUP_BY_STEPS = "steps"
+"""``extra['warmup']`` of a fake measurement that tried to make its state without steps and could not."""
+
+
+def learned_state_warmup(warmup: str | None, current: str) -> str:
+    """The RunSettings.state_warmup for the next measurement of the same model and kind of trainer,
+    from how this one's was made (``extra['warmup']``): start where it succeeded."""
+    if warmup == WARMUP_BY_STEPS:
+        return "off"
+    if warmup is not None and warmup.startswith("optimizer state"):
+        return "after-first" if "after" in warmup else "all"
+    return current
+
+
+STATE_WARMUP_TRIES = {"all": (0, 1), "after-first": (1,)}
+"""RunSettings.state_warmup -> the units warmed up by a real step before the others get their state,
+tried in turn (dbprofile.measure.warmup); a measurement that no try makes exactly warms up by steps."""
+
+
 def state_warmup_applies(tech: Technique, optimizer: str) -> bool:
     """Whether a measurement of ``tech`` may make its state without warm-up steps (module docstring)."""
     algorithm, _ = optimizer_parts(optimizer)

@@ -74,7 +74,7 @@ class EntryPlanner:
     """Fake runs kept on disk (dbprofile.planner.trace_cache); None: none kept."""
     state_warmup: dict[bool, str] = field(default_factory=lambda: {True: "all", False: "all"})
     """Per kind of trainer (DiffusionBlocks or not): how its fake runs make their optimizer state
-    (RunSettings.state_warmup), learned from the runs so far (steps.learned_state_warmup): a model
+    (RunSettings.state_warmup), learned from the runs so far (warmup.learned_state_warmup): a model
     that keeps a tensor its first step makes (a table cached on first use), or has a parameter that
     never gets a gradient (a ViT's class token under DiffusionBlocks), needs a real first step, and its
     later runs start there without trying less."""
@@ -148,7 +148,7 @@ class EntryPlanner:
                 **common,
             )
         from dbprofile.measure.depth import measure_fake
-        from dbprofile.measure.steps import learned_state_warmup
+        from dbprofile.measure.warmup import learned_state_warmup
 
         kind = tech.is_diffusion_blocks
         m = measure_fake(
