@@ -92,6 +92,14 @@ class AllocatorStats:
     segments: int = 0
     segment_sizes: list[int] = field(default_factory=list)
 
+    def figures(self) -> dict[str, int]:
+        """What a measurement keeps of the replay (``extra['allocator_model']``)."""
+        return {
+            "peak_reserved_bytes": self.peak_reserved_bytes,
+            "peak_allocated_bytes": self.peak_allocated_bytes,
+            "segments": self.segments,
+        }
+
 
 class CachingAllocatorModel:
     """Replays ``malloc(nbytes) -> handle`` and ``free(handle)``; see the module docstring.

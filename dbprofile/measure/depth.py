@@ -135,11 +135,11 @@ def _allocator_figures(m: Measurement, traced: list[Traced], steps: int, not_aff
     (``_reserved_bytes``, named in ``not_affine``)."""
     if not isinstance(m.extra.get("allocator_model"), dict):
         return
-    recorded = [getattr(units, "allocator", None) for _, units in traced]
-    events = [alloc.events if alloc is not None else None for alloc in recorded]
-    if all(e is not None for e in events):
+    recorded = [getattr(getattr(units, "allocator", None), "events", None) for _, units in traced]
+    events = [e for e in recorded if isinstance(e, list)]
+    if len(events) == len(traced):
         try:
-            m.extra["allocator_model"] = replayed(extrapolate_events([e or [] for e in events], steps))
+            m.extra["allocator_model"] = replayed(extrapolate_events(events, steps))
         except NotAffine:
             pass
         else:

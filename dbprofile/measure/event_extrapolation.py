@@ -303,13 +303,13 @@ class _Rules:
             else:
                 raise NotAffine("a free in the allocator events follows no rule of the depth")
 
-    def generate(self, base_exact: list[Token], grow: dict[int, int], copies: int) -> list[Event]:
+    def generate(self, grow: dict[int, int], copies: int) -> list[Event]:
         """The event sequence with ``copies`` copies of each insertion (handles: malloc positions)."""
         layout = _layout(len(self.base), self.sites, copies)
         where = {slot: i for i, slot in enumerate(layout)}
         events: list[Event] = []
         for i, slot in enumerate(layout):
-            kind, nbytes = base_exact[slot[1]] if slot[0] == "F" else self.sites[slot[1]][1][slot[3]]
+            kind, nbytes = self.base[slot[1]] if slot[0] == "F" else self.sites[slot[1]][1][slot[3]]
             if kind == "m":
                 events.append((i, nbytes + copies * grow.get(slot[1], 0) if slot[0] == "F" else nbytes))
                 continue
@@ -345,8 +345,8 @@ class EventExtension:
             self.rules = _Rules(self.base, _normalised(self.base, sites, self.grow, placement))
             try:
                 self.rules.infer(observed)
-                for copies, events in enumerate(traced):
-                    if _tokens(self.at(copies)) != _tokens(events):
+                for copies, traced_tokens in observed.items():
+                    if _tokens(self.at(copies)) != traced_tokens:
                         raise NotAffine(f"the allocator events generated {copies} steps deeper differ from the trace")
                 return
             except NotAffine as err:
@@ -354,7 +354,7 @@ class EventExtension:
         raise failure
 
     def at(self, steps: int) -> list[Event]:
-        return self.rules.generate(self.base, self.grow, steps)
+        return self.rules.generate(self.grow, steps)
 
 
 def extrapolate_events(traced: Sequence[Sequence[Event]], steps: int) -> list[Event]:
@@ -367,9 +367,4 @@ def replayed(events: Sequence[Event]) -> dict[str, int]:
     """The allocator model's figures after ``events`` (as dbprofile.measure.steps records them)."""
     alloc = CachingAllocatorModel()
     replay(alloc, list(events), {})
-    stats = alloc.stats
-    return {
-        "peak_reserved_bytes": stats.peak_reserved_bytes,
-        "peak_allocated_bytes": stats.peak_allocated_bytes,
-        "segments": stats.segments,
-    }
+    return alloc.stats.figures()

@@ -347,12 +347,7 @@ def _allocator_figures(
         parts.finish()
     if isinstance(traces, UnitTraces):
         traces.allocator = allocator
-    stats = allocator.stats
-    m.extra["allocator_model"] = {
-        "peak_reserved_bytes": stats.peak_reserved_bytes,
-        "peak_allocated_bytes": stats.peak_allocated_bytes,
-        "segments": stats.segments,
-    }
+    m.extra["allocator_model"] = allocator.stats.figures()
 
 
 def observing(spec: ModelSpec, model: torch.nn.Module, fake: bool) -> contextlib.AbstractContextManager[dict]:
