@@ -66,6 +66,23 @@ def test_extrapolated_llama_equals_the_full_trace_to_the_byte(technique):
         assert fast.extra["activation_ratios"] == full.extra["activation_ratios"]
 
 
+@pytest.mark.parametrize("technique", ["ckpt", "sac"])
+def test_bf16_steps_extrapolate_though_autocast_frees_its_cache_in_no_fixed_order(technique):
+    """Autocast empties its cache of bf16 weights in hash order; those frees used to come in another
+    order at each depth and send ckpt ("not affine") and sac ("not the shallow step with runs
+    inserted") to the full trace. The tracker makes a run of frees one point, so they extrapolate,
+    equal to the full trace to the byte, the allocator's replay included."""
+    spec = get_preset("llama-tiny").at_depth(12)
+    tech = parse_techniques([technique])[0]
+    kwargs = dict(layers=12, not_identical=None, precision="bf16", round_to=CUDA_BLOCK, emulate_cuda=True)
+    fast = measure_fake(spec, tech, 2, state_warmup="all", **kwargs)
+    full = measure_fake(spec, tech, 2, full_trace=True, **kwargs)
+    assert fast.extra["depth"]["path"] == PATH_EXTRAPOLATED, fast.extra["depth"]
+    _assert_same(fast, full)
+    assert "extrapolated" not in fast.extra["allocator_model"]  # replayed at full depth, not estimated
+    assert fast.extra["allocator_model"] == full.extra["allocator_model"]
+
+
 def test_extrapolated_vit_equals_the_full_trace_on_the_cpu():
     fast, full = _both(get_preset("vit-tiny").at_depth(10), "e2e", batch_size=3)
     assert fast.extra["depth"]["path"] == PATH_EXTRAPOLATED

@@ -5,9 +5,9 @@ storage is counted once by its ``untyped_storage().nbytes()`` (rounded up to CUD
 blocks on a CUDA target) and removed when a weak reference sees it freed. Each storage has one
 category at a time (parameters, buffers, gradients, optimizer state, inputs, activations saved
 for backward, temporaries, CUDA workspace), so the categories sum to the live total and the
-shares at the peak sum to the peak exactly. docs/tracker.md gives the rules of each category,
-the CUDA workspace and rounding, the usage and the known limitations; the records it keeps are
-in dbprofile.measure.tracking.
+shares at the peak sum to the peak exactly. The README's "What the numbers mean" gives the rules of
+each category, the CUDA workspace and rounding; the records it keeps are in
+dbprofile.measure.tracking.
 """
 
 from __future__ import annotations
@@ -32,6 +32,7 @@ from dbprofile.measure.tracking import (
     TEMPORARIES,
     WORKSPACE,
     MemoryLimitExceeded,
+    StepPoints,
     StepRecord,
     StorageInfo,
     downsample,
@@ -90,14 +91,13 @@ class Tracker:
         self._peak = -1
         self._peak_shares: list[int] = []
         self._peak_phase: str | None = None
-        self._points: list[list[int]] = []
         self.keep_trace = keep_trace
         """Also keep every point with the op that made it (StepRecord.trace), for depth extrapolation."""
+        self._points = StepPoints(keep_trace)
         self.op: Any = None
         """The op the dispatch mode is running (or ran last): the tag of a kept trace point."""
         self.flops: Any = None
         """A dbprofile.measure.flops.FlopCounter that this mode feeds every op it sees (``counting``)."""
-        self._ops: list[Any] = []
         self.phase_snapshots: list[tuple[str, dict[str, int]]] = []
         """(phase entered, bytes by category) at every mark() of a recorded step."""
         self._grad_hooked: set[int] = set()
@@ -188,8 +188,7 @@ class Tracker:
                 self.total += delta
         self.recording = True
         self.phase_snapshots = []
-        self._points = []
-        self._ops = []
+        self._points = StepPoints(self.keep_trace)
         self._peak = -1
         self._record()
 
@@ -199,17 +198,18 @@ class Tracker:
         self._record()
         self.recording = False
         shares: dict[str, int] = {name: self._peak_shares[i] for i, name in enumerate(CATEGORIES)}
-        trace = list(zip(self._ops, self._points)) if self.keep_trace else None
+        points = self._points.points
+        trace = list(zip(self._points.ops, points)) if self.keep_trace else None
         return StepRecord(
             peak_bytes=self._peak,
             shares=shares,
             peak_phase=self._peak_phase,
             tagged_shares={name: n for name, n in zip(CATEGORIES, self._peak_tagged) if n},
-            state_peak=max((state_bytes(point[1:]) for point in self._points), default=0),
+            state_peak=max((state_bytes(point[1:]) for point in points), default=0),
             timeline={
                 "categories": list(CATEGORIES),
                 "phases": list(PHASES),
-                "points": downsample(self._points, self.timeline_points),
+                "points": downsample(points, self.timeline_points),
             },
             trace=trace,
         )
@@ -410,7 +410,7 @@ class Tracker:
         info.cat = None
         self._release_block(info)
         if self.recording:
-            self._record()
+            self._record(free=True)
 
     def reclassify(self, info: StorageInfo) -> None:
         if info.cat is None or info.role is not None:
@@ -441,7 +441,5 @@ class Tracker:
     def _unpack(saved: SavedSlot) -> torch.Tensor:
         return saved.tensor
 
-    def _record(self) -> None:
-        self._points.append([self._phase_index, *self.totals])
-        if self.keep_trace:
-            self._ops.append(self.op)
+    def _record(self, free: bool = False) -> None:
+        self._points.add(self._phase_index, self.totals, self.op, free)

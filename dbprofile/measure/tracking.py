@@ -123,6 +123,34 @@ def downsample(points: list[list[int]], limit: int) -> list[list[int]]:
     return out
 
 
+class StepPoints:
+    """The points of a tracked step, [phase index, bytes per category...], each with the op that was
+    running (kept only with ``keep_ops``). Frees with nothing else between them are one point: each
+    lowers every category, so a point inside such a run is never a peak of any share, and the order
+    they come in can change from run to run (bf16 autocast empties its cache of cast weights in hash
+    order), which the depth extrapolation must not see as a different step."""
+
+    __slots__ = ("points", "ops", "keep_ops", "_free_run")
+
+    def __init__(self, keep_ops: bool) -> None:
+        self.points: list[list[int]] = []
+        self.ops: list[Any] = []
+        self.keep_ops = keep_ops
+        self._free_run = False
+
+    def add(self, phase_index: int, totals: list[int], op: Any, free: bool) -> None:
+        point = [phase_index, *totals]
+        if free and self._free_run and self.points[-1][0] == phase_index:
+            self.points[-1] = point
+            if self.keep_ops:
+                self.ops[-1] = op
+        else:
+            self.points.append(point)
+            if self.keep_ops:
+                self.ops.append(op)
+        self._free_run = free
+
+
 class UnitTraces(dict):
     """A run's tracked steps with every point kept, unit -> StepRecord (runner ``traces``), and, where
     the run replays the CUDA caching allocator, that model with every malloc and free it replayed

@@ -190,7 +190,7 @@ class ShardedTracker(Tracker):
                 if info.tagged:
                     self.tagged[info.cat] += delta
                 if self.recording:
-                    self._record()
+                    self._record(free=True)  # a storage resized down is a free (StepPoints)
 
 
 def _local(t: torch.Tensor) -> torch.Tensor:
