@@ -24,27 +24,32 @@ def test_workers_give_the_same_plan_as_one_process_and_leave_none_behind():
     assert multiprocessing.active_children() == []
 
 
-def test_the_diffusion_blocks_techniques_that_share_traces_are_one_job():
+def _planner(spec, cache=None):
     from dbprofile.planner.entries import EntryPlanner
     from dbprofile.planner.targets import resolve_target
     from dbprofile.planner.zero import model_facts
-    from dbprofile.techniques import parse_technique
 
-    spec = get_preset("llama-tiny").at_depth(12)
-    planner = EntryPlanner(
+    return EntryPlanner(
         spec=spec,
         facts=model_facts(spec),
-        target=resolve_target("cpu"),
+        target=resolve_target("H100-80GB"),
         precision="fp32",
         optimizer="adamw",
         zero_stage=0,
         world_size=1,
         full_trace=False,
         full_trace_reason=None,
-        round_to=None,
+        round_to=512,
         capability=(9, 0),
         peak_flops=None,
+        cache=cache,
     )
+
+
+def test_the_diffusion_blocks_techniques_that_share_traces_are_one_job():
+    from dbprofile.techniques import parse_technique
+
+    planner = _planner(get_preset("llama-tiny").at_depth(12))
     names = ["e2e", "db:2", "db:3+ckpt", "db:4", "db:4+ckpt", "db:2+offload"]
     wanted = [(n, parse_technique(n), False) for n in names] + [("db:4+parallel", parse_technique("db:4"), True)]
     # the heaviest first (block-parallel, then the groups), so that two workers finish together
@@ -57,9 +62,37 @@ def test_the_diffusion_blocks_techniques_that_share_traces_are_one_job():
     ]
 
 
+def test_the_dispatch_cache_is_filled_by_the_shallowest_run_and_nothing_of_it_is_kept(monkeypatch, tmp_path):
+    """Before the workers fork, one run of the model cut to its fewest layers fills the fake-tensor
+    dispatch cache they inherit; it is dropped: no run, trace or cache entry of the plan comes of it."""
+    from dbprofile.measure import depth
+    from dbprofile.planner.trace_cache import TraceCache
+    from dbprofile.techniques import parse_technique
+
+    runs: list = []
+    original = depth.measure_fake
+
+    def spy(spec, tech, b, **kwargs):
+        runs.append((tech.name, kwargs["layers"], depth.identical_layers(spec)[0]))
+        return original(spec, tech, b, **kwargs)
+
+    monkeypatch.setattr(depth, "measure_fake", spy)
+    spec = get_preset("llama-tiny").at_depth(12)
+    planner = _planner(spec, cache=TraceCache(spec, tmp_path))
+    wanted = {n: (n, parse_technique(n), False) for n in ["db:2", "ckpt:2", "e2e", "sac", "db:8"]}
+    # the one-layer runs (e2e, sac), the last of them (the lightest group comes last)
+    planner.fill_dispatch_cache([wanted[n] for n in ["db:2", "ckpt:2", "e2e", "sac"]], 2)
+    assert runs == [("sac", 1, 1)]
+    assert planner.runs == {} and planner.block_traces == {} and planner.simulated == {}
+    assert list(tmp_path.rglob("*")) == []
+    # a split into two parts needs two layers; eight parts, more than a fill is worth: none
+    planner.fill_dispatch_cache([wanted["db:2"]], 2)
+    planner.fill_dispatch_cache([wanted["db:8"]], 2)
+    assert runs == [("sac", 1, 1), ("db:2", 2, 2)]
+
+
 class _SlowPlanner:
-    """Stands in for an EntryPlanner whose techniques take far longer than the test in a worker (the
-    plan's own process plans one group first, quickly here)."""
+    """Stands in for an EntryPlanner whose techniques take far longer than the test in a worker."""
 
     def __init__(self) -> None:
         import os
@@ -68,6 +101,9 @@ class _SlowPlanner:
 
     def first_run_known(self, wanted, b):
         return False
+
+    def fill_dispatch_cache(self, candidates, b):
+        pass
 
     def plan_job(self, job, b, searched):
         import os

@@ -6,11 +6,14 @@ micro-batch searches) depends on nothing but the model, the settings and its own
 alone, the DiffusionBlocks techniques read off the same db:1 traces together) in a pool of forked
 workers (the model spec, with its closures, is already in the forked memory; nothing is pickled but
 the entries and measurements coming back). Each worker writes its runs to the trace cache itself;
-the plan's process keeps them in memory too. The plan's process plans the lightest group itself
-before it forks: PyTorch keeps one fake-tensor dispatch cache per process, and workers that inherit a
-filled one do not each fill their own (the 70B plan: 35 s of CPU instead of 51 s, 24.9 s wall instead
-of 29.8 s). The workers run the same functions on the same inputs,
-so no byte of any result changes (tests/test_workers.py).
+the plan's process keeps them in memory too. PyTorch keeps one fake-tensor dispatch cache per
+process, and workers that inherit a filled one do not each fill their own (the 70B plan: 35 s of CPU
+instead of 51 s, 24.9 s wall instead of 29.8 s). The plan's process used to fill it by planning the
+lightest group itself before it forked, with one core idle meanwhile; it now fills it with one run of
+the model cut to a layer or two, which it drops, and forks for every group (issue 28, round 5: the
+70B plan 23.3-23.7 s wall before, 19.7-20.1 s after, the same CPU; llama-7b 9.6-9.8 s and 9.3-9.5 s).
+The workers run the same functions on the same inputs, so no byte of any result changes
+(tests/test_workers.py).
 
 Workers ignore Ctrl-C: the plan's process gets it, terminates the pool and waits for it, so no
 worker outlives an interrupted plan. Where ``fork`` is not available (Windows, or macOS where it is
@@ -81,18 +84,19 @@ def _run(index: int) -> tuple[Planned, dict, dict, dict]:
 def plan_jobs(
     planner: EntryPlanner, jobs: list[list[Wanted]], b: int, searched: tuple[bool, int] | None, workers: int
 ) -> Planned:
-    """Every group's entries (EntryPlanner.plan_job): where three or more groups have runs to make, the
-    lightest in this process first, then the others in up to ``workers`` processes; else all in this
-    one. Groups read from the cache cost no process."""
+    """Every group's entries (EntryPlanner.plan_job): where two or more groups have runs to make, in up
+    to ``workers`` processes, forked after a shallow run here has filled the fake-tensor dispatch cache
+    (EntryPlanner.fill_dispatch_cache); else all in this one. Groups read from the cache cost no
+    process."""
     global _job
     pending = [job for job in jobs if not planner.first_run_known(job[0], b)]
-    count = min(workers, len(pending) - 1)
+    count = min(workers, len(pending))
     if count < 2 or sys.platform != "linux" or "fork" not in multiprocessing.get_all_start_methods():
         return {name: entry for job in jobs for name, entry in planner.plan_job(job, b, searched).items()}
-    # The lightest group first, here: its fake ops fill PyTorch's fake-tensor dispatch cache (one per
-    # process, which the workers then inherit), so that they do not each fill their own.
-    planned: Planned = dict(planner.plan_job(pending[-1], b, searched))
-    pending = pending[:-1]
+    # PyTorch keeps one fake-tensor dispatch cache per process: one shallow run here fills it, and the
+    # workers inherit it instead of each filling their own.
+    planner.fill_dispatch_cache([job[0] for job in pending], b)
+    planned: Planned = {}
     _job = (planner, pending, b, searched)
     pool: Any = multiprocessing.get_context("fork").Pool(count, initializer=_start_worker)
     try:
