@@ -80,6 +80,28 @@ def test_state_without_steps_is_the_warmed_up_measurement_to_the_byte(preset, te
     _assert_warmed_up_to_the_byte(stepped, stateless)
 
 
+@pytest.mark.parametrize(("preset", "depth"), [("llama-tiny", 5), ("gpt-tiny", 4)])
+def test_block_parallel_ranks_make_their_state_without_steps_and_equal_the_warmed_up_ranks(preset, depth):
+    """A block-parallel rank holds plain parameters, so its state is made without warm-up steps (FSDP
+    ranks still step: their first step leaves all-gather buffers that only a step makes). Its trainer
+    used to keep the step's conditioning until the next step, which sent it back to steps."""
+    from dbprofile.measure.distributed import simulate_rank
+
+    spec = get_preset(preset).at_depth(depth)
+    runs = []
+    for mode in ("off", "all"):
+        rows: list = []
+        simulate_rank(spec, "db:4+parallel", 2, 4, per_rank=rows, state_warmup=mode, round_to=512)
+        runs.append(rows)
+    stepped, stateless = runs
+    # first, last and one middle rank per block length (uneven blocks at depth 5)
+    assert [m.extra["rank"] for m, _ in stateless] == [m.extra["rank"] for m, _ in stepped] and len(stepped) >= 3
+    for a, b in zip(stepped, stateless):
+        assert "warmup" not in a[0].extra and b[0].extra["warmup"] == "optimizer state"
+        _assert_warmed_up_to_the_byte(a, b)
+        assert a[0].extra["collective_bytes"] == b[0].extra["collective_bytes"]
+
+
 def test_uneven_blocks_share_one_step_per_length_and_equal_the_traced_blocks():
     # llama-tiny at 7 layers in 3 blocks: 3, 2, 2 layers; blocks 1 and 2 share one tracked step.
     stepped, stateless = _both("llama-tiny", 7, "db:3", optimizer="adamw-foreach", **CUDA)

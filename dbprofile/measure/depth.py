@@ -7,12 +7,9 @@ the same run of points once per layer (or per block of layers), and a suffix, an
 point are affine in the depth. So the step is traced at three small depths m1 < m2 < m3 (m counts
 layers, or layers per block / checkpointed segment: ``granularity``), and:
 
-- the points of each phase are aligned across depths by the op that made them: the first points
-  (as far as the op sequences of m1 and m2 agree from the start) are the same instants counted from
-  the start, the last ones (as far as they agree from the end) the same instants counted from the
-  end. Together they cover the first two and the last two layers, and a layer in the middle holds
-  bytes between those of the first and the last (affine in its index), so the peak at any depth is
-  one of these aligned points;
+- the deeper traces are the shallowest with runs of points inserted, one per loop over the layers
+  (dbprofile.measure.step_extrapolation); the bytes of a loop's k-th run are affine in k, so the peak
+  at any depth is an aligned point or a loop's first or last run;
 - each aligned point's bytes per category are extrapolated along the line through m1 and m2, and
   the line is checked against m3: every aligned point must land on it to the byte, or the technique
   is traced at full depth instead (``extra['depth']['path']`` says which, and why);
@@ -27,8 +24,8 @@ One term is not affine on a CUDA target: gradient clipping stacks one 4-byte nor
 tensor, and the tracker counts that vector in 512-byte blocks (a few KiB for a 70B model); the
 extrapolation keeps the shallow copies' rounding, under by at most one block per 128 tensors
 (docs/planner.md). Non-identical stacks, and models whose three shallow traces would together be as
-deep as the model (cost grows with depth), are traced at full depth. Blocks or segments of unequal length (L = B * q + r: r parts of q + 1 layers) are
-traced at depths B * m + r, where they are unequal the same way.
+deep as the model (cost grows with depth), are traced at full depth. Blocks or segments of unequal
+length (L = B * q + r: r parts of q + 1 layers) are traced at depths B * m + r, unequal the same way.
 """
 
 from __future__ import annotations
@@ -71,8 +68,6 @@ PATH_FULL = "full-trace"
 
 Traced = tuple[Measurement, dict]
 """A measurement and its units' tracked steps with every point kept (runner ``traces``)."""
-TraceFn = Callable[[ModelSpec], list[Traced]]
-"""Runs the technique on a spec (one per simulated rank for block-parallel)."""
 
 
 @dataclass
@@ -105,16 +100,12 @@ def granularity(tech: Technique) -> int:
     return 1
 
 
-# ---------------------------------------------------------------- measurements
-
-
 def _reserved_bytes(m: Measurement, m1: Measurement, m2: Measurement, m3: Measurement) -> None:
     """The allocator model's reserved bytes at the target depth, estimated where the allocation sequences
     do not extend (``_allocator_figures``): the deepest trace's proportion of reserved bytes to tracked
     peak, rounded up to 2 MiB (``extra['allocator_model']['extrapolated'] = True``). It put llama-7b's
     planned peaks 1.1% to 9.7% over the full replay's, a 10-layer vit-tiny db:3's reserved bytes 20%."""
-    figures = [x.extra.get("allocator_model") for x in (m1, m2, m3)]
-    model = m.extra.get("allocator_model")
+    figures, model = [x.extra.get("allocator_model") for x in (m1, m2, m3)], m.extra.get("allocator_model")
     if not all(isinstance(f, dict) for f in figures) or not isinstance(model, dict):
         return
     reserved = [f.get("peak_reserved_bytes") for f in figures if isinstance(f, dict)]
@@ -386,6 +377,7 @@ def simulate_fake(
     rank's peak in ``extra['rank_peaks']``. DiffusionBlocks' FSDP ranks are derived from db:1's ranks
     (dbprofile.measure.shared_blocks), kept in ``block_traces`` as in ``measure_fake``."""
     from dbprofile.measure.distributed import representative_ranks, simulate_rank
+    from dbprofile.measure.warmup import learned_state_warmup
 
     # What every simulated rank of this technique shares, at any depth.
     same: dict[str, Any] = {
@@ -396,14 +388,22 @@ def simulate_fake(
         "fsdp": fsdp,
     }
 
+    # Block-parallel ranks hold plain parameters: their state is made without warm-up steps where that is
+    # checked to be the warmed-up rank (warmup.py), as in measure_fake. FSDP's first step leaves more.
+    warmup = ["all" if parallel else "off"]
+
     def tracer(traced: str, world: int) -> Callable[[int | None, bool], list[Traced]]:
         def trace(depth: int | None, keep: bool) -> list[Traced]:
             if not keep:  # the full trace: simulate_rank's own worst rank and rank_peaks
-                return [(simulate_rank(spec, traced, batch_size, world, **same), {})]
+                m = simulate_rank(spec, traced, batch_size, world, state_warmup=warmup[0], **same)
+                warmup[0] = learned_state_warmup(m.extra.get("warmup"), warmup[0])
+                return [(m, {})]
             rows: list = []
-            simulate_rank(spec_at_depth(spec, depth or layers), traced, batch_size, world, per_rank=rows, **same)
+            at_depth = spec_at_depth(spec, depth or layers)
+            simulate_rank(at_depth, traced, batch_size, world, per_rank=rows, state_warmup=warmup[0], **same)
             for m, _ in rows:
                 m.extra.pop("rank_peaks", None)  # set on that depth's worst rank only; recomputed below
+                warmup[0] = learned_state_warmup(m.extra.get("warmup"), warmup[0])
             return rows
 
         return trace

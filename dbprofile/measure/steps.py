@@ -149,7 +149,8 @@ def measure_into(
         adaptive_timing=adaptive_timing,
         timed=timed,
     )
-    applies = settings.fake and trainer_factory is None and state_warmup_applies(tech, settings.optimizer)
+    # A simulated rank (trainer_factory) asks for it where it applies: block-parallel ranks (depth.simulate_fake).
+    applies = settings.fake and state_warmup_applies(tech, settings.optimizer)
     tries = STATE_WARMUP_TRIES.get(settings.state_warmup, ()) if applies else ()
     for stepped_first in tries:
         trial = copy.deepcopy(m)

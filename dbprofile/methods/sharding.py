@@ -182,18 +182,22 @@ def _block_parallel_class():
 
         def step(self, batch: Batch, unit: int | None = None, mark: Mark = no_mark) -> torch.Tensor:
             block = self.units[0] if unit is None else unit
-            mark("forward")
-            with autocast_context(self.device, self.precision):
-                loss = self.compute_loss(batch, block)
-            mark("backward")
-            loss.backward()
-            self.all_reduce_shared()
-            mark("optimizer")
-            params = [p for p in self.parameters_for_step(block) if p.grad is not None]
-            clip_gradients(params, self.optimizer_name)
-            self.optimizer.step()
-            self.optimizer.zero_grad(set_to_none=True)
-            return loss.detach()
+            try:
+                mark("forward")
+                with autocast_context(self.device, self.precision):
+                    loss = self.compute_loss(batch, block)
+                mark("backward")
+                loss.backward()
+                self.all_reduce_shared()
+                mark("optimizer")
+                params = [p for p in self.parameters_for_step(block) if p.grad is not None]
+                clip_gradients(params, self.optimizer_name)
+                self.optimizer.step()
+                self.optimizer.zero_grad(set_to_none=True)
+                return loss.detach()
+            finally:
+                # As on one device (DiffusionBlocksTrainer.step): the step's conditioning ends with it.
+                self.model.context.cond = None
 
         def all_reduce_shared(self) -> None:
             """Average the shared parameters' gradients over the ranks, in place, in a fixed order
