@@ -161,6 +161,10 @@ class Trainer:
         """True for host-side copies an offloading technique keeps off the device (none here)."""
         return False
 
+    def reduce_gradients(self) -> None:
+        """Between the backward and the optimizer step: where ranks share parameters outside FSDP, their
+        gradients are averaged here (block-parallel DiffusionBlocks); nothing on one device."""
+
     def resolve_unit(self, unit: int | None) -> int | None:
         """The unit a step trains (DiffusionBlocks draws a block when none is named): fixed once per
         step, so every micro-batch of an accumulating step trains the same one."""
@@ -176,6 +180,7 @@ class Trainer:
                 loss = self.compute_loss(batch, unit)
             mark("backward")
             (loss / self.micro_batches if self.micro_batches > 1 else loss).backward()
+        self.reduce_gradients()
         mark("optimizer")
         params = [p for p in self.parameters_for_step(unit) if p.grad is not None]
         clip_gradients(params, self.optimizer_name)

@@ -32,11 +32,7 @@ import torch.distributed as dist
 from torch import nn
 
 from dbprofile.methods.base import (
-    Mark,
-    autocast_context,
-    clip_gradients,
     make_optimizer,
-    no_mark,
 )
 from dbprofile.methods.checkpointing import CheckpointedSegment
 from dbprofile.methods.factory import make_trainer
@@ -180,26 +176,10 @@ def _block_parallel_class():
         sharding = SHARDING_BLOCK_PARALLEL
         group = None
 
-        def step(self, batch: Batch, unit: int | None = None, mark: Mark = no_mark) -> torch.Tensor:
-            block = self.units[0] if unit is None else unit
-            try:
-                mark("forward")
-                with autocast_context(self.device, self.precision):
-                    loss = self.compute_loss(batch, block)
-                mark("backward")
-                loss.backward()
-                self.all_reduce_shared()
-                mark("optimizer")
-                params = [p for p in self.parameters_for_step(block) if p.grad is not None]
-                clip_gradients(params, self.optimizer_name)
-                self.optimizer.step()
-                self.optimizer.zero_grad(set_to_none=True)
-                return loss.detach()
-            finally:
-                # As on one device (DiffusionBlocksTrainer.step): the step's conditioning ends with it.
-                self.model.context.cond = None
+        def resolve_unit(self, unit: int | None) -> int | None:
+            return self.units[0] if unit is None else unit  # the rank's own block
 
-        def all_reduce_shared(self) -> None:
+        def reduce_gradients(self) -> None:
             """Average the shared parameters' gradients over the ranks, in place, in a fixed order
             (every rank runs the same stem and head, so every rank has the same list)."""
             world = dist.get_world_size(self.group)
