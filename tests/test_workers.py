@@ -3,6 +3,7 @@ process, the DiffusionBlocks techniques that share db:1's traces in one group, a
 
 from __future__ import annotations
 
+import dataclasses
 import multiprocessing
 
 from dbprofile.models import get_preset
@@ -89,6 +90,14 @@ def test_the_dispatch_cache_is_filled_by_the_shallowest_run_and_nothing_of_it_is
     planner.fill_dispatch_cache([wanted["db:2"]], 2)
     planner.fill_dispatch_cache([wanted["db:8"]], 2)
     assert runs == [("sac", 1, 1), ("db:2", 2, 2)]
+    # a model whose own at_depth refuses the cut, or that fails at one layer: nothing, and no error
+    refusing = dataclasses.replace(spec, at_depth=_refuse)
+    _planner(refusing).fill_dispatch_cache([wanted["e2e"]], 2)
+    assert len(runs) == 2
+
+
+def _refuse(layers):
+    raise ValueError(f"this model is not built with {layers} layers")
 
 
 class _SlowPlanner:

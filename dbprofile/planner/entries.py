@@ -291,7 +291,7 @@ class EntryPlanner:
         filling its own (dbprofile.planner.workers). The candidate whose run is the shallowest (one layer
         unless it splits the layers into parts), the last of those on a tie (the lightest group); none
         deeper than FILL_MAX_LAYERS, or none at all. Nothing of the run is kept, not even a bad input it
-        meets: the plan's own runs find that again."""
+        meets or a model that cannot be cut: the plan's own runs find that again."""
         from dbprofile.measure.depth import granularity
         from dbprofile.measure.stack import spec_at_depth
 
@@ -299,9 +299,13 @@ class EntryPlanner:
         if layers > FILL_MAX_LAYERS or layers >= self.facts.num_layers:
             return
         name, tech, parallel = wanted
+        try:
+            spec = spec_at_depth(self.spec, layers)
+        except Exception:  # noqa: BLE001 - a model that cannot be cut fills nothing; its own runs still plan
+            return
         shallow = dataclasses.replace(
             self,
-            spec=spec_at_depth(self.spec, layers),
+            spec=spec,
             facts=dataclasses.replace(self.facts, layer_bytes=self.facts.layer_bytes[:layers], num_layers=layers),
             cache=None,
             runs={},
