@@ -142,6 +142,13 @@ def device_meshes_outside_fake_mode() -> Iterator[None]:
         DeviceMesh._concatenate = original  # type: ignore[method-assign]
 
 
+def fsdp_lazy_init(root: Any) -> None:
+    """FSDP2's lazy initialisation of the root module's state (which module is the root, the
+    communication context every unit shares), which the root's first forward runs: the private
+    ``FSDPState._lazy_init``, for a unshard before any forward (dbprofile.methods.sharding.unshard_once)."""
+    root._get_fsdp_state()._lazy_init()
+
+
 def profiler_allocations(prof: torch.profiler.profile) -> list[tuple[int, int]]:
     """(time in ns, bytes: + allocated / - freed) for every allocator event a
     ``torch.profiler.profile(profile_memory=True)`` recorded, in time order. The public

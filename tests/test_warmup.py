@@ -80,22 +80,34 @@ def test_state_without_steps_is_the_warmed_up_measurement_to_the_byte(preset, te
     _assert_warmed_up_to_the_byte(stepped, stateless)
 
 
-@pytest.mark.parametrize(("preset", "depth"), [("llama-tiny", 5), ("gpt-tiny", 4)])
-def test_block_parallel_ranks_make_their_state_without_steps_and_equal_the_warmed_up_ranks(preset, depth):
-    """A block-parallel rank holds plain parameters, so its state is made without warm-up steps (FSDP
-    ranks still step: their first step leaves all-gather buffers that only a step makes). Its trainer
-    used to keep the step's conditioning until the next step, which sent it back to steps."""
+@pytest.mark.parametrize(
+    ("preset", "depth", "technique"),
+    [
+        ("llama-tiny", 5, "db:4+parallel"),
+        ("gpt-tiny", 4, "db:4+parallel"),
+        ("llama-tiny", 3, "e2e"),
+        ("llama-tiny", 3, "sac"),
+        ("gpt-tiny", 3, "ckpt"),
+        ("llama-tiny", 4, "db:2"),
+    ],
+)
+def test_simulated_ranks_make_their_state_without_steps_and_equal_the_warmed_up_ranks(preset, depth, technique):
+    """Simulated ranks (block-parallel, and FSDP over 4 ranks) make their state without warm-up steps,
+    every tracked point equal to the warmed-up rank's. FSDP's first step makes its unsharded
+    parameters' storages and keeps them: made before the state (sharding.unshard_once), and an
+    all-gather files them as communication whatever they held before (the tracker's resize rule).
+    The block-parallel trainer used to keep the step's conditioning until the next step."""
     from dbprofile.measure.distributed import simulate_rank
 
     spec = get_preset(preset).at_depth(depth)
     runs = []
     for mode in ("off", "all"):
         rows: list = []
-        simulate_rank(spec, "db:4+parallel", 2, 4, per_rank=rows, state_warmup=mode, round_to=512)
+        simulate_rank(spec, technique, 2, 4, per_rank=rows, state_warmup=mode, round_to=512)
         runs.append(rows)
     stepped, stateless = runs
-    # first, last and one middle rank per block length (uneven blocks at depth 5)
-    assert [m.extra["rank"] for m, _ in stateless] == [m.extra["rank"] for m, _ in stepped] and len(stepped) >= 3
+    # block-parallel: the first, the last and one middle rank per block length (uneven at depth 5)
+    assert [m.extra["rank"] for m, _ in stateless] == [m.extra["rank"] for m, _ in stepped]
     for a, b in zip(stepped, stateless):
         assert "warmup" not in a[0].extra and b[0].extra["warmup"] == "optimizer state"
         _assert_warmed_up_to_the_byte(a, b)

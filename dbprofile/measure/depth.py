@@ -388,19 +388,20 @@ def simulate_fake(
         "fsdp": fsdp,
     }
 
-    # Block-parallel ranks hold plain parameters: their state is made without warm-up steps where that is
-    # checked to be the warmed-up rank (warmup.py), as in measure_fake. FSDP's first step leaves more.
-    warmup = ["all" if parallel else "off"]
+    # A rank's state is made without warm-up steps where that is checked to be the warmed-up rank
+    # (dbprofile.measure.warmup), learned from the runs so far as in measure_fake.
+    warmup = ["all"]
 
     def tracer(traced: str, world: int) -> Callable[[int | None, bool], list[Traced]]:
         def trace(depth: int | None, keep: bool) -> list[Traced]:
+            way = warmup[0]
             if not keep:  # the full trace: simulate_rank's own worst rank and rank_peaks
-                m = simulate_rank(spec, traced, batch_size, world, state_warmup=warmup[0], **same)
+                m = simulate_rank(spec, traced, batch_size, world, state_warmup=way, **same)
                 warmup[0] = learned_state_warmup(m.extra.get("warmup"), warmup[0])
                 return [(m, {})]
             rows: list = []
             at_depth = spec_at_depth(spec, depth or layers)
-            simulate_rank(at_depth, traced, batch_size, world, per_rank=rows, state_warmup=warmup[0], **same)
+            simulate_rank(at_depth, traced, batch_size, world, per_rank=rows, state_warmup=way, **same)
             for m, _ in rows:
                 m.extra.pop("rank_peaks", None)  # set on that depth's worst rank only; recomputed below
                 warmup[0] = learned_state_warmup(m.extra.get("warmup"), warmup[0])

@@ -35,8 +35,10 @@ from typing import Any
 import torch
 
 from dbprofile.measure.allocator import FREED, AllocationRecorder, CachingAllocatorModel, replay
+from dbprofile.methods.sharding import unshard_once
 from dbprofile.settings import optimizer_parts
 from dbprofile.techniques import Technique
+from dbprofile.torch_internals import dtensor_local
 
 STATE_WARMUP_ALGORITHMS = ("adamw",)
 """Optimizers whose first step is a later step with its state made first (``_init_group`` at the
@@ -94,8 +96,11 @@ class StateWarmup:
         self.stepped: list[list[torch.Tensor]] = []
         self.end_phases: list[str | None] = []
         # Blocks of one length run the same program (their layers alike, the other blocks resident
-        # either way): one tracked step stands for all of them (the first of that length).
+        # either way): one tracked step stands for all of them (the first of that length). Not where the
+        # tracker also sums each step's collectives (a simulated FSDP rank): every block steps there.
         lengths = [len(layers) for layers in (trainer.block_layers or [[] for _ in units])]
+        if hasattr(tracker, "collective_bytes"):
+            lengths = list(range(len(units)))
         self.rep_of = {unit: units[lengths.index(n)] for unit, n in zip(units, lengths)}
         self._hook = self.optimizer.register_step_pre_hook(self._before_step)
 
@@ -111,6 +116,9 @@ class StateWarmup:
             p for group in self.optimizer.param_groups for p in group["params"] if id(p) in wanted - have - unused
         ]
         self.given_state = {id(p) for p in params}
+        # FSDP makes its unsharded parameters' storages in its first step and keeps them (resized to 0)
+        # for every later one: made here, before the state, as a warmed-up run has them.
+        unshard_once(self.trainer)
         self.before_state = self.recorder.position()
         self._hook.remove()
         with self.tracker.paused():
@@ -226,12 +234,10 @@ class StateWarmup:
 
 
 def state_sizes(optimizer: torch.optim.Optimizer, tracker: Any, p: torch.Tensor) -> list[int]:
-    """The bytes of each of ``p``'s optimizer state tensors the allocator holds, in the state's order."""
-    return [
-        t.untyped_storage().nbytes()
-        for t in optimizer.state[p].values()
-        if isinstance(t, torch.Tensor) and tracker.allocated(t)
-    ]
+    """The bytes of each of ``p``'s optimizer state tensors the allocator holds, in the state's order (a
+    DTensor's by its local shard, which holds this rank's bytes)."""
+    local = [dtensor_local(t) for t in optimizer.state[p].values() if isinstance(t, torch.Tensor)]
+    return [t.untyped_storage().nbytes() for t in local if tracker.allocated(t)]
 
 
 def layer_of(trainer: Any) -> dict[int, int]:

@@ -39,7 +39,7 @@ from dbprofile.methods.factory import make_trainer
 from dbprofile.methods.tensor_parallel import parallelize_layers
 from dbprofile.spec import Batch, ModelSpec, SpecError, get_layers
 from dbprofile.techniques import Technique, check_technique_fits
-from dbprofile.torch_internals import device_meshes_outside_fake_mode, dtensor_local, is_fake
+from dbprofile.torch_internals import device_meshes_outside_fake_mode, dtensor_local, fsdp_lazy_init, is_fake
 
 SHARDING_FSDP = "zero-3"
 SHARDING_BLOCK_PARALLEL = "block-parallel"
@@ -151,6 +151,24 @@ def shard_trainer(trainer, spec: ModelSpec, mesh=None, reshard_after_forward: bo
     _replace_optimizer(trainer, make_optimizer(trainer.optimizer_name, trainer.trainable_parameters(), lr=lr))
     trainer.sharding = SHARDING_FSDP
     return trainer
+
+
+def unshard_once(trainer) -> None:
+    """What FSDP's first step makes and keeps, without a step: the root's lazy initialisation, then
+    every FSDP module's unsharded parameters all-gathered and freed again (FSDP2's public ``unshard``
+    and ``reshard``; their storages stay, resized to 0, as between two steps). The planner's state
+    without warm-up steps (dbprofile.measure.warmup) runs it before it makes the optimizer state.
+    Nothing for a trainer without FSDP."""
+    from torch.distributed.fsdp import FSDPModule
+
+    root = getattr(trainer, "fsdp_root", None)
+    if not isinstance(root, FSDPModule):
+        return
+    fsdp_lazy_init(root)
+    for module in [root, *trainer.model.modules()]:
+        if isinstance(module, FSDPModule):
+            module.unshard()
+            module.reshard()
 
 
 def _replace_optimizer(trainer, optimizer: torch.optim.Optimizer) -> None:

@@ -181,6 +181,11 @@ class ShardedTracker(Tracker):
         if delta == 0:
             return
         with self._lock:
+            if info.nbytes == 0 and info.role is None and any(r.startswith(_COMM_REGIONS) for r in self.regions):
+                # An unsharded parameter's storage, allocated again by an all-gather: communication from
+                # this instant, whatever it was filed as when it held nothing (a temporary after a step
+                # that saved it for backward; communication after an unshard with no step).
+                info.cat = _COMM
             info.nbytes = nbytes
             if delta > 0:
                 self._add(info.cat, delta, info.tagged)
