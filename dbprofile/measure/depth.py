@@ -36,7 +36,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from dbprofile.measure.allocator import LARGE_ROUND_BYTES
-from dbprofile.measure.event_extrapolation import extrapolate_events, replayed
+from dbprofile.measure.event_extrapolation import extrapolate_events, replayed, without_allocator_figures
 from dbprofile.measure.shared_blocks import derive_blocks, derive_parallel, one_block, shares_block_traces
 from dbprofile.measure.stack import identical_layers, spec_at_depth, stack_difference
 from dbprofile.measure.step_extrapolation import NotAffine, extrapolate_step, extrapolate_value
@@ -134,7 +134,7 @@ def _allocator_figures(m: Measurement, traced: list[Traced], steps: int, not_aff
         except NotAffine:
             pass
         else:
-            not_affine[:] = [name for name in not_affine if not name.startswith("extra.allocator_model")]
+            not_affine[:] = without_allocator_figures(not_affine)
             return
     _reserved_bytes(m, *(x for x, _ in traced))
 
@@ -394,14 +394,13 @@ def simulate_fake(
 
     def tracer(traced: str, world: int) -> Callable[[int | None, bool], list[Traced]]:
         def trace(depth: int | None, keep: bool) -> list[Traced]:
-            way = warmup[0]
             if not keep:  # the full trace: simulate_rank's own worst rank and rank_peaks
-                m = simulate_rank(spec, traced, batch_size, world, state_warmup=way, **same)
+                m = simulate_rank(spec, traced, batch_size, world, state_warmup=warmup[0], **same)
                 warmup[0] = learned_state_warmup(m.extra.get("warmup"), warmup[0])
                 return [(m, {})]
             rows: list = []
             at_depth = spec_at_depth(spec, depth or layers)
-            simulate_rank(at_depth, traced, batch_size, world, per_rank=rows, state_warmup=way, **same)
+            simulate_rank(at_depth, traced, batch_size, world, per_rank=rows, state_warmup=warmup[0], **same)
             for m, _ in rows:
                 m.extra.pop("rank_peaks", None)  # set on that depth's worst rank only; recomputed below
                 warmup[0] = learned_state_warmup(m.extra.get("warmup"), warmup[0])

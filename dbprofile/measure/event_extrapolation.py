@@ -60,18 +60,22 @@ def in_allocation_order(events: Sequence[Event], split: int | None = None) -> li
     unchanged. But their recorded order need not repeat with the depth (bf16 autocast empties its cache
     of cast weights in the cache's own order), where the allocation order does."""
     made: dict[int, int] = {}
+
+    def allocated(event: Event) -> int:
+        return made.get(event[0], -1)
+
     out: list[Event] = []
     run: list[Event] = []
     for i, (handle, nbytes) in enumerate(events):
         if i == split or nbytes != FREED:
-            out += sorted(run, key=lambda event: made.get(event[0], -1))
+            out += sorted(run, key=allocated)
             run = []
         if nbytes == FREED:
             run.append((handle, nbytes))
         else:
             made[handle] = i
             out.append((handle, nbytes))
-    return out + sorted(run, key=lambda event: made.get(event[0], -1))
+    return out + sorted(run, key=allocated)
 
 
 def _tokens(events: Sequence[Event]) -> tuple[list[Token], list[int | None]]:
@@ -361,6 +365,12 @@ def extrapolate_events(traced: Sequence[Sequence[Event]], steps: int) -> list[Ev
     """The allocator events ``steps`` steps of depth past the first of three or more traced sequences
     (one step apart); NotAffine where they do not follow one repeating structure (module docstring)."""
     return EventExtension(traced).at(steps)
+
+
+def without_allocator_figures(not_affine: list[str]) -> list[str]:
+    """``not_affine`` less the allocator model's figures (``extra.allocator_model``): off the line in the
+    shallow traces, exact once the allocator's events are replayed at the full depth."""
+    return [name for name in not_affine if not name.startswith("extra.allocator_model")]
 
 
 def replayed(events: Sequence[Event]) -> dict[str, int]:

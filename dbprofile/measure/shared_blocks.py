@@ -36,6 +36,7 @@ from typing import Any
 
 from dbprofile.measure.allocator import LARGE_ROUND_BYTES
 from dbprofile.measure.block_replay import EVENT_DEPTHS, block_replay, builds_blocks
+from dbprofile.measure.event_extrapolation import without_allocator_figures
 from dbprofile.measure.step_extrapolation import NotAffine, extrapolate_step, extrapolate_value
 from dbprofile.measure.summary import UnitResult, summarise
 from dbprofile.measure.tracking import StepRecord, state_bytes
@@ -252,7 +253,7 @@ def derive_blocks(trace_at: Callable[[int], Traced], tech: Technique, layers: in
     # How db:1's traces made their state: not a way db:B's own runs must learn (depth.measure_fake).
     m.extra["warmup"] = f"{one_block(tech).name} traces"
     if _replayed_blocks(m, traced, parts, layers):  # replayed: none of its figures is off a line any more
-        not_affine = [name for name in not_affine if not name.startswith("extra.allocator_model")]
+        not_affine = without_allocator_figures(not_affine)
     else:
         _set_allocator(m, traced, worst_k, sum(per_layer) * (layers - worst_k), not_affine)
     return m, depths, sorted(set(not_affine))

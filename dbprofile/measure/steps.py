@@ -149,7 +149,7 @@ def measure_into(
         adaptive_timing=adaptive_timing,
         timed=timed,
     )
-    # A simulated rank (trainer_factory) asks for it where it applies: block-parallel ranks (depth.simulate_fake).
+    # Simulated ranks (trainer_factory) ask for it too (depth.simulate_fake, settings.state_warmup).
     applies = settings.fake and state_warmup_applies(tech, settings.optimizer)
     tries = STATE_WARMUP_TRIES.get(settings.state_warmup, ()) if applies else ()
     for stepped_first in tries:

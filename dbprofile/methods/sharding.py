@@ -31,9 +31,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from dbprofile.methods.base import (
-    make_optimizer,
-)
+from dbprofile.methods.base import make_optimizer
 from dbprofile.methods.checkpointing import CheckpointedSegment
 from dbprofile.methods.factory import make_trainer
 from dbprofile.methods.tensor_parallel import parallelize_layers
