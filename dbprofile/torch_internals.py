@@ -8,7 +8,9 @@ caching allocator's history recorder (``torch.cuda.memory._record_memory_history
 ``_dump_snapshot``, the files PyTorch's memory_viz opens), and the attention
 FLOP formulas of ``torch.utils.flop_counter`` (its ``flop_registry`` table, and
 ``sdpa_flop_count`` / ``sdpa_backward_flop_count``: module names outside its ``__all__``),
-which dbprofile.measure.flops applies in a counting mode of its own. ``tests/test_torch_private.py`` is
+which dbprofile.measure.flops applies in a counting mode of its own, and FSDP2's shard lookup
+(``_fsdp_param._chunk_with_empty``), which a simulated rank replaces by one view per shard
+(``fsdp_shards_by_narrow``). ``tests/test_torch_private.py`` is
 the canary: it exercises each name and the behaviour the tracker relies on (storage
 Python objects outliving their last Python reference while a tensor still uses them, so a
 weak reference to a storage fires exactly when its memory is freed), and fails loudly when
@@ -49,6 +51,7 @@ __all__ = [
     "dump_cuda_memory_snapshot",
     "outside_fake_mode",
     "device_meshes_outside_fake_mode",
+    "fsdp_shards_by_narrow",
     "sdpa_flop_count",
     "sdpa_backward_flop_count",
     "flop_registry",
@@ -140,6 +143,59 @@ def device_meshes_outside_fake_mode() -> Iterator[None]:
         yield
     finally:
         DeviceMesh._concatenate = original  # type: ignore[method-assign]
+
+
+class _NarrowedChunks:
+    """``torch.chunk(tensor, count, dim)`` padded with empty tensors to ``count`` entries, as FSDP2's
+    private ``_fsdp_common._chunk_with_empty`` returns it, with each chunk made only when it is read."""
+
+    def __init__(self, tensor: torch.Tensor, count: int, dim: int) -> None:
+        size = tensor.size(dim)
+        self.tensor, self.dim = tensor, dim
+        self.step = -(-size // count)  # torch.chunk's chunk length
+        if size == 0:  # torch.chunk: ``count`` empty views
+            self.bounds = [(0, 0)] * count
+        else:
+            self.bounds = [(i * self.step, min(self.step, size - i * self.step)) for i in range(-(-size // self.step))]
+        made = len(self.bounds)
+        # FSDP2 pads with empty tensors made at once; they allocate (0 bytes), so they are made here too.
+        self.empties = [tensor.new_empty(0) for _ in range(count - made)]
+
+    def __len__(self) -> int:
+        return len(self.bounds) + len(self.empties)
+
+    def __getitem__(self, index: int) -> torch.Tensor:
+        index = range(len(self))[index]
+        if index >= len(self.bounds):
+            return self.empties[index - len(self.bounds)]
+        start, length = self.bounds[index]
+        return self.tensor.narrow(self.dim, start, length)
+
+
+@contextlib.contextmanager
+def fsdp_shards_by_narrow() -> Iterator[None]:
+    """Let ``fully_shard`` take each rank's shard of a fake parameter as one view. FSDP2 finds a
+    parameter's shard with the private ``_fsdp_common._chunk_with_empty``: ``torch.chunk`` into every
+    rank's chunk, of which it reads this rank's and the first; on fake tensors each chunk is a
+    fake-tensor dispatch, so a simulated rank of a 64-way mesh made 64 views per parameter, twice
+    (20% of the 70B plan's FSDP runs, issue 28). Inside this context that function (as
+    ``_fsdp_param`` imported it) hands out the same chunks, each made by ``narrow`` when read: the
+    same views (offset, size, strides) of the same storage, nothing else changed. Where a PyTorch
+    version has no such function, nothing is replaced."""
+    try:
+        from torch.distributed.fsdp._fully_shard import _fsdp_param
+    except ImportError:
+        yield
+        return
+    original = getattr(_fsdp_param, "_chunk_with_empty", None)
+    if original is None:
+        yield
+        return
+    _fsdp_param._chunk_with_empty = _NarrowedChunks  # type: ignore[assignment]  # a sequence, read by index
+    try:
+        yield
+    finally:
+        _fsdp_param._chunk_with_empty = original
 
 
 def fsdp_lazy_init(root: Any) -> None:

@@ -242,3 +242,31 @@ def test_launch_drops_nproc_so_ranks_do_not_launch_again():
     assert strip_nproc(["m", "--nproc", "4", "--fsdp", "--nproc=2", "-b", "8"]) == ["m", "--fsdp", "-b", "8"]
     with pytest.raises(SpecError, match="--nproc must be a positive"):
         launch(0, ["m"])
+
+
+@pytest.mark.parametrize(("technique", "world_size"), [("e2e", 4), ("ckpt", 64)])
+def test_a_simulated_rank_is_the_same_with_fsdps_own_chunks_as_with_narrowed_shards(monkeypatch, technique, world_size):
+    """fully_shard on fake tensors takes each rank's shard by one ``narrow`` (torch_internals
+    .fsdp_shards_by_narrow) instead of FSDP2's ``torch.chunk`` into every rank's piece: every tracked
+    point, figure and collective of the rank is the same either way, on 64 ranks too, where
+    llama-tiny's 176-row MLP weights make 59 chunks of 3 rows and 5 empty ones."""
+    import contextlib
+
+    from dbprofile.measure.distributed import simulate_rank
+    from dbprofile.methods import sharding
+    from dbprofile.models import get_preset
+
+    spec = get_preset("llama-tiny").at_depth(2)
+    runs = []
+    for narrowed in (True, False):
+        if not narrowed:
+            monkeypatch.setattr(sharding, "fsdp_shards_by_narrow", contextlib.nullcontext)
+        rows: list = []
+        m = simulate_rank(spec, technique, 2, world_size, per_rank=rows, round_to=512)
+        runs.append((m, [[step.trace for step in units.values()] for _, units in rows]))
+    (narrow_m, narrow_traces), (chunk_m, chunk_traces) = runs
+    assert narrow_m.ok and narrow_traces == chunk_traces
+    figures = [dataclasses.asdict(m) | {"extra": None} for m in (narrow_m, chunk_m)]
+    assert figures[0] == figures[1]
+    extras = [{k: v for k, v in m.extra.items() if k != "timing"} for m in (narrow_m, chunk_m)]
+    assert extras[0] == extras[1] and "collective_bytes" in extras[0]

@@ -192,3 +192,31 @@ def test_fsdp_over_tensor_parallel_on_fake_tensors_needs_the_mesh_concatenation_
                 assert layer.weight.to_local().shape == (2, 8)
     finally:
         dist.destroy_process_group()
+
+
+@pytest.mark.parametrize(
+    ("shape", "count", "dim"),
+    [((10, 3), 4, 0), ((64,), 64, 0), ((3, 5), 8, 0), ((0, 4), 4, 0), ((7,), 3, 0), ((4, 9), 2, 1), ((130, 2), 64, 0)],
+)
+def test_fsdp_shards_by_narrow_hands_out_the_chunks_fsdp_makes(shape, count, dim):
+    """FSDP2's ``_chunk_with_empty`` (torch.chunk, padded with empty tensors) and the narrowed chunks
+    that replace it inside ``fsdp_shards_by_narrow``: the same views (sizes, strides, offsets, storage),
+    uneven and empty chunks included; the function is put back after the context."""
+    from torch.distributed.fsdp._fully_shard import _fsdp_common, _fsdp_param
+
+    tensor = torch.randn(*shape)
+    chunks = _fsdp_common._chunk_with_empty(tensor, count, dim)
+    with private.fsdp_shards_by_narrow():
+        narrowed = _fsdp_param._chunk_with_empty(tensor, count, dim)
+    assert _fsdp_param._chunk_with_empty is _fsdp_common._chunk_with_empty
+    assert len(narrowed) == len(chunks) == count
+    for i, chunk in enumerate(chunks):
+        view = narrowed[i]
+        assert (view.shape, view.stride(), view.storage_offset()) == (
+            chunk.shape,
+            chunk.stride(),
+            chunk.storage_offset(),
+        )
+        if chunk.numel():
+            assert view.untyped_storage().data_ptr() == tensor.untyped_storage().data_ptr()
+    assert narrowed[-1].shape == chunks[-1].shape

@@ -24,6 +24,7 @@ Two ways to spread one technique over the ranks of a process group (launched by 
 
 from __future__ import annotations
 
+import contextlib
 import gc
 from typing import Any
 
@@ -37,7 +38,13 @@ from dbprofile.methods.factory import make_trainer
 from dbprofile.methods.tensor_parallel import parallelize_layers
 from dbprofile.spec import Batch, ModelSpec, SpecError, get_layers
 from dbprofile.techniques import Technique, check_technique_fits
-from dbprofile.torch_internals import device_meshes_outside_fake_mode, dtensor_local, fsdp_lazy_init, is_fake
+from dbprofile.torch_internals import (
+    device_meshes_outside_fake_mode,
+    dtensor_local,
+    fsdp_lazy_init,
+    fsdp_shards_by_narrow,
+    is_fake,
+)
 
 SHARDING_FSDP = "zero-3"
 SHARDING_BLOCK_PARALLEL = "block-parallel"
@@ -274,6 +281,8 @@ def make_distributed_trainer(
         if not fsdp:
             _replace_optimizer(trainer, make_optimizer(trainer.optimizer_name, tp_param_groups(trainer), lr=lr))
     if fsdp:
-        with device_meshes_outside_fake_mode():
+        # A simulated rank's parameters are fake: each shard is taken as one view (torch_internals).
+        fake = any(is_fake(dtensor_local(p)) for p in trainer.model.parameters())
+        with device_meshes_outside_fake_mode(), fsdp_shards_by_narrow() if fake else contextlib.nullcontext():
             shard_trainer(trainer, spec, mesh=mesh)
     return trainer
