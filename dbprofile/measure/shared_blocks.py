@@ -51,6 +51,12 @@ Traced = tuple[Measurement, dict]
 LINE_DEPTHS = (2, 3, 4)
 """The one-block traces that give each block length's line (dbprofile.measure.depth.TRACE_DEPTHS)."""
 
+PARALLEL_LINE_DEPTHS = (1, 2, 3)
+"""The db:1+parallel ranks whose line gives a block-parallel plan's whole-model figures (its parameter
+counts) and nothing else: every rank's step is traced at its own block's length, so no step is
+extrapolated and the line may start at one layer; the shallowest three cost least (issue 28: a
+llama-70b rank of 4 layers took as long as those of 1 and 2 together)."""
+
 
 def shares_block_traces(tech: Technique, layers: int, not_identical: str | None, full_trace: bool) -> bool:
     """Whether ``tech`` is derived from one-block traces: plain DiffusionBlocks (with +ckpt or a token
@@ -146,7 +152,7 @@ def _allocator(traced: dict[int, Traced], k: int, raised_by: int, peak: int, not
     """The allocator model's figures for the derived step: the block-step's at ``k`` layers (exact at a
     traced depth, else the deepest trace's segment overhead in proportion to the peak) plus the resident
     bytes, in whole 2 MiB segments; estimated (module docstring)."""
-    deepest = traced[max(LINE_DEPTHS)][0]
+    deepest = traced[max(d for d in LINE_DEPTHS if d in traced)][0]
     figures = deepest.extra.get("allocator_model")
     if not isinstance(figures, dict) or not isinstance(figures.get("peak_reserved_bytes"), int):
         return None
@@ -179,16 +185,19 @@ def _traced(trace_at: Callable[[int], Traced], depths: list[int]) -> dict[int, T
     return traced
 
 
-def _of_whole_model(traced: dict[int, Traced], tech: Technique, layers: int, not_affine: list[str]) -> Measurement:
-    """The derived measurement's frame: the line's middle trace renamed, with the parameter counts of
-    the whole model (every layer counts, resident or elsewhere) on the line to ``layers``."""
-    line = [traced[d][0] for d in LINE_DEPTHS]
+def _of_whole_model(
+    traced: dict[int, Traced], tech: Technique, layers: int, not_affine: list[str], depths: tuple = LINE_DEPTHS
+) -> Measurement:
+    """The derived measurement's frame: the middle trace of the line through ``depths`` renamed, with the
+    parameter counts of the whole model (every layer counts, resident or elsewhere) on that line to
+    ``layers``."""
+    line = [traced[d][0] for d in depths]
     m = copy.deepcopy(line[1])
     m.technique = tech.name
     m.blocks, m.timeline = [], {}
     for name in ("num_parameters", "extra_parameters"):
         a, b, c = (getattr(x, name) for x in line)
-        setattr(m, name, extrapolate_value(a, b, c, layers - LINE_DEPTHS[0], name, not_affine))
+        setattr(m, name, extrapolate_value(a, b, c, layers - depths[0], name, not_affine))
     return m
 
 
@@ -271,14 +280,14 @@ def derive_parallel(trace_at: Callable[[int], Traced], tech: Technique, layers: 
     parts = [list(r) for r in split_contiguous(layers, tech.blocks or 1)]
     # Each block length traced as it is (one rank of k layers costs less than the representative ranks'
     # builds of the whole model); the line's depths for the parameter counts of the whole model.
-    depths = sorted(set(LINE_DEPTHS) | {len(p) for p in parts})
+    depths = sorted(set(PARALLEL_LINE_DEPTHS) | {len(p) for p in parts})
     traced = _traced(trace_at, depths)
     not_affine: list[str] = []
     steps = {d: (next(iter(units.values())), m.training_flops) for d, (m, units) in traced.items()}
     peaks = [steps[len(p)][0].peak_bytes for p in parts]
     worst = peaks.index(max(peaks))  # the first rank with the largest peak, as simulate_rank picks
     k = len(parts[worst])
-    m = _of_whole_model(traced, tech, layers, not_affine)
+    m = _of_whole_model(traced, tech, layers, not_affine, PARALLEL_LINE_DEPTHS)
     m.extra = _block_extra(traced, k, not_affine)
     r = UnitResult()
     record, r.flops = steps[k]
