@@ -51,14 +51,17 @@ def test_the_diffusion_blocks_techniques_that_share_traces_are_one_job():
     from dbprofile.techniques import parse_technique
 
     planner = _planner(get_preset("llama-tiny").at_depth(12))
-    names = ["e2e", "db:2", "db:3+ckpt", "db:4", "db:4+ckpt", "db:2+offload"]
+    names = ["e2e", "db:2", "sac", "db:3+ckpt", "db:4", "ckpt", "db:4+ckpt", "db:2+offload"]
     wanted = [(n, parse_technique(n), False) for n in names] + [("db:4+parallel", parse_technique("db:4"), True)]
-    # the heaviest first (block-parallel, then the groups), so that two workers finish together
+    # the heaviest first (block-parallel, then the groups, then full checkpointing, whose largest-batch
+    # search confirms the most), so that two workers finish together
     assert [[name for name, _, _ in job] for job in planner.jobs(wanted, 2)] == [
         ["db:4+parallel"],
         ["db:2", "db:4"],
         ["db:3+ckpt", "db:4+ckpt"],
+        ["ckpt"],
         ["e2e"],
+        ["sac"],
         ["db:2+offload"],
     ]
 

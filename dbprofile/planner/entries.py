@@ -52,8 +52,16 @@ def _weight(group: list[Wanted]) -> int:
     """How long a group of techniques takes to plan, roughly, to start the longest first: block-parallel
     DiffusionBlocks (traced in full, every representative rank builds the whole model; derived from
     db:1+parallel's ranks it is lighter: 3.2 s against the db:2/3/4 group's 5.8 s on llama-70b) before
-    a group of DiffusionBlocks techniques (db:1's traces, then each B derived), before one technique."""
-    return 2 if any(parallel for _, _, parallel in group) else int(len(group) > 1)
+    a group of DiffusionBlocks techniques (db:1's traces, then each B derived), before full activation
+    checkpointing, before any other technique alone. Checkpointing keeps the fewest activations, so its
+    largest batch lies furthest above the plan's and its search confirms it with runs of its own: on
+    llama-70b (ZeRO-3 over 64) ckpt took 5.3 s with its confirming run at batch 2, e2e 2.6 s and sac
+    2.2 s; planned after e2e and sac, it finished 1.9 s after the other worker (issue 28, round 6)."""
+    if any(parallel for _, _, parallel in group):
+        return 3
+    if len(group) > 1:
+        return 2
+    return int(group[0][1].kind == "ckpt")
 
 
 @dataclass
