@@ -176,7 +176,6 @@ def plan(
 
     from dbprofile.loading import shape_value
     from dbprofile.planner import plan as make_plan
-    from dbprofile.planner.predict import parameter_count
     from dbprofile.report.experts import experts_summary
 
     target = gpu
@@ -210,8 +209,8 @@ def plan(
             )
         answer = warm_plan.PlanAnswer(
             plan=result,
-            # Counted on the meta device: the model as the user's code builds it, at no memory cost.
-            heading=f"{spec.name} ({spec.description}): {parameter_count(spec, not no_cache):,} parameters",
+            # Counted on the meta device (the plan's model facts): the model as the user's code builds it.
+            heading=f"{spec.name} ({spec.description}): {result.model_info['parameters']:,} parameters",
             experts=experts_summary(spec.extra["moe"]) if "moe" in spec.extra else None,
         )
         shape = f"{swept} = {shape_value(spec, swept)}:" if swept else None

@@ -160,19 +160,6 @@ def checked_model(spec: ModelSpec) -> tuple[ModelSpec, dict[str, Any], ModelFact
     return spec, checked, facts if facts is not None else model_facts(spec)
 
 
-def parameter_count(spec: ModelSpec, cache: bool = True) -> int:
-    """The model's parameters as its code builds them (on the meta device, which initialises through
-    torch._dynamo: a second or more), kept in the trace cache beside the plans."""
-    from dbprofile.models.common import build_on_meta, count_parameters
-
-    kept = TraceCache(spec, cache_dir() if cache else None)
-    count = kept.get({"run": "parameter count"}, int)
-    if count is None:
-        count = count_parameters(build_on_meta(spec.build))
-        kept.put({"run": "parameter count"}, count)
-    return count
-
-
 def planned_techniques(
     spec: ModelSpec,
     techniques: list[str] | str | None,
@@ -235,6 +222,7 @@ def plan_model_info(
         "task": spec.task,
         "num_layers": facts.num_layers,
         "parameter_bytes": facts.total_bytes,
+        "parameters": facts.num_parameters,
         "batch_statistics": facts.batch_statistics,
         **attention_backends(entries),
     }

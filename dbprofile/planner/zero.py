@@ -27,6 +27,9 @@ class ModelFacts:
     batch_statistics: bool = False
     """The loss depends on the batch as a whole (a BatchNorm layer, or ModelSpec.batch_dependent_loss):
     gradient accumulation over micro-batches is not the same training."""
+    num_parameters: int | None = None
+    """Parameter elements (trainable or not) of the same build: the plan's heading counts them from it
+    instead of building the model once more (a 70B build on meta costs 0.35 s)."""
 
     @property
     def total_bytes(self) -> int:
@@ -39,7 +42,7 @@ def model_facts(spec: ModelSpec) -> ModelFacts:
     for a model that cannot be built there."""
     from dbprofile.measure.fake import fake_mode
     from dbprofile.measure.stack import stack_difference
-    from dbprofile.models.common import build_on_meta
+    from dbprofile.models.common import build_on_meta, count_parameters
 
     try:
         model = build_on_meta(spec.build)
@@ -57,6 +60,7 @@ def model_facts(spec: ModelSpec) -> ModelFacts:
         num_layers=len(per_layer),
         not_identical=different,
         batch_statistics=batch_norm or spec.batch_dependent_loss,
+        num_parameters=count_parameters(model),
     )
 
 
