@@ -3,7 +3,6 @@ process, the DiffusionBlocks techniques that share db:1's traces in one group, a
 
 from __future__ import annotations
 
-import dataclasses
 import multiprocessing
 
 from dbprofile.models import get_preset
@@ -66,43 +65,6 @@ def test_the_diffusion_blocks_techniques_that_share_traces_are_one_job():
     ]
 
 
-def test_the_dispatch_cache_is_filled_by_the_shallowest_run_and_nothing_of_it_is_kept(monkeypatch, tmp_path):
-    """Before the workers fork, one run of the model cut to its fewest layers fills the fake-tensor
-    dispatch cache they inherit; it is dropped: no run, trace or cache entry of the plan comes of it."""
-    from dbprofile.measure import depth
-    from dbprofile.planner.trace_cache import TraceCache
-    from dbprofile.techniques import parse_technique
-
-    runs: list = []
-    original = depth.measure_fake
-
-    def spy(spec, tech, b, **kwargs):
-        runs.append((tech.name, kwargs["layers"], depth.identical_layers(spec)[0]))
-        return original(spec, tech, b, **kwargs)
-
-    monkeypatch.setattr(depth, "measure_fake", spy)
-    spec = get_preset("llama-tiny").at_depth(12)
-    planner = _planner(spec, cache=TraceCache(spec, tmp_path))
-    wanted = {n: (n, parse_technique(n), False) for n in ["db:2", "ckpt:2", "e2e", "sac", "db:8"]}
-    # the one-layer runs (e2e, sac), the last of them (the lightest group comes last)
-    planner.fill_dispatch_cache([wanted[n] for n in ["db:2", "ckpt:2", "e2e", "sac"]], 2)
-    assert runs == [("sac", 1, 1)]
-    assert planner.runs == {} and planner.block_traces == {} and planner.simulated == {}
-    assert list(tmp_path.rglob("*")) == []
-    # a split into two parts needs two layers; eight parts, more than a fill is worth: none
-    planner.fill_dispatch_cache([wanted["db:2"]], 2)
-    planner.fill_dispatch_cache([wanted["db:8"]], 2)
-    assert runs == [("sac", 1, 1), ("db:2", 2, 2)]
-    # a model whose own at_depth refuses the cut, or that fails at one layer: nothing, and no error
-    refusing = dataclasses.replace(spec, at_depth=_refuse)
-    _planner(refusing).fill_dispatch_cache([wanted["e2e"]], 2)
-    assert len(runs) == 2
-
-
-def _refuse(layers):
-    raise ValueError(f"this model is not built with {layers} layers")
-
-
 class _SlowPlanner:
     """Stands in for an EntryPlanner whose techniques take far longer than the test in a worker."""
 
@@ -113,9 +75,6 @@ class _SlowPlanner:
 
     def first_run_known(self, wanted, b):
         return False
-
-    def fill_dispatch_cache(self, candidates, b):
-        pass
 
     def plan_job(self, job, b, searched):
         import os

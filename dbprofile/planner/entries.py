@@ -5,8 +5,6 @@ batch and the accumulating micro-batch. Every run is kept by its key, so the sea
 
 from __future__ import annotations
 
-import contextlib
-import dataclasses
 import functools
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -42,10 +40,6 @@ def recorded(name: str, b: int, measure: Callable[[], Measurement]) -> Measureme
 
 Wanted = tuple[str, Technique, bool]
 """(display name, technique run on each device, block-parallel?) of one planned technique."""
-
-FILL_MAX_LAYERS = 4
-"""The deepest model ``EntryPlanner.fill_dispatch_cache`` runs (a technique that splits the layers into
-B parts needs B of them); where every candidate needs more, the workers fill their own caches."""
 
 
 def _weight(group: list[Wanted]) -> int:
@@ -291,41 +285,6 @@ class EntryPlanner:
             else:
                 out[name] = entry
         return out
-
-    def fill_dispatch_cache(self, candidates: list[Wanted], b: int) -> None:
-        """Run one technique's first fake run on the model cut to its fewest layers, and drop it: the
-        fake ops of a layer, the stem, the head, the loss and the optimizer enter PyTorch's fake-tensor
-        dispatch cache (one per process), which worker processes forked after it inherit instead of each
-        filling its own (dbprofile.planner.workers). The candidate whose run is the shallowest (one layer
-        unless it splits the layers into parts), the last of those on a tie (the lightest group); none
-        deeper than FILL_MAX_LAYERS, or none at all. Nothing of the run is kept, not even a bad input it
-        meets or a model that cannot be cut: the plan's own runs find that again."""
-        from dbprofile.measure.depth import granularity
-        from dbprofile.measure.stack import spec_at_depth
-
-        layers, _, wanted = min((granularity(w[1]), -i, w) for i, w in enumerate(candidates))
-        if layers > FILL_MAX_LAYERS or layers >= self.facts.num_layers:
-            return
-        name, tech, parallel = wanted
-        try:
-            spec = spec_at_depth(self.spec, layers)
-        except Exception:  # noqa: BLE001 - a model that cannot be cut fills nothing; its own runs still plan
-            return
-        shallow = dataclasses.replace(
-            self,
-            spec=spec,
-            facts=dataclasses.replace(self.facts, layer_bytes=self.facts.layer_bytes[:layers], num_layers=layers),
-            cache=None,
-            runs={},
-            block_traces={},
-            simulated={},
-            state_warmup=dict(self.state_warmup),
-        )
-        with contextlib.suppress(SpecError):
-            if shallow.simulates(parallel):
-                shallow.rank_measurement(name, tech, parallel, b)
-            else:
-                shallow.fake_measurement(tech, b, 1)
 
     def keep(self, runs: dict, simulated: dict, state_warmup: dict[bool, str]) -> None:
         """What a worker's planner made, kept as if this one had made it (the trace cache has it already)."""

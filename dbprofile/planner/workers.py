@@ -7,11 +7,13 @@ alone, the DiffusionBlocks techniques read off the same db:1 traces together) in
 workers (the model spec, with its closures, is already in the forked memory; nothing is pickled but
 the entries and measurements coming back). Each worker writes its runs to the trace cache itself;
 the plan's process keeps them in memory too. PyTorch keeps one fake-tensor dispatch cache per
-process, and workers that inherit a filled one do not each fill their own (the 70B plan: 35 s of CPU
-instead of 51 s, 24.9 s wall instead of 29.8 s). The plan's process used to fill it by planning the
-lightest group itself before it forked, with one core idle meanwhile; it now fills it with one run of
-the model cut to a layer or two, which it drops, and forks for every group (issue 28, round 5: the
-70B plan 23.3-23.7 s wall before, 19.7-20.1 s after, the same CPU; llama-7b 9.6-9.8 s and 9.3-9.5 s).
+process; the workers fork after the model's check (a forward and loss of the model cut to a few
+layers) and inherit the entries it made. Until round 6 of issue 28 the plan's process also filled it
+with one run of the model cut to a layer, dropped, before it forked: each worker then had the
+backward's and the optimizer's entries too. Its serial second bought nothing: alternating in fresh
+cache directories, llama-70b was as fast or faster without it in 12 runs of 13 (median 14.8 s against
+15.9 s), llama-7b the same (faster in 4 runs of 8 each way), since a worker fills the entries its first run
+misses in about the time the dropped run took, and both workers do so at once.
 The workers run the same functions on the same inputs, so no byte of any result changes
 (tests/test_workers.py).
 
@@ -85,17 +87,12 @@ def plan_jobs(
     planner: EntryPlanner, jobs: list[list[Wanted]], b: int, searched: tuple[bool, int] | None, workers: int
 ) -> Planned:
     """Every group's entries (EntryPlanner.plan_job): where two or more groups have runs to make, in up
-    to ``workers`` processes, forked after a shallow run here has filled the fake-tensor dispatch cache
-    (EntryPlanner.fill_dispatch_cache); else all in this one. Groups read from the cache cost no
-    process."""
+    to ``workers`` forked processes; else all in this one. Groups read from the cache cost no process."""
     global _job
     pending = [job for job in jobs if not planner.first_run_known(job[0], b)]
     count = min(workers, len(pending))
     if count < 2 or sys.platform != "linux" or "fork" not in multiprocessing.get_all_start_methods():
         return {name: entry for job in jobs for name, entry in planner.plan_job(job, b, searched).items()}
-    # PyTorch keeps one fake-tensor dispatch cache per process: one shallow run here fills it, and the
-    # workers inherit it instead of each filling their own.
-    planner.fill_dispatch_cache([job[0] for job in pending], b)
     planned: Planned = {}
     _job = (planner, pending, b, searched)
     pool: Any = multiprocessing.get_context("fork").Pool(count, initializer=_start_worker)
