@@ -12,8 +12,8 @@ layers) and inherit the entries it made. Until round 6 of issue 28 the plan's pr
 with one run of the model cut to a layer, dropped, before it forked: each worker then had the
 backward's and the optimizer's entries too. Its serial second bought nothing: alternating in fresh
 cache directories, llama-70b was as fast or faster without it in 12 runs of 13 (median 14.8 s against
-15.9 s), llama-7b the same (faster in 4 runs of 8 each way), since a worker fills the entries its first run
-misses in about the time the dropped run took, and both workers do so at once.
+15.9 s), llama-7b the same (faster in 4 runs of 8 each way), since a worker fills the entries its
+first run misses in about the time the dropped run took, and both workers do so at once.
 The workers run the same functions on the same inputs, so no byte of any result changes
 (tests/test_workers.py).
 
