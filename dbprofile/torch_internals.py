@@ -152,14 +152,13 @@ class _NarrowedChunks:
     def __init__(self, tensor: torch.Tensor, count: int, dim: int) -> None:
         size = tensor.size(dim)
         self.tensor, self.dim = tensor, dim
-        self.step = -(-size // count)  # torch.chunk's chunk length
+        step = -(-size // count)  # torch.chunk's chunk length
         if size == 0:  # torch.chunk: ``count`` empty views
             self.bounds = [(0, 0)] * count
         else:
-            self.bounds = [(i * self.step, min(self.step, size - i * self.step)) for i in range(-(-size // self.step))]
-        made = len(self.bounds)
+            self.bounds = [(start, min(step, size - start)) for start in range(0, size, step)]
         # FSDP2 pads with empty tensors made at once; they allocate (0 bytes), so they are made here too.
-        self.empties = [tensor.new_empty(0) for _ in range(count - made)]
+        self.empties = [tensor.new_empty(0) for _ in range(count - len(self.bounds))]
 
     def __len__(self) -> int:
         return len(self.bounds) + len(self.empties)

@@ -183,8 +183,13 @@ def _replace_optimizer(trainer, optimizer: torch.optim.Optimizer) -> None:
     parameters (the planner's simulated ranks), which hold no memory: there a full collection cost
     0.1 to 0.2 s per trace, about 5% of a ZeRO-3 llama-70b plan."""
     trainer.optimizer = optimizer
-    if not any(is_fake(dtensor_local(p)) for group in optimizer.param_groups for p in group["params"][:1]):
+    if not _fake(p for group in optimizer.param_groups for p in group["params"][:1]):
         gc.collect()
+
+
+def _fake(params) -> bool:
+    """Whether these (possibly sharded) parameters are fake: the planner's simulated ranks."""
+    return any(is_fake(dtensor_local(p)) for p in params)
 
 
 # ---------------------------------------------------------------- block-parallel DiffusionBlocks
@@ -281,8 +286,8 @@ def make_distributed_trainer(
         if not fsdp:
             _replace_optimizer(trainer, make_optimizer(trainer.optimizer_name, tp_param_groups(trainer), lr=lr))
     if fsdp:
-        # A simulated rank's parameters are fake: each shard is taken as one view (torch_internals).
-        fake = any(is_fake(dtensor_local(p)) for p in trainer.model.parameters())
-        with device_meshes_outside_fake_mode(), fsdp_shards_by_narrow() if fake else contextlib.nullcontext():
+        # A simulated rank's shards are taken as one view each (torch_internals).
+        narrowed = fsdp_shards_by_narrow() if _fake(trainer.model.parameters()) else contextlib.nullcontext()
+        with device_meshes_outside_fake_mode(), narrowed:
             shard_trainer(trainer, spec, mesh=mesh)
     return trainer
