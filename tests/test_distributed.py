@@ -179,6 +179,50 @@ def test_simulated_rank_tracks_the_same_bytes_as_the_real_rank(two_ranks):
     assert abs(sim.peak_bytes - real.peak_bytes) <= 0.005 * real.peak_bytes
 
 
+def test_simulated_rank_counts_every_collective_of_the_real_rank(two_ranks):
+    """Bytes per kind of collective, the real rank's against the simulated one's, clipping's all-reduce
+    included: ``clip_grad_norm_`` stacks the per-parameter norms, partial sums over the ranks until
+    DTensor all-reduces them inside the next op (one fp32 number per parameter crosses the links), where
+    the tracking mode alone never saw it."""
+    _, count = _local_parameter_bytes(WORLD)
+    real = _rows(two_ranks, "e2e")[0].extra["collective_bytes"]
+    assert real["all_reduce"] == 4 * count
+    assert simulate_rank(toy_spec(), "e2e", BATCH, WORLD).extra["collective_bytes"] == real
+
+
+def test_a_diffusionblocks_rank_counts_each_blocks_clipping_whatever_ran_before():
+    """db:2 clips the shared parts and one block's parameters per block-step: one all-reduced norm
+    each. The count once depended on the process's history (which mesh objects earlier runs left)."""
+    from dbprofile.methods.diffusion_blocks import BlockwiseModel
+
+    with fake_mode():
+        model = BlockwiseModel(toy_spec(), toy_spec().build(), 2)
+        clipped = sum(len(model.shared_parameters() + model.block_parameters(b)) for b in range(2))
+    first = simulate_rank(toy_spec(), "db:2", BATCH, WORLD).extra["collective_bytes"]
+    simulate_rank(toy_spec(), "e2e", BATCH, WORLD)
+    assert simulate_rank(toy_spec(), "db:2", BATCH, WORLD).extra["collective_bytes"] == first
+    assert first["all_reduce"] == 4 * clipped
+
+
+def test_gradients_on_equal_meshes_are_clipped_as_on_one_mesh():
+    """Each real ``fully_shard`` may hold its own DeviceMesh object over the same ranks; clipping must
+    take them as one mesh (``clip_grad_norm_``), not as FSDP x TP's several (a norm made whole per
+    parameter)."""
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.tensor import Shard, distribute_tensor
+
+    from dbprofile.measure.distributed.ranks import _fake_world
+    from dbprofile.methods.tensor_parallel import meshes_of
+
+    with _fake_world(WORLD) as (mesh, _):
+        other = init_device_mesh("cpu", (WORLD,))
+        assert other is not mesh
+        params = [torch.nn.Parameter(torch.zeros(4)) for _ in range(2)]
+        for p, on in zip(params, (mesh, other)):
+            p.grad = distribute_tensor(torch.ones(4), on, [Shard(0)])
+        assert meshes_of(params) == [mesh]
+
+
 # ---------------------------------------------------------------- the tracker
 
 

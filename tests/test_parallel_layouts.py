@@ -13,7 +13,7 @@ from dbprofile.measure.fake import fake_mode
 from dbprofile.models.gpt import GPTConfig, make_spec
 from dbprofile.planner import plan
 from dbprofile.planner.pipeline import bubble_fraction, in_flight, split_layers
-from dbprofile.planner.tensor_parallel import ring_bytes
+from dbprofile.planner.tensor_parallel import group_sizes, ring_bytes
 from dbprofile.results import RunResult
 from dbprofile.spec import SpecError
 from tests._cli import assert_refused, invoke
@@ -110,6 +110,10 @@ def test_one_f_one_b_keeps_fewer_micro_batches_in_flight_than_gpipe():
 def test_ring_traffic_of_each_collective():
     sent = ring_bytes({"all_reduce": 800, "all_gather": 400}, {"all_reduce": 8, "all_gather": 4})
     assert sent == int(2 * 7 / 8 * 800 + 3 / 4 * 400)
+    # FSDP alone all-reduces clipping's norms over its data-parallel ranks; beside TP, in the TP group
+    assert group_sizes(None, 3, 64, 1) == {"all_reduce": 64, "all_gather": 64, "reduce_scatter": 64}
+    assert group_sizes(None, 3, 64, 8)["all_reduce"] == 8
+    assert group_sizes(4, 3, 64, 1) == {"all_reduce": 4}
 
 
 def test_a_pipeline_plan_gives_each_stage_and_block_parallel_beside_it():

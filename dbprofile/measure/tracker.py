@@ -47,6 +47,9 @@ from dbprofile.vocabulary import CATEGORIES, PHASES
 class Tracker:
     """Tracks live tensor bytes on ``device`` by category; see the module docstring."""
 
+    MODE: type[TrackingMode] = TrackingMode
+    """The dispatch mode that shows this tracker every op (ShardedTracker's also sees inside DTensor's)."""
+
     def __init__(
         self,
         device: torch.device | str,
@@ -114,7 +117,7 @@ class Tracker:
         self.refresh()
         self._hooks = torch.autograd.graph.saved_tensors_hooks(self._pack, self._unpack)
         self._hooks.__enter__()
-        self._mode = TrackingMode(self)
+        self._mode = self.MODE(self)
         self._mode.__enter__()
         self._listen(self.note_saved)
         return self

@@ -141,7 +141,9 @@ def parallelize_layers(layers: list[nn.Module], tp_mesh) -> int:
 
 
 def meshes_of(params: list[nn.Parameter]) -> list:
-    """The distinct device meshes of the parameters' gradients, None standing for plain tensors."""
+    """The distinct device meshes of the parameters' gradients, None standing for plain tensors.
+    Distinct by value: a real run's ``fully_shard`` calls may each hold their own mesh object over the
+    same ranks (which DTensor treats as one mesh), so identity would split one mesh in two."""
     from torch.distributed.tensor import DTensor
 
     found: list = []
@@ -149,7 +151,7 @@ def meshes_of(params: list[nn.Parameter]) -> list:
         if p.grad is None:
             continue
         mesh = p.grad.device_mesh if isinstance(p.grad, DTensor) else None
-        if not any(mesh is m for m in found):
+        if not any(mesh == m for m in found):
             found.append(mesh)
     return found
 

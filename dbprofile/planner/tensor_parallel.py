@@ -77,10 +77,12 @@ def communication(
 def group_sizes(parallel_blocks: int | None, zero_stage: int, world_size: int, tp: int, pp: int = 1) -> dict[str, int]:
     """Ranks in the group of each kind of collective: block-parallel DiffusionBlocks all-reduces its shared
     gradients over its B devices; TP all-reduces activations in its group; FSDP gathers and scatters over the
-    data-parallel dimension; without FSDP the data-parallel replicas all-reduce gradients."""
+    data-parallel dimension; without FSDP the data-parallel replicas all-reduce gradients. FSDP alone
+    all-reduces only clipping's gradient norms, over the data-parallel ranks; beside TP, the TP group
+    stands for all all-reduces (clipping's are then a few bytes beside the activations')."""
     if parallel_blocks is not None:
         return {"all_reduce": parallel_blocks}
     dp = world_size // (tp * pp)
     if zero_stage == 3:
-        return {"all_reduce": tp, "all_gather": dp, "reduce_scatter": dp}
+        return {"all_reduce": tp if tp > 1 else dp, "all_gather": dp, "reduce_scatter": dp}
     return {"all_reduce": tp, "replicas": dp}

@@ -15,8 +15,9 @@ from typing import Any
 import torch
 
 from dbprofile.measure.tracker import Tracker
+from dbprofile.measure.tracker_mode import TrackingMode
 from dbprofile.measure.tracking import CATEGORY_INDEX
-from dbprofile.torch_internals import dtensor_local
+from dbprofile.torch_internals import TorchDispatchMode, dtensor_local
 
 _COMM = CATEGORY_INDEX["communication"]
 
@@ -57,13 +58,55 @@ def _collective_kind(packet: str) -> str | None:
 _REDUCE_SCATTER = ("c10d._reduce_scatter_base_", "c10d.reduce_scatter_tensor_coalesced_")
 
 
+class _CollectivesInsideDTensorOps(TorchDispatchMode):
+    """Counts the collectives DTensor issues while it computes one of its ops: an implicit
+    redistribution, such as the all-reduce of the partial gradient norms that ``clip_grad_norm_``
+    stacks. DTensor runs them inside the tracking mode's handler, where that mode is off, so the
+    tracker would never see them; this mode is on only there, and sees only the op's local work."""
+
+    def __init__(self, tracker: ShardedTracker, dtensor: type) -> None:
+        super().__init__()
+        self.tracker = tracker
+        self.dtensor = dtensor
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if any(issubclass(t, self.dtensor) for t in types):
+            return NotImplemented  # DTensor first: its local work comes back here
+        kwargs = kwargs or {}
+        out = func(*args, **kwargs)
+        packet = str(func.overloadpacket)
+        if packet.startswith(_COLLECTIVE_PREFIXES):
+            self.tracker.count_collective(packet, args, out)
+        return out
+
+
+class ShardedTrackingMode(TrackingMode):
+    """The tracking mode, plus the collectives inside every DTensor op of a recorded step."""
+
+    def __init__(self, tracker: Any) -> None:
+        super().__init__(tracker)
+        from torch.distributed.tensor import DTensor
+
+        self._dtensor = DTensor
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        tracker = self.tracker
+        if tracker.recording and any(issubclass(t, self._dtensor) for t in types):
+            with _CollectivesInsideDTensorOps(tracker, self._dtensor):
+                return super().__torch_dispatch__(func, types, args, kwargs)
+        return super().__torch_dispatch__(func, types, args, kwargs)
+
+
 class ShardedTracker(Tracker):
     """The dbprofile ``Tracker`` for one rank of FSDP or block-parallel training.
 
     It counts a DTensor by its local shard (a DTensor's own storage reports the global size),
     follows ``UntypedStorage.resize_`` (FSDP frees unsharded parameters that way), and files
-    FSDP's collective buffers under ``communication``.
+    FSDP's collective buffers under ``communication``. It counts the bytes of every collective of a
+    recorded step, those DTensor issues inside its ops included (``ShardedTrackingMode``).
     """
+
+    MODE = ShardedTrackingMode
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
@@ -95,13 +138,8 @@ class ShardedTracker(Tracker):
         elif packet == _RF_EXIT and self.regions:
             self.regions.pop()
         super().on_op(func, args, kwargs, out)
-        kind = _collective_kind(packet) if self.recording and packet.startswith(_COLLECTIVE_PREFIXES) else None
-        if kind is not None:
-            # A reduce-scatter moves its input (c10d's in-place ops take the output first), the others their output.
-            scattered = args[1 if packet.startswith("c10d.") else 0] if len(args) > 1 else None
-            moved = _flat_tensors(scattered if kind == "reduce_scatter" else out)
-            total = sum(_local(t).numel() * _local(t).element_size() for t in moved)
-            self.collective_bytes[kind] = self.collective_bytes.get(kind, 0) + total
+        if self.recording and packet.startswith(_COLLECTIVE_PREFIXES):
+            self.count_collective(packet, args, out)
         if packet in _REDUCE_SCATTER and args:
             # The reduce-scatter output is what the sharded gradients are views of.
             for t in _flat_tensors(args[0]):
@@ -115,6 +153,17 @@ class ShardedTracker(Tracker):
             # Its ``out`` tensors are the unsharded parameters (made just before, in the region).
             for t in _flat_tensors(kwargs.get("out", args[-1] if args else ())):
                 self._to_communication(t)
+
+    def count_collective(self, packet: str, args: tuple, out: Any) -> None:
+        """Adds a c10d op's bytes to ``collective_bytes`` (waits and wrappers move nothing)."""
+        kind = _collective_kind(packet)
+        if kind is None:
+            return
+        # A reduce-scatter moves its input (c10d's in-place ops take the output first), the others their output.
+        scattered = args[1 if packet.startswith("c10d.") else 0] if len(args) > 1 else None
+        moved = _flat_tensors(scattered if kind == "reduce_scatter" else out)
+        total = sum(_local(t).numel() * _local(t).element_size() for t in moved)
+        self.collective_bytes[kind] = self.collective_bytes.get(kind, 0) + total
 
     # -------------------------------------------------------- DTensors and regions
 
