@@ -7,7 +7,7 @@ empty trace cache (cold: a temporary ``DBPROFILE_CACHE_DIR``), then again with w
 machine slows a run; compare the loads first), then each technique's path (extrapolated or full
 trace) and peak. With
 ``--full-trace`` it also runs each command with ``--full-trace`` and says whether every technique's
-tracked peak, shares, FLOPs and largest batch equal the full trace's, and how far the planned peak
+tracked peak, shares, FLOPs, largest batch and collectives equal the full trace's, and how far the planned peak
 (with the allocator's estimated segments) is from the full replay's.
 
     python benchmarks/bench_plan_speed.py                # llama-7b, then llama-70b (ZeRO-3 over 64)
@@ -138,10 +138,14 @@ def main() -> None:
             if ref and ref.get("peak_bytes"):
                 # Tracked bytes, shares, FLOPs and the largest batch must be the full trace's to the byte;
                 # so must the planned peak (tracked bytes plus the CUDA corrections) where replayed.
+                # A sharded entry's collectives (bytes by kind, bytes sent per step) too.
                 figures = ("tracked_peak_bytes", "shares", "training_flops", "max_batch_size")
-                exact = all(entry.get(k) == ref.get(k) for k in figures)
+                exact = all(entry.get(k) == ref.get(k) for k in figures) and all(
+                    entry.get("extra", {}).get(k) == ref.get("extra", {}).get(k)
+                    for k in ("collective_bytes", "communication")
+                )
                 apart = entry["peak_bytes"] / ref["peak_bytes"] - 1
-                line += f"  full trace {ref['peak_bytes']:,} B ({apart:+.4%}); tracked, shares, FLOPs " + (
+                line += f"  full trace {ref['peak_bytes']:,} B ({apart:+.4%}); tracked, shares, FLOPs, collectives " + (
                     "equal" if exact else "DIFFER"
                 )
             print(line)
