@@ -17,11 +17,13 @@ from dbprofile.measure.depth import (
     simulate_fake,
     spec_at_depth,
 )
-from dbprofile.measure.step_extrapolation import extrapolate_value
+from dbprofile.measure.step_extrapolation import NotAffine, extrapolate_step, extrapolate_value
+from dbprofile.measure.tracking import StepRecord
 from dbprofile.models import get_preset
 from dbprofile.planner import plan
 from dbprofile.report.text import format_plan
 from dbprofile.techniques import parse_techniques
+from dbprofile.vocabulary import CATEGORIES, PHASES
 
 CUDA_BLOCK = 512
 
@@ -157,6 +159,52 @@ def test_integer_figures_extrapolate_and_a_non_affine_one_is_named_and_dropped()
     )
     assert out == {"flops": 220, "allocator": None, "name": "y"}
     assert not_affine == ["extra.allocator"]
+
+
+def _moving_a_block_in(layers: int, loops_apart: bool) -> StepRecord:
+    """A tracked step that copies each layer's parameters (two tensors) and optimizer state (four) onto
+    the device, one ``copy`` op each, as temporaries that a rescan then files by role. ``loops_apart``:
+    every layer's parameters are filed, then every layer's state (the rescan's order); otherwise layer by
+    layer. The last point frees most of the state, so the peak lies inside the loops."""
+    size = {"parameters": (100, 30), "optimizer_state": (100, 100, 30, 30)}
+    phase = PHASES.index("transfer")
+    value = [0] * len(CATEGORIES)
+    value[CATEGORIES.index("parameters")] = value[CATEGORIES.index("optimizer_state")] = 10**6
+    trace = [("mark", [phase, *value])]
+
+    def add(category: str, nbytes: int, taken_from: str | None = None) -> None:
+        nonlocal value
+        value = list(value)
+        value[CATEGORIES.index(category)] += nbytes
+        if taken_from:
+            value[CATEGORIES.index(taken_from)] -= nbytes
+        trace.append(("copy", [phase, *value]))
+
+    for _ in range(layers):
+        for nbytes in size["parameters"] + size["optimizer_state"]:
+            add("temporaries", nbytes)
+    order = (
+        [(c, n) for c in size for _ in range(layers) for n in size[c]]
+        if loops_apart
+        else [(c, n) for _ in range(layers) for c in size for n in size[c]]
+    )
+    for category, nbytes in order:
+        add(category, nbytes, taken_from="temporaries")
+    add("optimizer_state", -900_000)
+    peak = max(trace, key=lambda point: sum(point[1][1:]))[1][1:]
+    return StepRecord(peak_bytes=sum(peak), shares=dict(zip(CATEGORIES, peak)), peak_phase="transfer", trace=trace)
+
+
+def test_runs_of_identical_ops_extrapolate_only_where_each_inserted_run_repeats():
+    # Layer by layer: each layer adds one run, and the depth-12 step is read off exactly.
+    depths = (2, 3, 4)
+    step = extrapolate_step([_moving_a_block_in(m, loops_apart=False) for m in depths], depths, 12)
+    truth = _moving_a_block_in(12, loops_apart=False)
+    assert (step.peak_bytes, step.shares) == (truth.peak_bytes, truth.shares)
+    # Two loops side by side (db:B+offload's rescan): the tags alone match one run inserted where they
+    # meet, which the third depth does not repeat point by point: refused, not read from the wrong stretch.
+    with pytest.raises(NotAffine, match="do not repeat at the third depth"):
+        extrapolate_step([_moving_a_block_in(m, loops_apart=True) for m in depths], depths, 12)
 
 
 def test_plan_says_which_path_each_technique_took():

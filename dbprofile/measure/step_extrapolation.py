@@ -69,6 +69,18 @@ def _insertions(fine1: list, fine2: list, coarse1: list, coarse2: list) -> list[
     return out
 
 
+def _same_run(run2: list[list[int]], runs3: list[list[int]], length: int) -> bool:
+    """Whether the deeper step's two inserted runs change the bytes point by point as the second
+    depth's one run does. Their tags alone cannot say it: a loop of identical ops (an offloaded
+    block's host-to-device copies, ``aten._to_copy`` each) matches any stretch of the same length, and
+    a run read from the wrong stretch would give its points wrong lines."""
+
+    def steps(run: list[list[int]]) -> list[list[int]]:
+        return [[b - a for a, b in zip(before, after)] for before, after in zip(run, run[1:])]
+
+    return steps(run2) == steps(runs3[:length]) == steps(runs3[length:])
+
+
 def extrapolate_step(records: list[StepRecord], depths: tuple[int, ...], target: int) -> StepRecord:
     """One unit's tracked step at ``target`` (layers per unit) from its traces at three consecutive
     ``depths``. Raises NotAffine when the traces do not line up or the check depth is off the line.
@@ -107,6 +119,9 @@ def extrapolate_step(records: list[StepRecord], depths: tuple[int, ...], target:
             expected3.append(t1[j])
     if expected3 != t3:
         raise NotAffine("the third depth is not the shallow step with each run inserted twice")
+    for kind, start2, start3, length in candidates:
+        if kind == "run" and not _same_run(v2[start2 : start2 + length], v3[start3 : start3 + 2 * length], length):
+            raise NotAffine("an inserted run's points do not repeat at the third depth")
     grow = target - m1
     best: list[int] | None = None
     best_phase = -1
