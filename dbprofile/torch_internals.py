@@ -50,6 +50,7 @@ __all__ = [
     "stop_cuda_memory_history",
     "dump_cuda_memory_snapshot",
     "outside_fake_mode",
+    "optimizer_scalar_reads",
     "device_meshes_outside_fake_mode",
     "fsdp_shards_by_narrow",
     "sdpa_flop_count",
@@ -117,6 +118,29 @@ def outside_fake_mode() -> Iterator[None]:
     from torch._subclasses.fake_tensor import unset_fake_temporarily
 
     with unset_fake_temporarily():
+        yield
+
+
+class _StandInScalarReads(TorchDispatchMode):
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if func is torch.ops.aten._local_scalar_dense.default and is_fake(args[0]):
+            dtype = args[0].dtype
+            return True if dtype == torch.bool else 1.0 if dtype.is_floating_point or dtype.is_complex else 1
+        return func(*args, **(kwargs or {}))
+
+
+@contextlib.contextmanager
+def optimizer_scalar_reads() -> Iterator[None]:
+    """Inside a fake run, an optimizer step's reads of one number as a Python value answered with 1
+    instead of failing (fake tensors hold no values): Adafactor's ``step_t.item()`` and
+    ``param.norm(2).item()``, in both its loop and its foreach step. They only scale the update; which
+    tensors the step makes, and their sizes, do not depend on them, so the bytes are the step's (and a
+    fake step's values mean nothing anyway). Only the optimizer's step runs inside: a model whose own
+    code branches on a value still stops with fake tensors' error. Outside fake mode it does nothing."""
+    if active_fake_mode() is None:
+        yield
+        return
+    with _StandInScalarReads():
         yield
 
 

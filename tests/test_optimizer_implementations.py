@@ -8,6 +8,7 @@ import pytest
 import torch
 from _toy import toy_spec
 
+from dbprofile.measure.runner import measure
 from dbprofile.measure.tracker import Tracker
 from dbprofile.methods import make_trainer
 from dbprofile.planner import plan
@@ -95,3 +96,18 @@ def test_a_gpu_plan_runs_the_foreach_step_by_default():
     )
     assert default.optimizer == "adamw-foreach" and loop.optimizer == "adamw-loop"
     assert default.entries[0].tracked_peak_bytes > loop.entries[0].tracked_peak_bytes
+
+
+@pytest.mark.parametrize("optimizer", ["adafactor-loop", "adafactor-foreach"])
+def test_adafactor_runs_on_fake_tensors_and_tracks_a_real_cpu_runs_bytes(optimizer):
+    """Adafactor reads numbers inside its step (the step count, each parameter's and update's norm, with
+    ``.item()``), which fake tensors do not hold: the planner answers them with a stand-in
+    (torch_internals.optimizer_scalar_reads). They only scale the update, so every byte is the real step's."""
+    spec = toy_spec(depth=4)
+    for tech in ("e2e", "db:2"):
+        real = measure(spec, tech, 8, optimizer=optimizer)
+        fake = measure(spec, tech, 8, fake=True, optimizer=optimizer)
+        assert real.ok and fake.ok, (real.error, fake.error)
+        assert (fake.peak_bytes, fake.shares, fake.peak_phase) == (real.peak_bytes, real.shares, real.peak_phase)
+    planned = plan(toy_spec(), 2, device="H100-80GB", techniques="e2e", optimizer="adafactor", search_max_batch=False)
+    assert planned.entries[0].ok and planned.optimizer == "adafactor-foreach"

@@ -17,6 +17,7 @@ from torch import nn
 
 from dbprofile.settings import optimizer_parts, resolve_optimizer, unknown_optimizer, unknown_precision
 from dbprofile.spec import Batch, ModelSpec, SpecError
+from dbprofile.torch_internals import optimizer_scalar_reads
 
 # Every technique clips the gradient norm at 1.0: DiffusionBlocks needs it (METHOD.md), and
 # applying it everywhere keeps the per-step work (and its temporaries) comparable.
@@ -184,6 +185,7 @@ class Trainer:
         mark("optimizer")
         params = [p for p in self.parameters_for_step(unit) if p.grad is not None]
         clip_gradients(params, self.optimizer_name)
-        self.optimizer.step()
+        with optimizer_scalar_reads():
+            self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
         return loss.detach()

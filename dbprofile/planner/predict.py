@@ -111,15 +111,7 @@ def check_arguments(batch_size: int, world_size: int, min_micro_batch: int, zero
 def target_optimizer(optimizer: str, target: Target) -> str:
     """The step the user runs on the target: PyTorch's default implementation there (foreach on CUDA)
     unless the name says which; the fake run on the CPU would otherwise take the CPU's default."""
-    optimizer = resolve_optimizer(optimizer, target.cuda)
-    if optimizer == "adafactor-foreach":
-        raise SpecError(
-            "Adafactor's foreach step (PyTorch's default on CUDA) reads every step count as a Python number "
-            "(.item()), which fake tensors do not hold, so the planner cannot run it; nothing was planned. "
-            "Plan with --optimizer adafactor-loop: both keep the same state, and the foreach step adds its "
-            "temporaries over all parameters at once on top."
-        )
-    return optimizer
+    return resolve_optimizer(optimizer, target.cuda)
 
 
 def depth_path(target: Target, facts: ModelFacts, full_trace: bool) -> tuple[bool, str | None]:
