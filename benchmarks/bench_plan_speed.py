@@ -8,7 +8,7 @@ machine slows a run; compare the loads first), then each technique's path (extra
 trace) and peak. With
 ``--full-trace`` it also runs each command with ``--full-trace`` and says whether every technique's
 tracked peak, shares, FLOPs, largest batch and collectives equal the full trace's, and how far the planned peak
-(with the allocator's estimated segments) is from the full replay's.
+(with the allocator's replayed segments) is from the full replay's.
 
     python benchmarks/bench_plan_speed.py                # llama-7b, then llama-70b (ZeRO-3 over 64)
     python benchmarks/bench_plan_speed.py --full-trace   # and the full traces to compare with
@@ -129,10 +129,9 @@ def main() -> None:
             print(f"  --full-trace: {full_wall:.1f} s wall")
         for entry in result["entries"]:
             depth = entry.get("extra", {}).get("depth") or {}
-            # One device: the allocator's reserved bytes replayed (or estimated, where the shallow traces'
-            # allocation sequences did not extend); sharded entries take a fraction of their shares.
+            # One device: the allocator's reserved bytes replayed; sharded entries take a fraction of their shares.
             replay = (entry.get("extra", {}).get("allocator_model") or {}) if entry.get("sharding") == "none" else {}
-            reserved = "" if not replay else " (reserved estimated)" if replay.get("extrapolated") else " (replayed)"
+            reserved = " (replayed)" if replay else ""
             line = f"  {entry['technique']:16s} {depth.get('path', '?'):12s} peak {entry['peak_bytes']:,} B{reserved}"
             ref = reference.get(entry["technique"])
             if ref and ref.get("peak_bytes"):

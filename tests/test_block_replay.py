@@ -71,20 +71,19 @@ def test_bf16_autocast_frees_its_cast_weights_in_its_own_order_and_is_replayed_a
     assert derived.extra["depth"]["not_affine"] == []
 
 
-def test_a_first_step_that_keeps_what_it_makes_keeps_the_estimate_and_says_so():
+def test_a_first_step_that_keeps_what_it_makes_has_db_b_traced_itself_not_estimated():
     # db:1's warm-up step makes a tensor the model keeps (a table cached on first use), which its tracked
-    # step does not: db:B's warm-up steps are not db:1's, so the reserved bytes are estimated, and named.
+    # step does not: db:B's warm-up steps are not db:1's, so db:1's replays do not build db:B's, and db:B
+    # is traced itself (its own shallow traces' sequences extended, or in full): replayed all the same.
     from test_warmup import _keeping_spec
 
     spec = _keeping_spec(12)
     settings = dict(layers=12, not_identical=None, **CUDA)
     derived = measure_fake(spec, parse_technique("db:2"), 2, block_traces={}, **settings)
     full = measure_fake(spec, parse_technique("db:2"), 2, full_trace=True, **settings)
-    assert derived.extra["depth"]["path"] == PATH_EXTRAPOLATED
-    assert derived.extra["allocator_model"]["extrapolated"] is True
-    assert "extra.allocator_model.segments" in derived.extra["depth"]["not_affine"]
-    assert derived.extra["depth"]["traced_depths"] == [2, 3, 4]  # no fifth depth traced for nothing
-    assert full.extra["allocator_model"].get("extrapolated") is None
+    assert "db:1's step" not in derived.extra["depth"]["reason"]
+    assert derived.extra["allocator_model"] == full.extra["allocator_model"]
+    assert derived.peak_bytes == full.peak_bytes and derived.shares == full.shares
 
 
 def _replay(depth, labels_of_layer, before=(None,), after=(None, None)):

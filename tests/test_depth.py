@@ -235,6 +235,27 @@ def test_a_full_trace_forced_by_the_small_model_rule_says_so_not_asked_for():
     assert asked.entries[0].extra["depth"]["reason"] == "asked for a full trace"
 
 
+def test_a_technique_whose_shallow_traces_failed_once_is_traced_in_full_at_every_later_batch(monkeypatch):
+    import dbprofile.measure.depth as depth_module
+    import dbprofile.planner.predict as predict_module
+
+    tried: list[int] = []
+
+    def refuse(traced, target, block_layers, not_affine):
+        tried.append(traced[0][0].batch_size)
+        raise NotAffine("not one repeating structure")
+
+    monkeypatch.setattr(depth_module, "_extrapolate_measurement", refuse)
+    monkeypatch.setattr(predict_module, "FULL_TRACE_BELOW_PARAMETER_BYTES", 0)  # a GPU target extrapolates
+    p = plan(get_preset("llama-tiny").at_depth(12), 2, device="H100-80GB", techniques=["e2e"], cache=False, workers=1)
+    entry = p.entries[0]
+    assert entry.ok and entry.max_batch_size > 2 and len(entry.linear_fit["points"]) > 1  # confirming runs
+    assert tried == [2]  # the shallow traces at the plan's batch only: the confirming runs go straight to full
+    assert entry.extra["depth"]["reason"] == (
+        "the shallow traces did not extrapolate exactly (not one repeating structure)"
+    )
+
+
 def test_block_parallel_simulates_one_rank_per_distinct_block_and_it_stands_for_the_others(monkeypatch):
     from dbprofile.measure import distributed
 

@@ -18,7 +18,7 @@ layers, or layers per block / checkpointed segment: ``granularity``), and:
   (None) and named in ``extra['depth']['not_affine']``;
 - the CUDA caching allocator's replay (reserved bytes come in whole segments, so they are not on a
   line) is replayed at the target depth from the shallow traces' allocation sequences extended to it
-  (dbprofile.measure.event_extrapolation), or estimated where they do not extend (``_reserved_bytes``).
+  (dbprofile.measure.event_extrapolation); where they do not extend, the technique is traced in full.
 
 One term is not affine on a CUDA target: gradient clipping stacks one 4-byte norm per parameter
 tensor, and the tracker counts that vector in 512-byte blocks (a few KiB for a 70B model); the
@@ -35,7 +35,6 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-from dbprofile.measure.allocator import LARGE_ROUND_BYTES
 from dbprofile.measure.event_extrapolation import extrapolate_events, replayed, without_allocator_figures
 from dbprofile.measure.shared_blocks import derive_blocks, derive_parallel, one_block, shares_block_traces
 from dbprofile.measure.stack import identical_layers, spec_at_depth, stack_difference
@@ -65,6 +64,8 @@ Two is the least that shows a first and a last layer apart on both sides of the 
 
 PATH_EXTRAPOLATED = "extrapolated"
 PATH_FULL = "full-trace"
+NOT_EXTRAPOLATED = "the shallow traces did not extrapolate exactly"
+"""How a full trace's reason starts when the shallow traces were tried and did not line up."""
 
 Traced = tuple[Measurement, dict]
 """A measurement and its units' tracked steps with every point kept (runner ``traces``)."""
@@ -100,43 +101,24 @@ def granularity(tech: Technique) -> int:
     return 1
 
 
-def _reserved_bytes(m: Measurement, m1: Measurement, m2: Measurement, m3: Measurement) -> None:
-    """The allocator model's reserved bytes at the target depth, estimated where the allocation sequences
-    do not extend (``_allocator_figures``): the deepest trace's proportion of reserved bytes to tracked
-    peak, rounded up to 2 MiB (``extra['allocator_model']['extrapolated'] = True``). It put llama-7b's
-    planned peaks 1.1% to 9.7% over the full replay's, a 10-layer vit-tiny db:3's reserved bytes 20%."""
-    figures, model = [x.extra.get("allocator_model") for x in (m1, m2, m3)], m.extra.get("allocator_model")
-    if not all(isinstance(f, dict) for f in figures) or not isinstance(model, dict):
-        return
-    reserved = [f.get("peak_reserved_bytes") for f in figures if isinstance(f, dict)]
-    deepest = reserved[-1]
-    shallower_known = all(isinstance(v, int) for v in reserved[:-1])
-    if model.get("peak_reserved_bytes") is not None or not shallower_known or not isinstance(deepest, int):
-        return
-    # Keep the deepest trace's reserved-over-peak proportion (its segment overhead) at the target.
-    estimate = int(deepest * m.peak_bytes / m3.peak_bytes) if m3.peak_bytes else deepest
-    model["peak_reserved_bytes"] = -(-estimate // LARGE_ROUND_BYTES) * LARGE_ROUND_BYTES
-    model["extrapolated"] = True
-
-
 def _allocator_figures(m: Measurement, traced: list[Traced], steps: int, not_affine: list[str]) -> None:
     """The allocator model's figures at the target depth, ``steps`` steps of depth past the first trace:
     the shallow traces' allocation sequences extended to it and replayed, exactly as the full trace
-    replays them (dbprofile.measure.event_extrapolation); where they do not extend, estimated
-    (``_reserved_bytes``, named in ``not_affine``)."""
+    replays them (dbprofile.measure.event_extrapolation). NotAffine where they do not extend: the
+    reserved bytes come in whole segments, off any line, and an estimate of them was measured under the
+    full replay's by 4.8% (llama-1b, Adafactor's foreach step on an H100: a largest batch of 9 where 8
+    fit), so the technique is traced in full instead."""
     if not isinstance(m.extra.get("allocator_model"), dict):
         return
     recorded = [getattr(getattr(units, "allocator", None), "events", None) for _, units in traced]
     events = [e for e in recorded if isinstance(e, list)]
-    if len(events) == len(traced):
-        try:
-            m.extra["allocator_model"] = replayed(extrapolate_events(events, steps))
-        except NotAffine:
-            pass
-        else:
-            not_affine[:] = without_allocator_figures(not_affine)
-            return
-    _reserved_bytes(m, *(x for x, _ in traced))
+    if len(events) != len(traced):
+        raise NotAffine("the shallow traces recorded no allocation sequences to replay at full depth")
+    try:
+        m.extra["allocator_model"] = replayed(extrapolate_events(events, steps))
+    except NotAffine as err:
+        raise NotAffine(f"the allocator's allocation sequences do not extend to full depth: {err}") from err
+    not_affine[:] = without_allocator_figures(not_affine)
 
 
 def _extrapolate_measurement(
@@ -223,7 +205,7 @@ def by_depth(
                 for rank in range(len(runs[0]))
             ]
         except NotAffine as err:
-            reason = f"the shallow traces did not extrapolate exactly ({err})"
+            reason = f"{NOT_EXTRAPOLATED} ({err})"
         else:
             info = DepthInfo(
                 PATH_EXTRAPOLATED,

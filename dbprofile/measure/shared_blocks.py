@@ -19,10 +19,8 @@ block-layers each; blocks of unequal length (L = B * q + r) read two lengths off
 The allocator replay's reserved bytes come in whole segments and depend on the order of every
 allocation, so they are not on a line: on a CUDA target db:1 is traced at depth 5 as well and db:B's
 replay is built from db:1's recorded replays (dbprofile.measure.block_replay). Where that cannot be
-done (db:1's first step makes a tensor the model keeps), they are estimated (the deepest trace's segment
-overhead in proportion to its peak, on the block-step, plus the resident bytes rounded to 2 MiB
-segments; ``extra['allocator_model']['extrapolated']``) and the segment count is left out (named in
-``extra['depth']['not_affine']``). Offloading (db:B+offload keeps the other blocks on the host, and
+done (db:1's first step makes a tensor the model keeps), db:B is traced itself (its own shallow traces'
+sequences extended, else in full): reserved bytes are never estimated. Offloading (db:B+offload keeps the other blocks on the host, and
 moves a block in per step) is traced as before. tests/test_shared_blocks.py compares every derived figure with the full trace's, to the
 byte, on vit, gpt, llama and dit presets, with equal and unequal blocks, on the CPU and a CUDA target.
 """
@@ -34,7 +32,6 @@ import dataclasses
 from collections.abc import Callable
 from typing import Any
 
-from dbprofile.measure.allocator import LARGE_ROUND_BYTES
 from dbprofile.measure.block_replay import EVENT_DEPTHS, block_replay, builds_blocks
 from dbprofile.measure.event_extrapolation import without_allocator_figures
 from dbprofile.measure.step_extrapolation import NotAffine, extrapolate_step, extrapolate_value
@@ -148,32 +145,6 @@ def _summed_over_blocks(traced: dict[int, Traced], lengths: list[int], key: str)
     return out
 
 
-def _allocator(traced: dict[int, Traced], k: int, raised_by: int, peak: int, not_affine: list[str]) -> dict | None:
-    """The allocator model's figures for the derived step: the block-step's at ``k`` layers (exact at a
-    traced depth, else the deepest trace's segment overhead in proportion to the peak) plus the resident
-    bytes, in whole 2 MiB segments; estimated (module docstring)."""
-    deepest = traced[max(d for d in LINE_DEPTHS if d in traced)][0]
-    figures = deepest.extra.get("allocator_model")
-    if not isinstance(figures, dict) or not isinstance(figures.get("peak_reserved_bytes"), int):
-        return None
-    at_k = traced[k][0].extra["allocator_model"] if k in traced else None
-    step_peak = peak - raised_by
-    if at_k is not None:
-        step_reserved = at_k["peak_reserved_bytes"]
-        step_allocated = at_k["peak_allocated_bytes"]
-    else:
-        step_reserved = int(figures["peak_reserved_bytes"] * step_peak / deepest.peak_bytes)
-        step_allocated = step_peak + figures["peak_allocated_bytes"] - deepest.peak_bytes
-    not_affine.append("extra.allocator_model.segments")
-    reserved = step_reserved + raised_by
-    return {
-        "peak_reserved_bytes": -(-reserved // LARGE_ROUND_BYTES) * LARGE_ROUND_BYTES,
-        "peak_allocated_bytes": step_allocated + raised_by,
-        "segments": None,
-        "extrapolated": True,
-    }
-
-
 def _traced(trace_at: Callable[[int], Traced], depths: list[int]) -> dict[int, Traced]:
     """db:1's run (or rank) at each depth, each one block's; NotAffine when one failed."""
     traced = {d: trace_at(d) for d in depths}
@@ -201,25 +172,14 @@ def _of_whole_model(
     return m
 
 
-def _set_allocator(m: Measurement, traced: dict[int, Traced], k: int, raised_by: int, not_affine: list[str]) -> None:
-    """``m``'s allocator figures (``_allocator``) in place of the trace's."""
-    allocator = _allocator(traced, k, raised_by, m.peak_bytes, not_affine)
-    m.extra.pop("allocator_model", None)
-    if allocator is not None:
-        m.extra["allocator_model"] = allocator
-
-
-def _replayed_blocks(m: Measurement, traced: dict[int, Traced], parts: list[list[int]], layers: int) -> bool:
-    """db:B's allocator figures replayed exactly from db:1's recorded replays (block_replay), where they
-    build it; False where they do not (the caller estimates them)."""
-    if not isinstance(m.extra.get("allocator_model"), dict):
-        return False
+def _replayed_blocks(traced: dict[int, Traced], parts: list[list[int]], layers: int) -> dict:
+    """db:B's allocator figures replayed exactly from db:1's recorded replays (block_replay); NotAffine
+    where they do not build it (the caller traces db:B itself: reserved bytes are never estimated,
+    dbprofile.measure.depth._allocator_figures)."""
     try:
-        figures = block_replay({d: units for d, (_, units) in traced.items()}, [len(p) for p in parts], layers)
-    except NotAffine:
-        return False
-    m.extra["allocator_model"] = figures
-    return True
+        return block_replay({d: units for d, (_, units) in traced.items()}, [len(p) for p in parts], layers)
+    except NotAffine as err:
+        raise NotAffine(f"db:1's allocator replays do not build db:B's: {err}") from err
 
 
 def _records_allocator(traced: dict[int, Traced]) -> bool:
@@ -261,10 +221,9 @@ def derive_blocks(trace_at: Callable[[int], Traced], tech: Technique, layers: in
     summarise(m, list(range(len(parts))), results, True, parts)
     # How db:1's traces made their state: not a way db:B's own runs must learn (depth.measure_fake).
     m.extra["warmup"] = f"{one_block(tech).name} traces"
-    if _replayed_blocks(m, traced, parts, layers):  # replayed: none of its figures is off a line any more
+    if isinstance(m.extra.get("allocator_model"), dict):  # a CUDA target: replayed, none of it off a line
+        m.extra["allocator_model"] = _replayed_blocks(traced, parts, layers)
         not_affine = without_allocator_figures(not_affine)
-    else:
-        _set_allocator(m, traced, worst_k, sum(per_layer) * (layers - worst_k), not_affine)
     return m, depths, sorted(set(not_affine))
 
 
@@ -298,5 +257,4 @@ def derive_parallel(trace_at: Callable[[int], Traced], tech: Technique, layers: 
     if all(isinstance(f, int) for f in flops):
         m.extra["rank_step_flops"] = flops
         m.training_flops = sum(f for f in flops if isinstance(f, int))
-    _set_allocator(m, traced, k, 0, not_affine)
     return m, depths, sorted(set(not_affine))

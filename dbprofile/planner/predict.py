@@ -39,9 +39,9 @@ from dbprofile.verdict.evidence import DB_NOT_APPLICABLE
 
 FULL_TRACE_BELOW_PARAMETER_BYTES = 4 * GiB
 """For a CUDA target, models with less parameter memory than this (about 1B fp32 parameters) are
-traced at full depth: the allocator replay's reserved bytes come in whole segments and were 5-8% off
-when estimated from shallow traces (ViT-B/16, GPT-2 small), while the full trace costs seconds.
-Larger models are extrapolated (dbprofile.measure.depth), their reserved bytes estimated."""
+traced at full depth: the full trace costs seconds, and replays every layer through the allocator model.
+Larger models are extrapolated (dbprofile.measure.depth), their allocation sequences extended to full
+depth and replayed, or traced in full where they do not extend."""
 
 
 def parse_requested(

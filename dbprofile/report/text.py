@@ -333,12 +333,6 @@ def depth_lines(plan: Plan) -> list[str]:
     exact = sorted(name for name in not_affine if "allocator_model" not in name)
     if exact:
         lines.append(f"Depth: not affine in the depth, so not extrapolated: {', '.join(exact)}.")
-    if any("allocator_model" in name for name in not_affine):
-        lines.append(
-            "Depth: the shallow traces' allocation sequences did not extend to the full depth, so the "
-            "reserved memory (whole allocator segments) is estimated from their proportion, not replayed; "
-            "--full-trace replays every layer through the allocator model."
-        )
     return lines
 
 
