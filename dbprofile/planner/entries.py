@@ -113,10 +113,17 @@ class EntryPlanner:
         return self.runs[key]
 
     def fake_parts(self, tech: Technique, b: int, micro: int) -> dict[str, Any]:
+        # The key says which depth path was asked for (trace_cache), as _measure asks it.
+        full_trace, reason = self._depth_path(tech)
         parts = {"run": "one device", "technique": tech.name, "batch": b, "micro_batches": micro, **self._setting()}
-        if tech.name in self.traced_in_full:  # the key says which path was asked for (trace_cache)
-            parts.update(full_trace=True, full_trace_reason=self.traced_in_full[tech.name])
-        return parts
+        return {**parts, "full_trace": full_trace, "full_trace_reason": reason}
+
+    def _depth_path(self, tech: Technique) -> tuple[bool, str | None]:
+        """(trace in full?, why) for ``tech``'s next one-device run: the plan's own choice, unless its
+        shallow traces already failed at another batch size (``traced_in_full``)."""
+        if tech.name in self.traced_in_full:
+            return True, self.traced_in_full[tech.name]
+        return self.full_trace, self.full_trace_reason
 
     def fake_measurement(self, tech: Technique, b: int, micro: int) -> Measurement:
         return recorded(tech.name, b, lambda: self._measure(tech, b, micro))
@@ -172,14 +179,15 @@ class EntryPlanner:
         from dbprofile.measure.warmup import learned_state_warmup
 
         kind = tech.is_diffusion_blocks
+        full_trace, reason = self._depth_path(tech)
         m = measure_fake(
             self.spec,
             tech,
             b,
             layers=self.facts.num_layers,
             not_identical=self.facts.not_identical,
-            full_trace=self.full_trace or tech.name in self.traced_in_full,
-            full_trace_reason=self.traced_in_full.get(tech.name, self.full_trace_reason),
+            full_trace=full_trace,
+            full_trace_reason=reason,
             state_warmup=self.state_warmup[kind],
             block_traces=self.block_traces,
             **common,
