@@ -330,9 +330,8 @@ def depth_lines(plan: Plan) -> list[str]:
             )
         else:
             lines.append(f"Depth: {', '.join(names)} traced every layer ({reason}).")
-    exact = sorted(name for name in not_affine if "allocator_model" not in name)
-    if exact:
-        lines.append(f"Depth: not affine in the depth, so not extrapolated: {', '.join(exact)}.")
+    if not_affine:
+        lines.append(f"Depth: not affine in the depth, so not extrapolated: {', '.join(sorted(not_affine))}.")
     return lines
 
 
