@@ -88,11 +88,11 @@ class ShardedTrackingMode(TrackingMode):
         from torch.distributed.tensor import DTensor
 
         self._dtensor = DTensor
+        self._inside = _CollectivesInsideDTensorOps(tracker, DTensor)
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        tracker = self.tracker
-        if tracker.recording and any(issubclass(t, self._dtensor) for t in types):
-            with _CollectivesInsideDTensorOps(tracker, self._dtensor):
+        if self.tracker.recording and any(issubclass(t, self._dtensor) for t in types):
+            with self._inside:
                 return super().__torch_dispatch__(func, types, args, kwargs)
         return super().__torch_dispatch__(func, types, args, kwargs)
 
