@@ -35,10 +35,11 @@ from typing import Any
 import torch
 
 from dbprofile.measure.allocator import FREED, AllocationRecorder, CachingAllocatorModel, replay
+from dbprofile.methods.base import step_optimizer
 from dbprofile.methods.sharding import unshard_once
 from dbprofile.settings import optimizer_parts
 from dbprofile.techniques import Technique
-from dbprofile.torch_internals import dtensor_local, optimizer_scalar_reads
+from dbprofile.torch_internals import dtensor_local
 
 STATE_WARMUP_ALGORITHMS = ("adamw",)
 """Optimizers whose first step is a later step with its state made first (``_init_group`` at the
@@ -125,8 +126,7 @@ class StateWarmup:
             for p in params:
                 p.grad = torch.zeros_like(p)
             if params:
-                with optimizer_scalar_reads():
-                    self.optimizer.step()
+                step_optimizer(self.optimizer)
             self.optimizer.zero_grad(set_to_none=True)
         self.tracker.refresh()  # the state as optimizer_state, allocated in the order it was made
         if not self.stepped_first:

@@ -65,6 +65,13 @@ def clip_gradients(params: list[nn.Parameter], optimizer_name: str) -> None:
     torch.nn.utils.clip_grad_norm_(params, GRAD_CLIP_NORM, foreach=implementation != "loop")
 
 
+def step_optimizer(optimizer: torch.optim.Optimizer) -> None:
+    """``optimizer.step()``, on fake tensors too: the numbers a step reads (Adafactor's ``.item()``) are
+    answered there (torch_internals.optimizer_scalar_reads). Every step dbprofile takes goes through it."""
+    with optimizer_scalar_reads():
+        optimizer.step()
+
+
 ModuleT = TypeVar("ModuleT", bound=nn.Module)
 
 
@@ -185,7 +192,6 @@ class Trainer:
         mark("optimizer")
         params = [p for p in self.parameters_for_step(unit) if p.grad is not None]
         clip_gradients(params, self.optimizer_name)
-        with optimizer_scalar_reads():
-            self.optimizer.step()
+        step_optimizer(self.optimizer)
         self.optimizer.zero_grad(set_to_none=True)
         return loss.detach()
