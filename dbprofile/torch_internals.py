@@ -44,6 +44,7 @@ __all__ = [
     "FakeTensorMode",
     "TorchDispatchMode",
     "fake_tensor_mode",
+    "fake_device",
     "is_fake",
     "active_fake_mode",
     "start_cuda_memory_history",
@@ -83,6 +84,17 @@ def dtensor_local(t: torch.Tensor) -> torch.Tensor:
     from torch.distributed.tensor import DTensor
 
     return t._local_tensor if isinstance(t, DTensor) else t
+
+
+def fake_device(t: object) -> torch.device | None:
+    """The device a FakeTensor answers ``prim.device`` with, read off the tensor, or None for any
+    other object. It is what ``FakeTensor.__torch_dispatch__`` and the mode's own handler return:
+    the meta device inside a kernel's invocation (``in_kernel_invocation``), else ``fake_device``.
+    Read here, the question skips a round trip through every dispatch mode below the asker and
+    FakeTensorMode's dispatch (the autograd engine asks it several times per node)."""
+    if type(t) is not FakeTensor:
+        return None
+    return torch.device("meta") if t.fake_mode.in_kernel_invocation else t.fake_device
 
 
 def is_fake(t: torch.Tensor) -> bool:

@@ -25,6 +25,19 @@ def test_fake_tensor_mode_makes_fake_tensors_with_real_storage_sizes():
     assert not private.is_fake(torch.ones(1))
 
 
+def test_fake_device_is_what_a_fake_tensor_answers_prim_device():
+    """The tracking mode answers a fake tensor's prim.device itself (torch_internals.fake_device); it
+    must be the answer the dispatch would give, inside a kernel's invocation (meta) and outside it."""
+    from torch._subclasses.fake_tensor import in_kernel_invocation_manager
+
+    with private.fake_tensor_mode() as mode:
+        t = torch.empty(4, device="cpu")
+        assert private.fake_device(t) == torch.ops.prim.device.default(t) == torch.device("cpu")
+        with in_kernel_invocation_manager(mode):
+            assert private.fake_device(t) == torch.ops.prim.device.default(t) == torch.device("meta")
+    assert private.fake_device(torch.ones(1)) is None
+
+
 def test_dispatch_mode_sees_every_op_output():
     seen = []
 

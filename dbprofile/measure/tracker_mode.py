@@ -12,7 +12,7 @@ import torch
 
 from dbprofile.measure.cuda_scratch import op_host_outputs, op_input_copies, op_scratch_allocations
 from dbprofile.measure.tracking import StorageInfo
-from dbprofile.torch_internals import TorchDispatchMode
+from dbprofile.torch_internals import TorchDispatchMode, fake_device
 
 
 class TrackerHooks(Protocol):
@@ -62,7 +62,10 @@ class SavedSlot:
 METADATA_OPS = frozenset({torch.ops.prim.device.default})
 """Ops that only read a tensor's metadata: no outputs to count, no scratch, no FLOPs. The autograd
 engine asks every fake tensor's device (a Python dispatch, unlike a real tensor's) several times per
-node: half the ops of a fake training step, so they skip the tracker's work."""
+node: two thirds of the ops of a fake training step (548 of 811 per Llama-7B layer of an e2e step on
+an H100 target), so they skip the tracker's work, and a fake tensor's is answered here, as fake
+tensors answer it (``torch_internals.fake_device``), not passed down the dispatch modes: a depth-4
+e2e trace of Llama-7B 10% faster (median of 12 alternating pairs, issue 28 round 8)."""
 
 
 class TrackingMode(TorchDispatchMode):
@@ -75,7 +78,8 @@ class TrackingMode(TorchDispatchMode):
         tracker.op = func  # still the tag of any point recorded before the next op (a free)
         kwargs = kwargs or {}
         if func in METADATA_OPS:
-            return func(*args, **kwargs)
+            device = fake_device(args[0])
+            return device if device is not None else func(*args, **kwargs)
         if not tracker.sample_allocator:
             if tracker.model_cuda_scratch:
                 out = self._with_cuda_scratch(func, args, kwargs)
