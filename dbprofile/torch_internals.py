@@ -138,6 +138,8 @@ class _StandInScalarReads(TorchDispatchMode):
         if func is torch.ops.aten._local_scalar_dense.default and is_fake(args[0]):
             dtype = args[0].dtype
             return True if dtype == torch.bool else 1.0 if dtype.is_floating_point or dtype.is_complex else 1
+        if func is torch.ops.prim.device.default and (device := fake_device(args[0])) is not None:
+            return device  # the optimizer's grouping by device asks it of every tensor (fake_device)
         return func(*args, **(kwargs or {}))
 
 
