@@ -38,6 +38,52 @@ def test_fake_device_is_what_a_fake_tensor_answers_prim_device():
     assert private.fake_device(torch.ones(1)) is None
 
 
+@pytest.mark.parametrize("optimizer", ["Adam", "AdamW"])
+@pytest.mark.parametrize("implementation", ["foreach", "loop", "fused"])
+def test_state_initialisation_only_makes_a_first_steps_state_and_leaves_the_parameters(optimizer, implementation):
+    """Fake runs make AdamW's state through its step with the update skipped: the state must be the one
+    a real first step makes (names, shapes, dtypes, devices), the parameters untouched, and the update
+    back in place afterwards (a later step changes the parameters)."""
+    kwargs = {"foreach": implementation == "foreach", "fused": implementation == "fused" or None}
+
+    def model_and_optimizer():
+        torch.manual_seed(0)
+        model = torch.nn.Sequential(torch.nn.Linear(4, 3), torch.nn.Linear(3, 2))
+        opt = getattr(torch.optim, optimizer)(model.parameters(), lr=0.1, weight_decay=0.1, **kwargs)
+        for p in model.parameters():
+            p.grad = torch.ones_like(p)
+        return model, opt
+
+    stepped_model, stepped = model_and_optimizer()
+    stepped.step()
+    model, opt = model_and_optimizer()
+    before = [p.detach().clone() for p in model.parameters()]
+    with private.state_initialisation_only(opt) as skipped:
+        opt.step()
+    assert skipped
+    assert all(torch.equal(a, p) for a, p in zip(before, model.parameters()))
+
+    def layout(o):
+        return [
+            {k: (v.shape, v.dtype, v.device) for k, v in o.state[p].items()}
+            for g in o.param_groups
+            for p in g["params"]
+        ]
+
+    assert layout(opt) == layout(stepped) and all(layout(opt))
+    opt.step()  # the update is back
+    assert not all(torch.equal(a, p) for a, p in zip(before, model.parameters()))
+
+
+def test_state_initialisation_only_steps_in_full_for_other_optimizers():
+    p = torch.nn.Parameter(torch.ones(3))
+    p.grad = torch.ones(3)
+    opt = torch.optim.SGD([p], lr=0.1, momentum=0.9)
+    with private.state_initialisation_only(opt) as skipped:
+        opt.step()
+    assert not skipped and "momentum_buffer" in opt.state[p] and not torch.equal(p.detach(), torch.ones(3))
+
+
 def test_dispatch_mode_sees_every_op_output():
     seen = []
 

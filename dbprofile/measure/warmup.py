@@ -39,7 +39,7 @@ from dbprofile.methods.base import step_optimizer
 from dbprofile.methods.sharding import unshard_once
 from dbprofile.settings import optimizer_parts
 from dbprofile.techniques import Technique
-from dbprofile.torch_internals import dtensor_local
+from dbprofile.torch_internals import dtensor_local, state_initialisation_only
 
 STATE_WARMUP_ALGORITHMS = ("adamw",)
 """Optimizers whose first step is a later step with its state made first (``_init_group`` at the
@@ -126,7 +126,8 @@ class StateWarmup:
             for p in params:
                 p.grad = torch.zeros_like(p)
             if params:
-                step_optimizer(self.optimizer)
+                with state_initialisation_only(self.optimizer):
+                    step_optimizer(self.optimizer)
             self.optimizer.zero_grad(set_to_none=True)
         self.tracker.refresh()  # the state as optimizer_state, allocated in the order it was made
         if not self.stepped_first:
