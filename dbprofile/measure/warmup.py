@@ -4,8 +4,9 @@ of a forward and backward of every unit.
 The warm-up (dbprofile.measure.steps) exists to create the optimizer state, so that the tracked
 step holds it as a warmed-up training step does. On fake tensors the planner can create that state
 directly: every parameter a unit steps gets a zero gradient (untracked), the optimizer steps once
-(its lazy state initialisation makes exactly the state tensors a first step makes), and the
-gradients are dropped. The tracked steps then run as before. What the warm-up's forward and
+(its lazy state initialisation makes exactly the state tensors a first step makes; the update after
+it, values only, is skipped: ``torch_internals.state_initialisation_only``), and the gradients are
+dropped. The tracked steps then run as before. What the warm-up's forward and
 backward left behind in the CUDA caching-allocator model (segments it reserved and cached) is
 rebuilt without running them: the tracker records every allocation and free instead of placing
 them (``AllocationRecorder``), and the replay places the allocations a warmed-up run makes, in its
