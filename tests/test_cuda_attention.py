@@ -54,6 +54,31 @@ def test_backend_follows_pytorchs_rules(capability, call, backend):
     assert choose_backend(_call(**call), capability) == backend
 
 
+def test_a_calls_facts_pick_the_backend_its_tensors_pick_and_outlive_them():
+    """The planner keeps each run's attention calls as facts (no tensors) and asks them which backend
+    another GPU picks (planner.entries._read): they must answer as the call does, on every GPU."""
+    import pickle
+
+    from dbprofile.gpus import GPUS
+    from dbprofile.measure.cuda_attention import Decisions
+
+    calls = [
+        _call(dtype, head_dim=head_dim, masked=masked, dropout_p=dropout)
+        for dtype in (torch.float32, torch.bfloat16, torch.float16)
+        for head_dim in (6, 64, 160, 200)
+        for masked in (False, True)
+        for dropout in (0.0, 0.1)
+    ]
+    capabilities = sorted({gpu.compute_capability for gpu in GPUS.values()})
+    for call in calls:
+        facts = pickle.loads(pickle.dumps(call.facts()))
+        assert facts == call.facts() and hash(facts) == hash(call.facts())
+        assert [choose_backend(facts, c) for c in capabilities] == [choose_backend(call, c) for c in capabilities]
+    bf16 = Decisions(SM80, frozenset({_call(torch.bfloat16).facts()}))
+    assert bf16.same_on((8, 9)) and not bf16.same_on(SM90)  # flash on both 8.x; cuDNN on sm90
+    assert Decisions(SM90, frozenset({_call(torch.float32).facts()})).same_on(SM80)  # memory-efficient
+
+
 def _saved(dtype, capability=SM90, *, head_dim=D, mask=None, **kwargs):
     """(shape, dtype, storage bytes) of what one emulated call saves for backward, inputs excluded,
     and the backend it recorded."""

@@ -39,8 +39,10 @@ attention (dbprofile.measure.cuda_scratch.op_host_outputs).
 
 from __future__ import annotations
 
+import contextlib
 import math
 import sys
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from types import FrameType
@@ -64,12 +66,37 @@ _OPS = sdpa_backend_ops()
 
 
 @dataclass(frozen=True)
-class AttentionCall:
-    """What the backend choice reads from one call: shapes, dtype, mask, dropout, causal flag."""
+class TensorFacts:
+    """What the backend choice reads of a query, key or value: shape, strides, storage offset, dtype.
+    No tensor, so it is kept with a traced run (``recorded_calls``) and asked again for another GPU."""
 
-    query: torch.Tensor
-    key: torch.Tensor
-    value: torch.Tensor
+    shape: tuple[int, ...]
+    strides: tuple[int, ...]
+    offset: int
+    dtype: torch.dtype
+
+    @classmethod
+    def of(cls, t: torch.Tensor) -> TensorFacts:
+        return cls(tuple(t.shape), tuple(t.stride()), t.storage_offset(), t.dtype)
+
+    def dim(self) -> int:
+        return len(self.shape)
+
+    def stride(self, dim: int) -> int:
+        return self.strides[dim]
+
+    def storage_offset(self) -> int:
+        return self.offset
+
+
+@dataclass(frozen=True)
+class AttentionCall:
+    """What the backend choice reads from one call: shapes, dtype, mask, dropout, causal flag. The
+    query, key and value are the call's tensors, or their ``TensorFacts`` (``facts``)."""
+
+    query: Any
+    key: Any
+    value: Any
     masked: bool
     dropout_p: float
     is_causal: bool
@@ -79,6 +106,47 @@ class AttentionCall:
     @property
     def head_dims(self) -> tuple[int, int]:
         return self.query.shape[-1], self.value.shape[-1]
+
+    def facts(self) -> AttentionCall:
+        """The same call with its tensors' facts in their place: hashable and picklable."""
+        q, k, v = (TensorFacts.of(t) for t in (self.query, self.key, self.value))
+        return AttentionCall(q, k, v, self.masked, self.dropout_p, self.is_causal, self.enable_gqa, self.training)
+
+
+_RECORDING: list[set[AttentionCall]] = []
+"""The sets ``recorded_calls`` is filling (innermost last); every traced call goes into each."""
+
+
+@contextlib.contextmanager
+def recorded_calls() -> Iterator[set[AttentionCall]]:
+    """Every attention call a CudaAttention mode decides inside, as facts (``AttentionCall.facts``).
+    A step's program depends on the target GPU only through these decisions (the compute capability
+    reaches nothing else of a fake run), so two GPUs on which each call picks the same backend run
+    the same program (``Decisions.same_on``; the planner's trace cache shares such runs)."""
+    calls: set[AttentionCall] = set()
+    _RECORDING.append(calls)
+    try:
+        yield calls
+    finally:
+        _RECORDING.remove(calls)
+
+
+def announce(calls: set[AttentionCall]) -> None:
+    """Count ``calls`` as made again inside every ``recorded_calls`` (a trace read from memory)."""
+    for recording in _RECORDING:
+        recording.update(calls)
+
+
+@dataclass(frozen=True)
+class Decisions:
+    """The attention calls of a run traced for a GPU of ``capability`` (``recorded_calls``)."""
+
+    capability: tuple[int, int]
+    calls: frozenset[AttentionCall]
+
+    def same_on(self, other: tuple[int, int]) -> bool:
+        """Whether each call picks the same backend on a GPU of ``other``: the same program there."""
+        return all(choose_backend(call, self.capability) == choose_backend(call, other) for call in self.calls)
 
 
 def _in_range(capability: tuple[int, int], low: tuple[int, int], high: tuple[int, int]) -> bool:
@@ -264,6 +332,8 @@ class CudaAttention(TorchFunctionMode):
         training = torch.is_grad_enabled() and any(t.requires_grad for t in (query, key, value))
         call = AttentionCall(query, key, value, attn_mask is not None, dropout_p, is_causal, enable_gqa, training)
         backend = choose_backend(call, self.capability)
+        if _RECORDING:
+            announce({call.facts()})
         site = call_site()
         seen = set(self.backends.get(site, "").split(", ")) - {""}
         self.backends[site] = ", ".join(sorted(seen | {backend}))

@@ -35,6 +35,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
+from dbprofile.measure.cuda_attention import announce, recorded_calls
 from dbprofile.measure.event_extrapolation import extrapolate_events, replayed, without_allocator_figures
 from dbprofile.measure.shared_blocks import derive_blocks, derive_parallel, one_block, shares_block_traces
 from dbprofile.measure.stack import identical_layers, spec_at_depth, stack_difference
@@ -293,9 +294,7 @@ def measure_fake(
 
         def trace_at(depth: int) -> Traced:
             key = (one.name, batch_size, micro_batches, setting, depth)
-            if key not in kept:
-                kept[key] = trace_one(depth, True)[0]
-            return kept[key]
+            return kept_trace(kept, key, lambda: trace_one(depth, True)[0])
 
         m = derived_blocks(trace_at, tech, layers)
     if m is None:
@@ -312,6 +311,20 @@ def measure_fake(
     if m.ok and warmup[0] == "off" and state_warmup != "off":
         m.extra["warmup"] = WARMUP_BY_STEPS
     return m
+
+
+def kept_trace(kept: dict, key: Any, make: Callable[[], Traced]) -> Traced:
+    """``kept[key]``, made by ``make()`` the first time. The attention calls made then are kept beside
+    it and counted again at every read (``cuda_attention.announce``): the technique that reads a trace
+    another one made runs those calls' program too, and the trace cache shares a run between GPUs by
+    them (``cuda_attention.recorded_calls``)."""
+    if key not in kept:
+        with recorded_calls() as calls:
+            made = make()
+        kept[key] = (made, frozenset(calls))
+    made, calls = kept[key]
+    announce(calls)
+    return made
 
 
 def derived_blocks(
@@ -396,14 +409,15 @@ def simulate_fake(
         trace_one = tracer(one, ranks)
         kept = block_traces if block_traces is not None else {}
 
+        def one_rank(depth: int) -> Traced:
+            rows = trace_one(depth, True)
+            if len(rows) != 1:
+                raise NotAffine("db:1 simulated more than one rank")
+            return rows[0]
+
         def trace_at(depth: int) -> Traced:
             key = ("rank", one, batch_size, ranks, tuple(sorted(same.items())), depth)
-            if key not in kept:
-                rows = trace_one(depth, True)
-                if len(rows) != 1:
-                    raise NotAffine("db:1 simulated more than one rank")
-                kept[key] = rows[0]
-            return kept[key]
+            return kept_trace(kept, key, lambda: one_rank(depth))
 
         derived = derived_blocks(trace_at, tech, layers, parallel)
         if derived is not None:

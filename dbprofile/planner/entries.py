@@ -42,6 +42,11 @@ Wanted = tuple[str, Technique, bool]
 """(display name, technique run on each device, block-parallel?) of one planned technique."""
 
 
+def _decisions_parts(parts: dict[str, Any]) -> dict[str, Any]:
+    """The cache key of a run's attention decisions: its key without the GPU's compute capability."""
+    return {"attention decisions of": sorted((k, repr(v)) for k, v in parts.items() if k != "capability")}
+
+
 def _weight(group: list[Wanted]) -> int:
     """How long a group of techniques takes to plan, roughly, to start the longest first: block-parallel
     DiffusionBlocks (traced in full, every representative rank builds the whole model; derived from
@@ -144,14 +149,38 @@ class EntryPlanner:
 
     def _cached(self, parts: dict[str, Any], run: Callable[[], Measurement]) -> Measurement:
         """``run()``, or its result read from the cache (a stand-in measure_fn is never cached)."""
-        cache = self.cache if self.measure_fn is None else None
-        found = cache.get(parts) if cache is not None else None
+        from dbprofile.measure.cuda_attention import Decisions, recorded_calls
+
+        found = self._read(parts)
         if found is not None:
             return found
-        m = run()
-        if cache is not None:
+        with recorded_calls() as calls:
+            m = run()
+        cache = self.cache if self.measure_fn is None else None
+        if cache is not None and m.ok:
             cache.put(parts, m)
+            if parts["emulate_cuda"]:  # a CPU target's runs have no GPU to share
+                cache.put(_decisions_parts(parts), Decisions(parts["capability"], frozenset(calls)))
         return m
+
+    def _read(self, parts: dict[str, Any]) -> Measurement | None:
+        """The cached run for ``parts``, or the one traced for another GPU where every attention call
+        picks the backend it picks on this one: the compute capability reaches nothing else of a fake
+        run, so that is the same program (``cuda_attention.recorded_calls``). An A100 plan after an
+        H100 plan in fp32 (both memory-efficient attention), or any two GPUs of compute capability 8.x
+        in bf16 (flash), read each other's runs; bf16 on an H100 (cuDNN) and an A100 (flash) do not."""
+        from dbprofile.measure.cuda_attention import Decisions
+
+        cache = self.cache if self.measure_fn is None else None
+        if cache is None:
+            return None
+        found = cache.get(parts)
+        if found is not None or not parts["emulate_cuda"]:
+            return found
+        decided = cache.get(_decisions_parts(parts), kind=Decisions)
+        if decided is None or decided.capability == parts["capability"] or not decided.same_on(parts["capability"]):
+            return None
+        return cache.get({**parts, "capability": decided.capability})
 
     def _measure(self, tech: Technique, b: int, micro: int) -> Measurement:
         # Fake runs are deterministic: one warm-up (optimizer state) and one measured step.
@@ -287,7 +316,7 @@ class EntryPlanner:
             known, parts = (name, b) in self.simulated, self.rank_parts(name, tech, parallel, b)
         else:
             known, parts = (tech.name, b, 1) in self.runs, self.fake_parts(tech, b, 1)
-        return known or (self.cache is not None and self.cache.get(parts) is not None)
+        return known or self._read(parts) is not None
 
     def plan_job(
         self, job: list[Wanted], b: int, searched: tuple[bool, int] | None

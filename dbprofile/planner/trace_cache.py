@@ -179,7 +179,8 @@ class TraceCache:
 
     def put(self, parts: dict[str, Any], value: Any) -> None:
         """Store ``value``: a measurement that ran (a failure may be this machine's, and is traced
-        again), or a whole plan (``plan`` stores only plans whose every technique ran)."""
+        again), a run's attention decisions (planner.entries), or a whole plan (``plan`` stores only
+        plans whose every technique ran)."""
         path = self._path(parts)
         if path is None or (isinstance(value, Measurement) and not value.ok):
             return
