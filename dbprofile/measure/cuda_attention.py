@@ -77,7 +77,7 @@ class TensorFacts:
 
     @classmethod
     def of(cls, t: torch.Tensor) -> TensorFacts:
-        return cls(tuple(t.shape), tuple(t.stride()), t.storage_offset(), t.dtype)
+        return cls(tuple(t.shape), tuple(t.stride()), int(t.storage_offset()), t.dtype)
 
     def dim(self) -> int:
         return len(self.shape)
