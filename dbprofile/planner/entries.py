@@ -166,9 +166,9 @@ class EntryPlanner:
     def _read(self, parts: dict[str, Any]) -> Measurement | None:
         """The cached run for ``parts``, or the one traced for another GPU where every attention call
         picks the backend it picks on this one: the compute capability reaches nothing else of a fake
-        run, so that is the same program (``cuda_attention.recorded_calls``). An A100 plan after an
-        H100 plan in fp32 (both memory-efficient attention), or any two GPUs of compute capability 8.x
-        in bf16 (flash), read each other's runs; bf16 on an H100 (cuDNN) and an A100 (flash) do not."""
+        run, so that is the same program (``cuda_attention.recorded_calls``). Llama's runs for an H100
+        and an A100 in fp32 (memory-efficient attention on both), or for an A100 and an L40S in bf16
+        (flash), are shared; in bf16 an H100's (cuDNN) and an A100's are not."""
         from dbprofile.measure.cuda_attention import Decisions
 
         cache = self.cache if self.measure_fn is None else None
