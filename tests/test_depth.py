@@ -235,7 +235,8 @@ def test_a_full_trace_forced_by_the_small_model_rule_says_so_not_asked_for():
     assert asked.entries[0].extra["depth"]["reason"] == "asked for a full trace"
 
 
-def test_a_technique_whose_shallow_traces_failed_once_is_traced_in_full_at_every_later_batch(monkeypatch):
+@pytest.mark.parametrize("sharding", [{}, {"zero_stage": 3, "world_size": 4}], ids=["one device", "zero-3 rank"])
+def test_a_technique_whose_shallow_traces_failed_once_is_traced_in_full_at_every_later_batch(monkeypatch, sharding):
     import dbprofile.measure.depth as depth_module
     import dbprofile.planner.predict as predict_module
 
@@ -247,7 +248,8 @@ def test_a_technique_whose_shallow_traces_failed_once_is_traced_in_full_at_every
 
     monkeypatch.setattr(depth_module, "_extrapolate_measurement", refuse)
     monkeypatch.setattr(predict_module, "FULL_TRACE_BELOW_PARAMETER_BYTES", 0)  # a GPU target extrapolates
-    p = plan(get_preset("llama-tiny").at_depth(12), 2, device="H100-80GB", techniques=["e2e"], cache=False, workers=1)
+    spec = get_preset("llama-tiny").at_depth(12)
+    p = plan(spec, 2, device="H100-80GB", techniques=["e2e"], cache=False, workers=1, **sharding)
     entry = p.entries[0]
     assert entry.ok and entry.max_batch_size > 2 and len(entry.linear_fit["points"]) > 1  # confirming runs
     assert tried == [2]  # the shallow traces at the plan's batch only: the confirming runs go straight to full

@@ -47,6 +47,11 @@ def _decisions_parts(parts: dict[str, Any]) -> dict[str, Any]:
     return {"attention decisions of": sorted((k, repr(v)) for k, v in parts.items() if k != "capability")}
 
 
+def _rank_run(name: str) -> str:
+    """``traced_in_full``'s key for a technique's simulated rank (its one-device run's is its name)."""
+    return f"{name} (one rank)"
+
+
 def _weight(group: list[Wanted]) -> int:
     """How long a group of techniques takes to plan, roughly, to start the longest first: block-parallel
     DiffusionBlocks (traced in full, every representative rank builds the whole model; derived from
@@ -97,8 +102,8 @@ class EntryPlanner:
     (dbprofile.measure.shared_blocks): db:2, db:3 and db:4 read the same ones."""
     simulated: dict[tuple[str, int], Measurement] = field(default_factory=dict)
     traced_in_full: dict[str, str] = field(default_factory=dict)
-    """Technique -> why its later one-device runs skip the shallow traces: at an earlier batch size they
-    did not line up (what fails is the step's structure, which the batch size does not change), and a
+    """Technique (or its simulated rank, ``_rank_run``) -> why its later runs skip the shallow traces:
+    at an earlier batch size they did not line up (what fails is the step's structure, which the batch size does not change), and a
     fallback costs the shallow traces and the full one (llama-1b with Adafactor's foreach step on an H100:
     134 s against 47 s for the plan traced in full)."""
 
@@ -110,25 +115,30 @@ class EntryPlanner:
             self.runs[key] = self._cached(
                 self.fake_parts(tech, b, micro), lambda: self.fake_measurement(tech, b, micro)
             )
-            from dbprofile.measure.depth import NOT_EXTRAPOLATED
-
-            depth = self.runs[key].extra.get("depth") or {}
-            if str(depth.get("reason", "")).startswith(NOT_EXTRAPOLATED):
-                self.traced_in_full.setdefault(tech.name, f"{depth['reason']} at batch {b}")
+            self._remember_path(tech.name, self.runs[key], b)
         return self.runs[key]
 
     def fake_parts(self, tech: Technique, b: int, micro: int) -> dict[str, Any]:
         # The key says which depth path was asked for (trace_cache), as _measure asks it.
-        full_trace, reason = self._depth_path(tech)
+        full_trace, reason = self._depth_path(tech.name)
         parts = {"run": "one device", "technique": tech.name, "batch": b, "micro_batches": micro, **self._setting()}
         return {**parts, "full_trace": full_trace, "full_trace_reason": reason}
 
-    def _depth_path(self, tech: Technique) -> tuple[bool, str | None]:
-        """(trace in full?, why) for ``tech``'s next one-device run: the plan's own choice, unless its
-        shallow traces already failed at another batch size (``traced_in_full``)."""
-        if tech.name in self.traced_in_full:
-            return True, self.traced_in_full[tech.name]
+    def _depth_path(self, run: str) -> tuple[bool, str | None]:
+        """(trace in full?, why) for the next run of ``run`` (a technique's name; a simulated rank's is
+        ``_rank_run``): the plan's own choice, unless its shallow traces already failed at another batch
+        size (``traced_in_full``)."""
+        if run in self.traced_in_full:
+            return True, self.traced_in_full[run]
         return self.full_trace, self.full_trace_reason
+
+    def _remember_path(self, run: str, m: Measurement, b: int) -> None:
+        """Trace ``run`` in full from now on where its shallow traces did not line up at batch ``b``."""
+        from dbprofile.measure.depth import NOT_EXTRAPOLATED
+
+        depth = m.extra.get("depth") or {}
+        if str(depth.get("reason", "")).startswith(NOT_EXTRAPOLATED):
+            self.traced_in_full.setdefault(run, f"{depth['reason']} at batch {b}")
 
     def fake_measurement(self, tech: Technique, b: int, micro: int) -> Measurement:
         return recorded(tech.name, b, lambda: self._measure(tech, b, micro))
@@ -208,7 +218,7 @@ class EntryPlanner:
         from dbprofile.measure.warmup import learned_state_warmup
 
         kind = tech.is_diffusion_blocks
-        full_trace, reason = self._depth_path(tech)
+        full_trace, reason = self._depth_path(tech.name)
         m = measure_fake(
             self.spec,
             tech,
@@ -237,6 +247,7 @@ class EntryPlanner:
             self.simulated[key] = self._cached(
                 self.rank_parts(name, tech, parallel, b), lambda: self.rank_measurement(name, tech, parallel, b)
             )
+            self._remember_path(_rank_run(name), self.simulated[key], b)
         return self.simulated[key]
 
     def simulates(self, parallel: bool) -> bool:
@@ -256,6 +267,7 @@ class EntryPlanner:
 
     def rank_parts(self, name: str, tech: Technique, parallel: bool, b: int) -> dict[str, Any]:
         world, tp, fsdp = self.rank_world(tech, parallel)
+        full_trace, reason = self._depth_path(_rank_run(name))
         return {
             "run": "one rank",
             "technique": name,
@@ -264,13 +276,15 @@ class EntryPlanner:
             "tp": tp,
             "fsdp": fsdp,
             **self._setting(),
+            "full_trace": full_trace,
+            "full_trace_reason": reason,
         }
 
     def rank_measurement(self, name: str, tech: Technique, parallel: bool, b: int) -> Measurement:
         from dbprofile.measure.depth import simulate_fake
 
         world, tp, fsdp = self.rank_world(tech, parallel)
-
+        full_trace, reason = self._depth_path(_rank_run(name))
         return recorded(
             name,
             b,
@@ -283,8 +297,8 @@ class EntryPlanner:
                 layers=self.facts.num_layers,
                 not_identical=self.facts.not_identical,
                 parallel=parallel,
-                full_trace=self.full_trace,
-                full_trace_reason=self.full_trace_reason,
+                full_trace=full_trace,
+                full_trace_reason=reason,
                 precision=self.precision,
                 optimizer=self.optimizer,
                 round_to=self.round_to,
