@@ -108,12 +108,6 @@ def check_arguments(batch_size: int, world_size: int, min_micro_batch: int, zero
         )
 
 
-def target_optimizer(optimizer: str, target: Target) -> str:
-    """The step the user runs on the target: PyTorch's default implementation there (foreach on CUDA)
-    unless the name says which; the fake run on the CPU would otherwise take the CPU's default."""
-    return resolve_optimizer(optimizer, target.cuda)
-
-
 def depth_path(target: Target, facts: ModelFacts, full_trace: bool) -> tuple[bool, str | None]:
     """Whether to trace every layer, and why when the planner chose it: reserved memory (the allocator
     replay) extrapolates only approximately in the depth, and a small model traces in full in seconds."""
@@ -285,7 +279,9 @@ def plan(
     check_arguments(batch_size, world_size, min_micro_batch, zero_stage)
     check_layout(world_size, tp, pp, schedule, pp_micro_batches, batch_size)
     target = resolve_target(device)
-    optimizer = target_optimizer(optimizer, target)
+    # The step the user runs on the target: PyTorch's default implementation there (foreach on CUDA)
+    # unless the name says which; the fake run on the CPU would otherwise take the CPU's default.
+    optimizer = resolve_optimizer(optimizer, target.cuda)
     # A plan asked before is read whole (the model then needs no check); the checks below are a
     # function of the spec, which the key holds. The key is every argument that shapes the answer.
     cache_of_traces = TraceCache(spec, cache_dir() if cache and measure_fn is None else None)
