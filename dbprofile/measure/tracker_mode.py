@@ -59,7 +59,8 @@ class SavedSlot:
                 self.tracker.reclassify(info)
 
 
-METADATA_OPS = frozenset({torch.ops.prim.device.default})
+PRIM_DEVICE = torch.ops.prim.device.default
+METADATA_OPS = frozenset({PRIM_DEVICE})
 """Ops that only read a tensor's metadata: no outputs to count, no scratch, no FLOPs. The autograd
 engine asks every fake tensor's device (a Python dispatch, unlike a real tensor's) several times per
 node: two thirds of the ops of a fake training step (548 of 811 per Llama-7B layer of an e2e step on
@@ -78,7 +79,7 @@ class TrackingMode(TorchDispatchMode):
         tracker.op = func  # still the tag of any point recorded before the next op (a free)
         kwargs = kwargs or {}
         if func in METADATA_OPS:
-            device = fake_device(args[0])
+            device = fake_device(args[0]) if func is PRIM_DEVICE else None
             return device if device is not None else func(*args, **kwargs)
         if not tracker.sample_allocator:
             if tracker.model_cuda_scratch:
